@@ -1,0 +1,216 @@
+"""The typed configuration: what a tailnet file means, and one node's view of it.
+
+``conn25.tailnet`` turns a file into a :class:`Tailnet` (reporting every
+error with its place); :meth:`Tailnet.node_config` derives the
+:class:`NodeConfig` that one node's client and connector cores run on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import msgspec
+
+from .dnsname import DomainIndex
+from .iprange import IPAddress, IPNetwork, IPRange, IPSet
+
+# Attribute names in nodeAttrs[].app, as in the upstream policy file.
+APP_ATTRS = ("tailscale.com/app-connectors", "tailscale.com/app-connectors-experimental")
+POOL_ATTR = "tailscale.com/app-connectors-experimental-ippools"
+DEFAULT_PORT = 41641
+
+
+class App(msgspec.Struct, frozen=True):
+    name: str
+    domains: tuple[str, ...]  # normalised FQDNs; a wildcard is "*.base."
+    connectors: tuple[str, ...]  # tags, "tag:..."
+
+
+class Pools(msgspec.Struct, frozen=True):
+    v4_magic: IPSet = IPSet()
+    v6_magic: IPSet = IPSet()
+    v4_transit: IPSet = IPSet()
+    v6_transit: IPSet = IPSet()
+
+    def magic(self, version: int) -> IPSet:
+        return self.v4_magic if version == 4 else self.v6_magic
+
+    def transit(self, version: int) -> IPSet:
+        return self.v4_transit if version == 4 else self.v6_transit
+
+    def named(self) -> list[tuple[str, IPSet]]:
+        """Each pool with its policy-file name, for error messages."""
+        return [
+            ("v4MagicIPPool", self.v4_magic),
+            ("v6MagicIPPool", self.v6_magic),
+            ("v4TransitIPPool", self.v4_transit),
+            ("v6TransitIPPool", self.v6_transit),
+        ]
+
+    def magic_routes(self) -> list[IPNetwork]:
+        """Exactly the union of both magic pools, as prefixes to route into the TUN."""
+        return self.v4_magic.prefixes() + self.v6_magic.prefixes()
+
+    def is_transit(self, addr: IPAddress) -> bool:
+        return addr in self.transit(addr.version)
+
+
+# Used when no node attribute gives pools. They lie outside the ranges that
+# node addresses are drawn from in the example (100.64.0.0/16 and
+# fd7a:115c:a1e0::/64); a tailnet whose nodes use them gets an overlap error.
+DEFAULT_POOLS = Pools(
+    v4_magic=IPSet.of([IPRange.parse("100.80.0.0-100.80.255.255")]),
+    v6_magic=IPSet.of([IPRange.parse("fd7a:115c:a1e0:ab12::-fd7a:115c:a1e0:ab12::ffff")]),
+    v4_transit=IPSet.of([IPRange.parse("169.254.128.0-169.254.255.255")]),
+    v6_transit=IPSet.of([IPRange.parse("fd7a:115c:a1e0:ab13::-fd7a:115c:a1e0:ab13::ffff")]),
+)
+
+
+class Node(msgspec.Struct, frozen=True):
+    name: str
+    addresses: tuple[IPAddress, ...]
+    endpoint: tuple[str, int]  # underlay (ip, port)
+    user: str | None = None
+    tags: tuple[str, ...] = ()
+    egress_ips: tuple[IPAddress, ...] = ()
+
+    def address(self, version: int) -> IPAddress | None:
+        """The node's first overlay address of that family."""
+        return next((a for a in self.addresses if a.version == version), None)
+
+    @property
+    def is_tagged(self) -> bool:
+        return bool(self.tags)
+
+
+class NodeAttr(msgspec.Struct, frozen=True):
+    target: tuple[str, ...]
+    apps: tuple[App, ...] = ()
+    pools: Pools | None = None
+
+
+class Rule(msgspec.Struct, frozen=True):
+    """One ACL (``dst`` as "host:ports") or grant (``dst`` hosts, any ports)."""
+
+    src: tuple[str, ...]
+    dst: tuple[str, ...]
+
+
+class Tailnet(msgspec.Struct, frozen=True):
+    nodes: tuple[Node, ...]
+    tag_owners: dict[str, tuple[str, ...]] = {}
+    groups: dict[str, tuple[str, ...]] = {}
+    hosts: dict[str, str] = {}
+    acls: tuple[Rule, ...] = ()
+    grants: tuple[Rule, ...] = ()
+    node_attrs: tuple[NodeAttr, ...] = ()
+
+    def node(self, name: str) -> Node | None:
+        return next((n for n in self.nodes if n.name == name), None)
+
+    def node_by_address(self, addr: IPAddress) -> Node | None:
+        return next((n for n in self.nodes if addr in n.addresses), None)
+
+    def node_by_endpoint(self, endpoint: tuple[str, int]) -> Node | None:
+        return next((n for n in self.nodes if n.endpoint == endpoint), None)
+
+    def node_config(self, name: str, advertise_connector: bool = False) -> NodeConfig:
+        """The view of node ``name``; KeyError when there is no such node."""
+        from . import acl
+
+        node = self.node(name)
+        if node is None:
+            raise KeyError(f"no node named {name!r} in the tailnet file")
+        apps: list[App] = []
+        pools: Pools | None = None
+        for attr in self.node_attrs:
+            if not any(acl.selector_matches(self, sel, node) for sel in attr.target):
+                continue
+            apps.extend(a for a in attr.apps if a not in apps)
+            if attr.pools is not None:
+                pools = attr.pools  # tailnet.load rejects two pool attributes for one node
+        return NodeConfig(
+            tailnet=self,
+            node=node,
+            advertise_connector=advertise_connector,
+            apps=tuple(apps),
+            pools=pools if pools is not None else DEFAULT_POOLS,
+            may_use_apps=lambda peer: acl.may_reach_internet(self, peer),
+        )
+
+
+class NodeConfig:
+    """One node's conn25 configuration: its apps, pools and policy answers."""
+
+    def __init__(
+        self,
+        *,
+        tailnet: Tailnet,
+        node: Node,
+        advertise_connector: bool,
+        apps: tuple[App, ...],
+        pools: Pools,
+        may_use_apps: Callable[[Node], bool],
+    ) -> None:
+        self.tailnet = tailnet
+        self.node = node
+        self.advertise_connector = advertise_connector
+        self.apps = apps
+        self.pools = pools
+        self._may_use_apps = may_use_apps
+        self._apps_by_name = {a.name: a for a in apps}
+        self._index = DomainIndex()
+        for app in apps:
+            for d in app.domains:
+                self._index.add(d, app.name)
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.apps)
+
+    def app(self, name: str) -> App | None:
+        return self._apps_by_name.get(name)
+
+    def serves(self, app: App) -> bool:
+        """This node is a connector for ``app``: it advertises and carries one of its tags."""
+        return self.advertise_connector and any(t in self.node.tags for t in app.connectors)
+
+    @property
+    def own_apps(self) -> tuple[App, ...]:
+        return tuple(a for a in self.apps if self.serves(a))
+
+    def apps_for_name(self, qname: str) -> list[App]:
+        """Apps whose domains match ``qname`` (exact beats the longest wildcard)."""
+        return [self._apps_by_name[n] for n in self._index.lookup(qname)]
+
+    def mapping_app(self, qname: str) -> App | None:
+        """The app a client maps ``qname`` for, or None.
+
+        None also when this node serves one of the matching apps itself: a
+        connector never maps the domains it egresses.
+        """
+        apps = self.apps_for_name(qname)
+        if not apps or any(self.serves(a) for a in apps):
+            return None
+        return apps[0]
+
+    def connector_candidates(self, app: App) -> list[Node]:
+        """Peers carrying one of the app's connector tags, in a stable order (by name).
+
+        Whether they actually advertise as connectors is learnt at run time
+        (their health endpoint); this is the order to try them in.
+        """
+        return sorted(
+            (n for n in self.tailnet.nodes
+             if n.name != self.node.name and any(t in n.tags for t in app.connectors)),
+            key=lambda n: n.name,
+        )
+
+    def may_use_apps(self, peer: Node) -> bool:
+        """The policy lets ``peer`` reach autogroup:internet, so it may use our apps."""
+        return self._may_use_apps(peer)
+
+    def peer_by_address(self, addr: IPAddress) -> Node | None:
+        return self.tailnet.node_by_address(addr)
+
+
