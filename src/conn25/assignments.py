@@ -1,0 +1,276 @@
+"""The client's address assignments: (domain, real IP) -> magic IP + transit IP.
+
+One assignment per (domain, real address), found by magic IP (the datapath,
+from the application's packets), by transit IP (events from the datapath and
+the connector's rejects) and by (domain, real) (repeated DNS answers).
+
+Expiry follows the DNS TTL, but an expired assignment keeps working until it
+is reclaimed, and it is reclaimed only when no flow uses it and none has for
+two minutes: an application may keep using a cached answer well past its
+TTL, and yanking the magic IP under an open connection would break it.
+"""
+
+from __future__ import annotations
+
+import heapq
+import ipaddress
+import itertools
+from collections.abc import Iterator
+
+import msgspec
+
+from .config import Pools
+from .ippool import IPPool, PoolExhausted
+from .iprange import IPAddress
+
+__all__ = ["Assignment", "AssignmentError", "Assignments", "PoolExhausted", "clamp_ttl"]
+
+MIN_TTL = 60
+MAX_TTL = 72 * 3600
+FLOW_GRACE = 120  # seconds after the last flow ended before an expired assignment may go
+EXTEND = 24 * 3600  # how far an expired assignment that is still in use moves on
+
+
+def clamp_ttl(ttl: int) -> int:
+    return max(MIN_TTL, min(MAX_TTL, int(ttl)))
+
+
+class AssignmentError(Exception):
+    pass
+
+
+class Assignment(msgspec.Struct):
+    magic: IPAddress
+    transit: IPAddress
+    real: IPAddress
+    app: str
+    domain: str  # normalised FQDN
+    expiry: float
+    connector: str | None = None  # node name the transit IP is registered with
+    active_flows: int = 0
+    last_flow_end: float | None = None
+
+
+class _Saved(msgspec.Struct, frozen=True):
+    """The persisted form (msgspec cannot encode ipaddress objects)."""
+
+    magic: str
+    transit: str
+    real: str
+    app: str
+    domain: str
+    expiry: float
+    connector: str | None = None
+
+
+class Assignments:
+    def __init__(self, pools: Pools) -> None:
+        self._magic = {4: IPPool(), 6: IPPool()}
+        self._transit = {4: IPPool(), 6: IPPool()}
+        self._by_magic: dict[IPAddress, Assignment] = {}
+        self._by_transit: dict[IPAddress, Assignment] = {}
+        self._by_domain_real: dict[tuple[str, IPAddress], Assignment] = {}
+        # Expiry order: a heap with lazy deletion; an entry is live only while
+        # its expiry equals the assignment's current one.
+        self._heap: list[tuple[float, int, IPAddress]] = []
+        self._seq = itertools.count()
+        self.reconfigure(pools)
+
+    # -- configuration -------------------------------------------------------
+
+    def reconfigure(self, pools: Pools) -> None:
+        for v in (4, 6):
+            self._magic[v].reconfigure(pools.magic(v))
+            self._transit[v].reconfigure(pools.transit(v))
+
+    # -- lookups ---------------------------------------------------------------
+
+    def by_magic(self, ip: IPAddress) -> Assignment | None:
+        return self._by_magic.get(ip)
+
+    def by_transit(self, ip: IPAddress) -> Assignment | None:
+        return self._by_transit.get(ip)
+
+    def by_domain_real(self, domain: str, real: IPAddress) -> Assignment | None:
+        return self._by_domain_real.get((domain, real))
+
+    def by_connector(self, connector: str) -> list[Assignment]:
+        return [a for a in self._by_transit.values() if a.connector == connector]
+
+    def __len__(self) -> int:
+        return len(self._by_magic)
+
+    def __iter__(self) -> Iterator[Assignment]:
+        return iter(list(self._by_magic.values()))
+
+    def pool_usage(self) -> dict[str, dict[str, int]]:
+        """In use and capacity of each pool, keyed "v4Magic", "v6Transit", ..."""
+        out = {}
+        for kind, pools in (("Magic", self._magic), ("Transit", self._transit)):
+            for v, pool in pools.items():
+                out[f"v{v}{kind}"] = {"inUse": pool.in_use, "capacity": pool.capacity}
+        return out
+
+    # -- making and keeping assignments ----------------------------------------
+
+    def reserve(
+        self, app: str, domain: str, real: IPAddress, ttl: int, now: float
+    ) -> tuple[Assignment, bool]:
+        """The assignment for (domain, real), made if needed; (assignment, created).
+
+        A repeated answer reuses the assignment (expired or not) and moves
+        its expiry to now + TTL. Raises PoolExhausted when either pool of
+        the family is full even after reclaiming.
+        """
+        existing = self._by_domain_real.get((domain, real))
+        if existing is not None:
+            self._set_expiry(existing, now + clamp_ttl(ttl))
+            return existing, False
+        self.reclaim(now)
+        magic = self._magic[real.version].next()
+        try:
+            transit = self._transit[real.version].next()
+        except PoolExhausted:
+            self._magic[real.version].release(magic)
+            raise
+        a = Assignment(magic, transit, real, app, domain, now + clamp_ttl(ttl))
+        self.insert(a)
+        return a, True
+
+    def insert(self, a: Assignment) -> None:
+        """Add ``a``; AssignmentError if any of its keys is taken (even by an expired one)."""
+        for taken, what in (
+            (a.magic in self._by_magic, f"magic IP {a.magic}"),
+            (a.transit in self._by_transit, f"transit IP {a.transit}"),
+            ((a.domain, a.real) in self._by_domain_real, f"({a.domain}, {a.real})"),
+        ):
+            if taken:
+                raise AssignmentError(f"{what} is already assigned")
+        self._by_magic[a.magic] = a
+        self._by_transit[a.transit] = a
+        self._by_domain_real[(a.domain, a.real)] = a
+        self._push(a)
+
+    def attach(self, transit: IPAddress, connector: str) -> None:
+        """Record that ``transit`` is registered with node ``connector``.
+
+        Attaching the same pair again is harmless; a transit IP we did not
+        assign, or a connector without a name, is an error.
+        """
+        a = self._by_transit.get(transit)
+        if a is None:
+            raise AssignmentError(f"transit IP {transit} is not assigned")
+        if not connector:
+            raise AssignmentError(f"transit IP {transit}: connector has no identity")
+        a.connector = connector
+
+    def flow_started(self, transit: IPAddress, now: float) -> None:
+        a = self._by_transit.get(transit)
+        if a is not None:
+            a.active_flows += 1
+
+    def flow_ended(self, transit: IPAddress, now: float) -> None:
+        a = self._by_transit.get(transit)
+        if a is not None and a.active_flows > 0:
+            a.active_flows -= 1
+            a.last_flow_end = now
+
+    def expired(self, now: float) -> list[Assignment]:
+        """Assignments whose expiry has passed, oldest first (nothing is changed)."""
+        return [a for _, _, a in sorted(self._live_entries()) if a.expiry <= now]
+
+    def reclaim(self, now: float) -> list[Assignment]:
+        """Remove expired assignments no flow needs; returns them (oldest first).
+
+        An expired one with an active flow, or whose last flow ended within
+        FLOW_GRACE, moves EXTEND on instead.
+        """
+        removed: list[Assignment] = []
+        while self._heap and self._heap[0][0] <= now:
+            expiry, _, magic = heapq.heappop(self._heap)
+            a = self._by_magic.get(magic)
+            if a is None or a.expiry != expiry:
+                continue  # stale heap entry
+            recent = a.last_flow_end is not None and now - a.last_flow_end <= FLOW_GRACE
+            if a.active_flows > 0 or recent:
+                self._set_expiry(a, now + EXTEND)
+                continue
+            self._remove(a)
+            removed.append(a)
+        return removed
+
+    # -- persistence -------------------------------------------------------------
+
+    def snapshot(self) -> bytes:
+        return msgspec.json.encode(
+            [
+                _Saved(str(a.magic), str(a.transit), str(a.real), a.app, a.domain, a.expiry,
+                       a.connector)
+                for a in self._by_magic.values()
+            ]
+        )
+
+    def restore(self, data: bytes, now: float) -> int:
+        """Load a snapshot into an empty store; returns how many were restored.
+
+        Flows do not survive a restart, so every restored assignment counts
+        as if its last flow ended ``now``: none is reclaimed within the grace
+        period while applications reconnect. ValueError on a bad snapshot;
+        nothing is changed then.
+        """
+        if self._by_magic:
+            raise AssignmentError("restore needs an empty assignment store")
+        try:
+            saved = msgspec.json.decode(data, type=list[_Saved])
+            parsed = [
+                Assignment(
+                    ipaddress.ip_address(s.magic), ipaddress.ip_address(s.transit),
+                    ipaddress.ip_address(s.real), s.app, s.domain, s.expiry, s.connector,
+                    last_flow_end=now,
+                )
+                for s in saved
+            ]
+        except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as e:
+            raise ValueError(f"bad assignment snapshot: {e}") from None
+        for a in parsed:
+            if not (a.magic.version == a.transit.version == a.real.version):
+                raise ValueError(f"bad assignment snapshot: mixed families in {a}")
+        for a in parsed:
+            try:
+                self.insert(a)
+            except AssignmentError as e:
+                self._clear()
+                raise ValueError(f"bad assignment snapshot: {e}") from None
+            self._magic[a.magic.version].mark_in_use(a.magic)
+            self._transit[a.transit.version].mark_in_use(a.transit)
+        return len(parsed)
+
+    # -- internals -----------------------------------------------------------------
+
+    def _live_entries(self) -> Iterator[tuple[float, int, Assignment]]:
+        for expiry, seq, magic in self._heap:
+            a = self._by_magic.get(magic)
+            if a is not None and a.expiry == expiry:
+                yield expiry, seq, a
+
+    def _push(self, a: Assignment) -> None:
+        heapq.heappush(self._heap, (a.expiry, next(self._seq), a.magic))
+
+    def _set_expiry(self, a: Assignment, expiry: float) -> None:
+        a.expiry = expiry
+        self._push(a)
+        if len(self._heap) > 4 * len(self._by_magic) + 64:
+            self._heap = [(e, s, a.magic) for e, s, a in self._live_entries()]
+            heapq.heapify(self._heap)
+
+    def _remove(self, a: Assignment) -> None:
+        del self._by_magic[a.magic]
+        del self._by_transit[a.transit]
+        del self._by_domain_real[(a.domain, a.real)]
+        self._magic[a.magic.version].release(a.magic)
+        self._transit[a.transit.version].release(a.transit)
+
+    def _clear(self) -> None:
+        for a in list(self._by_magic.values()):
+            self._remove(a)
+        self._heap.clear()

@@ -1,0 +1,199 @@
+"""Client assignments and expiry: BEHAVIOURS 29-35, 38."""
+
+import ipaddress
+
+import pytest
+
+from conn25.assignments import (
+    EXTEND,
+    MAX_TTL,
+    Assignment,
+    AssignmentError,
+    Assignments,
+    PoolExhausted,
+    clamp_ttl,
+)
+from conn25.config import Pools
+from conn25.iprange import IPRange, IPSet
+
+T0 = 1_700_000_000.0
+
+
+def ip(s):
+    return ipaddress.ip_address(s)
+
+
+def pools(v4_magic="100.80.0.0-100.80.0.3", v4_transit="169.254.128.0-169.254.128.3"):
+    def s(r):
+        return IPSet.of([IPRange.parse(r)])
+
+    return Pools(
+        v4_magic=s(v4_magic),
+        v4_transit=s(v4_transit),
+        v6_magic=s("fd7a:115c:a1e0:ab12::-fd7a:115c:a1e0:ab12::3"),
+        v6_transit=s("fd7a:115c:a1e0:ab13::-fd7a:115c:a1e0:ab13::3"),
+    )
+
+
+@pytest.fixture
+def store():
+    return Assignments(pools())
+
+
+def test_reserve_creates_once_and_lookups_agree(store):
+    a, created = store.reserve("GitHub", "github.com.", ip("203.0.113.10"), 300, T0)
+    assert created
+    assert (str(a.magic), str(a.transit)) == ("100.80.0.0", "169.254.128.0")
+    assert store.by_magic(a.magic) is a
+    assert store.by_transit(a.transit) is a
+    assert store.by_domain_real("github.com.", ip("203.0.113.10")) is a
+    assert len(store) == 1
+
+
+@pytest.mark.parametrize("real", ["203.0.113.10", "2001:db8::10"])
+def test_reserving_the_same_pair_twice_gives_the_same_assignment(store, real):
+    """B32 (v4 and v6)."""
+    a, _ = store.reserve("GitHub", "github.com.", ip(real), 300, T0)
+    b, created = store.reserve("GitHub", "github.com.", ip(real), 300, T0 + 5)
+    assert b is a and not created
+    assert a.magic.version == a.transit.version == ip(real).version
+    assert len(store) == 1
+
+
+def test_insert_refuses_taken_keys_even_when_expired(store):
+    """B29."""
+    a, _ = store.reserve("GitHub", "github.com.", ip("203.0.113.10"), 60, T0)
+    assert store.expired(T0 + 3600) == [a]
+    for clash in (
+        Assignment(a.magic, ip("169.254.128.3"), ip("203.0.113.99"), "x", "x.", T0),
+        Assignment(ip("100.80.0.3"), a.transit, ip("203.0.113.99"), "x", "x.", T0),
+        Assignment(ip("100.80.0.3"), ip("169.254.128.3"), a.real, "GitHub", "github.com.", T0),
+    ):
+        with pytest.raises(AssignmentError, match="already assigned"):
+            store.insert(clash)
+    assert len(store) == 1
+
+
+def test_ttl_clamp():
+    """B31."""
+    assert (clamp_ttl(300), clamp_ttl(1), clamp_ttl(10**6)) == (300, 60, MAX_TTL)
+
+
+def test_repeated_answer_moves_expiry_to_now_plus_ttl(store):
+    """B31."""
+    a, _ = store.reserve("GitHub", "github.com.", ip("203.0.113.10"), 300, T0)
+    assert a.expiry == T0 + 300
+    store.reserve("GitHub", "github.com.", ip("203.0.113.10"), 1, T0 + 100)
+    assert a.expiry == T0 + 100 + 60
+
+
+def test_expired_oldest_first_only_after_their_time_and_after_changes(store):
+    """B30."""
+    a, _ = store.reserve("A", "a.", ip("203.0.113.1"), 100, T0)
+    b, _ = store.reserve("A", "b.", ip("203.0.113.2"), 200, T0)
+    c, _ = store.reserve("A", "c.", ip("203.0.113.3"), 300, T0)
+    assert store.expired(T0 + 99) == []
+    assert store.expired(T0 + 100) == [a]
+    assert store.expired(T0 + 1000) == [a, b, c]
+    # a gets a later expiry than c: order follows
+    store.reserve("A", "a.", ip("203.0.113.1"), 400, T0)
+    assert store.expired(T0 + 1000) == [b, c, a]
+    assert store.expired(T0 + 250) == [b]
+
+
+def test_reclaim_on_next_new_assignment_returns_both_addresses(store):
+    """B33: expired, no flow ever -> reclaimed when the next new assignment is made."""
+    a, _ = store.reserve("A", "a.", ip("203.0.113.1"), 60, T0)
+    b, _ = store.reserve("A", "b.", ip("203.0.113.2"), 60, T0 + 61)
+    assert store.by_magic(a.magic) is None and store.by_transit(a.transit) is None
+    assert store.pool_usage()["v4Magic"] == {"inUse": 1, "capacity": 4}
+    assert store.pool_usage()["v4Transit"]["inUse"] == 1
+    assert len(store) == 1 and store.by_magic(b.magic) is b
+
+
+def test_active_flow_or_recent_flow_moves_expiry_24h(store):
+    """B33: an active flow, or one ended under 2 minutes ago, keeps it (expiry +24 h)."""
+    a, _ = store.reserve("A", "a.", ip("203.0.113.1"), 60, T0)
+    b, _ = store.reserve("A", "b.", ip("203.0.113.2"), 60, T0)
+    c, _ = store.reserve("A", "c.", ip("203.0.113.3"), 60, T0)
+    store.flow_started(a.transit, T0)
+    store.flow_started(b.transit, T0)
+    store.flow_ended(b.transit, T0 + 100)
+    store.flow_started(c.transit, T0)
+    store.flow_ended(c.transit, T0 + 10)
+    now = T0 + 200  # b's flow ended 100 s ago, c's 190 s ago
+    removed = store.reclaim(now)
+    assert removed == [c]
+    assert a.expiry == now + EXTEND and b.expiry == now + EXTEND
+    assert a.active_flows == 1 and b.active_flows == 0
+
+
+def test_expired_but_unreclaimed_is_reused_with_ttl_refreshed(store):
+    """B34."""
+    a, _ = store.reserve("A", "a.", ip("203.0.113.1"), 60, T0)
+    again, created = store.reserve("A", "a.", ip("203.0.113.1"), 300, T0 + 1000)
+    assert again is a and not created and a.expiry == T0 + 1300
+
+
+def test_exhaustion_is_an_error_and_leaves_no_half_assignment():
+    store = Assignments(pools(v4_magic="100.80.0.0-100.80.0.1", v4_transit="169.254.128.0"))
+    store.reserve("A", "a.", ip("203.0.113.1"), 300, T0)
+    with pytest.raises(PoolExhausted):
+        store.reserve("A", "b.", ip("203.0.113.2"), 300, T0)
+    usage = store.pool_usage()
+    assert usage["v4Magic"]["inUse"] == 1 and usage["v4Transit"]["inUse"] == 1
+    assert len(store) == 1
+
+
+def test_attach(store):
+    """B38: unknown transit or no identity is an error; the same pair twice is harmless."""
+    a, _ = store.reserve("A", "a.", ip("203.0.113.1"), 300, T0)
+    with pytest.raises(AssignmentError, match="not assigned"):
+        store.attach(ip("169.254.200.1"), "gh-connector-1")
+    with pytest.raises(AssignmentError, match="identity"):
+        store.attach(a.transit, "")
+    store.attach(a.transit, "gh-connector-1")
+    store.attach(a.transit, "gh-connector-1")
+    assert store.by_connector("gh-connector-1") == [a]
+
+
+def test_snapshot_restore_keeps_addresses(store):
+    """B35: assignments are kept across a restart."""
+    a, _ = store.reserve("GitHub", "github.com.", ip("203.0.113.10"), 300, T0)
+    b, _ = store.reserve("GitHub", "github.com.", ip("2001:db8::10"), 300, T0)
+    store.attach(a.transit, "gh-connector-1")
+    data = store.snapshot()
+
+    fresh = Assignments(pools())
+    assert fresh.restore(data, T0 + 250) == 2
+    ra = fresh.by_domain_real("github.com.", ip("203.0.113.10"))
+    assert (ra.magic, ra.transit, ra.connector, ra.expiry) == (a.magic, a.transit,
+                                                              "gh-connector-1", a.expiry)
+    assert fresh.by_magic(b.magic).real == ip("2001:db8::10")
+    # restored addresses are in use: the next reservation gets new ones
+    c, _ = fresh.reserve("GitHub", "github.com.", ip("203.0.113.11"), 300, T0 + 250)
+    assert c.magic != a.magic and c.transit != a.transit
+    # expired restored assignments wait out the grace period after the restart
+    assert fresh.reclaim(T0 + 310) == []
+    assert ra.expiry == T0 + 310 + EXTEND
+
+
+@pytest.mark.parametrize("bad", [b"", b"{", b'[{"magic": 1}]', b'[{"magic":"x","transit":"y",'
+                                 b'"real":"z","app":"a","domain":"d.","expiry":1}]'])
+def test_restore_rejects_bad_snapshots_and_changes_nothing(bad):
+    store = Assignments(pools())
+    with pytest.raises(ValueError, match="bad assignment snapshot"):
+        store.restore(bad, T0)
+    assert len(store) == 0
+    assert store.pool_usage()["v4Magic"]["inUse"] == 0
+
+
+def test_restore_with_duplicate_keys_rolls_back():
+    store = Assignments(pools())
+    store.reserve("A", "a.", ip("203.0.113.1"), 300, T0)
+    data = store.snapshot()
+    doubled = data[:-1] + b"," + data[1:]
+    fresh = Assignments(pools())
+    with pytest.raises(ValueError, match="already assigned"):
+        fresh.restore(doubled, T0)
+    assert len(fresh) == 0 and fresh.pool_usage()["v4Magic"]["inUse"] == 0
