@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Install conn25d and everything it needs on a Debian (or Ubuntu) machine, as root:
+# the system packages, a virtual environment in $CONN25D_PREFIX (default /opt/conn25d)
+# holding the package with its compiled Cython datapath, and the `conn25d` command in
+# /usr/local/bin. Run it again at any time: it only adds what is missing.
+#
+#   ./install.sh          the daemon and its runtime tools
+#   ./install.sh --dev    also the test and benchmark tools (pytest, hypothesis, scapy, ruff)
+set -euo pipefail
+
+usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; }
+dev=0
+for arg in "$@"; do
+  case "$arg" in
+    --dev) dev=1 ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "install.sh: unknown option '$arg'" >&2; usage >&2; exit 2 ;;
+  esac
+done
+[ "$(id -u)" = 0 ] || { echo "install.sh: run as root (it installs system packages)" >&2; exit 1; }
+
+here=$(cd "$(dirname "$0")" && pwd)
+prefix=${CONN25D_PREFIX:-/opt/conn25d}
+python=${PYTHON:-python3}
+
+# dnsmasq-base: the binary without a system service; iperf3, curl, iputils-ping for
+# the end-to-end tests and the benchmarks; nftables and iproute2 for the connector.
+packages=(python3 python3-venv python3-dev gcc iproute2 nftables dnsmasq-base
+          iperf3 curl iputils-ping procps ca-certificates)
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
+
+if [ ! -x "$prefix/bin/python" ]; then
+  "$python" -m venv "$prefix"
+fi
+"$prefix/bin/python" -m pip install -q --upgrade pip
+extra=""
+[ "$dev" = 1 ] && extra="[test]"
+# Not editable: this builds the wheel, Cython extension included, exactly as users get it.
+"$prefix/bin/python" -m pip install -q "$here$extra"
+ln -sf "$prefix/bin/conn25d" /usr/local/bin/conn25d
+echo "conn25d installed in $prefix ($("$prefix/bin/conn25d" --version 2>/dev/null || echo '?'))"
