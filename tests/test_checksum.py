@@ -24,7 +24,7 @@ def ref_checksum(data: bytes, initial: int = 0) -> int:
 
 
 def test_rfc1071_example_ipv4_header():
-    # An IPv4 header with a zeroed checksum field; the right value is 0xB861 (the worked example on Wikipedia).
+    # A zeroed checksum field; 0xB861 is the value of the worked example on Wikipedia.
     hdr = bytes.fromhex("450000730000400040110000c0a80001c0a800c7")
     assert internet_checksum(hdr) == 0xB861
     filled = hdr[:10] + (0xB861).to_bytes(2, "big") + hdr[12:]
