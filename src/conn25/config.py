@@ -114,13 +114,10 @@ class Tailnet(msgspec.Struct, frozen=True):
     def node_by_endpoint(self, endpoint: tuple[str, int]) -> Node | None:
         return next((n for n in self.nodes if n.endpoint == endpoint), None)
 
-    def node_config(self, name: str, advertise_connector: bool = False) -> NodeConfig:
-        """The view of node ``name``; KeyError when there is no such node."""
+    def _attrs_for(self, node: Node) -> tuple[list[App], Pools]:
+        """The apps and pools of the node attributes that target ``node``."""
         from . import acl
 
-        node = self.node(name)
-        if node is None:
-            raise KeyError(f"no node named {name!r} in the tailnet file")
         apps: list[App] = []
         pools: Pools | None = None
         for attr in self.node_attrs:
@@ -129,12 +126,26 @@ class Tailnet(msgspec.Struct, frozen=True):
             apps.extend(a for a in attr.apps if a not in apps)
             if attr.pools is not None:
                 pools = attr.pools  # tailnet.load rejects two pool attributes for one node
+        return apps, pools if pools is not None else DEFAULT_POOLS
+
+    def pools_for(self, node: Node) -> Pools:
+        """The pools ``node`` allocates from (a connector checks a client's transit IPs here)."""
+        return self._attrs_for(node)[1]
+
+    def node_config(self, name: str, advertise_connector: bool = False) -> NodeConfig:
+        """The view of node ``name``; KeyError when there is no such node."""
+        from . import acl
+
+        node = self.node(name)
+        if node is None:
+            raise KeyError(f"no node named {name!r} in the tailnet file")
+        apps, pools = self._attrs_for(node)
         return NodeConfig(
             tailnet=self,
             node=node,
             advertise_connector=advertise_connector,
             apps=tuple(apps),
-            pools=pools if pools is not None else DEFAULT_POOLS,
+            pools=pools,
             may_use_apps=lambda peer: acl.may_reach_internet(self, peer),
         )
 

@@ -1,0 +1,443 @@
+"""The connector's tables: which transit IP of which peer goes to which real address.
+
+A client registers ``transit → destination`` for an app; the datapath later
+looks the pair ``(peer overlay address, transit IP)`` up for the first packet
+of a flow. The peer address is the peer's first overlay address of the
+transit IP's family, because that is the source address the datapath sees.
+
+Beyond upstream, which maps whatever destination a client names (an open
+relay), a mapping is accepted only to an address that the app's domains
+resolved to *here*. The daemon feeds those answers in with
+:meth:`ConnectorTable.note_resolution`:
+
+* every answer the connector serves on the peer API's DNS endpoint for an
+  app, and
+* before :meth:`ConnectorTable.handle_request`, a fresh resolution of each
+  ``(app, domain)`` pair that :meth:`ConnectorTable.needs_resolution` lists
+  for the request (items that carry a ``domain`` whose destination is not
+  known yet).
+
+``note_resolution`` itself refuses a domain that is not one of the app's, so
+a client cannot get an arbitrary name resolved into the allowed set.
+"""
+
+from __future__ import annotations
+
+import heapq
+import ipaddress
+import itertools
+from collections.abc import Iterable
+
+import msgspec
+
+from . import config
+from .iprange import IPAddress
+from .peerapi import (
+    Code,
+    ConnectorTransitIPRequest,
+    ConnectorTransitIPResponse,
+    NotConfigured,
+    TransitIPRequest,
+    TransitIPResponse,
+)
+
+# Upstream keeps a mapping at least an hour after its last registration;
+# clients re-register on a reject, so an expired mapping costs one round trip.
+MAPPING_LIFETIME = 3600.0
+DEFAULT_RATE = 50.0  # registrations per second per peer, sustained
+DEFAULT_BURST = 500  # one large DNS answer's worth of items at once
+
+DUPLICATE_MESSAGE = "transit IP appears more than once in the request"
+NO_PEER_FAMILY_MESSAGE = "peer has no overlay address of the transit IP's family"
+FAMILY_MISMATCH_MESSAGE = "transit and destination IPs must be of the same family"
+UNKNOWN_APP_MESSAGE = "the app is not one this connector serves"
+MISSING_PERMISSION_MESSAGE = "peer is not allowed to use apps through this connector"
+RATE_LIMITED_MESSAGE = "rate limited"
+
+
+class Mapping(msgspec.Struct, frozen=True):
+    peer: IPAddress  # the peer's overlay address of the transit IP's family
+    transit: IPAddress
+    destination: IPAddress
+    app: str
+    registered: float  # time of the last registration
+    peer_name: str
+
+    @property
+    def expires(self) -> float:
+        return self.registered + MAPPING_LIFETIME
+
+
+# The state view (`conn25d status`): text fields so that it encodes as JSON.
+
+
+class MappingView(msgspec.Struct):
+    transit: str
+    destination: str
+    app: str
+    expires: float
+
+
+class PeerView(msgspec.Struct):
+    name: str
+    apps: list[str]
+    mappings: list[MappingView]
+
+
+class ConnectorState(msgspec.Struct, omit_defaults=True):
+    configured: bool
+    apps: list[str] = []
+    peers: list[PeerView] = []
+
+
+class _TokenBucket:
+    """Allows ``burst`` events at once and ``rate`` per second after that."""
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = burst
+        self.stamp = now
+
+    def available(self, now: float) -> float:
+        # A clock stepping back refills nothing (and the stamp follows it).
+        return min(self.burst, self.tokens + max(0.0, now - self.stamp) * self.rate)
+
+    def take(self, now: float) -> bool:
+        self.tokens = self.available(now)
+        self.stamp = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
+def _addr_key(a: IPAddress) -> tuple[int, int]:
+    return (a.version, int(a))
+
+
+def _unusable_destination(addr: IPAddress) -> str | None:
+    """Why ``addr`` can never be an egress destination, or None.
+
+    Catches answers that point back into the connector itself or its link
+    (loopback, cloud metadata on link-local) even when DNS returned them.
+    """
+    check = addr
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        check = addr.ipv4_mapped
+    for flag, what in (
+        (check.is_unspecified, "unspecified"),
+        (check.is_loopback, "loopback"),
+        (check.is_link_local, "link-local"),
+        (check.is_multicast, "multicast"),
+    ):
+        if flag:
+            return f"destination {addr} is a {what} address"
+    return None
+
+
+class ConnectorTable:
+    """Per-peer transit-IP mappings of one connector node, and what it resolved.
+
+    Time is passed in (wall-clock seconds); nothing here reads a clock.
+    """
+
+    def __init__(
+        self,
+        cfg: config.NodeConfig,
+        *,
+        rate: float = DEFAULT_RATE,
+        burst: int = DEFAULT_BURST,
+    ) -> None:
+        if rate <= 0 or burst < 1:
+            raise ValueError(f"rate limit needs rate > 0 and burst >= 1 (got {rate}, {burst})")
+        self._rate = rate
+        self._burst = burst
+        self._cfg = cfg
+        self._own: dict[str, config.App] = {}
+        self._peers: dict[IPAddress, dict[IPAddress, Mapping]] = {}
+        # Keys in order of last registration, oldest first, for the sweeper.
+        self._age: dict[tuple[IPAddress, IPAddress], None] = {}
+        self._resolved: dict[tuple[str, IPAddress], float] = {}  # (app, addr) -> expiry
+        self._resolved_heap: list[tuple[float, int, str, IPAddress]] = []
+        self._seq = itertools.count()
+        self._buckets: dict[str, _TokenBucket] = {}
+        self._set_config(cfg)
+
+    def _set_config(self, cfg: config.NodeConfig) -> None:
+        self._cfg = cfg
+        self._own = {a.name: a for a in cfg.own_apps}
+
+    @property
+    def configured(self) -> bool:
+        """This node advertises as a connector and carries the tag of at least one app."""
+        return bool(self._own)
+
+    def __len__(self) -> int:
+        """Number of mappings, over all peers."""
+        return len(self._age)
+
+    @property
+    def resolutions(self) -> int:
+        """Number of (app, address) resolution records kept."""
+        return len(self._resolved)
+
+    # -- registration -------------------------------------------------------
+
+    def handle_request(
+        self, peer: config.Node, req: ConnectorTransitIPRequest, now: float
+    ) -> ConnectorTransitIPResponse:
+        """Register the request's mappings for ``peer``; one result per item, in order.
+
+        Raises NotConfigured when this node serves no app (the HTTP layer
+        answers 503).
+        """
+        return self.register(peer, req, now)[0]
+
+    def register(
+        self, peer: config.Node, req: ConnectorTransitIPRequest, now: float
+    ) -> tuple[ConnectorTransitIPResponse, list[Mapping]]:
+        """As :meth:`handle_request`, also returning the mappings stored (for the datapath)."""
+        if not self.configured:
+            raise NotConfigured(f"{self._cfg.node.name} serves no app")
+        permitted = self._cfg.may_use_apps(peer)
+        bucket = self._bucket(peer, now)
+        seen: set[IPAddress] = set()
+        results: list[TransitIPResponse] = []
+        stored: list[Mapping] = []
+        for item in req.transit_ips:
+            transit = item.transit
+            if transit in seen:
+                results.append(TransitIPResponse(Code.DUPLICATE_TRANSIT_IP, DUPLICATE_MESSAGE))
+                continue
+            seen.add(transit)
+            if not bucket.take(now):
+                results.append(TransitIPResponse(Code.OTHER, RATE_LIMITED_MESSAGE))
+                continue
+            code, message = self._check(peer, permitted, item, now)
+            if code == Code.OK:
+                stored.append(self._store(peer, item, now))
+            results.append(TransitIPResponse(code, message))
+        return ConnectorTransitIPResponse(results), stored
+
+    def _check(
+        self, peer: config.Node, permitted: bool, item: TransitIPRequest, now: float
+    ) -> tuple[Code, str]:
+        """The item's code: upstream's order, with permission before the app lookup."""
+        transit, dest = item.transit, item.destination
+        if transit.version != dest.version:
+            return Code.FAMILY_MISMATCH, FAMILY_MISMATCH_MESSAGE
+        if peer.address(transit.version) is None:
+            return Code.NO_PEER_FAMILY, NO_PEER_FAMILY_MESSAGE
+        # Before the app check, so that a peer without permission cannot
+        # probe which app names exist.
+        if not permitted:
+            return Code.MISSING_PERMISSION, MISSING_PERMISSION_MESSAGE
+        app = self._own.get(item.app)
+        if app is None:
+            return Code.UNKNOWN_APP, f"{UNKNOWN_APP_MESSAGE} ({item.app!r})"
+        # The client allocates from its own pools, which may differ from ours.
+        if not self._cfg.tailnet.pools_for(peer).is_transit(transit):
+            return Code.OTHER, f"transit IP {transit} is outside {peer.name}'s transit IP pools"
+        if (why := self._unusable(dest)) is not None:
+            return Code.OTHER, why
+        if item.domain is not None and not self._is_app_domain(app, item.domain):
+            return Code.OTHER, f"domain {item.domain} is not a domain of app {app.name!r}"
+        if not self._was_resolved(app.name, dest, now):
+            return Code.OTHER, (
+                f"destination {dest} is not an address that app {app.name!r} resolved to "
+                "at this connector within the answer's TTL"
+            )
+        return Code.OK, ""
+
+    def _unusable(self, dest: IPAddress) -> str | None:
+        if (why := _unusable_destination(dest)) is not None:
+            return why
+        pools = self._cfg.pools
+        if dest in pools.magic(dest.version) or pools.is_transit(dest):
+            return f"destination {dest} is in a magic or transit IP pool"
+        if self._cfg.peer_by_address(dest) is not None:
+            return f"destination {dest} is a node's overlay address"
+        return None
+
+    def _store(self, peer: config.Node, item: TransitIPRequest, now: float) -> Mapping:
+        transit = item.transit
+        peer_addr = peer.address(transit.version)
+        assert peer_addr is not None  # _check returned NO_PEER_FAMILY otherwise
+        m = Mapping(peer_addr, transit, item.destination, item.app, now, peer.name)
+        self._peers.setdefault(peer_addr, {})[transit] = m
+        key = (peer_addr, transit)
+        self._age.pop(key, None)  # re-insert: the newest registration goes last
+        self._age[key] = None
+        return m
+
+    def _bucket(self, peer: config.Node, now: float) -> _TokenBucket:
+        b = self._buckets.get(peer.name)
+        if b is None:
+            b = self._buckets[peer.name] = _TokenBucket(self._rate, self._burst, now)
+        return b
+
+    # -- what the connector resolved -----------------------------------------
+
+    def _is_app_domain(self, app: config.App, domain: str) -> bool:
+        # The same matching a client uses to pick the app for a name.
+        return app in self._cfg.apps_for_name(domain)
+
+    def note_resolution(
+        self, app: str, domain: str, addrs: Iterable[tuple[IPAddress, int]], now: float
+    ) -> bool:
+        """Record that ``domain`` of ``app`` resolved here to ``addrs`` (address, TTL).
+
+        Each address is then an acceptable destination for the app until
+        its TTL runs out. Returns False, recording nothing, when this node
+        does not serve ``app`` or ``domain`` is not one of its domains.
+        """
+        a = self._own.get(app)
+        if a is None or not self._is_app_domain(a, domain):
+            return False
+        for addr, ttl in addrs:
+            expiry = now + max(0, ttl)
+            key = (app, addr)
+            if self._resolved.get(key, -1.0) < expiry:
+                self._resolved[key] = expiry
+                heapq.heappush(self._resolved_heap, (expiry, next(self._seq), app, addr))
+        return True
+
+    def _was_resolved(self, app: str, dest: IPAddress, now: float) -> bool:
+        expiry = self._resolved.get((app, dest))
+        return expiry is not None and now <= expiry
+
+    def needs_resolution(
+        self, peer: config.Node, req: ConnectorTransitIPRequest, now: float
+    ) -> list[tuple[str, str]]:
+        """``(app, domain)`` pairs the daemon should resolve before handling ``req``.
+
+        Only items that carry a domain of an app this node serves, from a
+        permitted peer, whose destination is not known yet; no more items
+        than the peer's rate limit would let through, so a request cannot
+        make the connector resolve without bound. Each pair once, in order.
+        """
+        if not self.configured or not self._cfg.may_use_apps(peer):
+            return []
+        budget = int(self._bucket(peer, now).available(now))
+        pairs: dict[tuple[str, str], None] = {}
+        for item in req.transit_ips[:budget]:
+            app = self._own.get(item.app)
+            if (
+                app is not None
+                and item.domain is not None
+                and self._is_app_domain(app, item.domain)
+                and not self._was_resolved(app.name, item.destination, now)
+            ):
+                pairs[(app.name, item.domain)] = None
+        return list(pairs)
+
+    # -- datapath queries -----------------------------------------------------
+
+    def lookup(self, peer_addr: IPAddress, transit: IPAddress) -> Mapping | None:
+        table = self._peers.get(peer_addr)
+        return table.get(transit) if table is not None else None
+
+    def is_unmapped_transit(self, peer_addr: IPAddress, transit: IPAddress) -> bool:
+        """A transit IP this peer has not mapped here: the datapath drops and rejects it."""
+        if not self.configured or self.lookup(peer_addr, transit) is not None:
+            return False
+        peer = self._cfg.peer_by_address(peer_addr)
+        return peer is not None and self._cfg.tailnet.pools_for(peer).is_transit(transit)
+
+    # -- maintenance ------------------------------------------------------------
+
+    def _remove(self, key: tuple[IPAddress, IPAddress]) -> Mapping:
+        peer_addr, transit = key
+        del self._age[key]
+        table = self._peers[peer_addr]
+        m = table.pop(transit)
+        if not table:
+            del self._peers[peer_addr]
+        return m
+
+    def sweep(self, now: float, limit: int) -> list[Mapping]:
+        """Remove up to ``limit`` mappings registered over an hour ago; return them.
+
+        Also drops up to ``limit`` expired resolution records and idle rate
+        limit state. Call again while it returns ``limit`` mappings. Mappings
+        are visited in registration order, so a wall clock stepping back
+        only delays removals.
+        """
+        if limit < 0:
+            raise ValueError(f"sweep limit must not be negative (got {limit})")
+        removed: list[Mapping] = []
+        for key in itertools.islice(self._age, limit):
+            peer_addr, transit = key
+            if now - self._peers[peer_addr][transit].registered <= MAPPING_LIFETIME:
+                break
+            removed.append(self._peers[peer_addr][transit])
+        for m in removed:
+            self._remove((m.peer, m.transit))
+
+        heap = self._resolved_heap
+        for _ in range(limit):
+            if not heap or heap[0][0] >= now:
+                break
+            expiry, _, app, addr = heapq.heappop(heap)
+            # A later answer may have extended the record: then a newer heap
+            # entry stands for it.
+            if self._resolved.get((app, addr)) == expiry:
+                del self._resolved[(app, addr)]
+
+        # A full bucket is the same as no bucket.
+        for name in [n for n, b in self._buckets.items() if b.available(now) >= b.burst]:
+            del self._buckets[name]
+        return removed
+
+    def reconfigure(self, cfg: config.NodeConfig) -> list[Mapping]:
+        """Switch to ``cfg``; remove and return the mappings it no longer allows.
+
+        A mapping goes when its app is no longer served, its peer is gone,
+        has another address, or lost permission, or its transit IP left the
+        pools. Rate-limit state stays.
+        """
+        self._set_config(cfg)
+        allowed: dict[str, bool] = {}
+
+        def keep(m: Mapping) -> bool:
+            node = cfg.peer_by_address(m.peer)
+            if (
+                m.app not in self._own
+                or node is None
+                or node.name != m.peer_name
+                or node.address(m.peer.version) != m.peer
+                or not cfg.tailnet.pools_for(node).is_transit(m.transit)
+            ):
+                return False
+            if node.name not in allowed:
+                allowed[node.name] = cfg.may_use_apps(node)
+            return allowed[node.name]
+
+        gone = [k for k in self._age if not keep(self._peers[k[0]][k[1]])]
+        removed = [self._remove(k) for k in gone]
+        self._resolved = {k: v for k, v in self._resolved.items() if k[0] in self._own}
+        return removed
+
+    # -- state ------------------------------------------------------------------
+
+    def state(self) -> ConnectorState:
+        """The connector part of ``conn25d status``: peers by name, mappings by transit IP."""
+        if not self.configured:
+            return ConnectorState(configured=False)
+        by_name: dict[str, list[Mapping]] = {}
+        for table in self._peers.values():
+            for m in table.values():
+                by_name.setdefault(m.peer_name, []).append(m)
+        peers = [
+            PeerView(
+                name=name,
+                apps=sorted({m.app for m in ms}),
+                mappings=[
+                    MappingView(str(m.transit), str(m.destination), m.app, m.expires)
+                    for m in sorted(ms, key=lambda m: _addr_key(m.transit))
+                ],
+            )
+            for name, ms in sorted(by_name.items())
+        ]
+        return ConnectorState(configured=True, apps=sorted(self._own), peers=peers)
