@@ -7,4 +7,10 @@ include file; this file only stitches them together. The Python-facing
 surface is documented in ``conn25.fastpath``.
 """
 
+include "types.pxi"
 include "checksum.pxi"
+include "packet.pxi"
+include "nat.pxi"
+include "icmp.pxi"
+include "flowtable.pxi"
+include "tables.pxi"

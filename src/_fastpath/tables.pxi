@@ -1,0 +1,871 @@
+# Mapping tables the pumps read per packet, written by the control plane.
+#
+# - routes:    (family, dst)              -> peer id. A peer's overlay addresses
+#              (installed by tb_set_peer) and every transit IP registered with
+#              that peer; the analogue of WireGuard's allowed IPs (DESIGN §2).
+# - magic:     (family, magic IP)         -> transit IP            (client)
+# - transit:   (family, peer overlay, T)  -> real IP + app id      (connector)
+# - peers:     peer id                    -> endpoint + overlay addresses
+# - endpoints: (family, endpoint, port)   -> peer id  (who sent this datagram?)
+# - magic / transit ranges: tell "ours but unmapped" from "not our traffic"
+#   (B50, B53).
+#
+# Storage is C only: open addressing with linear probing and backward-shift
+# deletion (no tombstones), keyed by a fixed 40-byte TbKey, grown by doubling
+# when half full. One pthread mutex guards all tables of a Tables object, so
+# an update that touches several maps (a peer and its routes) is atomic, and
+# every lookup copies its result out under the lock: no packet sees half of
+# an old and half of a new mapping. Lookups never allocate.
+#
+# Addresses in the C API are 16-byte buffers plus a family (4: only the first
+# 4 bytes are read).
+
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdlib cimport free, malloc
+from libc.string cimport memcmp, memcpy, memset
+
+
+cdef enum:
+    TB_NOT_OURS = 0             # tb_magic / tb_transit: outside every range
+    TB_HIT = 1                  # mapped; result copied out
+    TB_UNMAPPED = 2             # inside a magic / transit range but not mapped
+
+cdef enum:
+    TB_IN_OK = 0                # tb_check_inbound: known peer, inner source is its
+    TB_IN_UNKNOWN_PEER = 1      # datagram from an endpoint that is no peer's
+    TB_IN_SPOOFED = 2           # inner source does not route to the sending peer
+
+cdef enum:
+    TB_MAX_OVERLAY = 8          # overlay addresses per peer
+    TB_MAX_SLOTS = 1 << 30
+
+
+cdef struct TbKey:
+    uint8_t a[16]
+    uint8_t b[16]
+    uint32_t n
+    uint8_t family
+    uint8_t _pad[3]             # zero: keys are hashed and compared as 40 bytes
+
+cdef struct TbVal:
+    uint8_t addr[16]
+    uint32_t u32
+    void *ptr                   # peers map only: the TbPeer record (owned)
+
+cdef struct TbSlot:
+    TbKey key
+    TbVal val
+    uint32_t hash
+    uint8_t used
+
+cdef struct TbMap:
+    TbSlot *slots
+    uint32_t mask               # slot count - 1 (a power of two)
+    uint32_t count
+
+cdef struct TbRange:
+    uint8_t first[16]
+    uint8_t last[16]
+    uint8_t family
+
+cdef struct TbEndpoint:
+    uint8_t addr[16]
+    uint16_t port
+    uint8_t family
+
+cdef struct TbPeer:
+    TbEndpoint ep
+    uint32_t n_overlay
+    uint8_t ov_family[8]
+    uint8_t ov_addr[8][16]
+
+cdef struct TablesC:
+    pthread_mutex_t lock
+    uint64_t seed
+    TbMap routes
+    TbMap magic
+    TbMap transit
+    TbMap peers
+    TbMap endpoints
+    TbRange *magic_ranges
+    uint32_t n_magic_ranges
+    TbRange *transit_ranges
+    uint32_t n_transit_ranges
+
+
+# ---- open-addressing map (lock held) ----------------------------------------
+
+cdef inline void _tb_key(TbKey *k, uint8_t family, const uint8_t *a, const uint8_t *b,
+                         uint32_t n) noexcept nogil:
+    cdef int alen = 4 if family == 4 else 16
+    memset(k, 0, sizeof(TbKey))
+    k.family = family
+    k.n = n
+    if a != NULL:
+        memcpy(k.a, a, alen)
+    if b != NULL:
+        memcpy(k.b, b, alen)
+
+
+cdef inline uint32_t _tb_hash(const TbKey *k, uint64_t seed) noexcept nogil:
+    return <uint32_t>_ft_hash_words(<const uint8_t *>k, 5, seed)
+
+
+cdef int _tb_map_init(TbMap *m, uint32_t nslots) noexcept nogil:
+    m.slots = <TbSlot *>malloc(nslots * sizeof(TbSlot))
+    if m.slots == NULL:
+        return -1
+    memset(m.slots, 0, nslots * sizeof(TbSlot))
+    m.mask = nslots - 1
+    m.count = 0
+    return 0
+
+
+cdef TbSlot *_tb_find(TbMap *m, const TbKey *k, uint64_t seed) noexcept nogil:
+    cdef uint32_t i = _tb_hash(k, seed) & m.mask
+    while m.slots[i].used:
+        if memcmp(&m.slots[i].key, k, sizeof(TbKey)) == 0:
+            return &m.slots[i]
+        i = (i + 1) & m.mask
+    return NULL
+
+
+cdef void _tb_place(TbMap *m, const TbSlot *s) noexcept nogil:
+    """Put a slot known to be absent into its probe position."""
+    cdef uint32_t i = s.hash & m.mask
+    while m.slots[i].used:
+        i = (i + 1) & m.mask
+    memcpy(&m.slots[i], s, sizeof(TbSlot))
+    m.count += 1
+
+
+cdef int _tb_reserve(TbMap *m, uint32_t extra) noexcept nogil:
+    """Make room for `extra` more entries (load stays <= 1/2); -1 if out of memory."""
+    cdef uint32_t want = m.count + extra
+    cdef uint32_t nslots = m.mask + 1
+    if want * 2 <= nslots:
+        return 0
+    while want * 2 > nslots:
+        if nslots >= TB_MAX_SLOTS:
+            return -1
+        nslots <<= 1
+    cdef TbMap grown
+    if _tb_map_init(&grown, nslots) < 0:
+        return -1
+    cdef uint32_t i
+    for i in range(m.mask + 1):
+        if m.slots[i].used:
+            _tb_place(&grown, &m.slots[i])
+    free(m.slots)
+    m.slots = grown.slots
+    m.mask = grown.mask
+    return 0
+
+
+cdef int _tb_put(TbMap *m, const TbKey *k, const TbVal *v, uint64_t seed,
+                 TbVal *old) noexcept nogil:
+    """Insert or replace; 1 if it replaced (previous value in *old), 0 if new,
+    -1 if out of memory (nothing changed)."""
+    cdef TbSlot *s = _tb_find(m, k, seed)
+    if s != NULL:
+        if old != NULL:
+            memcpy(old, &s.val, sizeof(TbVal))
+        memcpy(&s.val, v, sizeof(TbVal))
+        return 1
+    if _tb_reserve(m, 1) < 0:
+        return -1
+    cdef TbSlot fresh
+    memcpy(&fresh.key, k, sizeof(TbKey))
+    memcpy(&fresh.val, v, sizeof(TbVal))
+    fresh.hash = _tb_hash(k, seed)
+    fresh.used = 1
+    _tb_place(m, &fresh)
+    return 0
+
+
+cdef void _tb_erase_at(TbMap *m, uint32_t i) noexcept nogil:
+    # Backward-shift deletion: pull later members of the probe run into the
+    # hole unless that would move them before their home slot.
+    cdef uint32_t j = i
+    cdef uint32_t home
+    while True:
+        j = (j + 1) & m.mask
+        if not m.slots[j].used:
+            break
+        home = m.slots[j].hash & m.mask
+        if (j > i and (home <= i or home > j)) or (j < i and home <= i and home > j):
+            memcpy(&m.slots[i], &m.slots[j], sizeof(TbSlot))
+            i = j
+    m.slots[i].used = 0
+    m.count -= 1
+
+
+cdef bint _tb_del(TbMap *m, const TbKey *k, uint64_t seed, TbVal *old) noexcept nogil:
+    cdef TbSlot *s = _tb_find(m, k, seed)
+    if s == NULL:
+        return False
+    if old != NULL:
+        memcpy(old, &s.val, sizeof(TbVal))
+    _tb_erase_at(m, <uint32_t>(s - m.slots))
+    return True
+
+
+cdef bint _tb_in_ranges(const TbRange *r, uint32_t n, uint8_t family,
+                        const uint8_t *addr) noexcept nogil:
+    cdef int alen = 4 if family == 4 else 16
+    cdef uint32_t i
+    for i in range(n):
+        if (r[i].family == family and memcmp(r[i].first, addr, alen) <= 0
+                and memcmp(addr, r[i].last, alen) <= 0):
+            return True
+    return False
+
+
+cdef bint _tb_route_locked(TablesC *t, uint8_t family, const uint8_t *addr,
+                           uint32_t *peer) noexcept nogil:
+    cdef TbKey k
+    _tb_key(&k, family, addr, NULL, 0)
+    cdef TbSlot *s = _tb_find(&t.routes, &k, t.seed)
+    if s == NULL:
+        return False
+    peer[0] = s.val.u32
+    return True
+
+
+cdef void _tb_del_routes_to(TablesC *t, uint32_t peer) noexcept nogil:
+    cdef TbMap *m = &t.routes
+    cdef uint32_t i
+    for i in range(m.mask + 1):
+        # An erase may shift a later entry into slot i: look at it again.
+        while m.slots[i].used and m.slots[i].val.u32 == peer:
+            _tb_erase_at(m, i)
+
+
+# ---- C API ------------------------------------------------------------------
+
+cdef TablesC *tb_new(uint64_t seed) noexcept nogil:
+    """Allocate empty tables; NULL if out of memory."""
+    cdef TablesC *t = <TablesC *>malloc(sizeof(TablesC))
+    if t == NULL:
+        return NULL
+    memset(t, 0, sizeof(TablesC))
+    t.seed = seed
+    if (_tb_map_init(&t.routes, 64) < 0 or _tb_map_init(&t.magic, 64) < 0
+            or _tb_map_init(&t.transit, 64) < 0 or _tb_map_init(&t.peers, 16) < 0
+            or _tb_map_init(&t.endpoints, 16) < 0):
+        free(t.routes.slots)
+        free(t.magic.slots)
+        free(t.transit.slots)
+        free(t.peers.slots)
+        free(t.endpoints.slots)
+        free(t)
+        return NULL
+    pthread_mutex_init(&t.lock, NULL)
+    return t
+
+
+cdef void tb_free(TablesC *t) noexcept nogil:
+    """Release the tables. No other thread may still be using them."""
+    if t == NULL:
+        return
+    cdef uint32_t i
+    for i in range(t.peers.mask + 1):
+        if t.peers.slots[i].used:
+            free(t.peers.slots[i].val.ptr)
+    pthread_mutex_destroy(&t.lock)
+    free(t.routes.slots)
+    free(t.magic.slots)
+    free(t.transit.slots)
+    free(t.peers.slots)
+    free(t.endpoints.slots)
+    free(t.magic_ranges)
+    free(t.transit_ranges)
+    free(t)
+
+
+# Lookups (the pumps' side).
+
+cdef bint tb_route(TablesC *t, uint8_t family, const uint8_t *dst, uint32_t *peer) noexcept nogil:
+    """Peer id that `dst` routes to (overlay address or registered transit IP)."""
+    pthread_mutex_lock(&t.lock)
+    cdef bint found = _tb_route_locked(t, family, dst, peer)
+    pthread_mutex_unlock(&t.lock)
+    return found
+
+
+cdef int tb_magic(TablesC *t, uint8_t family, const uint8_t *addr,
+                  uint8_t *transit_out) noexcept nogil:
+    """Client: TB_HIT (transit IP copied to transit_out, 16 bytes), TB_UNMAPPED
+    (a magic IP without assignment: answer ICMP unreachable, B50) or
+    TB_NOT_OURS."""
+    cdef TbKey k
+    _tb_key(&k, family, addr, NULL, 0)
+    cdef int r = TB_NOT_OURS
+    pthread_mutex_lock(&t.lock)
+    cdef TbSlot *s = _tb_find(&t.magic, &k, t.seed)
+    if s != NULL:
+        memcpy(transit_out, s.val.addr, 16)
+        r = TB_HIT
+    elif _tb_in_ranges(t.magic_ranges, t.n_magic_ranges, family, addr):
+        r = TB_UNMAPPED
+    pthread_mutex_unlock(&t.lock)
+    return r
+
+
+cdef int tb_transit(TablesC *t, uint8_t family, const uint8_t *peer_addr,
+                    const uint8_t *transit, uint8_t *real_out, uint32_t *app_out) noexcept nogil:
+    """Connector: for a packet from overlay address `peer_addr` to `transit`:
+    TB_HIT (real IP to real_out, 16 bytes; app id to app_out), TB_UNMAPPED (a
+    transit IP not mapped for this peer: reject, B53) or TB_NOT_OURS."""
+    cdef TbKey k
+    _tb_key(&k, family, peer_addr, transit, 0)
+    cdef int r = TB_NOT_OURS
+    pthread_mutex_lock(&t.lock)
+    cdef TbSlot *s = _tb_find(&t.transit, &k, t.seed)
+    if s != NULL:
+        memcpy(real_out, s.val.addr, 16)
+        app_out[0] = s.val.u32
+        r = TB_HIT
+    elif _tb_in_ranges(t.transit_ranges, t.n_transit_ranges, family, transit):
+        r = TB_UNMAPPED
+    pthread_mutex_unlock(&t.lock)
+    return r
+
+
+cdef bint tb_peer_by_endpoint(TablesC *t, uint8_t family, const uint8_t *addr,
+                              uint16_t port, uint32_t *peer) noexcept nogil:
+    """Peer id whose underlay endpoint is addr:port."""
+    cdef TbKey k
+    _tb_key(&k, family, addr, NULL, port)
+    pthread_mutex_lock(&t.lock)
+    cdef TbSlot *s = _tb_find(&t.endpoints, &k, t.seed)
+    if s != NULL:
+        peer[0] = s.val.u32
+    pthread_mutex_unlock(&t.lock)
+    return s != NULL
+
+
+cdef bint tb_peer_endpoint(TablesC *t, uint32_t peer, TbEndpoint *out) noexcept nogil:
+    """The underlay endpoint to send `peer`'s datagrams to."""
+    cdef TbKey k
+    _tb_key(&k, 0, NULL, NULL, peer)
+    pthread_mutex_lock(&t.lock)
+    cdef TbSlot *s = _tb_find(&t.peers, &k, t.seed)
+    if s != NULL:
+        memcpy(out, &(<TbPeer *>s.val.ptr).ep, sizeof(TbEndpoint))
+    pthread_mutex_unlock(&t.lock)
+    return s != NULL
+
+
+cdef bint tb_source_ok(TablesC *t, uint32_t peer, uint8_t family,
+                       const uint8_t *src) noexcept nogil:
+    """Whether an inner source address may come from `peer`: it routes to that
+    peer (its overlay addresses, or a transit IP registered with it, which is
+    the source of a connector's replies)."""
+    cdef uint32_t owner
+    pthread_mutex_lock(&t.lock)
+    cdef bint ok = _tb_route_locked(t, family, src, &owner) and owner == peer
+    pthread_mutex_unlock(&t.lock)
+    return ok
+
+
+cdef int tb_check_inbound(TablesC *t, uint8_t family, const uint8_t *addr, uint16_t port,
+                          uint8_t inner_family, const uint8_t *inner_src,
+                          uint32_t *peer) noexcept nogil:
+    """The anti-spoofing checks of DESIGN §2 (B57) for one datagram, under one
+    lock: TB_IN_OK (sending peer in *peer), TB_IN_UNKNOWN_PEER, or
+    TB_IN_SPOOFED (*peer is still set)."""
+    cdef TbKey k
+    cdef uint32_t owner
+    cdef int r
+    _tb_key(&k, family, addr, NULL, port)
+    pthread_mutex_lock(&t.lock)
+    cdef TbSlot *s = _tb_find(&t.endpoints, &k, t.seed)
+    if s == NULL:
+        r = TB_IN_UNKNOWN_PEER
+    else:
+        peer[0] = s.val.u32
+        if _tb_route_locked(t, inner_family, inner_src, &owner) and owner == s.val.u32:
+            r = TB_IN_OK
+        else:
+            r = TB_IN_SPOOFED
+    pthread_mutex_unlock(&t.lock)
+    return r
+
+
+# Updates (the control plane's side). Each is atomic under the lock; those
+# returning int give -1 when out of memory, with nothing changed.
+
+cdef int tb_set_route(TablesC *t, uint8_t family, const uint8_t *dst, uint32_t peer) noexcept nogil:
+    cdef TbKey k
+    cdef TbVal v
+    _tb_key(&k, family, dst, NULL, 0)
+    memset(&v, 0, sizeof(TbVal))
+    v.u32 = peer
+    pthread_mutex_lock(&t.lock)
+    cdef int r = _tb_put(&t.routes, &k, &v, t.seed, NULL)
+    pthread_mutex_unlock(&t.lock)
+    return -1 if r < 0 else 0
+
+
+cdef int tb_set_magic(TablesC *t, uint8_t family, const uint8_t *magic,
+                      const uint8_t *transit) noexcept nogil:
+    cdef TbKey k
+    cdef TbVal v
+    _tb_key(&k, family, magic, NULL, 0)
+    memset(&v, 0, sizeof(TbVal))
+    memcpy(v.addr, transit, 4 if family == 4 else 16)
+    pthread_mutex_lock(&t.lock)
+    cdef int r = _tb_put(&t.magic, &k, &v, t.seed, NULL)
+    pthread_mutex_unlock(&t.lock)
+    return -1 if r < 0 else 0
+
+
+cdef int tb_set_transit(TablesC *t, uint8_t family, const uint8_t *peer_addr,
+                        const uint8_t *transit, const uint8_t *real, uint32_t app) noexcept nogil:
+    cdef TbKey k
+    cdef TbVal v
+    _tb_key(&k, family, peer_addr, transit, 0)
+    memset(&v, 0, sizeof(TbVal))
+    memcpy(v.addr, real, 4 if family == 4 else 16)
+    v.u32 = app
+    pthread_mutex_lock(&t.lock)
+    cdef int r = _tb_put(&t.transit, &k, &v, t.seed, NULL)
+    pthread_mutex_unlock(&t.lock)
+    return -1 if r < 0 else 0
+
+
+cdef enum:
+    TB_MAP_ROUTES = 0
+    TB_MAP_MAGIC = 1
+    TB_MAP_TRANSIT = 2
+
+
+cdef bint tb_del(TablesC *t, int which, uint8_t family, const uint8_t *a,
+                 const uint8_t *b) noexcept nogil:
+    """Remove a route (a=dst), magic (a=magic) or transit (a=peer overlay,
+    b=transit) entry, `which` being TB_MAP_*; whether it existed."""
+    cdef TbKey k
+    _tb_key(&k, family, a, b, 0)
+    pthread_mutex_lock(&t.lock)
+    cdef TbMap *m = &t.routes if which == TB_MAP_ROUTES else (
+        &t.magic if which == TB_MAP_MAGIC else &t.transit)
+    cdef bint found = _tb_del(m, &k, t.seed, NULL)
+    pthread_mutex_unlock(&t.lock)
+    return found
+
+
+cdef TbRange *tb_swap_ranges(TablesC *t, bint transit, TbRange *ranges, uint32_t n,
+                             uint32_t *old_n) noexcept nogil:
+    """Replace the magic (transit=False) or transit ranges with `ranges`
+    (ownership passes to the tables); returns the old array for the caller to
+    free after the lock is released."""
+    cdef TbRange *old
+    pthread_mutex_lock(&t.lock)
+    if transit:
+        old = t.transit_ranges
+        old_n[0] = t.n_transit_ranges
+        t.transit_ranges = ranges
+        t.n_transit_ranges = n
+    else:
+        old = t.magic_ranges
+        old_n[0] = t.n_magic_ranges
+        t.magic_ranges = ranges
+        t.n_magic_ranges = n
+    pthread_mutex_unlock(&t.lock)
+    return old
+
+
+cdef int tb_set_peer(TablesC *t, uint32_t peer, TbPeer *rec, TbPeer **old) noexcept nogil:
+    """Install or replace a peer: its endpoint and a route to `peer` for each of
+    its overlay addresses (routes of a replaced record's overlay addresses that
+    still point to this peer are removed). `rec` is malloc'd; on success the
+    tables own it and *old is the replaced record (or NULL) for the caller to
+    free after the lock is released. Returns 0, -1 if out of memory, or -2 if
+    another peer already has this endpoint; on failure nothing changed."""
+    cdef TbKey kp, ke, kr
+    cdef TbVal v
+    cdef TbSlot *s
+    cdef TbPeer *prev = NULL
+    cdef uint32_t i
+    old[0] = NULL
+    _tb_key(&kp, 0, NULL, NULL, peer)
+    _tb_key(&ke, rec.ep.family, rec.ep.addr, NULL, rec.ep.port)
+    pthread_mutex_lock(&t.lock)
+    s = _tb_find(&t.endpoints, &ke, t.seed)
+    if s != NULL and s.val.u32 != peer:
+        pthread_mutex_unlock(&t.lock)
+        return -2
+    if (_tb_reserve(&t.peers, 1) < 0 or _tb_reserve(&t.endpoints, 1) < 0
+            or _tb_reserve(&t.routes, rec.n_overlay) < 0):
+        pthread_mutex_unlock(&t.lock)
+        return -1
+    # From here on nothing allocates, so the update cannot fail half-way.
+    s = _tb_find(&t.peers, &kp, t.seed)
+    if s != NULL:
+        prev = <TbPeer *>s.val.ptr
+        _tb_key(&kr, prev.ep.family, prev.ep.addr, NULL, prev.ep.port)
+        _tb_del(&t.endpoints, &kr, t.seed, NULL)
+        for i in range(prev.n_overlay):
+            _tb_key(&kr, prev.ov_family[i], prev.ov_addr[i], NULL, 0)
+            s = _tb_find(&t.routes, &kr, t.seed)
+            if s != NULL and s.val.u32 == peer:
+                _tb_erase_at(&t.routes, <uint32_t>(s - t.routes.slots))
+    memset(&v, 0, sizeof(TbVal))
+    v.ptr = rec
+    _tb_put(&t.peers, &kp, &v, t.seed, NULL)
+    v.ptr = NULL
+    v.u32 = peer
+    _tb_put(&t.endpoints, &ke, &v, t.seed, NULL)
+    for i in range(rec.n_overlay):
+        _tb_key(&kr, rec.ov_family[i], rec.ov_addr[i], NULL, 0)
+        _tb_put(&t.routes, &kr, &v, t.seed, NULL)
+    pthread_mutex_unlock(&t.lock)
+    old[0] = prev
+    return 0
+
+
+cdef TbPeer *tb_del_peer(TablesC *t, uint32_t peer) noexcept nogil:
+    """Remove a peer, its endpoint and every route to it (overlay addresses and
+    transit IPs alike). Returns its record for the caller to free, or NULL if
+    there was no such peer."""
+    cdef TbKey k
+    cdef TbVal old
+    cdef TbPeer *rec = NULL
+    _tb_key(&k, 0, NULL, NULL, peer)
+    pthread_mutex_lock(&t.lock)
+    if _tb_del(&t.peers, &k, t.seed, &old):
+        rec = <TbPeer *>old.ptr
+        _tb_key(&k, rec.ep.family, rec.ep.addr, NULL, rec.ep.port)
+        _tb_del(&t.endpoints, &k, t.seed, NULL)
+        _tb_del_routes_to(t, peer)
+    pthread_mutex_unlock(&t.lock)
+    return rec
+
+
+# ---- Python boundary (control plane and tests) -------------------------------
+
+cdef uint32_t _tb_u32_in(object v, str what) except? 0:
+    if not 0 <= v <= 0xFFFFFFFF:
+        raise ValueError(f"{what} {v!r} must fit in uint32")
+    return <uint32_t>v
+
+
+cdef int _tb_range_in(object r, TbRange *out) except -1:
+    """A range as (first, last) packed addresses, or anything with `version`,
+    `first`, `last` as integers (conn25.iprange.IPRange)."""
+    cdef int fam, fam2, alen
+    memset(out, 0, sizeof(TbRange))
+    if hasattr(r, "version") and hasattr(r, "first") and hasattr(r, "last"):
+        if r.version not in (4, 6):
+            raise ValueError(f"range {r!r}: version must be 4 or 6")
+        alen = 4 if r.version == 4 else 16
+        try:
+            first = int(r.first).to_bytes(alen, "big")
+            last = int(r.last).to_bytes(alen, "big")
+        except OverflowError:
+            raise ValueError(f"range {r!r}: bound out of range for IPv{r.version}")
+    else:
+        try:
+            first, last = r
+        except (TypeError, ValueError):
+            raise ValueError(f"range: expected (first, last) addresses, got {r!r}")
+    fam = _ft_addr_in(first, out.first, "range first")
+    fam2 = _ft_addr_in(last, out.last, "range last")
+    if fam != fam2:
+        raise ValueError(f"range {r!r}: first and last are of different address families")
+    if memcmp(out.first, out.last, 16) > 0:
+        raise ValueError(f"range {r!r}: first is after last")
+    out.family = <uint8_t>fam
+    return 0
+
+
+_TB_MAGIC_STATUS = ("not_ours", "hit", "unassigned")
+_TB_TRANSIT_STATUS = ("not_ours", "hit", "unmapped")
+_TB_INBOUND_STATUS = ("ok", "unknown_peer", "spoofed")
+
+
+cdef class Tables:
+    """Route, magic, transit and peer tables, for the control plane and tests.
+
+    All addresses are packed (bytes of 4 or 16, or ipaddress objects); a wrong
+    length raises ValueError, as does mixing families within one entry. The
+    pumps use the C API (tb_*) on `.tables` directly, without the GIL.
+    """
+
+    cdef TablesC *tables
+
+    def __cinit__(self, seed: int | None = None) -> None:
+        if seed is None:
+            import os
+            seed = int.from_bytes(os.urandom(8), "little")
+        self.tables = tb_new(seed & 0xFFFFFFFFFFFFFFFF)
+        if self.tables == NULL:
+            raise MemoryError("Tables: cannot allocate")
+
+    def __dealloc__(self) -> None:
+        tb_free(self.tables)
+        self.tables = NULL
+
+    # routes
+
+    def set_route(self, dst: object, peer: int) -> None:
+        """Route packets to `dst` (an overlay or transit IP) to `peer`."""
+        cdef uint8_t a[16]
+        cdef uint8_t fam = _ft_addr_in(dst, a, "route dst")
+        cdef uint32_t p = _tb_u32_in(peer, "peer")
+        cdef int r
+        with nogil:
+            r = tb_set_route(self.tables, fam, a, p)
+        if r < 0:
+            raise MemoryError("Tables.set_route")
+
+    def del_route(self, dst: object) -> bool:
+        cdef uint8_t a[16]
+        cdef uint8_t fam = _ft_addr_in(dst, a, "route dst")
+        cdef bint found
+        with nogil:
+            found = tb_del(self.tables, TB_MAP_ROUTES, fam, a, NULL)
+        return found
+
+    def lookup_route(self, dst: object) -> int | None:
+        """Peer id for `dst`, or None."""
+        cdef uint8_t a[16]
+        cdef uint8_t fam = _ft_addr_in(dst, a, "route dst")
+        cdef uint32_t p
+        cdef bint found
+        with nogil:
+            found = tb_route(self.tables, fam, a, &p)
+        return p if found else None
+
+    # client magic IPs
+
+    def set_magic(self, magic: object, transit: object) -> None:
+        """Map magic IP -> transit IP (same family)."""
+        cdef uint8_t m[16]
+        cdef uint8_t tr[16]
+        cdef uint8_t fam = _ft_addr_in(magic, m, "magic")
+        if _ft_addr_in(transit, tr, "transit") != fam:
+            raise ValueError("set_magic: magic and transit are of different address families")
+        cdef int r
+        with nogil:
+            r = tb_set_magic(self.tables, fam, m, tr)
+        if r < 0:
+            raise MemoryError("Tables.set_magic")
+
+    def del_magic(self, magic: object) -> bool:
+        cdef uint8_t m[16]
+        cdef uint8_t fam = _ft_addr_in(magic, m, "magic")
+        cdef bint found
+        with nogil:
+            found = tb_del(self.tables, TB_MAP_MAGIC, fam, m, NULL)
+        return found
+
+    def lookup_magic(self, addr: object) -> tuple:
+        """('hit', transit) | ('unassigned', None) inside a magic range |
+        ('not_ours', None)."""
+        cdef uint8_t m[16]
+        cdef uint8_t tr[16]
+        cdef uint8_t fam = _ft_addr_in(addr, m, "magic")
+        cdef int r
+        with nogil:
+            r = tb_magic(self.tables, fam, m, tr)
+        return (_TB_MAGIC_STATUS[r], _ft_addr_out(tr, fam) if r == TB_HIT else None)
+
+    def set_magic_ranges(self, ranges: object) -> None:
+        """Replace the magic ranges (see _tb_range_in for the accepted forms)."""
+        self._set_ranges(False, ranges)
+
+    # connector transit IPs
+
+    def set_transit(self, peer_addr: object, transit: object, real: object,
+                    app: int = 0) -> None:
+        """Map (peer overlay address, transit IP) -> (real IP, app id)."""
+        cdef uint8_t pa[16]
+        cdef uint8_t tr[16]
+        cdef uint8_t rl[16]
+        cdef uint8_t fam = _ft_addr_in(peer_addr, pa, "peer address")
+        if (_ft_addr_in(transit, tr, "transit") != fam
+                or _ft_addr_in(real, rl, "real") != fam):
+            raise ValueError("set_transit: peer address, transit and real are of "
+                             "different address families")
+        cdef uint32_t a = _tb_u32_in(app, "app")
+        cdef int r
+        with nogil:
+            r = tb_set_transit(self.tables, fam, pa, tr, rl, a)
+        if r < 0:
+            raise MemoryError("Tables.set_transit")
+
+    def del_transit(self, peer_addr: object, transit: object) -> bool:
+        cdef uint8_t pa[16]
+        cdef uint8_t tr[16]
+        cdef uint8_t fam = _ft_addr_in(peer_addr, pa, "peer address")
+        if _ft_addr_in(transit, tr, "transit") != fam:
+            raise ValueError("del_transit: peer address and transit are of different families")
+        cdef bint found
+        with nogil:
+            found = tb_del(self.tables, TB_MAP_TRANSIT, fam, pa, tr)
+        return found
+
+    def lookup_transit(self, peer_addr: object, transit: object) -> tuple:
+        """('hit', real, app) | ('unmapped', None, None) inside a transit range
+        | ('not_ours', None, None)."""
+        cdef uint8_t pa[16]
+        cdef uint8_t tr[16]
+        cdef uint8_t rl[16]
+        cdef uint8_t fam = _ft_addr_in(peer_addr, pa, "peer address")
+        if _ft_addr_in(transit, tr, "transit") != fam:
+            raise ValueError("lookup_transit: peer address and transit are of different families")
+        cdef uint32_t a
+        cdef int r
+        with nogil:
+            r = tb_transit(self.tables, fam, pa, tr, rl, &a)
+        if r == TB_HIT:
+            return ("hit", _ft_addr_out(rl, fam), a)
+        return (_TB_TRANSIT_STATUS[r], None, None)
+
+    def set_transit_ranges(self, ranges: object) -> None:
+        """Replace the transit ranges (see _tb_range_in for the accepted forms)."""
+        self._set_ranges(True, ranges)
+
+    cdef _set_ranges(self, bint transit, object ranges):
+        items = list(ranges)
+        cdef uint32_t n = len(items)
+        cdef uint32_t old_n, i
+        cdef TbRange *arr = <TbRange *>malloc((n if n else 1) * sizeof(TbRange))
+        if arr == NULL:
+            raise MemoryError("Tables: ranges")
+        try:
+            for i in range(n):
+                _tb_range_in(items[i], &arr[i])
+        except BaseException:
+            free(arr)
+            raise
+        cdef TbRange *old
+        with nogil:
+            old = tb_swap_ranges(self.tables, transit, arr, n, &old_n)
+        free(old)
+
+    # peers and anti-spoofing
+
+    def set_peer(self, peer: int, endpoint: object, port: int, overlay: object) -> None:
+        """Install or replace peer `peer`: underlay endpoint:port, and its overlay
+        addresses (each gets a route to the peer). ValueError if another peer
+        already has this endpoint."""
+        cdef uint32_t p = _tb_u32_in(peer, "peer")
+        if not 0 <= port <= 65535:
+            raise ValueError(f"set_peer: port {port!r} not in 0..65535")
+        ovs = list(overlay)
+        if len(ovs) > TB_MAX_OVERLAY:
+            raise ValueError(f"set_peer: at most {TB_MAX_OVERLAY} overlay addresses, "
+                             f"got {len(ovs)}")
+        cdef TbPeer *rec = <TbPeer *>malloc(sizeof(TbPeer))
+        if rec == NULL:
+            raise MemoryError("Tables.set_peer")
+        cdef TbPeer *old
+        cdef int r
+        cdef uint32_t i
+        try:
+            memset(rec, 0, sizeof(TbPeer))
+            rec.ep.family = _ft_addr_in(endpoint, rec.ep.addr, "peer endpoint")
+            rec.ep.port = port
+            for i in range(len(ovs)):
+                rec.ov_family[i] = _ft_addr_in(ovs[i], rec.ov_addr[i], "peer overlay address")
+            rec.n_overlay = len(ovs)
+        except BaseException:
+            free(rec)
+            raise
+        with nogil:
+            r = tb_set_peer(self.tables, p, rec, &old)
+        if r < 0:
+            free(rec)
+            if r == -2:
+                raise ValueError(f"set_peer: endpoint already belongs to another peer "
+                                 f"(peer {peer})")
+            raise MemoryError("Tables.set_peer")
+        free(old)
+
+    def del_peer(self, peer: int) -> bool:
+        """Remove a peer, its endpoint and every route to it."""
+        cdef uint32_t p = _tb_u32_in(peer, "peer")
+        cdef TbPeer *rec
+        with nogil:
+            rec = tb_del_peer(self.tables, p)
+        free(rec)
+        return rec != NULL
+
+    def lookup_peer(self, peer: int) -> tuple | None:
+        """(endpoint, port, [overlay addresses]) of `peer`, or None."""
+        cdef uint32_t p = _tb_u32_in(peer, "peer")
+        cdef TbKey k
+        cdef TbPeer rec
+        cdef TbSlot *s
+        cdef bint found = False
+        _tb_key(&k, 0, NULL, NULL, p)
+        with nogil:
+            pthread_mutex_lock(&self.tables.lock)
+            s = _tb_find(&self.tables.peers, &k, self.tables.seed)
+            if s != NULL:
+                memcpy(&rec, s.val.ptr, sizeof(TbPeer))
+                found = True
+            pthread_mutex_unlock(&self.tables.lock)
+        if not found:
+            return None
+        return (_ft_addr_out(rec.ep.addr, rec.ep.family), rec.ep.port,
+                [_ft_addr_out(rec.ov_addr[i], rec.ov_family[i]) for i in range(rec.n_overlay)])
+
+    def peer_by_endpoint(self, endpoint: object, port: int) -> int | None:
+        """Peer id whose underlay endpoint is endpoint:port, or None."""
+        cdef uint8_t a[16]
+        cdef uint8_t fam = _ft_addr_in(endpoint, a, "endpoint")
+        if not 0 <= port <= 65535:
+            raise ValueError(f"peer_by_endpoint: port {port!r} not in 0..65535")
+        cdef uint16_t pt = port
+        cdef uint32_t p
+        cdef bint found
+        with nogil:
+            found = tb_peer_by_endpoint(self.tables, fam, a, pt, &p)
+        return p if found else None
+
+    def source_ok(self, peer: int, src: object) -> bool:
+        """Whether inner source `src` may arrive from `peer` (routes to it)."""
+        cdef uint32_t p = _tb_u32_in(peer, "peer")
+        cdef uint8_t a[16]
+        cdef uint8_t fam = _ft_addr_in(src, a, "inner source")
+        cdef bint ok
+        with nogil:
+            ok = tb_source_ok(self.tables, p, fam, a)
+        return ok
+
+    def check_inbound(self, endpoint: object, port: int, inner_src: object) -> tuple:
+        """Anti-spoofing for one datagram (B57): ('ok', peer) |
+        ('unknown_peer', None) | ('spoofed', peer)."""
+        cdef uint8_t a[16]
+        cdef uint8_t s[16]
+        cdef uint8_t fam = _ft_addr_in(endpoint, a, "endpoint")
+        cdef uint8_t ifam = _ft_addr_in(inner_src, s, "inner source")
+        if not 0 <= port <= 65535:
+            raise ValueError(f"check_inbound: port {port!r} not in 0..65535")
+        cdef uint16_t pt = port
+        cdef uint32_t p
+        cdef int r
+        with nogil:
+            r = tb_check_inbound(self.tables, fam, a, pt, ifam, s, &p)
+        return (_TB_INBOUND_STATUS[r], None if r == TB_IN_UNKNOWN_PEER else p)
+
+    def stats(self) -> dict:
+        """Entry counts per table."""
+        cdef TablesC *t = self.tables
+        cdef uint32_t c[7]
+        with nogil:
+            pthread_mutex_lock(&t.lock)
+            c[0] = t.routes.count
+            c[1] = t.magic.count
+            c[2] = t.transit.count
+            c[3] = t.peers.count
+            c[4] = t.endpoints.count
+            c[5] = t.n_magic_ranges
+            c[6] = t.n_transit_ranges
+            pthread_mutex_unlock(&t.lock)
+        return {"routes": c[0], "magic": c[1], "transit": c[2], "peers": c[3],
+                "endpoints": c[4], "magic_ranges": c[5], "transit_ranges": c[6]}

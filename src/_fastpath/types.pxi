@@ -1,0 +1,17 @@
+# C-level types shared by the datapath's include files.
+#
+# Addresses are kept as 16 bytes for both families (IPv4 in the first 4
+# bytes, the rest zero) so that one key layout serves v4 and v6 flows and
+# tables can hash and compare keys with memcmp.
+
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+
+
+cdef struct FlowKey:
+    uint8_t src[16]
+    uint8_t dst[16]
+    uint16_t sport      # host byte order; ICMP/ICMPv6 echo: the identifier
+    uint16_t dport      # host byte order; ICMP/ICMPv6 echo: the identifier too
+    uint8_t family      # 4 or 6
+    uint8_t proto       # IPPROTO_TCP 6, UDP 17, ICMP 1, ICMPV6 58
+    uint8_t _pad[2]     # zeroed, so memcmp/hash over the struct is stable
