@@ -1,15 +1,74 @@
 """The Python face of the compiled datapath (``conn25._fastpath``).
 
 This module is the whole boundary between the control plane and the
-per-packet code: everything the trio shell and the tests use from the
-extension is imported here, so a reader finds the contract in one place.
+per-packet code; the trio shell uses nothing else from the extension.
 
-So far: the Internet checksum (RFC 1071) and its incremental update for a
-changed address or port (RFC 1624), which the NAT code uses in place.
+One :class:`Datapath` per node::
+
+    dp = Datapath(client=True, connector=False,
+                  client_flows=10_000, connector_flows=100_000, idle_timeout_ms=300_000)
+
+Install and remove table entries (addresses packed ``bytes`` or ``ipaddress``
+objects; every update is atomic per entry)::
+
+    dp.tables.set_peer(peer_id, endpoint_ip, port, [overlay addresses])  # also routes them
+    dp.tables.del_peer(peer_id)
+    dp.tables.set_route(addr, peer_id) / del_route(addr)      # e.g. a transit IP -> its connector
+    dp.tables.set_magic(magic, transit) / del_magic(magic)    # client
+    dp.tables.set_magic_ranges([IPRange, ...])                # client: "magic without assignment"
+    dp.tables.set_transit(peer_addr, transit, real, app_id) / del_transit(peer_addr, transit)
+    dp.tables.set_transit_ranges([IPRange, ...])              # connector: "unmapped -> reject"
+
+Run the pumps (two threads, GIL released; the caller owns the fds)::
+
+    dp.start(tun_fd, udp_socket) ... dp.stop()
+
+Read what happened (wait until ``dp.event_fd`` is readable)::
+
+    dp.read_events() -> [DatapathEvent(kind, role, transit, peer, reason, flow)]
+        kinds: "flow_created" / "flow_removed" (keep a client assignment alive),
+               "reject" (re-register that transit IP), "unmapped_transit"
+    dp.counters() -> {"translated": ..., "drop_spoofed": ..., ...}
+    dp.sweep(now_ms, limit)   # idle flows; a bounded number per call
+
+Times are milliseconds of the monotonic clock (:func:`monotonic_ms`).
+``process_from_tun`` / ``process_datagram`` run the exact per-packet code
+on one packet without any device, for tests and benchmarks.
+
+Overlay datagrams carry a 4-byte header (version 1; type data, reject or
+keepalive; two reserved bytes); ``Datapath.*_datagram`` build them.
 """
 
 from __future__ import annotations
 
-from ._fastpath import checksum_replace, internet_checksum, ones_complement_sum
+import time
 
-__all__ = ["checksum_replace", "internet_checksum", "ones_complement_sum"]
+from ._fastpath import (
+    Datapath,
+    DatapathEvent,
+    FlowTable,
+    Tables,
+    checksum_replace,
+    icmp_unreachable,
+    internet_checksum,
+    ones_complement_sum,
+    parse_packet,
+)
+
+__all__ = [
+    "Datapath",
+    "DatapathEvent",
+    "FlowTable",
+    "Tables",
+    "checksum_replace",
+    "icmp_unreachable",
+    "internet_checksum",
+    "monotonic_ms",
+    "ones_complement_sum",
+    "parse_packet",
+]
+
+
+def monotonic_ms() -> int:
+    """The clock the pumps read (CLOCK_MONOTONIC), in milliseconds."""
+    return time.monotonic_ns() // 1_000_000

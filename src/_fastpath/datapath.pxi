@@ -1,0 +1,325 @@
+# The per-packet decisions of both roles: what happens to one packet that
+# came from the TUN device (the local kernel) or from the overlay (a peer).
+#
+# This is the datapath's sans-IO core: dp_from_tun / dp_from_overlay take a
+# packet buffer and return a verdict, rewriting the packet in place; the
+# pumps (pump.pxi) do the reading and writing around them, and the tests and
+# benchmarks drive them through Datapath.process_* without any device.
+#
+# Client (DESIGN §4): known flow -> apply; magic IP with an assignment ->
+# new flow (DNAT magic->transit out, SNAT transit->magic back); magic IP
+# without one -> ICMP unreachable into the TUN; anything else -> plain
+# overlay routing. Connector: known flow -> apply; (peer, transit) mapped ->
+# new flow (DNAT transit->real, SNAT real->transit back); a transit IP in the
+# pools but unmapped for that peer -> drop and reject to the peer.
+#
+# Every table is consulted under its own lock and results are copied out, so
+# a packet never sees half of an old and half of a new mapping; a flow, once
+# created, carries its own rewrite and no longer consults the mapping tables
+# (B54), so established flows survive mapping changes.
+
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdlib cimport calloc, free
+from libc.string cimport memcpy, memset
+
+
+cdef enum:  # verdicts
+    DP_DROP = 0         # drop (a counter says why)
+    DP_TO_PEER = 1      # send the (rewritten) packet to peer `DpCtx.peer`
+    DP_TO_TUN = 2       # write the (rewritten) packet to the TUN device
+    DP_REPLY = 3        # drop; write DpCtx.reply (an ICMP error) to the TUN device
+    DP_REJECT = 4       # drop; send a reject naming DpCtx.transit to peer DpCtx.peer
+
+cdef enum:  # counters, one array per pump thread (summed when read)
+    C_TUN_RX = 0
+    C_TUN_TX
+    C_UDP_RX
+    C_UDP_TX
+    C_FORWARDED         # plain overlay traffic, untranslated
+    C_TRANSLATED        # packets rewritten by a flow
+    C_FLOWS_CREATED
+    C_DROP_MALFORMED
+    C_DROP_UNSUPPORTED
+    C_DROP_NO_ROUTE
+    C_DROP_UNKNOWN_PEER
+    C_DROP_SPOOFED
+    C_DROP_BAD_HEADER
+    C_DROP_NOT_TRANSLATABLE  # e.g. an ICMP error or a stray fragment towards a magic IP
+    C_UNMAPPED_MAGIC
+    C_UNMAPPED_TRANSIT
+    C_REJECTS_SENT
+    C_REJECTS_RECEIVED
+    C_KEEPALIVES_RECEIVED
+    C_TUN_WRITE_ERRORS
+    C_UDP_SEND_ERRORS
+    C_FLOW_TABLE_FULL
+    C_EVENTS_DROPPED
+    C_NCOUNTERS
+
+_COUNTER_NAMES = (
+    "tun_rx", "tun_tx", "udp_rx", "udp_tx", "forwarded", "translated", "flows_created",
+    "drop_malformed", "drop_unsupported", "drop_no_route", "drop_unknown_peer",
+    "drop_spoofed", "drop_bad_header", "drop_not_translatable", "unmapped_magic",
+    "unmapped_transit", "rejects_sent", "rejects_received", "keepalives_received",
+    "tun_write_errors", "udp_send_errors", "flow_insert_failed", "events_dropped",
+)
+
+cdef enum:
+    REJECT_MEMO = 64        # recent rejects remembered per thread, to send one per transit per
+    REJECT_GAP_MS = 500     # ... REJECT_GAP_MS rather than one per dropped packet
+    DP_EV_CAP = 4096        # datapath events waiting for the control plane
+
+cdef enum:  # datapath events (flow events live in the flow tables' rings)
+    DP_EV_REJECT = 1        # a peer rejected our transit IP: re-register it
+    DP_EV_UNMAPPED = 2      # we rejected a peer's unmapped transit IP
+
+
+cdef struct RejectMemo:
+    uint8_t transit[16]
+    uint32_t peer
+    uint64_t at
+    uint8_t family
+
+
+cdef struct DpCtx:          # one per pump thread; no locking inside
+    uint64_t counters[<int>C_NCOUNTERS]
+    FragTable frags
+    RejectMemo rejects[<int>REJECT_MEMO]
+    uint8_t reply[<int>UNREACH_BUF_SIZE]
+    Py_ssize_t reply_len
+    uint8_t transit[16]     # DP_REJECT: the transit IP to name
+    uint8_t family          # DP_REJECT: its family
+    uint32_t peer           # DP_TO_PEER / DP_REJECT
+
+
+cdef struct DpEvent:
+    uint8_t kind
+    uint8_t family
+    uint32_t peer
+    uint8_t transit[16]
+
+
+cdef struct DpCore:         # what the per-packet code needs, as raw pointers
+    TablesC *tables
+    FlowTableC *client_flows    # NULL unless the node is a client
+    FlowTableC *connector_flows # NULL unless the node is a connector
+    pthread_mutex_t ev_lock
+    DpEvent *events
+    uint32_t ev_start
+    uint32_t ev_len
+    uint64_t ev_dropped
+
+
+cdef void dp_push_event(DpCore *d, uint8_t kind, uint8_t family, uint32_t peer,
+                        const uint8_t *transit) noexcept nogil:
+    pthread_mutex_lock(&d.ev_lock)
+    cdef DpEvent *e
+    if d.ev_len == DP_EV_CAP:
+        d.ev_dropped += 1
+    else:
+        e = &d.events[(d.ev_start + d.ev_len) % DP_EV_CAP]
+        e.kind = kind
+        e.family = family
+        e.peer = peer
+        memcpy(e.transit, transit, 16)
+        d.ev_len += 1
+    pthread_mutex_unlock(&d.ev_lock)
+
+
+cdef inline bint dp_events_pending(DpCore *d) noexcept nogil:
+    # Unlocked reads of counters that only grow between drains: a hint that
+    # the control plane should be woken, never used for correctness.
+    return (d.ev_len != 0
+            or (d.client_flows != NULL and d.client_flows.ring_len != 0)
+            or (d.connector_flows != NULL and d.connector_flows.ring_len != 0))
+
+
+cdef inline void _addr16(uint8_t *out, const uint8_t *a, uint8_t family) noexcept nogil:
+    memset(out, 0, 16)
+    memcpy(out, a, 4 if family == 4 else 16)
+
+
+cdef inline void _reply_key(const FlowKey *k, const uint8_t *translated, FlowKey *out) noexcept nogil:
+    """The key of the reply to a packet with key k whose destination became `translated`."""
+    memset(out, 0, sizeof(FlowKey))
+    out.family = k.family
+    out.proto = k.proto
+    memcpy(out.src, translated, 16)
+    memcpy(out.dst, k.src, 16)
+    out.sport = k.dport
+    out.dport = k.sport
+
+
+cdef inline bint _new_flow_ok(const Parsed *pk) noexcept nogil:
+    # A flow needs a 5-tuple: ICMP errors and non-echo ICMP have none, and a
+    # later fragment carries no ports.
+    return pk.kind == PKT_TCP or pk.kind == PKT_UDP or pk.kind == PKT_ECHO or pk.kind == PKT_OTHER
+
+
+cdef inline void _lookup_key(const Parsed *pk, FlowKey *key) noexcept nogil:
+    if pk.kind == PKT_ICMP_ERROR and (pk.flags & PKF_INNER):
+        error_flow_key(pk, key)
+    else:
+        memcpy(key, &pk.key, sizeof(FlowKey))
+
+
+cdef int _create_flow(DpCore *d, DpCtx *c, FlowTableC *ft, uint8_t *p, Parsed *pk,
+                      const uint8_t *new_dst, const uint8_t *transit, uint32_t peer,
+                      uint32_t app, uint64_t now) noexcept nogil:
+    """Insert the flow for this first packet (DNAT to new_dst, SNAT back) and translate it."""
+    cdef FlowKey rev
+    cdef FlowAction fwd_act, rev_act
+    memset(&fwd_act, 0, sizeof(FlowAction))
+    memset(&rev_act, 0, sizeof(FlowAction))
+    fwd_act.rewrite = FT_REWRITE_DST
+    memcpy(fwd_act.addr, new_dst, 16)
+    rev_act.rewrite = FT_REWRITE_SRC
+    memcpy(rev_act.addr, pk.key.dst, 16)
+    _reply_key(&pk.key, new_dst, &rev)
+    if ft_insert(ft, &pk.key, &fwd_act, &rev, &rev_act, peer, transit, app, now) < 0:
+        c.counters[C_FLOW_TABLE_FULL] += 1
+        return 0
+    c.counters[C_FLOWS_CREATED] += 1
+    if pk.flags & PKF_FRAG:
+        frag_remember(&c.frags, pk, NAT_DST, new_dst, now)
+    nat_apply(p, pk, NAT_DST, new_dst)
+    c.counters[C_TRANSLATED] += 1
+    return 1
+
+
+cdef inline bint _apply_flow(FlowTableC *ft, DpCtx *c, uint8_t *p, Parsed *pk, FlowKey *key,
+                             Py_ssize_t n, uint64_t now, FlowHit *hit) noexcept nogil:
+    if ft == NULL or not ft_lookup(ft, key, now, <uint32_t>n, hit):
+        return False
+    if pk.flags & PKF_FRAG:
+        frag_remember(&c.frags, pk, hit.act.rewrite, hit.act.addr, now)
+    nat_apply(p, pk, hit.act.rewrite, hit.act.addr)
+    c.counters[C_TRANSLATED] += 1
+    return True
+
+
+cdef inline bint _apply_fragment(DpCtx *c, uint8_t *p, Parsed *pk, uint64_t now) noexcept nogil:
+    cdef int which
+    cdef uint8_t addr[16]
+    if pk.kind != PKT_FRAGMENT or not frag_lookup(&c.frags, pk, now, &which, addr):
+        return False
+    nat_apply(p, pk, which, addr)
+    c.counters[C_TRANSLATED] += 1
+    return True
+
+
+cdef inline int _parse_counted(DpCtx *c, const uint8_t *p, Py_ssize_t n, Parsed *pk) noexcept nogil:
+    cdef int st = parse(p, n, pk)
+    if st == PARSE_UNSUPPORTED:
+        c.counters[C_DROP_UNSUPPORTED] += 1
+    elif st != PARSE_OK:
+        c.counters[C_DROP_MALFORMED] += 1
+    return st
+
+
+cdef int dp_from_tun(DpCore *d, DpCtx *c, uint8_t *p, Py_ssize_t n, uint64_t now) noexcept nogil:
+    """A packet the local kernel sent into the TUN device."""
+    cdef Parsed pk
+    cdef FlowKey key
+    cdef FlowHit hit
+    cdef uint8_t transit[16]
+    cdef uint8_t dst16[16]
+    cdef int r
+    if _parse_counted(c, p, n, &pk) != PARSE_OK:
+        return DP_DROP
+    _lookup_key(&pk, &key)
+    # Client, outbound (app -> magic); connector, return traffic (real -> client).
+    if _apply_flow(d.client_flows, c, p, &pk, &key, n, now, &hit) or \
+            _apply_flow(d.connector_flows, c, p, &pk, &key, n, now, &hit):
+        if (pk.kind == PKT_ICMP_ERROR and hit.act.rewrite == FT_REWRITE_SRC
+                and d.connector_flows != NULL and hit.dir == FT_DIR_REV):
+            # An error from a router on the internet side names that router as
+            # its source, which the client's anti-spoofing check would drop;
+            # present it as coming from the transit IP, as a NAT box would.
+            _addr16(dst16, p + (12 if pk.key.family == 4 else 8), pk.key.family)
+            if memcmp(dst16, hit.act.addr, 16) != 0:
+                rewrite_src(p, &pk, hit.act.addr)
+        c.peer = hit.peer
+        return DP_TO_PEER
+    if _apply_fragment(c, p, &pk, now):
+        return _route(d, c, p, &pk)
+    if d.client_flows != NULL:
+        r = tb_magic(d.tables, pk.key.family, pk.key.dst, transit)
+        if r == TB_HIT:
+            if not _new_flow_ok(&pk):
+                c.counters[C_DROP_NOT_TRANSLATABLE] += 1
+                return DP_DROP
+            if not tb_route(d.tables, pk.key.family, transit, &c.peer):
+                # The transit IP is not registered with a connector (yet).
+                c.counters[C_DROP_NO_ROUTE] += 1
+                return DP_DROP
+            if not _create_flow(d, c, d.client_flows, p, &pk, transit, transit, c.peer, 0, now):
+                return DP_DROP
+            return DP_TO_PEER
+        if r == TB_UNMAPPED:
+            c.counters[C_UNMAPPED_MAGIC] += 1
+            c.reply_len = build_unreachable(p, &pk, c.reply, UNREACH_BUF_SIZE)
+            return DP_REPLY if c.reply_len > 0 else DP_DROP
+    return _route(d, c, p, &pk)
+
+
+cdef inline int _route(DpCore *d, DpCtx *c, const uint8_t *p, Parsed *pk) noexcept nogil:
+    """Plain overlay routing by the (possibly rewritten) destination address."""
+    cdef const uint8_t *dst = p + (16 if pk.key.family == 4 else 24)
+    cdef uint8_t dst16[16]
+    _addr16(dst16, dst, pk.key.family)
+    if tb_route(d.tables, pk.key.family, dst16, &c.peer):
+        c.counters[C_FORWARDED] += 1
+        return DP_TO_PEER
+    c.counters[C_DROP_NO_ROUTE] += 1
+    return DP_DROP
+
+
+cdef int dp_from_overlay(DpCore *d, DpCtx *c, uint8_t *p, Py_ssize_t n, uint32_t peer,
+                         Parsed *pk, uint64_t now) noexcept nogil:
+    """A packet from peer `peer`, already parsed and past the anti-spoofing check."""
+    cdef FlowKey key
+    cdef FlowHit hit
+    cdef uint8_t real[16]
+    cdef uint32_t app
+    cdef int r
+    _lookup_key(pk, &key)
+    # Client, return traffic (transit -> app); connector, outbound (client -> transit).
+    if _apply_flow(d.client_flows, c, p, pk, &key, n, now, &hit) or \
+            _apply_flow(d.connector_flows, c, p, pk, &key, n, now, &hit):
+        return DP_TO_TUN
+    if _apply_fragment(c, p, pk, now):
+        return DP_TO_TUN
+    if d.connector_flows != NULL:
+        r = tb_transit(d.tables, pk.key.family, pk.key.src, pk.key.dst, real, &app)
+        if r == TB_HIT:
+            if not _new_flow_ok(pk):
+                c.counters[C_DROP_NOT_TRANSLATABLE] += 1
+                return DP_DROP
+            if not _create_flow(d, c, d.connector_flows, p, pk, real, pk.key.dst, peer, app, now):
+                return DP_DROP
+            return DP_TO_TUN
+        if r == TB_UNMAPPED:
+            c.counters[C_UNMAPPED_TRANSIT] += 1
+            c.peer = peer
+            c.family = pk.key.family
+            memcpy(c.transit, pk.key.dst, 16)
+            return DP_REJECT
+    c.counters[C_FORWARDED] += 1
+    return DP_TO_TUN
+
+
+cdef bint dp_reject_due(DpCore *d, DpCtx *c, uint64_t now) noexcept nogil:
+    """Whether to send (and report) the reject in c now: once per transit and
+    peer per REJECT_GAP_MS, so a flood of unmapped packets gives few rejects."""
+    cdef uint32_t h = <uint32_t>_ft_hash_words(c.transit, 2, c.peer) & (REJECT_MEMO - 1)
+    cdef RejectMemo *m = &c.rejects[h]
+    if (m.at != 0 and m.peer == c.peer and m.family == c.family
+            and memcmp(m.transit, c.transit, 16) == 0 and now - m.at < REJECT_GAP_MS):
+        return False
+    memcpy(m.transit, c.transit, 16)
+    m.peer = c.peer
+    m.family = c.family
+    m.at = now if now != 0 else 1
+    dp_push_event(d, DP_EV_UNMAPPED, c.family, c.peer, c.transit)
+    return True

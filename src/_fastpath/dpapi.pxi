@@ -1,0 +1,313 @@
+# The Python face of the datapath: one Datapath object per node owns the
+# tables, the flow tables of its roles, the pump threads and the event fd.
+# conn25.fastpath documents this boundary; the control plane uses only it.
+
+import collections
+import ipaddress
+import os
+import socket
+import threading
+
+DatapathEvent = collections.namedtuple(
+    "DatapathEvent", "kind role transit peer reason flow",
+    defaults=(None, None),
+)
+DatapathEvent.__doc__ = """An event for the control plane.
+
+kind: "flow_created" / "flow_removed" (role "client" or "connector", reason as
+in FlowTable events, flow the FlowEvent), "reject" (peer rejected our
+transit IP: re-register it) or "unmapped_transit" (we rejected a peer's
+transit IP). transit is the packed transit IP; peer the peer id.
+"""
+
+_VERDICTS = {DP_DROP: "drop", DP_TO_PEER: "peer", DP_TO_TUN: "tun", DP_REPLY: "reply",
+             DP_REJECT: "reject"}
+
+
+cdef int _sockaddr_from(object sender, SockAddr *out) except -1:
+    cdef TbEndpoint ep
+    addr, port = sender
+    if isinstance(addr, str):
+        addr = ipaddress.ip_address(addr)
+    memset(&ep, 0, sizeof(TbEndpoint))
+    ep.family = _ft_addr_in(addr, ep.addr, "sender")
+    if not 0 <= port <= 0xFFFF:
+        raise ValueError(f"sender port {port!r} is out of range")
+    ep.port = port
+    _sockaddr_out(out, AF_INET6, &ep)
+    return 0
+
+
+cdef class Datapath:
+    """Tables, flow tables, pumps and events of one node.
+
+    Datapath(client=True, connector=False, client_flows=10_000,
+             connector_flows=100_000, idle_timeout_ms=300_000)
+
+    Times are milliseconds of a monotonic clock (time.monotonic_ns() // 10**6,
+    which is what the pumps read). The flow table of a role the node does
+    not have is None, and no packet is translated for that role.
+    """
+
+    cdef DpCore core
+    cdef DpCtx *ctx_tun
+    cdef DpCtx *ctx_udp
+    cdef PumpBufs *bufs_tun
+    cdef PumpBufs *bufs_udp
+    cdef readonly Tables tables
+    cdef readonly FlowTable client_flows
+    cdef readonly FlowTable connector_flows
+    cdef int efd
+    cdef int stop_fd
+    cdef int tun_fd
+    cdef int udp_fd
+    cdef int sock_family
+    cdef object threads
+
+    def __cinit__(self, *, client: bool = True, connector: bool = False,
+                  client_flows: int = 10_000, connector_flows: int = 100_000,
+                  idle_timeout_ms: int = 300_000) -> None:
+        self.efd = -1
+        self.stop_fd = -1
+        self.threads = []
+        self.tables = Tables()
+        self.client_flows = FlowTable(client_flows, idle_timeout_ms) if client else None
+        self.connector_flows = FlowTable(connector_flows, idle_timeout_ms) if connector else None
+        memset(&self.core, 0, sizeof(DpCore))
+        pthread_mutex_init(&self.core.ev_lock, NULL)
+        self.core.tables = self.tables.tables
+        self.core.client_flows = self.client_flows.table if client else NULL
+        self.core.connector_flows = self.connector_flows.table if connector else NULL
+        self.core.events = <DpEvent *>calloc(DP_EV_CAP, sizeof(DpEvent))
+        self.ctx_tun = <DpCtx *>calloc(1, sizeof(DpCtx))
+        self.ctx_udp = <DpCtx *>calloc(1, sizeof(DpCtx))
+        if self.core.events == NULL or self.ctx_tun == NULL or self.ctx_udp == NULL:
+            raise MemoryError("Datapath: cannot allocate")
+        frag_table_init(&self.ctx_tun.frags, 30_000)
+        frag_table_init(&self.ctx_udp.frags, 30_000)
+        self.efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+        if self.efd < 0:
+            raise OSError(errno, "eventfd: " + os.strerror(errno))
+
+    def __dealloc__(self) -> None:
+        # stop() has joined the threads; a Datapath dropped while running
+        # would leave them on freed memory, so running ones are stopped first.
+        if self.threads:
+            self.stop()
+        free(self.core.events)
+        free(self.ctx_tun)
+        free(self.ctx_udp)
+        if self.efd >= 0:
+            close(self.efd)
+        pthread_mutex_destroy(&self.core.ev_lock)
+
+    @property
+    def event_fd(self) -> int:
+        """Readable when events are waiting (wait on it, then read_events())."""
+        return self.efd
+
+    @property
+    def running(self) -> bool:
+        return bool(self.threads)
+
+    # -- the per-packet logic, without devices (tests, benchmarks) -------------
+
+    def process_from_tun(self, packet: bytes, now_ms: int) -> tuple:
+        """Decide a packet as if read from the TUN device (with the TUN pump's context).
+
+        Returns (verdict, packet, peer): verdict "peer" (packet rewritten, for
+        peer id), "tun" / "reply" (packet to write to the TUN device: for
+        "reply" the generated ICMP error), "reject" or "drop".
+        """
+        self._check_stopped()
+        cdef bytearray buf = bytearray(packet)
+        cdef uint8_t[::1] mv
+        cdef int v
+        cdef uint64_t now = now_ms
+        if len(buf) == 0:
+            self.ctx_tun.counters[C_DROP_MALFORMED] += 1
+            return ("drop", b"", None)
+        mv = buf
+        with nogil:
+            v = dp_from_tun(&self.core, self.ctx_tun, &mv[0], mv.shape[0], now)
+        if v == DP_REPLY:
+            return ("reply", bytes(self.ctx_tun.reply[:self.ctx_tun.reply_len]), None)
+        return (_VERDICTS[v], bytes(buf), self.ctx_tun.peer if v == DP_TO_PEER else None)
+
+    def process_datagram(self, datagram: bytes, sender: tuple, now_ms: int) -> tuple:
+        """Decide a datagram as if received from underlay address `sender` (ip, port).
+
+        Returns (verdict, inner packet, peer) as process_from_tun; a "reject"
+        verdict means the pump would send a reject for the packet's
+        destination (a transit IP) to that peer, at most once per
+        transit per 0.5 s, and report it as an "unmapped_transit" event.
+        """
+        self._check_stopped()
+        cdef SockAddr sa
+        cdef bytearray buf = bytearray(datagram)
+        cdef uint8_t[::1] mv
+        cdef uint32_t peer = 0
+        cdef int v
+        cdef uint64_t now = now_ms
+        cdef Py_ssize_t n = len(buf)
+        _sockaddr_from(sender, &sa)
+        if n == 0:
+            buf = bytearray(1)  # an empty datagram is a bad header, counted as such
+        mv = buf
+        with nogil:
+            v = dp_datagram(&self.core, self.ctx_udp, &mv[0], n, &sa, now, &peer)
+            if v == DP_REJECT:
+                dp_reject_due(&self.core, self.ctx_udp, now)
+        inner = bytes(buf[DG_HDR:]) if v in (DP_TO_TUN, DP_REJECT) else b""
+        return (_VERDICTS[v], inner, peer if v == DP_REJECT else None)
+
+    # -- datagrams the control plane sends itself -----------------------------
+
+    @staticmethod
+    def data_datagram(packet: bytes) -> bytes:
+        return bytes((DG_VERSION, DG_DATA, 0, 0)) + bytes(packet)
+
+    @staticmethod
+    def keepalive_datagram() -> bytes:
+        return bytes((DG_VERSION, DG_KEEPALIVE, 0, 0))
+
+    @staticmethod
+    def reject_datagram(transit: object) -> bytes:
+        cdef uint8_t a[16]
+        cdef uint8_t fam = _ft_addr_in(transit, a, "transit")
+        return bytes((DG_VERSION, DG_REJECT, 0, 0, fam)) + a[:4 if fam == 4 else 16]
+
+    # -- events, counters, maintenance ----------------------------------------
+
+    def read_events(self) -> list:
+        """Drain every waiting event (and reset the event fd), oldest first per source."""
+        cdef uint64_t v
+        cdef DpEvent *evs
+        cdef uint32_t n, i
+        with nogil:
+            read(self.efd, &v, 8)
+        out = []
+        for role, table in (("client", self.client_flows), ("connector", self.connector_flows)):
+            if table is None:
+                continue
+            for fe in table.drain_events():
+                out.append(DatapathEvent(
+                    "flow_created" if fe.kind == "created" else "flow_removed",
+                    role, fe.transit, fe.peer, fe.reason, fe))
+        evs = <DpEvent *>calloc(DP_EV_CAP, sizeof(DpEvent))
+        if evs == NULL:
+            raise MemoryError
+        try:
+            with nogil:
+                pthread_mutex_lock(&self.core.ev_lock)
+                n = self.core.ev_len
+                for i in range(n):
+                    evs[i] = self.core.events[(self.core.ev_start + i) % DP_EV_CAP]
+                self.core.ev_start = (self.core.ev_start + n) % DP_EV_CAP
+                self.core.ev_len = 0
+                pthread_mutex_unlock(&self.core.ev_lock)
+            for i in range(n):
+                out.append(DatapathEvent(
+                    "reject" if evs[i].kind == DP_EV_REJECT else "unmapped_transit",
+                    "client" if evs[i].kind == DP_EV_REJECT else "connector",
+                    bytes(evs[i].transit[:4 if evs[i].family == 4 else 16]), evs[i].peer))
+        finally:
+            free(evs)
+        return out
+
+    def counters(self) -> dict:
+        """Per-reason packet counters of both pumps, summed (racy reads of
+        monotonic counters: good for monitoring, not for exact accounting)."""
+        d = {}
+        for i in range(C_NCOUNTERS):
+            d[_COUNTER_NAMES[i]] = self.ctx_tun.counters[i] + self.ctx_udp.counters[i]
+        d["events_dropped"] += self.core.ev_dropped
+        for role, table in (("client", self.client_flows), ("connector", self.connector_flows)):
+            if table is not None:
+                st = table.stats()
+                d[role + "_flows"] = st["flows"]
+                d["events_dropped"] += st["events_dropped"]
+        return d
+
+    def sweep(self, now_ms: int, limit: int = 1000) -> int:
+        """Expire idle flows of both tables, at most `limit` each; returns how many."""
+        n = 0
+        for table in (self.client_flows, self.connector_flows):
+            if table is not None:
+                n += table.sweep(now_ms, limit)
+        return n
+
+    # -- pumps ----------------------------------------------------------------
+
+    def start(self, tun_fd: int, udp_sock: socket.socket) -> None:
+        """Start both pump threads on a TUN fd (IFF_TUN|IFF_NO_PI) and a bound UDP socket.
+
+        Both are made non-blocking. The caller keeps ownership (and closes
+        them after stop()).
+        """
+        if self.threads:
+            raise RuntimeError("Datapath is already running")
+        if udp_sock.family not in (socket.AF_INET, socket.AF_INET6) or \
+                udp_sock.type != socket.SOCK_DGRAM:
+            raise ValueError("the overlay socket must be a UDP socket (AF_INET or AF_INET6)")
+        os.set_blocking(tun_fd, False)
+        udp_sock.setblocking(False)
+        self.tun_fd = tun_fd
+        self.udp_fd = udp_sock.fileno()
+        self.sock_family = udp_sock.family
+        self.stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+        if self.stop_fd < 0:
+            raise OSError(errno, "eventfd: " + os.strerror(errno))
+        self.bufs_tun = <PumpBufs *>calloc(1, sizeof(PumpBufs))
+        self.bufs_udp = <PumpBufs *>calloc(1, sizeof(PumpBufs))
+        if self.bufs_tun != NULL:
+            self.bufs_tun.data = <uint8_t *>calloc(PUMP_BATCH, PUMP_SLOT)
+        if self.bufs_udp != NULL:
+            self.bufs_udp.data = <uint8_t *>calloc(PUMP_BATCH, PUMP_SLOT)
+        if self.bufs_tun == NULL or self.bufs_udp == NULL or self.bufs_tun.data == NULL \
+                or self.bufs_udp.data == NULL:
+            self._free_pumps()
+            raise MemoryError("Datapath: cannot allocate pump buffers")
+        self.threads = [
+            threading.Thread(target=self._run, args=(0,), name="conn25-tun-to-udp", daemon=True),
+            threading.Thread(target=self._run, args=(1,), name="conn25-udp-to-tun", daemon=True),
+        ]
+        for t in self.threads:
+            t.start()
+
+    def _run(self, int which) -> None:
+        with nogil:
+            if which == 0:
+                pump_tun_to_udp(&self.core, self.ctx_tun, self.bufs_tun, self.tun_fd,
+                                self.udp_fd, self.sock_family, self.stop_fd, self.efd)
+            else:
+                pump_udp_to_tun(&self.core, self.ctx_udp, self.bufs_udp, self.tun_fd,
+                                self.udp_fd, self.sock_family, self.stop_fd, self.efd)
+
+    def stop(self) -> None:
+        """Stop and join both pumps (idempotent)."""
+        if not self.threads:
+            return
+        _wake(self.stop_fd)
+        for t in self.threads:
+            t.join()
+        self.threads = []
+        self._free_pumps()
+
+    cdef void _free_pumps(self) noexcept:
+        if self.bufs_tun != NULL:
+            free(self.bufs_tun.data)
+            free(self.bufs_tun)
+            self.bufs_tun = NULL
+        if self.bufs_udp != NULL:
+            free(self.bufs_udp.data)
+            free(self.bufs_udp)
+            self.bufs_udp = NULL
+        if self.stop_fd >= 0:
+            close(self.stop_fd)
+            self.stop_fd = -1
+
+    def _check_stopped(self) -> None:
+        # process_* use the pumps' per-thread contexts, which have no lock.
+        if self.threads:
+            raise RuntimeError("process_* are for a stopped Datapath (the pumps own the contexts)")

@@ -1,0 +1,35 @@
+"""Opening a TUN device (the only system call the datapath needs beyond sockets).
+
+Addresses, routes and link state are set with pyroute2 by the node's system
+set-up; this module only creates the device and hands back its fd.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+
+TUNSETIFF = 0x400454CA
+IFF_TUN = 0x0001
+IFF_NO_PI = 0x1000
+IFNAMSIZ = 16
+
+
+def open_tun(name: str) -> tuple[int, str]:
+    """Create (or attach to) TUN device ``name``; returns (fd, actual name).
+
+    Raw IP packets, no packet-information header. The device disappears when
+    the last fd on it is closed (unless made persistent elsewhere).
+    """
+    if not name or len(name.encode()) >= IFNAMSIZ or "/" in name or " " in name:
+        raise ValueError(f"bad interface name {name!r} (1-15 characters, no '/' or spaces)")
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        ifr = struct.pack("16sH22x", name.encode(), IFF_TUN | IFF_NO_PI)
+        res = fcntl.ioctl(fd, TUNSETIFF, ifr)
+    except OSError as e:
+        os.close(fd)
+        raise OSError(e.errno, f"cannot create TUN device {name!r}: {e.strerror}") from None
+    actual = res[:16].rstrip(b"\0").decode()
+    return fd, actual

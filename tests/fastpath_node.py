@@ -1,0 +1,55 @@
+"""A bare datapath node for the pump tests: run inside a namespace by the test.
+
+Opens a TUN device, gives it addresses and routes (pyroute2), binds the UDP
+socket, installs the tables from a JSON description (argv[1]), starts the
+pumps, prints "ready", and runs until stdin closes; then prints its counters
+as JSON and exits, removing nothing but what dies with it (the TUN device
+goes with its fd).
+"""
+
+import ipaddress
+import json
+import socket
+import sys
+
+from pyroute2 import IPRoute
+
+from conn25.fastpath import Datapath
+from conn25.iprange import IPRange
+from conn25.tun import open_tun
+
+
+def main() -> None:
+    cfg = json.loads(sys.argv[1])
+    fd, name = open_tun(cfg["tun"])
+    with IPRoute() as ipr:
+        idx = ipr.link_lookup(ifname=name)[0]
+        for a in cfg["addresses"]:
+            ip = ipaddress.ip_address(a)
+            ipr.addr("add", index=idx, address=a, prefixlen=ip.max_prefixlen)
+        ipr.link("set", index=idx, state="up", mtu=1400)
+        for r in cfg["routes"]:
+            ipr.route("add", dst=r, oif=idx)
+    dp = Datapath(client=cfg.get("client", False), connector=cfg.get("connector", False))
+    for peer in cfg["peers"]:
+        dp.tables.set_peer(peer["id"], ipaddress.ip_address(peer["endpoint"]), peer["port"],
+                           [ipaddress.ip_address(a) for a in peer["overlay"]])
+    for magic, transit, peer in cfg.get("magic", []):
+        dp.tables.set_magic(ipaddress.ip_address(magic), ipaddress.ip_address(transit))
+        dp.tables.set_route(ipaddress.ip_address(transit), peer)
+    dp.tables.set_magic_ranges([IPRange.parse(r) for r in cfg.get("magic_ranges", [])])
+    for peer_addr, transit, real in cfg.get("transit", []):
+        dp.tables.set_transit(*(ipaddress.ip_address(a) for a in (peer_addr, transit, real)))
+    dp.tables.set_transit_ranges([IPRange.parse(r) for r in cfg.get("transit_ranges", [])])
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((cfg["listen"], cfg["port"]))
+    dp.start(fd, sock)
+    print("ready", flush=True)
+    sys.stdin.read()
+    dp.stop()
+    events = [(e.kind, e.role) for e in dp.read_events()]
+    print(json.dumps({"counters": dp.counters(), "events": events}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

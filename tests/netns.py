@@ -1,0 +1,89 @@
+"""Network namespaces for the root tests: created by the test, removed by a finalizer.
+
+Everything here uses only DESIGN §7 addresses and gives the namespaces no
+route to the host's network (they are joined only by veth pairs between
+each other).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shlex
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+
+_seq = itertools.count()
+
+
+def need_root() -> str | None:
+    """Why the root tests cannot run here, or None."""
+    if os.geteuid() != 0:
+        return "needs root"
+    if not os.path.exists("/dev/net/tun"):
+        return "needs /dev/net/tun"
+    return None
+
+
+def sh(*args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run(args, check=check, capture_output=True, text=True, timeout=timeout)
+
+
+class Netns:
+    def __init__(self, role: str) -> None:
+        self.name = f"c25t{os.getpid() % 100000}{role[:4]}{next(_seq)}"
+        sh("ip", "netns", "add", self.name)
+        self.procs: list[subprocess.Popen] = []
+        self.run("ip", "link", "set", "lo", "up")
+
+    def run(self, *args: str, check: bool = True,
+            timeout: float = 30) -> subprocess.CompletedProcess:
+        return sh("ip", "netns", "exec", self.name, *args, check=check, timeout=timeout)
+
+    def popen(self, *args: str, **kw: object) -> subprocess.Popen:
+        p = subprocess.Popen(["ip", "netns", "exec", self.name, *args], **kw)  # type: ignore[call-overload]
+        self.procs.append(p)
+        return p
+
+    def close(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait(timeout=5)
+        # Deleting the namespace removes its veth ends, TUN devices and routes.
+        sh("ip", "netns", "delete", self.name, check=False)
+
+    def __repr__(self) -> str:
+        return f"Netns({self.name})"
+
+
+def link(a: Netns, a_addr: str, b: Netns, b_addr: str) -> None:
+    """A veth pair between two namespaces, with one address (prefix given) at each end."""
+    ia, ib = f"v{next(_seq)}a", f"v{next(_seq)}b"
+    sh("ip", "link", "add", ia, "netns", a.name, "type", "veth", "peer", "name", ib,
+       "netns", b.name)
+    for ns, ifname, addr in ((a, ia, a_addr), (b, ib, b_addr)):
+        ns.run("ip", "addr", "add", addr, "dev", ifname)
+        ns.run("ip", "link", "set", ifname, "up")
+
+
+def wait_for(cond: Callable[[], object], timeout: float, what: str, step: float = 0.02) -> object:
+    """Poll `cond` until it returns a true value; AssertionError naming `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(step)
+
+
+def quote(args: list[str]) -> str:
+    return " ".join(shlex.quote(a) for a in args)

@@ -1,0 +1,246 @@
+"""The datapath's per-packet decisions, end to end through the C code, without devices.
+
+B50-B54, B56, B57: each case feeds a packet to Datapath.process_from_tun or
+process_datagram (exactly what the pumps call) and checks the verdict and
+the bytes against scapy's independent rebuild.
+"""
+
+import ipaddress
+
+import pytest
+from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror, UDPerror
+from scapy.layers.inet6 import IPv6
+
+from conn25.fastpath import Datapath
+from conn25.iprange import IPRange
+
+NOW = 1_000_000
+CLIENT, CONNECTOR = "100.64.0.1", "100.64.0.2"
+CLIENT_EP, CONNECTOR_EP = ("192.0.2.1", 41641), ("192.0.2.2", 41641)
+MAGIC, TRANSIT, REAL = "100.80.0.5", "169.254.128.5", "203.0.113.10"
+MAGIC6, TRANSIT6, REAL6 = "fd7a:115c:a1e0:ab12::5", "fd7a:115c:a1e0:ab13::5", "2001:db8::10"
+CLIENT6 = "fd7a:115c:a1e0::1"
+CONN_PEER, CLIENT_PEER = 2, 1
+
+
+def packed(a):
+    return ipaddress.ip_address(a).packed
+
+
+def rebuilt(pkt):
+    """scapy's own serialisation with every checksum recomputed from scratch."""
+    p = pkt.__class__(bytes(pkt))
+    for layer in (IP, TCP, UDP, ICMP, IPerror, UDPerror):
+        if layer in p:
+            for f in ("chksum",):
+                if hasattr(p[layer], f):
+                    del p[layer].chksum
+    return bytes(p.__class__(bytes(p)))
+
+
+@pytest.fixture
+def client():
+    dp = Datapath(client=True)
+    dp.tables.set_peer(CONN_PEER, packed(CONNECTOR_EP[0]), CONNECTOR_EP[1], [packed(CONNECTOR)])
+    dp.tables.set_magic_ranges([IRange("100.80.0.0/16"), IRange("fd7a:115c:a1e0:ab12::/64")])
+    dp.tables.set_magic(packed(MAGIC), packed(TRANSIT))
+    dp.tables.set_route(packed(TRANSIT), CONN_PEER)
+    return dp
+
+
+@pytest.fixture
+def connector():
+    dp = Datapath(client=False, connector=True)
+    dp.tables.set_peer(CLIENT_PEER, packed(CLIENT_EP[0]), CLIENT_EP[1],
+                       [packed(CLIENT), packed(CLIENT6)])
+    dp.tables.set_transit_ranges([IRange("169.254.128.0/17"), IRange("fd7a:115c:a1e0:ab13::/64")])
+    dp.tables.set_transit(packed(CLIENT), packed(TRANSIT), packed(REAL), 3)
+    dp.tables.set_transit(packed(CLIENT6), packed(TRANSIT6), packed(REAL6), 3)
+    return dp
+
+
+def IRange(text):
+    return IPRange.parse(text)
+
+
+def dg(pkt):
+    return Datapath.data_datagram(bytes(pkt))
+
+
+def syn(src=CLIENT, dst=MAGIC, sport=40000, dport=443):
+    return IP(src=src, dst=dst, ttl=64) / TCP(sport=sport, dport=dport, flags="S", seq=1)
+
+
+def test_not_a_magic_ip_is_plain_overlay_traffic(client):
+    """B50: untouched; routed by destination, or dropped without a route."""
+    to_peer = IP(src=CLIENT, dst=CONNECTOR) / UDP(sport=1, dport=2) / b"x"
+    verdict, out, peer = client.process_from_tun(bytes(to_peer), NOW)
+    assert (verdict, out, peer) == ("peer", bytes(to_peer), CONN_PEER)
+    verdict, out, _ = client.process_from_tun(bytes(syn(dst="198.51.100.1")), NOW)
+    assert verdict == "drop"
+    c = client.counters()
+    assert c["forwarded"] == 1 and c["drop_no_route"] == 1 and c["translated"] == 0
+
+
+@pytest.mark.parametrize(("magic", "src"),
+                         [("100.80.0.99", CLIENT), ("fd7a:115c:a1e0:ab12::99", CLIENT6)])
+def test_magic_ip_without_assignment_gets_icmp_unreachable_from_the_magic_ip(client, magic, src):
+    """B50: drop, and host unreachable (v6: address unreachable) back into the TUN."""
+    if ":" in magic:
+        pkt = IPv6(src=src, dst=magic) / TCP(sport=40000, dport=443, flags="S")
+    else:
+        pkt = syn(src=src, dst=magic)
+    verdict, out, _ = client.process_from_tun(bytes(pkt), NOW)
+    assert verdict == "reply"
+    if ":" in magic:
+        reply = IPv6(out)
+        assert (reply.src, reply.dst) == (magic, src)
+        assert (reply[1].type, reply[1].code) == (1, 3)
+    else:
+        reply = IP(out)
+        assert (reply.src, reply.dst, reply[ICMP].type, reply[ICMP].code) == (magic, src, 3, 1)
+        assert bytes(reply) == rebuilt(reply)
+    assert client.counters()["unmapped_magic"] == 1
+
+
+def test_client_translates_magic_to_transit_and_back(client):
+    """B51: destination becomes the transit IP, ports kept; the return is translated back."""
+    verdict, out, peer = client.process_from_tun(bytes(syn()), NOW)
+    assert (verdict, peer) == ("peer", CONN_PEER)
+    sent = IP(out)
+    assert (sent.src, sent.dst, sent[TCP].sport, sent[TCP].dport) == (CLIENT, TRANSIT, 40000, 443)
+    assert bytes(sent) == rebuilt(sent)
+
+    reply = IP(src=TRANSIT, dst=CLIENT) / TCP(sport=443, dport=40000, flags="SA", ack=2)
+    verdict, out, _ = client.process_datagram(dg(reply), CONNECTOR_EP, NOW)
+    assert verdict == "tun"
+    back = IP(out)
+    assert (back.src, back.dst, back[TCP].sport, back[TCP].dport) == (MAGIC, CLIENT, 443, 40000)
+    assert bytes(back) == rebuilt(back)
+    events = client.read_events()
+    assert [(e.kind, e.role, e.transit) for e in events] == [
+        ("flow_created", "client", packed(TRANSIT))]
+
+
+def test_client_without_a_route_for_the_transit_drops(client):
+    """A magic IP whose transit IP is not registered with a connector yet: no send."""
+    client.tables.del_route(packed(TRANSIT))
+    verdict, _, _ = client.process_from_tun(bytes(syn()), NOW)
+    assert verdict == "drop" and client.counters()["drop_no_route"] == 1
+
+
+def test_established_flow_survives_a_mapping_change(client):
+    """B54: the second packet does not consult the magic table again."""
+    client.process_from_tun(bytes(syn()), NOW)
+    client.tables.del_magic(packed(MAGIC))
+    client.tables.set_magic(packed(MAGIC), packed("169.254.128.77"))
+    verdict, out, _ = client.process_from_tun(bytes(syn()), NOW + 1)
+    assert verdict == "peer" and IP(out).dst == TRANSIT
+    # a new flow (other source port) gets the new mapping
+    client.tables.set_route(packed("169.254.128.77"), CONN_PEER)
+    _, out, _ = client.process_from_tun(bytes(syn(sport=40001)), NOW + 2)
+    assert IP(out).dst == "169.254.128.77"
+
+
+def test_connector_translates_transit_to_real_and_back(connector):
+    """B52: destination becomes the real IP; the return's source becomes the transit IP."""
+    pkt = IP(src=CLIENT, dst=TRANSIT) / UDP(sport=5000, dport=53) / b"q"
+    verdict, out, _ = connector.process_datagram(dg(pkt), CLIENT_EP, NOW)
+    assert verdict == "tun"
+    fwd = IP(out)
+    assert (fwd.src, fwd.dst, fwd[UDP].dport) == (CLIENT, REAL, 53)
+    assert bytes(fwd) == rebuilt(fwd)
+
+    reply = IP(src=REAL, dst=CLIENT) / UDP(sport=53, dport=5000) / b"a"
+    verdict, out, peer = connector.process_from_tun(bytes(reply), NOW)
+    assert (verdict, peer) == ("peer", CLIENT_PEER)
+    back = IP(out)
+    assert (back.src, back.dst) == (TRANSIT, CLIENT)
+    assert bytes(back) == rebuilt(back)
+    [ev] = connector.read_events()
+    assert (ev.kind, ev.role, ev.peer) == ("flow_created", "connector", CLIENT_PEER)
+
+
+def test_connector_ipv6(connector):
+    pkt = IPv6(src=CLIENT6, dst=TRANSIT6) / TCP(sport=1234, dport=443, flags="S")
+    verdict, out, _ = connector.process_datagram(dg(pkt), CLIENT_EP, NOW)
+    assert verdict == "tun" and IPv6(out).dst == REAL6
+    expect = IPv6(src=CLIENT6, dst=REAL6) / TCP(sport=1234, dport=443, flags="S")
+    assert out == bytes(expect)
+
+
+def test_unmapped_transit_is_dropped_and_rejected_once(connector):
+    """B53: drop, reject naming the transit IP to that peer (de-duplicated)."""
+    pkt = IP(src=CLIENT, dst="169.254.128.9") / TCP(sport=1, dport=443, flags="S")
+    verdict, inner, peer = connector.process_datagram(dg(pkt), CLIENT_EP, NOW)
+    assert (verdict, peer) == ("reject", CLIENT_PEER)
+    assert inner == bytes(pkt)  # the dropped packet, untranslated
+    connector.process_datagram(dg(pkt), CLIENT_EP, NOW + 10)  # within the gap: no new event
+    events = connector.read_events()
+    assert [(e.kind, e.transit, e.peer) for e in events] == [
+        ("unmapped_transit", packed("169.254.128.9"), CLIENT_PEER)]
+    assert connector.counters()["unmapped_transit"] == 2
+    # a transit IP mapped for another peer only is unmapped for this one: same answer
+    not_pool = IP(src=CLIENT, dst="198.51.100.9") / TCP(sport=1, dport=443)
+    verdict, _, _ = connector.process_datagram(dg(not_pool), CLIENT_EP, NOW)
+    assert verdict == "tun"  # not a transit IP: ordinary traffic to the kernel
+
+
+def test_reject_received_becomes_an_event(client):
+    """B40 (datapath part): a reject for T is reported to the control plane."""
+    verdict, _, _ = client.process_datagram(
+        Datapath.reject_datagram(packed(TRANSIT)), CONNECTOR_EP, NOW)
+    assert verdict == "drop"
+    [ev] = client.read_events()
+    assert (ev.kind, ev.transit, ev.peer) == ("reject", packed(TRANSIT), CONN_PEER)
+    assert client.counters()["rejects_received"] == 1
+
+
+def test_anti_spoofing(connector):
+    """B57: unknown underlay endpoint, or an inner source not the peer's: dropped and counted."""
+    pkt = IP(src=CLIENT, dst=TRANSIT) / UDP(sport=5000, dport=53)
+    assert connector.process_datagram(dg(pkt), ("192.0.2.66", 41641), NOW)[0] == "drop"
+    assert connector.process_datagram(dg(pkt), (CLIENT_EP[0], 9999), NOW)[0] == "drop"
+    spoofed = IP(src=CONNECTOR, dst=TRANSIT) / UDP(sport=5000, dport=53)
+    assert connector.process_datagram(dg(spoofed), CLIENT_EP, NOW)[0] == "drop"
+    c = connector.counters()
+    assert (c["drop_unknown_peer"], c["drop_spoofed"], c["translated"]) == (2, 1, 0)
+    assert connector.read_events() == []
+
+
+@pytest.mark.parametrize("datagram", [b"", b"\x01", b"\x02\x01\x00\x00" + bytes(20),
+                                      b"\x01\x09\x00\x00", b"\x01\x02\x00\x00\x05" + bytes(4),
+                                      b"\x01\x01\x00\x00" + b"\x45" + bytes(10)])
+def test_bad_datagrams_are_dropped_and_counted(connector, datagram):
+    verdict, _, _ = connector.process_datagram(datagram, CLIENT_EP, NOW)
+    assert verdict == "drop"
+    c = connector.counters()
+    assert c["drop_bad_header"] + c["drop_malformed"] == 1
+
+
+def test_icmp_frag_needed_from_a_router_reaches_the_client_as_from_the_transit_ip(connector):
+    """B56: a router's error about a translated flow is translated, quoted packet included,
+    and its outer source becomes the transit IP so that the client accepts it."""
+    out_pkt = IP(src=CLIENT, dst=TRANSIT, flags="DF") / TCP(sport=40000, dport=443, flags="A")
+    _, fwd, _ = connector.process_datagram(dg(out_pkt / (b"x" * 100)), CLIENT_EP, NOW)
+    quoted = IP(fwd)
+    err = IP(src="198.51.100.254", dst=CLIENT) / ICMP(type=3, code=4, nexthopmtu=1280) / \
+        bytes(quoted)[:28]
+    verdict, out, peer = connector.process_from_tun(bytes(err), NOW)
+    assert (verdict, peer) == ("peer", CLIENT_PEER)
+    got = IP(out)
+    assert (got.src, got.dst) == (TRANSIT, CLIENT)
+    assert (got[IPerror].src, got[IPerror].dst) == (CLIENT, TRANSIT)
+    assert bytes(got) == rebuilt(got)
+
+
+def test_garbage_never_crashes(client, connector):
+    import random
+
+    rng = random.Random(25)
+    for _ in range(2000):
+        junk = bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 80)))
+        junk = bytes([0x45 if rng.random() < 0.5 else 0x60]) + junk
+        client.process_from_tun(junk, NOW)
+        connector.process_datagram(Datapath.data_datagram(junk), CLIENT_EP, NOW)
+    assert client.counters()["tun_rx"] == 0  # process_* are not pump reads

@@ -1,0 +1,95 @@
+"""The pumps on a real TUN device and real UDP sockets, in namespaces this test creates.
+
+client ns (192.0.2.1) ==veth== connector ns (192.0.2.2, "server" 203.0.113.10 on a dummy)
+Real ping and curl run through client TUN -> UDP -> connector TUN -> kernel and back.
+"""
+
+import json
+import select
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from netns import Netns, link, need_root, wait_for
+
+pytestmark = [pytest.mark.root, pytest.mark.skipif(need_root() is not None,
+                                                   reason=str(need_root()))]
+
+NODE = str(Path(__file__).with_name("fastpath_node.py"))
+MAGIC, UNASSIGNED, TRANSIT, REAL = "100.80.0.5", "100.80.0.99", "169.254.128.5", "203.0.113.10"
+
+
+def start_node(ns: Netns, cfg: dict) -> subprocess.Popen:
+    p = ns.popen(sys.executable, NODE, json.dumps(cfg), stdin=subprocess.PIPE,
+                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ready, _, _ = select.select([p.stdout], [], [], 20)
+    line = p.stdout.readline() if ready else ""
+    if line.strip() != "ready":
+        p.kill()
+        raise AssertionError(f"node did not start: {line!r} {p.communicate()[1]}")
+    return p
+
+
+def stop_node(p: subprocess.Popen) -> dict:
+    out, err = p.communicate("", timeout=20)
+    assert p.returncode == 0, err
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def topology():
+    client, connector = Netns("client"), Netns("conn")
+    try:
+        link(client, "192.0.2.1/24", connector, "192.0.2.2/24")
+        connector.run("ip", "addr", "add", f"{REAL}/32", "dev", "lo")
+        c = start_node(client, {
+            "tun": "c25", "addresses": ["100.64.0.1"], "routes": ["100.80.0.0/16", "100.64.0.2/32"],
+            "client": True, "listen": "192.0.2.1", "port": 41641,
+            "peers": [{"id": 2, "endpoint": "192.0.2.2", "port": 41641, "overlay": ["100.64.0.2"]}],
+            "magic": [[MAGIC, TRANSIT, 2]], "magic_ranges": ["100.80.0.0/16"],
+        })
+        k = start_node(connector, {
+            "tun": "c25", "addresses": ["100.64.0.2"], "routes": ["100.64.0.1/32"],
+            "connector": True, "listen": "192.0.2.2", "port": 41641,
+            "peers": [{"id": 1, "endpoint": "192.0.2.1", "port": 41641, "overlay": ["100.64.0.1"]}],
+            "transit": [["100.64.0.1", TRANSIT, REAL]], "transit_ranges": ["169.254.128.0/17"],
+        })
+        yield client, connector, c, k
+    finally:
+        client.close()
+        connector.close()
+
+
+def test_ping_curl_and_unreachable_through_the_pumps(topology):
+    client, connector, c, k = topology
+    # ICMP echo: both translations and back.
+    r = client.run("ping", "-c", "3", "-i", "0.2", "-W", "5", MAGIC, check=False, timeout=30)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+    # TCP: a real HTTP server behind the connector, fetched by the magic IP.
+    connector.popen(sys.executable, "-m", "http.server", "--bind", REAL, "8080",
+                    "--directory", "/", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: connector.run("curl", "-sf", "-o", "/dev/null", f"http://{REAL}:8080/",
+                                   check=False).returncode == 0, 20, "the HTTP server")
+    r = client.run("curl", "-sf", "-m", "10", f"http://{MAGIC}:8080/", check=False, timeout=30)
+    assert r.returncode == 0 and "Directory listing" in r.stdout, r.stderr
+
+    # A magic IP without assignment: ICMP host unreachable from the datapath, not a timeout.
+    r = client.run("ping", "-c", "1", "-W", "5", UNASSIGNED, check=False, timeout=30)
+    assert r.returncode != 0 and "Unreachable" in r.stdout, r.stdout
+
+    # A datagram from an unknown underlay endpoint (right address, wrong port) is dropped.
+    client.run(sys.executable, "-c",
+               "import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM);"
+               "s.bind(('192.0.2.1', 41999));"
+               "s.sendto(b'\\x01\\x01\\x00\\x00' + bytes(40), ('192.0.2.2', 41641))")
+
+    cstats, kstats = stop_node(c), stop_node(k)
+    cc, kc = cstats["counters"], kstats["counters"]
+    assert cc["translated"] >= 6 and cc["unmapped_magic"] == 1 and cc["udp_tx"] >= 6
+    assert kc["translated"] >= 6 and kc["flows_created"] >= 2
+    assert kc["drop_unknown_peer"] == 1
+    assert ["flow_created", "client"] in cstats["events"]
+    assert ["flow_created", "connector"] in kstats["events"]
