@@ -12,16 +12,6 @@ import ipaddress
 import mmap
 
 import pytest
-from conn25._fastpath import (
-    FragTracker,
-    icmp_unreachable,
-    internet_checksum,
-    nat_rewrite,
-    nat_rewrite_icmp_inner,
-    nat_translate,
-    parse_packet,
-    parse_status,
-)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scapy.all import (
@@ -43,6 +33,17 @@ from scapy.all import (
     fragment,
     fragment6,
     raw,
+)
+
+from conn25._fastpath import (
+    FragTracker,
+    icmp_unreachable,
+    internet_checksum,
+    nat_rewrite,
+    nat_rewrite_icmp_inner,
+    nat_translate,
+    parse_packet,
+    parse_status,
 )
 
 # DESIGN §7 addresses: client overlay, magic, transit, real server, a router on the path.

@@ -11,11 +11,11 @@ import threading
 from collections import Counter
 
 import pytest
-from conn25._fastpath import FlowTable, Tables
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from conn25._fastpath import FlowTable, Tables
 from conn25.iprange import IPRange
 
 TCP, UDP = 6, 17

@@ -1,4 +1,4 @@
-"""Network namespaces for the root tests: created by the test, removed by a finalizer.
+"""Throwaway network namespaces for the tests, the benchmarks and `conn25d demo`.
 
 Everything here uses only DESIGN §7 addresses and gives the namespaces no
 route to the host's network (they are joined only by veth pairs between

@@ -1,0 +1,65 @@
+"""Two bare datapath nodes (tests/fastpath_node.py) in namespaces: the pump tests' and
+the pump benchmark's topology.
+
+client ns (192.0.2.1) ==veth== connector ns (192.0.2.2; "server" 203.0.113.10 on its lo)
+The client maps MAGIC -> TRANSIT with the connector, which maps it to REAL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import select
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from conn25.netns import Netns, link
+
+NODE = str(Path(__file__).with_name("fastpath_node.py"))
+MAGIC, UNASSIGNED, TRANSIT, REAL = "100.80.0.5", "100.80.0.99", "169.254.128.5", "203.0.113.10"
+
+
+def start_node(ns: Netns, cfg: dict) -> subprocess.Popen:
+    p = ns.popen(sys.executable, NODE, json.dumps(cfg), stdin=subprocess.PIPE,
+                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ready, _, _ = select.select([p.stdout], [], [], 20)
+    line = p.stdout.readline() if ready else ""
+    if line.strip() != "ready":
+        p.kill()
+        raise AssertionError(f"node did not start: {line!r} {p.communicate()[1]}")
+    return p
+
+
+def stop_node(p: subprocess.Popen) -> dict:
+    """Stop a node (close its stdin); its counters and events."""
+    out, err = p.communicate("", timeout=20)
+    if p.returncode != 0:
+        raise AssertionError(f"node failed: {err}")
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@contextlib.contextmanager
+def pump_topology() -> Iterator[tuple[Netns, Netns, subprocess.Popen, subprocess.Popen]]:
+    """(client ns, connector ns, client node, connector node); all removed on exit."""
+    client, connector = Netns("client"), Netns("conn")
+    try:
+        link(client, "192.0.2.1/24", connector, "192.0.2.2/24")
+        connector.run("ip", "addr", "add", f"{REAL}/32", "dev", "lo")
+        c = start_node(client, {
+            "tun": "c25", "addresses": ["100.64.0.1"], "routes": ["100.80.0.0/16", "100.64.0.2/32"],
+            "client": True, "listen": "192.0.2.1", "port": 41641,
+            "peers": [{"id": 2, "endpoint": "192.0.2.2", "port": 41641, "overlay": ["100.64.0.2"]}],
+            "magic": [[MAGIC, TRANSIT, 2]], "magic_ranges": ["100.80.0.0/16"],
+        })
+        k = start_node(connector, {
+            "tun": "c25", "addresses": ["100.64.0.2"], "routes": ["100.64.0.1/32"],
+            "connector": True, "listen": "192.0.2.2", "port": 41641,
+            "peers": [{"id": 1, "endpoint": "192.0.2.1", "port": 41641, "overlay": ["100.64.0.1"]}],
+            "transit": [["100.64.0.1", TRANSIT, REAL]], "transit_ranges": ["169.254.128.0/17"],
+        })
+        yield client, connector, c, k
+    finally:
+        client.close()
+        connector.close()
