@@ -1,0 +1,46 @@
+"""What the trio components of a node may use of the node (a Protocol, so each
+component can be tested with a small stand-in and the node stays the only
+place that wires things together)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Protocol
+
+from .assignments import Assignments
+from .config import NodeConfig
+from .connector import ConnectorTable, Mapping
+from .fastpath import Datapath
+
+if TYPE_CHECKING:
+    from .dnsserver import Forwarder
+    from .registration import Registrar
+
+
+class NodeContext(Protocol):
+    config: NodeConfig
+    assignments: Assignments
+    connector: ConnectorTable | None  # None unless the node advertises as a connector
+    datapath: Datapath
+    forwarder: Forwarder
+    registrar: Registrar
+
+    def now(self) -> float:
+        """Wall-clock seconds, the time base of assignments and connector mappings."""
+        ...
+
+    def peer_id(self, name: str) -> int:
+        """The datapath's id for node ``name`` (stable while the node runs)."""
+        ...
+
+    def install_connector_mappings(self, mappings: Iterable[Mapping]) -> None:
+        """Put accepted (peer, transit) -> real mappings into the datapath."""
+        ...
+
+    def assignments_changed(self) -> None:
+        """Assignments were made or changed: persist them (debounced by the node)."""
+        ...
+
+    def metrics(self) -> dict[str, int]:
+        """Counters of the control plane (DNS, registration, ...) and the datapath."""
+        ...
