@@ -51,6 +51,148 @@ def _add_check(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.set_defaults(func=cmd_check)
 
 
+def _host_port(text: str, default_port: int) -> tuple[str, int]:
+    """ "ip", "ip:port" or "[v6]:port" for an argparse option."""
+    import ipaddress
+
+    host, port = text, default_port
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if rest:
+            port = int(rest.removeprefix(":"))
+    elif text.count(":") == 1:
+        host, _, p = text.partition(":")
+        port = int(p)
+    ipaddress.ip_address(host)
+    if not 0 < port < 65536:
+        raise ValueError(f"port {port} out of range")
+    return host, port
+
+
+def _address_option(default_port: int) -> Callable[[str], tuple[str, int]]:
+    def parse(text: str) -> tuple[str, int]:
+        try:
+            return _host_port(text.strip(), default_port)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not an address (IP, IP:PORT or [IPv6]:PORT)") from None
+    return parse
+
+
+def _address_list(text: str) -> tuple[tuple[str, int], ...]:
+    return tuple(_address_option(53)(part) for part in text.split(",") if part.strip())
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    """Run a node in the foreground until SIGINT/SIGTERM."""
+    import logging
+
+    import trio
+
+    from .node import NodeError, NodeOptions, serve
+
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    tags = None
+    if args.advertise_tags is not None:
+        tags = tuple(t.strip() for t in args.advertise_tags.split(",") if t.strip())
+    options = NodeOptions(
+        tailnet=args.tailnet, hostname=args.hostname,
+        advertise_connector=args.advertise_connector, advertise_tags=tags,
+        state_dir=args.state_dir, tun_name=args.tun_name, mtu=args.mtu,
+        dns_listen=args.dns_listen, upstream_dns=args.upstream_dns,
+    )
+    try:
+        trio.run(serve, options)
+    except NodeError as e:
+        print(f"conn25d: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    except PermissionError as e:
+        print(f"conn25d: {e} (conn25d up needs root: CAP_NET_ADMIN)", file=sys.stderr)
+        return EXIT_INVALID
+    return EXIT_OK
+
+
+def _add_up(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "up", help="run a node in the foreground",
+        description="Run this node of the tailnet in the foreground until SIGINT or SIGTERM, "
+        "then remove everything it set up and exit 0. SIGHUP (or a change of the file) "
+        "re-reads the tailnet file; a bad file is logged and the running configuration stays.",
+    )
+    p.add_argument("--tailnet", required=True, metavar="FILE", help="the tailnet file")
+    p.add_argument("--hostname", required=True, metavar="NAME",
+                   help="this node's name in the tailnet file")
+    p.add_argument("--advertise-connector", action="store_true",
+                   help="act as a connector for the apps whose connector tags this node carries")
+    p.add_argument("--advertise-tags", metavar="TAGS",
+                   help="comma-separated tags; must match the node's tags in the file")
+    p.add_argument("--state-dir", metavar="DIR",
+                   help="assignments and the local API socket (default /var/lib/conn25d/NAME)")
+    p.add_argument("--tun-name", default="conn25", metavar="IFNAME",
+                   help="the TUN device (default conn25)")
+    p.add_argument("--mtu", type=int, default=1420, help="MTU of the TUN device (default 1420)")
+    p.add_argument("--dns-listen", type=_address_option(53), default=("100.100.100.100", 53),
+                   metavar="ADDR", help="DNS server address (default 100.100.100.100:53)")
+    p.add_argument("--upstream-dns", type=_address_list, metavar="ADDR[,ADDR]",
+                   help="resolvers for non-app names (default: /etc/resolv.conf's)")
+    p.add_argument("--log-level", default="info",
+                   choices=["debug", "info", "warning", "error"], help="(default info)")
+    p.set_defaults(func=cmd_up)
+
+
+def _socket_path(args: argparse.Namespace) -> str | None:
+    from pathlib import Path
+
+    from .node import SOCKET_NAME
+
+    if args.state_dir:
+        return str(Path(args.state_dir) / SOCKET_NAME)
+    if args.hostname:
+        return f"/var/lib/conn25d/{args.hostname}/{SOCKET_NAME}"
+    found = sorted(Path("/var/lib/conn25d").glob(f"*/{SOCKET_NAME}"))
+    return str(found[0]) if len(found) == 1 else None
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print the running node's state."""
+    import json
+
+    import trio
+
+    from .http import request_unix
+    from .status import render_table
+
+    path = _socket_path(args)
+    if path is None:
+        print("conn25d: no single running node found under /var/lib/conn25d; "
+              "give --state-dir or --hostname", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        status, body = trio.run(lambda: request_unix(path, "GET", "/status", timeout=5))
+    except (OSError, trio.TooSlowError) as e:
+        print(f"conn25d: cannot reach the node at {path}: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    if status != 200:
+        print(f"conn25d: {path} answered HTTP {status}", file=sys.stderr)
+        return EXIT_INVALID
+    doc = json.loads(body)
+    print(json.dumps(doc, indent=2, sort_keys=True) if args.json else render_table(doc))
+    return EXIT_OK
+
+
+def _add_status(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "status", help="show a running node's state",
+        description="Show the running node's apps, domains and assignments (magic, transit, "
+        "real, expiry, active flows), pool use, connector peers and mappings, and counters.",
+    )
+    p.add_argument("--json", action="store_true", help="print the JSON document")
+    p.add_argument("--state-dir", metavar="DIR", help="the node's --state-dir")
+    p.add_argument("--hostname", metavar="NAME", help="find the node by name instead")
+    p.set_defaults(func=cmd_status)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="conn25d",
@@ -61,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_up(subparsers)
+    _add_status(subparsers)
     _add_check(subparsers)
     return parser
 

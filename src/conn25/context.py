@@ -24,6 +24,7 @@ class NodeContext(Protocol):
     datapath: Datapath
     forwarder: Forwarder
     registrar: Registrar
+    peerapi_port: int  # every node serves the peer API on this port of its overlay addresses
 
     def now(self) -> float:
         """Wall-clock seconds, the time base of assignments and connector mappings."""
@@ -42,5 +43,5 @@ class NodeContext(Protocol):
         ...
 
     def metrics(self) -> dict[str, int]:
-        """Counters of the control plane (DNS, registration, ...) and the datapath."""
+        """Counters of the control plane (DNS, registration, reloads, ...)."""
         ...

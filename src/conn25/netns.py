@@ -59,6 +59,9 @@ class Netns:
         # Deleting the namespace removes its veth ends, TUN devices and routes.
         sh("ip", "netns", "delete", self.name, check=False)
 
+    def exists(self) -> bool:
+        return self.name in sh("ip", "netns", "list").stdout.split()
+
     def __repr__(self) -> str:
         return f"Netns({self.name})"
 

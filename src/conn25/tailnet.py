@@ -645,8 +645,8 @@ def _valid_port_range(text: str) -> bool:
     return 0 <= first <= last <= 65535
 
 
-def parse_endpoint(text: str) -> tuple[str, int]:
-    """``"ip:port"``, ``"[v6]:port"`` or a bare address (port DEFAULT_PORT) as (ip, port).
+def parse_endpoint(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
+    """``"ip:port"``, ``"[v6]:port"`` or a bare address (port ``default_port``) as (ip, port).
 
     An IPv6 address with a port needs brackets: without them the port would
     read as the address's last group.
@@ -668,4 +668,4 @@ def parse_endpoint(text: str) -> tuple[str, int]:
         raise ValueError(f"{_q(text)} has an empty port")
     if port_text and not (port_text.isdigit() and 1 <= int(port_text) <= 65535):
         raise ValueError(f"{_q(text)} has a bad port {_q(port_text)} (1-65535)")
-    return str(addr), int(port_text) if port_text else DEFAULT_PORT
+    return str(addr), int(port_text) if port_text else default_port

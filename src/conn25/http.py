@@ -1,0 +1,556 @@
+"""HTTP/1.1 over trio streams, with h11 doing all the parsing and framing.
+
+The server (:func:`serve_tcp`, :func:`serve_unix`) runs one task per
+connection and hands each complete request to an async handler. It is built
+to face peers it does not trust:
+
+* a request body over ``max_body`` is refused with 413 as soon as that is
+  known (from Content-Length, or from the running count of a chunked body),
+  without reading the rest first;
+* a connection that sends nothing gets ``idle_timeout``; once a request has
+  started it must arrive completely within ``request_timeout`` (a client that
+  drips bytes cannot hold a connection: 408);
+* headers over ``max_header`` bytes get 431, other protocol errors 400;
+* at most ``max_connections`` connections are served at once, any more get
+  an immediate 503;
+* a handler that raises gives 500 (and a logged traceback), one that takes
+  longer than ``handler_timeout`` gives 503; the server keeps serving.
+
+The client (:func:`request`, :func:`request_unix`) sends one request per
+connection and raises :class:`HTTPError` for anything that is not a
+well-formed response.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import http
+import logging
+import os
+import socket
+import stat
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import h11
+import trio
+
+from .peerapi import MAX_BODY
+
+__all__ = [
+    "HTTPError",
+    "Handler",
+    "Limits",
+    "Request",
+    "Response",
+    "request",
+    "request_unix",
+    "serve_tcp",
+    "serve_unix",
+]
+
+log = logging.getLogger("conn25.http")
+
+TEXT = "text/plain; charset=utf-8"
+_RECV_SIZE = 65536
+# After we answered and decided to close, the client may still be sending
+# (a refused body): reading it for a moment lets the answer arrive instead of
+# being destroyed by the RST that closing a socket with unread data causes.
+_LINGER_SECONDS = 2.0
+_LINGER_BYTES = 4 * MAX_BODY
+# Client side: what a response body may reach before we give up on it.
+MAX_RESPONSE = 4 * MAX_BODY
+
+
+class HTTPError(Exception):
+    """The other side did not speak HTTP/1.1 properly (or broke the connection)."""
+
+
+@dataclass
+class Request:
+    method: str
+    target: str  # path and query, as sent
+    headers: list[tuple[bytes, bytes]]  # names lower-cased (h11 does that)
+    body: bytes
+    peer: tuple[str, int] | None  # remote (address, port); None on a unix socket
+
+    @property
+    def path(self) -> str:
+        return urlsplit(self.target).path
+
+    @property
+    def query(self) -> dict[str, list[str]]:
+        return parse_qs(urlsplit(self.target).query, keep_blank_values=True)
+
+    def header(self, name: str) -> bytes | None:
+        """The first value of header ``name`` (case-insensitive), or None."""
+        key = name.lower().encode("ascii")
+        return next((v for k, v in self.headers if k == key), None)
+
+
+@dataclass
+class Response:
+    status: int
+    body: bytes = b""
+    content_type: str = "application/json"
+    headers: list[tuple[str, str]] = field(default_factory=list)
+
+    @classmethod
+    def text(
+        cls, status: int, message: str, headers: list[tuple[str, str]] | None = None
+    ) -> Response:
+        """A one-line plain-text answer (errors)."""
+        return cls(status, f"{message}\n".encode(), TEXT, headers or [])
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the server allows one peer (seconds, bytes, connections)."""
+
+    idle_timeout: float = 30.0  # waiting for the first byte of a request
+    request_timeout: float = 10.0  # first byte to the end of the body; also for sending
+    handler_timeout: float = 30.0
+    max_connections: int = 256
+    max_header: int = 16 * 1024
+
+    def __post_init__(self) -> None:
+        for name in ("idle_timeout", "request_timeout", "handler_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"Limits.{name} must be positive (got {getattr(self, name)})")
+        if self.max_connections < 1 or self.max_header < 1:
+            raise ValueError(
+                f"Limits.max_connections and max_header must be at least 1 "
+                f"(got {self.max_connections}, {self.max_header})"
+            )
+
+
+# -- server -------------------------------------------------------------------
+
+
+async def serve_tcp(
+    host: str,
+    port: int,
+    handler: Handler,
+    *,
+    max_body: int = MAX_BODY,
+    limits: Limits = Limits(),  # frozen: one shared default is safe
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``handler`` on ``host:port`` until cancelled; ``started`` gives the bound port."""
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    bound = listeners[0].socket.getsockname()[1]
+    try:
+        await _serve(listeners, handler, max_body, limits, bound, task_status)
+    finally:
+        for listener in listeners:
+            listener.socket.close()  # not aclose(): we may be cancelled
+
+
+async def serve_unix(
+    path: str | os.PathLike[str],
+    handler: Handler,
+    *,
+    max_body: int = MAX_BODY,
+    limits: Limits = Limits(),
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``handler`` on a unix socket at ``path`` until cancelled.
+
+    A socket file left by a process that died is removed first; a path that
+    is in use, or is not a socket, is an error (OSError) and left alone. The
+    socket file is removed on exit unless another server has replaced it.
+    """
+    path = os.fspath(path)
+    await _remove_stale_socket(path)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await sock.bind(path)
+        inode = os.stat(path).st_ino
+        sock.listen(128)
+    except BaseException:
+        sock.close()
+        raise
+    listener = trio.SocketListener(sock)
+    try:
+        await _serve([listener], handler, max_body, limits, path, task_status)
+    finally:
+        # Synchronous: an await here would raise at once when we are being cancelled.
+        with contextlib.suppress(OSError):
+            if os.stat(path).st_ino == inode:
+                os.unlink(path)
+        sock.close()
+
+
+async def _remove_stale_socket(path: str) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise OSError(errno.EEXIST, f"{path} exists and is not a socket; not removing it")
+    probe = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with trio.move_on_after(1.0):
+            await probe.connect(path)
+        raise OSError(errno.EADDRINUSE, f"another process is serving on {path}")
+    except ConnectionRefusedError:
+        os.unlink(path)  # nobody listens: a leftover of a process that died
+    finally:
+        probe.close()
+
+
+async def _serve(
+    listeners: list[trio.SocketListener],
+    handler: Handler,
+    max_body: int,
+    limits: Limits,
+    started: object,
+    task_status: trio.TaskStatus[Any],
+) -> None:
+    active = 0
+    busy = _standalone(Response.text(503, "too many connections", [("Connection", "close")]))
+
+    async def on_connection(stream: trio.SocketStream) -> None:
+        nonlocal active
+        peer = _peer_of(stream)
+        if active >= limits.max_connections:
+            log.warning("http: %s: refused, %d connections open", _where(peer), active)
+            with trio.move_on_after(limits.request_timeout):
+                with contextlib.suppress(trio.BrokenResourceError, OSError):
+                    await stream.send_all(busy)
+            await _close(stream, linger_bytes=limits.max_header)
+            return
+        active += 1
+        try:
+            await _Connection(stream, handler, peer, max_body, limits).serve()
+        except Exception:
+            # A bug here must cost one connection, not the server.
+            log.error("http: %s: connection failed", _where(peer), exc_info=True)
+            await trio.aclose_forcefully(stream)
+        finally:
+            active -= 1
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(trio.serve_listeners, on_connection, listeners)
+        task_status.started(started)
+
+
+def _peer_of(stream: trio.SocketStream) -> tuple[str, int] | None:
+    if stream.socket.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    name = stream.socket.getpeername()
+    return (name[0], name[1])
+
+
+def _where(peer: tuple[str, int] | None) -> str:
+    if peer is None:
+        return "unix socket peer"
+    host, port = peer
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _standalone(resp: Response) -> bytes:
+    """``resp`` rendered by h11 without a request (h11 lets a server refuse one it never read)."""
+    conn = h11.Connection(h11.SERVER)
+    return b"".join(conn.send(e) or b"" for e in _response_events(resp, head=False))
+
+
+def _response_events(resp: Response, *, head: bool) -> list[h11.Event]:
+    headers = [
+        ("Content-Type", resp.content_type),
+        ("Content-Length", str(len(resp.body))),
+        *resp.headers,
+    ]
+    try:
+        reason = http.HTTPStatus(resp.status).phrase.encode()
+    except ValueError:
+        reason = b""
+    events: list[h11.Event] = [
+        h11.Response(status_code=resp.status, headers=headers, reason=reason)
+    ]
+    if resp.body and not head:  # h11 frames a HEAD answer as empty
+        events.append(h11.Data(data=resp.body))
+    events.append(h11.EndOfMessage())
+    return events
+
+
+async def _close(stream: trio.SocketStream, *, linger_bytes: int) -> None:
+    """Close after a last answer, reading what the peer still sends for a moment (see above)."""
+    try:
+        with trio.move_on_after(_LINGER_SECONDS):
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                await stream.send_eof()
+                got = 0
+                while got < linger_bytes:
+                    data = await stream.receive_some(_RECV_SIZE)
+                    if not data:
+                        break
+                    got += len(data)
+    finally:
+        await trio.aclose_forcefully(stream)  # closes before its checkpoint, even when cancelled
+
+
+class _Connection:
+    """One server connection: read a request, answer it, repeat while keep-alive holds."""
+
+    def __init__(
+        self,
+        stream: trio.SocketStream,
+        handler: Handler,
+        peer: tuple[str, int] | None,
+        max_body: int,
+        limits: Limits,
+    ) -> None:
+        self.stream = stream
+        self.handler = handler
+        self.peer = peer
+        self.max_body = max_body
+        self.limits = limits
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header)
+
+    async def serve(self) -> None:
+        answered = False
+        try:
+            while True:
+                got = await self._read_request()
+                if got is None:
+                    return
+                if isinstance(got, Response):  # the request was refused while reading it
+                    answered = True
+                    await self._send(got, head=False)
+                    return
+                resp = await self._call(got)
+                answered = True
+                if not await self._send(resp, head=got.method == "HEAD"):
+                    return
+                if self.h11.our_state is not h11.DONE or self.h11.their_state is not h11.DONE:
+                    return  # h11 says the connection must close (HTTP/1.0, Connection: close)
+                self.h11.start_next_cycle()
+                answered = False
+        finally:
+            if answered:
+                await _close(self.stream, linger_bytes=self.max_body + self.limits.max_header)
+            else:
+                await trio.aclose_forcefully(self.stream)
+
+    async def _receive(self) -> bytes:
+        try:
+            return await self.stream.receive_some(_RECV_SIZE)
+        except trio.BrokenResourceError:
+            return b""  # a reset: h11 sees the end of the stream
+
+    async def _read_request(self) -> Request | Response | None:
+        """The next complete request; a Response to refuse it with; None when the peer left."""
+        conn, limits = self.h11, self.limits
+        # A pipelined request may already be buffered: its clock is running.
+        started = bool(conn.trailing_data[0])
+        timeout = limits.request_timeout if started else limits.idle_timeout
+        head: h11.Request | None = None
+        body = bytearray()
+        with trio.move_on_after(timeout) as scope:
+            try:
+                while True:
+                    event = conn.next_event()
+                    if event is h11.NEED_DATA:
+                        data = await self._receive()
+                        if data and not started:
+                            # From the first byte on, the whole request runs on one clock.
+                            started = True
+                            scope.deadline = trio.current_time() + limits.request_timeout
+                        conn.receive_data(data)
+                    elif isinstance(event, h11.Request):
+                        head = event
+                        refusal = await self._check_head(event)
+                        if refusal is not None:
+                            return refusal
+                    elif isinstance(event, h11.Data):
+                        body += event.data
+                        if len(body) > self.max_body:
+                            return self._refuse(413, f"request body over {self.max_body} bytes")
+                    elif isinstance(event, h11.EndOfMessage):
+                        assert head is not None
+                        return Request(
+                            method=head.method.decode("ascii"),
+                            target=head.target.decode("latin-1"),
+                            headers=list(head.headers),
+                            body=bytes(body),
+                            peer=self.peer,
+                        )
+                    else:  # ConnectionClosed (PAUSED cannot happen before a response)
+                        return None
+            except h11.RemoteProtocolError as e:
+                if not started:
+                    return None  # closed or reset between requests: nothing to answer
+                return self._refuse(e.error_status_hint, f"malformed request: {e}")
+        if not started:
+            return None  # idle keep-alive connection: close quietly
+        return self._refuse(408, f"request not complete within {limits.request_timeout} s")
+
+    async def _check_head(self, event: h11.Request) -> Response | None:
+        # h11 bounds a head that arrives in pieces; one that came in a single
+        # read is measured here.
+        size = len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers)
+        if size > self.limits.max_header:
+            return self._refuse(431, f"request head over {self.limits.max_header} bytes")
+        for name, value in event.headers:
+            if name == b"content-length" and int(value) > self.max_body:
+                return self._refuse(
+                    413, f"request body of {int(value)} bytes is over {self.max_body}"
+                )
+        if self.h11.they_are_waiting_for_100_continue:
+            go_on = h11.InformationalResponse(status_code=100, headers=[])
+            await self._send_bytes(self.h11.send(go_on) or b"")
+        return None
+
+    def _refuse(self, status: int, reason: str) -> Response:
+        log.info("http: %s: %d %s", _where(self.peer), status, reason)
+        return Response.text(status, reason, [("Connection", "close")])
+
+    async def _call(self, req: Request) -> Response:
+        what = f"{_where(self.peer)} {req.method} {req.path}"
+        with trio.move_on_after(self.limits.handler_timeout):
+            try:
+                resp = await self.handler(req)
+            except Exception:
+                log.error("http: %s: handler failed", what, exc_info=True)
+                return Response.text(500, "internal error")
+            if not isinstance(resp, Response):
+                log.error("http: %s: handler returned %r, not a Response", what, resp)
+                return Response.text(500, "internal error")
+            return resp
+        log.error("http: %s: handler took over %s s", what, self.limits.handler_timeout)
+        return Response.text(503, "request took too long")
+
+    async def _send(self, resp: Response, *, head: bool) -> bool:
+        """Send ``resp``; False when the connection is no longer usable."""
+        try:
+            events = _response_events(resp, head=head)
+        except h11.LocalProtocolError as e:  # e.g. a header value with a newline
+            log.error("http: %s: handler's response is not valid HTTP: %s", _where(self.peer), e)
+            events = _response_events(Response.text(500, "internal error"), head=head)
+        data = b"".join(self.h11.send(e) or b"" for e in events)
+        return await self._send_bytes(data)
+
+    async def _send_bytes(self, data: bytes) -> bool:
+        with trio.move_on_after(self.limits.request_timeout):
+            try:
+                await self.stream.send_all(data)
+                return True
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return False
+        log.info("http: %s: peer did not read the response in time", _where(self.peer))
+        return False
+
+
+# -- client -------------------------------------------------------------------
+
+
+async def request(
+    host: str,
+    port: int,
+    method: str,
+    target: str,
+    body: bytes = b"",
+    *,
+    timeout: float,
+    content_type: str = "application/json",
+    max_response: int = MAX_RESPONSE,
+) -> tuple[int, bytes]:
+    """One request over a new TCP connection; (status, body).
+
+    Raises HTTPError for a malformed or incomplete response, OSError when
+    the connection cannot be made, trio.TooSlowError after ``timeout``
+    seconds for the whole exchange.
+    """
+    authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    with trio.fail_after(timeout):
+        stream = await trio.open_tcp_stream(host, port)
+        async with stream:
+            return await _exchange(
+                stream, authority, method, target, body, content_type, max_response,
+                f"http://{authority}{target}",
+            )
+
+
+async def request_unix(
+    path: str | os.PathLike[str],
+    method: str,
+    target: str,
+    body: bytes = b"",
+    *,
+    timeout: float,
+    content_type: str = "application/json",
+    max_response: int = MAX_RESPONSE,
+) -> tuple[int, bytes]:
+    """As :func:`request`, over the unix socket at ``path``."""
+    path = os.fspath(path)
+    with trio.fail_after(timeout):
+        stream = await trio.open_unix_socket(path)
+        async with stream:
+            return await _exchange(
+                stream, "localhost", method, target, body, content_type, max_response,
+                f"unix:{path} {target}",
+            )
+
+
+async def _exchange(
+    stream: trio.SocketStream,
+    authority: str,
+    method: str,
+    target: str,
+    body: bytes,
+    content_type: str,
+    max_response: int,
+    where: str,
+) -> tuple[int, bytes]:
+    conn = h11.Connection(h11.CLIENT)
+    headers = [
+        ("Host", authority),
+        ("Connection", "close"),
+        ("Content-Length", str(len(body))),
+        ("Content-Type", content_type),
+    ]
+    try:
+        out = conn.send(h11.Request(method=method, target=target, headers=headers)) or b""
+        if body:
+            out += conn.send(h11.Data(data=body)) or b""
+        out += conn.send(h11.EndOfMessage()) or b""
+    except h11.LocalProtocolError as e:
+        raise HTTPError(f"{method} {where}: cannot send this request: {e}") from None
+    status: int | None = None
+    chunks: list[bytes] = []
+    size = 0
+    eof = False
+    closed = f"{method} {where}: connection closed before a complete response"
+    try:
+        await stream.send_all(out)
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                data = await stream.receive_some(_RECV_SIZE)
+                eof = not data
+                conn.receive_data(data)
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.Data):
+                size += len(event.data)
+                if size > max_response:
+                    raise HTTPError(f"{method} {where}: response body over {max_response} bytes")
+                chunks.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                assert status is not None
+                return status, b"".join(chunks)
+            elif isinstance(event, h11.ConnectionClosed):
+                raise HTTPError(closed)
+            # InformationalResponse (100 Continue): keep reading
+    except h11.RemoteProtocolError as e:
+        raise HTTPError(closed if eof else f"{method} {where}: malformed response: {e}") from None
+    except trio.BrokenResourceError as e:
+        raise HTTPError(f"{method} {where}: connection broken: {e.__cause__ or e}") from None
+

@@ -1,0 +1,405 @@
+"""A conn25d node: the trio shell that wires the core, the datapath and the system.
+
+Embeddable::
+
+    node = Node(NodeOptions(tailnet="tailnet.hujson", hostname="laptop"))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(node.run)   # returns once the node serves
+        ...
+        nursery.cancel_scope.cancel()   # tears everything down, leaves nothing behind
+
+``conn25d up`` is this plus signal handling.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import msgspec
+import trio
+
+from . import tailnet as tailnet_mod
+from .assignments import Assignments
+from .config import NodeConfig, Tailnet
+from .connector import ConnectorTable, Mapping
+from .dnsmap import DNSMapper
+from .dnsserver import ClientResolver, DNSServer, Forwarder, upstreams_from_resolv_conf
+from .fastpath import Datapath, monotonic_ms
+from .iprange import IPAddress, IPNetwork, IPRange
+from .localapi import LocalAPI
+from .peerapi_server import PeerAPI
+from .registration import Registrar
+from .status import status_document
+from .system import SystemSetup
+
+log = logging.getLogger("conn25d")
+
+PEERAPI_PORT = 41642
+SOCKET_NAME = "conn25d.sock"
+ASSIGNMENTS_FILE = "assignments.json"
+SWEEP_INTERVAL = 5.0
+RELOAD_POLL = 1.0
+
+
+class NodeError(Exception):
+    """The node cannot start: a message for the operator, no traceback."""
+
+
+class NodeOptions(msgspec.Struct, kw_only=True):
+    tailnet: str
+    hostname: str
+    advertise_connector: bool = False
+    advertise_tags: tuple[str, ...] | None = None
+    state_dir: str | None = None  # default /var/lib/conn25d/HOSTNAME
+    tun_name: str = "conn25"
+    mtu: int = 1420
+    dns_listen: tuple[str, int] = ("100.100.100.100", 53)
+    upstream_dns: tuple[tuple[str, int], ...] | None = None  # default: from /etc/resolv.conf
+    peerapi_port: int = PEERAPI_PORT
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.state_dir or f"/var/lib/conn25d/{self.hostname}")
+
+
+class Node:
+    """One node; ``run`` serves until cancelled. Implements conn25.context.NodeContext."""
+
+    def __init__(self, options: NodeOptions) -> None:
+        self.options = options
+        self.peerapi_port = options.peerapi_port
+        self.tailnet: Tailnet | None = None
+        self.config: NodeConfig
+        self.assignments: Assignments
+        self.connector: ConnectorTable | None = None
+        self.datapath: Datapath
+        self.forwarder: Forwarder
+        self.registrar: Registrar
+        self.resolver: ClientResolver | None = None
+        self._peer_ids: dict[str, int] = {}
+        self._app_ids: dict[str, int] = {}
+        self._dirty = trio.Event()
+        self._reload_requested = trio.Event()
+        self._file_stamp: tuple[float, int] | None = None
+        self.counters: dict[str, int] = {"reloads": 0, "reload_errors": 0, "reclaimed": 0}
+
+    # -- NodeContext ---------------------------------------------------------
+
+    def now(self) -> float:
+        return time.time()
+
+    def peer_id(self, name: str) -> int:
+        return self._peer_ids.setdefault(name, len(self._peer_ids) + 1)
+
+    def app_id(self, name: str) -> int:
+        return self._app_ids.setdefault(name, len(self._app_ids) + 1)
+
+    def install_connector_mappings(self, mappings: Iterable[Mapping]) -> None:
+        for m in mappings:
+            self.datapath.tables.set_transit(m.peer, m.transit, m.destination, self.app_id(m.app))
+            log.info("mapped app=%s peer=%s transit=%s -> %s", m.app, m.peer_name, m.transit,
+                     m.destination)
+
+    def assignments_changed(self) -> None:
+        self._dirty.set()
+
+    def metrics(self) -> dict[str, int]:
+        out = dict(self.counters)
+        if self.resolver is not None:
+            out.update({f"dns_{k}": v for k, v in self.resolver.counters().items()})
+        out.update({f"registration_{k}": v for k, v in self.registrar.counters().items()})
+        return out
+
+    def request_reload(self) -> None:
+        """Re-read the tailnet file soon (SIGHUP)."""
+        self._reload_requested.set()
+
+    # -- life cycle --------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
+        opts = self.options
+        self._load_config()
+        state = opts.state_path
+        state.mkdir(parents=True, exist_ok=True)
+        self.assignments = Assignments(self.config.pools)
+        self._restore_assignments()
+        self.connector = ConnectorTable(self.config) if opts.advertise_connector else None
+        self.datapath = Datapath(client=True, connector=opts.advertise_connector)
+        self.forwarder = Forwarder(list(opts.upstream_dns) if opts.upstream_dns is not None
+                                   else upstreams_from_resolv_conf(exclude=[opts.dns_listen[0]]))
+        self.registrar = Registrar(self)
+        system = SystemSetup(tun_name=opts.tun_name, mtu=opts.mtu, state_dir=state)
+        sock: socket.socket | None = None
+        try:
+            node = self.config.node
+            tun_fd = system.open(list(node.addresses), self._routes(),
+                                 local_addresses=self._local_addresses())
+            if opts.advertise_connector:
+                system.enable_connector()
+                for blocker in system.forward_blockers():
+                    log.warning("forwarded traffic may be dropped by %s: allow traffic from %s",
+                                blocker, opts.tun_name)
+            sock = self._bind_underlay()
+            self._install_tables()
+            self.datapath.start(tun_fd, sock)
+            async with trio.open_nursery() as nursery:
+                for addr in node.addresses:
+                    await nursery.start(self._serve_peerapi, str(addr))
+                await nursery.start(self.registrar.run)
+                if self.config.apps:
+                    self.resolver = ClientResolver(
+                        DNSMapper(self.config, self.assignments, log.info), self.forwarder,
+                        self.registrar.resolve, self.registrar.register,
+                        assignments_changed=self.assignments_changed)
+                    await nursery.start(DNSServer(opts.dns_listen, self.resolver.answer).run)
+                local = LocalAPI(self, lambda: status_document(self), self.metrics)
+                await nursery.start(local.run, str(state / SOCKET_NAME))
+                nursery.start_soon(self._read_events)
+                nursery.start_soon(self._sweep)
+                nursery.start_soon(self._persist)
+                nursery.start_soon(self._watch_config, system)
+                log.info("node %s up: tun=%s overlay=%s connector=%s apps=%s", node.name,
+                         opts.tun_name, ",".join(map(str, node.addresses)),
+                         opts.advertise_connector, ",".join(a.name for a in self.config.apps))
+                task_status.started(self)
+        finally:
+            with trio.CancelScope(shield=True):
+                self.datapath.stop()
+                if sock is not None:
+                    sock.close()
+                system.close()  # closes the TUN fd too
+                self._save_assignments()
+                log.info("node %s stopped", opts.hostname)
+
+    # -- start-up pieces -------------------------------------------------------
+
+    def _load_config(self) -> None:
+        opts = self.options
+        try:
+            self.tailnet = tailnet_mod.load_file(opts.tailnet)
+        except OSError as e:
+            raise NodeError(f"cannot read tailnet file {opts.tailnet}: {e.strerror}") from None
+        except tailnet_mod.TailnetError as e:
+            raise NodeError(str(e)) from None
+        self._file_stamp = self._stamp()
+        try:
+            self.config = self.tailnet.node_config(opts.hostname, opts.advertise_connector)
+        except KeyError:
+            raise NodeError(f"{opts.tailnet}: no node named {opts.hostname!r}") from None
+        tags = self.config.node.tags
+        if opts.advertise_tags is not None and sorted(opts.advertise_tags) != sorted(tags):
+            raise NodeError(
+                f"--advertise-tags {','.join(opts.advertise_tags) or '(none)'} does not match the "
+                f"tags of node {opts.hostname!r} in {opts.tailnet}: {','.join(tags) or '(none)'}")
+        if opts.advertise_connector and not self.config.own_apps:
+            log.warning("node %s advertises as a connector but carries no app's connector tag",
+                        opts.hostname)
+
+    def _stamp(self) -> tuple[float, int] | None:
+        try:
+            st = os.stat(self.options.tailnet)
+        except OSError:
+            return None
+        return (st.st_mtime, st.st_size)
+
+    def _peers(self) -> list:
+        return [n for n in self.config.tailnet.nodes if n.name != self.config.node.name]
+
+    def _routes(self) -> list[IPNetwork]:
+        """Into the TUN: every peer's overlay addresses and, on a client, the magic pools."""
+        import ipaddress
+
+        routes: list[IPNetwork] = [ipaddress.ip_network(a) for n in self._peers()
+                                   for a in n.addresses]
+        if self.config.apps:
+            routes += self.config.pools.magic_routes()
+        return routes
+
+    def _local_addresses(self) -> list[IPAddress]:
+        import ipaddress
+
+        return [ipaddress.ip_address(self.options.dns_listen[0])] if self.config.apps else []
+
+    def _bind_underlay(self) -> socket.socket:
+        host, port = self.config.node.endpoint
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            sock.close()
+            hint = " (is another conn25d running?)" if e.errno == errno.EADDRINUSE else ""
+            raise NodeError(f"cannot bind the underlay endpoint {host}:{port}: "
+                            f"{e.strerror}{hint}") from None
+        return sock
+
+    def _install_tables(self) -> None:
+        """Peers, ranges and restored assignments into the datapath's tables."""
+        import ipaddress
+
+        tables = self.datapath.tables
+        for peer in self._peers():
+            host, port = peer.endpoint
+            tables.set_peer(self.peer_id(peer.name), ipaddress.ip_address(host), port,
+                            list(peer.addresses))
+        pools = self.config.pools
+        tables.set_magic_ranges(list(pools.v4_magic) + list(pools.v6_magic))
+        if self.connector is not None:
+            transit: set[IPRange] = set()
+            for n in self.config.tailnet.nodes:
+                p = self.config.tailnet.pools_for(n)
+                transit.update(p.v4_transit, p.v6_transit)
+            tables.set_transit_ranges(sorted(transit))
+        for a in self.assignments:
+            if a.connector is not None and self.config.tailnet.node(a.connector) is not None:
+                # Route first: a packet that finds the magic entry must find the route.
+                tables.set_route(a.transit, self.peer_id(a.connector))
+                tables.set_magic(a.magic, a.transit)
+
+    async def _serve_peerapi(self, host: str, *,
+                             task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        from .http import serve_tcp
+
+        api = PeerAPI(self)
+        await serve_tcp(host, self.peerapi_port, api.handle, task_status=task_status)
+
+    # -- background tasks ----------------------------------------------------------
+
+    async def _read_events(self) -> None:
+        dp = self.datapath
+        while True:
+            await trio.lowlevel.wait_readable(dp.event_fd)
+            now = self.now()
+            import ipaddress
+
+            for ev in dp.read_events():
+                transit = ipaddress.ip_address(ev.transit)
+                if ev.kind == "flow_created" and ev.role == "client":
+                    self.assignments.flow_started(transit, now)
+                elif ev.kind == "flow_removed" and ev.role == "client":
+                    self.assignments.flow_ended(transit, now)
+                elif ev.kind == "reject":
+                    log.info("connector rejected transit=%s: re-registering", transit)
+                    self.registrar.rejected(transit)
+                elif ev.kind == "unmapped_transit":
+                    log.info("rejected unmapped transit=%s from peer id %s", transit, ev.peer)
+
+    async def _sweep(self) -> None:
+        tables = self.datapath.tables
+        while True:
+            await trio.sleep(SWEEP_INTERVAL)
+            now = self.now()
+            for a in self.assignments.reclaim(now):
+                tables.del_magic(a.magic)
+                tables.del_route(a.transit)
+                self.counters["reclaimed"] += 1
+                log.info("reclaimed app=%s domain=%s magic=%s transit=%s real=%s", a.app,
+                         a.domain, a.magic, a.transit, a.real)
+                self._dirty.set()
+            if self.connector is not None:
+                for m in self.connector.sweep(now, 1000):
+                    tables.del_transit(m.peer, m.transit)
+            self.datapath.sweep(monotonic_ms(), 1000)
+
+    async def _persist(self) -> None:
+        while True:
+            await self._dirty.wait()
+            await trio.sleep(0.2)  # debounce: one write for a burst of changes
+            self._dirty = trio.Event()
+            self._save_assignments()
+
+    async def _watch_config(self, system: SystemSetup) -> None:
+        while True:
+            with trio.move_on_after(RELOAD_POLL):
+                await self._reload_requested.wait()
+            if self._reload_requested.is_set() or self._stamp() != self._file_stamp:
+                self._reload_requested = trio.Event()
+                self._reload(system)
+
+    def _reload(self, system: SystemSetup) -> None:
+        """Apply a changed tailnet file; a bad one is logged and the old configuration stays."""
+        opts = self.options
+        self._file_stamp = self._stamp()
+        try:
+            tn = tailnet_mod.load_file(opts.tailnet)
+            cfg = tn.node_config(opts.hostname, opts.advertise_connector)
+        except (OSError, tailnet_mod.TailnetError, KeyError) as e:
+            self.counters["reload_errors"] += 1
+            log.error("tailnet file %s rejected, keeping the running configuration:\n%s",
+                      opts.tailnet, e)
+            return
+        if cfg.node.addresses != self.config.node.addresses or \
+                cfg.node.endpoint != self.config.node.endpoint:
+            self.counters["reload_errors"] += 1
+            log.error("tailnet file %s changes this node's own addresses or endpoint; restart "
+                      "conn25d to apply that (keeping the running configuration)", opts.tailnet)
+            return
+        old_peers = {n.name for n in self._peers()}
+        self.tailnet, self.config = tn, cfg
+        self.assignments.reconfigure(cfg.pools)
+        if self.connector is not None:
+            for m in self.connector.reconfigure(cfg):
+                self.datapath.tables.del_transit(m.peer, m.transit)
+        for name in old_peers - {n.name for n in self._peers()}:
+            self.datapath.tables.del_peer(self.peer_id(name))
+        self._install_tables()
+        system.set_routes(self._routes())
+        if self.resolver is not None:
+            self.resolver.mapper.config = cfg
+        self.counters["reloads"] += 1
+        log.info("tailnet file %s reloaded", opts.tailnet)
+
+    # -- persistence -----------------------------------------------------------------
+
+    def _restore_assignments(self) -> None:
+        path = self.options.state_path / ASSIGNMENTS_FILE
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return
+        try:
+            n = self.assignments.restore(data, self.now())
+        except ValueError as e:
+            bad = path.with_suffix(".bad")
+            with contextlib.suppress(OSError):
+                path.rename(bad)
+            log.error("ignoring saved assignments (%s); moved to %s", e, bad)
+            return
+        log.info("restored %d assignments from %s", n, path)
+
+    def _save_assignments(self) -> None:
+        if not hasattr(self, "assignments"):
+            return
+        path = self.options.state_path / ASSIGNMENTS_FILE
+        tmp = path.with_suffix(".tmp")
+        try:
+            tmp.write_bytes(self.assignments.snapshot())
+            tmp.replace(path)
+        except OSError as e:
+            log.error("cannot save assignments to %s: %s", path, e)
+
+
+async def serve(options: NodeOptions,
+                *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run a node until SIGINT or SIGTERM (SIGHUP re-reads the tailnet file)."""
+    import signal
+
+    node = Node(options)
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(node.run)
+            task_status.started(node)
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    node.request_reload()
+                    continue
+                log.info("%s: shutting down", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break

@@ -1,0 +1,253 @@
+"""The peer API's routes: what a node answers other nodes on its overlay address.
+
+* ``POST TRANSIT_IP_PATH``: a client registers transit IPs with this
+  connector (DESIGN §4). Items that carry a ``domain`` whose destination
+  this connector has not seen resolve are checked against a fresh
+  resolution first; accepted mappings go to the datapath.
+* ``POST DNS_QUERY_PATH?app=NAME``: a client resolves one of the app's
+  names here (RFC 8484 style, DNS wire format both ways), so names that only
+  resolve inside the connector's network work. The answer's addresses become
+  acceptable destinations for the app.
+* ``GET HEALTH_PATH``: whether this node advertises as a connector, and for
+  which apps.
+
+The caller is the overlay source address of the connection, which the
+fastpath's anti-spoofing check vouches for; an address of no node gets 403.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from typing import TYPE_CHECKING
+
+import trio
+from dnslib import QTYPE, DNSRecord
+
+from . import peerapi
+from .config import Node
+from .connector import ConnectorTable, Mapping
+from .dnsmap import DNSMapError, answer_addresses
+from .http import Request, Response
+from .iprange import IPAddress
+from .peerapi import (
+    DNS_QUERY_PATH,
+    HEALTH_PATH,
+    TRANSIT_IP_PATH,
+    BadRequest,
+    ConnectorTransitIPRequest,
+    ConnectorTransitIPResponse,
+    HealthResponse,
+    NotConfigured,
+)
+
+if TYPE_CHECKING:
+    from .context import NodeContext
+
+log = logging.getLogger("conn25.peerapi")
+
+DNS_MESSAGE = "application/dns-message"
+# Fresh resolutions one registration may run at once (each waits on upstream DNS).
+RESOLVE_CONCURRENCY = 8
+NOT_CONNECTOR_MESSAGE = "this node is not a connector for any app"
+
+
+class PeerAPI:
+    """Routes of the peer API; ``handle`` is an :data:`conn25.http.Handler`."""
+
+    def __init__(self, node: NodeContext) -> None:
+        self._node = node
+        self._routes = {
+            TRANSIT_IP_PATH: self._transit_ip,
+            DNS_QUERY_PATH: self._dns_query,
+            HEALTH_PATH: self._health,
+        }
+
+    async def handle(self, req: Request) -> Response:
+        path = req.path
+        route = self._routes.get(path)
+        if route is None:
+            return self._error(req, None, 404, f"no such endpoint {path!r}")
+        peer = self._peer(req)
+        if peer is None:
+            return self._error(req, None, 403, "the source address is not a node of the tailnet")
+        return await route(req, peer)
+
+    # -- identity and errors ----------------------------------------------------
+
+    def _peer(self, req: Request) -> Node | None:
+        if req.peer is None:
+            return None
+        try:
+            addr: IPAddress = ipaddress.ip_address(req.peer[0])
+        except ValueError:
+            return None
+        # A dual-stack listener reports IPv4 peers as ::ffff:a.b.c.d.
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        return self._node.config.peer_by_address(addr)
+
+    def _error(
+        self,
+        req: Request,
+        peer: Node | None,
+        status: int,
+        reason: str,
+        headers: list[tuple[str, str]] | None = None,
+    ) -> Response:
+        who = peer.name if peer is not None else (req.peer[0] if req.peer else "local")
+        log.warning("peerapi: %s %s from %s: %d %s", req.method, req.path, who, status, reason)
+        return Response.text(status, reason, headers)
+
+    # -- transit-ip ---------------------------------------------------------------
+
+    async def _transit_ip(self, req: Request, peer: Node) -> Response:
+        connector = self._node.connector
+        if req.method == "POST" and connector is not None:
+            try:
+                decoded = peerapi.decode_transit_request(req.body)
+            except BadRequest:
+                pass  # transit_ip_http below answers it
+            else:
+                await self._resolve_fresh(connector, peer, decoded)
+
+        stored: list[Mapping] = []
+        now = self._node.now()
+
+        def register(r: ConnectorTransitIPRequest) -> ConnectorTransitIPResponse:
+            if connector is None:
+                raise NotConfigured(NOT_CONNECTOR_MESSAGE)
+            resp, new = connector.register(peer, r, now)
+            stored.extend(new)
+            for item, result in zip(r.transit_ips, resp.transit_ips, strict=True):
+                if result.code != peerapi.Code.OK:
+                    log.info(
+                        "peerapi: transit-ip from %s: %s -> %s (app %s, domain %s) refused, "
+                        "code %d: %s", peer.name, item.transit_ip, item.destination_ip,
+                        item.app, item.domain, result.code, result.message,
+                    )
+            return resp
+
+        status, body = peerapi.transit_ip_http(req.method, req.body, register)
+        if stored:
+            self._node.install_connector_mappings(stored)
+        if status != 200:
+            allow = [("Allow", "POST")] if status == 405 else None
+            return self._error(req, peer, status, body.decode(errors="replace").strip(), allow)
+        return Response(200, body)
+
+    async def _resolve_fresh(
+        self, connector: ConnectorTable, peer: Node, req: ConnectorTransitIPRequest
+    ) -> None:
+        """Resolve the (app, domain) pairs whose destinations this connector has not seen."""
+        pairs = connector.needs_resolution(peer, req, self._node.now())
+        if not pairs:
+            return
+        # Only the families the request's destinations are in.
+        families: dict[tuple[str, str], set[int]] = {pair: set() for pair in pairs}
+        for item in req.transit_ips:
+            if item.domain is not None and (item.app, item.domain) in families:
+                families[(item.app, item.domain)].add(item.destination.version)
+        limiter = trio.CapacityLimiter(RESOLVE_CONCURRENCY)
+        async with trio.open_nursery() as nursery:
+            for (app, domain), versions in families.items():
+                for v in sorted(versions):
+                    nursery.start_soon(self._resolve, connector, peer, app, domain, v, limiter)
+
+    async def _resolve(
+        self,
+        connector: ConnectorTable,
+        peer: Node,
+        app: str,
+        domain: str,
+        version: int,
+        limiter: trio.CapacityLimiter,
+    ) -> None:
+        qtype = "A" if version == 4 else "AAAA"
+        query = DNSRecord.question(domain, qtype).pack()
+        async with limiter:
+            try:
+                answer = await self._node.forwarder.forward(bytes(query))
+                name, _, addrs = answer_addresses(answer)
+            except Exception as e:  # the item then fails its check, with a reason
+                log.warning(
+                    "peerapi: transit-ip from %s: resolving %s %s for app %s failed: %s",
+                    peer.name, domain, qtype, app, e,
+                )
+                return
+        if name != domain:
+            log.warning(
+                "peerapi: transit-ip from %s: upstream answered %s when asked for %s %s",
+                peer.name, name, domain, qtype,
+            )
+            return
+        connector.note_resolution(app, domain, addrs, self._node.now())
+
+    # -- dns-query ----------------------------------------------------------------
+
+    async def _dns_query(self, req: Request, peer: Node) -> Response:
+        if req.method != "POST":
+            return self._error(req, peer, 405, "method must be POST", [("Allow", "POST")])
+        content_type = req.header("content-type")
+        if content_type is not None and content_type.split(b";")[0].strip() != DNS_MESSAGE.encode():
+            return self._error(req, peer, 415, f"content type must be {DNS_MESSAGE}")
+        names = req.query.get("app", [])
+        if len(names) != 1 or not names[0]:
+            return self._error(req, peer, 400, "exactly one app=NAME parameter is required")
+        app_name = names[0]
+        cfg = self._node.config
+        # Before looking at the app, so that apps cannot be enumerated.
+        if not cfg.may_use_apps(peer):
+            return self._error(req, peer, 403, "peer is not allowed to use apps")
+        connector = self._node.connector
+        if connector is None or not connector.configured:
+            return self._error(req, peer, 503, NOT_CONNECTOR_MESSAGE)
+        app = cfg.app(app_name)
+        if app is None or app not in cfg.own_apps:
+            return self._error(req, peer, 404, f"app {app_name!r} is not served by this connector")
+        try:
+            msg = DNSRecord.parse(req.body)
+            if msg.header.qr:
+                raise DNSMapError("the message is a response, not a query")
+            name, qtype, _ = answer_addresses(msg)
+        except Exception as e:  # dnslib raises several kinds on bad input
+            return self._error(req, peer, 400, f"malformed DNS query: {e}")
+        if app not in cfg.apps_for_name(name):
+            return self._error(req, peer, 400, f"{name} is not a domain of app {app.name!r}")
+        try:
+            answer = await self._node.forwarder.forward(req.body)
+        except Exception as e:
+            return self._error(req, peer, 502, f"upstream DNS failed for {name}: {e}")
+        self._note_answer(peer, app.name, name, QTYPE.get(qtype), answer)
+        return Response(200, answer, DNS_MESSAGE)
+
+    def _note_answer(self, peer: Node, app: str, name: str, qtype: str, answer: bytes) -> None:
+        """Make the answer's addresses acceptable destinations for ``app``."""
+        connector = self._node.connector
+        if connector is None:
+            return
+        try:
+            answered, _, addrs = answer_addresses(answer)
+        except DNSMapError as e:
+            log.warning("peerapi: dns-query from %s: %s %s: upstream answer: %s",
+                        peer.name, name, qtype, e)
+            return
+        if answered != name:
+            log.warning("peerapi: dns-query from %s: upstream answered %s when asked for %s %s",
+                        peer.name, answered, name, qtype)
+            return
+        if addrs:
+            connector.note_resolution(app, name, addrs, self._node.now())
+
+    # -- health ---------------------------------------------------------------------
+
+    async def _health(self, req: Request, peer: Node) -> Response:
+        if req.method not in ("GET", "HEAD"):
+            return self._error(req, peer, 405, "method must be GET", [("Allow", "GET")])
+        cfg = self._node.config
+        health = HealthResponse(
+            advertises_connector=cfg.advertise_connector,
+            apps=sorted(a.name for a in cfg.own_apps),
+            node=cfg.node.name,
+        )
+        return Response(200, peerapi.encode(health))

@@ -1,0 +1,201 @@
+"""The status document (``conn25d status``, the local API's ``/status``; B58, DESIGN §6).
+
+:func:`status_document` is a pure function of the node's state and returns
+plain JSON types. A node without apps gives ``{"configured": false}``;
+otherwise::
+
+    {"configured": true, "node": NAME, "now": SECONDS, "advertiseConnector": BOOL,
+     "client": {
+        "apps": [{"name", "connector": NAME|null, "candidates": [{"name", "healthy"}],
+                  "domains": [{"domain", "addresses": [ADDRESS, ...]}, ...]}, ...],
+        "pools": {"v4Magic": {"inUse", "capacity"}, "v6Magic": ..., "v4Transit": ...,
+                  "v6Transit": ...}},
+     "connector": {"configured", "apps", "peers": [{"name", "apps",
+                   "mappings": [{"transit", "destination", "app", "expires"}]}]},
+     "connectorHealth": {NAME: {"reachable", "advertisesConnector", "apps", ...}},
+     "datapath": {COUNTER: INT}, "metrics": {COUNTER: INT}}
+
+where ADDRESS is ``{"magic", "transit", "real", "app", "domain", "expiry",
+"activeFlows", "connector"}``. Times (``now``, ``expiry``, ``expires``) are
+wall-clock seconds since the epoch (floats), the time base of assignments
+and connector mappings; ``expiry - now`` is what is left, negative for an
+expired assignment that is still in use.
+
+Order (B58): apps by name; domains parents before children (compared label
+by label from the top: ``github.com.`` < ``api.github.com.`` <
+``gist.github.com.``); addresses by active flows, most first, then by real
+address (IPv4 before IPv6). The client view lists the apps this node maps
+(not those it serves as a connector), plus any app that still has
+assignments after a reload removed it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from .assignments import Assignment
+
+if TYPE_CHECKING:
+    from .context import NodeContext
+
+__all__ = ["domain_order", "render_table", "status_document"]
+
+
+def domain_order(domain: str) -> tuple[str, ...]:
+    """Sort key putting a parent before its children, siblings by name."""
+    return tuple(reversed(domain.rstrip(".").split(".")))
+
+
+def _address(a: Assignment) -> dict[str, Any]:
+    return {
+        "magic": str(a.magic),
+        "transit": str(a.transit),
+        "real": str(a.real),
+        "app": a.app,
+        "domain": a.domain,
+        "expiry": a.expiry,
+        "activeFlows": a.active_flows,
+        "connector": a.connector,
+    }
+
+
+def _domains(assignments: Iterable[Assignment]) -> list[dict[str, Any]]:
+    by_domain: dict[str, list[Assignment]] = {}
+    for a in assignments:
+        by_domain.setdefault(a.domain, []).append(a)
+    return [
+        {
+            "domain": domain,
+            "addresses": [
+                _address(a)
+                for a in sorted(by_domain[domain],
+                                key=lambda a: (-a.active_flows, a.real.version, int(a.real)))
+            ],
+        }
+        for domain in sorted(by_domain, key=domain_order)
+    ]
+
+
+def _client_view(node: NodeContext) -> dict[str, Any]:
+    cfg = node.config
+    registrar = getattr(node, "registrar", None)  # absent while a node starts
+    by_app: dict[str, list[Assignment]] = {a.name: [] for a in cfg.apps if not cfg.serves(a)}
+    for a in node.assignments:
+        by_app.setdefault(a.app, []).append(a)
+    apps = []
+    for name in sorted(by_app):
+        app = cfg.app(name)
+        chosen = registrar.chosen_connector(app) if registrar and app else None
+        candidates = []
+        if app is not None:
+            for c in cfg.connector_candidates(app):
+                healthy = registrar.health_of(c.name, app) if registrar is not None else None
+                candidates.append({"name": c.name, "healthy": healthy})
+        apps.append({
+            "name": name,
+            "connector": chosen.name if chosen is not None else None,
+            "candidates": candidates,
+            "domains": _domains(by_app[name]),
+        })
+    return {"apps": apps, "pools": node.assignments.pool_usage()}
+
+
+def status_document(node: NodeContext) -> dict[str, Any]:
+    """The node's state as plain JSON types (see the module docstring)."""
+    cfg = node.config
+    if not cfg.configured:
+        return {"configured": False}
+    connector = node.connector
+    registrar = getattr(node, "registrar", None)
+    return {
+        "configured": True,
+        "node": cfg.node.name,
+        "now": node.now(),
+        "advertiseConnector": cfg.advertise_connector,
+        "client": _client_view(node),
+        "connector": msgspec.to_builtins(connector.state()) if connector is not None
+        else {"configured": False},
+        "connectorHealth": registrar.health() if registrar is not None else {},
+        "datapath": dict(node.datapath.counters()),
+        "metrics": dict(node.metrics()),
+    }
+
+
+# -- the text table -------------------------------------------------------------------
+
+
+def _duration(seconds: float) -> str:
+    s = int(abs(seconds))
+    h, rest = divmod(s, 3600)
+    m, s = divmod(rest, 60)
+    text = f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+    return f"in {text}" if seconds >= 0 else f"expired {text} ago"
+
+
+def _table(headers: list[str], rows: list[list[str]], indent: str = "  ") -> list[str]:
+    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
+    return [
+        indent + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in [headers, *rows]
+    ]
+
+
+def _counters(title: str, counters: dict[str, Any]) -> list[str]:
+    if not counters:
+        return []
+    width = max(len(k) for k in counters)
+    return [title, *(f"  {k.ljust(width)}  {v}" for k, v in sorted(counters.items()))]
+
+
+def render_table(doc: dict[str, Any]) -> str:
+    """``doc`` (from :func:`status_document`) as readable text for a terminal."""
+    if not doc.get("configured"):
+        return "not configured: this node has no apps in the tailnet file\n"
+    now = float(doc.get("now", 0.0))
+    role = "client and connector" if doc.get("advertiseConnector") else "client"
+    out = [f"node {doc.get('node', '?')} ({role})", ""]
+    client = doc.get("client", {})
+    for app in client.get("apps", []):
+        health = {True: "healthy", False: "down", None: "unknown"}
+        candidates = ", ".join(f"{c['name']} {health.get(c.get('healthy'), '?')}"
+                               for c in app.get("candidates", [])) or "none"
+        out.append(f"app {app['name']}: connector {app.get('connector') or '-'} "
+                   f"(candidates: {candidates})")
+        rows = [
+            [d["domain"], a["magic"], a["transit"], a["real"], str(a["activeFlows"]),
+             _duration(a["expiry"] - now), a.get("connector") or "(unregistered)"]
+            for d in app.get("domains", []) for a in d["addresses"]
+        ]
+        if rows:
+            out += _table(["DOMAIN", "MAGIC", "TRANSIT", "REAL", "FLOWS", "EXPIRES", "CONNECTOR"],
+                          rows)
+        else:
+            out.append("  no assignments")
+        out.append("")
+    pools = client.get("pools", {})
+    if pools:
+        out.append("pools")
+        out += _table(["POOL", "IN USE", "CAPACITY"],
+                      [[name, str(p["inUse"]), str(p["capacity"])]
+                       for name, p in sorted(pools.items())])
+        out.append("")
+    conn = doc.get("connector", {})
+    if conn.get("configured"):
+        out.append(f"connector for {', '.join(conn.get('apps', []))}")
+        rows = [
+            [peer["name"], m["app"], m["transit"], m["destination"], _duration(m["expires"] - now)]
+            for peer in conn.get("peers", []) for m in peer.get("mappings", [])
+        ]
+        if rows:
+            out += _table(["PEER", "APP", "TRANSIT", "DESTINATION", "EXPIRES"], rows)
+        else:
+            out.append("  no mappings")
+        out.append("")
+    out += _counters("datapath", doc.get("datapath", {}))
+    metrics = doc.get("metrics", {})
+    if metrics:
+        out += ["", *_counters("control plane", metrics)]
+    return "\n".join(out).rstrip("\n") + "\n"

@@ -1,0 +1,231 @@
+"""A throwaway tailnet in network namespaces, for `conn25d demo` and the end-to-end tests.
+
+    inet ns: the "internet" — a router between the nodes, dnsmasq on 198.51.100.53,
+             a web server on 198.51.100.10 / 2001:db8:100::10 that answers with the
+             address it sees the request from, iperf3.
+    one ns per node: a veth to inet (203.0.113.4i+2/30, 2001:db8:i::2/64, default
+             route via inet), its underlay endpoint 192.0.2.i on lo, conn25d.
+
+Only DESIGN §7 addresses; the namespaces reach nothing but each other. Everything
+is removed by close(), also after a failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from .netns import Netns, sh, wait_for
+
+WEB4, WEB6, DNS4 = "198.51.100.10", "2001:db8:100::10", "198.51.100.53"
+APP_TAG = "tag:example-connector"
+
+WEB_SERVER = r"""
+import http.server, socket, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = ("you came from " + self.client_address[0].removeprefix("::ffff:") + "\n").encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+class S(http.server.ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+    def server_bind(self):
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+S(("::", 80), H).serve_forever()
+"""
+
+
+class NodeSpec:
+    def __init__(self, name: str, index: int, *, user: str | None = None,
+                 tags: tuple[str, ...] = (), connector: bool = False) -> None:
+        self.name, self.index, self.user, self.tags = name, index, user, tags
+        self.connector = connector
+        self.overlay4 = f"100.64.0.{index}"
+        self.overlay6 = f"fd7a:115c:a1e0::{index}"
+        self.endpoint = f"192.0.2.{index}"
+        self.link4 = f"203.0.113.{4 * index + 2}"  # also the connector's egress address
+        self.gw4 = f"203.0.113.{4 * index + 1}"
+        self.link6 = f"2001:db8:{index}::2"
+        self.gw6 = f"2001:db8:{index}::1"
+
+
+DEFAULT_NODES = (
+    NodeSpec("client", 1, user="alice@example.com"),
+    NodeSpec("conn1", 2, tags=(APP_TAG,), connector=True),
+    NodeSpec("conn2", 3, tags=(APP_TAG,), connector=True),
+    NodeSpec("peer", 4, user="bob@example.com"),
+    NodeSpec("blocked", 5, user="mallory@example.com"),
+)
+
+
+def tailnet_file(nodes: tuple[NodeSpec, ...]) -> str:
+    """The tailnet: one app (example.com, *.example.com), staff may use it, mallory may not."""
+    doc = {
+        "tagOwners": {APP_TAG: ["group:staff"]},
+        "groups": {"group:staff": ["alice@example.com", "bob@example.com"]},
+        "acls": [{"action": "accept", "src": ["group:staff"],
+                  "dst": ["autogroup:internet:*"]}],
+        "nodeAttrs": [{"target": ["*"], "app": {"tailscale.com/app-connectors": [
+            {"name": "Example", "connectors": [APP_TAG],
+             "domains": ["example.com", "*.example.com"]}]}}],
+        "nodes": [
+            {"name": n.name, "addresses": [n.overlay4, n.overlay6],
+             "endpoint": f"{n.endpoint}:41641",
+             **({"user": n.user} if n.user else {}), **({"tags": list(n.tags)} if n.tags else {}),
+             **({"egressIPs": [n.link4]} if n.connector else {})}
+            for n in nodes
+        ],
+    }
+    return "// written by conn25.testbed\n" + json.dumps(doc, indent=2) + "\n"
+
+
+class Testbed:
+    def __init__(self, workdir: Path, nodes: tuple[NodeSpec, ...] = DEFAULT_NODES) -> None:
+        self.workdir = Path(workdir)
+        self.specs = {n.name: n for n in nodes}
+        self.ns: dict[str, Netns] = {}
+        self.procs: dict[str, subprocess.Popen] = {}
+        self._etc: list[Path] = []
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- building -------------------------------------------------------------
+
+    def _build(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.tailnet_path = self.workdir / "tailnet.hujson"
+        self.tailnet_path.write_text(tailnet_file(tuple(self.specs.values())))
+        inet = self.ns["inet"] = Netns("inet")
+        inet.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
+        inet.run("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+        for addr in (f"{WEB4}/32", f"{DNS4}/32", f"{WEB6}/128"):
+            inet.run("ip", "addr", "add", addr, "dev", "lo")
+        for spec in self.specs.values():
+            ns = self.ns[spec.name] = Netns(spec.name)
+            a, b = f"i{spec.index}", "up0"
+            sh("ip", "link", "add", a, "netns", inet.name, "type", "veth", "peer", "name", b,
+               "netns", ns.name)
+            inet.run("ip", "addr", "add", f"{spec.gw4}/30", "dev", a)
+            inet.run("ip", "addr", "add", f"{spec.gw6}/64", "dev", a, "nodad")
+            inet.run("ip", "link", "set", a, "up")
+            inet.run("ip", "route", "add", f"{spec.endpoint}/32", "via", spec.link4)
+            ns.run("ip", "addr", "add", f"{spec.link4}/30", "dev", b)
+            ns.run("ip", "addr", "add", f"{spec.link6}/64", "dev", b, "nodad")
+            ns.run("ip", "link", "set", b, "up")
+            ns.run("ip", "addr", "add", f"{spec.endpoint}/32", "dev", "lo")
+            ns.run("ip", "route", "add", "default", "via", spec.gw4)
+            ns.run("ip", "-6", "route", "add", "default", "via", spec.gw6)
+            etc = Path("/etc/netns") / ns.name
+            etc.mkdir(parents=True, exist_ok=True)
+            self._etc.append(etc)
+            (etc / "resolv.conf").write_text("nameserver 100.100.100.100\n")
+        self._start_servers()
+
+    def _start_servers(self) -> None:
+        inet = self.ns["inet"]
+        log = open(self.workdir / "dnsmasq.log", "w")  # noqa: SIM115 (kept by the process)
+        inet.popen("dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts",
+                   "--conf-file=/dev/null", f"--listen-address={DNS4}", "--bind-interfaces",
+                   "--local-ttl=300", "--pid-file=",
+                   f"--host-record=example.com,{WEB4},{WEB6}",
+                   f"--host-record=cdn.example.net,{WEB4},{WEB6}",
+                   "--cname=www.example.com,edge.example.net",
+                   "--cname=edge.example.net,cdn.example.net",
+                   f"--address=/wild.example.com/{WEB4}", f"--address=/wild.example.com/{WEB6}",
+                   f"--host-record=direct.example.net,{WEB4},{WEB6}",
+                   stdout=log, stderr=subprocess.STDOUT)
+        inet.popen(sys.executable, "-c", WEB_SERVER, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+        inet.popen("iperf3", "-s", "-B", WEB4, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+        wait_for(lambda: all(p in inet.run("ss", "-Hltn").stdout for p in (":80 ", ":5201 ")),
+                 20, "the web and iperf3 servers")
+        wait_for(lambda: f"{DNS4}:53" in inet.run("ss", "-Hlun").stdout, 20, "dnsmasq")
+
+    # -- nodes ------------------------------------------------------------------
+
+    def state_dir(self, name: str) -> Path:
+        return self.workdir / "state" / name
+
+    def start(self, name: str, *extra: str, wait: bool = True) -> subprocess.Popen:
+        spec = self.specs[name]
+        args = [sys.executable, "-m", "conn25.cli", "up", "--tailnet", str(self.tailnet_path),
+                "--hostname", name, "--state-dir", str(self.state_dir(name)),
+                "--upstream-dns", DNS4, "--log-level", "debug", *extra]
+        if spec.connector:
+            args.append("--advertise-connector")
+        log = open(self.workdir / f"{name}.log", "a")  # noqa: SIM115 (kept by the process)
+        proc = self.ns[name].popen(*args, stdout=log, stderr=subprocess.STDOUT)
+        self.procs[name] = proc
+        if wait:
+            sock = self.state_dir(name) / "conn25d.sock"
+            wait_for(lambda: proc.poll() is not None or self.status(name) is not None, 20,
+                     f"conn25d on {name} to serve")
+            if proc.poll() is not None:
+                raise RuntimeError(f"conn25d on {name} exited with {proc.returncode}:\n"
+                                   + self.log(name)[-3000:])
+            assert sock.exists()
+        return proc
+
+    def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+        """Stop a node's conn25d (by PID); its exit status."""
+        proc = self.procs.pop(name)
+        if proc.poll() is None:
+            proc.send_signal(sig)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+        return proc.returncode
+
+    def status(self, name: str) -> dict | None:
+        """The node's status document, or None while it does not answer."""
+        r = subprocess.run([sys.executable, "-m", "conn25.cli", "status", "--json",
+                            "--state-dir", str(self.state_dir(name))],
+                           capture_output=True, text=True, timeout=15)
+        return json.loads(r.stdout) if r.returncode == 0 else None
+
+    def log(self, name: str) -> str:
+        try:
+            return (self.workdir / f"{name}.log").read_text()
+        except OSError:
+            return ""
+
+    def run(self, name: str, *args: str, check: bool = False,
+            timeout: float = 30) -> subprocess.CompletedProcess:
+        return self.ns[name].run(*args, check=check, timeout=timeout)
+
+    def curl(self, name: str, url: str, *extra: str) -> subprocess.CompletedProcess:
+        return self.run(name, "curl", "-sS", "-m", "10", *extra, url)
+
+    # -- teardown ----------------------------------------------------------------
+
+    def close(self) -> None:
+        for name in list(self.procs):
+            with contextlib.suppress(Exception):
+                self.stop(name)
+        for ns in self.ns.values():
+            ns.close()
+        for etc in self._etc:
+            shutil.rmtree(etc, ignore_errors=True)
+
+    def __enter__(self) -> Testbed:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+

@@ -1,0 +1,226 @@
+"""conn25d end to end, in network namespaces this module creates (conn25.testbed).
+
+A client, two connectors for the app "Example" (example.com, *.example.com), a plain
+peer and a blocked client, all running the real `conn25d up`; an "internet" namespace
+with dnsmasq, a web server that says which address it saw, and iperf3. Real curl,
+ping and iperf3. Every bound is stated where it is waited for.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conn25.netns import need_root, wait_for
+from conn25.testbed import DEFAULT_NODES, WEB4, Testbed
+
+pytestmark = [pytest.mark.root, pytest.mark.skipif(need_root() is not None,
+                                                   reason=str(need_root()))]
+
+SPEC = {n.name: n for n in DEFAULT_NODES}
+CONN1, CONN2, CLIENT = SPEC["conn1"], SPEC["conn2"], SPEC["client"]
+
+
+@pytest.fixture(scope="module")
+def bed(tmp_path_factory):
+    tb = Testbed(tmp_path_factory.mktemp("testbed"))
+    try:
+        for name in ("conn1", "conn2", "peer", "client"):
+            tb.start(name)
+        yield tb
+    finally:
+        logs = {n: tb.log(n)[-4000:] for n in tb.procs}
+        tb.close()
+        for ns in tb.ns.values():
+            assert not ns.exists(), f"{ns} left behind"
+        print("\n".join(f"--- {n}\n{text}" for n, text in logs.items()))
+
+
+def came_from(r: subprocess.CompletedProcess) -> str:
+    assert r.returncode == 0, f"curl failed ({r.returncode}): {r.stderr}"
+    m = re.search(r"you came from (\S+)", r.stdout)
+    assert m, r.stdout
+    return m.group(1)
+
+
+def resolve(bed: Testbed, name: str, host: str, family: int = 4) -> str:
+    r = bed.run(name, sys.executable, "-c",
+                f"import socket; print(socket.getaddrinfo({host!r}, 80, socket.AF_INET"
+                f"{'6' if family == 6 else ''}, socket.SOCK_STREAM)[0][4][0])")
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+def client_assignment(bed: Testbed, magic: str) -> dict:
+    doc = bed.status("client")
+    for app in doc["client"]["apps"]:
+        for domain in app["domains"]:
+            for a in domain["addresses"]:
+                if a["magic"] == magic:
+                    return a
+    raise AssertionError(f"no assignment for {magic} in {doc}")
+
+
+def test_app_domain_goes_through_the_connector_and_other_names_go_direct(bed):
+    """1: the server sees the connector's egress address; a non-app name goes direct."""
+    magic = resolve(bed, "client", "example.com")
+    assert ipaddress.ip_address(magic) in ipaddress.ip_network("100.80.0.0/16")
+    assert came_from(bed.curl("client", "http://example.com/")) == CONN1.link4
+    assert resolve(bed, "client", "direct.example.net") == WEB4
+    assert came_from(bed.curl("client", "http://direct.example.net/")) == CLIENT.link4
+
+
+def test_ipv6_works_the_same_way(bed):
+    """2."""
+    magic = resolve(bed, "client", "example.com", family=6)
+    assert ipaddress.ip_address(magic) in ipaddress.ip_network("fd7a:115c:a1e0:ab12::/64")
+    assert came_from(bed.curl("client", "http://example.com/", "-6")) == CONN1.link6
+
+
+def test_cname_chain_and_wildcard_subdomain(bed):
+    """3."""
+    for host in ("www.example.com", "a.wild.example.com"):
+        magic = resolve(bed, "client", host)
+        assert ipaddress.ip_address(magic) in ipaddress.ip_network("100.80.0.0/16"), host
+        assert came_from(bed.curl("client", f"http://{host}/")) == CONN1.link4
+
+
+def test_magic_ip_without_assignment_fails_at_once(bed):
+    """4: ICMP unreachable, not a timeout (curl's exit 7, not 28)."""
+    r = bed.curl("client", "http://100.80.255.250/")
+    assert r.returncode == 7, (r.returncode, r.stderr)
+
+
+def retrans(bed: Testbed) -> int:
+    text = bed.run("client", "cat", "/proc/net/snmp").stdout
+    head, values = [line.split() for line in text.splitlines() if line.startswith("Tcp:")][:2]
+    return int(values[head.index("RetransSegs")])
+
+
+def test_first_connection_after_the_answer_needs_no_retransmission(bed):
+    """5: the answer comes after the connector's ack, so the first SYN is not dropped."""
+    before = retrans(bed)
+    for i in range(5):
+        assert came_from(bed.curl("client", f"http://first{i}.wild.example.com/")) == CONN1.link4
+    assert retrans(bed) == before
+
+
+def test_status_shows_the_assignment_while_a_connection_is_open(bed):
+    """10 and 13: status --json during a 5 s iperf3 stream, which ends without error."""
+    magic = resolve(bed, "client", "iperf.wild.example.com")
+    proc = bed.ns["client"].popen("iperf3", "-c", magic, "-t", "5", "-J",
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    a = wait_for(lambda: (lambda a: a if a["activeFlows"] >= 1 else None)(
+        client_assignment(bed, magic)), 10, "an active flow in status")
+    assert (a["app"], a["domain"], a["real"]) == ("Example", "iperf.wild.example.com.", WEB4)
+    assert ipaddress.ip_address(a["transit"]) in ipaddress.ip_network("169.254.0.0/16")
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err + out
+    assert '"error"' not in out
+
+
+def test_datagrams_from_unknown_endpoints_or_spoofed_sources_are_dropped(bed):
+    """9: counted on the connector."""
+    before = bed.status("conn1")["datapath"]
+    script = textwrap.dedent(f"""
+        import socket
+        from scapy.layers.inet import IP, UDP
+        inner = bytes(IP(src="{SPEC['peer'].overlay4}", dst="{CONN1.overlay4}") / UDP(dport=9))
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(("{CLIENT.link4}", 0))   # not a known endpoint
+        s.sendto(b"\\x01\\x01\\x00\\x00" + inner, ("{CONN1.endpoint}", 41641))
+    """)
+    assert bed.run("client", sys.executable, "-c", script).returncode == 0
+    # A known endpoint with a foreign inner source: the client's endpoint, peer's address.
+    spoof = script.replace(f'("{CLIENT.link4}", 0)', f'("{CLIENT.endpoint}", 41641)')
+    bed.stop("client")
+    try:
+        assert bed.run("client", sys.executable, "-c", spoof).returncode == 0
+    finally:
+        bed.start("client")
+    after = wait_for(lambda: (lambda d: d if d["drop_spoofed"] > before["drop_spoofed"] else None)(
+        bed.status("conn1")["datapath"]), 5, "the spoofed datagram to be counted")
+    assert after["drop_unknown_peer"] > before["drop_unknown_peer"]
+
+
+def test_blocked_client_gets_no_app(bed):
+    """8: the ACL does not let mallory reach autogroup:internet."""
+    bed.start("blocked")
+    try:
+        r = bed.curl("blocked", "http://example.com/")
+        assert r.returncode == 6, (r.returncode, r.stderr)  # could not resolve: SERVFAIL
+        assert "permission" in bed.log("conn1").lower() or "403" in bed.log("blocked")
+    finally:
+        assert bed.stop("blocked") == 0
+
+
+def test_restarted_connector_works_again_within_2_seconds(bed):
+    """6: reject -> re-registration."""
+    magic = resolve(bed, "client", "restart.wild.example.com")
+    assert came_from(bed.curl("client", f"http://{magic}/")) == CONN1.link4
+    assert bed.stop("conn1") == 0
+    bed.start("conn1")
+    r = bed.curl("client", f"http://{magic}/", "--retry", "4", "--retry-delay", "0",
+                 "--retry-all-errors", "-m", "2")
+    assert came_from(r) == CONN1.link4
+
+
+def test_restarted_client_keeps_its_magic_ips(bed):
+    """14: a name resolved before the restart connects through its old magic IP."""
+    magic = resolve(bed, "client", "keep.wild.example.com")
+    assert bed.stop("client") == 0
+    bed.start("client")
+    assert came_from(bed.curl("client", f"http://{magic}/")) == CONN1.link4
+
+
+def test_failover_to_the_second_connector(bed):
+    """7: with conn1 gone, new connections use conn2 within 15 s (health interval plus
+    re-registration)."""
+    assert bed.stop("conn1") == 0
+    try:
+        wait_for(lambda: bed.curl("client", "http://failover.wild.example.com/", "-m", "3")
+                 .stdout.strip() == f"you came from {CONN2.link4}", 15,
+                 "a connection through conn2")
+    finally:
+        bed.start("conn1")
+
+
+def test_embedded_node_serves_and_leaves_nothing_behind(bed, tmp_path):
+    """11: a node inside another trio program's nursery."""
+    script = textwrap.dedent(f"""
+        import trio
+        from conn25.node import Node, NodeOptions
+        from conn25.system import leftovers
+        async def main():
+            node = Node(NodeOptions(tailnet={str(bed.tailnet_path)!r}, hostname="peer",
+                                    state_dir={str(tmp_path)!r},
+                                    upstream_dns=(("198.51.100.53", 53),)))
+            async with trio.open_nursery() as nursery:
+                await nursery.start(node.run)
+                assert leftovers("conn25"), "nothing set up?"
+                nursery.cancel_scope.cancel()
+            assert leftovers("conn25") == [], leftovers("conn25")
+            print("ok")
+        trio.run(main)
+    """)
+    assert bed.stop("peer") == 0
+    try:
+        r = bed.run("peer", sys.executable, "-c", script, timeout=60)
+        assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr
+    finally:
+        bed.start("peer")
+
+
+def test_nothing_remains_after_every_node_stops(bed):
+    """12 (runs last in this module: it stops every node)."""
+    for name in list(bed.procs):
+        assert bed.stop(name) == 0, bed.log(name)[-2000:]
+    for name in ("client", "conn1", "conn2", "peer"):
+        r = bed.run(name, sys.executable, "-c",
+                    "from conn25.system import leftovers; print(leftovers('conn25'))")
+        assert r.stdout.strip() == "[]", (name, r.stdout, r.stderr)

@@ -1,0 +1,118 @@
+"""The local API on its unix socket: status JSON and Prometheus metrics (B58, DESIGN §6)."""
+
+import contextlib
+import json
+import logging
+
+import msgspec
+import pytest
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+
+from conn25 import http
+from conn25.connector import ConnectorState
+from conn25.localapi import LocalAPI, metric_name, render_metrics
+
+DOC = {
+    "configured": True,
+    "apps": [{"name": "GitHub", "domains": []}],
+    # Structs from the core encode as they are.
+    "connector": ConnectorState(configured=False),
+}
+METRICS = {"dns_queries": 7, "registration_rejects": 2, "flows.active": 3}
+
+
+@contextlib.asynccontextmanager
+async def serving(api: LocalAPI, path):
+    async with trio.open_nursery() as nursery:
+        await nursery.start(api.run, path)
+        yield
+        nursery.cancel_scope.cancel()
+
+
+def fetch(tmp_path, method: str, target: str, *, doc=lambda: DOC, metrics=lambda: METRICS,
+          gauges=("flows.active",)) -> tuple[int, bytes]:
+    path = tmp_path / "conn25d.sock"
+    api = LocalAPI(None, doc, metrics, gauges=gauges)
+
+    async def main():
+        async with serving(api, path):
+            return await http.request_unix(path, method, target, timeout=5)
+
+    out = trio.run(main)
+    assert not path.exists()  # removed on the way out
+    return out
+
+
+def test_status_is_the_status_document_as_json(tmp_path):
+    """B58: `conn25d status --json` reads this."""
+    status, body = fetch(tmp_path, "GET", "/status")
+    assert status == 200
+    assert json.loads(body) == {"configured": True, "apps": [{"name": "GitHub", "domains": []}],
+                                "connector": {"configured": False}}
+
+
+def test_metrics_are_prometheus_text_with_counters_and_gauges(tmp_path):
+    status, body = fetch(tmp_path, "GET", "/metrics")
+    assert status == 200
+    families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    assert families["conn25d_dns_queries"].type == "counter"
+    assert families["conn25d_dns_queries"].samples[0].name == "conn25d_dns_queries_total"
+    assert families["conn25d_dns_queries"].samples[0].value == 7
+    assert families["conn25d_registration_rejects"].samples[0].value == 2
+    # Not a valid character in a name: becomes "_"; named as a gauge: no _total.
+    assert families["conn25d_flows_active"].type == "gauge"
+    assert families["conn25d_flows_active"].samples[0].value == 3
+
+
+def test_metric_names_are_prefixed_once_and_sanitised():
+    assert metric_name("dns.servfail-count") == "conn25d_dns_servfail_count"
+    assert metric_name("conn25d_x") == "conn25d_x"
+    assert b"conn25d_x_total 1.0" in render_metrics({"x_total": 1})
+
+
+def test_clashing_metric_names_keep_one_and_log(caplog):
+    caplog.set_level(logging.WARNING, logger="conn25.localapi")
+    text = render_metrics({"a.b": 1, "a_b": 2}).decode()
+    assert text.count("\nconn25d_a_b_total ") == 1
+    assert "clashes" in caplog.text
+
+
+def test_unknown_path_is_404(tmp_path):
+    assert fetch(tmp_path, "GET", "/nothing")[0] == 404
+
+
+@pytest.mark.parametrize("target", ["/status", "/metrics"])
+def test_other_methods_than_get_are_405(tmp_path, target):
+    assert fetch(tmp_path, "POST", target)[0] == 405
+
+
+def test_failing_status_document_gives_500_and_is_logged(tmp_path, caplog):
+    caplog.set_level(logging.ERROR, logger="conn25.http")
+
+    def broken() -> dict:
+        raise RuntimeError("status bug")
+
+    assert fetch(tmp_path, "GET", "/status", doc=broken)[0] == 500
+    assert "status bug" in caplog.text
+
+
+def test_run_needs_a_socket_path():
+    api = LocalAPI(None, lambda: DOC, lambda: METRICS)
+    with pytest.raises(ValueError, match="socket path"):
+        trio.run(api.run)
+
+
+def test_socket_path_may_come_from_the_constructor(tmp_path):
+    path = tmp_path / "api.sock"
+    api = LocalAPI(None, lambda: DOC, lambda: METRICS, socket_path=path)
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            await nursery.start(api.run)
+            status, body = await http.request_unix(path, "GET", "/status", timeout=5)
+            nursery.cancel_scope.cancel()
+        return status, body
+
+    status, body = trio.run(main)
+    assert status == 200 and msgspec.json.decode(body)["configured"] is True

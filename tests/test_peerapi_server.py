@@ -1,0 +1,384 @@
+"""The peer API routes on a node stand-in made of the real core objects (B41-B49, DESIGN §4)."""
+
+import contextlib
+import ipaddress
+import json
+import logging
+
+import pytest
+import trio
+from dnslib import AAAA, QTYPE, RR, A, DNSRecord
+
+from conn25 import config, http, peerapi
+from conn25.config import App, Node, NodeConfig, Tailnet
+from conn25.connector import ConnectorTable, Mapping
+from conn25.http import Request
+from conn25.peerapi import DNS_QUERY_PATH, HEALTH_PATH, MAX_BODY, TRANSIT_IP_PATH, Code
+from conn25.peerapi_server import PeerAPI
+
+
+def ip(text: str):
+    return ipaddress.ip_address(text)
+
+
+TAG = "tag:github-app-connector"
+GITHUB = App("GitHub", ("github.com.", "*.github.com."), (TAG,))
+GITLAB = App("GitLab", ("gitlab.com.",), ("tag:gitlab-connector",))  # known, not served here
+
+LAPTOP = Node("laptop", (ip("100.64.0.1"), ip("fd7a:115c:a1e0::1")), ("192.0.2.1", 41641),
+              user="alice@example.com")
+INTRUDER = Node("intruder", (ip("100.64.0.4"),), ("192.0.2.4", 41641), user="eve@example.com")
+CONNECTOR = Node("gh-connector-1", (ip("100.64.0.2"), ip("fd7a:115c:a1e0::2")),
+                 ("192.0.2.2", 41641), tags=(TAG,))
+LOOPBACK = Node("local-tester", (ip("127.0.0.1"),), ("192.0.2.9", 41641), user="bob@example.com")
+TAILNET = Tailnet(nodes=(LAPTOP, INTRUDER, CONNECTOR, LOOPBACK),
+                  tag_owners={TAG: ("alice@example.com",)})
+
+T4, T4B = "169.254.128.1", "169.254.128.2"
+T6 = "fd7a:115c:a1e0:ab13::1"
+REAL4, OTHER4, REAL6 = "203.0.113.10", "203.0.113.99", "2001:db8::10"
+
+
+def node_config(*, advertise: bool = True, tailnet: Tailnet = TAILNET) -> NodeConfig:
+    return NodeConfig(
+        tailnet=tailnet,
+        node=CONNECTOR,
+        advertise_connector=advertise,
+        apps=(GITHUB, GITLAB),
+        pools=config.DEFAULT_POOLS,
+        may_use_apps=lambda peer: peer.name != "intruder",
+    )
+
+
+class FakeForwarder:
+    """Answers from a fixed table, like an upstream resolver would; remembers the queries."""
+
+    def __init__(self, answers: dict[tuple[str, str], list[tuple[str, int]]]) -> None:
+        self.answers = answers
+        self.queries: list[tuple[str, str]] = []
+        self.fail: Exception | None = None
+
+    async def forward(self, query: bytes) -> bytes:
+        q = DNSRecord.parse(query)
+        name, qtype = str(q.q.qname).lower(), QTYPE[q.q.qtype]
+        self.queries.append((name, qtype))
+        if self.fail is not None:
+            raise self.fail
+        reply = q.reply()
+        for addr, ttl in self.answers.get((name, qtype), []):
+            rdata = A(addr) if qtype == "A" else AAAA(addr)
+            reply.add_answer(RR(q.q.qname, q.q.qtype, rdata=rdata, ttl=ttl))
+        return bytes(reply.pack())
+
+
+class FakeNode:
+    """The parts of NodeContext the peer API uses, with a recording datapath hook."""
+
+    def __init__(self, cfg: NodeConfig | None = None, *, connector: bool = True) -> None:
+        self.config = cfg or node_config()
+        self.connector = ConnectorTable(self.config) if connector else None
+        self.forwarder = FakeForwarder({
+            ("github.com.", "A"): [(REAL4, 300)],
+            ("github.com.", "AAAA"): [(REAL6, 300)],
+            ("api.github.com.", "A"): [("203.0.113.20", 60)],
+        })
+        self.time = 1000.0
+        self.installed: list[list[Mapping]] = []
+
+    def now(self) -> float:
+        return self.time
+
+    def install_connector_mappings(self, mappings) -> None:
+        self.installed.append(list(mappings))
+
+
+def request(method: str, target: str, body: bytes = b"", *, peer: str | None = "100.64.0.1",
+            content_type: str | None = None) -> Request:
+    headers = [(b"content-type", content_type.encode())] if content_type else []
+    return Request(method, target, headers, body, None if peer is None else (peer, 40000))
+
+
+def transit_body(*items: tuple) -> bytes:
+    out = []
+    for transit, dest, app, *domain in items:
+        item = {"transitIP": transit, "destinationIP": dest, "app": app}
+        if domain:
+            item["domain"] = domain[0]
+        out.append(item)
+    return json.dumps({"transitIPs": out}).encode()
+
+
+def dns_query(name: str, qtype: str = "A") -> bytes:
+    return bytes(DNSRecord.question(name, qtype).pack())
+
+
+def call(node: FakeNode, req: Request) -> http.Response:
+    async def main():
+        return await PeerAPI(node).handle(req)
+
+    return trio.run(main)
+
+
+def register(node: FakeNode, *items: tuple, peer: str = "100.64.0.1") -> list[tuple[int, str]]:
+    resp = call(node, request("POST", TRANSIT_IP_PATH, transit_body(*items), peer=peer))
+    assert resp.status == 200, resp.body
+    return [(r.code, r.message) for r in peerapi.decode_transit_response(resp.body).transit_ips]
+
+
+def codes(results: list[tuple[int, str]]) -> list[int]:
+    return [c for c, _ in results]
+
+
+# -- transit-ip ----------------------------------------------------------------------
+
+
+def test_item_with_domain_is_checked_against_a_fresh_resolution_and_installed():
+    """B49: the connector resolves the domain itself; the answered address is accepted."""
+    node = FakeNode()
+    assert codes(register(node, (T4, REAL4, "GitHub", "github.com"))) == [Code.OK]
+    assert node.forwarder.queries == [("github.com.", "A")]
+    assert node.installed == [[Mapping(ip("100.64.0.1"), ip(T4), ip(REAL4), "GitHub", 1000.0,
+                                       "laptop")]]
+
+
+def test_v6_item_resolves_aaaa_and_is_keyed_by_the_peers_v6_address():
+    node = FakeNode()
+    assert codes(register(node, (T6, REAL6, "GitHub", "github.com"))) == [Code.OK]
+    assert node.forwarder.queries == [("github.com.", "AAAA")]
+    (mapping,) = node.installed[0]
+    assert mapping.peer == ip("fd7a:115c:a1e0::1")
+
+
+def test_destination_the_domain_does_not_resolve_to_is_refused():
+    """B49: no open relay; code 1 with the reason, nothing installed."""
+    node = FakeNode()
+    ((code, message),) = register(node, (T4, OTHER4, "GitHub", "github.com"))
+    assert code == Code.OTHER and "not an address" in message
+    assert node.installed == []
+
+
+def test_item_without_domain_and_never_resolved_is_refused_without_a_lookup():
+    node = FakeNode()
+    assert codes(register(node, (T4, REAL4, "GitHub"))) == [Code.OTHER]
+    assert node.forwarder.queries == [] and node.installed == []
+
+
+def test_known_destination_is_not_resolved_again():
+    node = FakeNode()
+    register(node, (T4, REAL4, "GitHub", "github.com"))
+    assert codes(register(node, (T4B, REAL4, "GitHub", "github.com"))) == [Code.OK]
+    assert node.forwarder.queries == [("github.com.", "A")]
+
+
+def test_failed_fresh_resolution_fails_the_item_and_is_logged(caplog):
+    caplog.set_level(logging.WARNING, logger="conn25.peerapi")
+    node = FakeNode()
+    node.forwarder.fail = OSError("upstream unreachable")
+    assert codes(register(node, (T4, REAL4, "GitHub", "github.com"))) == [Code.OTHER]
+    assert any("laptop" in r.getMessage() and "upstream unreachable" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_per_item_codes_pass_through():
+    """B43, B45, B46: permission before unknown app; one result per item, in order."""
+    node = FakeNode()
+    results = register(
+        node,
+        (T4, REAL4, "GitHub", "github.com"),
+        (T4, REAL4, "GitHub", "github.com"),
+        (T4B, REAL6, "GitHub"),
+        ("169.254.128.3", REAL4, "Nope"),
+    )
+    assert codes(results) == [Code.OK, Code.DUPLICATE_TRANSIT_IP, Code.FAMILY_MISMATCH,
+                              Code.UNKNOWN_APP]
+    assert codes(register(node, (T4, REAL4, "GitHub"), peer="100.64.0.4")) == [
+        Code.MISSING_PERMISSION]
+
+
+@pytest.mark.parametrize(("method", "body", "status"), [
+    ("GET", b"", 405),
+    ("POST", b"{not json", 400),
+    ("POST", b'{"transitIPs": [{"transitIP": "nope"}]}', 400),
+    ("POST", b" " * (MAX_BODY + 1), 413),
+])
+def test_http_status_of_the_registration_passes_through(method, body, status):
+    """B47."""
+    node = FakeNode()
+    resp = call(node, request(method, TRANSIT_IP_PATH, body))
+    assert resp.status == status
+    assert resp.content_type.startswith("text/plain")
+    if status == 405:
+        assert ("Allow", "POST") in resp.headers
+    assert node.installed == []
+
+
+def test_registration_at_a_node_that_is_no_connector_gets_503():
+    """B47: not configured."""
+    resp = call(FakeNode(connector=False),
+                request("POST", TRANSIT_IP_PATH, transit_body((T4, REAL4, "GitHub"))))
+    assert resp.status == 503
+
+
+@pytest.mark.parametrize("path", [TRANSIT_IP_PATH, DNS_QUERY_PATH + "?app=GitHub", HEALTH_PATH])
+def test_address_of_no_node_gets_403_on_every_route(path, caplog):
+    caplog.set_level(logging.WARNING, logger="conn25.peerapi")
+    node = FakeNode()
+    resp = call(node, request("POST", path, b"{}", peer="100.64.9.9"))
+    assert resp.status == 403
+    assert any("100.64.9.9" in r.getMessage() and "403" in r.getMessage()
+               for r in caplog.records)
+    assert call(node, request("GET", path, peer=None)).status == 403
+
+
+def test_ipv4_mapped_source_address_identifies_the_peer():
+    node = FakeNode()
+    assert codes(register(node, (T4, REAL4, "GitHub", "github.com"),
+                          peer="::ffff:100.64.0.1")) == [Code.OK]
+
+
+def test_unknown_path_is_404():
+    assert call(FakeNode(), request("GET", "/v0/nothing")).status == 404
+
+
+# -- dns-query -----------------------------------------------------------------------------
+
+
+def dns_request(name: str = "github.com", app: str = "GitHub", *, peer: str = "100.64.0.1",
+                qtype: str = "A") -> Request:
+    return request("POST", f"{DNS_QUERY_PATH}?app={app}", dns_query(name, qtype), peer=peer,
+                   content_type="application/dns-message")
+
+
+def test_dns_query_returns_the_upstream_answer_and_allows_its_addresses():
+    """An answer served here makes its address a valid destination, and only that one."""
+    node = FakeNode()
+    resp = call(node, dns_request())
+    assert resp.status == 200 and resp.content_type == "application/dns-message"
+    answer = DNSRecord.parse(resp.body)
+    assert [str(rr.rdata) for rr in answer.rr] == [REAL4]
+    # No domain in the registration: only what was served counts.
+    assert codes(register(node, (T4, REAL4, "GitHub"), (T4B, OTHER4, "GitHub"))) == [
+        Code.OK, Code.OTHER]
+    assert node.forwarder.queries == [("github.com.", "A")]
+
+
+def test_dns_query_for_a_wildcard_subdomain_is_served():
+    node = FakeNode()
+    resp = call(node, dns_request("API.GitHub.com"))
+    assert resp.status == 200
+    assert codes(register(node, (T4, "203.0.113.20", "GitHub"))) == [Code.OK]
+
+
+def test_dns_answer_is_allowed_only_for_its_ttl():
+    node = FakeNode()
+    call(node, dns_request("api.github.com"))  # TTL 60
+    node.time += 61
+    assert codes(register(node, (T4, "203.0.113.20", "GitHub"))) == [Code.OTHER]
+
+
+def test_peer_without_permission_gets_the_same_403_for_any_app():
+    """Apps cannot be enumerated: a served app and a made-up one look alike."""
+    node = FakeNode()
+    served = call(node, dns_request(app="GitHub", peer="100.64.0.4"))
+    made_up = call(node, dns_request(app="NoSuchApp", peer="100.64.0.4"))
+    assert served.status == made_up.status == 403
+    assert served.body == made_up.body
+    assert node.forwarder.queries == []
+
+
+@pytest.mark.parametrize("app", ["GitLab", "NoSuchApp"])
+def test_app_not_served_here_is_404(app):
+    node = FakeNode()
+    assert call(node, dns_request("gitlab.com", app=app)).status == 404
+    assert node.forwarder.queries == []
+
+
+def test_name_outside_the_apps_domains_is_refused_without_a_lookup():
+    node = FakeNode()
+    resp = call(node, dns_request("example.com"))
+    assert resp.status == 400 and b"not a domain of app" in resp.body
+    assert call(node, dns_request("notgithub.com")).status == 400
+    assert node.forwarder.queries == []
+
+
+@pytest.mark.parametrize(("req", "status"), [
+    (request("POST", f"{DNS_QUERY_PATH}?app=GitHub", b"\x00\x01garbage"), 400),
+    (request("POST", f"{DNS_QUERY_PATH}?app=GitHub", b""), 400),
+    (request("POST", f"{DNS_QUERY_PATH}?app=GitHub",
+             bytes(DNSRecord.question("github.com").reply().pack())), 400),  # a response
+    (request("POST", DNS_QUERY_PATH, dns_query("github.com")), 400),  # no app
+    (request("POST", f"{DNS_QUERY_PATH}?app=GitHub&app=X", dns_query("github.com")), 400),
+    (request("GET", f"{DNS_QUERY_PATH}?app=GitHub"), 405),
+    (request("POST", f"{DNS_QUERY_PATH}?app=GitHub", dns_query("github.com"),
+             content_type="application/json"), 415),
+])
+def test_bad_dns_query_requests_are_refused(req, status):
+    node = FakeNode()
+    assert call(node, req).status == status
+    assert node.forwarder.queries == []
+
+
+def test_dns_query_at_a_node_that_is_no_connector_gets_503():
+    assert call(FakeNode(connector=False), dns_request()).status == 503
+
+
+def test_dns_query_upstream_failure_is_502_and_allows_nothing():
+    node = FakeNode()
+    node.forwarder.fail = OSError("no upstream")
+    assert call(node, dns_request()).status == 502
+    assert codes(register(node, (T4, REAL4, "GitHub"))) == [Code.OTHER]
+
+
+# -- health ---------------------------------------------------------------------------------
+
+
+def test_health_says_whether_it_advertises_and_for_which_apps():
+    resp = call(FakeNode(), request("GET", HEALTH_PATH))
+    assert resp.status == 200
+    assert peerapi.decode_health(resp.body) == peerapi.HealthResponse(True, ["GitHub"],
+                                                                      "gh-connector-1")
+    plain = FakeNode(node_config(advertise=False), connector=False)
+    assert peerapi.decode_health(call(plain, request("GET", HEALTH_PATH)).body) == (
+        peerapi.HealthResponse(False, [], "gh-connector-1"))
+
+
+def test_health_is_get_only():
+    resp = call(FakeNode(), request("POST", HEALTH_PATH))
+    assert resp.status == 405 and ("Allow", "GET") in resp.headers
+
+
+# -- over HTTP ---------------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def serving(node: FakeNode):
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(http.serve_tcp, "127.0.0.1", 0, PeerAPI(node).handle)
+        yield port
+        nursery.cancel_scope.cancel()
+
+
+def test_over_http_the_source_address_is_the_identity():
+    """127.0.0.1 is a node here, so its requests are served; elsewhere it gets 403."""
+    node = FakeNode()
+    stranger = FakeNode(node_config(tailnet=Tailnet(nodes=(LAPTOP, CONNECTOR))))
+
+    async def main():
+        async with serving(node) as port:
+            status, body = await http.request("127.0.0.1", port, "GET", HEALTH_PATH, timeout=5)
+            assert status == 200 and peerapi.decode_health(body).apps == ["GitHub"]
+            status, body = await http.request(
+                "127.0.0.1", port, "POST", f"{DNS_QUERY_PATH}?app=GitHub",
+                dns_query("github.com"), timeout=5, content_type="application/dns-message")
+            assert status == 200 and DNSRecord.parse(body).rr
+            status, body = await http.request(
+                "127.0.0.1", port, "POST", TRANSIT_IP_PATH,
+                transit_body((T4, REAL4, "GitHub")), timeout=5)
+            assert status == 200
+            assert peerapi.decode_transit_response(body).transit_ips[0].code == Code.OK
+        async with serving(stranger) as port:
+            status, _ = await http.request("127.0.0.1", port, "GET", HEALTH_PATH, timeout=5)
+            assert status == 403
+
+    trio.run(main)
+    assert node.installed[0][0].peer_name == "local-tester"
