@@ -93,6 +93,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("pyroute2").setLevel(logging.WARNING)  # its debug is per netlink message
     tags = None
     if args.advertise_tags is not None:
         tags = tuple(t.strip() for t in args.advertise_tags.split(",") if t.strip())
@@ -193,6 +194,23 @@ def _add_status(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
     p.set_defaults(func=cmd_status)
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Build a throwaway tailnet in namespaces and show a connection through a connector."""
+    from .demo import run_demo
+
+    return run_demo()
+
+
+def _add_demo(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "demo", help="show conn25d working, in throwaway network namespaces (root)",
+        description="As root: build a client, a connector and an 'internet' (DNS and web "
+        "server) in network namespaces, start the nodes, resolve an app domain on the client, "
+        "fetch a page through the connector, print what happened, and remove everything.",
+    )
+    p.set_defaults(func=cmd_demo)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="conn25d",
@@ -203,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_demo(subparsers)
     _add_up(subparsers)
     _add_status(subparsers)
     _add_check(subparsers)

@@ -46,6 +46,12 @@ SOCKET_NAME = "conn25d.sock"
 ASSIGNMENTS_FILE = "assignments.json"
 SWEEP_INTERVAL = 5.0
 RELOAD_POLL = 1.0
+# /metrics values that are levels, not counts.
+GAUGES = (
+    "datapath_client_flows", "datapath_connector_flows", "assignments", "connector_mappings",
+    *(f"pool_v{v}{kind}_{what}" for v in (4, 6) for kind in ("Magic", "Transit")
+      for what in ("in_use", "capacity")),
+)
 
 
 class NodeError(Exception):
@@ -117,6 +123,18 @@ class Node:
         out.update({f"registration_{k}": v for k, v in self.registrar.counters().items()})
         return out
 
+    def _exported_metrics(self) -> dict[str, int]:
+        """Control-plane and datapath counters plus pool use, for /metrics."""
+        out = self.metrics()
+        out.update({f"datapath_{k}": v for k, v in self.datapath.counters().items()})
+        for pool, use in self.assignments.pool_usage().items():
+            out[f"pool_{pool}_in_use"] = use["inUse"]
+            out[f"pool_{pool}_capacity"] = use["capacity"]
+        if self.connector is not None:
+            out["connector_mappings"] = len(self.connector)
+        out["assignments"] = len(self.assignments)
+        return out
+
     def request_reload(self) -> None:
         """Re-read the tailnet file soon (SIGHUP)."""
         self._reload_requested.set()
@@ -159,7 +177,8 @@ class Node:
                         self.registrar.resolve, self.registrar.register,
                         assignments_changed=self.assignments_changed)
                     await nursery.start(DNSServer(opts.dns_listen, self.resolver.answer).run)
-                local = LocalAPI(self, lambda: status_document(self), self.metrics)
+                local = LocalAPI(self, lambda: status_document(self), self._exported_metrics,
+                                 gauges=GAUGES)
                 await nursery.start(local.run, str(state / SOCKET_NAME))
                 nursery.start_soon(self._read_events)
                 nursery.start_soon(self._sweep)

@@ -90,6 +90,7 @@ def tailnet_file(nodes: tuple[NodeSpec, ...]) -> str:
 
 
 class Testbed:
+    __test__ = False  # not a pytest test class
     def __init__(self, workdir: Path, nodes: tuple[NodeSpec, ...] = DEFAULT_NODES) -> None:
         self.workdir = Path(workdir)
         self.specs = {n.name: n for n in nodes}
@@ -210,7 +211,9 @@ class Testbed:
         return self.ns[name].run(*args, check=check, timeout=timeout)
 
     def curl(self, name: str, url: str, *extra: str) -> subprocess.CompletedProcess:
-        return self.run(name, "curl", "-sS", "-m", "10", *extra, url)
+        """curl from node `name`, IPv4 unless -6 is among `extra`."""
+        family = () if "-6" in extra else ("-4",)
+        return self.run(name, "curl", "-sS", "-m", "10", *family, *extra, url)
 
     # -- teardown ----------------------------------------------------------------
 
