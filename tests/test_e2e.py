@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -224,6 +225,39 @@ def test_failover_to_the_second_connector(bed):
                  "a connection through conn2")
     finally:
         bed.start("conn1")
+
+
+def test_a_crashed_node_restarts_cleanly(bed):
+    """A SIGKILLed connector leaves its nftables table, socket file and sysctls behind;
+    the next start clears them and serves."""
+    bed.stop("conn2", sig=signal.SIGKILL)
+    assert "conn25d_conn25" in bed.run("conn2", "nft", "list", "tables").stdout
+    bed.start("conn2")
+    assert bed.status("conn2")["advertiseConnector"] is True
+
+
+def test_reload_rejects_a_bad_file_and_applies_a_good_one(bed):
+    """A bad tailnet file is logged and the running configuration stays; a good one
+    (and SIGHUP) is applied."""
+    path = bed.tailnet_path
+    good = path.read_text()
+
+    def reloads(name: str) -> tuple[int, int]:
+        m = bed.status(name)["metrics"]
+        return m["reloads"], m["reload_errors"]
+
+    ok0, bad0 = reloads("client")
+    try:
+        path.write_text(good.replace('"nodes"', '"nodez"'))
+        wait_for(lambda: reloads("client")[1] > bad0, 10, "the bad file to be rejected")
+        assert came_from(bed.curl("client", "http://reload.wild.example.com/")) == CONN1.link4
+    finally:
+        path.write_text(good)
+    wait_for(lambda: reloads("client")[0] > ok0, 10, "the good file to be applied")
+    ok1 = reloads("client")[0]
+    bed.procs["client"].send_signal(signal.SIGHUP)
+    wait_for(lambda: reloads("client")[0] > ok1, 10, "a reload on SIGHUP")
+    assert "rejected, keeping the running configuration" in bed.log("client")
 
 
 def test_embedded_node_serves_and_leaves_nothing_behind(bed, tmp_path):
