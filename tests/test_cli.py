@@ -110,3 +110,30 @@ def test_module_entry_point_exits_with_mains_status():
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert len(result.stderr.splitlines()) == 4
+
+
+def test_up_with_an_unknown_hostname_fails_cleanly(capsys, tmp_path):
+    """`conn25d up` reports a configuration problem in one line, exit 1, no traceback."""
+    from conn25.cli import main
+
+    rc = main(["up", "--tailnet", str(EXAMPLE), "--hostname", "nosuch",
+               "--state-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert err.strip() == f"conn25d: {EXAMPLE}: no node named 'nosuch'"
+
+
+def test_up_with_mismatched_advertise_tags_fails_cleanly(capsys, tmp_path):
+    from conn25.cli import main
+
+    rc = main(["up", "--tailnet", str(EXAMPLE), "--hostname", "gh-connector-1",
+               "--advertise-tags", "tag:other", "--state-dir", str(tmp_path)])
+    assert rc == 1
+    assert "--advertise-tags tag:other does not match" in capsys.readouterr().err
+
+
+def test_status_without_a_node_says_so(capsys, tmp_path):
+    from conn25.cli import main
+
+    assert main(["status", "--state-dir", str(tmp_path)]) == 1
+    assert "cannot reach the node" in capsys.readouterr().err

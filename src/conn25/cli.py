@@ -7,6 +7,7 @@ and sets ``func`` to the function that runs it and returns the exit status.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 
@@ -90,6 +91,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     import trio
 
     from .node import NodeError, NodeOptions, serve
+    from .system import SystemSetupError
 
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -103,15 +105,22 @@ def cmd_up(args: argparse.Namespace) -> int:
         state_dir=args.state_dir, tun_name=args.tun_name, mtu=args.mtu,
         dns_listen=args.dns_listen, upstream_dns=args.upstream_dns,
     )
+    failures: list[BaseException] = []
     try:
         trio.run(serve, options)
-    except NodeError as e:
-        print(f"conn25d: {e}", file=sys.stderr)
-        return EXIT_INVALID
-    except PermissionError as e:
-        print(f"conn25d: {e} (conn25d up needs root: CAP_NET_ADMIN)", file=sys.stderr)
-        return EXIT_INVALID
-    return EXIT_OK
+    except* (NodeError, SystemSetupError, OSError) as group:
+        failures = _leaves(group)
+    for e in failures:
+        hint = " (conn25d up needs root)" if os.geteuid() != 0 else ""
+        print(f"conn25d: {e}{hint}", file=sys.stderr)
+    return EXIT_INVALID if failures else EXIT_OK
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    out: list[BaseException] = []
+    for e in group.exceptions:
+        out.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
+    return out
 
 
 def _add_up(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
