@@ -43,7 +43,7 @@ from urllib.parse import quote
 
 import trio
 
-from . import peerapi
+from . import http, peerapi
 from .assignments import Assignment
 from .config import App, Node
 from .connector import DEFAULT_BURST
@@ -112,22 +112,6 @@ class Transport(Protocol):
 
 class ResolveError(Exception):
     """No connector answered an app-domain query."""
-
-
-async def _http_request(
-    host: str,
-    port: int,
-    method: str,
-    target: str,
-    body: bytes = b"",
-    *,
-    timeout: float,
-    content_type: str = "application/json",
-) -> tuple[int, bytes]:
-    from .http import request  # lazily: the registrar is tested without sockets
-
-    return await request(host, port, method, target, body, timeout=timeout,
-                         content_type=content_type)
 
 
 class _Waiter:
@@ -224,8 +208,8 @@ class Registrar:
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self.reject_interval = reject_interval
-        self._post: Transport = post or _http_request
-        self._get: Transport = get or _http_request
+        self._post: Transport = post or http.request
+        self._get: Transport = get or http.request
         # Every tracked item, queued or in flight, by transit IP (oldest first).
         self._items: dict[IPAddress, _Item] = {}
         self._busy: set[str] = set()  # connectors with a request in flight
