@@ -239,11 +239,14 @@ cdef class Datapath:
 
     # -- pumps ----------------------------------------------------------------
 
-    def start(self, tun_fd: int, udp_sock: socket.socket) -> None:
+    def start(self, tun_fd: int, udp_sock: socket.socket, *, sockbuf: int = 4 << 20) -> None:
         """Start both pump threads on a TUN fd (IFF_TUN|IFF_NO_PI) and a bound UDP socket.
 
-        Both are made non-blocking. The caller keeps ownership (and closes
-        them after stop()).
+        Both are made non-blocking, and the socket's buffers are raised to
+        `sockbuf` bytes (beyond net.core.[rw]mem_max when running as root):
+        bursts of a fast TCP stream overflow the default ones, and every
+        datagram dropped there is a retransmission. The caller keeps
+        ownership of both (and closes them after stop()).
         """
         if self.threads:
             raise RuntimeError("Datapath is already running")
@@ -252,6 +255,12 @@ cdef class Datapath:
             raise ValueError("the overlay socket must be a UDP socket (AF_INET or AF_INET6)")
         os.set_blocking(tun_fd, False)
         udp_sock.setblocking(False)
+        if sockbuf:
+            for force, plain in ((33, socket.SO_RCVBUF), (32, socket.SO_SNDBUF)):
+                try:
+                    udp_sock.setsockopt(socket.SOL_SOCKET, force, sockbuf)  # SO_*BUFFORCE
+                except PermissionError:
+                    udp_sock.setsockopt(socket.SOL_SOCKET, plain, sockbuf)
         self.tun_fd = tun_fd
         self.udp_fd = udp_sock.fileno()
         self.sock_family = udp_sock.family
