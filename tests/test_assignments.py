@@ -197,3 +197,15 @@ def test_restore_with_duplicate_keys_rolls_back():
     with pytest.raises(ValueError, match="already assigned"):
         fresh.restore(doubled, T0)
     assert len(fresh) == 0 and fresh.pool_usage()["v4Magic"]["inUse"] == 0
+
+
+def test_on_reclaim_hears_of_every_reclaimed_assignment_also_inside_reserve():
+    """The datapath must forget a reclaimed magic IP at once, whichever call reclaimed it."""
+    gone = []
+    store = Assignments(pools(), on_reclaim=gone.append)
+    a, _ = store.reserve("A", "a.", ip("203.0.113.1"), 60, T0)
+    b, _ = store.reserve("A", "b.", ip("203.0.113.2"), 60, T0)
+    store.reserve("A", "c.", ip("203.0.113.3"), 60, T0 + 61)  # reclaims a and b on the way
+    assert gone == [a, b]
+    store.flow_started(store.by_domain_real("c.", ip("203.0.113.3")).transit, T0 + 61)
+    assert store.reclaim(T0 + 1000) == [] and gone == [a, b]  # in use: extended, not reclaimed

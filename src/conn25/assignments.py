@@ -15,7 +15,7 @@ from __future__ import annotations
 import heapq
 import ipaddress
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import msgspec
 
@@ -64,7 +64,12 @@ class _Saved(msgspec.Struct, frozen=True):
 
 
 class Assignments:
-    def __init__(self, pools: Pools) -> None:
+    """``on_reclaim`` is called for every reclaimed assignment, also those
+    reclaimed inside :meth:`reserve`, so the datapath forgets them at once."""
+
+    def __init__(self, pools: Pools,
+                 on_reclaim: Callable[[Assignment], None] | None = None) -> None:
+        self.on_reclaim = on_reclaim
         self._magic = {4: IPPool(), 6: IPPool()}
         self._transit = {4: IPPool(), 6: IPPool()}
         self._by_magic: dict[IPAddress, Assignment] = {}
@@ -197,6 +202,8 @@ class Assignments:
                 continue
             self._remove(a)
             removed.append(a)
+            if self.on_reclaim is not None:
+                self.on_reclaim(a)
         return removed
 
     # -- persistence -------------------------------------------------------------

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
 import logging
 import os
 import socket
@@ -26,7 +27,7 @@ import msgspec
 import trio
 
 from . import tailnet as tailnet_mod
-from .assignments import Assignments
+from .assignments import Assignment, Assignments
 from .config import NodeConfig, Tailnet
 from .connector import ConnectorTable, Mapping
 from .dnsmap import DNSMapper
@@ -146,7 +147,7 @@ class Node:
         self._load_config()
         state = opts.state_path
         state.mkdir(parents=True, exist_ok=True)
-        self.assignments = Assignments(self.config.pools)
+        self.assignments = Assignments(self.config.pools, on_reclaim=self._forget)
         self._restore_assignments()
         self.connector = ConnectorTable(self.config) if opts.advertise_connector else None
         self.datapath = Datapath(client=True, connector=opts.advertise_connector)
@@ -233,8 +234,6 @@ class Node:
 
     def _routes(self) -> list[IPNetwork]:
         """Into the TUN: every peer's overlay addresses and, on a client, the magic pools."""
-        import ipaddress
-
         routes: list[IPNetwork] = [ipaddress.ip_network(a) for n in self._peers()
                                    for a in n.addresses]
         if self.config.apps:
@@ -242,8 +241,6 @@ class Node:
         return routes
 
     def _local_addresses(self) -> list[IPAddress]:
-        import ipaddress
-
         return [ipaddress.ip_address(self.options.dns_listen[0])] if self.config.apps else []
 
     def _bind_underlay(self) -> socket.socket:
@@ -261,8 +258,6 @@ class Node:
 
     def _install_tables(self) -> None:
         """Peers, ranges and restored assignments into the datapath's tables."""
-        import ipaddress
-
         tables = self.datapath.tables
         for peer in self._peers():
             host, port = peer.endpoint
@@ -296,8 +291,6 @@ class Node:
         while True:
             await trio.lowlevel.wait_readable(dp.event_fd)
             now = self.now()
-            import ipaddress
-
             for ev in dp.read_events():
                 transit = ipaddress.ip_address(ev.transit)
                 if ev.kind == "flow_created" and ev.role == "client":
@@ -315,17 +308,21 @@ class Node:
         while True:
             await trio.sleep(SWEEP_INTERVAL)
             now = self.now()
-            for a in self.assignments.reclaim(now):
-                tables.del_magic(a.magic)
-                tables.del_route(a.transit)
-                self.counters["reclaimed"] += 1
-                log.info("reclaimed app=%s domain=%s magic=%s transit=%s real=%s", a.app,
-                         a.domain, a.magic, a.transit, a.real)
-                self._dirty.set()
+            self.assignments.reclaim(now)  # each one goes through _forget
             if self.connector is not None:
                 for m in self.connector.sweep(now, 1000):
                     tables.del_transit(m.peer, m.transit)
             self.datapath.sweep(monotonic_ms(), 1000)
+
+    def _forget(self, a: Assignment) -> None:
+        """A reclaimed assignment: its magic IP is unassigned again from now on."""
+        tables = self.datapath.tables
+        tables.del_magic(a.magic)
+        tables.del_route(a.transit)
+        self.counters["reclaimed"] += 1
+        log.info("reclaimed app=%s domain=%s magic=%s transit=%s real=%s", a.app, a.domain,
+                 a.magic, a.transit, a.real)
+        self._dirty.set()
 
     async def _persist(self) -> None:
         while True:
