@@ -5,7 +5,8 @@
 # /usr/local/bin. Run it again at any time: it only adds what is missing.
 #
 #   ./install.sh          the daemon and its runtime tools
-#   ./install.sh --dev    also the test and benchmark tools (pytest, hypothesis, scapy, ruff)
+#   ./install.sh --dev    also the test and benchmark tools (pytest, hypothesis, scapy, ruff,
+#                         wireguard-go, wg, dnsperf)
 set -euo pipefail
 
 usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; }
@@ -27,6 +28,10 @@ python=${PYTHON:-python3}
 # the end-to-end tests and the benchmarks; nftables and iproute2 for the connector.
 packages=(python3 python3-venv python3-dev gcc iproute2 nftables dnsmasq-base
           iperf3 curl iputils-ping procps ca-certificates)
+# --dev: wireguard-go and wg, the userspace-tunnel reference of bench/net.py (without
+# --no-install-recommends, wireguard-tools would pull in a kernel image); dnsperf, the
+# DNS load generator of bench/control.py.
+[ "$dev" = 1 ] && packages+=(wireguard-go wireguard-tools dnsperf)
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
