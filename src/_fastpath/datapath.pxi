@@ -54,6 +54,9 @@ cdef enum:  # counters, one array per pump thread (summed when read)
     C_UDP_SEND_ERRORS
     C_FLOW_TABLE_FULL
     C_EVENTS_DROPPED
+    C_UDP_TX_GSO            # datagrams sent inside UDP GSO messages (also in udp_tx)
+    C_UDP_GSO_REFUSED       # GSO messages the kernel refused (their datagrams went singly)
+    C_UDP_RX_GRO            # datagrams received coalesced by UDP GRO (also in udp_rx)
     C_NCOUNTERS
 
 _COUNTER_NAMES = (
@@ -62,6 +65,7 @@ _COUNTER_NAMES = (
     "drop_spoofed", "drop_bad_header", "drop_not_translatable", "unmapped_magic",
     "unmapped_transit", "rejects_sent", "rejects_received", "keepalives_received",
     "tun_write_errors", "udp_send_errors", "flow_insert_failed", "events_dropped",
+    "udp_tx_gso", "udp_gso_refused", "udp_rx_gro",
 )
 
 cdef enum:
@@ -108,6 +112,7 @@ cdef struct DpCore:         # what the per-packet code needs, as raw pointers
     uint32_t ev_start
     uint32_t ev_len
     uint64_t ev_dropped
+    uint64_t ev_pushed          # events ever queued (dp_event_seq)
 
 
 cdef void dp_push_event(DpCore *d, uint8_t kind, uint8_t family, uint32_t peer,
@@ -123,15 +128,21 @@ cdef void dp_push_event(DpCore *d, uint8_t kind, uint8_t family, uint32_t peer,
         e.peer = peer
         memcpy(e.transit, transit, 16)
         d.ev_len += 1
+        d.ev_pushed += 1
     pthread_mutex_unlock(&d.ev_lock)
 
 
-cdef inline bint dp_events_pending(DpCore *d) noexcept nogil:
-    # Unlocked reads of counters that only grow between drains: a hint that
-    # the control plane should be woken, never used for correctness.
-    return (d.ev_len != 0
-            or (d.client_flows != NULL and d.client_flows.ring_len != 0)
-            or (d.connector_flows != NULL and d.connector_flows.ring_len != 0))
+cdef inline uint64_t dp_event_seq(DpCore *d) noexcept nogil:
+    """How many events were ever queued, in all rings: a pump wakes the
+    control plane when this moved since its last wake-up, not after every
+    batch while events wait. Unlocked reads of counters that only grow: a
+    hint, never used for correctness."""
+    cdef uint64_t n = c25_load_u64(&d.ev_pushed)
+    if d.client_flows != NULL:
+        n += c25_load_u64(&d.client_flows.emitted)
+    if d.connector_flows != NULL:
+        n += c25_load_u64(&d.connector_flows.emitted)
+    return n
 
 
 cdef inline void _addr16(uint8_t *out, const uint8_t *a, uint8_t family) noexcept nogil:
@@ -208,12 +219,16 @@ cdef inline bint _apply_fragment(DpCtx *c, uint8_t *p, Parsed *pk, uint64_t now)
     return True
 
 
-cdef inline int _parse_counted(DpCtx *c, const uint8_t *p, Py_ssize_t n, Parsed *pk) noexcept nogil:
-    cdef int st = parse(p, n, pk)
+cdef inline void _count_parse(DpCtx *c, int st) noexcept nogil:
     if st == PARSE_UNSUPPORTED:
         c.counters[C_DROP_UNSUPPORTED] += 1
     elif st != PARSE_OK:
         c.counters[C_DROP_MALFORMED] += 1
+
+
+cdef inline int _parse_counted(DpCtx *c, const uint8_t *p, Py_ssize_t n, Parsed *pk) noexcept nogil:
+    cdef int st = parse(p, n, pk)
+    _count_parse(c, st)
     return st
 
 

@@ -155,7 +155,7 @@ cdef class Datapath:
             buf = bytearray(1)  # an empty datagram is a bad header, counted as such
         mv = buf
         with nogil:
-            v = dp_datagram(&self.core, self.ctx_udp, &mv[0], n, &sa, now, &peer)
+            v = dp_datagram(&self.core, self.ctx_udp, &mv[0], n, &sa, now, &peer, NULL)
             if v == DP_REJECT:
                 dp_reject_due(&self.core, self.ctx_udp, now)
         inner = bytes(buf[DG_HDR:]) if v in (DP_TO_TUN, DP_REJECT) else b""
@@ -245,8 +245,10 @@ cdef class Datapath:
         Both are made non-blocking, and the socket's buffers are raised to
         `sockbuf` bytes (beyond net.core.[rw]mem_max when running as root):
         bursts of a fast TCP stream overflow the default ones, and every
-        datagram dropped there is a retransmission. The caller keeps
-        ownership of both (and closes them after stop()).
+        datagram dropped there is a retransmission. UDP_GRO is turned on
+        on the socket (where the kernel has it), so the pumps must be its
+        only reader. The caller keeps ownership of both (and closes them
+        after stop()).
         """
         if self.threads:
             raise RuntimeError("Datapath is already running")
@@ -277,6 +279,8 @@ cdef class Datapath:
                 or self.bufs_udp.data == NULL:
             self._free_pumps()
             raise MemoryError("Datapath: cannot allocate pump buffers")
+        self.bufs_tun.gso_max = PUMP_SLOT
+        pump_enable_gro(self.udp_fd)  # an old kernel without UDP_GRO: datagrams one by one
         self.threads = [
             threading.Thread(target=self._run, args=(0,), name="conn25-tun-to-udp", daemon=True),
             threading.Thread(target=self._run, args=(1,), name="conn25-udp-to-tun", daemon=True),
@@ -297,6 +301,8 @@ cdef class Datapath:
         """Stop and join both pumps (idempotent)."""
         if not self.threads:
             return
+        c25_store_int(&self.bufs_tun.stop, 1)
+        c25_store_int(&self.bufs_udp.stop, 1)
         _wake(self.stop_fd)
         for t in self.threads:
             t.join()
@@ -363,7 +369,7 @@ def bench_loop(Datapath dp, packet: bytes, iterations: int, what: str,
                 elif mode == 2:
                     dp_from_tun(&dp.core, dp.ctx_tun, buf + DG_HDR, n, now)
                 elif mode == 3:
-                    dp_datagram(&dp.core, dp.ctx_udp, buf, n + DG_HDR, &sa, now, &peer)
+                    dp_datagram(&dp.core, dp.ctx_udp, buf, n + DG_HDR, &sa, now, &peer, NULL)
             t1 = _ns()
     finally:
         free(buf)

@@ -123,6 +123,7 @@ cdef struct FlowTableC:
     uint32_t ring_cap
     uint32_t ring_start
     uint32_t ring_len
+    uint64_t emitted            # events ever queued in the ring (never reset)
     uint64_t inserts
     uint64_t hits
     uint64_t misses
@@ -242,6 +243,7 @@ cdef inline void _ft_emit(FlowTableC *t, FlowEntry *e, uint8_t kind, uint8_t rea
         return
     cdef FlowEventRec *r = &t.ring[(t.ring_start + t.ring_len) % t.ring_cap]
     t.ring_len += 1
+    t.emitted += 1
     memcpy(&r.key, &e.key[FT_DIR_FWD], sizeof(FlowKey))
     memcpy(r.transit, e.transit, 16)
     r.created = e.created
