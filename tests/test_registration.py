@@ -226,7 +226,9 @@ def test_items_queued_while_a_request_is_out_go_together_in_one_request():
         async with trio.open_nursery() as nursery:
             await nursery.start(reg.run)
             nursery.start_soon(register, [first])
-            await trio.sleep(0.5)  # the first request is out and held
+            with trio.fail_after(5):
+                while not peers.posts:  # wait until the first request is out (and held)
+                    await trio.sleep(0.01)
             nursery.start_soon(register, later[:2])
             nursery.start_soon(register, later[2:])
             await trio.sleep(0.5)
