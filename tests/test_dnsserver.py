@@ -6,6 +6,7 @@ A real upstream is dnsmasq on loopback; small trio fakes play the upstreams
 that misbehave (truncation, wrong ids, silence).
 """
 
+import errno
 import ipaddress
 import logging
 import os
@@ -182,9 +183,22 @@ async def fake_upstream(on_udp=None, on_tcp=None):
 
     Without ``on_udp`` it receives and never answers; without ``on_tcp`` no TCP.
     """
-    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    await sock.bind((LOOP, 0))
-    port = sock.getsockname()[1]
+    # TCP listens on the UDP socket's port number, which a TCP socket of some other test or
+    # process may already hold: then take another UDP port rather than fail.
+    for _ in range(20):
+        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        await sock.bind((LOOP, 0))
+        port = sock.getsockname()[1]
+        try:
+            listeners = await trio.open_tcp_listeners(port, host=LOOP) if on_tcp else []
+        except OSError as e:
+            sock.close()
+            if e.errno != errno.EADDRINUSE:
+                raise
+            continue
+        break
+    else:
+        raise RuntimeError("fake_upstream: no port free for both UDP and TCP in 20 tries")
     seen = []
 
     async def serve_udp():
@@ -203,8 +217,7 @@ async def fake_upstream(on_udp=None, on_tcp=None):
     with sock:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(serve_udp)
-            if on_tcp:
-                listeners = await trio.open_tcp_listeners(port, host=LOOP)
+            if listeners:
                 nursery.start_soon(trio.serve_listeners, serve_tcp, listeners)
             yield (LOOP, port), seen
             nursery.cancel_scope.cancel()

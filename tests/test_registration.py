@@ -223,6 +223,9 @@ def test_items_queued_while_a_request_is_out_go_together_in_one_request():
 
     async def main():
         peers.gate = trio.Event()
+        # Both connectors known healthy before anything is queued: with only C2's answer in,
+        # the first request would go to C2 and the later ones to C1, as two requests.
+        await reg.check_health()
         async with trio.open_nursery() as nursery:
             await nursery.start(reg.run)
             nursery.start_soon(register, [first])
@@ -231,10 +234,15 @@ def test_items_queued_while_a_request_is_out_go_together_in_one_request():
                     await trio.sleep(0.01)
             nursery.start_soon(register, later[:2])
             nursery.start_soon(register, later[2:])
-            await trio.sleep(0.5)
+            with trio.fail_after(5):
+                while reg.counters()["queued"] < 4:
+                    await trio.sleep(0.01)
+            await trio.testing.wait_all_tasks_blocked()  # the sender has seen them
             assert len(peers.posts) == 1
             peers.gate.set()
-            await trio.sleep(1)
+            with trio.fail_after(5):
+                while len(results) < 3:
+                    await trio.sleep(0.01)
             nursery.cancel_scope.cancel()
 
     run(main)
