@@ -27,13 +27,12 @@ import dataclasses
 import ipaddress
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from conn25.netns import Netns, sh, wait_for
+from conn25.netns import Netns, sh, terminate, wait_for
 from conn25.testbed import APP_TAG, DNS4, WEB4, WEB_SERVER, NodeSpec, Testbed, tailnet_file
 
 CLIENT = NodeSpec("client", 1, user="alice@example.com")
@@ -285,13 +284,7 @@ table ip {NAT_TABLE} {{
     def _wg_stop(self) -> None:
         while self._wg:
             proc, ifname = self._wg.pop()
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout=5)
+            terminate(proc)
             # wireguard-go removes its socket on a clean exit; not after a kill.
             with contextlib.suppress(FileNotFoundError):
                 (Path("/run/wireguard") / f"{ifname}.sock").unlink()

@@ -49,13 +49,7 @@ class Netns:
 
     def close(self) -> None:
         for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait(timeout=5)
+            terminate(p)
         # Deleting the namespace removes its veth ends, TUN devices and routes.
         sh("ip", "netns", "delete", self.name, check=False)
 
@@ -64,6 +58,18 @@ class Netns:
 
     def __repr__(self) -> str:
         return f"Netns({self.name})"
+
+
+def terminate(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 5) -> int:
+    """Stop a process we started (by its PID): `sig`, then SIGKILL after `timeout`; its status."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+    return proc.returncode
 
 
 def link(a: Netns, a_addr: str, b: Netns, b_addr: str) -> None:

@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .netns import Netns, sh, wait_for
+from .netns import Netns, sh, terminate, wait_for
 
 WEB4, WEB6, DNS4 = "198.51.100.10", "2001:db8:100::10", "198.51.100.53"
 APP_TAG = "tag:example-connector"
@@ -183,15 +183,7 @@ class Testbed:
 
     def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
         """Stop a node's conn25d (by PID); its exit status."""
-        proc = self.procs.pop(name)
-        if proc.poll() is None:
-            proc.send_signal(sig)
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
-        return proc.returncode
+        return terminate(self.procs.pop(name), sig, timeout)
 
     def status(self, name: str) -> dict | None:
         """The node's status document, or None while it does not answer."""
