@@ -33,7 +33,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from conn25.netns import Netns, sh, terminate, wait_for
-from conn25.testbed import APP_TAG, DNS4, WEB4, WEB_SERVER, NodeSpec, Testbed, tailnet_file
+from conn25.testbed import (
+    APP_TAG,
+    DNS4,
+    WEB4,
+    NodeSpec,
+    Testbed,
+    start_servers,
+    tailnet_file,
+)
 
 CLIENT = NodeSpec("client", 1, user="alice@example.com")
 CONNECTOR = NodeSpec("connector", 2, tags=(APP_TAG,), connector=True)
@@ -122,22 +130,9 @@ class Bench(Testbed):
             ns.run("ip", "link", "set", ifname, "up")
 
     def _start_servers(self) -> None:
-        srv = self.server
-        log = open(self.workdir / "dnsmasq.log", "w")  # noqa: SIM115 (kept by the process)
-        srv.popen("dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts",
-                  "--conf-file=/dev/null", f"--listen-address={DNS4}", "--bind-interfaces",
-                  "--local-ttl=300", "--pid-file=", "--cache-size=0",
-                  f"--address=/example.com/{WEB4}", f"--address=/example.net/{WEB4}",
-                  f"--address=/{DOMAINS['kernel_nat']}/{VIP}",
-                  stdout=log, stderr=subprocess.STDOUT)
-        srv.popen(sys.executable, "-c", WEB_SERVER, stdout=subprocess.DEVNULL,
-                  stderr=subprocess.DEVNULL)
-        # Bound to the server address, so UDP replies leave from it.
-        srv.popen("iperf3", "-s", "-B", WEB4, stdout=subprocess.DEVNULL,
-                  stderr=subprocess.DEVNULL)
-        wait_for(lambda: all(p in srv.run("ss", "-Hltn").stdout for p in (":80 ", ":5201 ")),
-                 20, "the web and iperf3 servers")
-        wait_for(lambda: f"{DNS4}:53" in srv.run("ss", "-Hlun").stdout, 20, "dnsmasq")
+        start_servers(self.server, self.workdir, (
+            "--cache-size=0", f"--address=/example.com/{WEB4}", f"--address=/example.net/{WEB4}",
+            f"--address=/{DOMAINS['kernel_nat']}/{VIP}"))
 
     # -- helpers -------------------------------------------------------------------
 

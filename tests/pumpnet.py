@@ -1,5 +1,5 @@
-"""Two bare datapath nodes (tests/fastpath_node.py) in namespaces: the pump tests' and
-the pump benchmark's topology.
+"""What the pump tests and the pump benchmark share: two bare datapath nodes
+(tests/fastpath_node.py) in namespaces, and small socket helpers.
 
 client ns (192.0.2.1) ==veth== connector ns (192.0.2.2; "server" 203.0.113.10 on its lo)
 The client maps MAGIC -> TRANSIT with the connector, which maps it to REAL.
@@ -8,8 +8,10 @@ The client maps MAGIC -> TRANSIT with the connector, which maps it to REAL.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import select
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,6 +21,17 @@ from conn25.netns import Netns, link
 
 NODE = str(Path(__file__).with_name("fastpath_node.py"))
 MAGIC, UNASSIGNED, TRANSIT, REAL = "100.80.0.5", "100.80.0.99", "169.254.128.5", "203.0.113.10"
+
+
+def ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    return ipaddress.ip_address(text)
+
+
+def recv(sock: socket.socket, timeout: float = 5.0) -> bytes:
+    """One datagram from ``sock``, failing the test if none comes within ``timeout``."""
+    ready, _, _ = select.select([sock], [], [], timeout)
+    assert ready, "nothing arrived within the deadline"
+    return sock.recv(70000)
 
 
 def start_node(ns: Netns, cfg: dict) -> subprocess.Popen:

@@ -8,7 +8,6 @@ TUN pump then reads them all before its first send. Each test runs on an IPv4 an
 an IPv6 overlay socket.
 """
 
-import ipaddress
 import os
 import select
 import socket
@@ -19,6 +18,7 @@ from scapy.layers.inet import IP, TCP
 
 from conn25.fastpath import Datapath
 from conn25.iprange import IPRange
+from pumpnet import ip, recv
 
 CLIENT, CONNECTOR, CONNECTOR2 = "100.64.0.1", "100.64.0.2", "100.64.0.3"
 MAGIC, MAGIC2, T1, T2 = "100.80.0.5", "100.80.0.6", "169.254.128.5", "169.254.128.6"
@@ -26,14 +26,6 @@ SO_NO_CHECK = 11  # <asm-generic/socket.h>: send UDP without checksums, which GS
 SOL_UDP, UDP_NO_CHECK6_TX, UDP_NO_CHECK6_RX, UDP_SEGMENT = 17, 101, 102, 103
 
 
-def ip(a):
-    return ipaddress.ip_address(a)
-
-
-def recv(sock, timeout=5.0) -> bytes:
-    ready, _, _ = select.select([sock], [], [], timeout)
-    assert ready, "nothing arrived within the deadline"
-    return sock.recv(70000)
 
 
 def readable(fd) -> bool:

@@ -4,8 +4,6 @@ loopback UDP sockets. Checks the pumps' I/O, the event fd as trio waits on it,
 rejects, and table changes while packets flow.
 """
 
-import ipaddress
-import select
 import socket
 import threading
 
@@ -15,19 +13,12 @@ from scapy.layers.inet import IP, TCP
 
 from conn25.fastpath import Datapath
 from conn25.iprange import IPRange
+from pumpnet import ip, recv
 
 CLIENT, CONNECTOR = "100.64.0.1", "100.64.0.2"
 MAGIC, T1, T2 = "100.80.0.5", "169.254.128.5", "169.254.128.6"
 
 
-def ip(a):
-    return ipaddress.ip_address(a)
-
-
-def recv(sock, timeout=5.0) -> bytes:
-    ready, _, _ = select.select([sock], [], [], timeout)
-    assert ready, "nothing arrived within the deadline"
-    return sock.recv(70000)
 
 
 @pytest.fixture

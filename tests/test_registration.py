@@ -170,6 +170,20 @@ def run(fn: Callable[[], Awaitable[None]]) -> None:
     trio.run(bounded, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
+def register_with_running(reg: Registrar, items: list[Assignment]) -> bool:
+    """Start the registrar, register ``items``, stop it; what register() returned."""
+    result: list[bool] = []
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(reg.run)
+            result.append(await reg.register(items))
+            nursery.cancel_scope.cancel()
+
+    run(main)
+    return result[0]
+
+
 def installed_with(node: FakeNode, a: Assignment, conn: Node) -> bool:
     """The datapath sends a's magic IP to ``conn``, and the assignment says so."""
     tables = node.datapath.tables
@@ -188,13 +202,7 @@ def test_assignments_are_sent_as_transit_destination_app_domain_and_installed_on
     node, peers, reg = setup()
     a = node.reserve("api.github.com.", "203.0.113.7")
 
-    async def main():
-        async with trio.open_nursery() as nursery:
-            await nursery.start(reg.run)
-            assert await reg.register([a])
-            nursery.cancel_scope.cancel()
-
-    run(main)
+    assert register_with_running(reg, [a])
     [(_, host, req)] = peers.posts
     assert host == H1
     assert msgspec_builtins(req) == {"transitIPs": [{
@@ -342,13 +350,7 @@ def test_code_1_then_ok_succeeds():
     answers = iter([Code.OTHER, Code.OK])
     peers.code = lambda host, item: next(answers)
 
-    async def main():
-        async with trio.open_nursery() as nursery:
-            await nursery.start(reg.run)
-            assert await reg.register([a])
-            nursery.cancel_scope.cancel()
-
-    run(main)
+    assert register_with_running(reg, [a])
     assert len(peers.posts) == 2 and installed_with(node, a, C1)
 
 
@@ -358,13 +360,7 @@ def test_transport_failures_retry_with_exponential_backoff_then_succeed():
     a = node.reserve("github.com.", "203.0.113.1")
     peers.failures[H1] = 3
 
-    async def main():
-        async with trio.open_nursery() as nursery:
-            await nursery.start(reg.run)
-            assert await reg.register([a])
-            nursery.cancel_scope.cancel()
-
-    run(main)
+    assert register_with_running(reg, [a])
     times = [t for t, _, _ in peers.posts]
     assert [round(b - a, 6) for a, b in itertools.pairwise(times)] == [0.25, 0.5, 1.0]
     assert installed_with(node, a, C1)
@@ -376,13 +372,7 @@ def test_non_200_answers_are_retried():
     a = node.reserve("github.com.", "203.0.113.1")
     peers.status[H1] = [503, 500]
 
-    async def main():
-        async with trio.open_nursery() as nursery:
-            await nursery.start(reg.run)
-            assert await reg.register([a])
-            nursery.cancel_scope.cancel()
-
-    run(main)
+    assert register_with_running(reg, [a])
     assert len(peers.posts) == 3 and installed_with(node, a, C1)
 
 

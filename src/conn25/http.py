@@ -469,13 +469,9 @@ async def request(
     seconds for the whole exchange.
     """
     authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    with trio.fail_after(timeout):
-        stream = await trio.open_tcp_stream(host, port)
-        async with stream:
-            return await _exchange(
-                stream, authority, method, target, body, content_type, max_response,
-                f"http://{authority}{target}",
-            )
+    return await _over(lambda: trio.open_tcp_stream(host, port), authority,
+                       f"http://{authority}{target}", method, target, body, timeout,
+                       content_type, max_response)
 
 
 async def request_unix(
@@ -490,13 +486,20 @@ async def request_unix(
 ) -> tuple[int, bytes]:
     """As :func:`request`, over the unix socket at ``path``."""
     path = os.fspath(path)
+    return await _over(lambda: trio.open_unix_socket(path), "localhost", f"unix:{path} {target}",
+                       method, target, body, timeout, content_type, max_response)
+
+
+async def _over(
+    connect: Callable[[], Awaitable[trio.SocketStream]], authority: str, where: str,
+    method: str, target: str, body: bytes, timeout: float, content_type: str, max_response: int,
+) -> tuple[int, bytes]:
+    """One exchange on a new connection made by ``connect``, all within ``timeout``."""
     with trio.fail_after(timeout):
-        stream = await trio.open_unix_socket(path)
+        stream = await connect()
         async with stream:
-            return await _exchange(
-                stream, "localhost", method, target, body, content_type, max_response,
-                f"unix:{path} {target}",
-            )
+            return await _exchange(stream, authority, method, target, body, content_type,
+                                   max_response, where)
 
 
 async def _exchange(

@@ -159,8 +159,13 @@ def decode_health(body: bytes) -> HealthResponse:
 TransitHandler = Callable[[ConnectorTransitIPRequest], ConnectorTransitIPResponse]
 
 
-def transit_ip_http(method: str, body: bytes, handler: TransitHandler) -> tuple[int, bytes]:
+def transit_ip_http(
+    method: str, body: bytes | ConnectorTransitIPRequest, handler: TransitHandler
+) -> tuple[int, bytes]:
     """HTTP status and body for a request to TRANSIT_IP_PATH.
+
+    ``body`` may already be decoded (a server that looked at the items first
+    need not decode them twice).
 
     ``handler`` is bound to the requesting peer (and the time) by the server;
     it raises NotConfigured when this node serves no app. Non-200 bodies are
@@ -169,7 +174,7 @@ def transit_ip_http(method: str, body: bytes, handler: TransitHandler) -> tuple[
     if method != "POST":
         return 405, b"method must be POST\n"
     try:
-        req = decode_transit_request(body)
+        req = body if isinstance(body, ConnectorTransitIPRequest) else decode_transit_request(body)
         resp = handler(req)
     except BadRequest as e:
         return e.status, f"{e}\n".encode()

@@ -103,13 +103,14 @@ class PeerAPI:
 
     async def _transit_ip(self, req: Request, peer: Node) -> Response:
         connector = self._node.connector
+        body: bytes | ConnectorTransitIPRequest = req.body
         if req.method == "POST" and connector is not None:
             try:
-                decoded = peerapi.decode_transit_request(req.body)
+                body = peerapi.decode_transit_request(req.body)
             except BadRequest:
                 pass  # transit_ip_http below answers it
             else:
-                await self._resolve_fresh(connector, peer, decoded)
+                await self._resolve_fresh(connector, peer, body)
 
         stored: list[Mapping] = []
         now = self._node.now()
@@ -128,13 +129,13 @@ class PeerAPI:
                     )
             return resp
 
-        status, body = peerapi.transit_ip_http(req.method, req.body, register)
+        status, answer = peerapi.transit_ip_http(req.method, body, register)
         if stored:
             self._node.install_connector_mappings(stored)
         if status != 200:
             allow = [("Allow", "POST")] if status == 405 else None
-            return self._error(req, peer, status, body.decode(errors="replace").strip(), allow)
-        return Response(200, body)
+            return self._error(req, peer, status, answer.decode(errors="replace").strip(), allow)
+        return Response(200, answer)
 
     async def _resolve_fresh(
         self, connector: ConnectorTable, peer: Node, req: ConnectorTransitIPRequest

@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 from .netns import Netns, sh, terminate, wait_for
@@ -43,6 +44,35 @@ class S(http.server.ThreadingHTTPServer):
         super().server_bind()
 S(("::", 80), H).serve_forever()
 """
+
+
+# dnsmasq records of the test internet: an app name with A and AAAA, a CNAME chain
+# (www -> edge -> cdn), a wildcard subdomain, and a name of no app.
+DNS_RECORDS = (
+    f"--host-record=example.com,{WEB4},{WEB6}",
+    f"--host-record=cdn.example.net,{WEB4},{WEB6}",
+    "--cname=www.example.com,edge.example.net",
+    "--cname=edge.example.net,cdn.example.net",
+    f"--address=/wild.example.com/{WEB4}", f"--address=/wild.example.com/{WEB6}",
+    f"--host-record=direct.example.net,{WEB4},{WEB6}",
+)
+
+
+def start_servers(ns: Netns, workdir: Path, dns_records: Iterable[str]) -> None:
+    """dnsmasq on DNS4 with `dns_records`, the web server and iperf3 on WEB4, in `ns`
+    (which must hold those addresses); returns once all three listen."""
+    log = open(workdir / "dnsmasq.log", "w")  # noqa: SIM115 (kept by the process)
+    ns.popen("dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts",
+             "--conf-file=/dev/null", f"--listen-address={DNS4}", "--bind-interfaces",
+             "--local-ttl=300", "--pid-file=", *dns_records,
+             stdout=log, stderr=subprocess.STDOUT)
+    ns.popen(sys.executable, "-c", WEB_SERVER, stdout=subprocess.DEVNULL,
+             stderr=subprocess.DEVNULL)
+    # Bound to the server address, so UDP replies leave from it.
+    ns.popen("iperf3", "-s", "-B", WEB4, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: all(p in ns.run("ss", "-Hltn").stdout for p in (":80 ", ":5201 ")),
+             20, "the web and iperf3 servers")
+    wait_for(lambda: f"{DNS4}:53" in ns.run("ss", "-Hlun").stdout, 20, "dnsmasq")
 
 
 class NodeSpec:
@@ -136,25 +166,7 @@ class Testbed:
         self._start_servers()
 
     def _start_servers(self) -> None:
-        inet = self.ns["inet"]
-        log = open(self.workdir / "dnsmasq.log", "w")  # noqa: SIM115 (kept by the process)
-        inet.popen("dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts",
-                   "--conf-file=/dev/null", f"--listen-address={DNS4}", "--bind-interfaces",
-                   "--local-ttl=300", "--pid-file=",
-                   f"--host-record=example.com,{WEB4},{WEB6}",
-                   f"--host-record=cdn.example.net,{WEB4},{WEB6}",
-                   "--cname=www.example.com,edge.example.net",
-                   "--cname=edge.example.net,cdn.example.net",
-                   f"--address=/wild.example.com/{WEB4}", f"--address=/wild.example.com/{WEB6}",
-                   f"--host-record=direct.example.net,{WEB4},{WEB6}",
-                   stdout=log, stderr=subprocess.STDOUT)
-        inet.popen(sys.executable, "-c", WEB_SERVER, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL)
-        inet.popen("iperf3", "-s", "-B", WEB4, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL)
-        wait_for(lambda: all(p in inet.run("ss", "-Hltn").stdout for p in (":80 ", ":5201 ")),
-                 20, "the web and iperf3 servers")
-        wait_for(lambda: f"{DNS4}:53" in inet.run("ss", "-Hlun").stdout, 20, "dnsmasq")
+        start_servers(self.ns["inet"], self.workdir, DNS_RECORDS)
 
     # -- nodes ------------------------------------------------------------------
 
