@@ -945,3 +945,120 @@ def test_server_with_client_resolver_end_to_end(dnsmasq):
     app, other = run(main)
     assert addresses(app) == ["100.80.0.0"] and addresses(other) == ["198.51.100.200"]
 
+
+
+# -- the answer cache in the resolver and the server ---------------------------------------------
+
+
+class Clock:
+    def __init__(self, t=1_700_000_000.0):
+        self.t = t
+
+    def __call__(self):
+        return self.t
+
+
+def cached_resolver(dnsmasq):
+    mapper, store = make_mapper()
+    conn = Connector(store, dnsmasq)
+    clock = Clock()
+    res = ClientResolver(mapper, Forwarder([dnsmasq]), conn.resolve, conn.register, now=clock)
+    return res, conn, store, clock
+
+
+def test_a_repeated_app_query_is_answered_from_the_cache_with_the_ttl_counted_down(dnsmasq):
+    res, conn, _, clock = cached_resolver(dnsmasq)
+
+    async def main():
+        first = await res.answer(query("app.test", qid=1))
+        clock.t += 100.5
+        return first, await res.answer(query("app.test", qid=2))
+
+    first, second = run(main)
+    assert addresses(second) == addresses(first) == ["100.80.0.0"]
+    assert DNSRecord.parse(second).header.id == 2
+    assert [rr.ttl for rr in DNSRecord.parse(second).rr] == [200]
+    assert conn.resolved == [("App", "app.test.")]  # asked the connector once
+    counters = res.counters()
+    assert counters["answered_cached"] == 1 and counters["answered_mapped"] == 1
+    assert counters["queries"] == counters["app_queries"] == 2
+
+
+def test_after_the_ttl_the_connector_is_asked_again(dnsmasq):
+    res, conn, _, clock = cached_resolver(dnsmasq)
+
+    async def main():
+        await res.answer(query("app.test"))
+        clock.t += 300
+        return await res.answer(query("app.test"))
+
+    assert addresses(run(main)) == ["100.80.0.0"]
+    assert len(conn.resolved) == 2 and res.counters()["answered_cached"] == 0
+
+
+@pytest.mark.parametrize("change", ["unregistered", "reclaimed", "reloaded"])
+def test_a_cached_answer_is_not_used_once_its_mapping_is_not_the_live_one(dnsmasq, change):
+    """B28 holds for cached answers too: every magic IP in one is registered and live."""
+    res, conn, store, clock = cached_resolver(dnsmasq)
+
+    async def main():
+        await res.answer(query("app.test"))
+        a = store.by_magic(ip("100.80.0.0"))
+        if change == "unregistered":
+            a.connector = None  # as while the registrar moves it to another connector
+        elif change == "reclaimed":
+            clock.t += 100
+            store._remove(a)  # what reclaiming does, here before the TTL ran out
+        else:
+            res.reconfigure(res.mapper.config)
+        return await res.answer(query("app.test"))
+
+    out = run(main)
+    assert addresses(out) and len(conn.resolved) == 2
+    assert len(conn.registered) == (1 if change == "reloaded" else 2)
+    assert res.counters()["answered_cached"] == 0
+
+
+def test_a_servfail_is_not_cached(dnsmasq):
+    mapper, store = make_mapper()
+    conn = Connector(store, dnsmasq, ack="refuse")
+    res = ClientResolver(mapper, Forwarder([dnsmasq]), conn.resolve, conn.register)
+
+    async def main():
+        return [await res.answer(query("app.test")) for _ in range(2)]
+
+    assert all(DNSRecord.parse(w).header.rcode == RCODE.SERVFAIL for w in run(main))
+    assert len(conn.resolved) == 2 and len(res.cache) == 0
+
+
+def test_the_server_answers_cached_questions_in_its_receive_loop(dnsmasq):
+    """UDP hits never reach ``answer``; a miss, or an answer too big for UDP, does."""
+    res, conn, _, _ = cached_resolver(dnsmasq)
+    calls = []
+
+    async def answer(wire):
+        calls.append(DNSRecord.parse(wire).q.qname)
+        return await res.answer(wire)
+
+    async def main():
+        async with serving(answer, cached=res.cached) as (server, addr):
+            out = [await ask_udp(addr, query("app.test", qid=i)) for i in range(3)]
+            return out, server.counters()
+
+    out, counters = run(main)
+    assert [DNSRecord.parse(w).header.id for w in out] == [0, 1, 2]
+    assert all(addresses(w) == ["100.80.0.0"] for w in out)
+    assert len(calls) == 1 and len(conn.resolved) == 1
+    assert counters["udp_queries"] == 3 and res.counters()["answered_cached"] == 2
+
+
+def test_a_cached_lookup_that_raises_is_an_internal_error_and_the_query_still_answered():
+    def broken(_wire):
+        raise RuntimeError("cache bug")
+
+    async def main():
+        async with serving(cached=broken) as (server, addr):
+            return await ask_udp(addr, query("x.test")), server.counters()
+
+    out, counters = run(main)
+    assert addresses(out) == ["192.0.2.1"] and counters["internal_errors"] == 1

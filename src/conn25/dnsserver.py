@@ -26,7 +26,8 @@ from dnslib import EDNS0, QTYPE, RCODE, DNSHeader, DNSQuestion, DNSRecord
 from dnslib.label import DNSBuffer
 
 from .assignments import Assignment
-from .config import App
+from .config import App, NodeConfig
+from .dnscache import AnswerCache, question_key
 from .dnsmap import DNSMapError, DNSMapper, servfail
 from .iprange import IPAddress, parse_address
 from .tailnet import parse_endpoint
@@ -60,13 +61,15 @@ SERVER_COUNTERS = (
     "answer_timeouts", "answer_errors", "internal_errors",
 )
 RESOLVER_COUNTERS = (
-    "queries", "forwarded", "app_queries", "answered_mapped", "assignments_new",
+    "queries", "forwarded", "app_queries", "answered_mapped", "answered_cached",
+    "assignments_new",
     "registrations", "servfail_connector", "servfail_mapping", "servfail_ack_timeout",
     "servfail_register",
 )
 
 Upstream = tuple[str, int]
 Answer = Callable[[bytes], Awaitable[bytes]]
+Cached = Callable[[bytes], bytes | None]
 
 
 # -- message helpers -----------------------------------------------------------------------------
@@ -390,6 +393,11 @@ class DNSServer:
     record) goes out truncated, TC set, so that the client asks over TCP.
     TCP connections carry several queries, answered as they complete, and
     close after ``tcp_idle_timeout`` without a query.
+
+    ``cached``, when given, is asked first for each UDP datagram and answers
+    synchronously, in the receive loop, without a task of its own: the cheap
+    path for repeated questions. It returns None for anything it does not
+    answer (which then takes the way above, validation included).
     """
 
     def __init__(
@@ -397,6 +405,7 @@ class DNSServer:
         listen: Upstream,
         answer: Answer,
         *,
+        cached: Cached | None = None,
         max_queries: int = 256,
         max_tcp_connections: int = 64,
         tcp_queries_per_connection: int = 16,
@@ -405,6 +414,7 @@ class DNSServer:
     ) -> None:
         self.listen = listen
         self.answer = answer
+        self.cached = cached
         self.address: Upstream | None = None  # bound address, set once serving
         self.tcp_idle_timeout = tcp_idle_timeout
         self.answer_timeout = answer_timeout
@@ -465,6 +475,8 @@ class DNSServer:
                 except OSError as e:  # e.g. a late ICMP error; the socket is still fine
                     log.debug("DNS server: UDP receive error: %s", e)
                     continue
+                if self.cached is not None and await self._udp_cached(sock, data, client):
+                    continue
                 token = object()
                 try:
                     self._queries.acquire_on_behalf_of_nowait(token)
@@ -472,6 +484,23 @@ class DNSServer:
                     self._counters["dropped_busy"] += 1
                     continue
                 nursery.start_soon(self._udp_query, sock, data, client, token)
+
+    async def _udp_cached(self, sock: trio.socket.SocketType, data: bytes, client: Any) -> bool:
+        """Whether ``cached`` answered ``data`` (and the answer fits in a plain UDP reply)."""
+        assert self.cached is not None
+        try:
+            reply = self.cached(data)
+        except Exception:
+            self._internal_error(data)
+            return False
+        if reply is None or len(reply) > UDP_LIMIT:
+            return False
+        self._counters["udp_queries"] += 1
+        try:
+            await sock.sendto(reply, client)
+        except OSError as e:
+            log.debug("DNS server: cannot answer %s over UDP: %s", client, e)
+        return True
 
     async def _udp_query(
         self, sock: trio.socket.SocketType, data: bytes, client: Any, token: object
@@ -654,6 +683,10 @@ class ClientResolver:
     connector does not know. On ``ack_timeout`` (or a failed registration)
     the answer is SERVFAIL and counted; the registrar is expected to keep
     what it was given and send it anyway.
+
+    Acknowledged mapped answers are cached (:mod:`conn25.dnscache`) for their
+    TTL; :meth:`cached` answers a repeated question from there, as long as
+    every assignment it names is still the live one and registered.
     """
 
     def __init__(
@@ -678,11 +711,38 @@ class ClientResolver:
         self._assignments_changed = assignments_changed or (lambda: None)
         self._pending: dict[IPAddress, _Registration] = {}  # by transit IP
         self._counters = Counter(dict.fromkeys(RESOLVER_COUNTERS, 0))
+        self.cache = AnswerCache()
 
     def counters(self) -> dict[str, int]:
         return dict(self._counters)
 
+    def reconfigure(self, config: NodeConfig) -> None:
+        """Use a reloaded configuration; cached answers may name apps it no longer has."""
+        self.mapper.config = config
+        self.cache.clear()
+
+    def cached(self, query: bytes) -> bytes | None:
+        """The answer to ``query`` from the cache, or None to take :meth:`answer`."""
+        key = question_key(query)
+        if key is None:
+            return None
+        hit = self.cache.get(key, query, self._now())
+        if hit is None:
+            return None
+        reply, assignments = hit
+        by_magic = self.mapper.assignments.by_magic
+        if not all(a.connector is not None and by_magic(a.magic) is a for a in assignments):
+            self.cache.drop(key)  # reclaimed or moving to another connector: ask again
+            return None
+        self._counters["queries"] += 1
+        self._counters["app_queries"] += 1
+        self._counters["answered_cached"] += 1
+        return reply
+
     async def answer(self, query: bytes) -> bytes:
+        cached = self.cached(query)
+        if cached is not None:
+            return cached
         self._counters["queries"] += 1
         app = self.mapper.app_for_query(query)
         if app is None:
@@ -717,6 +777,8 @@ class ClientResolver:
             return servfail(query)
         if result.ours and not result.servfail:
             self._counters["answered_mapped"] += 1
+            if (key := question_key(query)) is not None:
+                self.cache.put(key, result.wire, result.assignments, self._now())
             log.info("%s: answered %s", what, ", ".join(
                 f"{a.magic} (real {a.real}, transit {a.transit})" for a in result.assignments
             ) or "with no address")

@@ -177,7 +177,8 @@ class Node:
                         DNSMapper(self.config, self.assignments, log.info), self.forwarder,
                         self.registrar.resolve, self.registrar.register,
                         assignments_changed=self.assignments_changed)
-                    await nursery.start(DNSServer(opts.dns_listen, self.resolver.answer).run)
+                    await nursery.start(DNSServer(opts.dns_listen, self.resolver.answer,
+                                                  cached=self.resolver.cached).run)
                 local = LocalAPI(self, lambda: status_document(self), self._exported_metrics,
                                  gauges=GAUGES)
                 await nursery.start(local.run, str(state / SOCKET_NAME))
@@ -368,7 +369,7 @@ class Node:
         self._install_tables()
         system.set_routes(self._routes())
         if self.resolver is not None:
-            self.resolver.mapper.config = cfg
+            self.resolver.reconfigure(cfg)
         self.counters["reloads"] += 1
         log.info("tailnet file %s reloaded", opts.tailnet)
 

@@ -1,0 +1,158 @@
+"""The client's cache of mapped answers (sans-IO).
+
+Without it every app-domain query costs a resolution at a connector over the
+peer API; with it a repeated question is answered locally until the upstream
+TTL runs out, like any caching resolver. An entry is stored only once the
+connector acknowledged its mappings (B28), and the caller checks on every hit
+that the entry's assignments are still the live, registered ones.
+
+An entry is the mapped answer as sent, keyed by the exact bytes of the
+question (name in the asker's case, type, class): the answer echoes the
+question, so a 0x20-randomised name gets its own entry rather than a
+mismatched echo. On a hit only the id, the RD bit and the TTLs change; the
+TTLs count down from the upstream ones, as RFC 1035 §4.1.3 expects of a cache.
+
+Only plain queries (opcode QUERY, one question, no answer or authority
+section) are keyed; anything else goes the uncached way, which validates it.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .assignments import Assignment
+
+__all__ = ["AnswerCache", "question_key", "ttl_offsets"]
+
+DEFAULT_ENTRIES = 4096
+_HEADER = 12
+_RD = 0x01  # in the high byte of the flags
+_MAX_LABEL = 63
+
+
+def _skip_name(wire: bytes, i: int) -> int:
+    """The offset just past the (possibly compressed) name at ``i``; ValueError if broken."""
+    n = len(wire)
+    while i < n:
+        length = wire[i]
+        if length == 0:
+            return i + 1
+        if length & 0xC0 == 0xC0:  # a pointer ends the name
+            if i + 2 > n:
+                break
+            return i + 2
+        if length > _MAX_LABEL:
+            break
+        i += 1 + length
+    raise ValueError("name runs past the message or has a reserved label type")
+
+
+def question_key(query: bytes) -> bytes | None:
+    """The exact bytes of a plain query's only question, or None when it is not one."""
+    if len(query) < _HEADER + 5:
+        return None
+    flags, qd, an, ns = struct.unpack_from("!HHHH", query, 2)
+    if flags & 0xF800 or qd != 1 or an or ns:  # a response, another opcode, odd sections
+        return None
+    i = _HEADER
+    n = len(query)
+    while i < n and 0 < query[i] <= _MAX_LABEL:  # no compression in a question we key
+        i += 1 + query[i]
+    if i >= n or query[i] != 0 or i + 5 > n:
+        return None
+    return bytes(query[_HEADER : i + 5])
+
+
+def ttl_offsets(wire: bytes) -> list[int]:
+    """Offsets of the TTL field of every resource record in ``wire``; ValueError if malformed."""
+    if len(wire) < _HEADER:
+        raise ValueError("shorter than a DNS header")
+    qd, an, ns, ar = struct.unpack_from("!HHHH", wire, 4)
+    i = _HEADER
+    for _ in range(qd):
+        i = _skip_name(wire, i) + 4
+    out = []
+    for _ in range(an + ns + ar):
+        i = _skip_name(wire, i)
+        if i + 10 > len(wire):
+            raise ValueError("record header runs past the message")
+        out.append(i + 4)
+        i += 10 + struct.unpack_from("!H", wire, i + 8)[0]
+    if i > len(wire):
+        raise ValueError("record data runs past the message")
+    return out
+
+
+@dataclass(slots=True)
+class _Entry:
+    wire: bytearray  # the answer as last sent, TTLs as of ``aged`` seconds after ``stored``
+    offsets: list[int]
+    ttls: list[int]  # as stored
+    stored: float
+    expires: float
+    aged: int
+    assignments: list[Assignment]
+
+
+class AnswerCache:
+    """Mapped answers by question, each until its smallest TTL runs out.
+
+    At most ``entries`` are kept; storing beyond that drops the oldest stored.
+    """
+
+    def __init__(self, entries: int = DEFAULT_ENTRIES) -> None:
+        if entries < 1:
+            raise ValueError("an answer cache needs room for at least one entry")
+        self._limit = entries
+        self._entries: dict[bytes, _Entry] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def put(self, key: bytes, answer: bytes, assignments: Sequence[Assignment],
+            now: float) -> bool:
+        """Keep ``answer`` for ``key``; False (nothing kept) when it has no answer record,
+        a TTL of zero, or does not parse."""
+        try:
+            offsets = ttl_offsets(answer)
+        except ValueError:
+            return False
+        if not struct.unpack_from("!H", answer, 6)[0]:  # negative answers are not cached
+            return False
+        ttls = [struct.unpack_from("!I", answer, o)[0] & 0x7FFFFFFF for o in offsets]
+        lifetime = min(ttls)
+        if lifetime <= 0:
+            return False
+        self._entries.pop(key, None)
+        while len(self._entries) >= self._limit:
+            del self._entries[next(iter(self._entries))]
+        self._entries[key] = _Entry(bytearray(answer), offsets, ttls, now, now + lifetime, 0,
+                                    list(assignments))
+        return True
+
+    def get(self, key: bytes, query: bytes, now: float) -> tuple[bytes, list[Assignment]] | None:
+        """The cached answer to ``query`` (its id and RD bit, TTLs counted down) and the
+        assignments it names; None on a miss or an expired entry (which is dropped)."""
+        e = self._entries.get(key)
+        if e is None:
+            return None
+        if now >= e.expires or now < e.stored:  # expired, or the clock went back
+            del self._entries[key]
+            return None
+        aged = int(now - e.stored)
+        if aged != e.aged:
+            for offset, ttl in zip(e.offsets, e.ttls, strict=True):
+                struct.pack_into("!I", e.wire, offset, ttl - aged)
+            e.aged = aged
+        out = bytearray(e.wire)
+        out[0:2] = query[0:2]
+        out[2] = (out[2] & ~_RD) | (query[2] & _RD)
+        return bytes(out), e.assignments
+
+    def drop(self, key: bytes) -> None:
+        self._entries.pop(key, None)

@@ -1,0 +1,153 @@
+"""The client's answer cache (sans-IO): which queries are keyed, how TTLs count
+down, what is never stored, and the bound on its size."""
+
+import struct
+
+import pytest
+from dnslib import CNAME, EDNS0, QTYPE, RR, SOA, A, DNSHeader, DNSQuestion, DNSRecord
+from hypothesis import given
+from hypothesis import strategies as st
+
+from conn25.dnscache import AnswerCache, question_key, ttl_offsets
+
+T0 = 1_700_000_000.0
+
+
+def query(name="app.test", qtype="A", qid=0x1234, rd=1, edns=False):
+    q = DNSRecord(DNSHeader(id=qid, rd=rd), q=DNSQuestion(name, getattr(QTYPE, qtype)))
+    if edns:
+        q.add_ar(EDNS0(udp_len=1232))
+    return q.pack()
+
+
+def answer(name="app.test", ttls=(300,), qid=0, rd=1):
+    r = DNSRecord(DNSHeader(id=qid, qr=1, rd=rd, ra=1), q=DNSQuestion(name, QTYPE.A))
+    for i, ttl in enumerate(ttls):
+        r.add_answer(RR(name, QTYPE.A, rdata=A(f"100.80.0.{i}"), ttl=ttl))
+    return r.pack()
+
+
+def ttls_of(wire):
+    return [rr.ttl for rr in DNSRecord.parse(wire).rr]
+
+
+def test_a_plain_query_is_keyed_by_its_question_bytes():
+    q = query()
+    assert question_key(q) == q[12:]
+    assert question_key(query(qid=7, rd=0)) == q[12:]  # id and flags are not the question
+
+
+def test_an_edns_query_has_the_key_of_the_same_question_without_edns():
+    assert question_key(query(edns=True)) == question_key(query())
+
+
+def test_name_case_and_type_make_different_keys():
+    keys = {question_key(query("app.test")), question_key(query("App.Test")),
+            question_key(query("app.test", "AAAA"))}
+    assert len(keys) == 3 and None not in keys
+
+
+@pytest.mark.parametrize("wire", [
+    b"",
+    query()[:16],                                        # question cut short
+    bytes([0x12, 0x34, 0x81, 0x80]) + query()[4:],       # a response (QR set)
+    bytes([0x12, 0x34, 0x28, 0x00]) + query()[4:],       # opcode UPDATE
+    query()[:4] + b"\x00\x02" + query()[6:],             # two questions claimed
+    query()[:6] + b"\x00\x01" + query()[8:],             # an answer section in a query
+    query()[:12] + b"\xc0\x0c\x00\x01\x00\x01",          # a compressed name
+    query()[:12] + b"\x05ab",                            # label runs past the end
+])
+def test_what_is_not_a_plain_query_has_no_key(wire):
+    assert question_key(wire) is None
+
+
+@given(st.binary(max_size=64))
+def test_question_key_never_raises(wire):
+    key = question_key(wire)
+    assert key is None or wire[12:].startswith(key)
+
+
+def test_ttl_offsets_find_every_record_through_compression():
+    r = DNSRecord(DNSHeader(qr=1), q=DNSQuestion("www.app.test", QTYPE.A))
+    r.add_answer(RR("www.app.test", QTYPE.CNAME, rdata=CNAME("app.test"), ttl=11))
+    r.add_answer(RR("app.test", QTYPE.A, rdata=A("192.0.2.1"), ttl=22))
+    r.add_auth(RR("test", QTYPE.SOA, rdata=SOA("ns.test", "h.test", (1, 2, 3, 4, 5)), ttl=33))
+    wire = r.pack()
+    offsets = ttl_offsets(wire)
+    assert [struct.unpack_from("!I", wire, o)[0] for o in offsets] == [11, 22, 33]
+
+
+def test_ttl_offsets_of_a_truncated_message_is_an_error():
+    with pytest.raises(ValueError):
+        ttl_offsets(answer()[:-3])
+
+
+def test_a_hit_carries_the_query_id_and_rd_bit_and_the_assignments():
+    cache = AnswerCache()
+    q = query(qid=0xBEEF, rd=0)
+    assert cache.put(question_key(q), answer(qid=0, rd=1), ["a1"], T0)
+    out, assignments = cache.get(question_key(q), q, T0)
+    rec = DNSRecord.parse(out)
+    assert rec.header.id == 0xBEEF and rec.header.rd == 0 and rec.header.qr == 1
+    assert assignments == ["a1"] and ttls_of(out) == [300]
+
+
+def test_ttls_count_down_in_whole_seconds_and_the_entry_ends_with_the_smallest():
+    cache = AnswerCache()
+    q = query()
+    key = question_key(q)
+    cache.put(key, answer(ttls=(300, 120)), [], T0)
+    assert ttls_of(cache.get(key, q, T0 + 10.7)[0]) == [290, 110]
+    assert ttls_of(cache.get(key, q, T0 + 119.9)[0]) == [181, 1]
+    assert cache.get(key, q, T0 + 120) is None
+    assert len(cache) == 0  # dropped, not kept around expired
+
+
+def test_a_clock_that_went_back_misses():
+    cache = AnswerCache()
+    q = query()
+    cache.put(question_key(q), answer(), [], T0)
+    assert cache.get(question_key(q), q, T0 - 1) is None
+
+
+@pytest.mark.parametrize("wire", [answer(ttls=()), answer(ttls=(0,)), answer()[:-2]],
+                         ids=["no records", "ttl 0", "malformed"])
+def test_negative_zero_ttl_and_malformed_answers_are_not_stored(wire):
+    cache = AnswerCache()
+    assert not cache.put(question_key(query()), wire, [], T0)
+    assert len(cache) == 0
+
+
+def test_the_oldest_entry_makes_room_when_full():
+    cache = AnswerCache(entries=2)
+    qs = [query(f"n{i}.app.test") for i in range(3)]
+    for q in qs:
+        cache.put(question_key(q), answer(), [], T0)
+    assert len(cache) == 2
+    assert cache.get(question_key(qs[0]), qs[0], T0) is None
+    assert cache.get(question_key(qs[2]), qs[2], T0) is not None
+
+
+def test_storing_a_question_again_replaces_its_answer_and_clock():
+    cache = AnswerCache()
+    q = query()
+    key = question_key(q)
+    cache.put(key, answer(ttls=(100,)), [], T0)
+    cache.put(key, answer(ttls=(300,)), [], T0 + 50)
+    assert ttls_of(cache.get(key, q, T0 + 60)[0]) == [290]
+
+
+def test_clear_and_drop_forget_entries():
+    cache = AnswerCache()
+    q1, q2 = query("a.test"), query("b.test")
+    for q in (q1, q2):
+        cache.put(question_key(q), answer(), [], T0)
+    cache.drop(question_key(q1))
+    assert cache.get(question_key(q1), q1, T0) is None and len(cache) == 1
+    cache.clear()
+    assert len(cache) == 0
+
+
+def test_an_empty_cache_is_refused():
+    with pytest.raises(ValueError, match="at least one"):
+        AnswerCache(entries=0)
