@@ -597,3 +597,120 @@ def test_a_failing_connection_does_not_take_the_server_down(monkeypatch, caplog)
 
     trio.run(main)
     assert any("connection failed" in r.getMessage() for r in caplog.records)
+
+
+# -- the keep-alive client pool --------------------------------------------------------------------
+
+
+def test_pool_sends_successive_requests_on_one_connection():
+    rec = Recorder()
+
+    async def main():
+        pool = http.ClientPool()
+        async with serving(rec) as port:
+            got = [await pool.request(HOST, port, "POST", f"/{i}", b"b", timeout=5)
+                   for i in range(3)]
+            pool.close()
+        return got, pool.counters
+
+    got, counters = trio.run(main)
+    assert got == [(200, b"POST /0 b"), (200, b"POST /1 b"), (200, b"POST /2 b")]
+    assert len({req.peer for req in rec.seen}) == 1  # one client port: one connection
+    assert counters == {"connections": 1, "reused": 2, "retried": 0}
+
+
+def test_pool_opens_a_connection_per_concurrent_request_and_keeps_at_most_max_idle():
+    rec = Recorder()
+    gate = trio.Event()
+
+    async def handler(req):
+        await gate.wait()
+        return await rec(req)
+
+    async def main():
+        pool = http.ClientPool(max_idle=2)
+        async with serving(handler) as port:
+            async with trio.open_nursery() as nursery:
+                for i in range(3):
+                    nursery.start_soon(functools.partial(
+                        pool.request, HOST, port, "GET", f"/{i}", timeout=5))
+                await trio.testing.wait_all_tasks_blocked()
+                gate.set()
+            idle = pool.idle()
+            pool.close()
+        return idle, pool.counters
+
+    idle, counters = trio.run(main)
+    assert counters["connections"] == 3 and idle == 2
+    assert len({req.peer for req in rec.seen}) == 3
+
+
+def test_pool_sends_again_on_a_new_connection_when_the_server_closed_the_idle_one():
+    rec = Recorder()
+    out = {}
+
+    async def main():
+        pool = http.ClientPool(idle_seconds=60)
+        async with serving(rec, limits=Limits(idle_timeout=1)) as port:
+            await pool.request(HOST, port, "GET", "/first", timeout=5)
+            await trio.sleep(2)  # the server closes the idle connection meanwhile
+            out["second"] = await pool.request(HOST, port, "GET", "/second", timeout=5)
+            pool.close()
+        out.update(pool.counters)
+
+    run_mock(main)
+    assert out["second"] == (200, b"GET /second ")
+    assert (out["connections"], out["reused"], out["retried"]) == (2, 1, 1)
+    assert [req.path for req in rec.seen] == ["/first", "/second"]
+
+
+def test_pool_does_not_reuse_a_connection_idle_longer_than_idle_seconds():
+    rec = Recorder()
+    out = {}
+
+    async def main():
+        pool = http.ClientPool(idle_seconds=1)
+        async with serving(rec) as port:
+            await pool.request(HOST, port, "GET", "/a", timeout=5)
+            await trio.sleep(2)
+            await pool.request(HOST, port, "GET", "/b", timeout=5)
+            pool.close()
+        out.update(pool.counters)
+
+    run_mock(main)
+    assert out == {"connections": 2, "reused": 0, "retried": 0}
+    assert len({req.peer for req in rec.seen}) == 2
+
+
+def test_pool_keeps_no_connection_the_server_closes_after_answering():
+    async def main():
+        pool = http.ClientPool()
+        async with serving(Recorder()) as port:
+            # HTTP/1.0-style: the server answers "Connection: close" to a refused request.
+            got = await pool.request(HOST, port, "POST", "/", b"x" * (MAX_BODY + 1), timeout=5)
+            return got[0], pool.idle()
+
+    assert trio.run(main) == (413, 0)
+
+
+def test_pool_does_not_send_again_after_part_of_a_response_came():
+    """Only a reused connection that answered nothing at all is worth a second try."""
+    calls = []
+
+    async def answer_then_break(stream):
+        calls.append(await stream.receive_some(65536))
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        calls.append(await stream.receive_some(65536))
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+        await stream.aclose()
+
+    async def main():
+        pool = http.ClientPool()
+        async with raw_server(answer_then_break) as port:
+            assert await pool.request(HOST, port, "GET", "/", timeout=5) == (200, b"ok")
+            with pytest.raises(HTTPError, match="closed before a complete response"):
+                await pool.request(HOST, port, "GET", "/", timeout=5)
+        return pool.counters
+
+    assert trio.run(main) == {"connections": 1, "reused": 1, "retried": 0}
+    assert len(calls) == 2

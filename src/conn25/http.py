@@ -18,7 +18,8 @@ to face peers it does not trust:
 
 The client (:func:`request`, :func:`request_unix`) sends one request per
 connection and raises :class:`HTTPError` for anything that is not a
-well-formed response.
+well-formed response; :class:`ClientPool` does the same on kept-alive
+connections.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import trio
 from .peerapi import MAX_BODY
 
 __all__ = [
+    "ClientPool",
     "HTTPError",
     "Handler",
     "Limits",
@@ -498,12 +500,17 @@ async def _over(
     with trio.fail_after(timeout):
         stream = await connect()
         async with stream:
-            return await _exchange(stream, authority, method, target, body, content_type,
-                                   max_response, where)
+            return await _exchange(stream, h11.Connection(h11.CLIENT), authority, method, target,
+                                   body, content_type, max_response, where, close=True)
+
+
+class _Unanswered(HTTPError):
+    """The connection ended before a single byte of a response came back."""
 
 
 async def _exchange(
     stream: trio.SocketStream,
+    conn: h11.Connection,
     authority: str,
     method: str,
     target: str,
@@ -511,11 +518,12 @@ async def _exchange(
     content_type: str,
     max_response: int,
     where: str,
+    *,
+    close: bool,
 ) -> tuple[int, bytes]:
-    conn = h11.Connection(h11.CLIENT)
     headers = [
         ("Host", authority),
-        ("Connection", "close"),
+        *([("Connection", "close")] if close else []),
         ("Content-Length", str(len(body))),
         ("Content-Type", content_type),
     ]
@@ -530,6 +538,7 @@ async def _exchange(
     chunks: list[bytes] = []
     size = 0
     eof = False
+    answered = False  # any byte of a response seen
     closed = f"{method} {where}: connection closed before a complete response"
     try:
         await stream.send_all(out)
@@ -538,6 +547,7 @@ async def _exchange(
             if event is h11.NEED_DATA:
                 data = await stream.receive_some(_RECV_SIZE)
                 eof = not data
+                answered = answered or not eof
                 conn.receive_data(data)
             elif isinstance(event, h11.Response):
                 status = event.status_code
@@ -550,10 +560,112 @@ async def _exchange(
                 assert status is not None
                 return status, b"".join(chunks)
             elif isinstance(event, h11.ConnectionClosed):
-                raise HTTPError(closed)
+                raise (HTTPError if answered else _Unanswered)(closed)
             # InformationalResponse (100 Continue): keep reading
     except h11.RemoteProtocolError as e:
-        raise HTTPError(closed if eof else f"{method} {where}: malformed response: {e}") from None
+        if eof:
+            raise (HTTPError if answered else _Unanswered)(closed) from None
+        raise HTTPError(f"{method} {where}: malformed response: {e}") from None
     except trio.BrokenResourceError as e:
-        raise HTTPError(f"{method} {where}: connection broken: {e.__cause__ or e}") from None
+        error = HTTPError if answered else _Unanswered
+        raise error(f"{method} {where}: connection broken: {e.__cause__ or e}") from None
+
+
+class ClientPool:
+    """HTTP/1.1 keep-alive connections by (host, port), for idempotent requests.
+
+    :meth:`request` is :func:`request` on a reused connection when one is
+    idle: a new connection per request costs a handshake and a teardown on
+    both ends, which is most of a small exchange's time. A connection goes
+    back to the pool after a complete response that leaves it open; at most
+    ``max_idle`` wait per server, for at most ``idle_seconds`` (below the
+    server's idle timeout). A server may still close an idle connection
+    just as it is reused; a request that gets no byte of a response back on
+    a reused connection is therefore sent once more on a new one, which is
+    why only idempotent requests belong here.
+    """
+
+    def __init__(self, *, max_idle: int = 4, idle_seconds: float = 10.0) -> None:
+        self.max_idle = max_idle
+        self.idle_seconds = idle_seconds
+        # Per server, most recently used last: (stream, h11 state, idle since).
+        self._idle: dict[tuple[str, int], list[tuple[trio.SocketStream, h11.Connection, float]]] \
+            = {}
+        self.counters = {"connections": 0, "reused": 0, "retried": 0}
+
+    def idle(self) -> int:
+        return sum(len(v) for v in self._idle.values())
+
+    async def request(
+        self,
+        host: str,
+        port: int,
+        method: str,
+        target: str,
+        body: bytes = b"",
+        *,
+        timeout: float,
+        content_type: str = "application/json",
+        max_response: int = MAX_RESPONSE,
+    ) -> tuple[int, bytes]:
+        """As :func:`request`, on a pooled connection."""
+        authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        where = f"http://{authority}{target}"
+        args = (authority, method, target, body, content_type, max_response, where)
+        with trio.fail_after(timeout):
+            reused = self._take((host, port))
+            if reused is not None:
+                self.counters["reused"] += 1
+                try:
+                    return await self._exchange((host, port), *reused, *args)
+                except _Unanswered as e:
+                    self.counters["retried"] += 1
+                    log.debug("http: %s on a kept-alive connection: %s; once more on a new one",
+                              where, e)
+            stream = await trio.open_tcp_stream(host, port)
+            self.counters["connections"] += 1
+            return await self._exchange((host, port), stream, h11.Connection(h11.CLIENT), *args)
+
+    def close(self) -> None:
+        """Close every idle connection."""
+        for idle in self._idle.values():
+            for stream, _, _ in idle:
+                stream.socket.close()
+        self._idle.clear()
+
+    async def _exchange(
+        self, key: tuple[str, int], stream: trio.SocketStream, conn: h11.Connection,
+        authority: str, method: str, target: str, body: bytes, content_type: str,
+        max_response: int, where: str,
+    ) -> tuple[int, bytes]:
+        keep = False
+        try:
+            result = await _exchange(stream, conn, authority, method, target, body, content_type,
+                                     max_response, where, close=False)
+            keep = conn.our_state is h11.DONE and conn.their_state is h11.DONE
+            return result
+        finally:
+            if keep:
+                conn.start_next_cycle()
+                self._put(key, stream, conn)
+            else:
+                stream.socket.close()
+
+    def _take(self, key: tuple[str, int]) -> tuple[trio.SocketStream, h11.Connection] | None:
+        idle = self._idle.get(key)
+        now = trio.current_time()
+        while idle:
+            stream, conn, since = idle.pop()
+            if now - since < self.idle_seconds:
+                return stream, conn
+            stream.socket.close()
+        return None
+
+    def _put(self, key: tuple[str, int], stream: trio.SocketStream, conn: h11.Connection) -> None:
+        idle = self._idle.setdefault(key, [])
+        now = trio.current_time()
+        # Drop those that waited too long (oldest first) and keep room for this one.
+        while idle and (len(idle) >= self.max_idle or now - idle[0][2] >= self.idle_seconds):
+            idle.pop(0)[0].socket.close()
+        idle.append((stream, conn, now))
 

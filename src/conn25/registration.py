@@ -208,8 +208,11 @@ class Registrar:
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self.reject_interval = reject_interval
-        self._post: Transport = post or http.request
-        self._get: Transport = get or http.request
+        # Kept-alive connections: a fresh name costs a resolution and a registration,
+        # and a new connection each would double their time. Both requests are idempotent.
+        self._pool = http.ClientPool()
+        self._post: Transport = post or self._pool.request
+        self._get: Transport = get or self._pool.request
         # Every tracked item, queued or in flight, by transit IP (oldest first).
         self._items: dict[IPAddress, _Item] = {}
         self._busy: set[str] = set()  # connectors with a request in flight
@@ -635,6 +638,7 @@ class Registrar:
                 nursery.start_soon(self._health_loop)
                 task_status.started()
         finally:
+            self._pool.close()
             # Nobody will send them now: let any waiter go.
             for item in list(self._items.values()):
                 self._finish(item, False)
