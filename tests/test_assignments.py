@@ -178,6 +178,28 @@ def test_snapshot_restore_keeps_addresses(store):
     assert ra.expiry == T0 + 310 + EXTEND
 
 
+def test_each_snapshot_has_the_changes_since_the_last_one(store):
+    """Rows are re-encoded only when they change: every kind of change must show."""
+    def saved(s):
+        fresh = Assignments(pools())
+        fresh.restore(s.snapshot(), T0)
+        return {(str(a.domain), str(a.real)): (a.magic, a.expiry, a.connector) for a in fresh}
+
+    a, _ = store.reserve("A", "a.", ip("203.0.113.1"), 300, T0)
+    b, _ = store.reserve("A", "b.", ip("203.0.113.2"), 300, T0)
+    assert saved(store) == {("a.", "203.0.113.1"): (a.magic, T0 + 300, None),
+                            ("b.", "203.0.113.2"): (b.magic, T0 + 300, None)}
+    store.attach(a.transit, "c1")                          # registered
+    store.reserve("A", "b.", ip("203.0.113.2"), 600, T0)   # expiry refreshed
+    assert saved(store) == {("a.", "203.0.113.1"): (a.magic, T0 + 300, "c1"),
+                            ("b.", "203.0.113.2"): (b.magic, T0 + 600, None)}
+    assert store.reclaim(T0 + 400) == [a]                  # removed
+    c, _ = store.reserve("A", "c.", ip("203.0.113.3"), 300, T0 + 400)
+    assert c.magic != a.magic or c.domain != a.domain      # its magic IP may be reused
+    assert saved(store) == {("b.", "203.0.113.2"): (b.magic, T0 + 600, None),
+                            ("c.", "203.0.113.3"): (c.magic, T0 + 700, None)}
+
+
 @pytest.mark.parametrize("bad", [b"", b"{", b'[{"magic": 1}]', b'[{"magic":"x","transit":"y",'
                                  b'"real":"z","app":"a","domain":"d.","expiry":1}]'])
 def test_restore_rejects_bad_snapshots_and_changes_nothing(bad):

@@ -79,6 +79,10 @@ class Assignments:
         # its expiry equals the assignment's current one.
         self._heap: list[tuple[float, int, IPAddress]] = []
         self._seq = itertools.count()
+        # The snapshot's JSON row of each assignment, re-encoded only when it changed:
+        # formatting IP addresses costs µs each, and the node persists after every burst.
+        self._rows: dict[IPAddress, bytes] = {}
+        self._stale: set[IPAddress] = set()  # by magic IP: rows to encode or drop
         self.reconfigure(pools)
 
     # -- configuration -------------------------------------------------------
@@ -155,6 +159,7 @@ class Assignments:
         self._by_transit[a.transit] = a
         self._by_domain_real[(a.domain, a.real)] = a
         self._push(a)
+        self._stale.add(a.magic)
 
     def attach(self, transit: IPAddress, connector: str) -> None:
         """Record that ``transit`` is registered with node ``connector``.
@@ -168,6 +173,7 @@ class Assignments:
         if not connector:
             raise AssignmentError(f"transit IP {transit}: connector has no identity")
         a.connector = connector
+        self._stale.add(a.magic)
 
     def flow_started(self, transit: IPAddress, now: float) -> None:
         a = self._by_transit.get(transit)
@@ -209,13 +215,17 @@ class Assignments:
     # -- persistence -------------------------------------------------------------
 
     def snapshot(self) -> bytes:
-        return msgspec.json.encode(
-            [
-                _Saved(str(a.magic), str(a.transit), str(a.real), a.app, a.domain, a.expiry,
-                       a.connector)
-                for a in self._by_magic.values()
-            ]
-        )
+        """Every assignment as JSON (see :meth:`restore`); costs O(changes since the last)."""
+        for magic in self._stale:
+            a = self._by_magic.get(magic)
+            if a is None:
+                self._rows.pop(magic, None)
+            else:
+                self._rows[magic] = msgspec.json.encode(_Saved(
+                    str(a.magic), str(a.transit), str(a.real), a.app, a.domain, a.expiry,
+                    a.connector))
+        self._stale.clear()
+        return b"[" + b",".join(self._rows.values()) + b"]"
 
     def restore(self, data: bytes, now: float) -> int:
         """Load a snapshot into an empty store; returns how many were restored.
@@ -265,6 +275,7 @@ class Assignments:
 
     def _set_expiry(self, a: Assignment, expiry: float) -> None:
         a.expiry = expiry
+        self._stale.add(a.magic)
         self._push(a)
         if len(self._heap) > 4 * len(self._by_magic) + 64:
             self._heap = [(e, s, a.magic) for e, s, a in self._live_entries()]
@@ -274,6 +285,7 @@ class Assignments:
         del self._by_magic[a.magic]
         del self._by_transit[a.transit]
         del self._by_domain_real[(a.domain, a.real)]
+        self._stale.add(a.magic)
         self._magic[a.magic.version].release(a.magic)
         self._transit[a.transit.version].release(a.transit)
 
