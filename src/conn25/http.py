@@ -470,10 +470,14 @@ async def request(
     the connection cannot be made, trio.TooSlowError after ``timeout``
     seconds for the whole exchange.
     """
-    authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    authority = _authority(host, port)
     return await _over(lambda: trio.open_tcp_stream(host, port), authority,
                        f"http://{authority}{target}", method, target, body, timeout,
                        content_type, max_response)
+
+
+def _authority(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 async def request_unix(
@@ -609,7 +613,7 @@ class ClientPool:
         max_response: int = MAX_RESPONSE,
     ) -> tuple[int, bytes]:
         """As :func:`request`, on a pooled connection."""
-        authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        authority = _authority(host, port)
         where = f"http://{authority}{target}"
         args = (authority, method, target, body, content_type, max_response, where)
         with trio.fail_after(timeout):
