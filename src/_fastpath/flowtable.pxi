@@ -115,8 +115,7 @@ cdef struct FlowEntry:
     uint32_t app
     int32_t hnext[2]            # hash chain link per key (slot numbers, -1 ends)
     int32_t prev                # LRU: towards the head (more recent), -1 at the head
-    int32_t next                # LRU: towards the tail; free list link when not live
-    uint8_t live
+    int32_t next                # LRU: towards the tail; free list link when removed
 
 cdef struct FlowTableC:
     pthread_mutex_t lock
@@ -291,7 +290,6 @@ cdef inline void _ft_remove(FlowTableC *t, int32_t i, uint8_t reason) noexcept n
     _ft_unlink_key(t, i * 2)
     _ft_unlink_key(t, i * 2 + 1)
     _ft_lru_unlink(t, i)
-    e.live = 0
     e.next = t.free_head
     t.free_head = i
     t.count -= 1
@@ -437,7 +435,6 @@ cdef int ft_insert(FlowTableC *t, const FlowKey *fwd, const FlowAction *fwd_act,
     e.packets[1] = 0
     e.bytes[0] = 0
     e.bytes[1] = 0
-    e.live = 1
     _ft_link_key(t, i * 2)
     _ft_link_key(t, i * 2 + 1)
     _ft_lru_push(t, i)
