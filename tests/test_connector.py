@@ -263,6 +263,71 @@ def test_sweep_prunes_empty_peer_tables(table):
     assert table._peers.keys() == {PHONE.address(4)}
 
 
+def test_sweep_goes_by_registration_time_across_peers(table):
+    """B48: the oldest registrations go first, whichever peer they belong to."""
+    table.handle_request(LAPTOP, req(item(T4[0], D4[0]), item(T4[1], D4[1])), 10.0)
+    table.handle_request(PHONE, req(item(T4[0], D4[0])), 20.0)
+    table.handle_request(LAPTOP, req(item(T4[2], D4[2]), item(T6[0], D6[0])), 30.0)
+    table.handle_request(PHONE, req(item(T4[1], D4[1])), 40.0)
+    table.handle_request(LAPTOP, req(item(T4[0], D4[3])), 50.0)  # moves T4[0] to the end
+    later = 50.0 + MAPPING_LIFETIME + 1
+    swept = [(m.peer_name, m.transit, m.registered) for m in table.sweep(later, 3)]
+    assert swept == [("laptop", T4[1], 10.0), ("phone", T4[0], 20.0), ("laptop", T4[2], 30.0)]
+    swept = [(m.peer_name, m.transit, m.registered) for m in table.sweep(later, 2)]
+    assert swept == [("laptop", T6[0], 30.0), ("phone", T4[1], 40.0)]
+    assert table._peers.keys() == {LAPTOP.address(4)}  # phone's table went with its last
+    assert [m.transit for m in table.sweep(later, 5)] == [T4[0]]
+    assert len(table) == 0 and table._peers == {}
+
+
+def test_sweep_stops_at_the_first_mapping_still_alive(table):
+    """B48: nothing younger than an hour goes, and older ones behind it stay for later."""
+    table.handle_request(LAPTOP, req(item(T4[0], D4[0])), 0.0)
+    table.handle_request(PHONE, req(item(T4[0], D4[0])), 100.0)
+    table.handle_request(LAPTOP, req(item(T4[1], D4[1])), 200.0)
+    assert [m.registered for m in table.sweep(150.0 + MAPPING_LIFETIME, 10)] == [0.0, 100.0]
+    assert len(table) == 1
+    m = table.lookup(LAPTOP.address(4), T4[1])
+    assert (m.destination, m.app, m.peer_name, m.registered) == (D4[1], "GitHub", "laptop",
+                                                                 200.0)
+
+
+def test_stored_mappings_keep_every_field_exactly(table):
+    """The compact storage gives back what was registered (times to the last bit)."""
+    t = 1_763_000_000.123456789
+    table.note_resolution("GitHub", "github.com", [(D6[4], 60)], t)
+    table.note_resolution("GitLab", "gitlab.com", [(D4[0], 60)], t)
+    table.handle_request(LAPTOP, req(item(T6[3], D6[4]), item(T4[5], D4[0], "GitLab")), t)
+    assert table.lookup(LAPTOP.address(6), T6[3]) == Mapping(
+        LAPTOP.address(6), T6[3], D6[4], "GitHub", t, "laptop")
+    assert table.lookup(LAPTOP.address(4), T4[5]) == Mapping(
+        LAPTOP.address(4), T4[5], D4[0], "GitLab", t, "laptop")
+    assert table.lookup(LAPTOP.address(4), T6[3]) is None  # other family: not a key
+    assert table.lookup(LAPTOP.address(6), T4[5]) is None
+    assert len(table) == 2
+
+
+def test_resolution_records_of_v4_and_v6_do_not_mix():
+    """An IPv6 address whose integer is an IPv4 one's is another record."""
+    t = ConnectorTable(node_config())
+    v4, v6 = ip("203.0.113.7"), ip("::cb00:7107")
+    assert int(v4) == int(v6)
+    t.note_resolution("GitHub", "github.com", [(v4, 60)], 0.0)
+    assert t.resolutions == 1
+    assert codes(t.handle_request(LAPTOP, req(item(T6[0], v6)), 1.0)) == [Code.OTHER]
+    assert codes(t.handle_request(LAPTOP, req(item(T4[0], v4)), 1.0)) == [Code.OK]
+
+
+def test_a_shorter_answer_does_not_shorten_a_resolution():
+    t = ConnectorTable(node_config())
+    t.note_resolution("GitHub", "github.com", [(D4[0], 100)], 0.0)
+    t.note_resolution("GitHub", "github.com", [(D4[0], 10)], 5.0)  # ends at 15: earlier
+    t.sweep(50.0, 10)
+    assert t.resolutions == 1
+    assert codes(t.handle_request(LAPTOP, req(item(T4[0], D4[0])), 100.0)) == [Code.OK]
+    assert codes(t.handle_request(LAPTOP, req(item(T4[1], D4[0])), 100.5)) == [Code.OTHER]
+
+
 def test_sweep_rejects_negative_limit(table):
     with pytest.raises(ValueError, match="negative"):
         table.sweep(0.0, -1)

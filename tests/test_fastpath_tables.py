@@ -310,6 +310,60 @@ def test_default_ring_holds_a_full_clear():
     assert len(ft.drain_events()) == 100 and ft.stats()["events_dropped"] == 0
 
 
+def test_ring_restarts_at_its_start_when_drained_empty():
+    """Drains that empty the ring keep using its first records; order and counts hold."""
+    ft = FlowTable(50, IDLE, ring_size=8)
+    for round_ in range(6):
+        for i in range(5):
+            insert(ft, i, now=0, sport=1000 + 10 * round_ + i)  # new keys: creates only
+        got = ft.drain_events()
+        assert [(e.kind, e.key[2]) for e in got] == [
+            ("created", 1000 + 10 * round_ + i) for i in range(5)]
+    # A drain that leaves events behind keeps them, in order, across the wrap.
+    for i in range(8):
+        insert(ft, i, now=0, sport=2000 + i)
+    assert [e.key[2] for e in ft.drain_events(max_events=5)] == [2000, 2001, 2002, 2003, 2004]
+    for i in range(5):
+        insert(ft, i, now=0, sport=3000 + i)
+    assert [e.key[2] for e in ft.drain_events()] == [2005, 2006, 2007, 3000, 3001, 3002, 3003,
+                                                      3004]
+    assert ft.stats()["events_dropped"] == 0
+
+
+def test_drain_copes_with_more_events_than_one_chunk():
+    ft = FlowTable(1000, IDLE)
+    for i in range(1000):
+        insert(ft, i % 250, now=0, sport=1000 + i)
+    events = ft.drain_events(max_events=700)
+    assert [e.key[2] for e in events] == list(range(1000, 1700))
+    assert [e.key[2] for e in ft.drain_events()] == list(range(1700, 2000))
+    assert ft.drain_events() == []
+
+
+def test_entries_are_used_as_needed_and_removed_ones_first():
+    """Memory: an empty table touches no entry; a freed entry is reused before a fresh one."""
+    ft = FlowTable(100_000, IDLE)
+    assert ft.memory()["entries_used"] == 0 and ft.memory()["entry_bytes"] <= 208
+    keys = [insert(ft, i, now=0, sport=1000 + i)[0] for i in range(3)]
+    assert ft.memory()["entries_used"] == 3
+    assert ft.delete(keys[1])
+    insert(ft, 9, now=0, sport=5000)
+    assert ft.memory()["entries_used"] == 3 and len(ft) == 3
+    insert(ft, 10, now=0, sport=5001)
+    assert ft.memory()["entries_used"] == 4
+    assert ft.lookup(keys[0], now=1) is not None and ft.lookup(keys[1], now=1) is None
+
+
+def test_a_full_table_uses_every_entry_then_evicts():
+    ft = FlowTable(5, IDLE)
+    flows = [insert(ft, i, now=i) for i in range(5)]
+    assert ft.memory()["entries_used"] == 5 and len(ft) == 5
+    insert(ft, 9, now=10)
+    assert ft.memory()["entries_used"] == 5 and len(ft) == 5
+    assert ft.lookup(flows[0][0], now=11) is None  # the least recently used went
+    assert all(ft.lookup(f[0], now=11) is not None for f in flows[1:])
+
+
 # ---- flow table: bad input ------------------------------------------------------------
 
 
@@ -622,6 +676,34 @@ def test_many_routes_survive_growth_and_deletions():
     for i, a in enumerate(addrs):
         assert tb.lookup_route(a) == (None if i % 2 == 0 else i)
     assert tb.stats()["routes"] == 2500
+
+
+def test_map_slots_are_a_cache_line_and_fill_to_four_fifths():
+    """Memory: 64-byte slots; a map doubles only past 4/5 full, and keeps every entry."""
+    tb = Tables(seed=5)
+    mem = tb.memory()
+    assert mem["slot_bytes"] == 64 and mem["transit_slots"] == 64
+    peer = bytes([100, 64, 0, 1])
+    for i in range(51):  # 51 <= 64 * 4/5
+        tb.set_transit(peer, i.to_bytes(4, "big"), bytes([198, 18, 0, i]), app=i)
+    assert tb.memory()["transit_slots"] == 64
+    tb.set_transit(peer, (51).to_bytes(4, "big"), bytes([198, 18, 0, 51]), app=51)
+    assert tb.memory()["transit_slots"] == 128
+    for i in range(52):
+        assert tb.lookup_transit(peer, i.to_bytes(4, "big")) == ("hit", bytes([198, 18, 0, i]), i)
+    assert tb.stats()["transit"] == 52
+
+
+def test_a_full_map_of_peers_keeps_their_records():
+    """The peers map keeps its records' pointers in the slots' value bytes."""
+    tb = Tables(seed=1)
+    for p in range(1, 40):  # past two doublings of the 16-slot peers map
+        tb.set_peer(p, bytes([192, 0, 2, p]), 41641, [bytes([100, 64, 1, p])])
+    assert tb.memory()["peers_slots"] == 64
+    for p in range(1, 40):
+        assert tb.lookup_peer(p) == (bytes([192, 0, 2, p]), 41641, [bytes([100, 64, 1, p])])
+        assert tb.peer_by_endpoint(bytes([192, 0, 2, p]), 41641) == p
+    assert tb.del_peer(7) and tb.lookup_peer(7) is None and tb.lookup_peer(8) is not None
 
 
 @settings(max_examples=300, deadline=None)

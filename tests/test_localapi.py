@@ -3,6 +3,8 @@
 import contextlib
 import json
 import logging
+import subprocess
+import sys
 
 import msgspec
 import pytest
@@ -116,3 +118,11 @@ def test_socket_path_may_come_from_the_constructor(tmp_path):
 
     status, body = trio.run(main)
     assert status == 200 and msgspec.json.decode(body)["configured"] is True
+
+
+def test_prometheus_client_is_imported_only_when_metrics_are_asked_for():
+    """Memory: a node that nobody scrapes does without prometheus_client."""
+    code = ("import sys, conn25.node, conn25.localapi as l; a = 'prometheus_client' in sys.modules;"
+            " l.render_metrics({'x': 1}); print(a, 'prometheus_client' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True"]

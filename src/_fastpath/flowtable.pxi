@@ -8,10 +8,20 @@
 # from either side counts as use; idle flows expire; every removal (and every
 # creation) is reported exactly once.
 #
-# Storage is C only: a malloc'd array of FlowEntry, chained hashing with the
+# Storage is C only: an array of FlowEntry, chained hashing with the
 # chain links inside the entries (slot = flow index * 2 + direction), an
 # intrusive doubly linked LRU list, and a free list. Nothing is allocated per
 # packet or per flow.
+#
+# Memory: the entry array and the event ring come zeroed straight from mmap
+# (_ft_zalloc) and nothing walks them up front, so their pages become
+# resident only as flows and events first use them, and go back to the
+# system when the table is freed, whatever malloc's thresholds are at the
+# time: an idle table costs its hash buckets.
+# Entries never used yet are taken in index order (`fresh`) once the free
+# list of removed ones is empty; the ring restarts at its first record
+# whenever a drain empties it, so a control plane that keeps up touches only
+# the ring's first pages.
 #
 # Events are not callbacks: they are records appended to a C ring buffer under
 # the table's lock and drained by the control plane later, so nothing
@@ -29,6 +39,7 @@
 
 from libc.stdint cimport int32_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
+from posix.mman cimport MAP_ANONYMOUS, MAP_FAILED, MAP_PRIVATE, PROT_READ, PROT_WRITE, mmap, munmap
 from libc.string cimport memcmp, memcpy, memset
 
 
@@ -64,6 +75,7 @@ cdef enum:
 
 cdef enum:
     FT_MAX_CAPACITY = 1 << 29   # slot = index * 2 + dir must fit an int32
+    _FT_DRAIN_CHUNK = 128       # events copied out per lock in drain_events (13 KiB of stack)
 
 
 cdef struct FlowAction:
@@ -103,8 +115,7 @@ cdef struct FlowEntry:
     uint32_t app
     int32_t hnext[2]            # hash chain link per key (slot numbers, -1 ends)
     int32_t prev                # LRU: towards the head (more recent), -1 at the head
-    int32_t next                # LRU: towards the tail; free list link when not live
-    uint8_t live
+    int32_t next                # LRU: towards the tail; free list link when removed
 
 cdef struct FlowTableC:
     pthread_mutex_t lock
@@ -113,7 +124,8 @@ cdef struct FlowTableC:
     uint32_t bucket_mask
     uint32_t capacity
     uint32_t count
-    int32_t free_head
+    int32_t free_head           # removed entries, linked by .next; -1 empty
+    uint32_t fresh              # entries [fresh, capacity) were never used
     int32_t lru_head            # most recently used
     int32_t lru_tail            # least recently used
     uint64_t idle_ms
@@ -182,6 +194,22 @@ cdef inline void _ft_key_norm(const FlowKey *k, FlowKey *out) noexcept nogil:
     out.dport = k.dport
     out.family = k.family
     out.proto = k.proto
+
+
+# ---- big zeroed arrays (shared with tables.pxi) ------------------------------
+
+cdef void *_ft_zalloc(size_t size) noexcept nogil:
+    """`size` zero bytes of fresh anonymous pages, or NULL. A page is resident
+    only once touched. Free with _ft_zfree and the same size."""
+    if size == 0:
+        size = 1
+    cdef void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+    return NULL if p == MAP_FAILED else p
+
+
+cdef void _ft_zfree(void *p, size_t size) noexcept nogil:
+    if p != NULL:
+        munmap(p, size if size else 1)
 
 
 # ---- internals (lock held) ------------------------------------------------
@@ -262,7 +290,6 @@ cdef inline void _ft_remove(FlowTableC *t, int32_t i, uint8_t reason) noexcept n
     _ft_unlink_key(t, i * 2)
     _ft_unlink_key(t, i * 2 + 1)
     _ft_lru_unlink(t, i)
-    e.live = 0
     e.next = t.free_head
     t.free_head = i
     t.count -= 1
@@ -290,21 +317,18 @@ cdef FlowTableC *ft_new(uint32_t capacity, uint64_t idle_ms, uint32_t ring_cap,
     cdef uint32_t nb = 16
     while nb < 2 * capacity:  # two keys per flow: chains stay about one long
         nb <<= 1
-    t.flows = <FlowEntry *>malloc(capacity * sizeof(FlowEntry))
+    t.flows = <FlowEntry *>_ft_zalloc(capacity * sizeof(FlowEntry))
     t.buckets = <int32_t *>malloc(nb * sizeof(int32_t))
-    t.ring = <FlowEventRec *>malloc(ring_cap * sizeof(FlowEventRec))
+    t.ring = <FlowEventRec *>_ft_zalloc(ring_cap * sizeof(FlowEventRec))
     if t.flows == NULL or t.buckets == NULL or t.ring == NULL:
-        free(t.flows)
+        _ft_zfree(t.flows, capacity * sizeof(FlowEntry))
         free(t.buckets)
-        free(t.ring)
+        _ft_zfree(t.ring, ring_cap * sizeof(FlowEventRec))
         free(t)
         return NULL
-    memset(t.flows, 0, capacity * sizeof(FlowEntry))
     memset(t.buckets, 0xFF, nb * sizeof(int32_t))  # all -1
-    cdef uint32_t i
-    for i in range(capacity):
-        t.flows[i].next = <int32_t>i + 1 if i + 1 < capacity else -1
-    t.free_head = 0
+    t.free_head = -1
+    t.fresh = 0
     t.lru_head = -1
     t.lru_tail = -1
     t.bucket_mask = nb - 1
@@ -321,9 +345,9 @@ cdef void ft_free(FlowTableC *t) noexcept nogil:
     if t == NULL:
         return
     pthread_mutex_destroy(&t.lock)
-    free(t.flows)
+    _ft_zfree(t.flows, t.capacity * sizeof(FlowEntry))
     free(t.buckets)
-    free(t.ring)
+    _ft_zfree(t.ring, t.ring_cap * sizeof(FlowEventRec))
     free(t)
 
 
@@ -390,9 +414,14 @@ cdef int ft_insert(FlowTableC *t, const FlowKey *fwd, const FlowAction *fwd_act,
         _ft_remove(t, s >> 1, FT_R_COLLISION)
     if t.count == t.capacity:
         _ft_remove(t, t.lru_tail, FT_R_LRU)
+    # count < capacity here: a removed entry, else one never used.
     cdef int32_t i = t.free_head
+    if i >= 0:
+        t.free_head = t.flows[i].next
+    else:
+        i = <int32_t>t.fresh
+        t.fresh += 1
     cdef FlowEntry *e = &t.flows[i]
-    t.free_head = e.next
     memcpy(&e.key[FT_DIR_FWD], &kf, sizeof(FlowKey))
     memcpy(&e.key[FT_DIR_REV], &kr, sizeof(FlowKey))
     memcpy(&e.act[FT_DIR_FWD], fwd_act, sizeof(FlowAction))
@@ -406,7 +435,6 @@ cdef int ft_insert(FlowTableC *t, const FlowKey *fwd, const FlowAction *fwd_act,
     e.packets[1] = 0
     e.bytes[0] = 0
     e.bytes[1] = 0
-    e.live = 1
     _ft_link_key(t, i * 2)
     _ft_link_key(t, i * 2 + 1)
     _ft_lru_push(t, i)
@@ -467,6 +495,8 @@ cdef uint32_t ft_drain(FlowTableC *t, FlowEventRec *out, uint32_t max_events) no
         t.ring_start = (t.ring_start + 1) % t.ring_cap
         t.ring_len -= 1
         n += 1
+    if t.ring_len == 0:
+        t.ring_start = 0  # keep to the ring's first (resident) records
     pthread_mutex_unlock(&t.lock)
     return n
 
@@ -689,33 +719,33 @@ cdef class FlowTable:
         return n
 
     def drain_events(self, max_events: int | None = None) -> list:
-        """Take the pending events (oldest first) as FlowEvent tuples. The
-        Python objects are built after the table's lock is released."""
+        """Take the pending events (oldest first) as FlowEvent tuples, at most
+        the ring's size or `max_events`. The Python objects are built after
+        the table's lock is released, a bounded chunk at a time (the copy
+        buffer is small, whatever the ring's size)."""
         cdef uint32_t cap = self.table.ring_cap
         if max_events is not None:
             if max_events < 0:
                 raise ValueError(f"max_events must be >= 0, got {max_events!r}")
             cap = min(cap, max_events)
-        if cap == 0:
-            return []
-        cdef FlowEventRec *buf = <FlowEventRec *>malloc(cap * sizeof(FlowEventRec))
-        if buf == NULL:
-            raise MemoryError("FlowTable.drain_events")
-        cdef uint32_t n, j
+        cdef FlowEventRec buf[_FT_DRAIN_CHUNK]
+        cdef uint32_t n, j, want
         cdef FlowEventRec *r
-        try:
+        out = []
+        while cap > 0:
+            want = min(cap, <uint32_t>_FT_DRAIN_CHUNK)
             with nogil:
-                n = ft_drain(self.table, buf, cap)
-            out = []
+                n = ft_drain(self.table, buf, want)
             for j in range(n):
                 r = &buf[j]
                 out.append(FlowEvent(
                     "created" if r.kind == FT_EV_CREATED else "removed",
                     _FT_REASONS[r.reason], _ft_addr_out(r.transit, r.key.family), r.peer,
                     _ft_key_out(&r.key), r.app, r.created, r.last_used, r.packets, r.bytes))
-            return out
-        finally:
-            free(buf)
+            cap -= n
+            if n < want:
+                break
+        return out
 
     def stats(self) -> dict:
         """Counters: flows, capacity, inserts, hits, misses, events_pending,
@@ -732,3 +762,17 @@ cdef class FlowTable:
         for j in range(1, FT_NREASONS):
             d["removed_" + _FT_REASONS[j]] = c.removed[j]
         return d
+
+    def memory(self) -> dict:
+        """Sizes of the C arrays: bytes per flow entry and per event record, how
+        many entries were ever used (the entry array's resident part), the
+        event ring's capacity, and the hash buckets (4 bytes each)."""
+        cdef FlowTableC *t = self.table
+        cdef uint32_t used
+        with nogil:
+            pthread_mutex_lock(&t.lock)
+            used = t.fresh
+            pthread_mutex_unlock(&t.lock)
+        return {"entry_bytes": sizeof(FlowEntry), "event_bytes": sizeof(FlowEventRec),
+                "entries_used": used, "capacity": t.capacity, "ring_size": t.ring_cap,
+                "buckets": t.bucket_mask + 1}

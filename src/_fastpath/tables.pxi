@@ -11,8 +11,10 @@
 #   (B50, B53).
 #
 # Storage is C only: open addressing with linear probing and backward-shift
-# deletion (no tombstones), keyed by a fixed 40-byte TbKey, grown by doubling
-# when half full. One pthread mutex guards all tables of a Tables object, so
+# deletion (no tombstones), keyed by a fixed 40-byte TbKey, in 64-byte slots
+# (one cache line), grown by doubling when more than 4/5 full. A probe
+# compares the stored hash before the key. Slot arrays come zeroed from mmap
+# (_ft_zalloc) and go back to the system when a map grows or is freed. One pthread mutex guards all tables of a Tables object, so
 # an update that touches several maps (a peer and its routes) is atomic, and
 # every lookup copies its result out under the lock: no packet sees half of
 # an old and half of a new mapping. Lookups never allocate.
@@ -39,6 +41,10 @@ cdef enum:
     TB_MAX_OVERLAY = 8          # overlay addresses per peer
     TB_MAX_SLOTS = 1 << 30
 
+cdef enum:
+    TB_USED = 0x80000000        # TbSlot.hash of a used slot has it; 0 is an empty slot
+                                # (above every mask, so it never changes a home slot)
+
 
 cdef struct TbKey:
     uint8_t a[16]
@@ -48,15 +54,13 @@ cdef struct TbKey:
     uint8_t _pad[3]             # zero: keys are hashed and compared as 40 bytes
 
 cdef struct TbVal:
-    uint8_t addr[16]
+    uint8_t addr[16]            # peers map: the TbPeer record (owned) instead, see _tb_val_ptr
     uint32_t u32
-    void *ptr                   # peers map only: the TbPeer record (owned)
 
-cdef struct TbSlot:
+cdef struct TbSlot:             # 64 bytes
     TbKey key
     TbVal val
-    uint32_t hash
-    uint8_t used
+    uint32_t hash               # _tb_hash(key) | TB_USED, or 0: empty
 
 cdef struct TbMap:
     TbSlot *slots
@@ -108,23 +112,38 @@ cdef inline void _tb_key(TbKey *k, uint8_t family, const uint8_t *a, const uint8
 
 
 cdef inline uint32_t _tb_hash(const TbKey *k, uint64_t seed) noexcept nogil:
-    return <uint32_t>_ft_hash_words(<const uint8_t *>k, 5, seed)
+    return <uint32_t>_ft_hash_words(<const uint8_t *>k, 5, seed) | TB_USED
+
+
+cdef inline void *_tb_val_ptr(const TbVal *v) noexcept nogil:
+    cdef void *p
+    memcpy(&p, v.addr, sizeof(void *))
+    return p
+
+
+cdef inline void _tb_val_set_ptr(TbVal *v, void *p) noexcept nogil:
+    memcpy(v.addr, &p, sizeof(void *))
 
 
 cdef int _tb_map_init(TbMap *m, uint32_t nslots) noexcept nogil:
-    m.slots = <TbSlot *>malloc(nslots * sizeof(TbSlot))
+    m.slots = <TbSlot *>_ft_zalloc(nslots * sizeof(TbSlot))
     if m.slots == NULL:
         return -1
-    memset(m.slots, 0, nslots * sizeof(TbSlot))
     m.mask = nslots - 1
     m.count = 0
     return 0
 
 
+cdef inline void _tb_map_free(TbMap *m) noexcept nogil:
+    _ft_zfree(m.slots, (<size_t>m.mask + 1) * sizeof(TbSlot))
+    m.slots = NULL
+
+
 cdef TbSlot *_tb_find(TbMap *m, const TbKey *k, uint64_t seed) noexcept nogil:
-    cdef uint32_t i = _tb_hash(k, seed) & m.mask
-    while m.slots[i].used:
-        if memcmp(&m.slots[i].key, k, sizeof(TbKey)) == 0:
+    cdef uint32_t h = _tb_hash(k, seed)
+    cdef uint32_t i = h & m.mask
+    while m.slots[i].hash:
+        if m.slots[i].hash == h and memcmp(&m.slots[i].key, k, sizeof(TbKey)) == 0:
             return &m.slots[i]
         i = (i + 1) & m.mask
     return NULL
@@ -133,19 +152,19 @@ cdef TbSlot *_tb_find(TbMap *m, const TbKey *k, uint64_t seed) noexcept nogil:
 cdef void _tb_place(TbMap *m, const TbSlot *s) noexcept nogil:
     """Put a slot known to be absent into its probe position."""
     cdef uint32_t i = s.hash & m.mask
-    while m.slots[i].used:
+    while m.slots[i].hash:
         i = (i + 1) & m.mask
     memcpy(&m.slots[i], s, sizeof(TbSlot))
     m.count += 1
 
 
 cdef int _tb_reserve(TbMap *m, uint32_t extra) noexcept nogil:
-    """Make room for `extra` more entries (load stays <= 1/2); -1 if out of memory."""
-    cdef uint32_t want = m.count + extra
+    """Make room for `extra` more entries (load stays <= 4/5); -1 if out of memory."""
+    cdef uint64_t want = <uint64_t>m.count + extra
     cdef uint32_t nslots = m.mask + 1
-    if want * 2 <= nslots:
+    if want * 5 <= <uint64_t>nslots * 4:
         return 0
-    while want * 2 > nslots:
+    while want * 5 > <uint64_t>nslots * 4:
         if nslots >= TB_MAX_SLOTS:
             return -1
         nslots <<= 1
@@ -154,9 +173,9 @@ cdef int _tb_reserve(TbMap *m, uint32_t extra) noexcept nogil:
         return -1
     cdef uint32_t i
     for i in range(m.mask + 1):
-        if m.slots[i].used:
+        if m.slots[i].hash:
             _tb_place(&grown, &m.slots[i])
-    free(m.slots)
+    _tb_map_free(m)
     m.slots = grown.slots
     m.mask = grown.mask
     return 0
@@ -178,7 +197,6 @@ cdef int _tb_put(TbMap *m, const TbKey *k, const TbVal *v, uint64_t seed,
     memcpy(&fresh.key, k, sizeof(TbKey))
     memcpy(&fresh.val, v, sizeof(TbVal))
     fresh.hash = _tb_hash(k, seed)
-    fresh.used = 1
     _tb_place(m, &fresh)
     return 0
 
@@ -190,13 +208,13 @@ cdef void _tb_erase_at(TbMap *m, uint32_t i) noexcept nogil:
     cdef uint32_t home
     while True:
         j = (j + 1) & m.mask
-        if not m.slots[j].used:
+        if not m.slots[j].hash:
             break
         home = m.slots[j].hash & m.mask
         if (j > i and (home <= i or home > j)) or (j < i and home <= i and home > j):
             memcpy(&m.slots[i], &m.slots[j], sizeof(TbSlot))
             i = j
-    m.slots[i].used = 0
+    m.slots[i].hash = 0
     m.count -= 1
 
 
@@ -237,7 +255,7 @@ cdef void _tb_del_routes_to(TablesC *t, uint32_t peer) noexcept nogil:
     cdef uint32_t i
     for i in range(m.mask + 1):
         # An erase may shift a later entry into slot i: look at it again.
-        while m.slots[i].used and m.slots[i].val.u32 == peer:
+        while m.slots[i].hash and m.slots[i].val.u32 == peer:
             _tb_erase_at(m, i)
 
 
@@ -253,11 +271,11 @@ cdef TablesC *tb_new(uint64_t seed) noexcept nogil:
     if (_tb_map_init(&t.routes, 64) < 0 or _tb_map_init(&t.magic, 64) < 0
             or _tb_map_init(&t.transit, 64) < 0 or _tb_map_init(&t.peers, 16) < 0
             or _tb_map_init(&t.endpoints, 16) < 0):
-        free(t.routes.slots)
-        free(t.magic.slots)
-        free(t.transit.slots)
-        free(t.peers.slots)
-        free(t.endpoints.slots)
+        _tb_map_free(&t.routes)
+        _tb_map_free(&t.magic)
+        _tb_map_free(&t.transit)
+        _tb_map_free(&t.peers)
+        _tb_map_free(&t.endpoints)
         free(t)
         return NULL
     pthread_mutex_init(&t.lock, NULL)
@@ -270,14 +288,14 @@ cdef void tb_free(TablesC *t) noexcept nogil:
         return
     cdef uint32_t i
     for i in range(t.peers.mask + 1):
-        if t.peers.slots[i].used:
-            free(t.peers.slots[i].val.ptr)
+        if t.peers.slots[i].hash:
+            free(_tb_val_ptr(&t.peers.slots[i].val))
     pthread_mutex_destroy(&t.lock)
-    free(t.routes.slots)
-    free(t.magic.slots)
-    free(t.transit.slots)
-    free(t.peers.slots)
-    free(t.endpoints.slots)
+    _tb_map_free(&t.routes)
+    _tb_map_free(&t.magic)
+    _tb_map_free(&t.transit)
+    _tb_map_free(&t.peers)
+    _tb_map_free(&t.endpoints)
     free(t.magic_ranges)
     free(t.transit_ranges)
     free(t)
@@ -352,7 +370,7 @@ cdef bint tb_peer_endpoint(TablesC *t, uint32_t peer, TbEndpoint *out) noexcept 
     pthread_mutex_lock(&t.lock)
     cdef TbSlot *s = _tb_find(&t.peers, &k, t.seed)
     if s != NULL:
-        memcpy(out, &(<TbPeer *>s.val.ptr).ep, sizeof(TbEndpoint))
+        memcpy(out, &(<TbPeer *>_tb_val_ptr(&s.val)).ep, sizeof(TbEndpoint))
     pthread_mutex_unlock(&t.lock)
     return s != NULL
 
@@ -503,7 +521,7 @@ cdef int tb_set_peer(TablesC *t, uint32_t peer, TbPeer *rec, TbPeer **old) noexc
     # From here on nothing allocates, so the update cannot fail half-way.
     s = _tb_find(&t.peers, &kp, t.seed)
     if s != NULL:
-        prev = <TbPeer *>s.val.ptr
+        prev = <TbPeer *>_tb_val_ptr(&s.val)
         _tb_key(&kr, prev.ep.family, prev.ep.addr, NULL, prev.ep.port)
         _tb_del(&t.endpoints, &kr, t.seed, NULL)
         for i in range(prev.n_overlay):
@@ -512,9 +530,9 @@ cdef int tb_set_peer(TablesC *t, uint32_t peer, TbPeer *rec, TbPeer **old) noexc
             if s != NULL and s.val.u32 == peer:
                 _tb_erase_at(&t.routes, <uint32_t>(s - t.routes.slots))
     memset(&v, 0, sizeof(TbVal))
-    v.ptr = rec
+    _tb_val_set_ptr(&v, rec)
     _tb_put(&t.peers, &kp, &v, t.seed, NULL)
-    v.ptr = NULL
+    memset(&v, 0, sizeof(TbVal))
     v.u32 = peer
     _tb_put(&t.endpoints, &ke, &v, t.seed, NULL)
     for i in range(rec.n_overlay):
@@ -535,7 +553,7 @@ cdef TbPeer *tb_del_peer(TablesC *t, uint32_t peer) noexcept nogil:
     _tb_key(&k, 0, NULL, NULL, peer)
     pthread_mutex_lock(&t.lock)
     if _tb_del(&t.peers, &k, t.seed, &old):
-        rec = <TbPeer *>old.ptr
+        rec = <TbPeer *>_tb_val_ptr(&old)
         _tb_key(&k, rec.ep.family, rec.ep.addr, NULL, rec.ep.port)
         _tb_del(&t.endpoints, &k, t.seed, NULL)
         _tb_del_routes_to(t, peer)
@@ -806,7 +824,7 @@ cdef class Tables:
             pthread_mutex_lock(&self.tables.lock)
             s = _tb_find(&self.tables.peers, &k, self.tables.seed)
             if s != NULL:
-                memcpy(&rec, s.val.ptr, sizeof(TbPeer))
+                memcpy(&rec, _tb_val_ptr(&s.val), sizeof(TbPeer))
                 found = True
             pthread_mutex_unlock(&self.tables.lock)
         if not found:
@@ -869,3 +887,19 @@ cdef class Tables:
             pthread_mutex_unlock(&t.lock)
         return {"routes": c[0], "magic": c[1], "transit": c[2], "peers": c[3],
                 "endpoints": c[4], "magic_ranges": c[5], "transit_ranges": c[6]}
+
+    def memory(self) -> dict:
+        """Slots allocated per map, and the bytes of one slot (the C memory is
+        about their product; a slot array's pages are resident once touched)."""
+        cdef TablesC *t = self.tables
+        cdef uint32_t c[5]
+        with nogil:
+            pthread_mutex_lock(&t.lock)
+            c[0] = t.routes.mask + 1
+            c[1] = t.magic.mask + 1
+            c[2] = t.transit.mask + 1
+            c[3] = t.peers.mask + 1
+            c[4] = t.endpoints.mask + 1
+            pthread_mutex_unlock(&t.lock)
+        return {"slot_bytes": sizeof(TbSlot), "routes_slots": c[0], "magic_slots": c[1],
+                "transit_slots": c[2], "peers_slots": c[3], "endpoints_slots": c[4]}

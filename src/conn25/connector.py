@@ -19,6 +19,14 @@ resolved to *here*. The daemon feeds those answers in with
 
 ``note_resolution`` itself refuses a domain that is not one of the app's, so
 a client cannot get an arbitrary name resolved into the allowed set.
+
+Memory: a connector may hold 100,000 mappings, so they are not kept as
+objects. Each peer address has a dict ``transit (int) -> packed int`` in
+order of last registration (a re-registration moves its key to the end);
+the packed int holds the destination, the registration time's float bits
+and the id of the ``(app, peer name)`` pair. Resolution records are a dict
+``address (int) -> heap entry (int)`` per app, the heap entry packing the
+expiry and the address. :class:`Mapping` objects are made when asked for.
 """
 
 from __future__ import annotations
@@ -26,7 +34,8 @@ from __future__ import annotations
 import heapq
 import ipaddress
 import itertools
-from collections.abc import Iterable
+import struct
+from collections.abc import Iterable, Iterator
 
 import msgspec
 
@@ -66,6 +75,64 @@ class Mapping(msgspec.Struct, frozen=True):
     @property
     def expires(self) -> float:
         return self.registered + MAPPING_LIFETIME
+
+
+# -- compact storage -----------------------------------------------------------
+
+_F64 = struct.Struct("<d")
+_U64 = struct.Struct("<Q")
+_V6_TAG = 1 << 128  # resolution keys: IPv6 addresses above every IPv4 one
+
+
+def _float_bits(x: float) -> int:
+    return _U64.unpack(_F64.pack(x))[0]
+
+
+def _bits_float(b: int) -> float:
+    return _F64.unpack(_U64.pack(b))[0]
+
+
+def _float_order(x: float) -> int:
+    """An unsigned 64-bit int that orders like ``x`` (not NaN)."""
+    b = _float_bits(x)
+    return b ^ 0xFFFF_FFFF_FFFF_FFFF if b >> 63 else b | 1 << 63
+
+
+def _order_float(o: int) -> float:
+    return _bits_float(o & ~(1 << 63) if o >> 63 else o ^ 0xFFFF_FFFF_FFFF_FFFF)
+
+
+def _addr_tag(a: IPAddress) -> int:
+    return int(a) if a.version == 4 else int(a) | _V6_TAG
+
+
+def _tag_addr(t: int) -> IPAddress:
+    if t & _V6_TAG:
+        return ipaddress.IPv6Address(t ^ _V6_TAG)
+    return ipaddress.IPv4Address(t)
+
+
+class _PeerMappings:
+    """One peer address's mappings: ``transit -> dest | time bits << W | pair << W + 64``.
+
+    W is the family's address width. The dict is in order of last
+    registration, oldest first.
+    """
+
+    __slots__ = ("addr", "make", "maps", "width")
+
+    def __init__(self, addr: IPAddress) -> None:
+        self.addr = addr
+        self.width = 32 if addr.version == 4 else 128
+        self.make = ipaddress.IPv4Address if addr.version == 4 else ipaddress.IPv6Address
+        self.maps: dict[int, int] = {}
+
+    def registered(self, value: int) -> float:
+        return _bits_float((value >> self.width) & 0xFFFF_FFFF_FFFF_FFFF)
+
+    def oldest(self, limit: int) -> Iterator[tuple[int, int]]:
+        """Up to ``limit`` (transit, value) pairs, oldest registration first."""
+        return itertools.islice(self.maps.items(), limit)
 
 
 # The state view (`conn25d status`): text fields so that it encodes as JSON.
@@ -155,12 +222,15 @@ class ConnectorTable:
         self._burst = burst
         self._cfg = cfg
         self._own: dict[str, config.App] = {}
-        self._peers: dict[IPAddress, dict[IPAddress, Mapping]] = {}
-        # Keys in order of last registration, oldest first, for the sweeper.
-        self._age: dict[tuple[IPAddress, IPAddress], None] = {}
-        self._resolved: dict[tuple[str, IPAddress], float] = {}  # (app, addr) -> expiry
-        self._resolved_heap: list[tuple[float, int, str, IPAddress]] = []
-        self._seq = itertools.count()
+        self._peers: dict[IPAddress, _PeerMappings] = {}
+        self._count = 0
+        # (app, peer name) pairs of the mappings, interned: a mapping keeps the id.
+        self._pairs: list[tuple[str, str]] = []
+        self._pair_ids: dict[tuple[str, str], int] = {}
+        # Per app: address tag -> heap entry, expiry order << 129 | address tag
+        # (the newest entry for that address; the heap may hold older ones).
+        self._resolved: dict[str, dict[int, int]] = {}
+        self._resolved_heaps: dict[str, list[int]] = {}
         self._buckets: dict[str, _TokenBucket] = {}
         self._set_config(cfg)
 
@@ -175,12 +245,12 @@ class ConnectorTable:
 
     def __len__(self) -> int:
         """Number of mappings, over all peers."""
-        return len(self._age)
+        return self._count
 
     @property
     def resolutions(self) -> int:
         """Number of (app, address) resolution records kept."""
-        return len(self._resolved)
+        return sum(map(len, self._resolved.values()))
 
     # -- registration -------------------------------------------------------
 
@@ -205,6 +275,7 @@ class ConnectorTable:
         seen: set[IPAddress] = set()
         results: list[TransitIPResponse] = []
         stored: list[Mapping] = []
+        now_bits = _float_bits(now)
         for item in req.transit_ips:
             transit = item.transit
             if transit in seen:
@@ -216,7 +287,7 @@ class ConnectorTable:
                 continue
             code, message = self._check(peer, permitted, item, now)
             if code == Code.OK:
-                stored.append(self._store(peer, item, now))
+                stored.append(self._store(peer, item, now, now_bits))
             results.append(TransitIPResponse(code, message))
         return ConnectorTransitIPResponse(results), stored
 
@@ -260,16 +331,42 @@ class ConnectorTable:
             return f"destination {dest} is a node's overlay address"
         return None
 
-    def _store(self, peer: config.Node, item: TransitIPRequest, now: float) -> Mapping:
+    def _store(
+        self, peer: config.Node, item: TransitIPRequest, now: float, now_bits: int
+    ) -> Mapping:
         transit = item.transit
         peer_addr = peer.address(transit.version)
         assert peer_addr is not None  # _check returned NO_PEER_FAMILY otherwise
-        m = Mapping(peer_addr, transit, item.destination, item.app, now, peer.name)
-        self._peers.setdefault(peer_addr, {})[transit] = m
-        key = (peer_addr, transit)
-        self._age.pop(key, None)  # re-insert: the newest registration goes last
-        self._age[key] = None
-        return m
+        table = self._peers.get(peer_addr)
+        if table is None:
+            table = self._peers[peer_addr] = _PeerMappings(peer_addr)
+        pair = (item.app, peer.name)
+        pair_id = self._pair_ids.get(pair)
+        if pair_id is None:
+            pair_id = self._pair_ids[pair] = len(self._pairs)
+            self._pairs.append(pair)
+        key = int(transit)
+        # Re-insert: the newest registration goes last.
+        if table.maps.pop(key, None) is None:
+            self._count += 1
+        table.maps[key] = (
+            int(item.destination) | (now_bits | pair_id << 64) << table.width
+        )
+        return Mapping(peer_addr, transit, item.destination, item.app, now, peer.name)
+
+    def _mapping(self, table: _PeerMappings, transit: int, value: int) -> Mapping:
+        w = table.width
+        app, name = self._pairs[value >> (w + 64)]
+        return Mapping(
+            table.addr, table.make(transit), table.make(value & ((1 << w) - 1)), app,
+            table.registered(value), name,
+        )
+
+    def _mappings(self) -> Iterator[Mapping]:
+        """Every mapping, peer by peer, oldest registration first within a peer."""
+        for table in self._peers.values():
+            for transit, value in table.maps.items():
+                yield self._mapping(table, transit, value)
 
     def _bucket(self, peer: config.Node, now: float) -> _TokenBucket:
         b = self._buckets.get(peer.name)
@@ -295,17 +392,26 @@ class ConnectorTable:
         a = self._own.get(app)
         if a is None or not self._is_app_domain(a, domain):
             return False
+        records = self._resolved.get(app)
+        if records is None:
+            records = self._resolved[app] = {}
+            self._resolved_heaps[app] = []
+        heap = self._resolved_heaps[app]
         for addr, ttl in addrs:
-            expiry = now + max(0, ttl)
-            key = (app, addr)
-            if self._resolved.get(key, -1.0) < expiry:
-                self._resolved[key] = expiry
-                heapq.heappush(self._resolved_heap, (expiry, next(self._seq), app, addr))
+            tag = _addr_tag(addr)
+            entry = _float_order(now + max(0, ttl)) << 129 | tag
+            old = records.get(tag)
+            if old is None or old < entry:  # a later expiry (same tag below it)
+                records[tag] = entry
+                heapq.heappush(heap, entry)
         return True
 
     def _was_resolved(self, app: str, dest: IPAddress, now: float) -> bool:
-        expiry = self._resolved.get((app, dest))
-        return expiry is not None and now <= expiry
+        records = self._resolved.get(app)
+        if records is None or getattr(dest, "scope_id", None):
+            return False  # (answers carry no IPv6 scope: a scoped address was never one)
+        entry = records.get(_addr_tag(dest))
+        return entry is not None and _float_order(now) <= entry >> 129
 
     def needs_resolution(
         self, peer: config.Node, req: ConnectorTransitIPRequest, now: float
@@ -336,7 +442,10 @@ class ConnectorTable:
 
     def lookup(self, peer_addr: IPAddress, transit: IPAddress) -> Mapping | None:
         table = self._peers.get(peer_addr)
-        return table.get(transit) if table is not None else None
+        if table is None or transit.version != peer_addr.version:
+            return None
+        value = table.maps.get(int(transit))
+        return None if value is None else self._mapping(table, int(transit), value)
 
     def is_unmapped_transit(self, peer_addr: IPAddress, transit: IPAddress) -> bool:
         """A transit IP this peer has not mapped here: the datapath drops and rejects it."""
@@ -347,13 +456,11 @@ class ConnectorTable:
 
     # -- maintenance ------------------------------------------------------------
 
-    def _remove(self, key: tuple[IPAddress, IPAddress]) -> Mapping:
-        peer_addr, transit = key
-        del self._age[key]
-        table = self._peers[peer_addr]
-        m = table.pop(transit)
-        if not table:
-            del self._peers[peer_addr]
+    def _remove(self, table: _PeerMappings, transit: int) -> Mapping:
+        m = self._mapping(table, transit, table.maps.pop(transit))
+        self._count -= 1
+        if not table.maps:
+            del self._peers[table.addr]
         return m
 
     def sweep(self, now: float, limit: int) -> list[Mapping]:
@@ -361,29 +468,35 @@ class ConnectorTable:
 
         Also drops up to ``limit`` expired resolution records and idle rate
         limit state. Call again while it returns ``limit`` mappings. Mappings
-        are visited in registration order, so a wall clock stepping back
+        are visited in registration order (each peer's oldest first, the
+        peers merged by registration time), so a wall clock stepping back
         only delays removals.
         """
         if limit < 0:
             raise ValueError(f"sweep limit must not be negative (got {limit})")
-        removed: list[Mapping] = []
-        for key in itertools.islice(self._age, limit):
-            peer_addr, transit = key
-            if now - self._peers[peer_addr][transit].registered <= MAPPING_LIFETIME:
-                break
-            removed.append(self._peers[peer_addr][transit])
-        for m in removed:
-            self._remove((m.peer, m.transit))
+        # Each peer's expired run from its oldest end, then the oldest `limit` of all.
+        due: list[tuple[float, int, int, _PeerMappings]] = []
+        for n, table in enumerate(self._peers.values()):
+            for transit, value in table.oldest(limit):
+                registered = table.registered(value)
+                if now - registered <= MAPPING_LIFETIME:
+                    break
+                due.append((registered, n, transit, table))
+        due.sort(key=lambda d: (d[0], d[1]))  # stable: each peer's own order stays
+        removed = [self._remove(table, transit) for _, _, transit, table in due[:limit]]
 
-        heap = self._resolved_heap
-        for _ in range(limit):
-            if not heap or heap[0][0] >= now:
-                break
-            expiry, _, app, addr = heapq.heappop(heap)
-            # A later answer may have extended the record: then a newer heap
-            # entry stands for it.
-            if self._resolved.get((app, addr)) == expiry:
-                del self._resolved[(app, addr)]
+        budget = limit
+        now_order = _float_order(now)
+        for app, heap in self._resolved_heaps.items():
+            records = self._resolved[app]
+            while budget > 0 and heap and heap[0] >> 129 < now_order:
+                entry = heapq.heappop(heap)
+                budget -= 1
+                # A later answer may have extended the record: then a newer heap
+                # entry stands for it.
+                tag = entry & ((1 << 129) - 1)
+                if records.get(tag) == entry:
+                    del records[tag]
 
         # A full bucket is the same as no bucket.
         for name in [n for n, b in self._buckets.items() if b.available(now) >= b.burst]:
@@ -414,9 +527,15 @@ class ConnectorTable:
                 allowed[node.name] = cfg.may_use_apps(node)
             return allowed[node.name]
 
-        gone = [k for k in self._age if not keep(self._peers[k[0]][k[1]])]
-        removed = [self._remove(k) for k in gone]
-        self._resolved = {k: v for k, v in self._resolved.items() if k[0] in self._own}
+        gone = [
+            (table, transit)
+            for table in self._peers.values()
+            for transit, value in table.maps.items()
+            if not keep(self._mapping(table, transit, value))
+        ]
+        removed = [self._remove(table, transit) for table, transit in gone]
+        for app in [a for a in self._resolved if a not in self._own]:
+            del self._resolved[app], self._resolved_heaps[app]
         return removed
 
     # -- state ------------------------------------------------------------------
@@ -426,9 +545,8 @@ class ConnectorTable:
         if not self.configured:
             return ConnectorState(configured=False)
         by_name: dict[str, list[Mapping]] = {}
-        for table in self._peers.values():
-            for m in table.values():
-                by_name.setdefault(m.peer_name, []).append(m)
+        for m in self._mappings():
+            by_name.setdefault(m.peer_name, []).append(m)
         peers = [
             PeerView(
                 name=name,
