@@ -4,9 +4,10 @@ The topology of tests/pumpnet.py (client ns -> TUN -> UDP -> connector ns ->
 TUN -> kernel, "server" on the connector's loopback). Each figure is measured
 twice in the same run: through conn25's pumps (client connects to the magic
 IP) and over the plain veth between the namespaces (the baseline: the kernel
-alone), and shown as a ratio. Bounded: every iperf3 run lasts --seconds.
+alone), and shown as a ratio. Bounded: every iperf3 run lasts --seconds; the
+ping figure is --pings pings 10 ms apart (RTT average and p99).
 
-    python bench/pump.py [--seconds 5]      (as root)
+    python bench/pump.py [--seconds 5] [--pings 300] [--figures tcp,udp,ping]   (as root)
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -38,10 +41,31 @@ def iperf(ns: Netns, target: str, seconds: int, *extra: str) -> dict:
     raise RuntimeError(f"iperf3 to {target} failed: {data['error']}")
 
 
+def ping(ns: Netns, target: str, count: int) -> list[float]:
+    """RTTs (ms) of `count` pings 10 ms apart (sparse traffic: every pump sleeps between them)."""
+    r = ns.run("ping", "-n", "-c", str(count), "-i", "0.01", "-W", "2",
+               target, check=False, timeout=count * 0.01 + 30)
+    rtts = [float(m) for m in re.findall(r"time=([\d.]+) ms", r.stdout)]
+    if len(rtts) < count * 0.95:
+        raise RuntimeError(f"ping {target}: {len(rtts)} of {count} answered\n{r.stderr}")
+    return rtts
+
+
+def p99(values: list[float]) -> float:
+    v = sorted(values)
+    return v[min(len(v) - 1, round(0.99 * (len(v) - 1)))]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=int, default=5, help="length of each iperf3 run")
+    ap.add_argument("--pings", type=int, default=300, help="pings for the RTT figures")
+    ap.add_argument("--figures", default="tcp,udp,ping",
+                    help="which figures, comma-separated: tcp, udp, ping")
     args = ap.parse_args()
+    figures = set(args.figures.split(","))
+    if figures - {"tcp", "udp", "ping"}:
+        ap.error(f"--figures: unknown {', '.join(sorted(figures - {'tcp', 'udp', 'ping'}))}")
     if (why := need_root()) is not None:
         print(f"bench/pump.py {why}", file=sys.stderr)
         return 2
@@ -54,10 +78,18 @@ def main() -> int:
                  20, "the iperf3 server")
         # The direct path: the connector's real address over the veth.
         client.run("ip", "route", "add", f"{REAL}/32", "via", "192.0.2.2")
+        if "ping" in figures:
+            got = {path: ping(client, target, args.pings)
+                   for path, target in (("kernel", REAL), ("conn25", MAGIC))}
+            for name, f in (("ping RTT avg (ms)", statistics.fmean), ("ping RTT p99 (ms)", p99)):
+                ours, base = f(got["conn25"]), f(got["kernel"])
+                rows.append((name, ours, base, ours / base))
         for name, opts, key in (
             ("TCP, 1 stream (Gbit/s)", (), "tcp"),
             ("UDP 64-byte payloads (kpps)", ("-u", "-b", "0", "-l", "64"), "udp"),
         ):
+            if key not in figures:
+                continue
             got = {}
             for path, target in (("kernel", REAL), ("conn25", MAGIC)):
                 end = iperf(client, target, args.seconds, *opts)
@@ -73,10 +105,16 @@ def main() -> int:
     print("| figure | conn25 pumps | kernel veth (baseline) | ratio |")
     print("|---|---:|---:|---:|")
     for name, ours, base, ratio in rows:
-        print(f"| {name} | {ours:.2f} | {base:.2f} | {ratio:.2f} |")
+        print(f"| {name} | {ours:.3f} | {base:.3f} | {ratio:.2f} |" if "ms" in name
+              else f"| {name} | {ours:.2f} | {base:.2f} | {ratio:.2f} |")
     drops = {n: v for n, v in {**cstats, **kstats}.items() if n.startswith("drop_") and v}
     print(f"\nclient translated {cstats['translated']}, connector translated "
           f"{kstats['translated']}; drops: {drops or 'none'}")
+    # Packets read from the TUN by the UDP -> TUN thread, right after its writes
+    # (absent from builds before that change).
+    after = [s.get("tun_rx_after_write") for s in (cstats, kstats)]
+    print(f"TUN packets read after a write (of all TUN reads): client {after[0]} of "
+          f"{cstats['tun_rx']}, connector {after[1]} of {kstats['tun_rx']}")
     return 0
 
 

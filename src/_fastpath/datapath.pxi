@@ -30,7 +30,7 @@ cdef enum:  # verdicts
     DP_REPLY = 3        # drop; write DpCtx.reply (an ICMP error) to the TUN device
     DP_REJECT = 4       # drop; send a reject naming DpCtx.transit to peer DpCtx.peer
 
-cdef enum:  # counters, one array per pump thread (summed when read)
+cdef enum:  # counters, one array per side, TUN and UDP (summed when read)
     C_TUN_RX = 0
     C_TUN_TX
     C_UDP_RX
@@ -57,6 +57,7 @@ cdef enum:  # counters, one array per pump thread (summed when read)
     C_UDP_TX_GSO            # datagrams sent inside UDP GSO messages (also in udp_tx)
     C_UDP_GSO_REFUSED       # GSO messages the kernel refused (their datagrams went singly)
     C_UDP_RX_GRO            # datagrams received coalesced by UDP GRO (also in udp_rx)
+    C_TUN_RX_AFTER_WRITE    # TUN packets the UDP -> TUN thread read after its writes (also in tun_rx)
     C_NCOUNTERS
 
 _COUNTER_NAMES = (
@@ -65,7 +66,7 @@ _COUNTER_NAMES = (
     "drop_spoofed", "drop_bad_header", "drop_not_translatable", "unmapped_magic",
     "unmapped_transit", "rejects_sent", "rejects_received", "keepalives_received",
     "tun_write_errors", "udp_send_errors", "flow_insert_failed", "events_dropped",
-    "udp_tx_gso", "udp_gso_refused", "udp_rx_gro",
+    "udp_tx_gso", "udp_gso_refused", "udp_rx_gro", "tun_rx_after_write",
 )
 
 cdef enum:
@@ -85,7 +86,8 @@ cdef struct RejectMemo:
     uint8_t family
 
 
-cdef struct DpCtx:          # one per pump thread; no locking inside
+cdef struct DpCtx:          # one per side (TUN reader, UDP reader); no locking inside:
+                            # the TUN side's is used only under PumpBufs.tun_lock
     uint64_t counters[<int>C_NCOUNTERS]
     FragTable frags
     RejectMemo rejects[<int>REJECT_MEMO]

@@ -239,7 +239,8 @@ cdef class Datapath:
 
     # -- pumps ----------------------------------------------------------------
 
-    def start(self, tun_fd: int, udp_sock: socket.socket, *, sockbuf: int = 4 << 20) -> None:
+    def start(self, tun_fd: int, udp_sock: socket.socket, *, sockbuf: int = 4 << 20,
+              _tun_thread: bool = True) -> None:
         """Start both pump threads on a TUN fd (IFF_TUN|IFF_NO_PI) and a bound UDP socket.
 
         Both are made non-blocking, and the socket's buffers are raised to
@@ -248,7 +249,8 @@ cdef class Datapath:
         datagram dropped there is a retransmission. UDP_GRO is turned on
         on the socket (where the kernel has it), so the pumps must be its
         only reader. The caller keeps ownership of both (and closes them
-        after stop()).
+        after stop()). `_tun_thread=False` is for tests: only the UDP -> TUN
+        thread runs, which reads the TUN only right after its own writes.
         """
         if self.threads:
             raise RuntimeError("Datapath is already running")
@@ -280,11 +282,15 @@ cdef class Datapath:
             self._free_pumps()
             raise MemoryError("Datapath: cannot allocate pump buffers")
         self.bufs_tun.gso_max = PUMP_SLOT
+        if pump_tun_init(self.bufs_tun, tun_fd, self.stop_fd) < 0:
+            err = errno
+            self._free_pumps()
+            raise OSError(err, "epoll: " + os.strerror(err))
         pump_enable_gro(self.udp_fd)  # an old kernel without UDP_GRO: datagrams one by one
         self.threads = [
             threading.Thread(target=self._run, args=(0,), name="conn25-tun-to-udp", daemon=True),
             threading.Thread(target=self._run, args=(1,), name="conn25-udp-to-tun", daemon=True),
-        ]
+        ][0 if _tun_thread else 1:]
         for t in self.threads:
             t.start()
 
@@ -295,7 +301,8 @@ cdef class Datapath:
                                 self.udp_fd, self.sock_family, self.stop_fd, self.efd)
             else:
                 pump_udp_to_tun(&self.core, self.ctx_udp, self.bufs_udp, self.tun_fd,
-                                self.udp_fd, self.sock_family, self.stop_fd, self.efd)
+                                self.udp_fd, self.sock_family, self.stop_fd, self.efd,
+                                self.ctx_tun, self.bufs_tun)
 
     def stop(self) -> None:
         """Stop and join both pumps (idempotent)."""
@@ -311,6 +318,7 @@ cdef class Datapath:
 
     cdef void _free_pumps(self) noexcept:
         if self.bufs_tun != NULL:
+            pump_tun_free(self.bufs_tun)
             free(self.bufs_tun.data)
             free(self.bufs_tun)
             self.bufs_tun = NULL

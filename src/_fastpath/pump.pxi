@@ -18,6 +18,21 @@
 # load they go from batch to batch without sleeping. They wake the control
 # plane's event fd when an event was queued since their last wake-up.
 #
+# The UDP -> TUN thread also reads the TUN, once, right after a batch in
+# which it wrote packets to it: a write into the TUN runs the local stack,
+# and what that stack answers at once (an echo reply, a SYN-ACK, an ACK, the
+# data an ACK let a sender release) is already in the TUN when the write
+# returns. Reading it there saves the TUN -> UDP thread's wake-up (a
+# cross-core one, ~36 us on a VM whose idle vCPU halts) on the round trip
+# (bench/NOTES.md, "Round trip latency"). Whoever reads the TUN holds the
+# TUN side's lock (PumpBufs.tun_lock) from its first read to the end of its
+# send, and uses the TUN side's context and buffers (fragment tracking,
+# counters, send batch, GSO state): the packets of a flow leave in the order
+# they were read, and that state stays single-owner. The TUN -> UDP thread
+# takes the lock per batch; the UDP -> TUN thread only tries it (trylock)
+# and skips the read when the other holds it, so it never waits behind it.
+# Nothing is lost when it skips: poll on the TUN is level-triggered.
+#
 # Each batch slot is a PUMP_SLOT-byte buffer with DG_HDR bytes of headroom,
 # so the datagram header is written in front of a TUN packet without a copy,
 # and a GSO message is a list of slots (one iovec each), not a copy either.
@@ -108,6 +123,21 @@ cdef extern from "<poll.h>" nogil:
     int poll(pollfd *fds, unsigned long nfds, int timeout)
     enum: POLLIN
 
+cdef extern from "<pthread.h>" nogil:
+    int pthread_mutex_trylock(pthread_mutex_t *m)
+
+cdef extern from "<sys/epoll.h>" nogil:
+    union epoll_data_t:
+        int fd
+        uint64_t u64
+    struct epoll_event:
+        uint32_t events
+        epoll_data_t data
+    int epoll_create1(int flags)
+    int epoll_ctl(int epfd, int op, int fd, epoll_event *ev)
+    int epoll_wait(int epfd, epoll_event *evs, int maxevents, int timeout)
+    enum: EPOLL_CTL_ADD, EPOLL_CTL_MOD, EPOLLIN, EPOLL_CLOEXEC
+
 cdef extern from "<sys/eventfd.h>" nogil:
     int eventfd(unsigned int initval, int flags)
     enum: EFD_NONBLOCK, EFD_CLOEXEC
@@ -138,6 +168,8 @@ cdef struct PumpBufs:
     uint64_t ctrl[<int>PUMP_BATCH][<int>PUMP_CTRL]  # cmsg space (UDP_SEGMENT / UDP_GRO)
     size_t gso_max          # largest datagram sent with GSO (0: none); lowered on refusal
     int stop                # set by Datapath.stop() (then stop_fd is written)
+    pthread_mutex_t tun_lock  # TUN side's only: held by the thread reading the TUN
+    int epfd                # TUN side's only: the TUN -> UDP thread waits here (TUN, stop fd)
 
 
 cdef inline uint64_t now_ms() noexcept nogil:
@@ -306,90 +338,135 @@ cdef inline bint _poll_in(pollfd *fds) noexcept nogil:
     return fds[1].revents == 0
 
 
-cdef void pump_tun_to_udp(DpCore *d, DpCtx *c, PumpBufs *b, int tun_fd, int udp_fd,
-                          int sock_family, int stop_fd, int event_fd) noexcept nogil:
-    cdef pollfd fds[2]
-    cdef unsigned int nmsg, npkt, nseg = 0
+cdef int _tun_batch(DpCore *d, DpCtx *c, PumpBufs *b, int tun_fd, int udp_fd,
+                    int sock_family, bint *dry) noexcept nogil:
+    """Read every packet that is ready (up to PUMP_BATCH), decide each, send the
+    batch. The caller holds b.tun_lock. Returns how many packets were read;
+    *dry tells whether the TUN ran dry (EAGAIN; or an error, which poll reports)."""
+    cdef unsigned int nmsg = 0, npkt = 0, nseg = 0
     cdef Py_ssize_t r
     cdef size_t dlen, seg = 0, total = 0
     cdef uint8_t *slot
-    cdef int verdict, i
+    cdef int verdict, i, nread = 0
     cdef TbEndpoint ep
     cdef SockAddr sa        # the endpoint of peer sa_peer, looked up once per batch
-    cdef socklen_t alen
+    cdef socklen_t alen = 0
     cdef uint32_t sa_peer = 0, msg_peer = 0
-    cdef bint grow          # whether the last message may take the next datagram
-    cdef bint wait = True
-    cdef uint64_t now, woken = 0
+    cdef bint grow = False  # whether the last message may take the next datagram
+    cdef uint64_t now = now_ms()
     cdef msghdr *h
-    fds[0].fd = tun_fd
-    fds[0].events = POLLIN
-    fds[1].fd = stop_fd
-    fds[1].events = POLLIN
-    while not c25_load_int(&b.stop):
-        if wait and not _poll_in(fds):
+    dry[0] = False
+    for i in range(PUMP_BATCH):
+        slot = b.data + <Py_ssize_t>i * PUMP_SLOT
+        r = read(tun_fd, slot + DG_HDR, PUMP_SLOT - DG_HDR)
+        if r <= 0:
+            if r < 0 and errno == EINTR:
+                continue
+            dry[0] = True  # EAGAIN: nothing more is ready (an error: poll says so)
             break
-        wait = False
-        now = now_ms()
-        nmsg = 0
-        npkt = 0
-        alen = 0
-        grow = False
-        for i in range(PUMP_BATCH):
-            slot = b.data + <Py_ssize_t>i * PUMP_SLOT
-            r = read(tun_fd, slot + DG_HDR, PUMP_SLOT - DG_HDR)
-            if r <= 0:
-                if r < 0 and errno == EINTR:
-                    continue
-                wait = True  # EAGAIN: nothing more is ready (an error: poll says so)
-                break
-            c.counters[C_TUN_RX] += 1
-            verdict = dp_from_tun(d, c, slot + DG_HDR, r, now)
-            if verdict == DP_REPLY:
-                if write(tun_fd, c.reply, c.reply_len) < 0:
-                    c.counters[C_TUN_WRITE_ERRORS] += 1
-                else:
-                    c.counters[C_TUN_TX] += 1
-                continue
-            if verdict != DP_TO_PEER:
-                continue
-            if alen == 0 or c.peer != sa_peer:
-                sa_peer = c.peer
-                alen = 0
-                if tb_peer_endpoint(d.tables, c.peer, &ep):
-                    alen = _sockaddr_out(&sa, sock_family, &ep)
-                if alen == 0:
-                    c.counters[C_DROP_NO_ROUTE] += 1
-                    continue
-            slot[0] = DG_VERSION
-            slot[1] = DG_DATA
-            slot[2] = 0
-            slot[3] = 0
-            dlen = <size_t>r + DG_HDR
-            b.iovs[npkt].iov_base = slot
-            b.iovs[npkt].iov_len = dlen
-            if (grow and msg_peer == sa_peer and dlen <= seg and nseg < GSO_MAX_SEGS
-                    and total + dlen <= GSO_MAX_BYTES):
-                b.msgs[nmsg - 1].msg_hdr.msg_iovlen += 1
-                nseg += 1
-                total += dlen
-                grow = dlen == seg  # a shorter datagram ends a GSO message
+        nread += 1
+        c.counters[C_TUN_RX] += 1
+        verdict = dp_from_tun(d, c, slot + DG_HDR, r, now)
+        if verdict == DP_REPLY:
+            if write(tun_fd, c.reply, c.reply_len) < 0:
+                c.counters[C_TUN_WRITE_ERRORS] += 1
             else:
-                memcpy(&b.addrs[nmsg], &sa, sizeof(SockAddr))
-                h = &b.msgs[nmsg].msg_hdr
-                h.msg_name = &b.addrs[nmsg]
-                h.msg_namelen = alen
-                h.msg_iov = &b.iovs[npkt]
-                h.msg_iovlen = 1
-                nmsg += 1
-                msg_peer = sa_peer
-                seg = dlen
-                nseg = 1
-                total = dlen
-                grow = dlen <= b.gso_max
-            npkt += 1
-        if nmsg:
-            _flush(c, b, udp_fd, nmsg)
+                c.counters[C_TUN_TX] += 1
+            continue
+        if verdict != DP_TO_PEER:
+            continue
+        if alen == 0 or c.peer != sa_peer:
+            sa_peer = c.peer
+            alen = 0
+            if tb_peer_endpoint(d.tables, c.peer, &ep):
+                alen = _sockaddr_out(&sa, sock_family, &ep)
+            if alen == 0:
+                c.counters[C_DROP_NO_ROUTE] += 1
+                continue
+        slot[0] = DG_VERSION
+        slot[1] = DG_DATA
+        slot[2] = 0
+        slot[3] = 0
+        dlen = <size_t>r + DG_HDR
+        b.iovs[npkt].iov_base = slot
+        b.iovs[npkt].iov_len = dlen
+        if (grow and msg_peer == sa_peer and dlen <= seg and nseg < GSO_MAX_SEGS
+                and total + dlen <= GSO_MAX_BYTES):
+            b.msgs[nmsg - 1].msg_hdr.msg_iovlen += 1
+            nseg += 1
+            total += dlen
+            grow = dlen == seg  # a shorter datagram ends a GSO message
+        else:
+            memcpy(&b.addrs[nmsg], &sa, sizeof(SockAddr))
+            h = &b.msgs[nmsg].msg_hdr
+            h.msg_name = &b.addrs[nmsg]
+            h.msg_namelen = alen
+            h.msg_iov = &b.iovs[npkt]
+            h.msg_iovlen = 1
+            nmsg += 1
+            msg_peer = sa_peer
+            seg = dlen
+            nseg = 1
+            total = dlen
+            grow = dlen <= b.gso_max
+        npkt += 1
+    if nmsg:
+        _flush(c, b, udp_fd, nmsg)
+    return nread
+
+
+cdef int pump_tun_init(PumpBufs *b, int tun_fd, int stop_fd) noexcept nogil:
+    """The TUN side's lock and epoll set (TUN fd, stop fd); 0, or -1 (errno set)."""
+    cdef epoll_event ev
+    pthread_mutex_init(&b.tun_lock, NULL)
+    b.epfd = epoll_create1(EPOLL_CLOEXEC)
+    if b.epfd < 0:
+        return -1
+    memset(&ev, 0, sizeof(ev))
+    ev.events = EPOLLIN
+    ev.data.fd = tun_fd
+    if epoll_ctl(b.epfd, EPOLL_CTL_ADD, tun_fd, &ev) < 0:
+        return -1
+    ev.data.fd = stop_fd
+    return epoll_ctl(b.epfd, EPOLL_CTL_ADD, stop_fd, &ev)
+
+
+cdef void pump_tun_free(PumpBufs *b) noexcept nogil:
+    pthread_mutex_destroy(&b.tun_lock)
+    if b.epfd > 0:
+        close(b.epfd)
+    b.epfd = -1
+
+
+cdef inline void _tun_watch(PumpBufs *b, int tun_fd, uint32_t events) noexcept nogil:
+    """Whether the TUN -> UDP thread is woken by packets in the TUN (EPOLLIN) or not (0).
+    Re-enabling it while packets wait wakes it (epoll is level-triggered)."""
+    cdef epoll_event ev
+    memset(&ev, 0, sizeof(ev))
+    ev.events = events
+    ev.data.fd = tun_fd
+    epoll_ctl(b.epfd, EPOLL_CTL_MOD, tun_fd, &ev)
+
+
+cdef void pump_tun_to_udp(DpCore *d, DpCtx *c, PumpBufs *b, int tun_fd, int udp_fd,
+                          int sock_family, int stop_fd, int event_fd) noexcept nogil:
+    cdef epoll_event evs[2]
+    cdef bint wait = True
+    cdef int n, i
+    cdef uint64_t woken = 0
+    while not c25_load_int(&b.stop):
+        if wait:
+            n = epoll_wait(b.epfd, evs, 2, -1)
+            if n < 0 and errno != EINTR:
+                break
+            for i in range(n if n > 0 else 0):
+                if evs[i].data.fd == stop_fd:
+                    return
+            if n <= 0:
+                continue
+        pthread_mutex_lock(&b.tun_lock)
+        _tun_batch(d, c, b, tun_fd, udp_fd, sock_family, &wait)
+        pthread_mutex_unlock(&b.tun_lock)
         _wake_if_new(d, event_fd, &woken)
 
 
@@ -529,9 +606,14 @@ cdef int pump_enable_gro(int udp_fd) noexcept nogil:
 
 
 cdef void pump_udp_to_tun(DpCore *d, DpCtx *c, PumpBufs *b, int tun_fd, int udp_fd,
-                          int sock_family, int stop_fd, int event_fd) noexcept nogil:
+                          int sock_family, int stop_fd, int event_fd,
+                          DpCtx *tc, PumpBufs *tb) noexcept nogil:
+    """The UDP -> TUN thread; tc and tb are the TUN side's context and buffers,
+    used under tb.tun_lock to read the TUN right after this thread wrote to it."""
     cdef pollfd fds[2]
     cdef int got, i, seg
+    cdef uint64_t tun_tx
+    cdef bint dry
     cdef Py_ssize_t n, off
     cdef uint8_t *slot
     cdef bint wait = True
@@ -564,6 +646,11 @@ cdef void pump_udp_to_tun(DpCore *d, DpCtx *c, PumpBufs *b, int tun_fd, int udp_
             continue
         now = now_ms()
         memo.result = -1
+        tun_tx = c.counters[C_TUN_TX]
+        # What our writes bring into the TUN, this thread reads: the TUN -> UDP
+        # thread is not woken for it meanwhile (a wake-up that would also take
+        # the core the next hop's thread is about to be woken on).
+        _tun_watch(tb, tun_fd, 0)
         for i in range(got):
             slot = b.data + <Py_ssize_t>i * PUMP_SLOT
             n = b.msgs[i].msg_len
@@ -577,4 +664,10 @@ cdef void pump_udp_to_tun(DpCore *d, DpCtx *c, PumpBufs *b, int tun_fd, int udp_
                 _deliver(d, c, slot + off, min(<Py_ssize_t>seg, n - off), &b.addrs[i],
                          tun_fd, udp_fd, sock_family, now, &memo)
                 off += seg
+        # What the local stack answered inside those writes is in the TUN now.
+        if c.counters[C_TUN_TX] != tun_tx and pthread_mutex_trylock(&tb.tun_lock) == 0:
+            tc.counters[C_TUN_RX_AFTER_WRITE] += _tun_batch(d, tc, tb, tun_fd, udp_fd,
+                                                            sock_family, &dry)
+            pthread_mutex_unlock(&tb.tun_lock)
+        _tun_watch(tb, tun_fd, EPOLLIN)
         _wake_if_new(d, event_fd, &woken)

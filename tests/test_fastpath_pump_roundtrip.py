@@ -1,0 +1,102 @@
+"""The UDP -> TUN thread reads the TUN right after its own writes, without root.
+
+What the local stack answers inside a TUN write (an echo reply, a SYN-ACK) is in
+the TUN when the write returns; the UDP -> TUN thread forwards it then, saving the
+TUN -> UDP thread's wake-up on a round trip (bench/NOTES.md, "Round trip
+latency"). Both threads read the TUN under one lock, so a flow's packets still
+leave in the order the kernel queued them.
+
+A unix datagram socketpair stands in for the TUN device (as in
+test_fastpath_pump_loopback.py): the "kernel" end is the test's. The node is a
+connector; the peer (the client) sends echo requests to a transit IP.
+"""
+
+import select
+import socket
+
+import pytest
+from scapy.layers.inet import ICMP, IP
+
+from conn25.fastpath import Datapath
+from conn25.iprange import IPRange
+from pumpnet import ip, recv
+
+CLIENT, TRANSIT, REAL = "100.64.0.1", "169.254.128.5", "203.0.113.10"
+ECHO_ID = 7
+
+
+def request(seq: int) -> bytes:
+    """A datagram from the client: an echo request to the transit IP."""
+    return Datapath.data_datagram(bytes(
+        IP(src=CLIENT, dst=TRANSIT) / ICMP(type=8, id=ECHO_ID, seq=seq) / b"ping"))
+
+
+def reply(seq: int) -> bytes:
+    """What the connector's kernel answers, into the TUN: from the real address."""
+    return bytes(IP(src=REAL, dst=CLIENT) / ICMP(type=0, id=ECHO_ID, seq=seq) / b"ping")
+
+
+class Rig:
+    def __init__(self) -> None:
+        self.kernel, self.tun = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.overlay = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.overlay.bind(("127.0.0.1", 0))
+        self.peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # plays the client
+        self.peer.bind(("127.0.0.1", 0))
+        self.peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        self.dp = Datapath(client=False, connector=True)
+        t = self.dp.tables
+        t.set_peer(1, ip("127.0.0.1"), self.peer.getsockname()[1], [ip(CLIENT)])
+        t.set_transit(ip(CLIENT), ip(TRANSIT), ip(REAL))
+        t.set_transit_ranges([IPRange.parse("169.254.128.0/17")])
+
+    def send(self, datagram: bytes) -> None:
+        self.peer.sendto(datagram, self.overlay.getsockname())
+
+    def close(self) -> None:
+        self.dp.stop()
+        for s in (self.kernel, self.tun, self.overlay, self.peer):
+            s.close()
+
+
+@pytest.fixture
+def rig():
+    r = Rig()
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+def assert_reply(dg: bytes, seq: int) -> None:
+    """A reply on its way back to the client: SNAT real -> transit, checksum intact."""
+    assert dg[:4] == bytes((1, 1, 0, 0))
+    pkt = IP(dg[4:])
+    assert (pkt.src, pkt.dst, pkt[ICMP].type, pkt[ICMP].seq) == (TRANSIT, CLIENT, 0, seq)
+    sent = pkt[ICMP].chksum
+    del pkt[ICMP].chksum
+    assert IP(bytes(pkt))[ICMP].chksum == sent
+
+
+def test_an_answer_in_the_tun_after_a_write_is_forwarded_without_the_tun_thread(rig):
+    """With only the UDP -> TUN thread running, a packet that is in the TUN when its
+    write returns (here queued beforehand: the stack's answer to the write) is read,
+    translated with the flow that write created, sent and counted. A datagram that
+    writes nothing to the TUN (a keepalive) does not make the thread read it."""
+    rig.dp.start(rig.tun.fileno(), rig.overlay, _tun_thread=False)
+    rig.kernel.send(reply(1))
+    rig.send(request(1))
+    req = IP(recv(rig.kernel))
+    assert (req.src, req.dst, req[ICMP].seq) == (CLIENT, REAL, 1)  # DNAT transit -> real
+    assert_reply(recv(rig.peer), 1)
+
+    rig.kernel.send(reply(2))
+    rig.send(Datapath.keepalive_datagram())
+    assert not select.select([rig.peer], [], [], 0.3)[0]  # no write: the TUN is not read
+    rig.send(request(3))
+    assert IP(recv(rig.kernel))[ICMP].seq == 3
+    assert_reply(recv(rig.peer), 2)
+
+    c = rig.dp.counters()
+    assert (c["tun_rx"], c["tun_rx_after_write"], c["udp_tx"], c["tun_tx"]) == (2, 2, 2, 2)
+    assert (c["translated"], c["flows_created"], c["keepalives_received"]) == (4, 1, 1)
