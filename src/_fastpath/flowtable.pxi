@@ -14,7 +14,7 @@
 # packet or per flow.
 #
 # Memory: the entry array and the event ring come zeroed straight from mmap
-# (_ft_zalloc) and nothing walks them up front, so their pages become
+# (zalloc_pages) and nothing walks them up front, so their pages become
 # resident only as flows and events first use them, and go back to the
 # system when the table is freed, whatever malloc's thresholds are at the
 # time: an idle table costs its hash buckets.
@@ -39,7 +39,6 @@
 
 from libc.stdint cimport int32_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
-from posix.mman cimport MAP_ANONYMOUS, MAP_FAILED, MAP_PRIVATE, PROT_READ, PROT_WRITE, mmap, munmap
 from libc.string cimport memcmp, memcpy, memset
 
 
@@ -196,22 +195,6 @@ cdef inline void _ft_key_norm(const FlowKey *k, FlowKey *out) noexcept nogil:
     out.proto = k.proto
 
 
-# ---- big zeroed arrays (shared with tables.pxi) ------------------------------
-
-cdef void *_ft_zalloc(size_t size) noexcept nogil:
-    """`size` zero bytes of fresh anonymous pages, or NULL. A page is resident
-    only once touched. Free with _ft_zfree and the same size."""
-    if size == 0:
-        size = 1
-    cdef void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
-    return NULL if p == MAP_FAILED else p
-
-
-cdef void _ft_zfree(void *p, size_t size) noexcept nogil:
-    if p != NULL:
-        munmap(p, size if size else 1)
-
-
 # ---- internals (lock held) ------------------------------------------------
 
 cdef inline int32_t _ft_find(FlowTableC *t, const FlowKey *k) noexcept nogil:
@@ -317,13 +300,13 @@ cdef FlowTableC *ft_new(uint32_t capacity, uint64_t idle_ms, uint32_t ring_cap,
     cdef uint32_t nb = 16
     while nb < 2 * capacity:  # two keys per flow: chains stay about one long
         nb <<= 1
-    t.flows = <FlowEntry *>_ft_zalloc(capacity * sizeof(FlowEntry))
+    t.flows = <FlowEntry *>zalloc_pages(capacity * sizeof(FlowEntry))
     t.buckets = <int32_t *>malloc(nb * sizeof(int32_t))
-    t.ring = <FlowEventRec *>_ft_zalloc(ring_cap * sizeof(FlowEventRec))
+    t.ring = <FlowEventRec *>zalloc_pages(ring_cap * sizeof(FlowEventRec))
     if t.flows == NULL or t.buckets == NULL or t.ring == NULL:
-        _ft_zfree(t.flows, capacity * sizeof(FlowEntry))
+        zfree_pages(t.flows, capacity * sizeof(FlowEntry))
         free(t.buckets)
-        _ft_zfree(t.ring, ring_cap * sizeof(FlowEventRec))
+        zfree_pages(t.ring, ring_cap * sizeof(FlowEventRec))
         free(t)
         return NULL
     memset(t.buckets, 0xFF, nb * sizeof(int32_t))  # all -1
@@ -345,9 +328,9 @@ cdef void ft_free(FlowTableC *t) noexcept nogil:
     if t == NULL:
         return
     pthread_mutex_destroy(&t.lock)
-    _ft_zfree(t.flows, t.capacity * sizeof(FlowEntry))
+    zfree_pages(t.flows, t.capacity * sizeof(FlowEntry))
     free(t.buckets)
-    _ft_zfree(t.ring, t.ring_cap * sizeof(FlowEventRec))
+    zfree_pages(t.ring, t.ring_cap * sizeof(FlowEventRec))
     free(t)
 
 

@@ -14,7 +14,7 @@
 # deletion (no tombstones), keyed by a fixed 40-byte TbKey, in 64-byte slots
 # (one cache line), grown by doubling when more than 4/5 full. A probe
 # compares the stored hash before the key. Slot arrays come zeroed from mmap
-# (_ft_zalloc) and go back to the system when a map grows or is freed. One pthread mutex guards all tables of a Tables object, so
+# (zalloc_pages) and go back to the system when a map grows or is freed. One pthread mutex guards all tables of a Tables object, so
 # an update that touches several maps (a peer and its routes) is atomic, and
 # every lookup copies its result out under the lock: no packet sees half of
 # an old and half of a new mapping. Lookups never allocate.
@@ -126,7 +126,7 @@ cdef inline void _tb_val_set_ptr(TbVal *v, void *p) noexcept nogil:
 
 
 cdef int _tb_map_init(TbMap *m, uint32_t nslots) noexcept nogil:
-    m.slots = <TbSlot *>_ft_zalloc(nslots * sizeof(TbSlot))
+    m.slots = <TbSlot *>zalloc_pages(nslots * sizeof(TbSlot))
     if m.slots == NULL:
         return -1
     m.mask = nslots - 1
@@ -135,7 +135,7 @@ cdef int _tb_map_init(TbMap *m, uint32_t nslots) noexcept nogil:
 
 
 cdef inline void _tb_map_free(TbMap *m) noexcept nogil:
-    _ft_zfree(m.slots, (<size_t>m.mask + 1) * sizeof(TbSlot))
+    zfree_pages(m.slots, (<size_t>m.mask + 1) * sizeof(TbSlot))
     m.slots = NULL
 
 

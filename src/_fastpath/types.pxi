@@ -5,6 +5,7 @@
 # tables can hash and compare keys with memcmp.
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from posix.mman cimport MAP_ANONYMOUS, MAP_FAILED, MAP_PRIVATE, PROT_READ, PROT_WRITE, mmap, munmap
 
 
 cdef struct FlowKey:
@@ -32,3 +33,20 @@ cdef extern from *:
     uint64_t c25_load_u64(const uint64_t *p) nogil
     int c25_load_int(const int *p) nogil
     void c25_store_int(int *p, int v) nogil
+
+
+# Big zeroed arrays (flow entries, event rings, table slots): fresh anonymous
+# pages, resident only once touched, returned to the system when freed.
+
+cdef void *zalloc_pages(size_t size) noexcept nogil:
+    """`size` zero bytes of fresh anonymous pages, or NULL. A page is resident
+    only once touched. Free with zfree_pages and the same size."""
+    if size == 0:
+        size = 1
+    cdef void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+    return NULL if p == MAP_FAILED else p
+
+
+cdef void zfree_pages(void *p, size_t size) noexcept nogil:
+    if p != NULL:
+        munmap(p, size if size else 1)

@@ -98,18 +98,8 @@ def _float_order(x: float) -> int:
     return b ^ 0xFFFF_FFFF_FFFF_FFFF if b >> 63 else b | 1 << 63
 
 
-def _order_float(o: int) -> float:
-    return _bits_float(o & ~(1 << 63) if o >> 63 else o ^ 0xFFFF_FFFF_FFFF_FFFF)
-
-
 def _addr_tag(a: IPAddress) -> int:
     return int(a) if a.version == 4 else int(a) | _V6_TAG
-
-
-def _tag_addr(t: int) -> IPAddress:
-    if t & _V6_TAG:
-        return ipaddress.IPv6Address(t ^ _V6_TAG)
-    return ipaddress.IPv4Address(t)
 
 
 class _PeerMappings:
