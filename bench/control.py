@@ -443,6 +443,7 @@ def memory_figures() -> dict[str, Any]:
     app = app_name(cfg)
     table = ConnectorTable(cfg, rate=1e12, burst=1 << 40)  # the limit is not what is measured
     dp = Datapath(client=True, connector=True)  # as Node builds a connector's
+    dp.tables.set_local(list(cfg.node.addresses))
     # Two peers (alice's client, bob's peer), so that 100,000 mappings fit their transit
     # pools (32k v4 + 64k v6 each).
     peers = [n for n in cfg.tailnet.nodes if n.name != cfg.node.name and cfg.may_use_apps(n)]

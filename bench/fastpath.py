@@ -34,11 +34,13 @@ def ip(a: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
 
 def nodes() -> tuple[Datapath, Datapath]:
     client = Datapath(client=True)
+    client.tables.set_local([ip(CLIENT)])
     client.tables.set_peer(2, ip(CONNECTOR_EP[0]), CONNECTOR_EP[1], [ip(CONNECTOR)])
     client.tables.set_magic_ranges([IPRange.parse("100.80.0.0/16")])
     client.tables.set_magic(ip(MAGIC), ip(TRANSIT))
     client.tables.set_route(ip(TRANSIT), 2)
     connector = Datapath(client=False, connector=True)
+    connector.tables.set_local([ip(CONNECTOR)])
     connector.tables.set_peer(1, ip(CLIENT_EP[0]), CLIENT_EP[1], [ip(CLIENT)])
     connector.tables.set_transit_ranges([IPRange.parse("169.254.128.0/17")])
     connector.tables.set_transit(ip(CLIENT), ip(TRANSIT), ip(REAL), 1)

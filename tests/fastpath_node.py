@@ -31,6 +31,7 @@ def main() -> None:
         for r in cfg["routes"]:
             ipr.route("add", dst=r, oif=idx)
     dp = Datapath(client=cfg.get("client", False), connector=cfg.get("connector", False))
+    dp.tables.set_local([ipaddress.ip_address(a) for a in cfg["addresses"]])
     for peer in cfg["peers"]:
         dp.tables.set_peer(peer["id"], ipaddress.ip_address(peer["endpoint"]), peer["port"],
                            [ipaddress.ip_address(a) for a in peer["overlay"]])

@@ -19,7 +19,7 @@ CLIENT, CONNECTOR = "100.64.0.1", "100.64.0.2"
 CLIENT_EP, CONNECTOR_EP = ("192.0.2.1", 41641), ("192.0.2.2", 41641)
 MAGIC, TRANSIT, REAL = "100.80.0.5", "169.254.128.5", "203.0.113.10"
 MAGIC6, TRANSIT6, REAL6 = "fd7a:115c:a1e0:ab12::5", "fd7a:115c:a1e0:ab13::5", "2001:db8::10"
-CLIENT6 = "fd7a:115c:a1e0::1"
+CLIENT6, CONNECTOR6 = "fd7a:115c:a1e0::1", "fd7a:115c:a1e0::2"
 CONN_PEER, CLIENT_PEER = 2, 1
 
 
@@ -41,6 +41,7 @@ def rebuilt(pkt):
 @pytest.fixture
 def client():
     dp = Datapath(client=True)
+    dp.tables.set_local([packed(CLIENT), packed(CLIENT6)])
     dp.tables.set_peer(CONN_PEER, packed(CONNECTOR_EP[0]), CONNECTOR_EP[1], [packed(CONNECTOR)])
     dp.tables.set_magic_ranges([IRange("100.80.0.0/16"), IRange("fd7a:115c:a1e0:ab12::/64")])
     dp.tables.set_magic(packed(MAGIC), packed(TRANSIT))
@@ -51,6 +52,7 @@ def client():
 @pytest.fixture
 def connector():
     dp = Datapath(client=False, connector=True)
+    dp.tables.set_local([packed(CONNECTOR), packed(CONNECTOR6)])
     dp.tables.set_peer(CLIENT_PEER, packed(CLIENT_EP[0]), CLIENT_EP[1],
                        [packed(CLIENT), packed(CLIENT6)])
     dp.tables.set_transit_ranges([IRange("169.254.128.0/17"), IRange("fd7a:115c:a1e0:ab13::/64")])
@@ -183,7 +185,8 @@ def test_unmapped_transit_is_dropped_and_rejected_once(connector):
     # a transit IP mapped for another peer only is unmapped for this one: same answer
     not_pool = IP(src=CLIENT, dst="198.51.100.9") / TCP(sport=1, dport=443)
     verdict, _, _ = connector.process_datagram(dg(not_pool), CLIENT_EP, NOW)
-    assert verdict == "tun"  # not a transit IP: ordinary traffic to the kernel
+    # not a transit IP, nor one of the connector's addresses: a connector is not a router
+    assert verdict == "drop" and connector.counters()["drop_dst_not_allowed"] == 1
 
 
 def test_reject_received_becomes_an_event(client):
@@ -244,3 +247,130 @@ def test_garbage_never_crashes(client, connector):
         client.process_from_tun(junk, NOW)
         connector.process_datagram(Datapath.data_datagram(junk), CLIENT_EP, NOW)
     assert client.counters()["tun_rx"] == 0  # process_* are not pump reads
+
+
+# -- a node is not a router (B68, B69) and flows come back after a restart (B72) --
+
+
+def test_connector_delivers_from_the_overlay_only_to_itself_or_through_a_mapping(connector):
+    """B68: no exit node. Its own address: delivered; any other untranslated one: dropped."""
+    own = IP(src=CLIENT, dst=CONNECTOR) / TCP(sport=1, dport=41642, flags="S")
+    assert connector.process_datagram(dg(own), CLIENT_EP, NOW)[:2] == ("tun", bytes(own))
+    for dst in ("198.51.100.10", "100.64.0.9", "100.100.100.100"):
+        out = connector.process_datagram(dg(syn(dst=dst)), CLIENT_EP, NOW)
+        assert out[0] == "drop", dst
+    six = IPv6(src=CLIENT6, dst="2001:db8:100::10") / UDP(sport=1, dport=2)
+    assert connector.process_datagram(dg(six), CLIENT_EP, NOW)[0] == "drop"
+    c = connector.counters()
+    assert c["drop_dst_not_allowed"] == 4 and c["forwarded"] == 1 and c["translated"] == 0
+
+
+def test_client_delivers_from_the_overlay_only_to_itself(client):
+    """A peer's packets to the client's DNS listen address or a magic IP go nowhere."""
+    for dst in ("100.100.100.100", MAGIC, "198.51.100.10"):
+        pkt = IP(src=CONNECTOR, dst=dst) / UDP(sport=1, dport=53) / b"q"
+        assert client.process_datagram(dg(pkt), CONNECTOR_EP, NOW)[0] == "drop", dst
+    assert client.counters()["drop_dst_not_allowed"] == 3
+
+
+@pytest.mark.parametrize("role", ["client", "connector"])
+def test_packets_routed_into_the_tun_from_elsewhere_are_dropped(client, connector, role):
+    """B69: toward the overlay only our own sources, unless a flow translated them."""
+    dp = client if role == "client" else connector
+    peer_addr = CONNECTOR if role == "client" else CLIENT
+    forged = IP(src="198.51.100.7", dst=peer_addr) / UDP(sport=9, dport=9) / b"x"
+    as_transit = IP(src=TRANSIT, dst=peer_addr) / UDP(sport=9, dport=9) / b"x"
+    for pkt in (forged, as_transit, syn(src="203.0.113.9")):
+        assert dp.process_from_tun(bytes(pkt), NOW)[0] == "drop"
+    c = dp.counters()
+    assert c["drop_src_not_allowed"] == 3 and c["forwarded"] == 0 and c["unmapped_magic"] == 0
+
+
+def test_client_recreates_a_flow_from_a_return_packet(client):
+    """B72: after a restart the reply from T finds its magic IP; the flow is whole again."""
+    reply = IP(src=TRANSIT, dst=CLIENT) / TCP(sport=443, dport=40000, flags="A", seq=7)
+    verdict, out, _ = client.process_datagram(dg(reply), CONNECTOR_EP, NOW)
+    assert verdict == "tun"
+    back = IP(out)
+    assert (back.src, back.dst, back[TCP].sport, back[TCP].dport) == (MAGIC, CLIENT, 443, 40000)
+    assert bytes(back) == rebuilt(back)
+    [ev] = client.read_events()
+    assert (ev.kind, ev.role, ev.transit, ev.peer) == (
+        "flow_created", "client", packed(TRANSIT), CONN_PEER)
+    # the application's next packet uses that flow: no second flow
+    verdict, out, peer = client.process_from_tun(bytes(syn()), NOW + 1)
+    assert (verdict, peer, IP(out).dst) == ("peer", CONN_PEER, TRANSIT)
+    c = client.counters()
+    assert c["flows_created"] == 1 and c["flows_from_return"] == 1 and c["client_flows"] == 1
+
+
+def test_client_drops_untranslatable_packets_from_a_transit_ip(client):
+    """An ICMP error from T with no flow, or a reply to another address: never untranslated."""
+    err = IP(src=TRANSIT, dst=CLIENT) / ICMP(type=3, code=3) / IPerror(
+        src=CLIENT, dst=TRANSIT) / UDPerror(sport=1, dport=2)
+    assert client.process_datagram(dg(err), CONNECTOR_EP, NOW)[0] == "drop"
+    assert client.counters()["drop_not_translatable"] == 1
+    # a transit IP of no assignment is not the connector's to send from either
+    other = IP(src="169.254.128.99", dst=CLIENT) / UDP(sport=1, dport=2)
+    assert client.process_datagram(dg(other), CONNECTOR_EP, NOW)[0] == "drop"
+
+
+def test_connector_recreates_a_flow_from_a_return_packet(connector):
+    """B72: a reply from R to the client, with (client, R) naming one transit IP."""
+    reply = IP(src=REAL, dst=CLIENT) / TCP(sport=443, dport=40000, flags="A", seq=9)
+    verdict, out, peer = connector.process_from_tun(bytes(reply), NOW)
+    assert (verdict, peer) == ("peer", CLIENT_PEER)
+    back = IP(out)
+    assert (back.src, back.dst, back[TCP].sport, back[TCP].dport) == (TRANSIT, CLIENT, 443, 40000)
+    assert bytes(back) == rebuilt(back)
+    [ev] = connector.read_events()
+    assert (ev.kind, ev.role, ev.transit, ev.peer) == (
+        "flow_created", "connector", packed(TRANSIT), CLIENT_PEER)
+    assert ev.flow.app == 3
+    # the client's next packet to T is translated by that flow
+    pkt = IP(src=CLIENT, dst=TRANSIT) / TCP(sport=40000, dport=443, flags="A")
+    verdict, out, _ = connector.process_datagram(dg(pkt), CLIENT_EP, NOW + 1)
+    assert verdict == "tun" and IP(out).dst == REAL
+    assert connector.counters()["flows_created"] == 1
+
+
+def test_connector_does_not_guess_between_two_transit_ips(connector):
+    """Two transit IPs of one client map to R: a return packet cannot say which; dropped."""
+    other = "169.254.128.6"
+    connector.tables.set_transit(packed(CLIENT), packed(other), packed(REAL), 3)
+    reply = IP(src=REAL, dst=CLIENT) / TCP(sport=443, dport=40000, flags="A")
+    assert connector.process_from_tun(bytes(reply), NOW)[0] == "drop"
+    assert connector.counters()["drop_return_ambiguous"] == 1
+    # with one of them gone, the other is the answer again
+    connector.tables.del_transit(packed(CLIENT), packed(TRANSIT))
+    assert connector.tables.lookup_return(packed(CLIENT), packed(REAL)) == (
+        "hit", packed(other), 3)
+    verdict, out, _ = connector.process_from_tun(bytes(reply), NOW)
+    assert verdict == "peer" and IP(out).src == other
+
+
+def test_reverse_maps_follow_their_forward_maps():
+    """magic_for_transit and lookup_return stay in step with set/replace/delete."""
+    t = Datapath(client=True, connector=True).tables
+    m, t1, t2 = packed("100.80.0.1"), packed("169.254.128.1"), packed("169.254.128.2")
+    t.set_magic(m, t1)
+    assert t.magic_for_transit(t1) == m
+    t.set_magic(m, t2)  # re-pointed: the old transit IP no longer names it
+    assert (t.magic_for_transit(t1), t.magic_for_transit(t2)) == (None, m)
+    t.del_magic(m)
+    assert t.magic_for_transit(t2) is None
+    c, r1, r2 = packed(CLIENT), packed("198.51.100.1"), packed("198.51.100.2")
+    t.set_transit(c, t1, r1, 1)
+    assert t.lookup_return(c, r1) == ("hit", t1, 1)
+    t.set_transit(c, t1, r2, 1)  # T re-registered to another destination
+    assert t.lookup_return(c, r1) == ("not_ours", None, None)
+    assert t.lookup_return(c, r2) == ("hit", t1, 1)
+    t.set_transit(c, t2, r2, 1)
+    t.set_transit(c, t2, r2, 1)  # the same registration again changes nothing
+    assert t.lookup_return(c, r2)[0] == "ambiguous"
+    # the remembered one goes: which remains is not known without a scan, so still no guess
+    t.del_transit(c, t2)
+    assert t.lookup_return(c, r2)[0] == "ambiguous"
+    t.del_transit(c, t1)
+    assert t.lookup_return(c, r2) == ("not_ours", None, None)
+    assert t.stats()["real_rev"] == 0 and t.stats()["magic_rev"] == 0

@@ -53,6 +53,7 @@ class Rig:
             self.peers[pid] = s
         self.dp = Datapath(client=True)
         t = self.dp.tables
+        t.set_local([ip(CLIENT)])
         t.set_peer(2, ip(lo), self.peers[2].getsockname()[1], [ip(CONNECTOR)])
         t.set_peer(3, ip(lo), self.peers[3].getsockname()[1], [ip(CONNECTOR2)])
         t.set_magic_ranges([IPRange.parse("100.80.0.0/16")])

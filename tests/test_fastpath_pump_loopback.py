@@ -29,6 +29,7 @@ def rig():
     peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # plays the connector
     peer.bind(("127.0.0.1", 0))
     dp = Datapath(client=True)
+    dp.tables.set_local([ip(CLIENT)])
     dp.tables.set_peer(2, ip("127.0.0.1"), peer.getsockname()[1], [ip(CONNECTOR)])
     dp.tables.set_magic_ranges([IPRange.parse("100.80.0.0/16")])
     dp.tables.set_magic(ip(MAGIC), ip(T1))

@@ -46,6 +46,7 @@ class Rig:
         self.peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         self.dp = Datapath(client=False, connector=True)
         t = self.dp.tables
+        t.set_local([ip("100.64.0.2")])
         t.set_peer(1, ip("127.0.0.1"), self.peer.getsockname()[1], [ip(CLIENT)])
         t.set_transit(ip(CLIENT), ip(TRANSIT), ip(REAL))
         t.set_transit_ranges([IPRange.parse("169.254.128.0/17")])

@@ -13,6 +13,21 @@
 # new flow (DNAT transit->real, SNAT real->transit back); a transit IP in the
 # pools but unmapped for that peer -> drop and reject to the peer.
 #
+# Neither role is a router: from the overlay, only packets to this node's own
+# overlay addresses are delivered untranslated, anything else not translated
+# is dropped ("destination not allowed"); toward the overlay, only packets
+# from its own overlay addresses go out untranslated, so nothing that the
+# kernel routed into the TUN from another interface reaches the tailnet.
+#
+# A return packet whose flow is gone (the node restarted, its flow table with
+# it) re-creates the flow when the mapping names one translation: on a client
+# the transit IP of the packet's source names its magic IP; on a connector
+# the (client, real address) pair names one transit IP of that client, unless
+# two or more of its transit IPs map to that real address (then the packet
+# is dropped and the client's next packet re-creates the flow). Only replies
+# the kernel un-masqueraded reach the connector's TUN from outside (its
+# nftables table drops the rest), so this re-opens no injection path.
+#
 # Every table is consulted under its own lock and results are copied out, so
 # a packet never sees half of an old and half of a new mapping; a flow, once
 # created, carries its own rewrite and no longer consults the mapping tables
@@ -58,6 +73,10 @@ cdef enum:  # counters, one array per side, TUN and UDP (summed when read)
     C_UDP_GSO_REFUSED       # GSO messages the kernel refused (their datagrams went singly)
     C_UDP_RX_GRO            # datagrams received coalesced by UDP GRO (also in udp_rx)
     C_TUN_RX_AFTER_WRITE    # TUN packets the UDP -> TUN thread read after its writes (also in tun_rx)
+    C_DROP_DST_NOT_ALLOWED  # from the overlay, untranslated and not to one of our addresses
+    C_DROP_SRC_NOT_ALLOWED  # from the TUN, untranslated and not from one of our addresses
+    C_DROP_RETURN_AMBIGUOUS # a return packet without flow that maps to several transit IPs
+    C_FLOWS_FROM_RETURN     # flows re-created from a return packet (also in flows_created)
     C_NCOUNTERS
 
 _COUNTER_NAMES = (
@@ -67,6 +86,8 @@ _COUNTER_NAMES = (
     "unmapped_transit", "rejects_sent", "rejects_received", "keepalives_received",
     "tun_write_errors", "udp_send_errors", "flow_insert_failed", "events_dropped",
     "udp_tx_gso", "udp_gso_refused", "udp_rx_gro", "tun_rx_after_write",
+    "drop_dst_not_allowed", "drop_src_not_allowed", "drop_return_ambiguous",
+    "flows_from_return",
 )
 
 cdef enum:
@@ -147,11 +168,6 @@ cdef inline uint64_t dp_event_seq(DpCore *d) noexcept nogil:
     return n
 
 
-cdef inline void _addr16(uint8_t *out, const uint8_t *a, uint8_t family) noexcept nogil:
-    memset(out, 0, 16)
-    memcpy(out, a, 4 if family == 4 else 16)
-
-
 cdef inline void _reply_key(const FlowKey *k, const uint8_t *translated, FlowKey *out) noexcept nogil:
     """The key of the reply to a packet with key k whose destination became `translated`."""
     memset(out, 0, sizeof(FlowKey))
@@ -176,27 +192,60 @@ cdef inline void _lookup_key(const Parsed *pk, FlowKey *key) noexcept nogil:
         memcpy(key, &pk.key, sizeof(FlowKey))
 
 
-cdef int _create_flow(DpCore *d, DpCtx *c, FlowTableC *ft, uint8_t *p, Parsed *pk,
-                      const uint8_t *new_dst, const uint8_t *transit, uint32_t peer,
-                      uint32_t app, uint64_t now) noexcept nogil:
-    """Insert the flow for this first packet (DNAT to new_dst, SNAT back) and translate it."""
-    cdef FlowKey rev
+cdef int _insert_flow(DpCtx *c, FlowTableC *ft, uint8_t *p, Parsed *pk,
+                      const FlowKey *fwd, const uint8_t *fwd_to, const FlowKey *rev,
+                      const uint8_t *rev_to, bint from_rev, const uint8_t *transit,
+                      uint32_t peer, uint32_t app, uint64_t now) noexcept nogil:
+    """Insert a flow (forward direction: DNAT to fwd_to; reverse: SNAT to
+    rev_to) and translate its packet pk, which travels the forward direction,
+    or the reverse one when `from_rev`."""
     cdef FlowAction fwd_act, rev_act
     memset(&fwd_act, 0, sizeof(FlowAction))
     memset(&rev_act, 0, sizeof(FlowAction))
     fwd_act.rewrite = FT_REWRITE_DST
-    memcpy(fwd_act.addr, new_dst, 16)
+    memcpy(fwd_act.addr, fwd_to, 16)
     rev_act.rewrite = FT_REWRITE_SRC
-    memcpy(rev_act.addr, pk.key.dst, 16)
-    _reply_key(&pk.key, new_dst, &rev)
-    if ft_insert(ft, &pk.key, &fwd_act, &rev, &rev_act, peer, transit, app, now) < 0:
+    memcpy(rev_act.addr, rev_to, 16)
+    if ft_insert(ft, fwd, &fwd_act, rev, &rev_act, peer, transit, app, now) < 0:
         c.counters[C_FLOW_TABLE_FULL] += 1
         return 0
     c.counters[C_FLOWS_CREATED] += 1
+    cdef FlowAction *act = &rev_act if from_rev else &fwd_act
     if pk.flags & PKF_FRAG:
-        frag_remember(&c.frags, pk, NAT_DST, new_dst, now)
-    nat_apply(p, pk, NAT_DST, new_dst)
+        frag_remember(&c.frags, pk, act.rewrite, act.addr, now)
+    nat_apply(p, pk, act.rewrite, act.addr)
     c.counters[C_TRANSLATED] += 1
+    return 1
+
+
+cdef inline int _create_flow(DpCore *d, DpCtx *c, FlowTableC *ft, uint8_t *p, Parsed *pk,
+                             const uint8_t *new_dst, const uint8_t *transit, uint32_t peer,
+                             uint32_t app, uint64_t now) noexcept nogil:
+    """The flow of a first packet pk: DNAT to new_dst, SNAT the replies back."""
+    cdef FlowKey rev
+    _reply_key(&pk.key, new_dst, &rev)
+    return _insert_flow(c, ft, p, pk, &pk.key, new_dst, &rev, pk.key.dst, False, transit,
+                        peer, app, now)
+
+
+cdef int _flow_from_return(DpCtx *c, FlowTableC *ft, uint8_t *p, Parsed *pk,
+                           const uint8_t *orig_dst, const uint8_t *transit, uint32_t peer,
+                           uint32_t app, uint64_t now) noexcept nogil:
+    """Re-create the flow of a return packet pk (source: what the forward
+    direction was translated to) whose forward packets were sent to
+    orig_dst; pk's source becomes orig_dst."""
+    cdef FlowKey fwd
+    memset(&fwd, 0, sizeof(FlowKey))
+    fwd.family = pk.key.family
+    fwd.proto = pk.key.proto
+    memcpy(fwd.src, pk.key.dst, 16)
+    memcpy(fwd.dst, orig_dst, 16)
+    fwd.sport = pk.key.dport
+    fwd.dport = pk.key.sport
+    if not _insert_flow(c, ft, p, pk, &fwd, pk.key.src, &pk.key, orig_dst, True, transit,
+                        peer, app, now):
+        return 0
+    c.counters[C_FLOWS_FROM_RETURN] += 1
     return 1
 
 
@@ -241,6 +290,7 @@ cdef int dp_from_tun(DpCore *d, DpCtx *c, uint8_t *p, Py_ssize_t n, uint64_t now
     cdef FlowHit hit
     cdef uint8_t transit[16]
     cdef uint8_t dst16[16]
+    cdef uint32_t app
     cdef int r
     if _parse_counted(c, p, n, &pk) != PARSE_OK:
         return DP_DROP
@@ -260,6 +310,21 @@ cdef int dp_from_tun(DpCore *d, DpCtx *c, uint8_t *p, Py_ssize_t n, uint64_t now
         return DP_TO_PEER
     if _apply_fragment(c, p, &pk, now):
         return _route(d, c, p, &pk)
+    if not tb_is_local(d.tables, pk.key.family, pk.key.src):
+        if d.connector_flows != NULL and _new_flow_ok(&pk):
+            # The reply of a connection that the kernel masqueraded for a
+            # flow this node no longer has.
+            r = tb_return_transit(d.tables, pk.key.family, pk.key.dst, pk.key.src, transit, &app)
+            if r == TB_HIT and tb_route(d.tables, pk.key.family, pk.key.dst, &c.peer):
+                if _flow_from_return(c, d.connector_flows, p, &pk, transit, transit, c.peer,
+                                     app, now):
+                    return DP_TO_PEER
+                return DP_DROP
+            if r == TB_AMBIGUOUS:
+                c.counters[C_DROP_RETURN_AMBIGUOUS] += 1
+                return DP_DROP
+        c.counters[C_DROP_SRC_NOT_ALLOWED] += 1
+        return DP_DROP
     if d.client_flows != NULL:
         r = tb_magic(d.tables, pk.key.family, pk.key.dst, transit)
         if r == TB_HIT:
@@ -322,6 +387,20 @@ cdef int dp_from_overlay(DpCore *d, DpCtx *c, uint8_t *p, Py_ssize_t n, uint32_t
             c.family = pk.key.family
             memcpy(c.transit, pk.key.dst, 16)
             return DP_REJECT
+    if not tb_is_local(d.tables, pk.key.family, pk.key.dst):
+        c.counters[C_DROP_DST_NOT_ALLOWED] += 1
+        return DP_DROP
+    if d.client_flows != NULL and \
+            tb_magic_for_transit(d.tables, pk.key.family, pk.key.src, real):
+        # A reply from a transit IP whose flow this node no longer has. The
+        # source check let it in only from the connector that T is routed to;
+        # untranslated, a transit IP never reaches the kernel.
+        if not _new_flow_ok(pk):
+            c.counters[C_DROP_NOT_TRANSLATABLE] += 1
+            return DP_DROP
+        if _flow_from_return(c, d.client_flows, p, pk, real, pk.key.src, peer, 0, now):
+            return DP_TO_TUN
+        return DP_DROP
     c.counters[C_FORWARDED] += 1
     return DP_TO_TUN
 

@@ -4,7 +4,14 @@
 #              (installed by tb_set_peer) and every transit IP registered with
 #              that peer; the analogue of WireGuard's allowed IPs (DESIGN §2).
 # - magic:     (family, magic IP)         -> transit IP            (client)
+# - magic_rev: (family, transit IP)       -> magic IP              (client)
 # - transit:   (family, peer overlay, T)  -> real IP + app id      (connector)
+# - real_rev:  (family, peer overlay, R)  -> T + how many T map to R (connector)
+#   The two reverse maps let a return packet re-create its flow after a
+#   restart (the side that restarted lost its flow table, not its mappings);
+#   each is kept in step with its forward map under the same lock.
+# - local:     this node's own overlay addresses: what the overlay may reach
+#   without translation, and the only untranslated sources sent to it.
 # - peers:     peer id                    -> endpoint + overlay addresses
 # - endpoints: (family, endpoint, port)   -> peer id  (who sent this datagram?)
 # - magic / transit ranges: tell "ours but unmapped" from "not our traffic"
@@ -31,6 +38,7 @@ cdef enum:
     TB_NOT_OURS = 0             # tb_magic / tb_transit: outside every range
     TB_HIT = 1                  # mapped; result copied out
     TB_UNMAPPED = 2             # inside a magic / transit range but not mapped
+    TB_AMBIGUOUS = 3            # tb_return_transit: several transit IPs map to that address
 
 cdef enum:
     TB_IN_OK = 0                # tb_check_inbound: known peer, inner source is its
@@ -40,6 +48,11 @@ cdef enum:
 cdef enum:
     TB_MAX_OVERLAY = 8          # overlay addresses per peer
     TB_MAX_SLOTS = 1 << 30
+    TB_MAX_LOCAL = 8            # own overlay addresses
+
+cdef enum:
+    TB_REV_STALE = 0x80000000   # real_rev: the remembered T was removed while others remain
+    TB_REV_COUNT = 0x7FFFFFFF
 
 cdef enum:
     TB_USED = 0x80000000        # TbSlot.hash of a used slot has it; 0 is an empty slot
@@ -89,12 +102,17 @@ cdef struct TablesC:
     TbMap routes
     TbMap magic
     TbMap transit
+    TbMap magic_rev
+    TbMap real_rev
     TbMap peers
     TbMap endpoints
     TbRange *magic_ranges
     uint32_t n_magic_ranges
     TbRange *transit_ranges
     uint32_t n_transit_ranges
+    uint8_t local_family[<int>TB_MAX_LOCAL]
+    uint8_t local_addr[<int>TB_MAX_LOCAL][16]
+    uint32_t n_local
 
 
 # ---- open-addressing map (lock held) ----------------------------------------
@@ -259,6 +277,63 @@ cdef void _tb_del_routes_to(TablesC *t, uint32_t peer) noexcept nogil:
             _tb_erase_at(m, i)
 
 
+cdef void _tb_free_maps(TablesC *t) noexcept nogil:
+    _tb_map_free(&t.routes)
+    _tb_map_free(&t.magic)
+    _tb_map_free(&t.transit)
+    _tb_map_free(&t.magic_rev)
+    _tb_map_free(&t.real_rev)
+    _tb_map_free(&t.peers)
+    _tb_map_free(&t.endpoints)
+
+
+cdef bint _tb_local_locked(TablesC *t, uint8_t family, const uint8_t *addr) noexcept nogil:
+    cdef int alen = 4 if family == 4 else 16
+    cdef uint32_t i
+    for i in range(t.n_local):
+        if t.local_family[i] == family and memcmp(t.local_addr[i], addr, alen) == 0:
+            return True
+    return False
+
+
+cdef void _tb_rev_add(TablesC *t, uint8_t family, const uint8_t *peer_addr,
+                      const uint8_t *real, const uint8_t *transit) noexcept nogil:
+    """real_rev: one more transit IP of peer_addr maps to `real` (room reserved)."""
+    cdef TbKey k
+    cdef TbVal v
+    _tb_key(&k, family, peer_addr, real, 0)
+    cdef TbSlot *s = _tb_find(&t.real_rev, &k, t.seed)
+    if s != NULL:
+        # The newest transit IP is remembered; with two or more the entry is
+        # ambiguous anyway, and it stays so until the count is back to one.
+        s.val.u32 = (s.val.u32 & TB_REV_COUNT) + 1
+        memcpy(s.val.addr, transit, 16)
+        return
+    memset(&v, 0, sizeof(TbVal))
+    memcpy(v.addr, transit, 16)
+    v.u32 = 1
+    _tb_put(&t.real_rev, &k, &v, t.seed, NULL)
+
+
+cdef void _tb_rev_drop(TablesC *t, uint8_t family, const uint8_t *peer_addr,
+                       const uint8_t *real, const uint8_t *transit) noexcept nogil:
+    """real_rev: the mapping (peer_addr, transit) -> real is gone."""
+    cdef TbKey k
+    _tb_key(&k, family, peer_addr, real, 0)
+    cdef TbSlot *s = _tb_find(&t.real_rev, &k, t.seed)
+    if s == NULL:
+        return
+    cdef uint32_t n = s.val.u32 & TB_REV_COUNT
+    if n <= 1:
+        _tb_erase_at(&t.real_rev, <uint32_t>(s - t.real_rev.slots))
+        return
+    # Which transit IP remains is not known without a scan of the transit
+    # map: the entry says "stale" and return packets are not matched by it.
+    s.val.u32 = (n - 1) | (s.val.u32 & TB_REV_STALE)
+    if memcmp(s.val.addr, transit, 16) == 0:
+        s.val.u32 |= TB_REV_STALE
+
+
 # ---- C API ------------------------------------------------------------------
 
 cdef TablesC *tb_new(uint64_t seed) noexcept nogil:
@@ -269,13 +344,10 @@ cdef TablesC *tb_new(uint64_t seed) noexcept nogil:
     memset(t, 0, sizeof(TablesC))
     t.seed = seed
     if (_tb_map_init(&t.routes, 64) < 0 or _tb_map_init(&t.magic, 64) < 0
-            or _tb_map_init(&t.transit, 64) < 0 or _tb_map_init(&t.peers, 16) < 0
+            or _tb_map_init(&t.transit, 64) < 0 or _tb_map_init(&t.magic_rev, 64) < 0
+            or _tb_map_init(&t.real_rev, 64) < 0 or _tb_map_init(&t.peers, 16) < 0
             or _tb_map_init(&t.endpoints, 16) < 0):
-        _tb_map_free(&t.routes)
-        _tb_map_free(&t.magic)
-        _tb_map_free(&t.transit)
-        _tb_map_free(&t.peers)
-        _tb_map_free(&t.endpoints)
+        _tb_free_maps(t)
         free(t)
         return NULL
     pthread_mutex_init(&t.lock, NULL)
@@ -291,11 +363,7 @@ cdef void tb_free(TablesC *t) noexcept nogil:
         if t.peers.slots[i].hash:
             free(_tb_val_ptr(&t.peers.slots[i].val))
     pthread_mutex_destroy(&t.lock)
-    _tb_map_free(&t.routes)
-    _tb_map_free(&t.magic)
-    _tb_map_free(&t.transit)
-    _tb_map_free(&t.peers)
-    _tb_map_free(&t.endpoints)
+    _tb_free_maps(t)
     free(t.magic_ranges)
     free(t.transit_ranges)
     free(t)
@@ -346,6 +414,56 @@ cdef int tb_transit(TablesC *t, uint8_t family, const uint8_t *peer_addr,
         r = TB_HIT
     elif _tb_in_ranges(t.transit_ranges, t.n_transit_ranges, family, transit):
         r = TB_UNMAPPED
+    pthread_mutex_unlock(&t.lock)
+    return r
+
+
+cdef bint tb_is_local(TablesC *t, uint8_t family, const uint8_t *addr) noexcept nogil:
+    """Whether `addr` is one of this node's own overlay addresses."""
+    pthread_mutex_lock(&t.lock)
+    cdef bint r = _tb_local_locked(t, family, addr)
+    pthread_mutex_unlock(&t.lock)
+    return r
+
+
+cdef bint tb_magic_for_transit(TablesC *t, uint8_t family, const uint8_t *transit,
+                               uint8_t *magic_out) noexcept nogil:
+    """Client: the magic IP whose transit IP is `transit` (16 bytes out)."""
+    cdef TbKey k
+    _tb_key(&k, family, transit, NULL, 0)
+    pthread_mutex_lock(&t.lock)
+    cdef TbSlot *s = _tb_find(&t.magic_rev, &k, t.seed)
+    if s != NULL:
+        memcpy(magic_out, s.val.addr, 16)
+    pthread_mutex_unlock(&t.lock)
+    return s != NULL
+
+
+cdef int tb_return_transit(TablesC *t, uint8_t family, const uint8_t *peer_addr,
+                           const uint8_t *real, uint8_t *transit_out,
+                           uint32_t *app_out) noexcept nogil:
+    """Connector: for a return packet from `real` to overlay address
+    `peer_addr`, the one transit IP of that peer mapped to `real`: TB_HIT
+    (transit_out, 16 bytes; app_out), TB_AMBIGUOUS (several, or not known
+    which) or TB_NOT_OURS."""
+    cdef TbKey k
+    cdef TbSlot *s
+    cdef int r = TB_NOT_OURS
+    _tb_key(&k, family, peer_addr, real, 0)
+    pthread_mutex_lock(&t.lock)
+    s = _tb_find(&t.real_rev, &k, t.seed)
+    if s != NULL:
+        if s.val.u32 != 1:
+            r = TB_AMBIGUOUS
+        else:
+            memcpy(transit_out, s.val.addr, 16)
+            _tb_key(&k, family, peer_addr, transit_out, 0)
+            s = _tb_find(&t.transit, &k, t.seed)
+            if s != NULL and memcmp(s.val.addr, real, 4 if family == 4 else 16) == 0:
+                app_out[0] = s.val.u32
+                r = TB_HIT
+            else:  # cannot happen while the maps are kept in step; fail closed
+                r = TB_AMBIGUOUS
     pthread_mutex_unlock(&t.lock)
     return r
 
@@ -426,31 +544,70 @@ cdef int tb_set_route(TablesC *t, uint8_t family, const uint8_t *dst, uint32_t p
     return -1 if r < 0 else 0
 
 
+cdef void _tb_magic_rev_drop(TablesC *t, uint8_t family, const uint8_t *magic,
+                             const uint8_t *transit) noexcept nogil:
+    """magic_rev: forget transit -> magic, if it still names this magic IP."""
+    cdef TbKey k
+    _tb_key(&k, family, transit, NULL, 0)
+    cdef TbSlot *s = _tb_find(&t.magic_rev, &k, t.seed)
+    if s != NULL and memcmp(s.val.addr, magic, 4 if family == 4 else 16) == 0:
+        _tb_erase_at(&t.magic_rev, <uint32_t>(s - t.magic_rev.slots))
+
+
 cdef int tb_set_magic(TablesC *t, uint8_t family, const uint8_t *magic,
                       const uint8_t *transit) noexcept nogil:
-    cdef TbKey k
-    cdef TbVal v
+    cdef TbKey k, kr
+    cdef TbVal v, old
+    cdef TbSlot *s
+    cdef int r = -1
     _tb_key(&k, family, magic, NULL, 0)
+    _tb_key(&kr, family, transit, NULL, 0)
     memset(&v, 0, sizeof(TbVal))
     memcpy(v.addr, transit, 4 if family == 4 else 16)
     pthread_mutex_lock(&t.lock)
-    cdef int r = _tb_put(&t.magic, &k, &v, t.seed, NULL)
+    if _tb_reserve(&t.magic, 1) == 0 and _tb_reserve(&t.magic_rev, 1) == 0:
+        if _tb_put(&t.magic, &k, &v, t.seed, &old) == 1:
+            _tb_magic_rev_drop(t, family, magic, old.addr)
+        memset(&v, 0, sizeof(TbVal))
+        memcpy(v.addr, magic, 4 if family == 4 else 16)
+        _tb_put(&t.magic_rev, &kr, &v, t.seed, NULL)
+        r = 0
     pthread_mutex_unlock(&t.lock)
-    return -1 if r < 0 else 0
+    return r
 
 
 cdef int tb_set_transit(TablesC *t, uint8_t family, const uint8_t *peer_addr,
                         const uint8_t *transit, const uint8_t *real, uint32_t app) noexcept nogil:
     cdef TbKey k
-    cdef TbVal v
+    cdef TbVal v, old
+    cdef int r = -1
+    cdef uint8_t tr16[16]
+    _addr16(tr16, transit, family)
     _tb_key(&k, family, peer_addr, transit, 0)
     memset(&v, 0, sizeof(TbVal))
     memcpy(v.addr, real, 4 if family == 4 else 16)
     v.u32 = app
     pthread_mutex_lock(&t.lock)
-    cdef int r = _tb_put(&t.transit, &k, &v, t.seed, NULL)
+    if _tb_reserve(&t.transit, 1) == 0 and _tb_reserve(&t.real_rev, 1) == 0:
+        if _tb_put(&t.transit, &k, &v, t.seed, &old) == 1:
+            _tb_rev_drop(t, family, peer_addr, old.addr, tr16)
+        _tb_rev_add(t, family, peer_addr, real, tr16)
+        r = 0
     pthread_mutex_unlock(&t.lock)
-    return -1 if r < 0 else 0
+    return r
+
+
+cdef int tb_set_local(TablesC *t, const uint8_t *families, const uint8_t (*addrs)[16],
+                      uint32_t n) noexcept nogil:
+    """Replace this node's own overlay addresses (at most TB_MAX_LOCAL)."""
+    if n > TB_MAX_LOCAL:
+        return -1
+    pthread_mutex_lock(&t.lock)
+    memcpy(t.local_family, families, n)
+    memcpy(t.local_addr, addrs, n * 16)
+    t.n_local = n
+    pthread_mutex_unlock(&t.lock)
+    return 0
 
 
 cdef enum:
@@ -464,11 +621,18 @@ cdef bint tb_del(TablesC *t, int which, uint8_t family, const uint8_t *a,
     """Remove a route (a=dst), magic (a=magic) or transit (a=peer overlay,
     b=transit) entry, `which` being TB_MAP_*; whether it existed."""
     cdef TbKey k
+    cdef TbVal old
+    cdef uint8_t b16[16]
     _tb_key(&k, family, a, b, 0)
     pthread_mutex_lock(&t.lock)
     cdef TbMap *m = &t.routes if which == TB_MAP_ROUTES else (
         &t.magic if which == TB_MAP_MAGIC else &t.transit)
-    cdef bint found = _tb_del(m, &k, t.seed, NULL)
+    cdef bint found = _tb_del(m, &k, t.seed, &old)
+    if found and which == TB_MAP_MAGIC:
+        _tb_magic_rev_drop(t, family, a, old.addr)
+    elif found and which == TB_MAP_TRANSIT:
+        _addr16(b16, b, family)
+        _tb_rev_drop(t, family, a, old.addr, b16)
     pthread_mutex_unlock(&t.lock)
     return found
 
@@ -690,6 +854,16 @@ cdef class Tables:
             r = tb_magic(self.tables, fam, m, tr)
         return (_TB_MAGIC_STATUS[r], _ft_addr_out(tr, fam) if r == TB_HIT else None)
 
+    def magic_for_transit(self, transit: object) -> object:
+        """The magic IP whose transit IP is `transit`, or None."""
+        cdef uint8_t tr[16]
+        cdef uint8_t m[16]
+        cdef uint8_t fam = _ft_addr_in(transit, tr, "transit")
+        cdef bint found
+        with nogil:
+            found = tb_magic_for_transit(self.tables, fam, tr, m)
+        return _ft_addr_out(m, fam) if found else None
+
     def set_magic_ranges(self, ranges: object) -> None:
         """Replace the magic ranges (see _tb_range_in for the accepted forms)."""
         self._set_ranges(False, ranges)
@@ -742,6 +916,24 @@ cdef class Tables:
             return ("hit", _ft_addr_out(rl, fam), a)
         return (_TB_TRANSIT_STATUS[r], None, None)
 
+    def lookup_return(self, peer_addr: object, real: object) -> tuple:
+        """For a return packet from `real` to `peer_addr`: ('hit', transit, app)
+        when exactly one of that peer's transit IPs maps to `real`,
+        ('ambiguous', None, None) when several do, else ('not_ours', None, None)."""
+        cdef uint8_t pa[16]
+        cdef uint8_t rl[16]
+        cdef uint8_t tr[16]
+        cdef uint8_t fam = _ft_addr_in(peer_addr, pa, "peer address")
+        if _ft_addr_in(real, rl, "real") != fam:
+            raise ValueError("lookup_return: peer address and real are of different families")
+        cdef uint32_t a
+        cdef int r
+        with nogil:
+            r = tb_return_transit(self.tables, fam, pa, rl, tr, &a)
+        if r == TB_HIT:
+            return ("hit", _ft_addr_out(tr, fam), a)
+        return ("ambiguous" if r == TB_AMBIGUOUS else "not_ours", None, None)
+
     def set_transit_ranges(self, ranges: object) -> None:
         """Replace the transit ranges (see _tb_range_in for the accepted forms)."""
         self._set_ranges(True, ranges)
@@ -763,6 +955,31 @@ cdef class Tables:
         with nogil:
             old = tb_swap_ranges(self.tables, transit, arr, n, &old_n)
         free(old)
+
+    # this node
+
+    def set_local(self, addresses: object) -> None:
+        """Replace this node's own overlay addresses (at most 8): the only
+        destinations the overlay reaches untranslated, and the only sources
+        of untranslated packets sent to it."""
+        items = list(addresses)
+        if len(items) > TB_MAX_LOCAL:
+            raise ValueError(f"set_local: at most {TB_MAX_LOCAL} addresses, got {len(items)}")
+        cdef uint8_t fams[<int>TB_MAX_LOCAL]
+        cdef uint8_t addrs[<int>TB_MAX_LOCAL][16]
+        cdef uint32_t i, n = len(items)
+        for i in range(n):
+            fams[i] = _ft_addr_in(items[i], addrs[i], "local address")
+        with nogil:
+            tb_set_local(self.tables, fams, addrs, n)
+
+    def is_local(self, addr: object) -> bool:
+        cdef uint8_t a[16]
+        cdef uint8_t fam = _ft_addr_in(addr, a, "address")
+        cdef bint r
+        with nogil:
+            r = tb_is_local(self.tables, fam, a)
+        return r
 
     # peers and anti-spoofing
 
@@ -874,7 +1091,7 @@ cdef class Tables:
     def stats(self) -> dict:
         """Entry counts per table."""
         cdef TablesC *t = self.tables
-        cdef uint32_t c[7]
+        cdef uint32_t c[10]
         with nogil:
             pthread_mutex_lock(&t.lock)
             c[0] = t.routes.count
@@ -884,15 +1101,19 @@ cdef class Tables:
             c[4] = t.endpoints.count
             c[5] = t.n_magic_ranges
             c[6] = t.n_transit_ranges
+            c[7] = t.magic_rev.count
+            c[8] = t.real_rev.count
+            c[9] = t.n_local
             pthread_mutex_unlock(&t.lock)
         return {"routes": c[0], "magic": c[1], "transit": c[2], "peers": c[3],
-                "endpoints": c[4], "magic_ranges": c[5], "transit_ranges": c[6]}
+                "endpoints": c[4], "magic_ranges": c[5], "transit_ranges": c[6],
+                "magic_rev": c[7], "real_rev": c[8], "local": c[9]}
 
     def memory(self) -> dict:
         """Slots allocated per map, and the bytes of one slot (the C memory is
         about their product; a slot array's pages are resident once touched)."""
         cdef TablesC *t = self.tables
-        cdef uint32_t c[5]
+        cdef uint32_t c[7]
         with nogil:
             pthread_mutex_lock(&t.lock)
             c[0] = t.routes.mask + 1
@@ -900,6 +1121,9 @@ cdef class Tables:
             c[2] = t.transit.mask + 1
             c[3] = t.peers.mask + 1
             c[4] = t.endpoints.mask + 1
+            c[5] = t.magic_rev.mask + 1
+            c[6] = t.real_rev.mask + 1
             pthread_mutex_unlock(&t.lock)
         return {"slot_bytes": sizeof(TbSlot), "routes_slots": c[0], "magic_slots": c[1],
-                "transit_slots": c[2], "peers_slots": c[3], "endpoints_slots": c[4]}
+                "transit_slots": c[2], "peers_slots": c[3], "endpoints_slots": c[4],
+                "magic_rev_slots": c[5], "real_rev_slots": c[6]}

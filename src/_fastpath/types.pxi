@@ -5,6 +5,7 @@
 # tables can hash and compare keys with memcmp.
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memcpy, memset
 from posix.mman cimport MAP_ANONYMOUS, MAP_FAILED, MAP_PRIVATE, PROT_READ, PROT_WRITE, mmap, munmap
 
 
@@ -16,6 +17,12 @@ cdef struct FlowKey:
     uint8_t family      # 4 or 6
     uint8_t proto       # IPPROTO_TCP 6, UDP 17, ICMP 1, ICMPV6 58
     uint8_t _pad[2]     # zeroed, so memcmp/hash over the struct is stable
+
+
+cdef inline void _addr16(uint8_t *out, const uint8_t *a, uint8_t family) noexcept nogil:
+    """An address of `family` as the 16-byte form above."""
+    memset(out, 0, 16)
+    memcpy(out, a, 4 if family == 4 else 16)
 
 
 # Atomic accesses for the few fields one thread reads while another writes

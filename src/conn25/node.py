@@ -260,6 +260,7 @@ class Node:
     def _install_tables(self) -> None:
         """Peers, ranges and restored assignments into the datapath's tables."""
         tables = self.datapath.tables
+        tables.set_local(list(self.config.node.addresses))
         for peer in self._peers():
             host, port = peer.endpoint
             tables.set_peer(self.peer_id(peer.name), ipaddress.ip_address(host), port,
