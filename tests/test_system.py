@@ -80,6 +80,13 @@ for line in sys.stdin:
                 p = os.read(s.fd, 65535)
                 if (p[0] >> 4 == 4 and p[9] == 17) or (p[0] >> 4 == 6 and p[6] == 17):
                     value = p.hex()
+        elif op == "pending":
+            # How many UDP packets wait in the TUN now (without waiting for more;
+            # the kernel's own IPv6 neighbour discovery is not counted).
+            value = 0
+            while select.select([s.fd], [], [], 0)[0]:
+                p = os.read(s.fd, 65535)
+                value += (p[0] >> 4 == 4 and p[9] == 17) or (p[0] >> 4 == 6 and p[6] == 17)
         reply = {"ok": True, "value": value}
     except Exception as e:
         reply = {"ok": False, "error": f"{type(e).__name__}: {e}"}
@@ -339,6 +346,42 @@ def test_connector_forwards_and_masquerades_then_restores_everything(ns, interne
 
     d.call("close")
     assert (read(ns, FWD4), read(ns, FWD6)) == ("0", "0")
+    assert_nothing_left(ns)
+
+
+def nft_drops_into_tun(ns: Netns) -> int:
+    """Packets our table dropped on their way into the TUN."""
+    table = json.loads(ns.run("nft", "-j", "list", "table", "inet", "conn25d_conn25").stdout)
+    total = 0
+    for item in table["nftables"]:
+        expr = item.get("rule", {}).get("expr", [])
+        if any(e.get("match", {}).get("left", {}).get("meta", {}).get("key") == "oifname"
+               for e in expr) and any("drop" in e for e in expr):
+            total += sum(e["counter"]["packets"] for e in expr if "counter" in e)
+    return total
+
+
+@root_test
+def test_connector_table_lets_nothing_from_outside_into_the_tun(ns, internet):
+    """Second belt: a host on the egress network cannot route packets into the tailnet
+    through the connector, not even with a source the connector has translated for."""
+    d = Driver(ns)
+    open_default(d)
+    d.call("connector")
+    internet.run("ip", "route", "add", "100.64.0.0/10", "via", EGRESS4)
+    internet.run("ip", "-6", "route", "add", "fd7a:115c:a1e0::/48", "via", EGRESS6)
+    assert d.call("pending") == 0
+    send = ("import socket, sys\n"
+            "for a, f in ((sys.argv[1], socket.AF_INET), (sys.argv[2], socket.AF_INET6)):\n"
+            "    s = socket.socket(f, socket.SOCK_DGRAM)\n"
+            "    for _ in range(20): s.sendto(b'forged', (a, 9999))\n")
+    internet.run(sys.executable, "-c", send, PEER4, PEER6, check=True)
+    wait_for(lambda: nft_drops_into_tun(ns) >= 40, 10, "the table to drop 40 packets")
+    assert d.call("pending") == 0
+    # a masqueraded connection's replies still come back in
+    reply = IP(bytes.fromhex(d.call("echo", packet=udp_packet(PEER4, SERVER4))))
+    assert (reply.src, reply.dst) == (SERVER4, PEER4)
+    d.call("close")
     assert_nothing_left(ns)
 
 

@@ -27,6 +27,11 @@ Two nodes in one namespace share these sysctls: the first to stop restores them.
 Our routes carry the protocol number :data:`RT_PROTO` (``ip route ... proto
 25``) so that a dump finds exactly ours. We add no ``ip rule``.
 
+Filtering of our own: the table's forward chain lets into the TUN only the
+replies of connections it masqueraded, and out of the TUN only
+original-direction traffic that leaves through another interface; the rest is
+counted and dropped (``nft list table inet conn25d_<tun>`` shows the counts).
+
 Masquerade: older kernels do not tell the postrouting hook the input interface
 of a forwarded packet, so the forward chain sets one bit of the packet mark on
 packets that came in on the TUN and leave through another interface, and
@@ -173,13 +178,22 @@ def _remove_table(nft: str, table: str, what: str) -> None:
 
 
 def _ruleset(tun: str, table: str, mark: int) -> str:
+    # The second belt behind the datapath's own rules: a connector is not a
+    # router. Into the TUN from elsewhere pass only the replies of
+    # connections this node masqueraded, that is of flows the datapath
+    # translated (the datapath re-creates a lost flow from such a reply, so
+    # nothing else may reach it); out of the TUN only original-direction
+    # traffic, masqueraded, and never back into the TUN.
     return f"""\
 table inet {table}
 delete table inet {table}
 table inet {table} {{
     chain forward {{
         type filter hook forward priority filter; policy accept;
-        iifname "{tun}" oifname != "{tun}" meta mark set meta mark | {mark:#x}
+        oifname "{tun}" iifname != "{tun}" ct direction reply ct status snat accept
+        oifname "{tun}" counter drop
+        iifname "{tun}" ct direction original meta mark set meta mark | {mark:#x} accept
+        iifname "{tun}" counter drop
     }}
     chain postrouting {{
         type nat hook postrouting priority srcnat; policy accept;
