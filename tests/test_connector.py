@@ -560,6 +560,57 @@ def test_reconfigure_to_unconfigured_drops_everything(table):
     assert table.resolutions == 0
 
 
+# -- persistence: mappings survive a restart (flows in flight come back) --------
+
+
+def test_snapshot_and_restore_keep_mappings_and_their_age(table):
+    table.handle_request(LAPTOP, req(item(T4[0], D4[0]), item(T6[0], D6[0])), 10.0)
+    table.handle_request(PHONE, req(item(T4[0], D4[0], "GitLab")), 20.0)
+    table.handle_request(LAPTOP, req(item(T4[1], D4[2])), 30.0)
+    fresh = ConnectorTable(node_config())  # no resolution records: restored ones need none
+    lines: list[str] = []
+    restored = fresh.restore(table.snapshot(), 40.0, lines.append)
+    assert lines == [] and len(fresh) == len(table) == 4
+    assert {(m.peer_name, str(m.transit), str(m.destination), m.app, m.registered)
+            for m in restored} == {
+        ("laptop", str(T4[0]), str(D4[0]), "GitHub", 10.0),
+        ("laptop", str(T6[0]), str(D6[0]), "GitHub", 10.0),
+        ("phone", str(T4[0]), str(D4[0]), "GitLab", 20.0),
+        ("laptop", str(T4[1]), str(D4[2]), "GitHub", 30.0)}
+    assert msgspec.to_builtins(fresh.state()) == msgspec.to_builtins(table.state())
+    # the saved registration time still rules expiry: the first ones go first
+    swept = fresh.sweep(10.0 + MAPPING_LIFETIME + 1, 100)
+    assert sorted(str(m.transit) for m in swept) == sorted([str(T4[0]), str(T6[0])])
+
+
+def test_restore_drops_what_the_configuration_no_longer_allows(table):
+    table.handle_request(LAPTOP, req(item(T4[0], D4[0])), 0.0)
+    table.handle_request(PHONE, req(item(T4[0], D4[0], "GitLab")), 0.0)
+    table.handle_request(PHONE, req(item(T4[1], D4[1])), 0.0)
+    lines: list[str] = []
+    fresh = ConnectorTable(node_config(denied=frozenset({"laptop"}), apps=(GITHUB,)))
+    restored = fresh.restore(table.snapshot(), 1.0, lines.append)
+    assert [(m.peer_name, m.app) for m in restored] == [("phone", "GitHub")]
+    assert len(lines) == 2
+    assert any("peer=laptop" in ln and "not allowed" in ln for ln in lines), lines
+    assert any("app=GitLab" in ln and "not served" in ln for ln in lines), lines
+
+
+def test_restore_leaves_expired_mappings_out_and_refuses_garbage(table):
+    table.handle_request(LAPTOP, req(item(T4[0], D4[0])), 0.0)
+    fresh = ConnectorTable(node_config())
+    assert fresh.restore(table.snapshot(), MAPPING_LIFETIME + 1, print) == []
+    for bad in (b"{", b'[["100.64.0.1", "x", "203.0.113.1", "GitHub", 0, "laptop"]]', b"{}"):
+        with pytest.raises(ValueError, match="bad connector snapshot"):
+            fresh.restore(bad, 0.0, print)
+    assert len(fresh) == 0
+    # a hand-edited file: a destination that is a node's own address, mixed families
+    lines: list[str] = []
+    doc = (b'[["100.64.0.1", "169.254.128.1", "100.64.0.3", "GitHub", 0, "laptop"],'
+           b' ["100.64.0.1", "169.254.128.2", "2001:db8::1", "GitHub", 0, "laptop"]]')
+    assert fresh.restore(doc, 1.0, lines.append) == [] and len(lines) == 2
+
+
 # -- state (B58, connector view) -------------------------------------------------
 
 

@@ -35,7 +35,7 @@ import heapq
 import ipaddress
 import itertools
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import msgspec
 
@@ -126,6 +126,15 @@ class _PeerMappings:
 
 
 # The state view (`conn25d status`): text fields so that it encodes as JSON.
+
+
+class _SavedMapping(msgspec.Struct, array_like=True):
+    peer: str
+    transit: str
+    destination: str
+    app: str
+    registered: float
+    peer_name: str
 
 
 class MappingView(msgspec.Struct):
@@ -502,31 +511,83 @@ class ConnectorTable:
         """
         self._set_config(cfg)
         allowed: dict[str, bool] = {}
-
-        def keep(m: Mapping) -> bool:
-            node = cfg.peer_by_address(m.peer)
-            if (
-                m.app not in self._own
-                or node is None
-                or node.name != m.peer_name
-                or node.address(m.peer.version) != m.peer
-                or not cfg.tailnet.pools_for(node).is_transit(m.transit)
-            ):
-                return False
-            if node.name not in allowed:
-                allowed[node.name] = cfg.may_use_apps(node)
-            return allowed[node.name]
-
         gone = [
             (table, transit)
             for table in self._peers.values()
             for transit, value in table.maps.items()
-            if not keep(self._mapping(table, transit, value))
+            if self._refusal(self._mapping(table, transit, value), allowed) is not None
         ]
         removed = [self._remove(table, transit) for table, transit in gone]
         for app in [a for a in self._resolved if a not in self._own]:
             del self._resolved[app], self._resolved_heaps[app]
         return removed
+
+    def _refusal(self, m: Mapping, allowed: dict[str, bool]) -> str | None:
+        """Why the current configuration no longer allows mapping ``m``, or None.
+        ``allowed`` caches the permission per peer name across calls."""
+        cfg = self._cfg
+        node = cfg.peer_by_address(m.peer)
+        if m.app not in self._own:
+            return f"app {m.app!r} is not served here"
+        if node is None or node.name != m.peer_name or node.address(m.peer.version) != m.peer:
+            return f"peer {m.peer_name} does not have the address {m.peer}"
+        if not cfg.tailnet.pools_for(node).is_transit(m.transit):
+            return f"transit IP {m.transit} is outside {node.name}'s transit IP pools"
+        if node.name not in allowed:
+            allowed[node.name] = cfg.may_use_apps(node)
+        if not allowed[node.name]:
+            return MISSING_PERMISSION_MESSAGE
+        return self._unusable(m.destination)
+
+    # -- persistence -------------------------------------------------------------
+
+    def snapshot(self) -> bytes:
+        """Every mapping as JSON, for :meth:`restore` after a restart."""
+        return msgspec.json.encode([
+            _SavedMapping(str(m.peer), str(m.transit), str(m.destination), m.app,
+                          m.registered, m.peer_name)
+            for m in self._mappings()
+        ])
+
+    def restore(
+        self, data: bytes, now: float, report: Callable[[str], object]
+    ) -> list[Mapping]:
+        """Load a :meth:`snapshot` taken before a restart, so that the flows in
+        flight through this connector come back with their next packet; returns
+        the mappings restored (for the datapath).
+
+        Mappings past their lifetime are left out silently; those the current
+        configuration does not allow are left out with one ``report`` line
+        each. ValueError on a snapshot that cannot be read (nothing changed).
+        """
+        try:
+            saved = msgspec.json.decode(data, type=list[_SavedMapping])
+            rows = [
+                Mapping(ipaddress.ip_address(r.peer), ipaddress.ip_address(r.transit),
+                        ipaddress.ip_address(r.destination), r.app, r.registered, r.peer_name)
+                for r in saved
+            ]
+        except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as e:
+            raise ValueError(f"bad connector snapshot: {e}") from None
+        allowed: dict[str, bool] = {}
+        out: list[Mapping] = []
+        for m in sorted(rows, key=lambda m: m.registered):  # each peer's oldest first
+            if now - m.registered > MAPPING_LIFETIME:
+                continue
+            why = (FAMILY_MISMATCH_MESSAGE
+                   if not m.peer.version == m.transit.version == m.destination.version
+                   else self._refusal(m, allowed))
+            if why is None and self.lookup(m.peer, m.transit) is not None:
+                why = "transit IP saved twice for this peer"
+            if why is not None:
+                report(f"dropping saved mapping peer={m.peer_name} transit={m.transit} -> "
+                       f"{m.destination} app={m.app}: {why}")
+                continue
+            node = self._cfg.peer_by_address(m.peer)
+            assert node is not None  # _refusal checked it
+            item = TransitIPRequest(str(m.transit), str(m.destination), m.app)
+            out.append(self._store(node, item, m.registered, _float_bits(m.registered)))
+        return out
 
     # -- state ------------------------------------------------------------------
 

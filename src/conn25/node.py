@@ -45,6 +45,7 @@ log = logging.getLogger("conn25d")
 PEERAPI_PORT = 41642
 SOCKET_NAME = "conn25d.sock"
 ASSIGNMENTS_FILE = "assignments.json"
+CONNECTOR_FILE = "connector.json"
 SWEEP_INTERVAL = 5.0
 RELOAD_POLL = 1.0
 # /metrics values that are levels, not counts.
@@ -113,6 +114,7 @@ class Node:
             self.datapath.tables.set_transit(m.peer, m.transit, m.destination, self.app_id(m.app))
             log.info("mapped app=%s peer=%s transit=%s -> %s", m.app, m.peer_name, m.transit,
                      m.destination)
+        self._dirty.set()
 
     def assignments_changed(self) -> None:
         self._dirty.set()
@@ -167,6 +169,7 @@ class Node:
                                 blocker, opts.tun_name)
             sock = self._bind_underlay()
             self._install_tables()
+            self._restore_connector()
             self.datapath.start(tun_fd, sock)
             async with trio.open_nursery() as nursery:
                 for addr in node.addresses:
@@ -314,6 +317,7 @@ class Node:
             if self.connector is not None:
                 for m in self.connector.sweep(now, 1000):
                     tables.del_transit(m.peer, m.transit)
+                    self._dirty.set()
             self.datapath.sweep(monotonic_ms(), 1000)
 
     def _forget(self, a: Assignment) -> None:
@@ -365,6 +369,7 @@ class Node:
         if self.connector is not None:
             for m in self.connector.reconfigure(cfg):
                 self.datapath.tables.del_transit(m.peer, m.transit)
+                self._dirty.set()
         for name in old_peers - {n.name for n in self._peers()}:
             self.datapath.tables.del_peer(self.peer_id(name))
         self._install_tables()
@@ -392,16 +397,45 @@ class Node:
             return
         log.info("restored %d assignments from %s", n, path)
 
+    def _restore_connector(self) -> None:
+        """The mappings of the last run, so that flows in flight through this
+        connector come back with their next packet after a restart."""
+        path = self.options.state_path / CONNECTOR_FILE
+        if self.connector is None:
+            path.unlink(missing_ok=True)  # no longer a connector: stale
+            return
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return
+        try:
+            restored = self.connector.restore(data, self.now(), log.warning)
+        except ValueError as e:
+            bad = path.with_suffix(".bad")
+            with contextlib.suppress(OSError):
+                path.rename(bad)
+            log.error("ignoring saved connector mappings (%s); moved to %s", e, bad)
+            return
+        tables = self.datapath.tables
+        for m in restored:
+            tables.set_transit(m.peer, m.transit, m.destination, self.app_id(m.app))
+        log.info("restored %d connector mappings from %s", len(restored), path)
+
     def _save_assignments(self) -> None:
+        """Assignments and, on a connector, its mappings, to the state dir."""
         if not hasattr(self, "assignments"):
             return
-        path = self.options.state_path / ASSIGNMENTS_FILE
-        tmp = path.with_suffix(".tmp")
-        try:
-            tmp.write_bytes(self.assignments.snapshot())
-            tmp.replace(path)
-        except OSError as e:
-            log.error("cannot save assignments to %s: %s", path, e)
+        files = [(ASSIGNMENTS_FILE, self.assignments.snapshot)]
+        if self.connector is not None:
+            files.append((CONNECTOR_FILE, self.connector.snapshot))
+        for name, snapshot in files:
+            path = self.options.state_path / name
+            tmp = path.with_suffix(".tmp")
+            try:
+                tmp.write_bytes(snapshot())
+                tmp.replace(path)
+            except OSError as e:
+                log.error("cannot save %s: %s", path, e)
 
 
 async def serve(options: NodeOptions,
