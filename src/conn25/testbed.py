@@ -24,12 +24,23 @@ from pathlib import Path
 from .netns import Netns, sh, terminate, wait_for
 
 WEB4, WEB6, DNS4 = "198.51.100.10", "2001:db8:100::10", "198.51.100.53"
+# A second address of the web server that only one name resolves to: a connector
+# maps it to one transit IP per client, so its return packets name their flow.
+SOLO4 = "198.51.100.11"
 APP_TAG = "tag:example-connector"
 
 WEB_SERVER = r"""
 import http.server, socket, sys
 class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
+        if self.path.startswith("/bytes/"):  # a download of that many bytes
+            n = int(self.path[7:])
+            self.send_response(200)
+            self.send_header("Content-Length", str(n))
+            self.end_headers()
+            while n > 0:
+                n -= self.wfile.write(bytes(min(n, 65536)))
+            return
         body = ("you came from " + self.client_address[0].removeprefix("::ffff:") + "\n").encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
@@ -55,6 +66,7 @@ DNS_RECORDS = (
     "--cname=edge.example.net,cdn.example.net",
     f"--address=/wild.example.com/{WEB4}", f"--address=/wild.example.com/{WEB6}",
     f"--host-record=direct.example.net,{WEB4},{WEB6}",
+    f"--host-record=solo.example.com,{SOLO4}",
 )
 
 
@@ -142,7 +154,7 @@ class Testbed:
         inet = self.ns["inet"] = Netns("inet")
         inet.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
         inet.run("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
-        for addr in (f"{WEB4}/32", f"{DNS4}/32", f"{WEB6}/128"):
+        for addr in (f"{WEB4}/32", f"{SOLO4}/32", f"{DNS4}/32", f"{WEB6}/128"):
             inet.run("ip", "addr", "add", addr, "dev", "lo")
         for spec in self.specs.values():
             ns = self.ns[spec.name] = Netns(spec.name)

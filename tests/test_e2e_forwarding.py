@@ -1,0 +1,209 @@
+"""What a node forwards, tried as an attacker would, and flows across restarts.
+
+In namespaces this module creates (conn25.testbed): a connector is not a router
+for tailnet members, nothing from the internet enters the tailnet through it, a
+node's DNS server answers no other node, and a download in flight completes
+across a SIGKILL and restart of the client and of the connector. Crafted
+overlay datagrams are sent from a node's own underlay endpoint while its
+conn25d is stopped (the endpoint is its identity on the overlay).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conn25.netns import need_root, wait_for
+from conn25.testbed import DEFAULT_NODES, SOLO4, WEB4, Testbed
+
+pytestmark = [pytest.mark.root, pytest.mark.skipif(need_root() is not None,
+                                                   reason=str(need_root()))]
+
+SPEC = {n.name: n for n in DEFAULT_NODES}
+CONN1, CLIENT = SPEC["conn1"], SPEC["client"]
+SIZE = 4_000_000
+
+
+@pytest.fixture(scope="module")
+def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Testbed]:
+    tb = Testbed(tmp_path_factory.mktemp("forwarding"))
+    try:
+        for name in ("conn1", "client"):
+            tb.start(name)
+        yield tb
+    finally:
+        logs = {n: tb.log(n)[-4000:] for n in tb.specs}
+        tb.close()
+        for ns in tb.ns.values():
+            assert not ns.exists(), f"{ns} left behind"
+        print("\n".join(f"--- {n}\n{text}" for n, text in logs.items()))
+
+
+# Counts UDP datagrams on addr:port until its stdin closes; prints "ready" first, the
+# count last.
+COUNTER = """
+import select, socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], int(sys.argv[2])))
+print("ready", flush=True)
+n = 0
+while True:
+    r, _, _ = select.select([s, sys.stdin], [], [])
+    if s in r:
+        s.recv(65535)
+        n += 1
+    if sys.stdin in r and not sys.stdin.readline():
+        break
+print(n, flush=True)
+"""
+
+
+class Counter:
+    """A UDP counter in a namespace of the testbed (stopped by close())."""
+
+    def __init__(self, bed: Testbed, ns: str, addr: str, port: int) -> None:
+        self.proc = bed.ns[ns].popen(sys.executable, "-c", COUNTER, addr, str(port),
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout.readline() == "ready\n"
+
+    def close(self) -> int:
+        out, _ = self.proc.communicate("", timeout=10)
+        return int(out.split()[-1])
+
+
+def send_overlay(bed: Testbed, node: str, to: str, packet: str, count: int) -> None:
+    """`count` overlay datagrams holding the scapy `packet` expression, from `node`'s
+    endpoint (its conn25d must be stopped) to node `to`'s endpoint."""
+    src, dst = SPEC[node].endpoint, SPEC[to].endpoint
+    script = textwrap.dedent(f"""
+        import socket
+        from scapy.all import DNS, DNSQR, IP, TCP, UDP
+        inner = bytes({packet})
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(("{src}", 41641))
+        for _ in range({count}):
+            s.sendto(b"\\x01\\x01\\x00\\x00" + inner, ("{dst}", 41641))
+    """)
+    r = bed.run(node, sys.executable, "-c", script, timeout=60)
+    assert r.returncode == 0, r.stderr
+
+
+def datapath(bed: Testbed, node: str) -> dict:
+    doc = bed.status(node)
+    assert doc is not None, f"{node} does not answer"
+    return doc["datapath"]
+
+
+def grew(bed: Testbed, node: str, counter: str, by: int, before: dict) -> None:
+    wait_for(lambda: datapath(bed, node)[counter] >= before[counter] + by, 15,
+             f"{node}'s {counter} to grow by {by}")
+
+
+@pytest.mark.parametrize("attacker", ["blocked", "client"])
+def test_a_member_cannot_use_the_connector_as_a_router(bed, attacker):
+    """Raw overlay packets to an internet host that no app resolved, from a node the
+    policy refuses every app and from an allowed client: none leaves the connector."""
+    counter = Counter(bed, "inet", WEB4, 9999)
+    before = datapath(bed, "conn1")
+    if attacker == "client":
+        bed.stop("client")
+    try:
+        me = SPEC[attacker].overlay4
+        send_overlay(bed, attacker, "conn1",
+                     f'IP(src="{me}", dst="{WEB4}") / UDP(sport=4000, dport=9999) / b"x"', 1000)
+        send_overlay(bed, attacker, "conn1",
+                     f'IP(src="{me}", dst="{WEB4}") / TCP(sport=4000, dport=80, flags="S")', 100)
+        grew(bed, "conn1", "drop_dst_not_allowed", 1100, before)
+    finally:
+        if attacker == "client":
+            bed.start("client")
+    assert counter.close() == 0
+    assert datapath(bed, "conn1")["translated"] == before["translated"]
+
+
+@pytest.mark.parametrize("source", [WEB4, "169.254.128.9"])
+def test_an_internet_host_cannot_send_into_the_tailnet(bed, source):
+    """A host on the connector's egress network routes packets to the client's overlay
+    address via the connector, with a mapped real address or a transit IP as source."""
+    # Make WEB4 a mapped real address of the client first.
+    r = bed.curl("client", "http://example.com/")
+    assert r.returncode == 0, r.stderr
+    counter = Counter(bed, "client", CLIENT.overlay4, 9999)
+    inet = bed.ns["inet"]
+    inet.run("ip", "route", "replace", "100.64.0.0/10", "via", CONN1.link4)
+    nft0 = nft_drops(bed)
+    try:
+        script = textwrap.dedent(f"""
+            from scapy.all import IP, UDP, send
+            send(IP(src="{source}", dst="{CLIENT.overlay4}") / UDP(sport=80, dport=9999)
+                 / b"x", count=200, verbose=0)
+        """)
+        r = bed.run("inet", sys.executable, "-c", script, timeout=60)
+        assert r.returncode == 0, r.stderr
+        wait_for(lambda: nft_drops(bed) >= nft0 + 200, 15, "conn1's table to drop 200 packets")
+    finally:
+        inet.run("ip", "route", "del", "100.64.0.0/10", check=False)
+    assert counter.close() == 0
+
+
+def nft_drops(bed: Testbed) -> int:
+    doc = json.loads(bed.run("conn1", "nft", "-j", "list", "table", "inet",
+                             "conn25d_conn25", check=True).stdout)
+    return sum(e["counter"]["packets"] for item in doc["nftables"]
+               for e in item.get("rule", {}).get("expr", []) if "counter" in e)
+
+
+def test_another_nodes_dns_queries_get_nothing(bed):
+    """A node sends DNS queries to the client's listen address as overlay packets: no
+    answer, no magic IP spent."""
+    def in_use() -> int:
+        return bed.status("client")["client"]["pools"]["v4Magic"]["inUse"]
+
+    used, before = in_use(), datapath(bed, "client")
+    query = ('IP(src="{0}", dst="100.100.100.100") / UDP(sport=5353, dport=53) / '
+             'DNS(rd=1, qd=DNSQR(qname="q{1}.wild.example.com"))')
+    for i in range(20):
+        send_overlay(bed, "peer", "client", query.format(SPEC["peer"].overlay4, i), 1)
+    grew(bed, "client", "drop_dst_not_allowed", 20, before)
+    assert in_use() == used
+
+
+def download(bed: Testbed, host: str, out: Path) -> subprocess.Popen:
+    """A rate-limited download of SIZE bytes through the connector (about 10 s)."""
+    return bed.ns["client"].popen(
+        "curl", "-sS", "-4", "-m", "90", "--limit-rate", "400k", "-o", str(out),
+        "-w", "%{size_download}", f"http://{host}/bytes/{SIZE}",
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("restarted", ["client", "conn1"])
+def test_a_download_in_flight_survives_a_crash_and_restart(bed, restarted, tmp_path):
+    """SIGKILL and restart one end while a 4 MB download runs: it completes. The side
+    that restarted has no flow for the return direction; the return packets re-create it.
+    (solo.example.com resolves to an address of its own, so the connector's mapping
+    names one transit IP; several transit IPs of one client to one address are not told
+    apart, and those flows resume only once the client sends again.)"""
+    out = tmp_path / "download"
+    curl = download(bed, "solo.example.com", out)
+    try:
+        wait_for(lambda: out.exists() and out.stat().st_size >= 1_000_000, 30,
+                 "the first megabyte")
+        bed.stop(restarted, sig=signal.SIGKILL)
+        bed.start(restarted)
+        stdout, stderr = curl.communicate(timeout=90)
+    finally:
+        if curl.poll() is None:
+            curl.kill()
+            curl.wait()
+    assert curl.returncode == 0, stderr
+    assert int(stdout) == SIZE == out.stat().st_size
+    assert datapath(bed, restarted)["flows_from_return"] >= 1
+    if restarted == "conn1":
+        assert SOLO4 in json.dumps(bed.status("conn1")["connector"])
