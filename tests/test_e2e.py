@@ -30,17 +30,9 @@ CONN1, CONN2, CLIENT = SPEC["conn1"], SPEC["conn2"], SPEC["client"]
 
 @pytest.fixture(scope="module")
 def bed(tmp_path_factory):
-    tb = Testbed(tmp_path_factory.mktemp("testbed"))
-    try:
-        for name in ("conn1", "conn2", "peer", "client"):
-            tb.start(name)
+    with Testbed.serving(tmp_path_factory.mktemp("testbed"),
+                         ("conn1", "conn2", "peer", "client")) as tb:
         yield tb
-    finally:
-        logs = {n: tb.log(n)[-4000:] for n in tb.procs}
-        tb.close()
-        for ns in tb.ns.values():
-            assert not ns.exists(), f"{ns} left behind"
-        print("\n".join(f"--- {n}\n{text}" for n, text in logs.items()))
 
 
 def came_from(r: subprocess.CompletedProcess) -> str:

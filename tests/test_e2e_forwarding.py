@@ -33,17 +33,8 @@ SIZE = 4_000_000
 
 @pytest.fixture(scope="module")
 def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Testbed]:
-    tb = Testbed(tmp_path_factory.mktemp("forwarding"))
-    try:
-        for name in ("conn1", "client"):
-            tb.start(name)
+    with Testbed.serving(tmp_path_factory.mktemp("forwarding"), ("conn1", "client")) as tb:
         yield tb
-    finally:
-        logs = {n: tb.log(n)[-4000:] for n in tb.specs}
-        tb.close()
-        for ns in tb.ns.values():
-            assert not ns.exists(), f"{ns} left behind"
-        print("\n".join(f"--- {n}\n{text}" for n, text in logs.items()))
 
 
 # Counts UDP datagrams on addr:port until its stdin closes; prints "ready" first, the

@@ -18,7 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from .netns import Netns, sh, terminate, wait_for
@@ -241,6 +241,23 @@ class Testbed:
             ns.close()
         for etc in self._etc:
             shutil.rmtree(etc, ignore_errors=True)
+
+    @classmethod
+    @contextlib.contextmanager
+    def serving(cls, workdir: Path, names: Iterable[str]) -> Iterator[Testbed]:
+        """A testbed with conn25d running on `names`; on exit everything is removed
+        (checked), and the tail of every node's log is printed for the test report."""
+        tb = cls(workdir)
+        try:
+            for name in names:
+                tb.start(name)
+            yield tb
+        finally:
+            logs = {n: tb.log(n)[-4000:] for n in tb.specs}
+            tb.close()
+            for ns in tb.ns.values():
+                assert not ns.exists(), f"{ns} left behind"
+            print("\n".join(f"--- {n}\n{text}" for n, text in logs.items() if text))
 
     def __enter__(self) -> Testbed:
         return self
