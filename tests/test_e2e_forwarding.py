@@ -11,6 +11,7 @@ conn25d is stopped (the endpoint is its identity on the overlay).
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -166,10 +167,10 @@ def test_another_nodes_dns_queries_get_nothing(bed):
     assert in_use() == used
 
 
-def download(bed: Testbed, host: str, out: Path) -> subprocess.Popen:
-    """A rate-limited download of SIZE bytes through the connector (about 10 s)."""
+def download(bed: Testbed, host: str, out: Path, rate: str) -> subprocess.Popen:
+    """A rate-limited download of SIZE bytes through the connector."""
     return bed.ns["client"].popen(
-        "curl", "-sS", "-4", "-m", "90", "--limit-rate", "400k", "-o", str(out),
+        "curl", "-sS", "-4", "-m", "90", "--limit-rate", rate, "-o", str(out),
         "-w", "%{size_download}", f"http://{host}/bytes/{SIZE}",
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -177,12 +178,11 @@ def download(bed: Testbed, host: str, out: Path) -> subprocess.Popen:
 @pytest.mark.parametrize("restarted", ["client", "conn1"])
 def test_a_download_in_flight_survives_a_crash_and_restart(bed, restarted, tmp_path):
     """SIGKILL and restart one end while a 4 MB download runs: it completes. The side
-    that restarted has no flow for the return direction; the return packets re-create it.
-    (solo.example.com resolves to an address of its own, so the connector's mapping
-    names one transit IP; several transit IPs of one client to one address are not told
-    apart, and those flows resume only once the client sends again.)"""
+    that restarted has no flow for the return direction; the return packets re-create
+    it (solo.example.com resolves to an address of its own, so the connector's mapping
+    names one transit IP)."""
     out = tmp_path / "download"
-    curl = download(bed, "solo.example.com", out)
+    curl = download(bed, "solo.example.com", out, "400k")
     try:
         wait_for(lambda: out.exists() and out.stat().st_size >= 1_000_000, 30,
                  "the first megabyte")
@@ -190,11 +190,41 @@ def test_a_download_in_flight_survives_a_crash_and_restart(bed, restarted, tmp_p
         bed.start(restarted)
         stdout, stderr = curl.communicate(timeout=90)
     finally:
-        if curl.poll() is None:
-            curl.kill()
-            curl.wait()
+        stop(curl)
     assert curl.returncode == 0, stderr
     assert int(stdout) == SIZE == out.stat().st_size
     assert datapath(bed, restarted)["flows_from_return"] >= 1
     if restarted == "conn1":
         assert SOLO4 in json.dumps(bed.status("conn1")["connector"])
+
+
+def test_a_download_whose_address_several_names_share_survives_a_connector_crash(
+        bed, tmp_path):
+    """Several names resolve to WEB4, so the client has several transit IPs mapped to it
+    and a return packet cannot say which: the connector saves such flows (within its
+    5 s sweep) and restores them at start."""
+    for host in ("example.com", "www.example.com", "shared.wild.example.com"):
+        assert bed.curl("client", f"http://{host}/").returncode == 0
+    out = tmp_path / "download"
+    curl = download(bed, "shared.wild.example.com", out, "200k")
+    saved = bed.state_dir("conn1") / "flows.bin"
+    try:
+        wait_for(lambda: out.exists() and out.stat().st_size >= 500_000, 30,
+                 "the first half megabyte")
+        wait_for(lambda: saved.exists() and saved.stat().st_size > 8, 15,
+                 "conn1 to save the flow")
+        bed.stop("conn1", sig=signal.SIGKILL)
+        bed.start("conn1")
+        stdout, stderr = curl.communicate(timeout=90)
+    finally:
+        stop(curl)
+    assert curl.returncode == 0, stderr
+    assert int(stdout) == SIZE == out.stat().st_size
+    m = re.search(r"restored (\d+) connector flows", bed.log("conn1"))
+    assert m and int(m.group(1)) >= 1, bed.log("conn1")[-3000:]
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()

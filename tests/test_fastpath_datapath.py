@@ -374,3 +374,43 @@ def test_reverse_maps_follow_their_forward_maps():
     t.del_transit(c, t1)
     assert t.lookup_return(c, r2) == ("not_ours", None, None)
     assert t.stats()["real_rev"] == 0 and t.stats()["magic_rev"] == 0
+
+
+def test_flows_a_return_packet_cannot_recreate_are_saved_and_restored(connector):
+    """Two transit IPs of the client to one real address: the flows through them are
+    saved; a restarted connector restores them while their mappings stand."""
+    other = "169.254.128.6"
+    connector.tables.set_transit(packed(CLIENT), packed(other), packed(REAL), 3)
+    connector.tables.set_transit(packed(CLIENT), packed("169.254.128.7"), packed("203.0.113.77"), 3)
+    for transit, sport in ((TRANSIT, 40000), (other, 40001), ("169.254.128.7", 40002)):
+        pkt = IP(src=CLIENT, dst=transit) / TCP(sport=sport, dport=443, flags="S")
+        assert connector.process_datagram(dg(pkt), CLIENT_EP, NOW)[0] == "tun"
+    saved = connector.save_flows()
+    # the flow to 203.0.113.77 re-creates itself from its replies: not saved
+    assert len(saved) == 8 + 2 * 64
+
+    def fresh() -> Datapath:
+        dp = Datapath(client=False, connector=True)
+        dp.tables.set_local([packed(CONNECTOR)])
+        dp.tables.set_peer(CLIENT_PEER, packed(CLIENT_EP[0]), CLIENT_EP[1], [packed(CLIENT)])
+        dp.tables.set_transit(packed(CLIENT), packed(TRANSIT), packed(REAL), 3)
+        return dp
+
+    dp = fresh()
+    dp.tables.set_transit(packed(CLIENT), packed(other), packed(REAL), 3)
+    assert dp.restore_flows(saved, NOW) == 2
+    for sport, transit in ((40000, TRANSIT), (40001, other)):
+        reply = IP(src=REAL, dst=CLIENT) / TCP(sport=443, dport=sport, flags="SA")
+        verdict, out, _ = dp.process_from_tun(bytes(reply), NOW + 1)
+        assert verdict == "peer" and IP(out).src == transit
+        assert bytes(IP(out)) == rebuilt(IP(out))
+    # a mapping that changed meanwhile takes its flow with it
+    dp = fresh()
+    dp.tables.set_transit(packed(CLIENT), packed(other), packed("203.0.113.78"), 3)
+    assert dp.restore_flows(saved, NOW) == 1
+    for bad in (b"", b"junk", saved[:-1], b"C25F\x02\x00\x00\x00"):
+        with pytest.raises(ValueError, match="saved-flows"):
+            dp.restore_flows(bad, NOW)
+    assert Datapath(client=True).save_flows() == b""
+    connector.connector_flows.clear()  # removed flows are not saved
+    assert connector.save_flows() == b""

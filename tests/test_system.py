@@ -39,6 +39,7 @@ MAGIC4, MAGIC6 = "100.80.0.0/16", "fd7a:115c:a1e0:ab12::/64"
 EGRESS4, EGRESS6 = "198.51.100.1", "2001:db8:1::1"
 SERVER4, SERVER6 = "198.51.100.10", "2001:db8:1::10"
 FWD4, FWD6 = "/proc/sys/net/ipv4/ip_forward", "/proc/sys/net/ipv6/conf/all/forwarding"
+LIBERAL = "/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal"
 
 # Runs in the namespace: one JSON command per stdin line, one JSON reply per stdout line.
 DRIVER = r"""
@@ -331,8 +332,9 @@ def test_connector_forwards_and_masquerades_then_restores_everything(ns, interne
     d = Driver(ns)
     open_default(d)
     assert (read(ns, FWD4), read(ns, FWD6)) == ("0", "0")
+    ns.run("sysctl", "-qw", "net.netfilter.nf_conntrack_tcp_be_liberal=0")
     d.call("connector")
-    assert (read(ns, FWD4), read(ns, FWD6)) == ("1", "1")
+    assert (read(ns, FWD4), read(ns, FWD6), read(ns, LIBERAL)) == ("1", "1", "1")
     assert ("inet", "conn25d_conn25") in nft_tables(ns)
     d.call("connector")  # twice is harmless
 
@@ -345,7 +347,7 @@ def test_connector_forwards_and_masquerades_then_restores_everything(ns, interne
         assert bytes(reply[UDP].payload).decode() == egress
 
     d.call("close")
-    assert (read(ns, FWD4), read(ns, FWD6)) == ("0", "0")
+    assert (read(ns, FWD4), read(ns, FWD6), read(ns, LIBERAL)) == ("0", "0", "0")
     assert_nothing_left(ns)
 
 

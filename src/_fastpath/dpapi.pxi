@@ -229,6 +229,42 @@ cdef class Datapath:
                 d["events_dropped"] += st["events_dropped"]
         return d
 
+    def save_flows(self) -> bytes:
+        """The connector flows that a return packet could not re-create after a
+        restart (several transit IPs of one client map to their real address),
+        for restore_flows; empty without such flows."""
+        if self.connector_flows is None:
+            return b""
+        cdef uint32_t cap = self.connector_flows.capacity
+        cdef SavedFlow *buf = <SavedFlow *>malloc(<size_t>cap * sizeof(SavedFlow))
+        cdef uint32_t n
+        if buf == NULL:
+            raise MemoryError("Datapath.save_flows")
+        try:
+            with nogil:
+                n = fs_export(&self.core, buf, cap)
+            if n == 0:
+                return b""
+            return FLOWS_MAGIC + (<char *>buf)[:n * sizeof(SavedFlow)]
+        finally:
+            free(buf)
+
+    def restore_flows(self, data: bytes, now_ms: int) -> int:
+        """Install the flows of a save_flows() blob whose mappings still stand
+        (install the mappings first); how many. ValueError if it is not one."""
+        cdef const uint8_t[::1] mv = data
+        cdef Py_ssize_t n = len(data) - len(FLOWS_MAGIC)
+        if n < 0 or data[:len(FLOWS_MAGIC)] != FLOWS_MAGIC or n % sizeof(SavedFlow):
+            raise ValueError("not a saved-flows blob of this version")
+        cdef uint64_t now = now_ms
+        cdef const SavedFlow *recs = <const SavedFlow *>&mv[len(FLOWS_MAGIC)] if n else NULL
+        cdef Py_ssize_t i, count = n // sizeof(SavedFlow)
+        cdef int restored = 0
+        with nogil:
+            for i in range(count):
+                restored += fs_restore_one(&self.core, &recs[i], now)
+        return restored
+
     def sweep(self, now_ms: int, limit: int = 1000) -> int:
         """Expire idle flows of both tables, at most `limit` each; returns how many."""
         n = 0

@@ -273,6 +273,7 @@ cdef inline void _ft_remove(FlowTableC *t, int32_t i, uint8_t reason) noexcept n
     _ft_unlink_key(t, i * 2)
     _ft_unlink_key(t, i * 2 + 1)
     _ft_lru_unlink(t, i)
+    e.key[FT_DIR_FWD].family = 0  # a free entry (fs_export skips it)
     e.next = t.free_head
     t.free_head = i
     t.count -= 1

@@ -46,6 +46,7 @@ PEERAPI_PORT = 41642
 SOCKET_NAME = "conn25d.sock"
 ASSIGNMENTS_FILE = "assignments.json"
 CONNECTOR_FILE = "connector.json"
+FLOWS_FILE = "flows.bin"
 SWEEP_INTERVAL = 5.0
 RELOAD_POLL = 1.0
 # /metrics values that are levels, not counts.
@@ -96,6 +97,7 @@ class Node:
         self._dirty = trio.Event()
         self._reload_requested = trio.Event()
         self._file_stamp: tuple[float, int] | None = None
+        self._saved_flows = b""
         self.counters: dict[str, int] = {"reloads": 0, "reload_errors": 0, "reclaimed": 0}
 
     # -- NodeContext ---------------------------------------------------------
@@ -158,6 +160,7 @@ class Node:
         self.registrar = Registrar(self)
         system = SystemSetup(tun_name=opts.tun_name, mtu=opts.mtu, state_dir=state)
         sock: socket.socket | None = None
+        flows_restored = False  # until then, saving would overwrite the saved flows
         try:
             node = self.config.node
             tun_fd = system.open(list(node.addresses), self._routes(),
@@ -170,6 +173,8 @@ class Node:
             sock = self._bind_underlay()
             self._install_tables()
             self._restore_connector()
+            self._restore_flows()
+            flows_restored = True
             self.datapath.start(tun_fd, sock)
             async with trio.open_nursery() as nursery:
                 for addr in node.addresses:
@@ -196,6 +201,8 @@ class Node:
         finally:
             with trio.CancelScope(shield=True):
                 self.datapath.stop()
+                if flows_restored:
+                    self._save_flows(self.datapath.save_flows())
                 if sock is not None:
                     sock.close()
                 system.close()  # closes the TUN fd too
@@ -319,6 +326,9 @@ class Node:
                     tables.del_transit(m.peer, m.transit)
                     self._dirty.set()
             self.datapath.sweep(monotonic_ms(), 1000)
+            if self.connector is not None:
+                # A connector crash loses at most this interval's flows of this kind.
+                self._save_flows(await trio.to_thread.run_sync(self.datapath.save_flows))
 
     def _forget(self, a: Assignment) -> None:
         """A reclaimed assignment: its magic IP is unassigned again from now on."""
@@ -420,6 +430,41 @@ class Node:
         for m in restored:
             tables.set_transit(m.peer, m.transit, m.destination, self.app_id(m.app))
         log.info("restored %d connector mappings from %s", len(restored), path)
+
+    def _restore_flows(self) -> None:
+        """The connector flows that their return packets cannot re-create
+        (several transit IPs of a client to one real address); after the
+        mappings, which they must match."""
+        path = self.options.state_path / FLOWS_FILE
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return
+        if self.connector is None:
+            path.unlink(missing_ok=True)
+            return
+        try:
+            n = self.datapath.restore_flows(data, monotonic_ms())
+        except ValueError as e:
+            log.error("ignoring saved flows in %s: %s", path, e)
+            return
+        self._saved_flows = data
+        log.info("restored %d connector flows from %s", n, path)
+
+    def _save_flows(self, data: bytes) -> None:
+        if data == self._saved_flows:
+            return
+        path = self.options.state_path / FLOWS_FILE
+        try:
+            if data:
+                tmp = path.with_suffix(".tmp")
+                tmp.write_bytes(data)
+                tmp.replace(path)
+            else:
+                path.unlink(missing_ok=True)
+            self._saved_flows = data
+        except OSError as e:
+            log.error("cannot save %s: %s", path, e)
 
     def _save_assignments(self) -> None:
         """Assignments and, on a connector, its mappings, to the state dir."""

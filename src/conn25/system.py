@@ -13,7 +13,7 @@ What a crash can leave behind, and why it does not block a restart:
   (another node is running).
 * the nftables table (``table inet conn25d_<tun>``) outlives the process; the
   next ``open`` deletes it.
-* the forwarding sysctls stay at 1. With ``state_dir`` set, the values found
+* the forwarding (and conntrack) sysctls stay at 1. With ``state_dir`` set, the values found
   before the first change are kept in a file until restored, so the next run
   still restores the real originals.
 
@@ -81,7 +81,15 @@ MAIN_TABLE = 254
 IPV6_MIN_MTU = 1280
 IN6_ADDR_GEN_MODE_NONE = 1
 IFA_F_NODAD = 0x02
-FORWARD_SYSCTLS = ("net/ipv4/ip_forward", "net/ipv6/conf/all/forwarding")
+# Set to 1 on a connector, the old values kept. Conntrack's TCP window tracking
+# judges some segments of a masqueraded connection out of window (ACKs of data
+# whose earlier ACKs were lost, as when this node restarted in the middle of a
+# download); such a packet is neither un-masqueraded nor let through the table,
+# and the connection stalls or, delivered locally, is reset. Liberal tracking
+# still needs the connection's exact addresses and ports; the end hosts check
+# sequence numbers themselves.
+CONNECTOR_SYSCTLS = ("net/ipv4/ip_forward", "net/ipv6/conf/all/forwarding",
+                     "net/netfilter/nf_conntrack_tcp_be_liberal")
 
 _TUN_NAME = re.compile(r"[A-Za-z0-9_-]{1,15}")
 
@@ -387,7 +395,8 @@ class SystemSetup:
         log.info("connector: forwarding on, masquerade via table inet %s", self.table)
 
     def _enable_forwarding(self) -> None:
-        keys = [k for k in FORWARD_SYSCTLS if _sysctl_path(k).exists()]  # no IPv6: v4 only
+        # No IPv6: v4 only. The conntrack one exists once our table loaded conntrack.
+        keys = [k for k in CONNECTOR_SYSCTLS if _sysctl_path(k).exists()]
         saved = None
         if self._state_file is not None and self._state_file.exists():
             # A crash left forwarding on; the file has what was there before us.
