@@ -544,15 +544,17 @@ async def request(
     timeout: float,
     content_type: str = "application/json",
     max_response: int = MAX_RESPONSE,
+    local_address: str | None = None,
 ) -> tuple[int, bytes]:
-    """One request over a new TCP connection; (status, body).
+    """One request over a new TCP connection (from ``local_address`` when given); (status, body).
 
     Raises HTTPError for a malformed or incomplete response, OSError when
     the connection cannot be made, trio.TooSlowError after ``timeout``
     seconds for the whole exchange.
     """
     authority = _authority(host, port)
-    return await _over(lambda: trio.open_tcp_stream(host, port), authority,
+    return await _over(lambda: trio.open_tcp_stream(host, port, local_address=local_address),
+                       authority,
                        f"http://{authority}{target}", method, target, body, timeout,
                        content_type, max_response)
 

@@ -192,32 +192,34 @@ class RefusalLog:
         self.clock = clock
         self.summary = LogSummary(interval)
         self.counters: Counter[str] = Counter()
-        self._latest: dict[Hashable, str] = {}
+        self._latest: dict[Hashable, tuple[str, int]] = {}  # key -> (detail, level)
 
-    def refuse(self, source: str, reason: str, detail: str, count: int = 1) -> None:
+    def refuse(self, source: str, reason: str, detail: str, count: int = 1,
+               level: int | None = None) -> None:
         """``count`` refusals of kind ``reason`` (a counter name) from ``source``."""
         if count <= 0:
             return
+        level = self.level if level is None else level
         self.counters[reason] += count
         key = (source, reason)
         unlogged = self.summary.note(key, self.clock(), count)
         if unlogged is None:
-            self._latest[key] = detail
+            self._latest[key] = (detail, level)
             if len(self._latest) > self.summary.max_keys:
                 self._latest.pop(next(iter(self._latest)))
             return
         self._latest.pop(key, None)
         if unlogged:
-            self.logger.log(self.level, "refused %s from %s: %s (and %d more like it)",
+            self.logger.log(level, "refused %s from %s: %s (and %d more like it)",
                             reason, source, detail, unlogged)
         else:
-            self.logger.log(self.level, "refused %s from %s: %s", reason, source, detail)
+            self.logger.log(level, "refused %s from %s: %s", reason, source, detail)
 
     def flush(self) -> None:
         """Log the summaries of bursts that ended."""
         interval = self.summary.interval
         for key, n in self.summary.due(self.clock()):
             source, reason = key if isinstance(key, tuple) else (key, "(several reasons)")
-            latest = self._latest.pop(key, "")
-            self.logger.log(self.level, "refused %s from %s: %d more in the last %gs%s",
+            latest, level = self._latest.pop(key, ("", self.level))
+            self.logger.log(level, "refused %s from %s: %d more in the last %gs%s",
                             reason, source, n, interval, f" (latest: {latest})" if latest else "")
