@@ -210,10 +210,10 @@ class RefusalLog:
             return
         self._latest.pop(key, None)
         if unlogged:
-            self.logger.log(level, "refused %s from %s: %s (and %d more like it)",
+            self.logger.log(level, "%s from %s: %s (and %d more like it)",
                             reason, source, detail, unlogged)
         else:
-            self.logger.log(level, "refused %s from %s: %s", reason, source, detail)
+            self.logger.log(level, "%s from %s: %s", reason, source, detail)
 
     def flush(self) -> None:
         """Log the summaries of bursts that ended."""
@@ -221,5 +221,5 @@ class RefusalLog:
         for key, n in self.summary.due(self.clock()):
             source, reason = key if isinstance(key, tuple) else (key, "(several reasons)")
             latest, level = self._latest.pop(key, ("", self.level))
-            self.logger.log(level, "refused %s from %s: %d more in the last %gs%s",
+            self.logger.log(level, "%s from %s: %d more in the last %gs%s",
                             reason, source, n, interval, f" (latest: {latest})" if latest else "")
