@@ -103,3 +103,16 @@ def test_every_refusal_reason_is_in_the_metrics_from_the_start():
     node.registrar = FakeRegistrar()  # type: ignore[assignment]
     metrics = node.metrics()
     assert all(metrics[f"refusals_{r}"] == 0 for r in REFUSAL_REASONS)
+
+
+def test_a_bad_dns_allow_of_an_embedded_node_is_a_clear_node_error():
+    import pytest
+
+    from conn25.node import NodeError
+
+    node = Node(NodeOptions(tailnet="/nonexistent", hostname="client",
+                            dns_allow=("192.0.2.0/24", "192.0.2.1/24")))
+    with pytest.raises(NodeError, match="did you mean"):
+        node._dns_allow()
+    ok = Node(NodeOptions(tailnet="/nonexistent", hostname="client", dns_allow=("192.0.2.0/24",)))
+    assert [str(n) for n in ok._dns_allow()] == ["192.0.2.0/24"]

@@ -31,7 +31,14 @@ from .assignments import Assignment, Assignments
 from .config import NodeConfig, Tailnet
 from .connector import ConnectorTable, Mapping
 from .dnsmap import DNSMapper
-from .dnsserver import ClientResolver, DNSServer, Forwarder, upstreams_from_resolv_conf
+from .dnsserver import (
+    ClientResolver,
+    DNSServer,
+    Forwarder,
+    SourcePolicy,
+    parse_dns_allow,
+    upstreams_from_resolv_conf,
+)
 from .fastpath import Datapath, monotonic_ms
 from .iprange import IPAddress, IPNetwork, IPRange
 from .localapi import LocalAPI
@@ -51,7 +58,7 @@ REFUSAL_FLUSH_INTERVAL = 5.0
 # Refusals an attacker can cause per packet, item or connection: counted by reason
 # (``refusals_<reason>`` in metrics, present from the start) and logged as summaries.
 REFUSAL_REASONS = (
-    "reject_received", "unmapped_transit", "dns_source",
+    "reject_received", "unmapped_transit", "dns_source", "dns_tcp_per_source",
     *(f"transit_ip_code_{code}" for code in range(1, 7)),
     *(f"peerapi_{r}" for r in ("not_peer", "connections_per_source", "rate_limited", "busy",
                                 "bad_requests")),
@@ -79,6 +86,7 @@ class NodeOptions(msgspec.Struct, kw_only=True):
     mtu: int = 1420
     dns_listen: tuple[str, int] = ("100.100.100.100", 53)
     upstream_dns: tuple[tuple[str, int], ...] | None = None  # default: from /etc/resolv.conf
+    dns_allow: tuple[str, ...] = ()  # CIDRs besides this host whose DNS queries are answered
     peerapi_port: int = PEERAPI_PORT
 
     @property
@@ -100,6 +108,7 @@ class Node:
         self.forwarder: Forwarder
         self.registrar: Registrar
         self.resolver: ClientResolver | None = None
+        self.dns_server: DNSServer | None = None
         self._peer_ids: dict[str, int] = {}
         self._peer_names: dict[int, str] = {}  # the inverse, for log lines
         self._app_ids: dict[str, int] = {}
@@ -133,6 +142,8 @@ class Node:
         out = dict(self.counters)
         if self.resolver is not None:
             out.update({f"dns_{k}": v for k, v in self.resolver.counters().items()})
+        if self.dns_server is not None:
+            out.update({f"dns_server_{k}": v for k, v in self.dns_server.counters().items()})
         out.update({f"registration_{k}": v for k, v in self.registrar.counters().items()})
         refusals = dict.fromkeys(REFUSAL_REASONS, 0) | dict(self.refusals.counters)
         out.update({f"refusals_{k}": v for k, v in refusals.items()})
@@ -159,6 +170,7 @@ class Node:
     async def run(self, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
         opts = self.options
         self._load_config()
+        dns_allow = self._dns_allow()
         state = opts.state_path
         state.mkdir(parents=True, exist_ok=True)
         self.assignments = Assignments(self.config.pools, on_reclaim=self._forget)
@@ -191,8 +203,11 @@ class Node:
                         DNSMapper(self.config, self.assignments, log.info), self.forwarder,
                         self.registrar.resolve, self.registrar.register,
                         assignments_changed=self.assignments_changed)
-                    await nursery.start(DNSServer(opts.dns_listen, self.resolver.answer,
-                                                  cached=self.resolver.cached).run)
+                    # Only this host and --dns-allow networks: never other nodes.
+                    self.dns_server = DNSServer(
+                        opts.dns_listen, self.resolver.answer, cached=self.resolver.cached,
+                        sources=SourcePolicy(dns_allow), refusals=self.refusals)
+                    await nursery.start(self.dns_server.run)
                 local = LocalAPI(self, lambda: status_document(self), self._exported_metrics,
                                  gauges=GAUGES)
                 await nursery.start(local.run, str(state / SOCKET_NAME))
@@ -255,6 +270,13 @@ class Node:
         if self.config.apps:
             routes += self.config.pools.magic_routes()
         return routes
+
+    def _dns_allow(self) -> tuple[IPNetwork, ...]:
+        allow = self.options.dns_allow
+        try:
+            return parse_dns_allow(",".join(allow)) if allow else ()
+        except ValueError as e:
+            raise NodeError(str(e)) from None
 
     def _local_addresses(self) -> list[IPAddress]:
         return [ipaddress.ip_address(self.options.dns_listen[0])] if self.config.apps else []
