@@ -479,3 +479,12 @@ def test_one_peer_holding_its_maximum_connections_leaves_another_peer_served():
             nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+def test_only_other_nodes_are_peers():
+    api = PeerAPI(FakeNode())
+    assert api.is_peer("100.64.0.1") and api.is_peer("fd7a:115c:a1e0::1")
+    assert api.is_peer("::ffff:100.64.0.1")
+    assert not api.is_peer("100.64.0.2")  # this node itself
+    assert not api.is_peer("100.64.9.9") and not api.is_peer("203.0.113.1")
+    assert not api.is_peer("garbage")

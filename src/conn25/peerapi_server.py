@@ -93,8 +93,13 @@ class PeerAPI:
     # -- identity and errors ----------------------------------------------------
 
     def is_peer(self, address: str) -> bool:
-        """Whether ``address`` is another node's overlay address (``accept_source``)."""
-        return self._peer_by_address(address) is not None
+        """Whether ``address`` is another node's overlay address (``accept_source``).
+
+        This node's own addresses are not: a local process is no peer, and a
+        node never uses its own peer API (it is no candidate connector of itself).
+        """
+        node = self._peer_by_address(address)
+        return node is not None and node.name != self._node.config.node.name
 
     def _peer(self, req: Request) -> Node | None:
         return None if req.peer is None else self._peer_by_address(req.peer[0])
