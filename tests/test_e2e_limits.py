@@ -155,3 +155,38 @@ def test_200_idle_tcp_connections_to_the_dns_server_do_not_block_a_tcp_query(
         assert metrics(bed, "client")["dns_server_tcp_evicted"] >= 200 - 64
     finally:
         terminate(holder)
+
+
+UDP_QUERY = textwrap.dedent("""
+    import socket, sys
+    from dnslib import DNSRecord
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(2)  # how long "no answer" is waited for
+        s.sendto(DNSRecord.question(sys.argv[1]).pack(), ("100.100.100.100", 53))
+        try:
+            print(DNSRecord.parse(s.recv(65535)).short() or "empty")
+        except socket.timeout:
+            print("none")
+""")
+
+
+def test_the_dns_server_answers_another_host_only_when_dns_allow_names_it(bed: Testbed) -> None:
+    """The "internet" host routes 100.100.100.100 to the client: unanswered and counted;
+    with --dns-allow naming its network, answered."""
+    client, inet = SPEC["client"], bed.ns["inet"]
+    inet.run("ip", "route", "add", "100.100.100.100/32", "via", client.link4)
+    try:
+        before = metrics(bed, "client")["refusals_dns_source"]
+        r = inet.run(sys.executable, "-c", UDP_QUERY, "allow1.wild.example.com")
+        assert r.stdout.strip() == "none"
+        wait_for(lambda: metrics(bed, "client")["refusals_dns_source"] > before, 5,
+                 "the refused query to be counted")
+        assert bed.stop("client") == 0
+        bed.start("client", "--dns-allow", f"{client.gw4}/32")
+        r = inet.run(sys.executable, "-c", UDP_QUERY, "allow2.wild.example.com")
+        assert ipaddress.ip_address(r.stdout.split()[0]) in MAGIC4, r.stdout
+    finally:
+        inet.run("ip", "route", "del", "100.100.100.100/32", check=False)
+        if "client" in bed.procs:
+            bed.stop("client")
+        bed.start("client")

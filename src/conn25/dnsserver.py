@@ -696,7 +696,8 @@ class DNSServer:
         if not self._allowed(client, "TCP"):
             return None
         source = _source_address(client)
-        assert source is not None  # _allowed refuses what has no address
+        if source is None:  # not an IP peer: nothing to account it to
+            return None
         # Local processes share one address: for them only eviction is fair.
         local = self.sources is None or self.sources.is_local(source)
         if not local and self._tcp_per_source[source] >= self._per_source_cap:
