@@ -99,6 +99,26 @@ def test_policy_asks_once_per_address_within_its_ttl():
     assert asked == [a, a]
 
 
+def test_policy_decides_on_socket_addresses_once_per_ttl():
+    asked: list[IPAddress] = []
+    now = [0.0]
+
+    def is_local(addr: IPAddress) -> bool:
+        asked.append(addr)
+        return addr == HOST_ITSELF
+
+    p = SourcePolicy((ipaddress.ip_network("192.0.2.0/24"),), is_local=is_local,
+                     clock=lambda: now[0])
+    assert all(p.allows_host(LOOP) for _ in range(100))
+    assert p.allows_host("::ffff:127.0.0.1")  # a dual-stack socket's spelling
+    assert p.allows_host("192.0.2.9") and not p.allows_host("198.51.100.1")
+    assert not p.allows_host("not an address")
+    assert asked.count(HOST_ITSELF) == 1  # asked once, whatever the spelling
+    now[0] = 6.0
+    assert p.allows_host(LOOP)
+    assert asked.count(HOST_ITSELF) == 2
+
+
 def test_the_kernel_knows_its_own_addresses():
     assert kernel_says_local(ipaddress.ip_address("127.0.0.1"))
     assert kernel_says_local(ipaddress.ip_address("127.0.0.9"))  # all of 127/8 is local

@@ -316,6 +316,21 @@ class SourcePolicy:
         self.max_entries = max_entries
         self._clock = clock
         self._cache: dict[IPAddress, tuple[bool, float]] = {}
+        self._decided: dict[str, tuple[bool, float]] = {}  # by address as the socket gave it
+
+    def allows_host(self, host: str) -> bool:
+        """:meth:`allows` for an address as a socket reports it, decided once per ``ttl``:
+        on the path of every query, a dict lookup instead of parsing the address."""
+        now = self._clock()
+        hit = self._decided.get(host)
+        if hit is not None and now < hit[1]:
+            return hit[0]
+        addr = _source_address((host,))
+        allowed = addr is not None and self.allows(addr)
+        if len(self._decided) >= self.max_entries:
+            self._decided.clear()
+        self._decided[host] = (allowed, now + self.ttl)
+        return allowed
 
     def is_local(self, addr: IPAddress) -> bool:
         now = self._clock()
@@ -728,13 +743,10 @@ class DNSServer:
 
     def _allowed(self, client: Any, transport: str) -> bool:
         """Whether to answer ``client``; a refusal is counted and summarised."""
-        if self.sources is None:
-            return True
-        source = _source_address(client)
-        if source is not None and self.sources.allows(source):
+        if self.sources is None or self.sources.allows_host(str(client[0])):
             return True
         self._counters["refused_source"] += 1
-        self.refusals.refuse(str(source or client), "dns_source",
+        self.refusals.refuse(str(client[0]), "dns_source",
                              f"{transport} query from a source this DNS server does not answer "
                              "(only this host and --dns-allow networks)")
         return False
