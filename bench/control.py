@@ -353,9 +353,14 @@ def run_post_load(bed: Testbed, seconds: float, concurrency: int) -> dict[str, A
 
 NO_LIMIT_SITECUSTOMIZE = """\
 # Written by bench/control.py: lifts the connector's per-peer registration limit
-# for one run (conn25d has no option for it).
+# and the peer API's per-peer request rate for one run (conn25d has no option for
+# them). Before conn25.node is imported, so the node serves the lifted limits.
+import dataclasses as _d
 import conn25.connector as _c
+import conn25.peerapi_server as _p
 _c.ConnectorTable.__init__.__kwdefaults__.update(rate=1e12, burst=1 << 40)
+_p.PEERAPI_LIMITS = _d.replace(_p.PEERAPI_LIMITS, per_source=_d.replace(
+    _p.PEERAPI_LIMITS.per_source, rate=1e12, burst=1 << 40))
 """
 
 

@@ -137,3 +137,30 @@ def test_status_without_a_node_says_so(capsys, tmp_path):
 
     assert main(["status", "--state-dir", str(tmp_path)]) == 1
     assert "cannot reach the node" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("192.0.2.1/24", "has host bits set; did you mean 192.0.2.0/24?"),
+    ("192.0.2.0/24,not-a-net", "'not-a-net' is not a network"),
+])
+def test_up_rejects_a_bad_dns_allow_with_a_clear_error(value, message, capsys, tmp_path):
+    rc = main(["up", "--tailnet", str(EXAMPLE), "--hostname", "laptop",
+               "--state-dir", str(tmp_path), "--dns-allow", value])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "argument --dns-allow" in err and message in err
+
+
+def test_up_passes_dns_allow_to_the_node(monkeypatch, tmp_path):
+    seen = []
+
+    def fake_run(fn, options):
+        seen.append(options)
+
+    import trio
+
+    monkeypatch.setattr(trio, "run", fake_run)
+    rc = main(["up", "--tailnet", str(EXAMPLE), "--hostname", "laptop",
+               "--state-dir", str(tmp_path), "--dns-allow", "192.0.2.0/24, 2001:db8::/32"])
+    assert rc == 0
+    assert seen[0].dns_allow == ("192.0.2.0/24", "2001:db8::/32")

@@ -18,6 +18,7 @@ import trio.testing
 from conn25 import http
 from conn25.http import HTTPError, Limits, Request, Response
 from conn25.peerapi import MAX_BODY
+from conn25.throttle import RefusalLog, SourceLimits
 
 HOST = "127.0.0.1"
 
@@ -411,6 +412,115 @@ def test_connections_over_the_cap_get_503_until_one_closes():
             assert (await http.request(HOST, port, "GET", "/", timeout=5))[0] == 200
 
     trio.run(main)
+
+
+# -- per-source limits (one peer at its maximum leaves the others served) ------------
+
+OTHER_HOST = "127.0.0.2"  # another loopback source address
+
+
+async def connect_from(port: int, source: str) -> Client:
+    return Client(await trio.open_tcp_stream(HOST, port, local_address=source))
+
+
+def test_one_source_at_its_connection_limit_leaves_another_source_served():
+    limits = Limits(per_source=SourceLimits(max_connections=4), max_connections=1024)
+    refusals = RefusalLog(logging.getLogger("test.http"))
+
+    async def main():
+        async with serving(Recorder(), limits=limits, refusals=refusals, name="api") as port:
+            held = []
+            for _ in range(4):  # idle: they send nothing
+                held.append(await Client.connect(port))
+            await trio.testing.wait_all_tasks_blocked()
+            extra = []
+            for _ in range(50):
+                c = await Client.connect(port)
+                c.pretend_sent()
+                assert (await c.response())[0] == 503
+                extra.append(c)
+            other = await connect_from(port, OTHER_HOST)
+            await other.request("GET", "/health")
+            assert (await other.response())[0] == 200
+            assert refusals.counters["api_connections_per_source"] == 50
+            # A held connection of the first source still works.
+            await held[0].request("GET", "/")
+            assert (await held[0].response())[0] == 200
+
+    trio.run(main)
+
+
+def test_requests_over_a_sources_rate_get_429_and_others_are_served():
+    limits = Limits(per_source=SourceLimits(rate=1, burst=3))
+    refusals = RefusalLog(logging.getLogger("test.http"))
+
+    async def main():
+        async with serving(Recorder(), limits=limits, refusals=refusals) as port:
+            client = await Client.connect(port)
+            statuses = []
+            for _ in range(6):
+                await client.request("GET", "/")
+                status, headers, _ = await client.response()
+                statuses.append(status)
+                client.conn.start_next_cycle()
+            assert statuses == [200, 200, 200, 429, 429, 429]
+            assert headers[b"retry-after"] == b"1"
+            other = await connect_from(port, OTHER_HOST)
+            await other.request("GET", "/")
+            assert (await other.response())[0] == 200
+            assert refusals.counters["http_rate_limited"] == 3
+
+    run_mock(main)
+
+
+def test_a_refused_source_is_closed_without_an_answer():
+    rec = Recorder()
+    refusals = RefusalLog(logging.getLogger("test.http"))
+
+    async def main():
+        async with serving(rec, accept_source=lambda a: a == OTHER_HOST, refusals=refusals,
+                           name="api") as port:
+            client = await Client.connect(port)
+            with contextlib.suppress(trio.BrokenResourceError):
+                await client.request("GET", "/")
+            with pytest.raises(trio.BrokenResourceError):
+                assert await client.stream.receive_some(1) == b""
+                raise trio.BrokenResourceError  # EOF: no answer either
+            assert rec.seen == []
+            assert refusals.counters["api_not_peer"] == 1
+            ok = await connect_from(port, OTHER_HOST)
+            await ok.request("GET", "/")
+            assert (await ok.response())[0] == 200
+
+    trio.run(main)
+
+
+def test_a_head_that_does_not_arrive_within_the_header_timeout_gets_408():
+    limits = Limits(idle_timeout=100, request_timeout=30, header_timeout=3)
+
+    async def main():
+        async with serving(Recorder(), limits=limits) as port:
+            client = await Client.connect(port)
+            client.pretend_sent()
+            start = trio.current_time()
+            await client.stream.send_all(b"GET / HTTP/1.1\r\nHost: a\r\n")  # no blank line
+            status, _, body = await client.response()
+            assert status == 408 and b"head" in body
+            assert 3 <= trio.current_time() - start < 4
+
+    run_mock(main)
+
+
+def test_many_refused_requests_make_few_log_lines(caplog):
+    caplog.set_level(logging.INFO, logger="conn25.http")
+
+    async def main():
+        async with serving(Recorder()) as port:
+            for _ in range(200):  # no Host header: 400
+                assert (await raw(port, b"GET / HTTP/1.1\r\n\r\n"))[0] == 400
+
+    trio.run(main)
+    assert len([r for r in caplog.records if "400" in r.getMessage()]) == 1
 
 
 def test_limits_reject_nonsense():

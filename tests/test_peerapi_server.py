@@ -1,12 +1,14 @@
 """The peer API routes on a node stand-in made of the real core objects (B41-B49, DESIGN §4)."""
 
 import contextlib
+import functools
 import ipaddress
 import json
 import logging
 
 import pytest
 import trio
+import trio.testing
 from dnslib import AAAA, QTYPE, RR, A, DNSRecord
 
 from conn25 import config, http, peerapi
@@ -14,7 +16,7 @@ from conn25.config import App, Node, NodeConfig, Tailnet
 from conn25.connector import ConnectorTable, Mapping
 from conn25.http import Request
 from conn25.peerapi import DNS_QUERY_PATH, HEALTH_PATH, MAX_BODY, TRANSIT_IP_PATH, Code
-from conn25.peerapi_server import PeerAPI
+from conn25.peerapi_server import PEERAPI_LIMITS, PeerAPI
 
 
 def ip(text: str):
@@ -382,3 +384,107 @@ def test_over_http_the_source_address_is_the_identity():
 
     trio.run(main)
     assert node.installed[0][0].peer_name == "local-tester"
+
+
+# -- per-peer limits and refusal summaries (one peer cannot starve the others) ----------------
+
+OTHER_PEER = Node("other-tester", (ip("127.0.0.2"),), ("192.0.2.10", 41641),
+                  user="alice@example.com")
+
+
+class LineCounter(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def counting_lines(name: str):
+    logger = logging.getLogger(name)
+    handler, level = LineCounter(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield handler.lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def test_thousands_of_refused_items_make_one_summary_line_and_are_counted():
+    node = FakeNode()
+    items = [(f"169.254.{128 + i // 250}.{i % 250 + 1}", REAL4, "GitHub") for i in range(5000)]
+    api = PeerAPI(node)
+
+    async def main():
+        return await api.handle(request("POST", TRANSIT_IP_PATH, transit_body(*items),
+                                        peer="100.64.0.4"))  # intruder: no permission
+
+    with counting_lines("conn25") as lines:
+        resp = trio.run(main)
+        again = trio.run(main)
+    assert resp.status == again.status == 200
+    results = peerapi.decode_transit_response(resp.body).transit_ips
+    # The first 500 meet the missing permission, the rest the per-peer rate limit.
+    assert len(results) == 5000 and {r.code for r in results} == {Code.MISSING_PERMISSION,
+                                                                  Code.OTHER}
+    assert sum(api.refusals.counters.values()) == 10000
+    assert set(api.refusals.counters) == {"transit_ip_code_1", "transit_ip_code_6"}
+    # One line per kind of refusal, for both requests together.
+    assert len(lines) == 2, lines[:5]
+    assert all("intruder" in line and "more like it" in line for line in lines)
+
+
+def test_one_peer_holding_its_maximum_connections_leaves_another_peer_served():
+    """A peer that holds its maximum of idle connections (and keeps asking for more) does not
+    keep another peer from its health check and resolution; an address of no node is closed
+    without an answer."""
+    cfg = node_config(tailnet=Tailnet(nodes=(*TAILNET.nodes, OTHER_PEER),
+                                      tag_owners=TAILNET.tag_owners))
+    node = FakeNode(cfg)
+    api = PeerAPI(node)
+    per_peer = PEERAPI_LIMITS.per_source
+    assert per_peer is not None
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(functools.partial(
+                http.serve_tcp, "127.0.0.1", 0, api.handle, limits=PEERAPI_LIMITS,
+                accept_source=api.is_peer, refusals=api.refusals, name="peerapi"))
+            held = [await trio.open_tcp_stream("127.0.0.1", port)
+                    for _ in range(per_peer.max_connections + 40)]
+            await trio.testing.wait_all_tasks_blocked()
+            assert api.refusals.counters["peerapi_connections_per_source"] == 40
+            for _ in range(3):
+                status, body = await http.request("127.0.0.1", port, "GET", HEALTH_PATH,
+                                                  timeout=5, local_address="127.0.0.2")
+                assert status == 200 and peerapi.decode_health(body).apps == ["GitHub"]
+            status, body = await http.request(
+                "127.0.0.1", port, "POST", f"{DNS_QUERY_PATH}?app=GitHub",
+                dns_query("github.com"), timeout=5, content_type="application/dns-message",
+                local_address="127.0.0.2")
+            assert status == 200 and DNSRecord.parse(body).rr
+            # Not a node: closed before any answer.
+            stranger = await trio.open_tcp_stream("127.0.0.1", port, local_address="127.0.0.3")
+            with contextlib.suppress(trio.BrokenResourceError):
+                await stranger.send_all(b"GET /v0/health HTTP/1.1\r\nHost: x\r\n\r\n")
+            with contextlib.suppress(trio.BrokenResourceError):
+                assert await stranger.receive_some(100) == b""
+            assert api.refusals.counters["peerapi_not_peer"] == 1
+            for s in [*held, stranger]:
+                await s.aclose()
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_only_other_nodes_are_peers():
+    api = PeerAPI(FakeNode())
+    assert api.is_peer("100.64.0.1") and api.is_peer("fd7a:115c:a1e0::1")
+    assert api.is_peer("::ffff:100.64.0.1")
+    assert not api.is_peer("100.64.0.2")  # this node itself
+    assert not api.is_peer("100.64.9.9") and not api.is_peer("203.0.113.1")
+    assert not api.is_peer("garbage")

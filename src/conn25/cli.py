@@ -84,6 +84,15 @@ def _address_list(text: str) -> tuple[tuple[str, int], ...]:
     return tuple(_address_option(53)(part) for part in text.split(",") if part.strip())
 
 
+def _dns_allow(text: str) -> tuple[str, ...]:
+    from .dnsserver import parse_dns_allow
+
+    try:
+        return tuple(str(net) for net in parse_dns_allow(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     """Run a node in the foreground until SIGINT/SIGTERM."""
     import logging
@@ -104,6 +113,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         advertise_connector=args.advertise_connector, advertise_tags=tags,
         state_dir=args.state_dir, tun_name=args.tun_name, mtu=args.mtu,
         dns_listen=args.dns_listen, upstream_dns=args.upstream_dns,
+        dns_allow=args.dns_allow,
     )
     failures: list[BaseException] = []
     try:
@@ -146,6 +156,9 @@ def _add_up(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
                    metavar="ADDR", help="DNS server address (default 100.100.100.100:53)")
     p.add_argument("--upstream-dns", type=_address_list, metavar="ADDR[,ADDR]",
                    help="resolvers for non-app names (default: /etc/resolv.conf's)")
+    p.add_argument("--dns-allow", type=_dns_allow, default=(), metavar="CIDR[,CIDR]",
+                   help="networks besides this host whose DNS queries the DNS server answers "
+                   "(default: none; never other nodes unless named here)")
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"], help="(default info)")
     p.set_defaults(func=cmd_up)

@@ -29,13 +29,17 @@ from .assignments import Assignment
 from .config import App, NodeConfig
 from .dnscache import AnswerCache, question_key
 from .dnsmap import DNSMapError, DNSMapper, servfail
-from .iprange import IPAddress, parse_address
+from .iprange import IPAddress, IPNetwork, parse_address
 from .tailnet import parse_endpoint
+from .throttle import RefusalLog
 
 __all__ = [
     "ClientResolver",
     "DNSServer",
     "Forwarder",
+    "SourcePolicy",
+    "kernel_says_local",
+    "parse_dns_allow",
     "parse_upstreams",
     "upstreams_from_resolv_conf",
 ]
@@ -59,6 +63,7 @@ SERVER_COUNTERS = (
     "udp_queries", "tcp_queries", "tcp_connections", "tcp_idle_closed", "truncated",
     "formerr", "notimp", "dropped_garbage", "dropped_responses", "dropped_busy",
     "answer_timeouts", "answer_errors", "internal_errors",
+    "refused_source", "tcp_evicted", "tcp_refused_per_source", "tcp_refused_busy",
 )
 RESOLVER_COUNTERS = (
     "queries", "forwarded", "app_queries", "answered_mapped", "answered_cached",
@@ -242,6 +247,116 @@ def upstreams_from_resolv_conf(
     return out
 
 
+def parse_dns_allow(text: str) -> tuple[IPNetwork, ...]:
+    """The value of ``--dns-allow CIDR[,CIDR]``; ValueError names the bad item."""
+    out: list[IPNetwork] = []
+    for i, item in enumerate(text.split(",")):
+        item = item.strip()
+        if not item:
+            raise ValueError(f"--dns-allow {text!r}: network {i + 1} is empty")
+        try:
+            out.append(ipaddress.ip_network(item))
+        except ValueError:
+            try:
+                loose = ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"--dns-allow: {item!r} is not a network (CIDR such as "
+                                 f"192.0.2.0/24 or 2001:db8::/32, or one address)") from None
+            raise ValueError(f"--dns-allow: {item!r} has host bits set; did you mean "
+                             f"{loose}?") from None
+    return tuple(out)
+
+
+def kernel_says_local(addr: IPAddress) -> bool:
+    """Whether the kernel delivers ``addr`` locally (its route is of type RTN_LOCAL).
+
+    The kernel's own answer covers every address of every interface, 127/8
+    included, and addresses added later, with nothing to keep in sync.
+    """
+    from pyroute2 import IPRoute  # netlink; imported here so the module loads without it
+
+    global _ipr
+    if _ipr is None:
+        _ipr = IPRoute()
+    try:
+        routes = _ipr.route("get", dst=str(addr))
+    except Exception:  # no route at all (ENETUNREACH): certainly not local
+        return False
+    return bool(routes) and routes[0]["type"] == _RTN_LOCAL
+
+
+_ipr: Any = None
+_RTN_LOCAL = 2
+
+
+class SourcePolicy:
+    """Who the client's DNS server answers: this host itself, plus ``allowed`` networks.
+
+    "This host" is a source address the kernel delivers locally. Such a source
+    can only come from a local process: the kernel drops packets that arrive
+    on another interface with one of its own addresses as their source
+    (martian), and the datapath drops overlay packets whose source is not the
+    sending peer's. Asking the kernel costs a netlink round trip, so answers
+    (both ways) are kept ``ttl`` seconds per address: a flood from one source
+    costs a dict lookup per query.
+    """
+
+    def __init__(
+        self,
+        allowed: tuple[IPNetwork, ...] = (),
+        *,
+        is_local: Callable[[IPAddress], bool] = kernel_says_local,
+        ttl: float = 5.0,
+        max_entries: int = 4096,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.allowed = allowed
+        self._is_local = is_local
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self._clock = clock
+        self._cache: dict[IPAddress, tuple[bool, float]] = {}
+        self._decided: dict[str, tuple[bool, float]] = {}  # by address as the socket gave it
+
+    def allows_host(self, host: str) -> bool:
+        """:meth:`allows` for an address as a socket reports it, decided once per ``ttl``:
+        on the path of every query, a dict lookup instead of parsing the address."""
+        now = self._clock()
+        hit = self._decided.get(host)
+        if hit is not None and now < hit[1]:
+            return hit[0]
+        addr = _source_address((host,))
+        allowed = addr is not None and self.allows(addr)
+        if len(self._decided) >= self.max_entries:
+            self._decided.clear()
+        self._decided[host] = (allowed, now + self.ttl)
+        return allowed
+
+    def is_local(self, addr: IPAddress) -> bool:
+        now = self._clock()
+        hit = self._cache.get(addr)
+        if hit is not None and now < hit[1]:
+            return hit[0]
+        if len(self._cache) >= self.max_entries:
+            self._cache.clear()  # a flood of sources: start over rather than grow
+        local = self._is_local(addr)
+        self._cache[addr] = (local, now + self.ttl)
+        return local
+
+    def allows(self, addr: IPAddress) -> bool:
+        return any(addr in net for net in self.allowed) or self.is_local(addr)
+
+
+def _source_address(client: Any) -> IPAddress | None:
+    try:
+        addr = ipaddress.ip_address(str(client[0]).partition("%")[0])
+    except (ValueError, IndexError, TypeError):
+        return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
 # -- forwarder -----------------------------------------------------------------------------------
 
 
@@ -380,6 +495,22 @@ class Forwarder:
 # -- server --------------------------------------------------------------------------------------
 
 
+class _TCPConnection:
+    """What the server knows of one TCP connection, to pick one to evict."""
+
+    __slots__ = ("last_active", "queries", "scope", "source")
+
+    def __init__(self, source: IPAddress, now: float, queries: trio.CapacityLimiter) -> None:
+        self.source = source
+        self.last_active = now  # the last query received or answer sent
+        self.queries = queries  # one token per query in progress
+        self.scope = trio.CancelScope()
+
+    @property
+    def busy(self) -> bool:
+        return self.queries.borrowed_tokens > 0
+
+
 class DNSServer:
     """A DNS server on UDP and TCP at ``listen``; ``answer`` makes each response.
 
@@ -393,6 +524,14 @@ class DNSServer:
     record) goes out truncated, TC set, so that the client asks over TCP.
     TCP connections carry several queries, answered as they complete, and
     close after ``tcp_idle_timeout`` without a query.
+
+    With ``sources``, only sources it allows get an answer; others are
+    dropped (UDP) or closed unanswered (TCP), counted and logged as summaries
+    through ``refusals``. At most ``max_tcp_connections`` TCP connections are
+    open: a new one evicts the longest-idle connection that has no query in
+    progress (every local process shares one source address, so a per-source
+    cap alone would not keep one process from locking out the others), and a
+    source that is not local may hold at most ``tcp_connections_per_source``.
 
     ``cached``, when given, is asked first for each UDP datagram and answers
     synchronously, in the receive loop, without a task of its own: the cheap
@@ -411,6 +550,9 @@ class DNSServer:
         tcp_queries_per_connection: int = 16,
         tcp_idle_timeout: float = 10.0,
         answer_timeout: float = 10.0,
+        tcp_connections_per_source: int = 8,
+        sources: SourcePolicy | None = None,
+        refusals: RefusalLog | None = None,
     ) -> None:
         self.listen = listen
         self.answer = answer
@@ -418,8 +560,13 @@ class DNSServer:
         self.address: Upstream | None = None  # bound address, set once serving
         self.tcp_idle_timeout = tcp_idle_timeout
         self.answer_timeout = answer_timeout
+        self.sources = sources
+        self.refusals = refusals if refusals is not None else RefusalLog(log)
         self._queries = trio.CapacityLimiter(max_queries)
-        self._connections = trio.CapacityLimiter(max_tcp_connections)
+        self._max_connections = max_tcp_connections
+        self._per_source_cap = tcp_connections_per_source
+        self._tcp: dict[_TCPConnection, None] = {}  # open connections, oldest first
+        self._tcp_per_source: Counter[IPAddress] = Counter()
         self._per_connection = tcp_queries_per_connection
         self._counters = Counter(dict.fromkeys(SERVER_COUNTERS, 0))
 
@@ -474,6 +621,8 @@ class DNSServer:
                     data, client = await sock.recvfrom(MAX_MESSAGE)
                 except OSError as e:  # e.g. a late ICMP error; the socket is still fine
                     log.debug("DNS server: UDP receive error: %s", e)
+                    continue
+                if not self._allowed(client, "UDP"):
                     continue
                 if self.cached is not None and await self._udp_cached(sock, data, client):
                     continue
@@ -541,53 +690,102 @@ class DNSServer:
         listener = trio.SocketListener(sock)
         async with trio.open_nursery() as nursery:
             while True:
-                # Holding a slot before accept() leaves excess clients in the backlog.
-                token = object()
-                await self._connections.acquire_on_behalf_of(token)
                 try:
                     stream = await listener.accept()
                 except OSError as e:  # e.g. EMFILE: keep serving the connections we have
-                    self._connections.release_on_behalf_of(token)
                     log.warning("DNS server: TCP accept failed: %s", e)
                     await trio.sleep(0.1)
                     continue
-                except BaseException:
-                    self._connections.release_on_behalf_of(token)
-                    raise
-                nursery.start_soon(self._tcp_connection, stream, token)
+                conn = self._admit(stream)
+                if conn is None:
+                    stream.socket.close()  # unanswered
+                    continue
+                nursery.start_soon(self._tcp_connection, stream, conn)
 
-    async def _tcp_connection(self, stream: trio.SocketStream, token: object) -> None:
+    def _admit(self, stream: trio.SocketStream) -> _TCPConnection | None:
+        """Register a new connection, evicting an idle one when full; None: refuse it."""
+        try:
+            client = stream.socket.getpeername()
+        except OSError:
+            return None
+        if not self._allowed(client, "TCP"):
+            return None
+        source = _source_address(client)
+        if source is None:  # not an IP peer: nothing to account it to
+            return None
+        # Local processes share one address: for them only eviction is fair.
+        local = self.sources is None or self.sources.is_local(source)
+        if not local and self._tcp_per_source[source] >= self._per_source_cap:
+            self._counters["tcp_refused_per_source"] += 1
+            self.refusals.refuse(str(source), "dns_tcp_per_source",
+                                 f"over {self._per_source_cap} TCP connections to the DNS server")
+            return None
+        if len(self._tcp) >= self._max_connections:
+            victim = min((c for c in self._tcp if not c.busy), key=lambda c: c.last_active,
+                         default=None)
+            if victim is None:  # every connection has a query in progress
+                self._counters["tcp_refused_busy"] += 1
+                return None
+            self._counters["tcp_evicted"] += 1
+            self._forget(victim)
+            victim.scope.cancel()
+        conn = _TCPConnection(source, trio.current_time(), trio.CapacityLimiter(
+            self._per_connection))
+        self._tcp[conn] = None
+        self._tcp_per_source[source] += 1
+        return conn
+
+    def _forget(self, conn: _TCPConnection) -> None:
+        if self._tcp.pop(conn, False) is None:
+            self._tcp_per_source[conn.source] -= 1
+            if self._tcp_per_source[conn.source] <= 0:
+                del self._tcp_per_source[conn.source]
+
+    def _allowed(self, client: Any, transport: str) -> bool:
+        """Whether to answer ``client``; a refusal is counted and summarised."""
+        if self.sources is None or self.sources.allows_host(str(client[0])):
+            return True
+        self._counters["refused_source"] += 1
+        self.refusals.refuse(str(client[0]), "dns_source",
+                             f"{transport} query from a source this DNS server does not answer "
+                             "(only this host and --dns-allow networks)")
+        return False
+
+    async def _tcp_connection(self, stream: trio.SocketStream, conn: _TCPConnection) -> None:
         self._counters["tcp_connections"] += 1
         lock = trio.Lock()
-        per_connection = trio.CapacityLimiter(self._per_connection)
+        per_connection = conn.queries
         try:
-            async with stream, trio.open_nursery() as nursery:
-                framer = _Framer(stream)
-                try:
-                    while True:
-                        with trio.move_on_after(self.tcp_idle_timeout) as idle:
-                            data = await framer.receive()
-                        if idle.cancelled_caught:
-                            if per_connection.borrowed_tokens:
-                                continue  # answers still pending: the connection is not idle
-                            self._counters["tcp_idle_closed"] += 1
-                            break
-                        if data is None:
-                            break  # pending answers still go out before the stream closes
-                        qtoken = object()
-                        await per_connection.acquire_on_behalf_of(qtoken)
-                        try:
-                            await self._queries.acquire_on_behalf_of(qtoken)
-                        except BaseException:
-                            per_connection.release_on_behalf_of(qtoken)
-                            raise
-                        nursery.start_soon(self._tcp_query, stream, lock, data,
-                                           (per_connection, qtoken), nursery.cancel_scope)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
-                    log.debug("DNS server: TCP connection ended: %s", e)
-                    nursery.cancel_scope.cancel()
+            with conn.scope:
+                async with stream, trio.open_nursery() as nursery:
+                    framer = _Framer(stream)
+                    try:
+                        while True:
+                            with trio.move_on_after(self.tcp_idle_timeout) as idle:
+                                data = await framer.receive()
+                            if idle.cancelled_caught:
+                                if conn.busy:
+                                    continue  # answers still pending: the connection is not idle
+                                self._counters["tcp_idle_closed"] += 1
+                                break
+                            if data is None:
+                                break  # pending answers still go out before the stream closes
+                            conn.last_active = trio.current_time()
+                            qtoken = object()
+                            await per_connection.acquire_on_behalf_of(qtoken)
+                            try:
+                                await self._queries.acquire_on_behalf_of(qtoken)
+                            except BaseException:
+                                per_connection.release_on_behalf_of(qtoken)
+                                raise
+                            nursery.start_soon(self._tcp_query, stream, lock, data,
+                                               (per_connection, qtoken), nursery.cancel_scope,
+                                               conn)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+                        log.debug("DNS server: TCP connection ended: %s", e)
+                        nursery.cancel_scope.cancel()
         finally:
-            self._connections.release_on_behalf_of(token)
+            self._forget(conn)
 
     async def _tcp_query(
         self,
@@ -596,6 +794,7 @@ class DNSServer:
         data: bytes,
         slot: tuple[trio.CapacityLimiter, object],
         connection: trio.CancelScope,
+        conn: _TCPConnection,
     ) -> None:
         per_connection, token = slot
         try:
@@ -608,6 +807,7 @@ class DNSServer:
                 reply = servfail(data)
             async with lock:
                 await stream.send_all(_Framer.frame(reply))
+            conn.last_active = trio.current_time()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             connection.cancel()  # the client is gone: so is the rest of its connection
         except Exception:

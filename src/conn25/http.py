@@ -8,11 +8,18 @@ to face peers it does not trust:
   known (from Content-Length, or from the running count of a chunked body),
   without reading the rest first;
 * a connection that sends nothing gets ``idle_timeout``; once a request has
-  started it must arrive completely within ``request_timeout`` (a client that
-  drips bytes cannot hold a connection: 408);
+  started its head must arrive within ``header_timeout`` and all of it within
+  ``request_timeout`` (a client that drips bytes cannot hold a connection: 408);
 * headers over ``max_header`` bytes get 431, other protocol errors 400;
 * at most ``max_connections`` connections are served at once, any more get
   an immediate 503;
+* with ``Limits.per_source``, each source address has a budget of its own:
+  connections over its ``max_connections`` get an immediate 503, requests
+  over its rate 429, so one source at its maximum leaves the others served;
+* ``accept_source`` may refuse a source outright: its connections are closed
+  without a byte of answer;
+* refusals that a peer can cause at will are counted and logged as
+  summaries (:class:`conn25.throttle.RefusalLog`), never a line each;
 * a handler that raises gives 500 (and a logged traceback), one that takes
   longer than ``handler_timeout`` gives 503; the server keeps serving.
 
@@ -40,6 +47,7 @@ import h11
 import trio
 
 from .peerapi import MAX_BODY
+from .throttle import RefusalLog, SourceAccounting, SourceLimits
 
 __all__ = [
     "ClientPool",
@@ -120,9 +128,11 @@ class Limits:
     handler_timeout: float = 30.0
     max_connections: int = 256
     max_header: int = 16 * 1024
+    header_timeout: float = 10.0  # first byte to the end of the head (capped by request_timeout)
+    per_source: SourceLimits | None = None  # budgets per source address (TCP only)
 
     def __post_init__(self) -> None:
-        for name in ("idle_timeout", "request_timeout", "handler_timeout"):
+        for name in ("idle_timeout", "request_timeout", "handler_timeout", "header_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"Limits.{name} must be positive (got {getattr(self, name)})")
         if self.max_connections < 1 or self.max_header < 1:
@@ -142,13 +152,21 @@ async def serve_tcp(
     *,
     max_body: int = MAX_BODY,
     limits: Limits = Limits(),  # frozen: one shared default is safe
+    accept_source: Callable[[str], bool] | None = None,
+    refusals: RefusalLog | None = None,
+    name: str = "http",
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``handler`` on ``host:port`` until cancelled; ``started`` gives the bound port."""
+    """Serve ``handler`` on ``host:port`` until cancelled; ``started`` gives the bound port.
+
+    ``accept_source(address)`` False: the connection is closed unanswered.
+    Refusals go to ``refusals`` under reasons that start with ``name``.
+    """
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()[1]
+    guard = _Guard(limits, accept_source, refusals, name)
     try:
-        await _serve(listeners, handler, max_body, limits, bound, task_status)
+        await _serve(listeners, handler, max_body, limits, bound, task_status, guard)
     finally:
         for listener in listeners:
             listener.socket.close()  # not aclose(): we may be cancelled
@@ -180,7 +198,8 @@ async def serve_unix(
         raise
     listener = trio.SocketListener(sock)
     try:
-        await _serve([listener], handler, max_body, limits, path, task_status)
+        await _serve([listener], handler, max_body, limits, path, task_status,
+                     _Guard(limits, None, None, "http"))
     finally:
         # Synchronous: an await here would raise at once when we are being cancelled.
         with contextlib.suppress(OSError):
@@ -207,6 +226,22 @@ async def _remove_stale_socket(path: str) -> None:
         probe.close()
 
 
+class _Guard:
+    """The server's refusals: who may connect, per-source budgets, counted summaries."""
+
+    def __init__(self, limits: Limits, accept_source: Callable[[str], bool] | None,
+                 refusals: RefusalLog | None, name: str) -> None:
+        self.limits = limits
+        self.accept_source = accept_source
+        self.refusals = refusals if refusals is not None else RefusalLog(log)
+        self.name = name
+        self.sources = SourceAccounting(limits.per_source) if limits.per_source else None
+
+    def refuse(self, peer: tuple[str, int] | None, reason: str, detail: str) -> None:
+        source = peer[0] if peer is not None else "unix socket peer"
+        self.refusals.refuse(source, f"{self.name}_{reason}", detail)
+
+
 async def _serve(
     listeners: list[trio.SocketListener],
     handler: Handler,
@@ -214,29 +249,52 @@ async def _serve(
     limits: Limits,
     started: object,
     task_status: trio.TaskStatus[Any],
+    guard: _Guard,
 ) -> None:
     active = 0
     busy = _standalone(Response.text(503, "too many connections", [("Connection", "close")]))
+    sources = guard.sources
 
     async def on_connection(stream: trio.SocketStream) -> None:
         nonlocal active
         peer = _peer_of(stream)
-        if active >= limits.max_connections:
-            log.warning("http: %s: refused, %d connections open", _where(peer), active)
+        source = peer[0] if peer is not None else None
+        if source is not None and guard.accept_source is not None \
+                and not guard.accept_source(source):
+            # Not one of those this server is for: no answer tells it what runs here.
+            guard.refuse(peer, "not_peer", "connection from an address this server does not "
+                                           "serve, closed unanswered")
+            await trio.aclose_forcefully(stream)
+            return
+        if sources is not None and source is not None and not sources.open(source):
+            guard.refuse(peer, "connections_per_source",
+                         f"over {sources.limits.max_connections} connections from one source")
+            # No linger: a source at its limit must not hold more of our time per attempt.
             with trio.move_on_after(limits.request_timeout):
                 with contextlib.suppress(trio.BrokenResourceError, OSError):
                     await stream.send_all(busy)
-            await _close(stream, linger_bytes=limits.max_header)
-            return
-        active += 1
-        try:
-            await _Connection(stream, handler, peer, max_body, limits).serve()
-        except Exception:
-            # A bug here must cost one connection, not the server.
-            log.error("http: %s: connection failed", _where(peer), exc_info=True)
             await trio.aclose_forcefully(stream)
+            return
+        try:
+            if active >= limits.max_connections:
+                guard.refuse(peer, "busy", f"{active} connections open")
+                with trio.move_on_after(limits.request_timeout):
+                    with contextlib.suppress(trio.BrokenResourceError, OSError):
+                        await stream.send_all(busy)
+                await _close(stream, linger_bytes=limits.max_header)
+                return
+            active += 1
+            try:
+                await _Connection(stream, handler, peer, max_body, limits, guard).serve()
+            except Exception:
+                # A bug here must cost one connection, not the server.
+                log.error("http: %s: connection failed", _where(peer), exc_info=True)
+                await trio.aclose_forcefully(stream)
+            finally:
+                active -= 1
         finally:
-            active -= 1
+            if sources is not None and source is not None:
+                sources.close(source)
 
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, on_connection, listeners)
@@ -308,12 +366,14 @@ class _Connection:
         peer: tuple[str, int] | None,
         max_body: int,
         limits: Limits,
+        guard: _Guard,
     ) -> None:
         self.stream = stream
         self.handler = handler
         self.peer = peer
         self.max_body = max_body
         self.limits = limits
+        self.guard = guard
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header)
 
     async def serve(self) -> None:
@@ -327,7 +387,9 @@ class _Connection:
                     answered = True
                     await self._send(got, head=False)
                     return
-                resp = await self._call(got)
+                resp = self._over_rate()
+                if resp is None:
+                    resp = await self._call(got)
                 answered = True
                 if not await self._send(resp, head=got.method == "HEAD"):
                     return
@@ -341,6 +403,18 @@ class _Connection:
             else:
                 await trio.aclose_forcefully(self.stream)
 
+    def _over_rate(self) -> Response | None:
+        """A 429 when this request is over its source's rate, else None."""
+        sources = self.guard.sources
+        if sources is None or self.peer is None:
+            return None
+        if sources.request(self.peer[0], trio.current_time()):
+            return None
+        rate = sources.limits.rate
+        self.guard.refuse(self.peer, "rate_limited", f"over {rate:g} requests per second")
+        return Response.text(429, f"over {rate:g} requests per second from one source",
+                             [("Retry-After", "1")])
+
     async def _receive(self) -> bytes:
         try:
             return await self.stream.receive_some(_RECV_SIZE)
@@ -352,7 +426,9 @@ class _Connection:
         conn, limits = self.h11, self.limits
         # A pipelined request may already be buffered: its clock is running.
         started = bool(conn.trailing_data[0])
-        timeout = limits.request_timeout if started else limits.idle_timeout
+        head_limit = min(limits.header_timeout, limits.request_timeout)
+        since = trio.current_time()
+        timeout = head_limit if started else limits.idle_timeout
         head: h11.Request | None = None
         body = bytearray()
         with trio.move_on_after(timeout) as scope:
@@ -362,12 +438,15 @@ class _Connection:
                     if event is h11.NEED_DATA:
                         data = await self._receive()
                         if data and not started:
-                            # From the first byte on, the whole request runs on one clock.
+                            # From the first byte on, the request runs on one clock: the
+                            # head within header_timeout, all of it within request_timeout.
                             started = True
-                            scope.deadline = trio.current_time() + limits.request_timeout
+                            since = trio.current_time()
+                            scope.deadline = since + head_limit
                         conn.receive_data(data)
                     elif isinstance(event, h11.Request):
                         head = event
+                        scope.deadline = since + limits.request_timeout
                         refusal = await self._check_head(event)
                         if refusal is not None:
                             return refusal
@@ -392,7 +471,9 @@ class _Connection:
                 return self._refuse(e.error_status_hint, f"malformed request: {e}")
         if not started:
             return None  # idle keep-alive connection: close quietly
-        return self._refuse(408, f"request not complete within {limits.request_timeout} s")
+        if head is None:
+            return self._refuse(408, f"request head not complete within {head_limit:g} s")
+        return self._refuse(408, f"request not complete within {limits.request_timeout:g} s")
 
     async def _check_head(self, event: h11.Request) -> Response | None:
         # h11 bounds a head that arrives in pieces; one that came in a single
@@ -411,7 +492,7 @@ class _Connection:
         return None
 
     def _refuse(self, status: int, reason: str) -> Response:
-        log.info("http: %s: %d %s", _where(self.peer), status, reason)
+        self.guard.refuse(self.peer, "bad_requests", f"{status} {reason}")
         return Response.text(status, reason, [("Connection", "close")])
 
     async def _call(self, req: Request) -> Response:
@@ -463,15 +544,17 @@ async def request(
     timeout: float,
     content_type: str = "application/json",
     max_response: int = MAX_RESPONSE,
+    local_address: str | None = None,
 ) -> tuple[int, bytes]:
-    """One request over a new TCP connection; (status, body).
+    """One request over a new TCP connection (from ``local_address`` when given); (status, body).
 
     Raises HTTPError for a malformed or incomplete response, OSError when
     the connection cannot be made, trio.TooSlowError after ``timeout``
     seconds for the whole exchange.
     """
     authority = _authority(host, port)
-    return await _over(lambda: trio.open_tcp_stream(host, port), authority,
+    return await _over(lambda: trio.open_tcp_stream(host, port, local_address=local_address),
+                       authority,
                        f"http://{authority}{target}", method, target, body, timeout,
                        content_type, max_response)
 

@@ -31,14 +31,22 @@ from .assignments import Assignment, Assignments
 from .config import NodeConfig, Tailnet
 from .connector import ConnectorTable, Mapping
 from .dnsmap import DNSMapper
-from .dnsserver import ClientResolver, DNSServer, Forwarder, upstreams_from_resolv_conf
+from .dnsserver import (
+    ClientResolver,
+    DNSServer,
+    Forwarder,
+    SourcePolicy,
+    parse_dns_allow,
+    upstreams_from_resolv_conf,
+)
 from .fastpath import Datapath, monotonic_ms
 from .iprange import IPAddress, IPNetwork, IPRange
 from .localapi import LocalAPI
-from .peerapi_server import PeerAPI
+from .peerapi_server import PEERAPI_LIMITS, PeerAPI
 from .registration import Registrar
 from .status import status_document
 from .system import SystemSetup
+from .throttle import RefusalLog
 
 log = logging.getLogger("conn25d")
 
@@ -48,6 +56,15 @@ ASSIGNMENTS_FILE = "assignments.json"
 CONNECTOR_FILE = "connector.json"
 FLOWS_FILE = "flows.bin"
 SWEEP_INTERVAL = 5.0
+REFUSAL_FLUSH_INTERVAL = 5.0
+# Refusals an attacker can cause per packet, item or connection: counted by reason
+# (``refusals_<reason>`` in metrics, present from the start) and logged as summaries.
+REFUSAL_REASONS = (
+    "reject_received", "unmapped_transit", "dns_source", "dns_tcp_per_source",
+    *(f"transit_ip_code_{code}" for code in range(1, 7)),
+    *(f"peerapi_{r}" for r in ("not_peer", "connections_per_source", "rate_limited", "busy",
+                                "bad_requests")),
+)
 RELOAD_POLL = 1.0
 # /metrics values that are levels, not counts.
 GAUGES = (
@@ -71,6 +88,7 @@ class NodeOptions(msgspec.Struct, kw_only=True):
     mtu: int = 1420
     dns_listen: tuple[str, int] = ("100.100.100.100", 53)
     upstream_dns: tuple[tuple[str, int], ...] | None = None  # default: from /etc/resolv.conf
+    dns_allow: tuple[str, ...] = ()  # CIDRs besides this host whose DNS queries are answered
     peerapi_port: int = PEERAPI_PORT
 
     @property
@@ -92,13 +110,16 @@ class Node:
         self.forwarder: Forwarder
         self.registrar: Registrar
         self.resolver: ClientResolver | None = None
+        self.dns_server: DNSServer | None = None
         self._peer_ids: dict[str, int] = {}
+        self._peer_names: dict[int, str] = {}  # the inverse, for log lines
         self._app_ids: dict[str, int] = {}
         self._dirty = trio.Event()
         self._reload_requested = trio.Event()
         self._file_stamp: tuple[float, int] | None = None
         self._saved_flows = b""
         self.counters: dict[str, int] = {"reloads": 0, "reload_errors": 0, "reclaimed": 0}
+        self.refusals = RefusalLog(logging.getLogger("conn25d.refusals"))
 
     # -- NodeContext ---------------------------------------------------------
 
@@ -125,7 +146,11 @@ class Node:
         out = dict(self.counters)
         if self.resolver is not None:
             out.update({f"dns_{k}": v for k, v in self.resolver.counters().items()})
+        if self.dns_server is not None:
+            out.update({f"dns_server_{k}": v for k, v in self.dns_server.counters().items()})
         out.update({f"registration_{k}": v for k, v in self.registrar.counters().items()})
+        refusals = dict.fromkeys(REFUSAL_REASONS, 0) | dict(self.refusals.counters)
+        out.update({f"refusals_{k}": v for k, v in refusals.items()})
         return out
 
     def _exported_metrics(self) -> dict[str, int]:
@@ -149,6 +174,7 @@ class Node:
     async def run(self, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
         opts = self.options
         self._load_config()
+        dns_allow = self._dns_allow()
         state = opts.state_path
         state.mkdir(parents=True, exist_ok=True)
         self.assignments = Assignments(self.config.pools, on_reclaim=self._forget)
@@ -185,12 +211,16 @@ class Node:
                         DNSMapper(self.config, self.assignments, log.info), self.forwarder,
                         self.registrar.resolve, self.registrar.register,
                         assignments_changed=self.assignments_changed)
-                    await nursery.start(DNSServer(opts.dns_listen, self.resolver.answer,
-                                                  cached=self.resolver.cached).run)
+                    # Only this host and --dns-allow networks: never other nodes.
+                    self.dns_server = DNSServer(
+                        opts.dns_listen, self.resolver.answer, cached=self.resolver.cached,
+                        sources=SourcePolicy(dns_allow), refusals=self.refusals)
+                    await nursery.start(self.dns_server.run)
                 local = LocalAPI(self, lambda: status_document(self), self._exported_metrics,
                                  gauges=GAUGES)
                 await nursery.start(local.run, str(state / SOCKET_NAME))
                 nursery.start_soon(self._read_events)
+                nursery.start_soon(self._flush_refusals)
                 nursery.start_soon(self._sweep)
                 nursery.start_soon(self._persist)
                 nursery.start_soon(self._watch_config, system)
@@ -251,6 +281,13 @@ class Node:
             routes += self.config.pools.magic_routes()
         return routes
 
+    def _dns_allow(self) -> tuple[IPNetwork, ...]:
+        allow = self.options.dns_allow
+        try:
+            return parse_dns_allow(",".join(allow)) if allow else ()
+        except ValueError as e:
+            raise NodeError(str(e)) from None
+
     def _local_addresses(self) -> list[IPAddress]:
         return [ipaddress.ip_address(self.options.dns_listen[0])] if self.config.apps else []
 
@@ -293,8 +330,11 @@ class Node:
                              task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         from .http import serve_tcp
 
-        api = PeerAPI(self)
-        await serve_tcp(host, self.peerapi_port, api.handle, task_status=task_status)
+        api = PeerAPI(self, self.refusals)
+        # Only other nodes are answered, each within a budget of its own.
+        await serve_tcp(host, self.peerapi_port, api.handle, limits=PEERAPI_LIMITS,
+                        accept_source=api.is_peer, refusals=self.refusals, name="peerapi",
+                        task_status=task_status)
 
     # -- background tasks ----------------------------------------------------------
 
@@ -310,10 +350,25 @@ class Node:
                 elif ev.kind == "flow_removed" and ev.role == "client":
                     self.assignments.flow_ended(transit, now)
                 elif ev.kind == "reject":
-                    log.info("connector rejected transit=%s: re-registering", transit)
+                    # Forgeable per packet: a summary per peer, not a line each. The
+                    # registrar de-duplicates the re-registrations itself.
+                    self.refusals.refuse(self._peer_name(ev.peer), "reject_received",
+                                         f"connector rejected transit={transit}: re-registering")
                     self.registrar.rejected(transit)
                 elif ev.kind == "unmapped_transit":
-                    log.info("rejected unmapped transit=%s from peer id %s", transit, ev.peer)
+                    self.refusals.refuse(self._peer_name(ev.peer), "unmapped_transit",
+                                         f"rejected unmapped transit={transit}")
+
+    def _peer_name(self, peer_id: int | None) -> str:
+        if len(self._peer_names) != len(self._peer_ids):
+            self._peer_names = {pid: name for name, pid in self._peer_ids.items()}
+        return self._peer_names.get(peer_id or 0, f"peer id {peer_id}")
+
+    async def _flush_refusals(self) -> None:
+        """Report the tail of each burst of refusals once it is over."""
+        while True:
+            await trio.sleep(REFUSAL_FLUSH_INTERVAL)
+            self.refusals.flush()
 
     async def _sweep(self) -> None:
         tables = self.datapath.tables

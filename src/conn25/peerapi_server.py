@@ -12,7 +12,10 @@
   which apps.
 
 The caller is the overlay source address of the connection, which the
-fastpath's anti-spoofing check vouches for; an address of no node gets 403.
+fastpath's anti-spoofing check vouches for; an address of no node gets 403
+(and, served with :data:`PEERAPI_LIMITS` and :meth:`PeerAPI.is_peer`, its
+connection is closed before any request). Refusals a peer can cause per
+request or per item are counted and logged as summaries per peer.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from . import peerapi
 from .config import Node
 from .connector import ConnectorTable, Mapping
 from .dnsmap import DNSMapError, answer_addresses
-from .http import Request, Response
+from .http import Limits, Request, Response
 from .iprange import IPAddress
 from .peerapi import (
     DNS_QUERY_PATH,
@@ -40,6 +43,7 @@ from .peerapi import (
     HealthResponse,
     NotConfigured,
 )
+from .throttle import RefusalLog, SourceLimits
 
 if TYPE_CHECKING:
     from .context import NodeContext
@@ -50,13 +54,26 @@ DNS_MESSAGE = "application/dns-message"
 # Fresh resolutions one registration may run at once (each waits on upstream DNS).
 RESOLVE_CONCURRENCY = 8
 NOT_CONNECTOR_MESSAGE = "this node is not a connector for any app"
+# What the peer API allows each peer (overlay source address) on its own, so that
+# one peer at its maximum leaves the others' health checks, resolutions and
+# registrations unaffected. A client keeps at most a few idle connections per
+# connector (http.ClientPool), so 16 is ample; the total only guards memory.
+PEERAPI_LIMITS = Limits(
+    idle_timeout=30.0,
+    header_timeout=5.0,
+    request_timeout=10.0,
+    handler_timeout=30.0,
+    max_connections=1024,
+    per_source=SourceLimits(max_connections=16, rate=100.0, burst=200.0),
+)
 
 
 class PeerAPI:
     """Routes of the peer API; ``handle`` is an :data:`conn25.http.Handler`."""
 
-    def __init__(self, node: NodeContext) -> None:
+    def __init__(self, node: NodeContext, refusals: RefusalLog | None = None) -> None:
         self._node = node
+        self.refusals = refusals if refusals is not None else RefusalLog(log)
         self._routes = {
             TRANSIT_IP_PATH: self._transit_ip,
             DNS_QUERY_PATH: self._dns_query,
@@ -75,11 +92,21 @@ class PeerAPI:
 
     # -- identity and errors ----------------------------------------------------
 
+    def is_peer(self, address: str) -> bool:
+        """Whether ``address`` is another node's overlay address (``accept_source``).
+
+        This node's own addresses are not: a local process is no peer, and a
+        node never uses its own peer API (it is no candidate connector of itself).
+        """
+        node = self._peer_by_address(address)
+        return node is not None and node.name != self._node.config.node.name
+
     def _peer(self, req: Request) -> Node | None:
-        if req.peer is None:
-            return None
+        return None if req.peer is None else self._peer_by_address(req.peer[0])
+
+    def _peer_by_address(self, address: str) -> Node | None:
         try:
-            addr: IPAddress = ipaddress.ip_address(req.peer[0])
+            addr: IPAddress = ipaddress.ip_address(address)
         except ValueError:
             return None
         # A dual-stack listener reports IPv4 peers as ::ffff:a.b.c.d.
@@ -96,7 +123,10 @@ class PeerAPI:
         headers: list[tuple[str, str]] | None = None,
     ) -> Response:
         who = peer.name if peer is not None else (req.peer[0] if req.peer else "local")
-        log.warning("peerapi: %s %s from %s: %d %s", req.method, req.path, who, status, reason)
+        # A peer can send bad requests as fast as it likes: a summary, not a line each.
+        self.refusals.refuse(who, f"peerapi_http_{status}",
+                             f"{req.method} {req.path}: {status} {reason}",
+                             level=logging.WARNING)
         return Response.text(status, reason, headers)
 
     # -- transit-ip ---------------------------------------------------------------
@@ -120,13 +150,7 @@ class PeerAPI:
                 raise NotConfigured(NOT_CONNECTOR_MESSAGE)
             resp, new = connector.register(peer, r, now)
             stored.extend(new)
-            for item, result in zip(r.transit_ips, resp.transit_ips, strict=True):
-                if result.code != peerapi.Code.OK:
-                    log.info(
-                        "peerapi: transit-ip from %s: %s -> %s (app %s, domain %s) refused, "
-                        "code %d: %s", peer.name, item.transit_ip, item.destination_ip,
-                        item.app, item.domain, result.code, result.message,
-                    )
+            self._note_refused_items(peer, r, resp)
             return resp
 
         status, answer = peerapi.transit_ip_http(req.method, body, register)
@@ -136,6 +160,23 @@ class PeerAPI:
             allow = [("Allow", "POST")] if status == 405 else None
             return self._error(req, peer, status, answer.decode(errors="replace").strip(), allow)
         return Response(200, answer)
+
+    def _note_refused_items(
+        self, peer: Node, req: ConnectorTransitIPRequest, resp: ConnectorTransitIPResponse
+    ) -> None:
+        """Count refused items per code; one summary per code, never a line per item."""
+        refused: dict[int, tuple[int, str]] = {}
+        for item, result in zip(req.transit_ips, resp.transit_ips, strict=True):
+            if result.code == peerapi.Code.OK:
+                continue
+            n, example = refused.get(result.code, (0, ""))
+            if not example:
+                example = (f"{item.transit_ip} -> {item.destination_ip} (app {item.app}, "
+                           f"domain {item.domain}): {result.message}")
+            refused[result.code] = (n + 1, example)
+        for code, (n, example) in sorted(refused.items()):
+            self.refusals.refuse(peer.name, f"transit_ip_code_{code}",
+                                 f"transit-ip item refused, code {code}: {example}", count=n)
 
     async def _resolve_fresh(
         self, connector: ConnectorTable, peer: Node, req: ConnectorTransitIPRequest
