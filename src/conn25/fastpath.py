@@ -11,6 +11,8 @@ One :class:`Datapath` per node::
 Install and remove table entries (addresses packed ``bytes`` or ``ipaddress``
 objects; every update is atomic per entry)::
 
+    dp.tables.set_local([own overlay addresses])   # the only untranslated sources and
+                                                   # destinations; everything else is dropped
     dp.tables.set_peer(peer_id, endpoint_ip, port, [overlay addresses])  # also routes them
     dp.tables.del_peer(peer_id)
     dp.tables.set_route(addr, peer_id) / del_route(addr)      # e.g. a transit IP -> its connector
@@ -30,6 +32,11 @@ Read what happened (wait until ``dp.event_fd`` is readable)::
                "reject" (re-register that transit IP), "unmapped_transit"
     dp.counters() -> {"translated": ..., "drop_spoofed": ..., ...}
     dp.sweep(now_ms, limit)   # idle flows; a bounded number per call
+
+Across a restart (a return packet re-creates its flow when the mapping names one
+translation; the connector flows whose return packets cannot are saved)::
+
+    blob = dp.save_flows() ... dp.restore_flows(blob, now_ms)  # after the mappings
 
 Times are milliseconds of the monotonic clock (:func:`monotonic_ms`).
 ``process_from_tun`` / ``process_datagram`` run the exact per-packet code
