@@ -18,12 +18,14 @@ from dnslib import (
     SOA,
     A,
     DNSHeader,
+    DNSLabel,
     DNSQuestion,
     DNSRecord,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conn25 import dnsname
 from conn25.assignments import Assignments
 from conn25.config import App, Node, NodeConfig, Pools, Tailnet
 from conn25.dnsmap import (
@@ -33,6 +35,7 @@ from conn25.dnsmap import (
     answer_addresses,
     servfail,
 )
+from conn25.dnsname import DomainIndex
 from conn25.iprange import IPRange, IPSet
 
 T0 = 1_700_000_000.0
@@ -224,16 +227,38 @@ def test_question_of_class_other_than_in_passes_unchanged(env):
     assert res.wire == wire and not res.ours and len(env.store) == 0
 
 
-def test_zero_or_several_questions_pass_unchanged(env):
-    """B18: exactly one question or it passes, even when the names are app names."""
+def test_zero_questions_or_several_without_an_app_name_pass_unchanged(env):
+    """B18: no question, or several of which none is an app's: passes as it came."""
     none = DNSRecord(DNSHeader(id=7, qr=1), rr=zone("github.com. 60 IN A 203.0.113.1")).pack()
-    two = DNSRecord(DNSHeader(id=8, qr=1), questions=[DNSQuestion("github.com"),
-                                                      DNSQuestion("api.github.com")],
+    two = DNSRecord(DNSHeader(id=8, qr=1), questions=[DNSQuestion("example.org"),
+                                                      DNSQuestion("api.example.net")],
                     rr=zone("github.com. 60 IN A 203.0.113.1")).pack()
     for wire in (none, two):
         res = env.map(wire)
         assert res.wire == wire and not res.ours
     assert len(env.store) == 0
+
+
+@pytest.mark.parametrize("names", [["github.com", "api.github.com"], ["example.org", "github.com"]])
+def test_several_questions_one_of_an_app_give_servfail(env, names):
+    """A question of an app's makes the message ours: SERVFAIL, never the real address."""
+    wire = DNSRecord(DNSHeader(id=0x4242, qr=1), questions=[DNSQuestion(n) for n in names],
+                     rr=zone("github.com. 60 IN A 203.0.113.1")).pack()
+    res = env.map(wire)
+    assert res.ours and res.servfail and res.app == GITHUB
+    out = DNSRecord.parse(res.wire)
+    assert out.header.rcode == RCODE.SERVFAIL and out.rr == []
+    assert ip("203.0.113.1").packed not in res.wire
+    assert len(env.store) == 0
+
+
+def test_readable_app_question_before_an_unreadable_one_gives_servfail(env):
+    """B18: a readable question under an app domain makes it ours even when the rest is not."""
+    head = struct.pack("!HHHHHH", 0x4242, 0x8180, 2, 1, 0, 0)
+    wire = head + query("api.github.com")[12:] + b"\x07broken"
+    res = env.map(wire)
+    assert_servfail(res, "api.github.com.")
+    assert env.mapper.app_for_query(wire) == GITHUB
 
 
 def test_question_label_holding_a_dot_is_not_an_app_name(env):
@@ -243,6 +268,122 @@ def test_question_label_holding_a_dot_is_not_an_app_name(env):
     wire = DNSRecord(DNSHeader(id=9, qr=1), q=q).pack()
     res = env.map(wire)
     assert res.wire == wire and not res.ours
+
+
+# -- names are matched on their wire labels ------------------------------------------------------
+
+ODD_LABELS = [b"\x01", b"@", b"a\x00b", b"\x00", b"a.b", b".", b"\xff\x80", b"x y", b"-", b"*",
+              b"a\\.b", b"\\046", b"_"]
+
+
+def wire_name(*labels: bytes) -> DNSQuestion:
+    q = DNSQuestion()
+    q.qname = list(labels)
+    return q
+
+
+def labelled_response(labels, qtype="A", answers=()):
+    q = wire_name(*labels)
+    q.qtype = getattr(QTYPE, qtype)
+    r = DNSRecord(DNSHeader(id=0x4242, qr=1, rd=1, ra=1), q=q)
+    r.add_answer(*answers)
+    return r.pack()
+
+
+@pytest.mark.parametrize("odd", ODD_LABELS)
+@pytest.mark.parametrize("qtype", ["A", "AAAA"])
+def test_odd_label_under_an_app_wildcard_never_passes_the_real_address(env, odd, qtype):
+    """A name whose labels end in an app domain's is the app's whatever bytes the others hold."""
+    real = "203.0.113.1" if qtype == "A" else "2001:db8::1"
+    labels = (odd, b"API", b"github", b"com")
+    rdata = A(real) if qtype == "A" else AAAA(real)
+    answer = RR(DNSLabel(labels), getattr(QTYPE, qtype), rdata=rdata, ttl=60)
+    wire = labelled_response(labels, qtype, [answer])
+    assert env.mapper.app_for_query(wire) == GITHUB
+    res = env.map(wire)
+    assert res.ours and res.app == GITHUB
+    assert ip(real).packed not in res.wire
+    if res.servfail:
+        # No text form a connector would accept for the name: nothing was reserved.
+        # (dnslib cannot parse a non-UTF-8 label, so read the rcode off the header)
+        assert res.wire[3] & 0xF == RCODE.SERVFAIL and len(env.store) == 0
+        assert struct.unpack_from("!HHH", res.wire, 6) == (0, 0, 0)
+    else:
+        # Only names with a text form ("*", "_" and "-" labels) are mapped, under that form.
+        out = DNSRecord.parse(res.wire)
+        assert [a.domain for a in res.assignments] == [
+            (odd.decode() + ".api.github.com.")]
+        assert all(addr in MAGIC_POOLS.magic(addr.version) for addr in out_addresses(out))
+
+
+def test_odd_name_under_an_app_domain_with_no_address_gets_an_empty_answer(env):
+    """B24 holds for odd names too: the question echoed and no answer, not SERVFAIL."""
+    wire = labelled_response((b"\x00", b"github", b"com"), "TXT")
+    res = env.map(wire)
+    assert res.ours and not res.servfail
+    out = DNSRecord.parse(res.wire)
+    assert out.rr == [] and out.q.qname.label == (b"\x00", b"github", b"com")
+
+
+@pytest.mark.parametrize("labels", [
+    (b"github.com",),  # one label: its text looks like the domain, its labels are not
+    (b"api.github", b"com"),
+    (b"example.com",),
+    (b"x", b"example.com"),
+    (b"github\\", b"com"),
+    (b"github\\.com",),
+    (b"github", b"com\x00"),
+    (b"github", b"com", b""),
+])
+def test_labels_that_only_print_like_an_app_domain_are_not_its(env, labels):
+    """A label holding a dot byte is one label: no false match through the text form."""
+    answer = RR(DNSLabel(labels), QTYPE.A, rdata=A("203.0.113.1"), ttl=60)
+    wire = labelled_response(labels, "A", [answer])
+    res = env.map(wire)
+    assert res.wire == wire and not res.ours
+    assert env.mapper.app_for_query(wire) is None
+
+
+def test_index_lookup_on_wire_labels_and_text_agree():
+    """One lookup for text and labels; labels compare ASCII-case-insensitively as bytes."""
+    idx = DomainIndex()
+    idx.add("*.wild.example.test.", "W")
+    idx.add("exact.example.test.", "E")
+    assert idx.lookup((b"\x01", b"WILD", b"example", b"test")) == ["W"]
+    assert idx.lookup((b"wild", b"example", b"test")) == ["W"]
+    assert idx.lookup("x@y.wild.example.test") == ["W"]  # text refused by normalize
+    assert idx.lookup((b"EXACT", b"example", b"test")) == ["E"]
+    assert idx.lookup((b"a", b"exact", b"example", b"test")) == []
+    assert idx.lookup((b"x.wild", b"example", b"test")) == []  # "x.wild" is one label
+    assert idx.lookup((b"wild.example", b"test")) == []
+    # Only ASCII letters fold: 0xC1 is not 0xE1.
+    idx.add("*.xn--x.test.", "X")
+    assert idx.lookup((b"\xc1", b"XN--X", b"test")) == ["X"]
+    assert idx.lookup((b"xn--\xd8", b"test")) == []
+
+
+@pytest.mark.parametrize(("labels", "text"), [
+    ((b"API", b"GitHub", b"com"), "api.github.com."),
+    ((b"*", b"github", b"com"), "*.github.com."),
+    ((), "."),
+])
+def test_from_labels_gives_the_normalised_text(labels, text):
+    assert dnsname.from_labels(labels) == text
+
+
+@pytest.mark.parametrize("labels", [(b"a.b", b"com"), (b"\x00", b"com"), (b"\xc3\xa9", b"com"),
+                                    (b" a", b"com"), (b"a", b"*"), (b"@",)])
+def test_from_labels_refuses_names_without_a_text_form(labels):
+    with pytest.raises(ValueError):
+        dnsname.from_labels(labels)
+
+
+def test_answer_addresses_refuses_an_odd_name():
+    """The connector notes no resolution for a name that cannot be registered anyway."""
+    wire = labelled_response((b"a.b", b"github", b"com"), "A", [
+        RR(DNSLabel((b"a.b", b"github", b"com")), QTYPE.A, rdata=A("203.0.113.1"), ttl=60)])
+    with pytest.raises(DNSMapError, match="question name"):
+        answer_addresses(wire)
 
 
 # -- B19: errors once it is ours give SERVFAIL ----------------------------------------------------
@@ -586,7 +727,7 @@ def test_rewrite_clears_ad_keeps_other_flags(env):
 
 
 def test_app_for_query(env):
-    """B18, B15: a query is ours when it has one IN question whose name maps to an app."""
+    """B18, B15: a query is ours when an IN question it has maps to an app."""
     m = env.mapper
     assert m.app_for_query(query("GitHub.com")) == GITHUB
     assert m.app_for_query(query("deep.api.github.com", "AAAA")) == GITHUB
@@ -594,9 +735,10 @@ def test_app_for_query(env):
     assert m.app_for_query(query("www.example.org")) is None
     assert m.app_for_query(query("github.com", qclass=CLASS.CH)) is None
     assert m.app_for_query(b"\x00\x01\x02") is None
-    two = DNSRecord(DNSHeader(id=1), questions=[DNSQuestion("github.com"),
+    two = DNSRecord(DNSHeader(id=1), questions=[DNSQuestion("example.org"),
                                                 DNSQuestion("github.com")]).pack()
-    assert m.app_for_query(two) is None
+    assert m.app_for_query(two) == GITHUB  # an app's question among several is still the app's
+    assert m.app_for_query(query("api.github.com")[:-5]) is None  # its question cut short
 
 
 # -- servfail() -----------------------------------------------------------------------------------
