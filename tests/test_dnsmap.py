@@ -22,9 +22,11 @@ from dnslib import (
     DNSQuestion,
     DNSRecord,
 )
+from dnslib.dns import DNSError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import dnswire
 from conn25 import dnsname
 from conn25.assignments import Assignments
 from conn25.config import App, Node, NodeConfig, Pools, Tailnet
@@ -862,11 +864,23 @@ def test_mutated_app_responses_never_raise_or_leak(seed, edits, cut):
     wire = bytes(wire[: max(cut, 12)])
     env = Env()
     res = env.map(wire)
-    if res.ours:
-        # a mutation may have changed an address: the real one must still be from the input
-        _check_output(env, res, SEED_REALS, lambda real: real.packed in wire)
-    else:
+    if not res.ours:
         assert res.wire == wire
+        return
+    if res.servfail:
+        assert res.wire[3] & 0xF == RCODE.SERVFAIL
+        assert struct.unpack_from("!HHHH", res.wire, 4)[1:] == (0, 0, 0)  # no records at all
+        assert struct.unpack_from("!H", res.wire, 4)[0] <= 1
+        return
+    try:
+        DNSRecord.parse(res.wire)
+    except DNSError:
+        # The question may hold labels dnslib cannot read (any byte is allowed there).
+        datas = dnswire.address_data(res.wire)
+        assert all(ip(d) in MAGIC_POOLS.magic(ip(d).version) for d in datas), res.wire.hex()
+        return
+    # a mutation may have changed an address: the real one must still be from the input
+    _check_output(env, res, SEED_REALS, lambda real: real.packed in wire)
 
 
 _name = st.sampled_from(NAMES).flatmap(
@@ -907,3 +921,17 @@ def test_random_answer_sets_map_only_to_magic_ips(qtype, qname, records):
         direct = [ip(v) for (kind, owner, v), _ in records
                   if kind == qtype and owner.lower() == "www.github.com."]
         assert [a.real for a in res.assignments] == list(dict.fromkeys(direct))
+
+
+def test_servfail_for_a_message_with_garbage_questions_echoes_only_the_app_question(env):
+    """Found by fuzzing: QDCOUNT raised to 257 made answer records read as questions.
+
+    SERVFAIL must not echo them: one held the real address's bytes as a label.
+    """
+    wire = bytearray(response("www.github.com", answers=zone(
+        "www.github.com. 60 IN CNAME a.example.net.\na.example.net. 30 IN A 203.0.113.1")))
+    wire[4] = 1  # QDCOUNT 257
+    res = env.map(bytes(wire))
+    assert res.ours and res.servfail
+    assert ip("203.0.113.1").packed not in res.wire
+    assert_servfail(res, "www.github.com.")

@@ -66,6 +66,7 @@ TYPE_HTTPS = QTYPE.HTTPS  # 65
 CLASS_IN = CLASS.IN
 
 MAX_CHAIN = 16  # CNAME hops followed; a longer chain counts as broken
+MAX_POINTERS = 127  # compression pointers followed in one name; more is a loop
 SVC_MANDATORY, SVC_IPV4HINT, SVC_IPV6HINT = 0, 4, 6
 _HINTS = frozenset((SVC_IPV4HINT, SVC_IPV6HINT))
 _MAX_TTL = 2**31 - 1  # RFC 2181 §8: a TTL with the top bit set means zero
@@ -126,7 +127,8 @@ class DNSMapper:
             _, _, questions, _ = _read_head(wire)
         except Exception:
             return None
-        return self._app(questions)
+        found = self._app(questions)
+        return None if found is None else found[0]
 
     def map_response(self, wire: bytes, now: float) -> MapResult:
         """Rewrite an upstream response for an app domain (see the module docstring)."""
@@ -134,16 +136,16 @@ class DNSMapper:
             buf, header, questions, complete = _read_head(wire)
         except Exception:
             return MapResult(wire)  # not even a header: not ours
-        app = self._app(questions)
-        if app is None:
+        found = self._app(questions)
+        if found is None:
             return MapResult(wire)  # no question of an app's that can be read
+        app, question = found
         if not complete or len(questions) != 1:
-            # An app's question makes it ours, whatever else the message holds.
-            names = ", ".join(str(q.qname) for q in questions)
-            self._log(f"dns: SERVFAIL for {names} (app {app.name}): "
+            # An app's question makes it ours, whatever else the message holds. Only that
+            # question is echoed: the others may be any bytes, records misread among them.
+            self._log(f"dns: SERVFAIL for {question.qname} (app {app.name}): "
                       f"{header.q} questions, {len(questions)} readable")
-            return MapResult(_servfail(header, questions), app, servfail=True)
-        question = questions[0]
+            return MapResult(_servfail(header, [question]), app, servfail=True)
         new: list[Assignment] = []
         used: list[Assignment] = []
         try:
@@ -162,10 +164,11 @@ class DNSMapper:
             return MapResult(_servfail(header, [question]), app, new, used, servfail=True)
         return MapResult(bytes(out), app, new, used)
 
-    def _app(self, questions: list[DNSQuestion]) -> App | None:
+    def _app(self, questions: list[DNSQuestion]) -> tuple[App, DNSQuestion] | None:
+        """The first class-IN question that is an app's, with its app."""
         for q in questions:
             if q.qclass == CLASS_IN and (app := self.config.mapping_app(q.qname.label)):
-                return app
+                return app, q
         return None
 
     def _answer(
@@ -306,13 +309,14 @@ def _read_head(wire: bytes) -> tuple[DNSBuffer, DNSHeader, list[DNSQuestion], bo
 def _read_name(data: bytes, offset: int) -> tuple[tuple[bytes, ...], int]:
     """The labels of the name at ``offset`` and the offset after it (RFC 1035 §4.1.4).
 
-    A compression pointer must point before the previous one, which bounds
-    the walk. DNSMapError when the name runs off the end, uses a label type
-    other than plain or pointer, or a pointer that does not point back.
+    A compression pointer may point anywhere in the message, as stub
+    resolvers allow (a name they can read must not count as unreadable
+    here); a loop ends at MAX_POINTERS hops. DNSMapError when the name runs
+    off the end, uses a label type other than plain or pointer, or loops.
     """
     labels: list[bytes] = []
     end = -1
-    limit = offset  # pointers must go strictly backwards from here
+    hops = 0
     while True:
         if offset >= len(data):
             raise DNSMapError("name runs past the message")
@@ -320,12 +324,12 @@ def _read_name(data: bytes, offset: int) -> tuple[tuple[bytes, ...], int]:
         if length & 0xC0 == 0xC0:
             if offset + 2 > len(data):
                 raise DNSMapError("name runs past the message")
-            target = struct.unpack_from("!H", data, offset)[0] & 0x3FFF
             if end < 0:
                 end = offset + 2
-            if target >= limit:
-                raise DNSMapError(f"compression pointer at {offset} does not point back")
-            offset = limit = target
+            hops += 1
+            if hops > MAX_POINTERS:
+                raise DNSMapError("compression pointers loop")
+            offset = struct.unpack_from("!H", data, offset)[0] & 0x3FFF
         elif length & 0xC0:
             raise DNSMapError(f"label type {length >> 6} at {offset}")
         elif length == 0:
