@@ -14,15 +14,20 @@ Labels = tuple[bytes, ...]
 def read_name(wire: bytes, i: int) -> tuple[Labels, int]:
     """Labels at ``i`` and the offset after the name, as a stub resolver reads them.
 
-    Pointers may point anywhere in the message (dn_expand allows that); a loop ends by the
-    hop count. IndexError/ValueError when the name cannot be read.
+    Pointers may point anywhere in the message (dn_expand allows that); a loop ends after 127
+    hops; a name over 255 octets is refused. IndexError/ValueError when the name cannot
+    be read.
     """
     labels: list[bytes] = []
     end = None
-    for _ in range(128):
+    hops = 0
+    while True:
         n = wire[i]
         if n & 0xC0 == 0xC0:
             end = i + 2 if end is None else end
+            hops += 1
+            if hops > 127:
+                raise ValueError("pointer loop")
             i = struct.unpack_from("!H", wire, i)[0] & 0x3FFF
         elif n & 0xC0:
             raise ValueError("label type")
@@ -32,17 +37,22 @@ def read_name(wire: bytes, i: int) -> tuple[Labels, int]:
             if i + 1 + n > len(wire):
                 raise IndexError("label past the end")
             labels.append(wire[i + 1 : i + 1 + n])
+            if sum(1 + len(x) for x in labels) + 1 > 255:
+                raise ValueError("name too long")
             i += 1 + n
-    raise ValueError("pointer loop")
 
 
-def questions(wire: bytes) -> tuple[list[tuple[Labels, int, int]], bool]:
-    """(labels, qtype, qclass) of the questions up to the first unreadable; True if all read."""
+def questions(wire: bytes, limit: int = 16) -> tuple[list[tuple[Labels, int, int]], bool]:
+    """(labels, qtype, qclass) of the questions up to the first unreadable; True if all read.
+
+    Questions after the first ``limit`` count as unreadable (the mapper looks at no more).
+    """
     out: list[tuple[Labels, int, int]] = []
     if len(wire) < 12:
         return out, False
     i = 12
-    for _ in range(struct.unpack_from("!H", wire, 4)[0]):
+    count = struct.unpack_from("!H", wire, 4)[0]
+    for _ in range(min(count, limit)):
         try:
             labels, i = read_name(wire, i)
             qtype, qclass = struct.unpack_from("!HH", wire, i)
@@ -50,7 +60,7 @@ def questions(wire: bytes) -> tuple[list[tuple[Labels, int, int]], bool]:
             return out, False
         out.append((labels, qtype, qclass))
         i += 4
-    return out, True
+    return out, count <= limit
 
 
 def address_data(wire: bytes) -> list[bytes]:

@@ -935,3 +935,43 @@ def test_servfail_for_a_message_with_garbage_questions_echoes_only_the_app_quest
     assert res.ours and res.servfail
     assert ip("203.0.113.1").packed not in res.wire
     assert_servfail(res, "www.github.com.")
+
+
+def test_question_name_with_a_forward_pointer_is_read_as_a_stub_reads_it(env):
+    """Stub resolvers follow a pointer forwards too: such an app question is ours."""
+    head = struct.pack("!HHHHHH", 0x4242, 0x8180, 1, 1, 0, 0)
+    # question: "api" then a pointer to "github.com" placed after the question
+    question = b"\x03api\xc0\x16" + b"\x00\x01\x00\x01"
+    tail = b"\x06github\x03com\x00"
+    answer = b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 60, 4) + ip("203.0.113.1").packed
+    wire = head + question + tail + answer
+    assert wire[0x16:0x16 + 7] == b"\x06github"
+    res = env.map(wire)
+    assert res.ours and ip("203.0.113.1").packed not in res.wire
+
+
+def test_question_name_over_255_octets_is_unreadable_and_passes(env):
+    """RFC 1035 §2.3.4: no resolver reads it as a name, so it is no app's either."""
+    def message(first: int) -> bytes:
+        name = b"".join(bytes([n]) + b"a" * n for n in (63, 63, 63, first))
+        return (struct.pack("!HHHHHH", 1, 0x8180, 1, 0, 0, 0) + name
+                + b"\x06github\x03com\x00\x00\x01\x00\x01")
+
+    too_long = message(51)
+    assert len(too_long) - 12 - 4 == 256
+    res = env.map(too_long)
+    assert res.wire == too_long and not res.ours
+    assert env.map(message(50)).ours  # 255 octets: a name, the app's
+
+
+def test_thousands_of_questions_are_not_all_read():
+    """Only the first questions are looked at; an app question among them makes it SERVFAIL."""
+    name = b"".join(b"\x01a" for _ in range(120)) + b"\x06github\x03com\x00"
+    many = b"\xc0\x0c\x00\x01\x00\x01" * 10_000
+    wire = struct.pack("!HHHHHH", 0x4242, 0x8180, 10_001, 0, 0, 0) + name + b"\x00\x01\x00\x01"
+    env = Env()
+    res = env.map(wire + many)
+    assert res.ours and res.servfail
+    other = wire.replace(b"\x06github", b"\x06gitlab")
+    res = env.map(other + many)
+    assert not res.ours and res.wire == other + many

@@ -67,6 +67,10 @@ CLASS_IN = CLASS.IN
 
 MAX_CHAIN = 16  # CNAME hops followed; a longer chain counts as broken
 MAX_POINTERS = 127  # compression pointers followed in one name; more is a loop
+MAX_NAME = 255  # octets of a name on the wire (RFC 1035 §2.3.4); stub resolvers refuse longer
+# Questions looked at in one message: reading thousands would cost seconds per message. An
+# answer to a query has one, and the client's resolver and the connector insist on that.
+MAX_QUESTIONS = 16
 SVC_MANDATORY, SVC_IPV4HINT, SVC_IPV6HINT = 0, 4, 6
 _HINTS = frozenset((SVC_IPV4HINT, SVC_IPV6HINT))
 _MAX_TTL = 2**31 - 1  # RFC 2181 §8: a TTL with the top bit set means zero
@@ -217,7 +221,9 @@ def answer_addresses(response: bytes | DNSRecord) -> tuple[str, int, list[tuple[
         questions, answers = response.questions, response.rr
     else:
         try:
-            buf, header, questions = _parse_head(response)
+            buf, header, questions, complete = _read_head(response)
+            if not complete:
+                raise DNSMapError("a question cannot be read")
             answers = _parse_records(buf, header.a, _ANSWER_TYPES, "answer")
         except Exception as e:
             raise DNSMapError(f"unreadable DNS message: {e}") from None
@@ -261,25 +267,14 @@ def servfail(wire: bytes) -> bytes:
     Id, opcode, RD and CD are kept. When the questions cannot be read the
     answer has none. DNSMapError when not even the header can be read.
     """
-    buf = DNSBuffer(wire)
     try:
-        header = DNSHeader.parse(buf)
+        _, header, questions, complete = _read_head(wire)
     except Exception as e:
         raise DNSMapError(f"cannot answer SERVFAIL, unreadable DNS header: {e}") from None
-    try:
-        questions = [DNSQuestion.parse(buf) for _ in range(header.q)]
-    except Exception:
-        questions = []
-    return _servfail(header, questions)
+    return _servfail(header, questions if complete else [])
 
 
 # -- internals ------------------------------------------------------------------
-
-
-def _parse_head(wire: bytes) -> tuple[DNSBuffer, DNSHeader, list[DNSQuestion]]:
-    buf = DNSBuffer(wire)
-    header = DNSHeader.parse(buf)
-    return buf, header, [DNSQuestion.parse(buf) for _ in range(header.q)]
 
 
 def _read_head(wire: bytes) -> tuple[DNSBuffer, DNSHeader, list[DNSQuestion], bool]:
@@ -287,13 +282,14 @@ def _read_head(wire: bytes) -> tuple[DNSBuffer, DNSHeader, list[DNSQuestion], bo
 
     Questions are read here rather than by dnslib, which refuses a label
     that is not UTF-8: DNS allows any byte in a label, and such a name under
-    an app domain is still the app's. Raises only when the header cannot be
+    an app domain is still the app's. Questions after the first
+    MAX_QUESTIONS count as unreadable. Raises only when the header cannot be
     read.
     """
     buf = DNSBuffer(wire)
     header = DNSHeader.parse(buf)
     questions = []
-    for _ in range(header.q):
+    for _ in range(min(header.q, MAX_QUESTIONS)):
         try:
             labels, end = _read_name(buf.data, buf.offset)
             if end + 4 > len(buf.data):
@@ -303,7 +299,7 @@ def _read_head(wire: bytes) -> tuple[DNSBuffer, DNSHeader, list[DNSQuestion], bo
         qtype, qclass = struct.unpack_from("!HH", buf.data, end)
         questions.append(DNSQuestion(DNSLabel(labels), qtype, qclass))
         buf.offset = end + 4
-    return buf, header, questions, True
+    return buf, header, questions, header.q <= MAX_QUESTIONS
 
 
 def _read_name(data: bytes, offset: int) -> tuple[tuple[bytes, ...], int]:
@@ -312,11 +308,13 @@ def _read_name(data: bytes, offset: int) -> tuple[tuple[bytes, ...], int]:
     A compression pointer may point anywhere in the message, as stub
     resolvers allow (a name they can read must not count as unreadable
     here); a loop ends at MAX_POINTERS hops. DNSMapError when the name runs
-    off the end, uses a label type other than plain or pointer, or loops.
+    off the end, is longer than MAX_NAME, uses a label type other than plain
+    or pointer, or loops.
     """
     labels: list[bytes] = []
     end = -1
     hops = 0
+    size = 1  # the root label
     while True:
         if offset >= len(data):
             raise DNSMapError("name runs past the message")
@@ -337,6 +335,9 @@ def _read_name(data: bytes, offset: int) -> tuple[tuple[bytes, ...], int]:
         else:
             if offset + 1 + length > len(data):
                 raise DNSMapError("name runs past the message")
+            size += 1 + length
+            if size > MAX_NAME:
+                raise DNSMapError(f"name longer than {MAX_NAME} octets")
             labels.append(bytes(data[offset + 1 : offset + 1 + length]))
             offset += 1 + length
 
