@@ -363,7 +363,7 @@ def test_datapath_translations_keep_checksums(
             run_packet(dp, ingress, pkt)
 
 
-def test_datapath_translates_the_fuzzed_flows():
+def test_datapath_translates_the_fuzzed_flows() -> None:
     """The fuzz target's set-up really translates, both roles and both families.
 
     Otherwise the checksum property above would hold vacuously.
@@ -389,7 +389,7 @@ def test_datapath_translates_the_fuzzed_flows():
 @example(b"\x45", "tun", False)
 @example(b"\x60" + b"\0" * 39, CLIENT_EP, True)
 @example(b"", CONN_EP, False)
-def test_datapath_survives_raw_bytes(data, ingress, framed):
+def test_datapath_survives_raw_bytes(data: bytes, ingress: Ingress, framed: bool) -> None:
     """Arbitrary bytes, raw or as a data datagram: a documented verdict, never a crash."""
     dp = make_datapath()
     if ingress == "tun" or framed:
@@ -494,7 +494,9 @@ def app_question_readable(wire: bytes) -> bool:
 @example((b"BB\x81\x80\x00\x01\x00\x01\x00\x00\x00\x00\x03a.b\x04wild\x07example\x04test\x00"
           b"\x00\x01\x00\x01\xc0\x0c\x00\x01\x00\x01\x00\x00\x00<\x00\x04\xcb\x00q\x07",
           (b"a.b", b"wild", b"example", b"test")), [], None)
-def test_dns_answers_for_app_names_never_carry_real_addresses(answer, edits, cut):
+def test_dns_answers_for_app_names_never_carry_real_addresses(
+    answer: tuple[bytes, tuple[bytes, ...]], edits: list[tuple[int, int]], cut: int | None,
+) -> None:
     """A response with a question under an app domain: mapped or SERVFAIL, never real."""
     wire, _ = answer
     buf = bytearray(wire)
@@ -535,14 +537,20 @@ DECODERS: list[tuple[Callable[[bytes], object], type, bytes]] = [
     (peerapi.decode_transit_response, peerapi.ConnectorTransitIPResponse, VALID_RESPONSE),
     (peerapi.decode_health, peerapi.HealthResponse, VALID_HEALTH),
 ]
+JSON_KEYS = st.text(max_size=5) | st.sampled_from([
+    "transitIPs", "transitIP", "destinationIP", "app", "domain", "code", "message", "apps", "node",
+    "advertisesConnector"])
+
+
+def _json_containers(inner: st.SearchStrategy) -> st.SearchStrategy:
+    return st.lists(inner, max_size=3) | st.dictionaries(JSON_KEYS, inner, max_size=4)
+
+
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
     | st.text(max_size=20) | st.sampled_from(["169.254.128.1", "2001:db8::1", "fe80::1%eth0",
                                               "x@y.github.com", "a" * 300, "\0", "\ud800"]),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
-        st.sampled_from(["transitIPs", "transitIP", "destinationIP", "app", "domain", "code",
-                         "message", "apps", "node", "advertisesConnector"]) | st.text(max_size=5),
-        inner, max_size=4),
+    _json_containers,
     max_leaves=12,
 )
 
@@ -564,7 +572,9 @@ def _check_decode(decode: Callable[[bytes], object], kind: type, body: bytes) ->
 @given(st.sampled_from(DECODERS), st.binary(max_size=300))
 @example(DECODERS[0], b'{"transitIPs":[{"transitIP":"169.254.128.1","destinationIP":'
                       b'"203.0.113.1","app":"A","domain":"x@y.github.com"}]}')
-def test_peerapi_decoders_on_arbitrary_bytes(decoder, body):
+def test_peerapi_decoders_on_arbitrary_bytes(
+    decoder: tuple[Callable[[bytes], object], type, bytes], body: bytes,
+) -> None:
     """Arbitrary bytes give a typed value or BadRequest, never another exception."""
     _check_decode(*decoder[:2], body)
 
@@ -573,7 +583,10 @@ def test_peerapi_decoders_on_arbitrary_bytes(decoder, body):
 @given(st.sampled_from(DECODERS), st.lists(st.tuples(st.integers(0, 250), st.integers(0, 255)),
                                            max_size=4),
        st.none() | st.integers(0, 250), JSON_VALUES)
-def test_peerapi_decoders_on_mutated_json(decoder, edits, cut, splice):
+def test_peerapi_decoders_on_mutated_json(
+    decoder: tuple[Callable[[bytes], object], type, bytes], edits: list[tuple[int, int]],
+    cut: int | None, splice: object,
+) -> None:
     """Valid bodies with bytes flipped, cut short, or a value replaced by arbitrary JSON."""
     decode, kind, valid = decoder
     buf = bytearray(valid)
