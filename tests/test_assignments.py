@@ -234,7 +234,7 @@ def test_on_reclaim_hears_of_every_reclaimed_assignment_also_inside_reserve():
     assert store.reclaim(T0 + 1000) == [] and gone == [a, b]  # in use: extended, not reclaimed
 
 
-# -- restoring into the current configuration (B74) ------------------------------------------
+# -- restored entries the current pools and nodes rule out are dropped -----------------------
 
 NODE_V4, NODE_V6 = ip("100.64.0.2"), ip("fd7a:115c:a1e0::2")
 
@@ -265,7 +265,7 @@ GOOD_ROW = saved_row("100.80.0.1", "169.254.128.1", domain="good.")
      "transit IP is a node's address"),
 ])
 def test_restore_drops_entries_unusable_now_each_with_one_line(row, why):
-    """B74: the rest is restored; the dropped one is reported with its addresses and reason."""
+    """The rest is restored; the dropped one is reported with its addresses and reason."""
     store = Assignments(pools())
     n, lines = restore_rows(store, GOOD_ROW, row)
     assert n == 1 and len(store) == 1

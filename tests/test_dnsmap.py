@@ -230,7 +230,7 @@ def test_question_of_class_other_than_in_passes_unchanged(env):
 
 
 def test_zero_questions_or_several_without_an_app_name_pass_unchanged(env):
-    """B18: no question, or several of which none is an app's: passes as it came."""
+    """No question, or several of which none is an app's: passes as it came."""
     none = DNSRecord(DNSHeader(id=7, qr=1), rr=zone("github.com. 60 IN A 203.0.113.1")).pack()
     two = DNSRecord(DNSHeader(id=8, qr=1), questions=[DNSQuestion("example.org"),
                                                       DNSQuestion("api.example.net")],
@@ -255,7 +255,7 @@ def test_several_questions_one_of_an_app_give_servfail(env, names):
 
 
 def test_readable_app_question_before_an_unreadable_one_gives_servfail(env):
-    """B18: a readable question under an app domain makes it ours even when the rest is not."""
+    """A readable question under an app domain makes it ours even when the rest is not."""
     head = struct.pack("!HHHHHH", 0x4242, 0x8180, 2, 1, 0, 0)
     wire = head + query("api.github.com")[12:] + b"\x07broken"
     res = env.map(wire)
@@ -319,7 +319,7 @@ def test_odd_label_under_an_app_wildcard_never_passes_the_real_address(env, odd,
 
 
 def test_odd_name_under_an_app_domain_with_no_address_gets_an_empty_answer(env):
-    """B24 holds for odd names too: the question echoed and no answer, not SERVFAIL."""
+    """Other types for odd names too: the question echoed and no answer, not SERVFAIL."""
     wire = labelled_response((b"\x00", b"github", b"com"), "TXT")
     res = env.map(wire)
     assert res.ours and not res.servfail
@@ -729,7 +729,7 @@ def test_rewrite_clears_ad_keeps_other_flags(env):
 
 
 def test_app_for_query(env):
-    """B18, B15: a query is ours when an IN question it has maps to an app."""
+    """A query is ours when an IN question it has maps to an app (any case)."""
     m = env.mapper
     assert m.app_for_query(query("GitHub.com")) == GITHUB
     assert m.app_for_query(query("deep.api.github.com", "AAAA")) == GITHUB
