@@ -187,16 +187,18 @@ NOW_MS = 5_000_000
 
 
 def _addrs(*texts: str) -> dict[str, bytes]:
-    names = ("self", "magic", "transit_a", "client", "transit_b", "real", "connector", "router")
+    names = ("self", "magic", "transit_a", "client", "transit_b", "real", "connector", "router",
+             "unassigned magic", "unmapped transit")
     return {n: ip(t).packed for n, t in zip(names, texts, strict=True)}
 
 
 ADDR = {
     4: _addrs("100.64.0.3", "100.80.0.5", "169.254.128.5", "100.64.0.1", "169.254.128.9",
-              "203.0.113.10", "100.64.0.2", "198.51.100.1"),
+              "203.0.113.10", "100.64.0.2", "198.51.100.1", "100.80.0.99", "169.254.128.99"),
     6: _addrs("fd7a:115c:a1e0::3", "fd7a:115c:a1e0:ab12::5", "fd7a:115c:a1e0:ab13::5",
               "fd7a:115c:a1e0::1", "fd7a:115c:a1e0:ab13::9", "2001:db8::10",
-              "fd7a:115c:a1e0::2", "2001:db8:ffff::1"),
+              "fd7a:115c:a1e0::2", "2001:db8:ffff::1", "fd7a:115c:a1e0:ab12::99",
+              "fd7a:115c:a1e0:ab13::99"),
 }
 # The four legs of the two translated flows: (where it comes in, source, destination).
 # Client: self -> magic out of the TUN (to transit_a at the connector), transit_a -> self back.
@@ -245,6 +247,9 @@ def run_packet(dp: Datapath, ingress: str | tuple[str, int], pkt: bytes) -> tupl
     assert isinstance(out, bytes)
     if translated:
         assert_translation_keeps_checksums(pkt, out)
+    elif verdict == "reply":  # an ICMP error we made: its own checksums are right
+        made = checks(out)
+        assert made.get("ip", True) and made["l4"], (pkt.hex(), out.hex())
     return verdict, out
 
 
