@@ -23,7 +23,7 @@ import dnswire
 from conn25 import peerapi
 from conn25.assignments import Assignments
 from conn25.config import App, Node, NodeConfig, Pools, Tailnet
-from conn25.dnsmap import DNSMapper
+from conn25.dnsmap import DNSMapError, DNSMapper, answer_addresses, query_question, servfail
 from conn25.fastpath import Datapath
 from conn25.iprange import IPRange, IPSet
 
@@ -525,6 +525,31 @@ def test_dns_answers_for_app_names_never_carry_real_addresses(
     addresses = dnswire.address_data(res.wire)
     assert all(len(a) in (4, 16) and magic(a) for a in addresses), (mutated_wire.hex(),
                                                                     res.wire.hex())
+
+
+@FUZZ
+@given(upstream_answers(), st.lists(st.tuples(st.integers(0, 300), st.integers(0, 255)),
+                                    max_size=4), st.none() | st.integers(0, 300), st.booleans())
+def test_dns_helpers_raise_only_their_error(
+    answer: tuple[bytes, tuple[bytes, ...]], edits: list[tuple[int, int]], cut: int | None,
+    as_query: bool,
+) -> None:
+    """The connector's readers of queries and answers, and servfail(): DNSMapError or a value."""
+    buf = bytearray(answer[0])
+    if as_query:
+        buf[2] &= 0x7F  # QR off
+    for pos, value in edits:
+        if pos < len(buf):
+            buf[pos] = value
+    wire = bytes(buf[:cut])
+    for call in (answer_addresses, query_question, servfail):
+        try:
+            out = call(wire)
+        except DNSMapError:
+            continue
+        if call is servfail:
+            assert isinstance(out, bytes) and out[3] & 0xF == 2
+            assert struct.unpack_from("!HHH", out, 6) == (0, 0, 0)
 
 
 # -- target c: the peer API decoders ---------------------------------------------------------------
