@@ -1,6 +1,7 @@
 """Client assignments and expiry: BEHAVIOURS 29-35, 38."""
 
 import ipaddress
+import json
 
 import pytest
 
@@ -231,3 +232,84 @@ def test_on_reclaim_hears_of_every_reclaimed_assignment_also_inside_reserve():
     assert gone == [a, b]
     store.flow_started(store.by_domain_real("c.", ip("203.0.113.3")).transit, T0 + 61)
     assert store.reclaim(T0 + 1000) == [] and gone == [a, b]  # in use: extended, not reclaimed
+
+
+# -- restored entries the current pools and nodes rule out are dropped -----------------------
+
+NODE_V4, NODE_V6 = ip("100.64.0.2"), ip("fd7a:115c:a1e0::2")
+
+
+def saved_row(magic: str, transit: str, real: str = "203.0.113.1", domain: str = "a.") -> str:
+    return (f'{{"magic":"{magic}","transit":"{transit}","real":"{real}","app":"A",'
+            f'"domain":"{domain}","expiry":{T0 + 300}}}')
+
+
+def restore_rows(store: Assignments, *rows: str) -> tuple[int, list[str]]:
+    lines: list[str] = []
+    n = store.restore(("[" + ",".join(rows) + "]").encode(), T0,
+                      node_addresses=[NODE_V4, NODE_V6], report=lines.append)
+    return n, lines
+
+
+GOOD_ROW = saved_row("100.80.0.1", "169.254.128.1", domain="good.")
+
+
+@pytest.mark.parametrize(("row", "why"), [
+    (saved_row("100.64.0.2", "169.254.128.2"), "magic IP is a node's address"),
+    (saved_row("100.80.0.2", "100.64.0.2"), "transit IP is a node's address"),
+    (saved_row("100.79.255.255", "169.254.128.2"), "magic IP outside the v4 magic pool"),
+    (saved_row("100.80.0.2", "169.254.129.0"), "transit IP outside the v4 transit pool"),
+    (saved_row("fd7a:115c:a1e0:ab12::ff", "fd7a:115c:a1e0:ab13::", "2001:db8::1"),
+     "magic IP outside the v6 magic pool"),
+    (saved_row("fd7a:115c:a1e0:ab12::", "fd7a:115c:a1e0::2", "2001:db8::1"),
+     "transit IP is a node's address"),
+])
+def test_restore_drops_entries_unusable_now_each_with_one_line(row, why):
+    """The rest is restored; the dropped one is reported with its addresses and reason."""
+    store = Assignments(pools())
+    n, lines = restore_rows(store, GOOD_ROW, row)
+    assert n == 1 and len(store) == 1
+    assert store.by_domain_real("good.", ip("203.0.113.1")) is not None
+    assert len(lines) == 1 and "\n" not in lines[0]
+    assert why in lines[0] and "saved assignment dropped" in lines[0]
+    saved = json.loads(row)
+    magic, transit = saved["magic"], saved["transit"]
+    assert f"magic {magic}" in lines[0] and f"transit {transit}" in lines[0]
+    # nothing of the dropped entry stays in use or findable
+    assert store.by_magic(ip(magic)) is None and store.by_transit(ip(transit)) is None
+    usage = store.pool_usage()
+    assert usage["v4Magic"]["inUse"] == 1 and usage["v4Transit"]["inUse"] == 1
+    assert usage["v6Magic"]["inUse"] == 0 and usage["v6Transit"]["inUse"] == 0
+
+
+def test_restore_reports_every_reason_of_an_entry_in_its_one_line():
+    store = Assignments(pools())
+    n, lines = restore_rows(store, saved_row("100.64.0.2", "100.64.0.2"))
+    assert n == 0 and len(store) == 0
+    assert len(lines) == 1
+    for why in ("magic IP outside the v4 magic pool", "transit IP outside the v4 transit pool",
+                "magic IP is a node's address", "transit IP is a node's address"):
+        assert why in lines[0]
+
+
+def test_restore_after_the_pools_changed_keeps_only_entries_in_the_new_pools():
+    """A snapshot made under other pools: entries outside the current ones are dropped."""
+    old = Assignments(pools())
+    a, _ = old.reserve("A", "a.", ip("203.0.113.1"), 300, T0)
+    b, _ = old.reserve("A", "b.", ip("203.0.113.2"), 300, T0)
+    assert (str(a.magic), str(b.magic)) == ("100.80.0.0", "100.80.0.1")
+    fresh = Assignments(pools(v4_magic="100.80.0.1-100.80.0.4"))
+    lines: list[str] = []
+    assert fresh.restore(old.snapshot(), T0, report=lines.append) == 1
+    assert [x.magic for x in fresh] == [b.magic]
+    assert len(lines) == 1 and "magic 100.80.0.0" in lines[0]
+    # the dropped entry's (domain, real) is free for a new assignment
+    c, _ = fresh.reserve("A", "a.", ip("203.0.113.1"), 300, T0)
+    assert c.magic == ip("100.80.0.2")
+
+
+def test_restore_without_a_reporter_still_drops():
+    store = Assignments(pools())
+    assert store.restore(f"[{saved_row('100.64.0.2', '169.254.128.2')}]".encode(), T0,
+                         node_addresses=[NODE_V4]) == 0
+    assert len(store) == 0

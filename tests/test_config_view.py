@@ -156,7 +156,11 @@ def test_default_pools_apply_when_no_pool_attribute_targets_the_node():
     ("notexample.com", []),
     ("example.org", []),
     ("", []),
-    ("bad name.example.com", []),
+    # Not a valid name, but its last labels are an app domain's: the app's, so it cannot
+    # slip past the mapping.
+    ("bad name.example.com", ["Wide"]),
+    ("x@y.api.example.com", ["Narrow", "Shared"]),
+    ("api.example.com\x00", []),
 ])
 def test_name_matching(qname, expected):
     """B11, B12 (several apps, in definition order), B15 (case)."""

@@ -18,12 +18,16 @@ from dnslib import (
     SOA,
     A,
     DNSHeader,
+    DNSLabel,
     DNSQuestion,
     DNSRecord,
 )
+from dnslib.dns import DNSError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import dnswire
+from conn25 import dnsname
 from conn25.assignments import Assignments
 from conn25.config import App, Node, NodeConfig, Pools, Tailnet
 from conn25.dnsmap import (
@@ -33,6 +37,7 @@ from conn25.dnsmap import (
     answer_addresses,
     servfail,
 )
+from conn25.dnsname import DomainIndex
 from conn25.iprange import IPRange, IPSet
 
 T0 = 1_700_000_000.0
@@ -224,16 +229,38 @@ def test_question_of_class_other_than_in_passes_unchanged(env):
     assert res.wire == wire and not res.ours and len(env.store) == 0
 
 
-def test_zero_or_several_questions_pass_unchanged(env):
-    """B18: exactly one question or it passes, even when the names are app names."""
+def test_zero_questions_or_several_without_an_app_name_pass_unchanged(env):
+    """No question, or several of which none is an app's: passes as it came."""
     none = DNSRecord(DNSHeader(id=7, qr=1), rr=zone("github.com. 60 IN A 203.0.113.1")).pack()
-    two = DNSRecord(DNSHeader(id=8, qr=1), questions=[DNSQuestion("github.com"),
-                                                      DNSQuestion("api.github.com")],
+    two = DNSRecord(DNSHeader(id=8, qr=1), questions=[DNSQuestion("example.org"),
+                                                      DNSQuestion("api.example.net")],
                     rr=zone("github.com. 60 IN A 203.0.113.1")).pack()
     for wire in (none, two):
         res = env.map(wire)
         assert res.wire == wire and not res.ours
     assert len(env.store) == 0
+
+
+@pytest.mark.parametrize("names", [["github.com", "api.github.com"], ["example.org", "github.com"]])
+def test_several_questions_one_of_an_app_give_servfail(env, names):
+    """A question of an app's makes the message ours: SERVFAIL, never the real address."""
+    wire = DNSRecord(DNSHeader(id=0x4242, qr=1), questions=[DNSQuestion(n) for n in names],
+                     rr=zone("github.com. 60 IN A 203.0.113.1")).pack()
+    res = env.map(wire)
+    assert res.ours and res.servfail and res.app == GITHUB
+    out = DNSRecord.parse(res.wire)
+    assert out.header.rcode == RCODE.SERVFAIL and out.rr == []
+    assert ip("203.0.113.1").packed not in res.wire
+    assert len(env.store) == 0
+
+
+def test_readable_app_question_before_an_unreadable_one_gives_servfail(env):
+    """A readable question under an app domain makes it ours even when the rest is not."""
+    head = struct.pack("!HHHHHH", 0x4242, 0x8180, 2, 1, 0, 0)
+    wire = head + query("api.github.com")[12:] + b"\x07broken"
+    res = env.map(wire)
+    assert_servfail(res, "api.github.com.")
+    assert env.mapper.app_for_query(wire) == GITHUB
 
 
 def test_question_label_holding_a_dot_is_not_an_app_name(env):
@@ -243,6 +270,122 @@ def test_question_label_holding_a_dot_is_not_an_app_name(env):
     wire = DNSRecord(DNSHeader(id=9, qr=1), q=q).pack()
     res = env.map(wire)
     assert res.wire == wire and not res.ours
+
+
+# -- names are matched on their wire labels ------------------------------------------------------
+
+ODD_LABELS = [b"\x01", b"@", b"a\x00b", b"\x00", b"a.b", b".", b"\xff\x80", b"x y", b"-", b"*",
+              b"a\\.b", b"\\046", b"_"]
+
+
+def wire_name(*labels: bytes) -> DNSQuestion:
+    q = DNSQuestion()
+    q.qname = list(labels)
+    return q
+
+
+def labelled_response(labels, qtype="A", answers=()):
+    q = wire_name(*labels)
+    q.qtype = getattr(QTYPE, qtype)
+    r = DNSRecord(DNSHeader(id=0x4242, qr=1, rd=1, ra=1), q=q)
+    r.add_answer(*answers)
+    return r.pack()
+
+
+@pytest.mark.parametrize("odd", ODD_LABELS)
+@pytest.mark.parametrize("qtype", ["A", "AAAA"])
+def test_odd_label_under_an_app_wildcard_never_passes_the_real_address(env, odd, qtype):
+    """A name whose labels end in an app domain's is the app's whatever bytes the others hold."""
+    real = "203.0.113.1" if qtype == "A" else "2001:db8::1"
+    labels = (odd, b"API", b"github", b"com")
+    rdata = A(real) if qtype == "A" else AAAA(real)
+    answer = RR(DNSLabel(labels), getattr(QTYPE, qtype), rdata=rdata, ttl=60)
+    wire = labelled_response(labels, qtype, [answer])
+    assert env.mapper.app_for_query(wire) == GITHUB
+    res = env.map(wire)
+    assert res.ours and res.app == GITHUB
+    assert ip(real).packed not in res.wire
+    if res.servfail:
+        # No text form a connector would accept for the name: nothing was reserved.
+        # (dnslib cannot parse a non-UTF-8 label, so read the rcode off the header)
+        assert res.wire[3] & 0xF == RCODE.SERVFAIL and len(env.store) == 0
+        assert struct.unpack_from("!HHH", res.wire, 6) == (0, 0, 0)
+    else:
+        # Only names with a text form ("*", "_" and "-" labels) are mapped, under that form.
+        out = DNSRecord.parse(res.wire)
+        assert [a.domain for a in res.assignments] == [
+            (odd.decode() + ".api.github.com.")]
+        assert all(addr in MAGIC_POOLS.magic(addr.version) for addr in out_addresses(out))
+
+
+def test_odd_name_under_an_app_domain_with_no_address_gets_an_empty_answer(env):
+    """Other types for odd names too: the question echoed and no answer, not SERVFAIL."""
+    wire = labelled_response((b"\x00", b"github", b"com"), "TXT")
+    res = env.map(wire)
+    assert res.ours and not res.servfail
+    out = DNSRecord.parse(res.wire)
+    assert out.rr == [] and out.q.qname.label == (b"\x00", b"github", b"com")
+
+
+@pytest.mark.parametrize("labels", [
+    (b"github.com",),  # one label: its text looks like the domain, its labels are not
+    (b"api.github", b"com"),
+    (b"example.com",),
+    (b"x", b"example.com"),
+    (b"github\\", b"com"),
+    (b"github\\.com",),
+    (b"github", b"com\x00"),
+    (b"github", b"com", b""),
+])
+def test_labels_that_only_print_like_an_app_domain_are_not_its(env, labels):
+    """A label holding a dot byte is one label: no false match through the text form."""
+    answer = RR(DNSLabel(labels), QTYPE.A, rdata=A("203.0.113.1"), ttl=60)
+    wire = labelled_response(labels, "A", [answer])
+    res = env.map(wire)
+    assert res.wire == wire and not res.ours
+    assert env.mapper.app_for_query(wire) is None
+
+
+def test_index_lookup_on_wire_labels_and_text_agree():
+    """One lookup for text and labels; labels compare ASCII-case-insensitively as bytes."""
+    idx = DomainIndex()
+    idx.add("*.wild.example.test.", "W")
+    idx.add("exact.example.test.", "E")
+    assert idx.lookup((b"\x01", b"WILD", b"example", b"test")) == ["W"]
+    assert idx.lookup((b"wild", b"example", b"test")) == ["W"]
+    assert idx.lookup("x@y.wild.example.test") == ["W"]  # text refused by normalize
+    assert idx.lookup((b"EXACT", b"example", b"test")) == ["E"]
+    assert idx.lookup((b"a", b"exact", b"example", b"test")) == []
+    assert idx.lookup((b"x.wild", b"example", b"test")) == []  # "x.wild" is one label
+    assert idx.lookup((b"wild.example", b"test")) == []
+    # Only ASCII letters fold: 0xC1 is not 0xE1.
+    idx.add("*.xn--x.test.", "X")
+    assert idx.lookup((b"\xc1", b"XN--X", b"test")) == ["X"]
+    assert idx.lookup((b"xn--\xd8", b"test")) == []
+
+
+@pytest.mark.parametrize(("labels", "text"), [
+    ((b"API", b"GitHub", b"com"), "api.github.com."),
+    ((b"*", b"github", b"com"), "*.github.com."),
+    ((), "."),
+])
+def test_from_labels_gives_the_normalised_text(labels, text):
+    assert dnsname.from_labels(labels) == text
+
+
+@pytest.mark.parametrize("labels", [(b"a.b", b"com"), (b"\x00", b"com"), (b"\xc3\xa9", b"com"),
+                                    (b" a", b"com"), (b"a", b"*"), (b"@",)])
+def test_from_labels_refuses_names_without_a_text_form(labels):
+    with pytest.raises(ValueError):
+        dnsname.from_labels(labels)
+
+
+def test_answer_addresses_refuses_an_odd_name():
+    """The connector notes no resolution for a name that cannot be registered anyway."""
+    wire = labelled_response((b"a.b", b"github", b"com"), "A", [
+        RR(DNSLabel((b"a.b", b"github", b"com")), QTYPE.A, rdata=A("203.0.113.1"), ttl=60)])
+    with pytest.raises(DNSMapError, match="question name"):
+        answer_addresses(wire)
 
 
 # -- B19: errors once it is ours give SERVFAIL ----------------------------------------------------
@@ -586,7 +729,7 @@ def test_rewrite_clears_ad_keeps_other_flags(env):
 
 
 def test_app_for_query(env):
-    """B18, B15: a query is ours when it has one IN question whose name maps to an app."""
+    """A query is ours when an IN question it has maps to an app (any case)."""
     m = env.mapper
     assert m.app_for_query(query("GitHub.com")) == GITHUB
     assert m.app_for_query(query("deep.api.github.com", "AAAA")) == GITHUB
@@ -594,9 +737,10 @@ def test_app_for_query(env):
     assert m.app_for_query(query("www.example.org")) is None
     assert m.app_for_query(query("github.com", qclass=CLASS.CH)) is None
     assert m.app_for_query(b"\x00\x01\x02") is None
-    two = DNSRecord(DNSHeader(id=1), questions=[DNSQuestion("github.com"),
+    two = DNSRecord(DNSHeader(id=1), questions=[DNSQuestion("example.org"),
                                                 DNSQuestion("github.com")]).pack()
-    assert m.app_for_query(two) is None
+    assert m.app_for_query(two) == GITHUB  # an app's question among several is still the app's
+    assert m.app_for_query(query("api.github.com")[:-5]) is None  # its question cut short
 
 
 # -- servfail() -----------------------------------------------------------------------------------
@@ -720,11 +864,23 @@ def test_mutated_app_responses_never_raise_or_leak(seed, edits, cut):
     wire = bytes(wire[: max(cut, 12)])
     env = Env()
     res = env.map(wire)
-    if res.ours:
-        # a mutation may have changed an address: the real one must still be from the input
-        _check_output(env, res, SEED_REALS, lambda real: real.packed in wire)
-    else:
+    if not res.ours:
         assert res.wire == wire
+        return
+    if res.servfail:
+        assert res.wire[3] & 0xF == RCODE.SERVFAIL
+        assert struct.unpack_from("!HHHH", res.wire, 4)[1:] == (0, 0, 0)  # no records at all
+        assert struct.unpack_from("!H", res.wire, 4)[0] <= 1
+        return
+    try:
+        DNSRecord.parse(res.wire)
+    except DNSError:
+        # The question may hold labels dnslib cannot read (any byte is allowed there).
+        datas = dnswire.address_data(res.wire)
+        assert all(ip(d) in MAGIC_POOLS.magic(ip(d).version) for d in datas), res.wire.hex()
+        return
+    # a mutation may have changed an address: the real one must still be from the input
+    _check_output(env, res, SEED_REALS, lambda real: real.packed in wire)
 
 
 _name = st.sampled_from(NAMES).flatmap(
@@ -765,3 +921,57 @@ def test_random_answer_sets_map_only_to_magic_ips(qtype, qname, records):
         direct = [ip(v) for (kind, owner, v), _ in records
                   if kind == qtype and owner.lower() == "www.github.com."]
         assert [a.real for a in res.assignments] == list(dict.fromkeys(direct))
+
+
+def test_servfail_for_a_message_with_garbage_questions_echoes_only_the_app_question(env):
+    """Found by fuzzing: QDCOUNT raised to 257 made answer records read as questions.
+
+    SERVFAIL must not echo them: one held the real address's bytes as a label.
+    """
+    wire = bytearray(response("www.github.com", answers=zone(
+        "www.github.com. 60 IN CNAME a.example.net.\na.example.net. 30 IN A 203.0.113.1")))
+    wire[4] = 1  # QDCOUNT 257
+    res = env.map(bytes(wire))
+    assert res.ours and res.servfail
+    assert ip("203.0.113.1").packed not in res.wire
+    assert_servfail(res, "www.github.com.")
+
+
+def test_question_name_with_a_forward_pointer_is_read_as_a_stub_reads_it(env):
+    """Stub resolvers follow a pointer forwards too: such an app question is ours."""
+    head = struct.pack("!HHHHHH", 0x4242, 0x8180, 1, 1, 0, 0)
+    # question: "api" then a pointer to "github.com" placed after the question
+    question = b"\x03api\xc0\x16" + b"\x00\x01\x00\x01"
+    tail = b"\x06github\x03com\x00"
+    answer = b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 60, 4) + ip("203.0.113.1").packed
+    wire = head + question + tail + answer
+    assert wire[0x16:0x16 + 7] == b"\x06github"
+    res = env.map(wire)
+    assert res.ours and ip("203.0.113.1").packed not in res.wire
+
+
+def test_question_name_over_255_octets_is_unreadable_and_passes(env):
+    """RFC 1035 §2.3.4: no resolver reads it as a name, so it is no app's either."""
+    def message(first: int) -> bytes:
+        name = b"".join(bytes([n]) + b"a" * n for n in (63, 63, 63, first))
+        return (struct.pack("!HHHHHH", 1, 0x8180, 1, 0, 0, 0) + name
+                + b"\x06github\x03com\x00\x00\x01\x00\x01")
+
+    too_long = message(51)
+    assert len(too_long) - 12 - 4 == 256
+    res = env.map(too_long)
+    assert res.wire == too_long and not res.ours
+    assert env.map(message(50)).ours  # 255 octets: a name, the app's
+
+
+def test_thousands_of_questions_are_not_all_read():
+    """Only the first questions are looked at; an app question among them makes it SERVFAIL."""
+    name = b"".join(b"\x01a" for _ in range(120)) + b"\x06github\x03com\x00"
+    many = b"\xc0\x0c\x00\x01\x00\x01" * 10_000
+    wire = struct.pack("!HHHHHH", 0x4242, 0x8180, 10_001, 0, 0, 0) + name + b"\x00\x01\x00\x01"
+    env = Env()
+    res = env.map(wire + many)
+    assert res.ours and res.servfail
+    other = wire.replace(b"\x06github", b"\x06gitlab")
+    res = env.map(other + many)
+    assert not res.ours and res.wire == other + many

@@ -1062,3 +1062,30 @@ def test_a_cached_lookup_that_raises_is_an_internal_error_and_the_query_still_an
 
     out, counters = run(main)
     assert addresses(out) == ["192.0.2.1"] and counters["internal_errors"] == 1
+
+
+@pytest.mark.parametrize("odd", [b"\x01", b"@", b"a\x00b", b"a.b"])
+def test_odd_name_under_an_app_wildcard_goes_to_the_connector_and_never_leaks(odd):
+    """The resolver asks the mapper whether a name is an app's: the labels decide."""
+    mapper, _ = make_mapper()
+    resolved = []
+
+    async def resolve(app, wire):
+        rec = DNSRecord.parse(wire)
+        resolved.append((app.name, rec.q.qname.label))
+        reply = rec.reply()
+        reply.add_answer(RR(rec.q.qname, QTYPE.A, rdata=A("203.0.113.5"), ttl=60))
+        return bytes(reply.pack())
+
+    async def register(_assignments):
+        raise AssertionError("a name without text form is not registered")
+
+    res = ClientResolver(mapper, Forwarder([]), resolve, register, now=lambda: 1_700_000_000.0)
+    q = DNSRecord(DNSHeader(id=0x77, rd=1), q=DNSQuestion("x.invalid"))
+    q.q.qname = [odd, b"www", b"APP", b"test"]
+
+    out = run(res.answer, bytes(q.pack()))
+    assert resolved == [("App", (odd, b"www", b"APP", b"test"))]
+    assert DNSRecord.parse(out).header.rcode == RCODE.SERVFAIL
+    assert ip("203.0.113.5").packed not in out
+    assert res.counters()["forwarded"] == 0

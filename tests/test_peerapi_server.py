@@ -9,7 +9,7 @@ import logging
 import pytest
 import trio
 import trio.testing
-from dnslib import AAAA, QTYPE, RR, A, DNSRecord
+from dnslib import AAAA, QTYPE, RR, A, DNSLabel, DNSRecord
 
 from conn25 import config, http, peerapi
 from conn25.config import App, Node, NodeConfig, Tailnet
@@ -300,6 +300,39 @@ def test_name_outside_the_apps_domains_is_refused_without_a_lookup():
     resp = call(node, dns_request("example.com"))
     assert resp.status == 400 and b"not a domain of app" in resp.body
     assert call(node, dns_request("notgithub.com")).status == 400
+    assert node.forwarder.queries == []
+
+
+def odd_query(*labels: bytes) -> bytes:
+    q = DNSRecord.question("x.invalid")
+    q.q.qname = list(labels)
+    return bytes(q.pack())
+
+
+@pytest.mark.parametrize("odd", [b"x.y", b"\x01", b"@", b"a\x00b"])
+def test_odd_name_under_the_apps_wildcard_is_the_apps(odd):
+    """The connector decides on labels as the client does: served, but nothing is noted.
+
+    The name has no text form, so no registration can name it; its addresses stay refused.
+    """
+    node = FakeNode()
+    name = str(DNSLabel((odd, b"github", b"com"))).lower()  # as the fake upstream keys it
+    node.forwarder.answers[(name, "A")] = [("203.0.113.77", 60)]
+    resp = call(node, request("POST", f"{DNS_QUERY_PATH}?app=GitHub",
+                              odd_query(odd, b"GitHub", b"com"), peer="100.64.0.1",
+                              content_type="application/dns-message"))
+    assert resp.status == 200
+    assert node.forwarder.queries == [(name, "A")]
+    assert codes(register(node, (T4, "203.0.113.77", "GitHub"))) == [Code.OTHER]
+
+
+@pytest.mark.parametrize("labels", [(b"github.com",), (b"api.github", b"com")])
+def test_name_that_only_prints_like_the_apps_is_refused(labels):
+    """One label "github.com" is not the name github.com."""
+    node = FakeNode()
+    resp = call(node, request("POST", f"{DNS_QUERY_PATH}?app=GitHub", odd_query(*labels),
+                              peer="100.64.0.1", content_type="application/dns-message"))
+    assert resp.status == 400 and b"not a domain of app" in resp.body
     assert node.forwarder.queries == []
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import heapq
 import ipaddress
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import msgspec
 
@@ -83,11 +83,13 @@ class Assignments:
         # formatting IP addresses costs µs each, and the node persists after every burst.
         self._rows: dict[IPAddress, bytes] = {}
         self._stale: set[IPAddress] = set()  # by magic IP: rows to encode or drop
+        self._pools = pools
         self.reconfigure(pools)
 
     # -- configuration -------------------------------------------------------
 
     def reconfigure(self, pools: Pools) -> None:
+        self._pools = pools
         for v in (4, 6):
             self._magic[v].reconfigure(pools.magic(v))
             self._transit[v].reconfigure(pools.transit(v))
@@ -227,13 +229,27 @@ class Assignments:
         self._stale.clear()
         return b"[" + b",".join(self._rows.values()) + b"]"
 
-    def restore(self, data: bytes, now: float) -> int:
+    def restore(
+        self,
+        data: bytes,
+        now: float,
+        *,
+        node_addresses: Iterable[IPAddress] = (),
+        report: Callable[[str], None] | None = None,
+    ) -> int:
         """Load a snapshot into an empty store; returns how many were restored.
 
         Flows do not survive a restart, so every restored assignment counts
         as if its last flow ended ``now``: none is reclaimed within the grace
         period while applications reconnect. ValueError on a bad snapshot;
         nothing is changed then.
+
+        The file may come from another configuration (or be edited): an
+        assignment whose magic IP is outside the current magic pools, whose
+        transit IP is outside the current transit pools, or whose magic or
+        transit IP is one of ``node_addresses`` (any tailnet node's) is left
+        out, since routing it would capture that traffic; ``report`` gets one
+        line for each, saying which addresses and why.
         """
         if self._by_magic:
             raise AssignmentError("restore needs an empty assignment store")
@@ -252,7 +268,18 @@ class Assignments:
         for a in parsed:
             if not (a.magic.version == a.transit.version == a.real.version):
                 raise ValueError(f"bad assignment snapshot: mixed families in {a}")
+        nodes = set(node_addresses)
+        kept = []
         for a in parsed:
+            reasons = self._unusable(a, nodes)
+            if not reasons:
+                kept.append(a)
+            elif report is not None:
+                report(
+                    f"saved assignment dropped: magic {a.magic}, transit {a.transit} for "
+                    f"{a.domain!r} {a.real} (app {a.app!r}): {'; '.join(reasons)}"
+                )
+        for a in kept:
             try:
                 self.insert(a)
             except AssignmentError as e:
@@ -260,7 +287,21 @@ class Assignments:
                 raise ValueError(f"bad assignment snapshot: {e}") from None
             self._magic[a.magic.version].mark_in_use(a.magic)
             self._transit[a.transit.version].mark_in_use(a.transit)
-        return len(parsed)
+        return len(kept)
+
+    def _unusable(self, a: Assignment, node_addresses: set[IPAddress]) -> list[str]:
+        """Why a saved assignment cannot be used with the current pools and nodes (or none)."""
+        v = a.magic.version
+        reasons = []
+        if a.magic not in self._pools.magic(v):
+            reasons.append(f"magic IP outside the v{v} magic pool")
+        if a.transit not in self._pools.transit(v):
+            reasons.append(f"transit IP outside the v{v} transit pool")
+        if a.magic in node_addresses:
+            reasons.append("magic IP is a node's address")
+        if a.transit in node_addresses:
+            reasons.append("transit IP is a node's address")
+        return reasons
 
     # -- internals -----------------------------------------------------------------
 

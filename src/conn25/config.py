@@ -7,7 +7,7 @@ error with its place); :meth:`Tailnet.node_config` derives the
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import msgspec
 
@@ -190,11 +190,16 @@ class NodeConfig:
     def own_apps(self) -> tuple[App, ...]:
         return tuple(a for a in self.apps if self.serves(a))
 
-    def apps_for_name(self, qname: str) -> list[App]:
-        """Apps whose domains match ``qname`` (exact beats the longest wildcard)."""
+    def apps_for_name(self, qname: str | Sequence[bytes]) -> list[App]:
+        """Apps whose domains match ``qname`` (exact beats the longest wildcard).
+
+        ``qname`` is text or, for a name read off the wire, its labels (see
+        :meth:`DomainIndex.lookup`); every "is this name an app's" question
+        goes through here.
+        """
         return [self._apps_by_name[n] for n in self._index.lookup(qname)]
 
-    def mapping_app(self, qname: str) -> App | None:
+    def mapping_app(self, qname: str | Sequence[bytes]) -> App | None:
         """The app a client maps ``qname`` for, or None.
 
         None also when this node serves one of the matching apps itself: a

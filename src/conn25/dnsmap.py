@@ -1,10 +1,13 @@
 """The client's DNS response mapper: app domains answer with magic IPs.
 
-A response is *ours* when it has exactly one question, of class IN, whose
-name maps to an app (``NodeConfig.mapping_app``: exact beats wildcard, and a
-connector never maps the apps it serves). Everything else passes byte for
-byte. Once a response is ours the caller gets a new message, never the
-upstream one:
+A response is *ours* when one of the questions that can be read is of class
+IN and its name maps to an app (``NodeConfig.mapping_app``: exact beats
+wildcard, and a connector never maps the apps it serves). Names are matched on
+their wire labels, so a name whose last labels are an app's domain is the
+app's whatever bytes its other labels hold. Everything else passes byte for
+byte. A response that is ours but has other than exactly one question, or a
+question that cannot be read, is SERVFAIL. Once a response is ours the caller
+gets a new message, never the upstream one:
 
 * header: id and flags as upstream (rcode too), except AD, which is cleared
   because the records are ours and no longer what was validated;
@@ -12,7 +15,9 @@ upstream one:
 * A/AAAA: the CNAME chain is followed from the queried name and collapsed;
   each real address of the question's type on the chain gets an assignment
   and is answered as ``queried-name A|AAAA magic`` with the address record's
-  TTL, in answer order; no CNAME goes out;
+  TTL, in answer order; no CNAME goes out. A name that has no text form that
+  a connector would accept (see ``dnsname.from_labels``) cannot be
+  registered, so its addresses give SERVFAIL;
 * HTTPS: the records on the chain go out under the queried name with their
   ipv4hint/ipv6hint removed (a client must not learn real addresses there);
 * any other type: no answer records;
@@ -49,6 +54,7 @@ __all__ = [
     "DNSMapper",
     "MapResult",
     "answer_addresses",
+    "query_question",
     "servfail",
 ]
 
@@ -60,6 +66,11 @@ TYPE_HTTPS = QTYPE.HTTPS  # 65
 CLASS_IN = CLASS.IN
 
 MAX_CHAIN = 16  # CNAME hops followed; a longer chain counts as broken
+MAX_POINTERS = 127  # compression pointers followed in one name; more is a loop
+MAX_NAME = 255  # octets of a name on the wire (RFC 1035 §2.3.4); stub resolvers refuse longer
+# Questions looked at in one message: reading thousands would cost seconds per message. An
+# answer to a query has one, and the client's resolver and the connector insist on that.
+MAX_QUESTIONS = 16
 SVC_MANDATORY, SVC_IPV4HINT, SVC_IPV6HINT = 0, 4, 6
 _HINTS = frozenset((SVC_IPV4HINT, SVC_IPV6HINT))
 _MAX_TTL = 2**31 - 1  # RFC 2181 §8: a TTL with the top bit set means zero
@@ -112,23 +123,33 @@ class DNSMapper:
         self._log = log or (lambda _msg: None)
 
     def app_for_query(self, wire: bytes) -> App | None:
-        """The app whose domain ``wire`` (a query) asks about, or None when it is not ours."""
+        """The app whose domain ``wire`` (a query) asks about, or None when it is not ours.
+
+        Decided as for a response: any readable class-IN question of an app's.
+        """
         try:
-            _, _, questions = _parse_head(wire)
+            _, _, questions, _ = _read_head(wire)
         except Exception:
             return None
-        return self._app(questions)
+        found = self._app(questions)
+        return None if found is None else found[0]
 
     def map_response(self, wire: bytes, now: float) -> MapResult:
         """Rewrite an upstream response for an app domain (see the module docstring)."""
         try:
-            buf, header, questions = _parse_head(wire)
+            buf, header, questions, complete = _read_head(wire)
         except Exception:
-            return MapResult(wire)  # unparseable: not ours (B18)
-        app = self._app(questions)
-        if app is None:
-            return MapResult(wire)
-        question = questions[0]
+            return MapResult(wire)  # not even a header: not ours
+        found = self._app(questions)
+        if found is None:
+            return MapResult(wire)  # no question of an app's that can be read
+        app, question = found
+        if not complete or len(questions) != 1:
+            # An app's question makes it ours, whatever else the message holds. Only that
+            # question is echoed: the others may be any bytes, records misread among them.
+            self._log(f"dns: SERVFAIL for {question.qname} (app {app.name}): "
+                      f"{header.q} questions, {len(questions)} readable")
+            return MapResult(_servfail(header, [question]), app, servfail=True)
         new: list[Assignment] = []
         used: list[Assignment] = []
         try:
@@ -147,11 +168,12 @@ class DNSMapper:
             return MapResult(_servfail(header, [question]), app, new, used, servfail=True)
         return MapResult(bytes(out), app, new, used)
 
-    def _app(self, questions: list[DNSQuestion]) -> App | None:
-        if len(questions) != 1 or questions[0].qclass != CLASS_IN:
-            return None
-        name = _name_text(questions[0].qname)
-        return None if name is None else self.config.mapping_app(name)
+    def _app(self, questions: list[DNSQuestion]) -> tuple[App, DNSQuestion] | None:
+        """The first class-IN question that is an app's, with its app."""
+        for q in questions:
+            if q.qclass == CLASS_IN and (app := self.config.mapping_app(q.qname.label)):
+                return app, q
+        return None
 
     def _answer(
         self,
@@ -168,9 +190,11 @@ class DNSMapper:
                 RR(qname, TYPE_HTTPS, CLASS_IN, _ttl(rr.ttl), _strip_hints(rr.rdata))
                 for rr in _chain_records(qname, TYPE_HTTPS, answers)
             ]
-        domain = dnsname.normalize(str(qname))
         records = []
-        for real, ttl in _addresses(qname, qtype, answers):
+        addresses = _addresses(qname, qtype, answers)
+        # ValueError for a name without text: SERVFAIL, never the real address.
+        domain = dnsname.from_labels(qname.label) if addresses else ""
+        for real, ttl in addresses:
             assignment, created = self.assignments.reserve(app.name, domain, real, ttl, now)
             used.append(assignment)
             if created:
@@ -197,7 +221,9 @@ def answer_addresses(response: bytes | DNSRecord) -> tuple[str, int, list[tuple[
         questions, answers = response.questions, response.rr
     else:
         try:
-            buf, header, questions = _parse_head(response)
+            buf, header, questions, complete = _read_head(response)
+            if not complete:
+                raise DNSMapError("a question cannot be read")
             answers = _parse_records(buf, header.a, _ANSWER_TYPES, "answer")
         except Exception as e:
             raise DNSMapError(f"unreadable DNS message: {e}") from None
@@ -206,14 +232,33 @@ def answer_addresses(response: bytes | DNSRecord) -> tuple[str, int, list[tuple[
     q = questions[0]
     if q.qclass != CLASS_IN:
         raise DNSMapError(f"DNS question {q.qname} is of class {q.qclass}, expected IN")
-    name = _name_text(q.qname)
-    if name is None:
-        raise DNSMapError(f"DNS question name {q.qname} has a label with a dot in it")
     try:
-        domain = dnsname.normalize(name)
+        domain = dnsname.from_labels(q.qname.label)
     except ValueError as e:
         raise DNSMapError(f"DNS question name: {e}") from None
     return domain, q.qtype, _addresses(q.qname, q.qtype, answers)
+
+
+def query_question(wire: bytes) -> DNSQuestion:
+    """The only question of the query ``wire``, read as the mapper reads questions.
+
+    Any byte may be in its labels (match it with ``NodeConfig.apps_for_name``
+    on ``qname.label``). DNSMapError when the message cannot be read, is a
+    response, or has other than one class-IN question.
+    """
+    try:
+        _, header, questions, complete = _read_head(wire)
+    except Exception as e:
+        raise DNSMapError(f"unreadable DNS message: {e}") from None
+    if header.qr:
+        raise DNSMapError("the message is a response, not a query")
+    if not complete:
+        raise DNSMapError("unreadable DNS question")
+    if len(questions) != 1:
+        raise DNSMapError(f"DNS message has {len(questions)} questions, expected one")
+    if questions[0].qclass != CLASS_IN:
+        raise DNSMapError(f"DNS question is of class {questions[0].qclass}, expected IN")
+    return questions[0]
 
 
 def servfail(wire: bytes) -> bytes:
@@ -222,25 +267,79 @@ def servfail(wire: bytes) -> bytes:
     Id, opcode, RD and CD are kept. When the questions cannot be read the
     answer has none. DNSMapError when not even the header can be read.
     """
-    buf = DNSBuffer(wire)
     try:
-        header = DNSHeader.parse(buf)
+        _, header, questions, complete = _read_head(wire)
     except Exception as e:
         raise DNSMapError(f"cannot answer SERVFAIL, unreadable DNS header: {e}") from None
-    try:
-        questions = [DNSQuestion.parse(buf) for _ in range(header.q)]
-    except Exception:
-        questions = []
-    return _servfail(header, questions)
+    return _servfail(header, questions if complete else [])
 
 
 # -- internals ------------------------------------------------------------------
 
 
-def _parse_head(wire: bytes) -> tuple[DNSBuffer, DNSHeader, list[DNSQuestion]]:
+def _read_head(wire: bytes) -> tuple[DNSBuffer, DNSHeader, list[DNSQuestion], bool]:
+    """Header and the questions up to the first that cannot be read; True when all could be.
+
+    Questions are read here rather than by dnslib, which refuses a label
+    that is not UTF-8: DNS allows any byte in a label, and such a name under
+    an app domain is still the app's. Questions after the first
+    MAX_QUESTIONS count as unreadable. Raises only when the header cannot be
+    read.
+    """
     buf = DNSBuffer(wire)
     header = DNSHeader.parse(buf)
-    return buf, header, [DNSQuestion.parse(buf) for _ in range(header.q)]
+    questions = []
+    for _ in range(min(header.q, MAX_QUESTIONS)):
+        try:
+            labels, end = _read_name(buf.data, buf.offset)
+            if end + 4 > len(buf.data):
+                raise DNSMapError("question runs past the message")
+        except DNSMapError:
+            return buf, header, questions, False
+        qtype, qclass = struct.unpack_from("!HH", buf.data, end)
+        questions.append(DNSQuestion(DNSLabel(labels), qtype, qclass))
+        buf.offset = end + 4
+    return buf, header, questions, header.q <= MAX_QUESTIONS
+
+
+def _read_name(data: bytes, offset: int) -> tuple[tuple[bytes, ...], int]:
+    """The labels of the name at ``offset`` and the offset after it (RFC 1035 §4.1.4).
+
+    A compression pointer may point anywhere in the message, as stub
+    resolvers allow (a name they can read must not count as unreadable
+    here); a loop ends at MAX_POINTERS hops. DNSMapError when the name runs
+    off the end, is longer than MAX_NAME, uses a label type other than plain
+    or pointer, or loops.
+    """
+    labels: list[bytes] = []
+    end = -1
+    hops = 0
+    size = 1  # the root label
+    while True:
+        if offset >= len(data):
+            raise DNSMapError("name runs past the message")
+        length = data[offset]
+        if length & 0xC0 == 0xC0:
+            if offset + 2 > len(data):
+                raise DNSMapError("name runs past the message")
+            if end < 0:
+                end = offset + 2
+            hops += 1
+            if hops > MAX_POINTERS:
+                raise DNSMapError("compression pointers loop")
+            offset = struct.unpack_from("!H", data, offset)[0] & 0x3FFF
+        elif length & 0xC0:
+            raise DNSMapError(f"label type {length >> 6} at {offset}")
+        elif length == 0:
+            return tuple(labels), end if end >= 0 else offset + 1
+        else:
+            if offset + 1 + length > len(data):
+                raise DNSMapError("name runs past the message")
+            size += 1 + length
+            if size > MAX_NAME:
+                raise DNSMapError(f"name longer than {MAX_NAME} octets")
+            labels.append(bytes(data[offset + 1 : offset + 1 + length]))
+            offset += 1 + length
 
 
 def _parse_records(buf: DNSBuffer, count: int, wanted: frozenset[int], section: str) -> list[RR]:
@@ -266,16 +365,8 @@ def _parse_records(buf: DNSBuffer, count: int, wanted: frozenset[int], section: 
     return out
 
 
-def _name_text(label: DNSLabel) -> str | None:
-    """The name as text, or None when a label holds a dot (text would misread it)."""
-    if any(b"." in part for part in label.label):
-        return None
-    return str(label)
-
-
 def _key(label: DNSLabel) -> tuple[bytes, ...]:
-    # DNS compares names ASCII-case-insensitively (RFC 4343); bytes.lower() is exactly that.
-    return tuple(part.lower() for part in label.label)
+    return dnsname.labels_key(label.label)
 
 
 def _chain_records(qname: DNSLabel, rtype: int, answers: Iterable[RR]) -> list[RR]:

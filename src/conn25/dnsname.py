@@ -7,6 +7,7 @@ which app a queried name belongs to.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Sequence
 
 _LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
 
@@ -39,6 +40,45 @@ def is_wildcard(fqdn: str) -> bool:
     return fqdn.startswith("*.")
 
 
+Labels = tuple[bytes, ...]
+
+
+def labels_key(labels: Iterable[bytes]) -> Labels:
+    """Labels as names compare: ASCII case folded, every other byte as it is (RFC 4343)."""
+    return tuple(bytes(label).lower() for label in labels)
+
+
+def text_labels(name: str) -> Labels:
+    """The labels of a name written as text: split at dots, one trailing dot optional.
+
+    No escapes are interpreted and nothing is rejected: a name that
+    :func:`normalize` refuses still has labels, and still belongs to the app
+    whose domain its last labels are.
+    """
+    text = name.strip()
+    if text.endswith("."):
+        text = text[:-1]
+    if not text:
+        return ()
+    return tuple(part.encode("utf-8", "surrogatepass") for part in text.split("."))
+
+
+def from_labels(labels: Sequence[bytes]) -> str:
+    """The normalised text of a name given as wire labels.
+
+    ValueError when the name has no such text: a label with a byte that
+    :func:`normalize` does not accept (a dot inside a label among them, which
+    text would read as two labels).
+    """
+    try:
+        fqdn = normalize(b".".join(labels).decode("ascii") + ".")
+    except UnicodeDecodeError:
+        raise ValueError(f"name {labels!r} has a label with a byte outside ASCII") from None
+    if text_labels(fqdn) != labels_key(labels):
+        raise ValueError(f"name {labels!r} is not a valid domain name")
+    return fqdn
+
+
 class DomainIndex:
     """Maps a queried name to the apps whose domains match it.
 
@@ -49,33 +89,37 @@ class DomainIndex:
     """
 
     def __init__(self) -> None:
-        self._exact: dict[str, list[str]] = {}
-        self._wild: dict[str, list[str]] = {}  # keyed by the base, "example.com."
+        # Keyed by labels (see labels_key); wildcards by their base, "*.example.com" by
+        # (b"example", b"com").
+        self._exact: dict[Labels, list[str]] = {}
+        self._wild: dict[Labels, list[str]] = {}
 
     def add(self, fqdn: str, app: str) -> None:
         """Add a normalised domain (see :func:`normalize`) for ``app``."""
+        labels = labels_key(text_labels(fqdn))
         if is_wildcard(fqdn):
-            apps = self._wild.setdefault(fqdn[2:], [])
+            apps = self._wild.setdefault(labels[1:], [])
         else:
-            apps = self._exact.setdefault(fqdn, [])
+            apps = self._exact.setdefault(labels, [])
         if app not in apps:
             apps.append(app)
 
-    def lookup(self, name: str) -> list[str]:
-        """Apps for ``name`` (any case, dot optional); empty when none match."""
-        try:
-            fqdn = normalize(name)
-        except ValueError:
-            return []
-        if (apps := self._exact.get(fqdn)) is not None:
+    def lookup(self, name: str | Sequence[bytes]) -> list[str]:
+        """Apps for ``name``: text (any case, dot optional) or wire labels; empty when none match.
+
+        Matching is on labels, never on a normalised string: a name whose
+        last labels are an app's domain is the app's whatever bytes its other
+        labels hold, so that no odd name can slip past the mapping. Wire
+        labels are compared as they are: one label "a.b" is not "a" + "b".
+        """
+        labels = labels_key(text_labels(name) if isinstance(name, str) else name)
+        if (apps := self._exact.get(labels)) is not None:
             return list(apps)
-        # Walk from the full name towards the root: the first base found is
-        # the longest matching wildcard.
-        rest = fqdn
-        while rest and rest != ".":
-            if (apps := self._wild.get(rest)) is not None:
+        # From the full name towards the root: the first base found is the
+        # longest matching wildcard.
+        for i in range(len(labels)):
+            if (apps := self._wild.get(labels[i:])) is not None:
                 return list(apps)
-            _, _, rest = rest.partition(".")
         return []
 
     def __bool__(self) -> bool:

@@ -452,8 +452,12 @@ class Node:
             data = path.read_bytes()
         except FileNotFoundError:
             return
+        # A saved magic or transit IP on a node's address would route that node's
+        # traffic into the TUN: such entries are dropped, each with a line.
+        nodes = [addr for node in self.config.tailnet.nodes for addr in node.addresses]
         try:
-            n = self.assignments.restore(data, self.now())
+            n = self.assignments.restore(data, self.now(), node_addresses=nodes,
+                                         report=log.warning)
         except ValueError as e:
             bad = path.with_suffix(".bad")
             with contextlib.suppress(OSError):

@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING
 import trio
 from dnslib import QTYPE, DNSRecord
 
-from . import peerapi
+from . import dnsname, peerapi
 from .config import Node
 from .connector import ConnectorTable, Mapping
-from .dnsmap import DNSMapError, answer_addresses
+from .dnsmap import DNSMapError, answer_addresses, query_question
 from .http import Limits, Request, Response
 from .iprange import IPAddress
 from .peerapi import (
@@ -250,19 +250,26 @@ class PeerAPI:
         if app is None or app not in cfg.own_apps:
             return self._error(req, peer, 404, f"app {app_name!r} is not served by this connector")
         try:
-            msg = DNSRecord.parse(req.body)
-            if msg.header.qr:
-                raise DNSMapError("the message is a response, not a query")
-            name, qtype, _ = answer_addresses(msg)
-        except Exception as e:  # dnslib raises several kinds on bad input
+            question = query_question(req.body)
+        except DNSMapError as e:
             return self._error(req, peer, 400, f"malformed DNS query: {e}")
-        if app not in cfg.apps_for_name(name):
+        # The labels decide, as on the client: a name under the app's domain whose
+        # other labels hold odd bytes is still the app's, and one label "a.b" is not two.
+        name = str(question.qname)
+        if app not in cfg.apps_for_name(question.qname.label):
             return self._error(req, peer, 400, f"{name} is not a domain of app {app.name!r}")
         try:
             answer = await self._node.forwarder.forward(req.body)
         except Exception as e:
             return self._error(req, peer, 502, f"upstream DNS failed for {name}: {e}")
-        self._note_answer(peer, app.name, name, QTYPE.get(qtype), answer)
+        try:
+            domain = dnsname.from_labels(question.qname.label)
+        except ValueError:
+            # No text form, so no client can register a destination under it: nothing to note.
+            domain = None
+        qtype = QTYPE.get(question.qtype)
+        if domain is not None:
+            self._note_answer(peer, app.name, domain, qtype, answer)
         return Response(200, answer, DNS_MESSAGE)
 
     def _note_answer(self, peer: Node, app: str, name: str, qtype: str, answer: bytes) -> None:
