@@ -62,17 +62,9 @@ TCP_QUERY = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Testbed]:
-    tb = Testbed(tmp_path_factory.mktemp("testbed-limits"))
-    try:
-        for name in ("conn1", "peer", "client"):
-            tb.start(name)
+    with Testbed.serving(tmp_path_factory.mktemp("testbed-limits"),
+                         ("conn1", "peer", "client")) as tb:
         yield tb
-    finally:
-        logs = {n: tb.log(n)[-3000:] for n in tb.procs}
-        tb.close()
-        for ns in tb.ns.values():
-            assert not ns.exists(), f"{ns} left behind"
-        print("\n".join(f"--- {n}\n{text}" for n, text in logs.items()))
 
 
 def hold(bed: Testbed, node: str, host: str, port: int, n: int,

@@ -18,7 +18,8 @@ import trio.testing
 from conn25 import http
 from conn25.http import HTTPError, Limits, Request, Response
 from conn25.peerapi import MAX_BODY
-from conn25.throttle import RefusalLog, SourceLimits
+from conn25.refusals import RefusalLog
+from conn25.throttle import SourceLimits
 
 HOST = "127.0.0.1"
 

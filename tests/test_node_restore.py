@@ -35,6 +35,7 @@ def test_restore_drops_an_assignment_on_a_peers_address_with_one_warning(
         now=lambda: T0,
         config=SimpleNamespace(tailnet=SimpleNamespace(nodes=(peer,))),
     )
+    node._load_state = lambda *args: DaemonNode._load_state(node, *args)  # type: ignore[arg-type]
     with caplog.at_level(logging.INFO, logger="conn25d"):
         DaemonNode._restore_assignments(node)  # type: ignore[arg-type]
     assert [a.domain for a in node.assignments] == ["good."]

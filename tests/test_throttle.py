@@ -6,7 +6,8 @@ import logging
 
 import pytest
 
-from conn25.throttle import LogSummary, RefusalLog, SourceAccounting, SourceLimits, TokenBucket
+from conn25.refusals import RefusalLog
+from conn25.throttle import LogSummary, SourceAccounting, SourceLimits, TokenBucket
 
 
 def test_token_bucket_allows_a_burst_then_the_rate():

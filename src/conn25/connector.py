@@ -49,6 +49,7 @@ from .peerapi import (
     TransitIPRequest,
     TransitIPResponse,
 )
+from .throttle import TokenBucket
 
 # Upstream keeps a mapping at least an hour after its last registration;
 # clients re-register on a reject, so an expired mapping costs one round trip.
@@ -156,28 +157,6 @@ class ConnectorState(msgspec.Struct, omit_defaults=True):
     peers: list[PeerView] = []
 
 
-class _TokenBucket:
-    """Allows ``burst`` events at once and ``rate`` per second after that."""
-
-    def __init__(self, rate: float, burst: float, now: float) -> None:
-        self.rate = rate
-        self.burst = burst
-        self.tokens = burst
-        self.stamp = now
-
-    def available(self, now: float) -> float:
-        # A clock stepping back refills nothing (and the stamp follows it).
-        return min(self.burst, self.tokens + max(0.0, now - self.stamp) * self.rate)
-
-    def take(self, now: float) -> bool:
-        self.tokens = self.available(now)
-        self.stamp = now
-        if self.tokens < 1:
-            return False
-        self.tokens -= 1
-        return True
-
-
 def _addr_key(a: IPAddress) -> tuple[int, int]:
     return (a.version, int(a))
 
@@ -230,7 +209,7 @@ class ConnectorTable:
         # (the newest entry for that address; the heap may hold older ones).
         self._resolved: dict[str, dict[int, int]] = {}
         self._resolved_heaps: dict[str, list[int]] = {}
-        self._buckets: dict[str, _TokenBucket] = {}
+        self._buckets: dict[str, TokenBucket] = {}
         self._set_config(cfg)
 
     def _set_config(self, cfg: config.NodeConfig) -> None:
@@ -367,10 +346,10 @@ class ConnectorTable:
             for transit, value in table.maps.items():
                 yield self._mapping(table, transit, value)
 
-    def _bucket(self, peer: config.Node, now: float) -> _TokenBucket:
+    def _bucket(self, peer: config.Node, now: float) -> TokenBucket:
         b = self._buckets.get(peer.name)
         if b is None:
-            b = self._buckets[peer.name] = _TokenBucket(self._rate, self._burst, now)
+            b = self._buckets[peer.name] = TokenBucket(self._rate, self._burst, now)
         return b
 
     # -- what the connector resolved -----------------------------------------
@@ -424,7 +403,7 @@ class ConnectorTable:
         """
         if not self.configured or not self._cfg.may_use_apps(peer):
             return []
-        budget = int(self._bucket(peer, now).available(now))
+        budget = int(self._bucket(peer, now).level(now))
         pairs: dict[tuple[str, str], None] = {}
         for item in req.transit_ips[:budget]:
             app = self._own.get(item.app)
@@ -498,7 +477,7 @@ class ConnectorTable:
                     del records[tag]
 
         # A full bucket is the same as no bucket.
-        for name in [n for n, b in self._buckets.items() if b.available(now) >= b.burst]:
+        for name in [n for n, b in self._buckets.items() if b.full(now)]:
             del self._buckets[name]
         return removed
 

@@ -30,8 +30,8 @@ from .config import App, NodeConfig
 from .dnscache import AnswerCache, question_key
 from .dnsmap import DNSMapError, DNSMapper, servfail
 from .iprange import IPAddress, IPNetwork, parse_address
+from .refusals import RefusalLog
 from .tailnet import parse_endpoint
-from .throttle import RefusalLog
 
 __all__ = [
     "ClientResolver",

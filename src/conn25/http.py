@@ -19,7 +19,7 @@ to face peers it does not trust:
 * ``accept_source`` may refuse a source outright: its connections are closed
   without a byte of answer;
 * refusals that a peer can cause at will are counted and logged as
-  summaries (:class:`conn25.throttle.RefusalLog`), never a line each;
+  summaries (:class:`conn25.refusals.RefusalLog`), never a line each;
 * a handler that raises gives 500 (and a logged traceback), one that takes
   longer than ``handler_timeout`` gives 503; the server keeps serving.
 
@@ -47,7 +47,8 @@ import h11
 import trio
 
 from .peerapi import MAX_BODY
-from .throttle import RefusalLog, SourceAccounting, SourceLimits
+from .refusals import RefusalLog
+from .throttle import SourceAccounting, SourceLimits
 
 __all__ = [
     "ClientPool",

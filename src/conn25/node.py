@@ -20,7 +20,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import msgspec
@@ -43,10 +43,10 @@ from .fastpath import Datapath, monotonic_ms
 from .iprange import IPAddress, IPNetwork, IPRange
 from .localapi import LocalAPI
 from .peerapi_server import PEERAPI_LIMITS, PeerAPI
+from .refusals import RefusalLog
 from .registration import Registrar
 from .status import status_document
 from .system import SystemSetup
-from .throttle import RefusalLog
 
 log = logging.getLogger("conn25d")
 
@@ -199,7 +199,6 @@ class Node:
             sock = self._bind_underlay()
             self._install_tables()
             self._restore_connector()
-            self._restore_flows()
             flows_restored = True
             self.datapath.start(tun_fd, sock)
             async with trio.open_nursery() as nursery:
@@ -446,69 +445,57 @@ class Node:
 
     # -- persistence -----------------------------------------------------------------
 
-    def _restore_assignments(self) -> None:
-        path = self.options.state_path / ASSIGNMENTS_FILE
+    def _load_state(self, name: str, what: str, restore: Callable[[bytes], int]) -> None:
+        """Feed the state file `name` to `restore` (which returns how many it
+        took). A file it refuses (ValueError) is moved aside to NAME.bad, so
+        the next save does not overwrite what an operator may want to read."""
+        path = self.options.state_path / name
         try:
             data = path.read_bytes()
         except FileNotFoundError:
             return
+        try:
+            n = restore(data)
+        except ValueError as e:
+            bad = path.with_suffix(".bad")
+            with contextlib.suppress(OSError):
+                path.rename(bad)
+            log.error("ignoring saved %s (%s); moved to %s", what, e, bad)
+            return
+        log.info("restored %d %s from %s", n, what, path)
+
+    def _restore_assignments(self) -> None:
         # A saved magic or transit IP on a node's address would route that node's
         # traffic into the TUN: such entries are dropped, each with a line.
         nodes = [addr for node in self.config.tailnet.nodes for addr in node.addresses]
-        try:
-            n = self.assignments.restore(data, self.now(), node_addresses=nodes,
-                                         report=log.warning)
-        except ValueError as e:
-            bad = path.with_suffix(".bad")
-            with contextlib.suppress(OSError):
-                path.rename(bad)
-            log.error("ignoring saved assignments (%s); moved to %s", e, bad)
-            return
-        log.info("restored %d assignments from %s", n, path)
+        self._load_state(ASSIGNMENTS_FILE, "assignments", lambda data: self.assignments.restore(
+            data, self.now(), node_addresses=nodes, report=log.warning))
 
     def _restore_connector(self) -> None:
-        """The mappings of the last run, so that flows in flight through this
-        connector come back with their next packet after a restart."""
-        path = self.options.state_path / CONNECTOR_FILE
-        if self.connector is None:
-            path.unlink(missing_ok=True)  # no longer a connector: stale
+        """The mappings and the flows of the last run, so that flows in flight
+        through this connector come back after a restart. The flows only
+        where their return packets cannot re-create them (several transit IPs
+        of a client to one real address), and after the mappings they must
+        match."""
+        if self.connector is None:  # no longer a connector: the files are stale
+            for name in (CONNECTOR_FILE, FLOWS_FILE):
+                (self.options.state_path / name).unlink(missing_ok=True)
             return
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            return
-        try:
-            restored = self.connector.restore(data, self.now(), log.warning)
-        except ValueError as e:
-            bad = path.with_suffix(".bad")
-            with contextlib.suppress(OSError):
-                path.rename(bad)
-            log.error("ignoring saved connector mappings (%s); moved to %s", e, bad)
-            return
-        tables = self.datapath.tables
-        for m in restored:
-            tables.set_transit(m.peer, m.transit, m.destination, self.app_id(m.app))
-        log.info("restored %d connector mappings from %s", len(restored), path)
+        connector, tables = self.connector, self.datapath.tables
 
-    def _restore_flows(self) -> None:
-        """The connector flows that their return packets cannot re-create
-        (several transit IPs of a client to one real address); after the
-        mappings, which they must match."""
-        path = self.options.state_path / FLOWS_FILE
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            return
-        if self.connector is None:
-            path.unlink(missing_ok=True)
-            return
-        try:
+        def mappings(data: bytes) -> int:
+            restored = connector.restore(data, self.now(), log.warning)
+            for m in restored:
+                tables.set_transit(m.peer, m.transit, m.destination, self.app_id(m.app))
+            return len(restored)
+
+        def flows(data: bytes) -> int:
             n = self.datapath.restore_flows(data, monotonic_ms())
-        except ValueError as e:
-            log.error("ignoring saved flows in %s: %s", path, e)
-            return
-        self._saved_flows = data
-        log.info("restored %d connector flows from %s", n, path)
+            self._saved_flows = data
+            return n
+
+        self._load_state(CONNECTOR_FILE, "connector mappings", mappings)
+        self._load_state(FLOWS_FILE, "connector flows", flows)
 
     def _save_flows(self, data: bytes) -> None:
         if data == self._saved_flows:

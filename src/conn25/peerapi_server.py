@@ -43,7 +43,8 @@ from .peerapi import (
     HealthResponse,
     NotConfigured,
 )
-from .throttle import RefusalLog, SourceLimits
+from .refusals import RefusalLog
+from .throttle import SourceLimits
 
 if TYPE_CHECKING:
     from .context import NodeContext
