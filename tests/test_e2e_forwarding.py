@@ -228,3 +228,70 @@ def stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.kill()
         proc.wait()
+
+
+def log_lines(bed: Testbed, node: str) -> int:
+    return len(bed.log(node).splitlines())
+
+
+def refusals(bed: Testbed, node: str, name: str) -> int:
+    return bed.status(node)["metrics"].get(f"refusals_{name}", 0)
+
+
+def test_a_flood_of_forged_rejects_writes_a_few_log_lines(bed):
+    """20,000 rejects from a peer's endpoint: all counted, a few lines logged."""
+    lines, before = log_lines(bed, "client"), refusals(bed, "client", "reject_received")
+    script = textwrap.dedent(f"""
+        import ipaddress, socket
+        from conn25.fastpath import Datapath
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(("{SPEC['peer'].endpoint}", 41641))
+        for i in range(20000):
+            t = ipaddress.ip_address("169.254.128.0") + 1000 + i % 5000
+            s.sendto(Datapath.reject_datagram(t), ("{CLIENT.endpoint}", 41641))
+    """)
+    r = bed.run("peer", sys.executable, "-c", script, timeout=60)
+    assert r.returncode == 0, r.stderr
+
+    def settled() -> bool:
+        # The socket may drop some of a burst and the event ring overflow (counted as
+        # events_dropped): every reject that arrived is an event handled or dropped.
+        dp = datapath(bed, "client")
+        handled = refusals(bed, "client", "reject_received") - before
+        return dp["rejects_received"] >= 15000 and \
+            handled + dp["events_dropped"] >= dp["rejects_received"]
+
+    wait_for(settled, 20, "the rejects to be counted")
+    assert refusals(bed, "client", "reject_received") - before >= 4000
+    assert log_lines(bed, "client") - lines <= 5, bed.log("client")[-3000:]
+
+
+def test_a_megabyte_of_refused_transit_items_writes_a_few_log_lines(bed):
+    """One request of some 12,000 items the connector refuses (destinations no app
+    resolved, and the per-peer rate): one result each, a few log lines."""
+    lines = log_lines(bed, "conn1")
+    script = textwrap.dedent(f"""
+        import ipaddress, json, trio
+        from conn25.http import request
+        items = []
+        body = b""
+        i = 0
+        while True:
+            items.append({{"transitIP": str(ipaddress.ip_address("169.254.200.0") + i),
+                           "destinationIP": "203.0.113.200", "app": "Example"}})
+            i += 1
+            if i % 500 == 0:
+                body = json.dumps({{"transitIPs": items}}).encode()
+                if len(body) > 1_000_000:
+                    break
+        status, answer = trio.run(lambda: request(
+            "{CONN1.overlay4}", 41642, "POST", "/v0/connector/transit-ip", body, timeout=20))
+        codes = [r["code"] for r in json.loads(answer)["transitIPs"]]
+        print(status, len(items), len(codes), sorted(set(codes)))
+    """)
+    r = bed.run("client", sys.executable, "-c", script, timeout=60)
+    assert r.returncode == 0, r.stderr
+    status, sent, answered, codes = r.stdout.split(" ", 3)
+    assert status == "200" and int(sent) == int(answered) > 10000, r.stdout
+    assert codes.strip() == "[1]", r.stdout
+    assert log_lines(bed, "conn1") - lines <= 5, bed.log("conn1")[-3000:]

@@ -259,8 +259,9 @@ class Registrar:
         self._counters["rejects"] += 1
         a = self._node.assignments.by_transit(transit)
         if a is None:
+            # Counted, not logged: anyone who can send us a reject can send many
+            # (the node's refusal log summarises them).
             self._counters["rejects_unknown"] += 1
-            log.debug("reject for transit=%s, which is not assigned: ignored", transit)
             return
         if transit in self._items:
             self._counters["rejects_deduplicated"] += 1
@@ -272,7 +273,10 @@ class Registrar:
             return
         if len(self._items) >= self.queue_size:
             self._counters["queue_full"] += 1
-            log.warning("registration queue full: cannot re-register transit=%s", transit)
+            if self._counters["queue_full"] & (self._counters["queue_full"] - 1) == 0:
+                # Rejects come per packet: a line at the 1st, 2nd, 4th, 8th... refusal.
+                log.warning("registration queue full: cannot re-register transit=%s "
+                            "(%d refused so far)", transit, self._counters["queue_full"])
             return
         if len(self._reject_at) > 4 * self.queue_size:
             self._reject_at = {t: at for t, at in self._reject_at.items()
