@@ -2,7 +2,7 @@
 
 Every figure is shown against a baseline measured in the same run:
 
-* DNS. dnsperf in the client namespace of a conn25.testbed tailnet (client and
+* DNS. dnsperf in the client namespace of a conn25.lab.testbed tailnet (client and
   connector run the real `conn25d up`) asks the client's DNS server for an app
   name whose assignment is cached (the same name again and again: each query
   still goes to the connector's dns-query endpoint) and for a non-app name
@@ -54,20 +54,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from conn25 import dnsname, peerapi
-from conn25.config import NodeConfig
-from conn25.connector import DEFAULT_BURST, DEFAULT_RATE, RATE_LIMITED_MESSAGE, ConnectorTable
-from conn25.iprange import make_address
-from conn25.netns import Netns, need_root, wait_for
-from conn25.peerapi import TRANSIT_IP_PATH, ConnectorTransitIPRequest, TransitIPRequest
-from conn25.tailnet import load as load_tailnet
-from conn25.testbed import DEFAULT_NODES, DNS4, WEB4, NodeSpec, Testbed, tailnet_file
+from conn25.core import dnsname, peerapi
+from conn25.core.config import NodeConfig
+from conn25.core.connector import DEFAULT_BURST, DEFAULT_RATE, RATE_LIMITED_MESSAGE, ConnectorTable
+from conn25.core.iprange import make_address
+from conn25.core.peerapi import TRANSIT_IP_PATH, ConnectorTransitIPRequest, TransitIPRequest
+from conn25.core.tailnet import load as load_tailnet
+from conn25.lab.netns import Netns, need_root, wait_for
+from conn25.lab.testbed import DEFAULT_NODES, DNS4, WEB4, NodeSpec, Testbed, tailnet_file
 
 HERE = Path(__file__).resolve()
 SPECS = {n.name: n for n in DEFAULT_NODES}
 CLIENT, CONNECTOR = SPECS["client"], SPECS["conn1"]
 CLIENT_DNS = "100.100.100.100"  # conn25d's default --dns-listen
-PEERAPI_PORT = 41642  # conn25.node.PEERAPI_PORT (not imported: node pulls in pyroute2)
+PEERAPI_PORT = 41642  # conn25.daemon.node.PEERAPI_PORT (not imported: node pulls in pyroute2)
 APP_NAME, NON_APP_NAME = "example.com", "direct.example.net"  # both dnsmasq host records
 BATCH = 100
 # Transits the bench registers: the top quarter of the default v4 transit pool, clear
@@ -298,7 +298,7 @@ def post_load(seconds: float, concurrency: int) -> dict[str, Any]:
     """In the client namespace: POST batches to the connector's peer API for `seconds`."""
     import trio
 
-    from conn25 import http
+    from conn25.daemon import http
 
     cfg = connector_config()
     payloads = bodies(app_name(cfg))
@@ -354,10 +354,10 @@ def run_post_load(bed: Testbed, seconds: float, concurrency: int) -> dict[str, A
 NO_LIMIT_SITECUSTOMIZE = """\
 # Written by bench/control.py: lifts the connector's per-peer registration limit
 # and the peer API's per-peer request rate for one run (conn25d has no option for
-# them). Before conn25.node is imported, so the node serves the lifted limits.
+# them). Before conn25.daemon.node is imported, so the node serves the lifted limits.
 import dataclasses as _d
-import conn25.connector as _c
-import conn25.peerapi_server as _p
+import conn25.core.connector as _c
+import conn25.daemon.peerapi_server as _p
 _c.ConnectorTable.__init__.__kwdefaults__.update(rate=1e12, burst=1 << 40)
 _p.PEERAPI_LIMITS = _d.replace(_p.PEERAPI_LIMITS, per_source=_d.replace(
     _p.PEERAPI_LIMITS.per_source, rate=1e12, burst=1 << 40))
@@ -410,7 +410,7 @@ def print_registrations(rows: list[dict[str, Any]], seconds: float, concurrency:
               f"| {r['items_per_s']:,.0f} | {r['requests_per_s']:,.1f} | {p99} | {outcomes} |")
     shipped = rows[-1]
     cap = (DEFAULT_BURST + DEFAULT_RATE * shipped["seconds"]) / shipped["seconds"]
-    print(f"\nHTTP rows: the client namespace's load generator (conn25.http.request, a new "
+    print(f"\nHTTP rows: the client namespace's load generator (conn25.daemon.http.request, a new "
           f"connection per request as the daemon's registrar, {concurrency} at a time) to "
           f"{CONNECTOR.overlay4}:{PEERAPI_PORT}, through both daemons' datapaths. As shipped, "
           f"one peer gets its burst of {DEFAULT_BURST} and then {DEFAULT_RATE:g}/s: at most "
@@ -438,7 +438,7 @@ def ipv4_udp(src: str, dst: str, sport: int, dport: int) -> bytes:
 
 def memory_figures() -> dict[str, Any]:
     """In a fresh process: RSS of a connector node's tables, empty and with 100k + 100k."""
-    import conn25.node  # noqa: F401  (the daemon's imports: trio, pyroute2, h11, ...)
+    import conn25.daemon.node  # noqa: F401  (the daemon's imports: trio, pyroute2, h11, ...)
     from conn25.fastpath import Datapath, monotonic_ms
 
     gc.collect()
@@ -556,7 +556,7 @@ def print_memory(m: dict[str, Any], daemon: dict[str, int] | None) -> None:
     print("| state | VmRSS MiB | RssAnon MiB | x empty node | step MiB | per item |")
     print("|---|---:|---:|---:|---:|---:|")
     steps = [
-        ("interpreter + conn25d's modules (conn25.node imported)", "interpreter", None),
+        ("interpreter + conn25d's modules (conn25.daemon.node imported)", "interpreter", None),
         ("empty connector node (baseline): config, ConnectorTable, Datapath(client, "
          "connector) with its preallocated flow tables, 2 peers", "empty", None),
         (f"+ {m['resolution_count']:,} resolution records (destinations the app resolved to)",

@@ -20,8 +20,8 @@ import time
 from scapy.layers.inet import IP, TCP
 
 from conn25._fastpath import bench_loop
+from conn25.core.iprange import IPRange
 from conn25.fastpath import Datapath, monotonic_ms
-from conn25.iprange import IPRange
 
 CLIENT, CONNECTOR = "100.64.0.1", "100.64.0.2"
 CLIENT_EP, CONNECTOR_EP = ("192.0.2.1", 41641), ("192.0.2.2", 41641)

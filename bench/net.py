@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from conn25.netns import Netns, need_root
+from conn25.lab.netns import Netns, need_root
 from paths import LABELS, PATHS, Bench, BenchPath, wireguard_missing
 from pump import iperf
 

@@ -16,7 +16,7 @@ by `Bench.path`, adds what it needs, so only one path exists at a time:
     wireguard_go  a wireguard-go tunnel client <-> middle, kernel routing beyond
 
 Only DESIGN §7 addresses; the namespaces reach nothing but each other. Built on
-conn25.testbed.Testbed (its start/stop/status/close), with this topology instead of
+conn25.lab.testbed.Testbed (its start/stop/status/close), with this topology instead of
 the test tailnet's; close() removes everything, also after a failure.
 """
 
@@ -32,8 +32,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from conn25.netns import Netns, sh, terminate, wait_for
-from conn25.testbed import (
+from conn25.lab.netns import Netns, sh, terminate, wait_for
+from conn25.lab.testbed import (
     APP_TAG,
     DNS4,
     WEB4,

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from conn25.netns import Netns, need_root, wait_for
+from conn25.lab.netns import Netns, need_root, wait_for
 from pumpnet import MAGIC, REAL, pump_topology, stop_node
 
 

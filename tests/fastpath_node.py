@@ -14,9 +14,9 @@ import sys
 
 from pyroute2 import IPRoute
 
+from conn25.core.iprange import IPRange
+from conn25.daemon.tun import open_tun
 from conn25.fastpath import Datapath
-from conn25.iprange import IPRange
-from conn25.tun import open_tun
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from conn25.netns import Netns, link
+from conn25.lab.netns import Netns, link
 
 NODE = str(Path(__file__).with_name("fastpath_node.py"))
 MAGIC, UNASSIGNED, TRANSIT, REAL = "100.80.0.5", "100.80.0.99", "169.254.128.5", "203.0.113.10"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from conn25 import acl
-from conn25.config import Tailnet
-from conn25.tailnet import load
+from conn25.core import acl
+from conn25.core.config import Tailnet
+from conn25.core.tailnet import load
 
 TAILNET = """
 {

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conn25.assignments import (
+from conn25.core.assignments import (
     EXTEND,
     MAX_TTL,
     Assignment,
@@ -14,8 +14,8 @@ from conn25.assignments import (
     PoolExhausted,
     clamp_ttl,
 )
-from conn25.config import Pools
-from conn25.iprange import IPRange, IPSet
+from conn25.core.config import Pools
+from conn25.core.iprange import IPRange, IPSet
 
 T0 = 1_700_000_000.0
 

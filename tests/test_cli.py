@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conn25 import __version__
-from conn25.cli import main
+from conn25.daemon.cli import main
 
 ROOT = Path(__file__).parent.parent
 EXAMPLE = ROOT / "examples" / "tailnet.hujson"
@@ -106,7 +106,7 @@ def test_installed_script_checks_the_example():
 
 
 def test_module_entry_point_exits_with_mains_status():
-    result = subprocess.run([sys.executable, "-m", "conn25.cli", "check", str(FOUR_ERRORS)],
+    result = subprocess.run([sys.executable, "-m", "conn25", "check", str(FOUR_ERRORS)],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert len(result.stderr.splitlines()) == 4
@@ -114,7 +114,7 @@ def test_module_entry_point_exits_with_mains_status():
 
 def test_up_with_an_unknown_hostname_fails_cleanly(capsys, tmp_path):
     """`conn25d up` reports a configuration problem in one line, exit 1, no traceback."""
-    from conn25.cli import main
+    from conn25.daemon.cli import main
 
     rc = main(["up", "--tailnet", str(EXAMPLE), "--hostname", "nosuch",
                "--state-dir", str(tmp_path)])
@@ -124,7 +124,7 @@ def test_up_with_an_unknown_hostname_fails_cleanly(capsys, tmp_path):
 
 
 def test_up_with_mismatched_advertise_tags_fails_cleanly(capsys, tmp_path):
-    from conn25.cli import main
+    from conn25.daemon.cli import main
 
     rc = main(["up", "--tailnet", str(EXAMPLE), "--hostname", "gh-connector-1",
                "--advertise-tags", "tag:other", "--state-dir", str(tmp_path)])
@@ -133,7 +133,7 @@ def test_up_with_mismatched_advertise_tags_fails_cleanly(capsys, tmp_path):
 
 
 def test_status_without_a_node_says_so(capsys, tmp_path):
-    from conn25.cli import main
+    from conn25.daemon.cli import main
 
     assert main(["status", "--state-dir", str(tmp_path)]) == 1
     assert "cannot reach the node" in capsys.readouterr().err

@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from conn25.config import APP_ATTRS, DEFAULT_POOLS, POOL_ATTR, Tailnet
-from conn25.dnsname import DomainIndex
-from conn25.iprange import IPRange, IPSet
-from conn25.tailnet import load
+from conn25.core.config import APP_ATTRS, DEFAULT_POOLS, POOL_ATTR, Tailnet
+from conn25.core.dnsname import DomainIndex
+from conn25.core.iprange import IPRange, IPSet
+from conn25.core.tailnet import load
 
 TAGS = ["tag:a", "tag:b", "tag:c"]
 

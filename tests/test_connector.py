@@ -5,10 +5,10 @@ import ipaddress
 import msgspec
 import pytest
 
-from conn25 import config, peerapi
-from conn25.config import App, Node, NodeConfig, Tailnet
-from conn25.connector import MAPPING_LIFETIME, ConnectorTable, Mapping
-from conn25.peerapi import Code, ConnectorTransitIPRequest, NotConfigured, TransitIPRequest
+from conn25.core import config, peerapi
+from conn25.core.config import App, Node, NodeConfig, Tailnet
+from conn25.core.connector import MAPPING_LIFETIME, ConnectorTable, Mapping
+from conn25.core.peerapi import Code, ConnectorTransitIPRequest, NotConfigured, TransitIPRequest
 
 
 def ip(text: str):
@@ -445,8 +445,8 @@ def test_transit_outside_the_pools_gets_code_1(table):
 
 def test_transit_is_checked_against_the_clients_pools_not_ours():
     """B49: a client whose pool attribute differs from the connector's is judged by its own."""
-    from conn25.config import NodeAttr, Pools
-    from conn25.iprange import IPRange, IPSet
+    from conn25.core.config import NodeAttr, Pools
+    from conn25.core.iprange import IPRange, IPSet
 
     laptop_pools = Pools(v4_magic=IPSet.of([IPRange.parse("100.90.0.0/24")]),
                          v4_transit=IPSet.of([IPRange.parse("169.254.10.0/24")]))

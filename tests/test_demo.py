@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conn25.netns import need_root, sh
+from conn25.lab.netns import need_root, sh
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(need_root() is not None,
                                                    reason=str(need_root()))]
@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.root, pytest.mark.skipif(need_root() is not None,
 
 def test_demo_fetches_through_the_connector_and_cleans_up():
     before = set(sh("ip", "netns", "list").stdout.split())
-    r = subprocess.run([sys.executable, "-m", "conn25.cli", "demo"], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "conn25", "demo"], capture_output=True,
                        text=True, timeout=180)
     assert r.returncode == 0, r.stdout + r.stderr
     assert re.search(r"resolves example\.com -> 100\.80\.\d+\.\d+", r.stdout), r.stdout

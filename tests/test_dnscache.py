@@ -8,7 +8,7 @@ from dnslib import CNAME, EDNS0, QTYPE, RR, SOA, A, DNSHeader, DNSQuestion, DNSR
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conn25.dnscache import AnswerCache, question_key, ttl_offsets
+from conn25.core.dnscache import AnswerCache, question_key, ttl_offsets
 
 T0 = 1_700_000_000.0
 

@@ -27,18 +27,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import dnswire
-from conn25 import dnsname
-from conn25.assignments import Assignments
-from conn25.config import App, Node, NodeConfig, Pools, Tailnet
-from conn25.dnsmap import (
+from conn25.core import dnsname
+from conn25.core.assignments import Assignments
+from conn25.core.config import App, Node, NodeConfig, Pools, Tailnet
+from conn25.core.dnsmap import (
     MAX_CHAIN,
     DNSMapError,
     DNSMapper,
     answer_addresses,
     servfail,
 )
-from conn25.dnsname import DomainIndex
-from conn25.iprange import IPRange, IPSet
+from conn25.core.dnsname import DomainIndex
+from conn25.core.iprange import IPRange, IPSet
 
 T0 = 1_700_000_000.0
 GITHUB = App("GitHub", ("github.com.", "*.github.com."), ("tag:github-connector",))

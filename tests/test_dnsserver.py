@@ -24,17 +24,17 @@ from dnslib import EDNS0, QTYPE, RCODE, RR, A, DNSHeader, DNSQuestion, DNSRecord
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conn25.assignments import Assignments
-from conn25.config import App, Node, NodeConfig, Pools, Tailnet
-from conn25.dnsmap import DNSMapError, DNSMapper
-from conn25.dnsserver import (
+from conn25.core.assignments import Assignments
+from conn25.core.config import App, Node, NodeConfig, Pools, Tailnet
+from conn25.core.dnsmap import DNSMapError, DNSMapper
+from conn25.core.iprange import IPRange, IPSet
+from conn25.daemon.dnsserver import (
     ClientResolver,
     DNSServer,
     Forwarder,
     parse_upstreams,
     upstreams_from_resolv_conf,
 )
-from conn25.iprange import IPRange, IPSet
 
 DNSMASQ = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
 LOOP = "127.0.0.1"
@@ -439,7 +439,7 @@ def test_no_upstream_gives_servfail_and_logs_the_reason_once(caplog):
         fwd = Forwarder([])
         return [await fwd.forward(query("x.test", qid=i)) for i in (1, 2, 3)], fwd.counters()
 
-    with caplog.at_level(logging.WARNING, logger="conn25.dnsserver"):
+    with caplog.at_level(logging.WARNING, logger="conn25.daemon.dnsserver"):
         outs, counters = run(main)
     for qid, out in zip((1, 2, 3), outs, strict=True):
         rec = DNSRecord.parse(out)
@@ -456,7 +456,7 @@ def test_all_upstreams_silent_gives_servfail_logged_once(caplog):
             fwd = Forwarder([a, b], timeout=0.1)
             return [await fwd.forward(query("x.test")) for _ in range(2)]
 
-    with caplog.at_level(logging.WARNING, logger="conn25.dnsserver"):
+    with caplog.at_level(logging.WARNING, logger="conn25.daemon.dnsserver"):
         outs = run(main)
     assert all(DNSRecord.parse(o).header.rcode == RCODE.SERVFAIL for o in outs)
     messages = [r.getMessage() for r in caplog.records]

@@ -16,9 +16,9 @@ import trio
 import trio.testing
 from dnslib import RR, A, DNSRecord
 
-from conn25.dnsserver import DNSServer, SourcePolicy, kernel_says_local, parse_dns_allow
-from conn25.iprange import IPAddress
-from conn25.refusals import RefusalLog
+from conn25.core.iprange import IPAddress
+from conn25.daemon.dnsserver import DNSServer, SourcePolicy, kernel_says_local, parse_dns_allow
+from conn25.daemon.refusals import RefusalLog
 
 LOOP = "127.0.0.1"
 HOST_ITSELF = ipaddress.ip_address(LOOP)

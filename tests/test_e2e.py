@@ -1,4 +1,4 @@
-"""conn25d end to end, in network namespaces this module creates (conn25.testbed).
+"""conn25d end to end, in network namespaces this module creates (conn25.lab.testbed).
 
 A client, two connectors for the app "Example" (example.com, *.example.com), a plain
 peer and a blocked client, all running the real `conn25d up`; an "internet" namespace
@@ -18,8 +18,8 @@ import textwrap
 
 import pytest
 
-from conn25.netns import need_root, wait_for
-from conn25.testbed import DEFAULT_NODES, WEB4, Testbed
+from conn25.lab.netns import need_root, wait_for
+from conn25.lab.testbed import DEFAULT_NODES, WEB4, Testbed
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(need_root() is not None,
                                                    reason=str(need_root()))]
@@ -113,7 +113,7 @@ def test_status_shows_the_assignment_while_a_connection_is_open(bed):
         client_assignment(bed, magic)), 10, "an active flow in status")
     assert (a["app"], a["domain"], a["real"]) == ("Example", "iperf.wild.example.com.", WEB4)
     assert ipaddress.ip_address(a["transit"]) in ipaddress.ip_network("169.254.0.0/16")
-    table = subprocess.run([sys.executable, "-m", "conn25.cli", "status", "--state-dir",
+    table = subprocess.run([sys.executable, "-m", "conn25", "status", "--state-dir",
                             str(bed.state_dir("client"))], capture_output=True, text=True,
                            timeout=15)
     assert table.returncode == 0 and magic in table.stdout and a["transit"] in table.stdout
@@ -126,7 +126,7 @@ def test_metrics_in_prometheus_text_format(bed):
     """The local API's /metrics: datapath and control-plane counters, pool gauges."""
     import trio
 
-    from conn25.http import request_unix
+    from conn25.daemon.http import request_unix
 
     came_from(bed.curl("client", "http://metrics.wild.example.com/"))
     sock = str(bed.state_dir("client") / "conn25d.sock")
@@ -172,7 +172,7 @@ def test_blocked_client_gets_no_app(bed):
         assert r.returncode == 6, (r.returncode, r.stderr)  # could not resolve: SERVFAIL
         script = textwrap.dedent(f"""
             import json, trio
-            from conn25.http import request
+            from conn25.daemon.http import request
             body = json.dumps({{"transitIPs": [{{"transitIP": "169.254.128.77",
                                "destinationIP": "{WEB4}", "app": "Example"}}]}}).encode()
             status, answer = trio.run(lambda: request(
@@ -258,8 +258,8 @@ def test_embedded_node_serves_and_leaves_nothing_behind(bed, tmp_path):
     """11: a node inside another trio program's nursery."""
     script = textwrap.dedent(f"""
         import trio
-        from conn25.node import Node, NodeOptions
-        from conn25.system import leftovers
+        from conn25.daemon.node import Node, NodeOptions
+        from conn25.daemon.system import leftovers
         async def main():
             node = Node(NodeOptions(tailnet={str(bed.tailnet_path)!r}, hostname="peer",
                                     state_dir={str(tmp_path)!r},
@@ -286,5 +286,5 @@ def test_nothing_remains_after_every_node_stops(bed):
         assert bed.stop(name) == 0, bed.log(name)[-2000:]
     for name in ("client", "conn1", "conn2", "peer"):
         r = bed.run(name, sys.executable, "-c",
-                    "from conn25.system import leftovers; print(leftovers('conn25'))")
+                    "from conn25.daemon.system import leftovers; print(leftovers('conn25'))")
         assert r.stdout.strip() == "[]", (name, r.stdout, r.stderr)

@@ -1,6 +1,6 @@
 """What a node forwards, tried as an attacker would, and flows across restarts.
 
-In namespaces this module creates (conn25.testbed): a connector is not a router
+In namespaces this module creates (conn25.lab.testbed): a connector is not a router
 for tailnet members, nothing from the internet enters the tailnet through it, a
 node's DNS server answers no other node, and a download in flight completes
 across a SIGKILL and restart of the client and of the connector. Crafted
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from conn25.netns import need_root, wait_for
-from conn25.testbed import DEFAULT_NODES, SOLO4, WEB4, Testbed
+from conn25.lab.netns import need_root, wait_for
+from conn25.lab.testbed import DEFAULT_NODES, SOLO4, WEB4, Testbed
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(need_root() is not None,
                                                    reason=str(need_root()))]
@@ -167,11 +167,12 @@ def test_another_nodes_dns_queries_get_nothing(bed):
     assert in_use() == used
 
 
-def download(bed: Testbed, host: str, out: Path, rate: str) -> subprocess.Popen:
-    """A rate-limited download of SIZE bytes through the connector."""
+def download(bed: Testbed, host: str, out: Path, pace: int) -> subprocess.Popen:
+    """A download of SIZE bytes through the connector that the server paces (so the
+    client sends nothing but acknowledgements of what it received)."""
     return bed.ns["client"].popen(
-        "curl", "-sS", "-4", "-m", "90", "--limit-rate", rate, "-o", str(out),
-        "-w", "%{size_download}", f"http://{host}/bytes/{SIZE}",
+        "curl", "-sS", "-4", "-m", "90", "-o", str(out),
+        "-w", "%{size_download}", f"http://{host}/bytes/{SIZE}?pace={pace}",
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -182,7 +183,7 @@ def test_a_download_in_flight_survives_a_crash_and_restart(bed, restarted, tmp_p
     it (solo.example.com resolves to an address of its own, so the connector's mapping
     names one transit IP)."""
     out = tmp_path / "download"
-    curl = download(bed, "solo.example.com", out, "400k")
+    curl = download(bed, "solo.example.com", out, 400_000)
     try:
         wait_for(lambda: out.exists() and out.stat().st_size >= 1_000_000, 30,
                  "the first megabyte")
@@ -206,7 +207,7 @@ def test_a_download_whose_address_several_names_share_survives_a_connector_crash
     for host in ("example.com", "www.example.com", "shared.wild.example.com"):
         assert bed.curl("client", f"http://{host}/").returncode == 0
     out = tmp_path / "download"
-    curl = download(bed, "shared.wild.example.com", out, "200k")
+    curl = download(bed, "shared.wild.example.com", out, 200_000)
     saved = bed.state_dir("conn1") / "flows.bin"
     try:
         wait_for(lambda: out.exists() and out.stat().st_size >= 500_000, 30,
@@ -272,7 +273,7 @@ def test_a_megabyte_of_refused_transit_items_writes_a_few_log_lines(bed):
     lines = log_lines(bed, "conn1")
     script = textwrap.dedent(f"""
         import ipaddress, json, trio
-        from conn25.http import request
+        from conn25.daemon.http import request
         items = []
         body = b""
         i = 0

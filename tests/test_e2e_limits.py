@@ -1,5 +1,5 @@
 """Limits that keep one node or process from starving the others, end to end in network
-namespaces this module creates (conn25.testbed): a peer holding hundreds of idle
+namespaces this module creates (conn25.lab.testbed): a peer holding hundreds of idle
 connections to the connector's peer API, and a local process holding hundreds of idle
 TCP connections to the client's DNS server. Every process a test starts is stopped by
 PID in a finaliser; every bound is stated where it is waited for."""
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from conn25.netns import need_root, terminate, wait_for
-from conn25.peerapi_server import PEERAPI_LIMITS
-from conn25.testbed import DEFAULT_NODES, Testbed
+from conn25.daemon.peerapi_server import PEERAPI_LIMITS
+from conn25.lab.netns import need_root, terminate, wait_for
+from conn25.lab.testbed import DEFAULT_NODES, Testbed
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(need_root() is not None,
                                                    reason=str(need_root()))]

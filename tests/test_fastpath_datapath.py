@@ -11,8 +11,8 @@ import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror, UDPerror
 from scapy.layers.inet6 import IPv6
 
+from conn25.core.iprange import IPRange
 from conn25.fastpath import Datapath
-from conn25.iprange import IPRange
 
 NOW = 1_000_000
 CLIENT, CONNECTOR = "100.64.0.1", "100.64.0.2"

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conn25.netns import need_root, wait_for
+from conn25.lab.netns import need_root, wait_for
 from pumpnet import MAGIC, REAL, UNASSIGNED, pump_topology, stop_node
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(need_root() is not None,

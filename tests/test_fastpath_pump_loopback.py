@@ -11,8 +11,8 @@ import pytest
 import trio
 from scapy.layers.inet import IP, TCP
 
+from conn25.core.iprange import IPRange
 from conn25.fastpath import Datapath
-from conn25.iprange import IPRange
 from pumpnet import ip, recv
 
 CLIENT, CONNECTOR = "100.64.0.1", "100.64.0.2"

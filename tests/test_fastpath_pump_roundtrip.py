@@ -17,8 +17,8 @@ import socket
 import pytest
 from scapy.layers.inet import ICMP, IP
 
+from conn25.core.iprange import IPRange
 from conn25.fastpath import Datapath
-from conn25.iprange import IPRange
 from pumpnet import ip, recv
 
 CLIENT, TRANSIT, REAL = "100.64.0.1", "169.254.128.5", "203.0.113.10"

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from conn25._fastpath import FlowTable, Tables
-from conn25.iprange import IPRange
+from conn25.core.iprange import IPRange
 
 TCP, UDP = 6, 17
 IDLE = 1000

@@ -20,12 +20,12 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import dnswire
-from conn25 import peerapi
-from conn25.assignments import Assignments
-from conn25.config import App, Node, NodeConfig, Pools, Tailnet
-from conn25.dnsmap import DNSMapError, DNSMapper, answer_addresses, query_question, servfail
+from conn25.core import peerapi
+from conn25.core.assignments import Assignments
+from conn25.core.config import App, Node, NodeConfig, Pools, Tailnet
+from conn25.core.dnsmap import DNSMapError, DNSMapper, answer_addresses, query_question, servfail
+from conn25.core.iprange import IPRange, IPSet
 from conn25.fastpath import Datapath
-from conn25.iprange import IPRange, IPSet
 
 settings.register_profile(
     "conn25-fuzz",

@@ -15,11 +15,11 @@ import pytest
 import trio
 import trio.testing
 
-from conn25 import http
-from conn25.http import HTTPError, Limits, Request, Response
-from conn25.peerapi import MAX_BODY
-from conn25.refusals import RefusalLog
-from conn25.throttle import SourceLimits
+from conn25.core.peerapi import MAX_BODY
+from conn25.core.throttle import SourceLimits
+from conn25.daemon import http
+from conn25.daemon.http import HTTPError, Limits, Request, Response
+from conn25.daemon.refusals import RefusalLog
 
 HOST = "127.0.0.1"
 
@@ -366,7 +366,7 @@ def test_handler_taking_too_long_gets_503():
 
 
 def test_handler_exception_gives_500_is_logged_and_the_server_keeps_serving(caplog):
-    caplog.set_level(logging.ERROR, logger="conn25.http")
+    caplog.set_level(logging.ERROR, logger="conn25.daemon.http")
 
     async def main():
         async with serving(Recorder()) as port:
@@ -513,7 +513,7 @@ def test_a_head_that_does_not_arrive_within_the_header_timeout_gets_408():
 
 
 def test_many_refused_requests_make_few_log_lines(caplog):
-    caplog.set_level(logging.INFO, logger="conn25.http")
+    caplog.set_level(logging.INFO, logger="conn25.daemon.http")
 
     async def main():
         async with serving(Recorder()) as port:
@@ -688,7 +688,7 @@ def test_unix_client_to_missing_socket_is_oserror(tmp_path):
 
 def test_a_failing_connection_does_not_take_the_server_down(monkeypatch, caplog):
     """Whatever goes wrong inside one connection is logged and ends only that connection."""
-    caplog.set_level(logging.ERROR, logger="conn25.http")
+    caplog.set_level(logging.ERROR, logger="conn25.daemon.http")
     real = http._Connection._read_request
     calls = []
 

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conn25.ippool import MAX_CAPACITY, IPPool, PoolError, PoolExhausted
-from conn25.iprange import IPRange, IPSet
+from conn25.core.ippool import MAX_CAPACITY, IPPool, PoolError, PoolExhausted
+from conn25.core.iprange import IPRange, IPSet
 
 
 def ip(s):

@@ -11,9 +11,9 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from conn25 import http
-from conn25.connector import ConnectorState
-from conn25.localapi import LocalAPI, metric_name, render_metrics
+from conn25.core.connector import ConnectorState
+from conn25.daemon import http
+from conn25.daemon.localapi import LocalAPI, metric_name, render_metrics
 
 DOC = {
     "configured": True,
@@ -74,7 +74,7 @@ def test_metric_names_are_prefixed_once_and_sanitised():
 
 
 def test_clashing_metric_names_keep_one_and_log(caplog):
-    caplog.set_level(logging.WARNING, logger="conn25.localapi")
+    caplog.set_level(logging.WARNING, logger="conn25.daemon.localapi")
     text = render_metrics({"a.b": 1, "a_b": 2}).decode()
     assert text.count("\nconn25d_a_b_total ") == 1
     assert "clashes" in caplog.text
@@ -90,7 +90,7 @@ def test_other_methods_than_get_are_405(tmp_path, target):
 
 
 def test_failing_status_document_gives_500_and_is_logged(tmp_path, caplog):
-    caplog.set_level(logging.ERROR, logger="conn25.http")
+    caplog.set_level(logging.ERROR, logger="conn25.daemon.http")
 
     def broken() -> dict:
         raise RuntimeError("status bug")
@@ -122,7 +122,8 @@ def test_socket_path_may_come_from_the_constructor(tmp_path):
 
 def test_prometheus_client_is_imported_only_when_metrics_are_asked_for():
     """Memory: a node that nobody scrapes does without prometheus_client."""
-    code = ("import sys, conn25.node, conn25.localapi as l; a = 'prometheus_client' in sys.modules;"
+    code = ("import sys, conn25.daemon.node, conn25.daemon.localapi as l;"
+            " a = 'prometheus_client' in sys.modules;"
             " l.render_metrics({'x': 1}); print(a, 'prometheus_client' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "True"]

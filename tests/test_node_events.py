@@ -11,8 +11,8 @@ import os
 import trio
 import trio.testing
 
+from conn25.daemon.node import REFUSAL_REASONS, Node, NodeOptions
 from conn25.fastpath import DatapathEvent
-from conn25.node import REFUSAL_REASONS, Node, NodeOptions
 
 T4 = ipaddress.ip_address("169.254.128.7")
 
@@ -108,7 +108,7 @@ def test_every_refusal_reason_is_in_the_metrics_from_the_start():
 def test_a_bad_dns_allow_of_an_embedded_node_is_a_clear_node_error():
     import pytest
 
-    from conn25.node import NodeError
+    from conn25.daemon.node import NodeError
 
     node = Node(NodeOptions(tailnet="/nonexistent", hostname="client",
                             dns_allow=("192.0.2.0/24", "192.0.2.1/24")))

@@ -8,10 +8,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from conn25.assignments import Assignments
-from conn25.config import DEFAULT_POOLS, Node
-from conn25.node import ASSIGNMENTS_FILE
-from conn25.node import Node as DaemonNode
+from conn25.core.assignments import Assignments
+from conn25.core.config import DEFAULT_POOLS, Node
+from conn25.daemon.node import ASSIGNMENTS_FILE
+from conn25.daemon.node import Node as DaemonNode
 
 T0 = 1_700_000_000.0
 

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conn25 import peerapi
-from conn25.peerapi import (
+from conn25.core import peerapi
+from conn25.core.peerapi import (
     MAX_BODY,
     BadRequest,
     BodyTooLarge,

@@ -11,12 +11,13 @@ import trio
 import trio.testing
 from dnslib import AAAA, QTYPE, RR, A, DNSLabel, DNSRecord
 
-from conn25 import config, http, peerapi
-from conn25.config import App, Node, NodeConfig, Tailnet
-from conn25.connector import ConnectorTable, Mapping
-from conn25.http import Request
-from conn25.peerapi import DNS_QUERY_PATH, HEALTH_PATH, MAX_BODY, TRANSIT_IP_PATH, Code
-from conn25.peerapi_server import PEERAPI_LIMITS, PeerAPI
+from conn25.core import config, peerapi
+from conn25.core.config import App, Node, NodeConfig, Tailnet
+from conn25.core.connector import ConnectorTable, Mapping
+from conn25.core.peerapi import DNS_QUERY_PATH, HEALTH_PATH, MAX_BODY, TRANSIT_IP_PATH, Code
+from conn25.daemon import http
+from conn25.daemon.http import Request
+from conn25.daemon.peerapi_server import PEERAPI_LIMITS, PeerAPI
 
 
 def ip(text: str):
@@ -173,7 +174,7 @@ def test_known_destination_is_not_resolved_again():
 
 
 def test_failed_fresh_resolution_fails_the_item_and_is_logged(caplog):
-    caplog.set_level(logging.WARNING, logger="conn25.peerapi")
+    caplog.set_level(logging.WARNING, logger="conn25.core.peerapi")
     node = FakeNode()
     node.forwarder.fail = OSError("upstream unreachable")
     assert codes(register(node, (T4, REAL4, "GitHub", "github.com"))) == [Code.OTHER]
@@ -223,7 +224,7 @@ def test_registration_at_a_node_that_is_no_connector_gets_503():
 
 @pytest.mark.parametrize("path", [TRANSIT_IP_PATH, DNS_QUERY_PATH + "?app=GitHub", HEALTH_PATH])
 def test_address_of_no_node_gets_403_on_every_route(path, caplog):
-    caplog.set_level(logging.WARNING, logger="conn25.peerapi")
+    caplog.set_level(logging.WARNING, logger="conn25.core.peerapi")
     node = FakeNode()
     resp = call(node, request("POST", path, b"{}", peer="100.64.9.9"))
     assert resp.status == 403

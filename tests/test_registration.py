@@ -15,12 +15,11 @@ import pytest
 import trio
 import trio.testing
 
-from conn25 import config, peerapi
-from conn25.assignments import Assignment, Assignments
-from conn25.config import App, Node, NodeConfig, Tailnet
-from conn25.connector import ConnectorTable
-from conn25.fastpath import Datapath
-from conn25.peerapi import (
+from conn25.core import config, peerapi
+from conn25.core.assignments import Assignment, Assignments
+from conn25.core.config import App, Node, NodeConfig, Tailnet
+from conn25.core.connector import ConnectorTable
+from conn25.core.peerapi import (
     DNS_QUERY_PATH,
     HEALTH_PATH,
     TRANSIT_IP_PATH,
@@ -30,7 +29,8 @@ from conn25.peerapi import (
     HealthResponse,
     TransitIPResponse,
 )
-from conn25.registration import Registrar, ResolveError
+from conn25.daemon.registration import Registrar, ResolveError
+from conn25.fastpath import Datapath
 
 
 def ip(text: str):

@@ -7,11 +7,11 @@ import ipaddress
 import msgspec
 import trio
 
-from conn25.config import App
-from conn25.connector import ConnectorTable
-from conn25.peerapi import ConnectorTransitIPRequest, HealthResponse, TransitIPRequest
-from conn25.registration import Registrar
-from conn25.status import domain_order, render_table, status_document
+from conn25.core.config import App
+from conn25.core.connector import ConnectorTable
+from conn25.core.peerapi import ConnectorTransitIPRequest, HealthResponse, TransitIPRequest
+from conn25.daemon.registration import Registrar
+from conn25.daemon.status import domain_order, render_table, status_document
 from test_registration import (
     C1,
     C2,

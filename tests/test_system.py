@@ -1,4 +1,4 @@
-"""System set-up (conn25.system): the TUN device, addresses, MTU, routes, the
+"""System set-up (conn25.daemon.system): the TUN device, addresses, MTU, routes, the
 connector's forwarding sysctls and nftables table, their removal, and crash
 leftovers not blocking a restart (issue 4 "System set-up", e2e item 12; B5 for
 the routes into the TUN).
@@ -22,8 +22,8 @@ import pytest
 from scapy.layers.inet import IP, UDP
 from scapy.layers.inet6 import IPv6
 
-from conn25.netns import Netns, link, need_root, wait_for
-from conn25.system import RT_PROTO, SystemSetup, SystemSetupError, nft_table_name
+from conn25.daemon.system import RT_PROTO, SystemSetup, SystemSetupError, nft_table_name
+from conn25.lab.netns import Netns, link, need_root, wait_for
 
 
 def root_test(fn):
@@ -44,7 +44,7 @@ LIBERAL = "/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal"
 # Runs in the namespace: one JSON command per stdin line, one JSON reply per stdout line.
 DRIVER = r"""
 import ipaddress, json, os, select, sys
-from conn25.system import SystemSetup, leftovers
+from conn25.daemon.system import SystemSetup, leftovers
 
 s = None
 for line in sys.stdin:

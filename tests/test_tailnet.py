@@ -12,10 +12,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conn25 import tailnet
-from conn25.config import APP_ATTRS, DEFAULT_POOLS, DEFAULT_PORT, POOL_ATTR, App
-from conn25.iprange import IPRange, IPSet
-from conn25.tailnet import TailnetError, load, load_file, parse_endpoint
+from conn25.core import tailnet
+from conn25.core.config import APP_ATTRS, DEFAULT_POOLS, DEFAULT_PORT, POOL_ATTR, App
+from conn25.core.iprange import IPRange, IPSet
+from conn25.core.tailnet import TailnetError, load, load_file, parse_endpoint
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "tailnet.hujson"
 APPS = APP_ATTRS[0]

@@ -1,4 +1,5 @@
-"""The sans-IO limits (conn25.throttle): token buckets, per-source accounting, log summaries."""
+"""The sans-IO limits (conn25.core.throttle): token buckets, per-source accounting, log
+summaries."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ import logging
 
 import pytest
 
-from conn25.refusals import RefusalLog
-from conn25.throttle import LogSummary, SourceAccounting, SourceLimits, TokenBucket
+from conn25.core.throttle import LogSummary, SourceAccounting, SourceLimits, TokenBucket
+from conn25.daemon.refusals import RefusalLog
 
 
 def test_token_bucket_allows_a_burst_then_the_rate():

@@ -1,9 +1,17 @@
 """conn25d: domain-based app connectors (the "Connectors 2025" design).
 
-The modules directly in this package are the sans-IO core: they read no
-clock, open no socket and start no thread; time is always passed in as
-``now`` (seconds, wall clock, as a float). The compiled datapath is
-``conn25._fastpath`` behind ``conn25.fastpath``.
+The rooms of the package:
+
+* ``conn25.core``: what decides. Sans-IO: no socket, no thread, no clock
+  (time comes in as ``now``), no trio and no compiled datapath; tested
+  without root.
+* ``conn25.fastpath``: the one Python module in front of the compiled
+  per-packet datapath ``conn25._fastpath`` (typed by ``_fastpath.pyi``).
+* ``conn25.daemon``: the trio shell that runs a node: it drives the core,
+  the datapath and the system (TUN, routes, nftables), serves the peer API,
+  DNS and the local API, and is the ``conn25d`` command.
+* ``conn25.lab``: throwaway network namespaces for the demo, the tests and
+  the benchmarks.
 """
 
 __version__ = "0.1.0"

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from .assignments import Assignment
+from ..core.assignments import Assignment
 
 if TYPE_CHECKING:
     from .context import NodeContext

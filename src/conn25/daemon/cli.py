@@ -11,7 +11,8 @@ import os
 import sys
 from collections.abc import Callable
 
-from . import __version__, tailnet
+from .. import __version__
+from ..core import tailnet
 
 EXIT_OK = 0
 EXIT_INVALID = 1  # the input was read but is wrong
@@ -218,7 +219,7 @@ def _add_status(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Build a throwaway tailnet in namespaces and show a connection through a connector."""
-    from .demo import run_demo
+    from ..lab.demo import run_demo
 
     return run_demo()
 

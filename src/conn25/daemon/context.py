@@ -7,10 +7,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Protocol
 
-from .assignments import Assignments
-from .config import NodeConfig
-from .connector import ConnectorTable, Mapping
-from .fastpath import Datapath
+from ..core.assignments import Assignments
+from ..core.config import NodeConfig
+from ..core.connector import ConnectorTable, Mapping
+from ..fastpath import Datapath
 
 if TYPE_CHECKING:
     from .dnsserver import Forwarder

@@ -2,7 +2,7 @@
 resolver that sends app-domain queries to a connector and answers only after
 the connector acknowledged the new mappings (BEHAVIOURS 28).
 
-The mapping itself is sans-IO (:mod:`conn25.dnsmap`); this module owns the
+The mapping itself is sans-IO (:mod:`conn25.core.dnsmap`); this module owns the
 sockets, the deadlines and the counters. Nothing here trusts its input: a
 datagram that is not a query is dropped or answered FORMERR/NOTIMP, an
 upstream answer that does not echo the query's id and question is ignored
@@ -25,13 +25,13 @@ import trio
 from dnslib import EDNS0, QTYPE, RCODE, DNSHeader, DNSQuestion, DNSRecord
 from dnslib.label import DNSBuffer
 
-from .assignments import Assignment
-from .config import App, NodeConfig
-from .dnscache import AnswerCache, question_key
-from .dnsmap import DNSMapError, DNSMapper, servfail
-from .iprange import IPAddress, IPNetwork, parse_address
+from ..core.assignments import Assignment
+from ..core.config import App, NodeConfig
+from ..core.dnscache import AnswerCache, question_key
+from ..core.dnsmap import DNSMapError, DNSMapper, servfail
+from ..core.iprange import IPAddress, IPNetwork, parse_address
+from ..core.tailnet import parse_endpoint
 from .refusals import RefusalLog
-from .tailnet import parse_endpoint
 
 __all__ = [
     "ClientResolver",
@@ -884,7 +884,7 @@ class ClientResolver:
     the answer is SERVFAIL and counted; the registrar is expected to keep
     what it was given and send it anyway.
 
-    Acknowledged mapped answers are cached (:mod:`conn25.dnscache`) for their
+    Acknowledged mapped answers are cached (:mod:`conn25.core.dnscache`) for their
     TTL; :meth:`cached` answers a repeated question from there, as long as
     every assignment it names is still the live one and registered.
     """

@@ -3,7 +3,7 @@ per-source connection and request accounting, and log summaries.
 
 Nothing here reads a clock: every decision takes ``now`` (seconds, any
 monotonic base), so the rules are tested without sockets or sleeps.
-:class:`conn25.refusals.RefusalLog` turns these decisions into counters and
+:class:`conn25.daemon.refusals.RefusalLog` turns these decisions into counters and
 rate-limited log lines.
 """
 

@@ -2,7 +2,7 @@
 
 Selectors are the strings of ``nodeAttrs[].target``, ``acls[].src`` and
 ``grants[].src``. :func:`kind` classifies one without looking at the
-tailnet, so that ``conn25.tailnet`` validates with the same rules that
+tailnet, so that ``conn25.core.tailnet`` validates with the same rules that
 :func:`selector_matches` applies.
 """
 

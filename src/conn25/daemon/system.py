@@ -68,7 +68,7 @@ from typing import Any
 
 from pyroute2 import IPRoute, NetlinkError
 
-from .iprange import IPAddress, IPNetwork
+from ..core.iprange import IPAddress, IPNetwork
 from .tun import open_tun
 
 log = logging.getLogger("conn25d.system")

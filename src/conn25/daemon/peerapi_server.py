@@ -27,13 +27,12 @@ from typing import TYPE_CHECKING
 import trio
 from dnslib import QTYPE, DNSRecord
 
-from . import dnsname, peerapi
-from .config import Node
-from .connector import ConnectorTable, Mapping
-from .dnsmap import DNSMapError, answer_addresses, query_question
-from .http import Limits, Request, Response
-from .iprange import IPAddress
-from .peerapi import (
+from ..core import dnsname, peerapi
+from ..core.config import Node
+from ..core.connector import ConnectorTable, Mapping
+from ..core.dnsmap import DNSMapError, answer_addresses, query_question
+from ..core.iprange import IPAddress
+from ..core.peerapi import (
     DNS_QUERY_PATH,
     HEALTH_PATH,
     TRANSIT_IP_PATH,
@@ -43,13 +42,14 @@ from .peerapi import (
     HealthResponse,
     NotConfigured,
 )
+from ..core.throttle import SourceLimits
+from .http import Limits, Request, Response
 from .refusals import RefusalLog
-from .throttle import SourceLimits
 
 if TYPE_CHECKING:
     from .context import NodeContext
 
-log = logging.getLogger("conn25.peerapi")
+log = logging.getLogger("conn25.core.peerapi")
 
 DNS_MESSAGE = "application/dns-message"
 # Fresh resolutions one registration may run at once (each waits on upstream DNS).
@@ -72,7 +72,7 @@ PEERAPI_LIMITS = Limits(
 
 
 class PeerAPI:
-    """Routes of the peer API; ``handle`` is an :data:`conn25.http.Handler`."""
+    """Routes of the peer API; ``handle`` is an :data:`conn25.daemon.http.Handler`."""
 
     def __init__(self, node: NodeContext, refusals: RefusalLog | None = None) -> None:
         self._node = node

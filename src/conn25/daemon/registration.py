@@ -43,12 +43,12 @@ from urllib.parse import quote
 
 import trio
 
-from . import http, peerapi
-from .assignments import Assignment
-from .config import App, Node
-from .connector import DEFAULT_BURST
-from .iprange import IPAddress
-from .peerapi import (
+from ..core import peerapi
+from ..core.assignments import Assignment
+from ..core.config import App, Node
+from ..core.connector import DEFAULT_BURST
+from ..core.iprange import IPAddress
+from ..core.peerapi import (
     DNS_QUERY_PATH,
     HEALTH_PATH,
     TRANSIT_IP_PATH,
@@ -58,13 +58,14 @@ from .peerapi import (
     TransitIPRequest,
     TransitIPResponse,
 )
+from . import http
 
 if TYPE_CHECKING:
     from .context import NodeContext
 
 __all__ = ["COUNTERS", "Registrar", "ResolveError", "Transport"]
 
-log = logging.getLogger("conn25.registration")
+log = logging.getLogger("conn25.daemon.registration")
 
 DNS_MESSAGE = "application/dns-message"
 MIN_CHECK_GAP = 0.25  # seconds between health rounds, however often one is asked for
@@ -95,7 +96,7 @@ COUNTERS = (
 
 
 class Transport(Protocol):
-    """The shape of :func:`conn25.http.request`."""
+    """The shape of :func:`conn25.daemon.http.request`."""
 
     def __call__(
         self,

@@ -1,7 +1,7 @@
 """Refusals that a sender can cause at will, counted and logged as summaries.
 
-The shell's side of :mod:`conn25.throttle`: it holds the logger and reads the
-clock, and the decisions stay in :class:`conn25.throttle.LogSummary`.
+The shell's side of :mod:`conn25.core.throttle`: it holds the logger and reads the
+clock, and the decisions stay in :class:`conn25.core.throttle.LogSummary`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Hashable
 
-from .throttle import LogSummary
+from ..core.throttle import LogSummary
 
 
 class RefusalLog:

@@ -26,11 +26,13 @@ from pathlib import Path
 import msgspec
 import trio
 
-from . import tailnet as tailnet_mod
-from .assignments import Assignment, Assignments
-from .config import NodeConfig, Tailnet
-from .connector import ConnectorTable, Mapping
-from .dnsmap import DNSMapper
+from ..core import tailnet as tailnet_mod
+from ..core.assignments import Assignment, Assignments
+from ..core.config import NodeConfig, Tailnet
+from ..core.connector import ConnectorTable, Mapping
+from ..core.dnsmap import DNSMapper
+from ..core.iprange import IPAddress, IPNetwork, IPRange
+from ..fastpath import Datapath, monotonic_ms
 from .dnsserver import (
     ClientResolver,
     DNSServer,
@@ -39,8 +41,6 @@ from .dnsserver import (
     parse_dns_allow,
     upstreams_from_resolv_conf,
 )
-from .fastpath import Datapath, monotonic_ms
-from .iprange import IPAddress, IPNetwork, IPRange
 from .localapi import LocalAPI
 from .peerapi_server import PEERAPI_LIMITS, PeerAPI
 from .refusals import RefusalLog
@@ -97,7 +97,7 @@ class NodeOptions(msgspec.Struct, kw_only=True):
 
 
 class Node:
-    """One node; ``run`` serves until cancelled. Implements conn25.context.NodeContext."""
+    """One node; ``run`` serves until cancelled. Implements conn25.daemon.context.NodeContext."""
 
     def __init__(self, options: NodeOptions) -> None:
         self.options = options

@@ -19,7 +19,7 @@ to face peers it does not trust:
 * ``accept_source`` may refuse a source outright: its connections are closed
   without a byte of answer;
 * refusals that a peer can cause at will are counted and logged as
-  summaries (:class:`conn25.refusals.RefusalLog`), never a line each;
+  summaries (:class:`conn25.daemon.refusals.RefusalLog`), never a line each;
 * a handler that raises gives 500 (and a logged traceback), one that takes
   longer than ``handler_timeout`` gives 503; the server keeps serving.
 
@@ -46,9 +46,9 @@ from urllib.parse import parse_qs, urlsplit
 import h11
 import trio
 
-from .peerapi import MAX_BODY
+from ..core.peerapi import MAX_BODY
+from ..core.throttle import SourceAccounting, SourceLimits
 from .refusals import RefusalLog
-from .throttle import SourceAccounting, SourceLimits
 
 __all__ = [
     "ClientPool",
@@ -63,7 +63,7 @@ __all__ = [
     "serve_unix",
 ]
 
-log = logging.getLogger("conn25.http")
+log = logging.getLogger("conn25.daemon.http")
 
 TEXT = "text/plain; charset=utf-8"
 _RECV_SIZE = 65536

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
     from .context import NodeContext
 
-log = logging.getLogger("conn25.localapi")
+log = logging.getLogger("conn25.daemon.localapi")
 
 STATUS_PATH = "/status"
 METRICS_PATH = "/metrics"
@@ -80,7 +80,8 @@ def render_metrics(values: dict[str, int], gauges: Collection[str] = ()) -> byte
 
 
 class LocalAPI:
-    """Routes of the local API; serve ``handle`` with :func:`conn25.http.serve_unix` or :meth:`run`.
+    """Routes of the local API; serve ``handle`` with :func:`conn25.daemon.http.serve_unix`
+    or :meth:`run`.
 
     ``gauges`` names the keys of ``metrics()`` that are not counters.
     """

@@ -30,16 +30,19 @@ SOLO4 = "198.51.100.11"
 APP_TAG = "tag:example-connector"
 
 WEB_SERVER = r"""
-import http.server, socket, sys
+import http.server, socket, sys, time
 class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
-        if self.path.startswith("/bytes/"):  # a download of that many bytes
-            n = int(self.path[7:])
+        if self.path.startswith("/bytes/"):  # /bytes/N[?pace=BYTES_PER_SECOND]
+            path, _, query = self.path.partition("?")
+            n, pace = int(path[7:]), int(query.removeprefix("pace=") or 0)
             self.send_response(200)
             self.send_header("Content-Length", str(n))
             self.end_headers()
             while n > 0:
-                n -= self.wfile.write(bytes(min(n, 65536)))
+                n -= self.wfile.write(bytes(min(n, 16384)))
+                if pace:  # the server sets the speed, so the client only ever acknowledges
+                    time.sleep(16384 / pace)
             return
         body = ("you came from " + self.client_address[0].removeprefix("::ffff:") + "\n").encode()
         self.send_response(200)
@@ -128,7 +131,7 @@ def tailnet_file(nodes: tuple[NodeSpec, ...]) -> str:
             for n in nodes
         ],
     }
-    return "// written by conn25.testbed\n" + json.dumps(doc, indent=2) + "\n"
+    return "// written by conn25.lab.testbed\n" + json.dumps(doc, indent=2) + "\n"
 
 
 class Testbed:
@@ -187,7 +190,7 @@ class Testbed:
 
     def start(self, name: str, *extra: str, wait: bool = True) -> subprocess.Popen:
         spec = self.specs[name]
-        args = [sys.executable, "-m", "conn25.cli", "up", "--tailnet", str(self.tailnet_path),
+        args = [sys.executable, "-m", "conn25", "up", "--tailnet", str(self.tailnet_path),
                 "--hostname", name, "--state-dir", str(self.state_dir(name)),
                 "--upstream-dns", DNS4, "--log-level", "debug", *extra]
         if spec.connector:
@@ -211,7 +214,7 @@ class Testbed:
 
     def status(self, name: str) -> dict | None:
         """The node's status document, or None while it does not answer."""
-        r = subprocess.run([sys.executable, "-m", "conn25.cli", "status", "--json",
+        r = subprocess.run([sys.executable, "-m", "conn25", "status", "--json",
                             "--state-dir", str(self.state_dir(name))],
                            capture_output=True, text=True, timeout=15)
         return json.loads(r.stdout) if r.returncode == 0 else None

@@ -1,6 +1,6 @@
 """The typed configuration: what a tailnet file means, and one node's view of it.
 
-``conn25.tailnet`` turns a file into a :class:`Tailnet` (reporting every
+``conn25.core.tailnet`` turns a file into a :class:`Tailnet` (reporting every
 error with its place); :meth:`Tailnet.node_config` derives the
 :class:`NodeConfig` that one node's client and connector cores run on.
 """

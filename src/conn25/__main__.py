@@ -1,0 +1,5 @@
+"""``python -m conn25`` is the ``conn25d`` command."""
+
+from .daemon.cli import main
+
+raise SystemExit(main())
