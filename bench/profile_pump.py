@@ -21,10 +21,11 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "fastpath"))
+
+from pumpnet import MAGIC, REAL, pump_topology, stop_node
 
 from conn25.lab.netns import need_root, wait_for
-from pumpnet import MAGIC, REAL, pump_topology, stop_node
 
 TICK = os.sysconf("SC_CLK_TCK")
 SYSCALLS = ("poll", "ppoll", "read", "write", "sendmmsg", "recvmmsg", "sendto", "epoll_wait")

@@ -1,6 +1,6 @@
 """Pump benchmark: iperf3 through two bare datapath nodes in network namespaces.
 
-The topology of tests/pumpnet.py (client ns -> TUN -> UDP -> connector ns ->
+The topology of tests/fastpath/pumpnet.py (client ns -> TUN -> UDP -> connector ns ->
 TUN -> kernel, "server" on the connector's loopback). Each figure is measured
 twice in the same run: through conn25's pumps (client connects to the magic
 IP) and over the plain veth between the namespaces (the baseline: the kernel
@@ -21,10 +21,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "fastpath"))
+
+from pumpnet import MAGIC, REAL, pump_topology, stop_node
 
 from conn25.lab.netns import Netns, need_root, wait_for
-from pumpnet import MAGIC, REAL, pump_topology, stop_node
 
 
 def iperf(ns: Netns, target: str, seconds: int, *extra: str) -> dict:

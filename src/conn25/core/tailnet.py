@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import os
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -72,11 +71,9 @@ class TailnetError(Exception):
         return "\n".join(self.errors)
 
 
-def load_file(path: str | os.PathLike[str]) -> Tailnet:
-    """Load the tailnet file at ``path``; OSError when it cannot be read."""
-    with open(path, "rb") as f:
-        data = f.read()
-    source = os.fspath(path)
+def load_bytes(data: bytes, source: str = "<tailnet>") -> Tailnet:
+    """Parse and check a tailnet file's bytes (UTF-8); TailnetError lists every problem,
+    each starting with ``source``."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:

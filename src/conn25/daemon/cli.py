@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from .. import __version__
 from ..core import tailnet
+from .tailnetfile import load_file
 
 EXIT_OK = 0
 EXIT_INVALID = 1  # the input was read but is wrong
@@ -27,7 +28,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     """Validate a tailnet file without starting anything."""
     path: str = args.file
     try:
-        t = tailnet.load_file(path)
+        t = load_file(path)
     except OSError as e:
         print(f"conn25d: cannot read {path}: {e.strerror or e}", file=sys.stderr)
         return EXIT_USAGE

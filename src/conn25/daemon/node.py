@@ -47,6 +47,7 @@ from .refusals import RefusalLog
 from .registration import Registrar
 from .status import status_document
 from .system import SystemSetup
+from .tailnetfile import load_file
 
 log = logging.getLogger("conn25d")
 
@@ -243,7 +244,7 @@ class Node:
     def _load_config(self) -> None:
         opts = self.options
         try:
-            self.tailnet = tailnet_mod.load_file(opts.tailnet)
+            self.tailnet = load_file(opts.tailnet)
         except OSError as e:
             raise NodeError(f"cannot read tailnet file {opts.tailnet}: {e.strerror}") from None
         except tailnet_mod.TailnetError as e:
@@ -414,7 +415,7 @@ class Node:
         opts = self.options
         self._file_stamp = self._stamp()
         try:
-            tn = tailnet_mod.load_file(opts.tailnet)
+            tn = load_file(opts.tailnet)
             cfg = tn.node_config(opts.hostname, opts.advertise_connector)
         except (OSError, tailnet_mod.TailnetError, KeyError) as e:
             self.counters["reload_errors"] += 1

@@ -6,12 +6,6 @@ import ipaddress
 
 import msgspec
 import trio
-
-from conn25.core.config import App
-from conn25.core.connector import ConnectorTable
-from conn25.core.peerapi import ConnectorTransitIPRequest, HealthResponse, TransitIPRequest
-from conn25.daemon.registration import Registrar
-from conn25.daemon.status import domain_order, render_table, status_document
 from test_registration import (
     C1,
     C2,
@@ -24,6 +18,12 @@ from test_registration import (
     client_config,
     run,
 )
+
+from conn25.core.config import App
+from conn25.core.connector import ConnectorTable
+from conn25.core.peerapi import ConnectorTransitIPRequest, HealthResponse, TransitIPRequest
+from conn25.daemon.registration import Registrar
+from conn25.daemon.status import domain_order, render_table, status_document
 
 ALPHA = App("Alpha", ("alpha.example.",), (TAG,))
 WIDE = App("GitHub", ("github.com.", "*.github.com.", "githubassets.com."), (TAG,))

@@ -21,11 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from conn25.lab.netns import need_root, wait_for
+from conn25.lab.netns import wait_for
 from conn25.lab.testbed import DEFAULT_NODES, SOLO4, WEB4, Testbed
 
-pytestmark = [pytest.mark.root, pytest.mark.skipif(need_root() is not None,
-                                                   reason=str(need_root()))]
+pytestmark = pytest.mark.root
 
 SPEC = {n.name: n for n in DEFAULT_NODES}
 CONN1, CLIENT = SPEC["conn1"], SPEC["client"]

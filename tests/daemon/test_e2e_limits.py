@@ -17,11 +17,10 @@ from pathlib import Path
 import pytest
 
 from conn25.daemon.peerapi_server import PEERAPI_LIMITS
-from conn25.lab.netns import need_root, terminate, wait_for
+from conn25.lab.netns import terminate, wait_for
 from conn25.lab.testbed import DEFAULT_NODES, Testbed
 
-pytestmark = [pytest.mark.root, pytest.mark.skipif(need_root() is not None,
-                                                   reason=str(need_root()))]
+pytestmark = pytest.mark.root
 
 SPEC = {n.name: n for n in DEFAULT_NODES}
 CONN1 = SPEC["conn1"]

@@ -13,9 +13,9 @@ import pytest
 from conn25 import __version__
 from conn25.daemon.cli import main
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[2]
 EXAMPLE = ROOT / "examples" / "tailnet.hujson"
-FOUR_ERRORS = Path(__file__).parent / "data" / "four_errors.hujson"
+FOUR_ERRORS = Path(__file__).parent.parent / "data" / "four_errors.hujson"
 
 
 def test_check_valid_file_exits_0_and_says_so(capsys):

@@ -14,11 +14,11 @@ import socket
 import struct
 
 import pytest
+from pumpnet import ip, recv
 from scapy.layers.inet import IP, TCP
 
 from conn25.core.iprange import IPRange
 from conn25.fastpath import Datapath
-from pumpnet import ip, recv
 
 CLIENT, CONNECTOR, CONNECTOR2 = "100.64.0.1", "100.64.0.2", "100.64.0.3"
 MAGIC, MAGIC2, T1, T2 = "100.80.0.5", "100.80.0.6", "169.254.128.5", "169.254.128.6"

@@ -23,14 +23,7 @@ from scapy.layers.inet import IP, UDP
 from scapy.layers.inet6 import IPv6
 
 from conn25.daemon.system import RT_PROTO, SystemSetup, SystemSetupError, nft_table_name
-from conn25.lab.netns import Netns, link, need_root, wait_for
-
-
-def root_test(fn):
-    """Mark a test as needing root (skipped without it, like the pump tests)."""
-    skip = pytest.mark.skipif(need_root() is not None, reason=str(need_root()))
-    return pytest.mark.root(skip(fn))
-
+from conn25.lab.netns import Netns, link, wait_for
 
 TUN = "conn25"
 ADDR4, ADDR6, DNS = "100.64.0.1", "fd7a:115c:a1e0::1", "100.100.100.100"
@@ -240,7 +233,7 @@ def test_table_name_is_per_tun_and_a_valid_nft_identifier():
 # -- root, in a namespace of the test's own ------------------------------------
 
 
-@root_test
+@pytest.mark.root
 def test_open_sets_mtu_link_addresses_and_routes_and_close_removes_all(ns):
     """B5: the magic pools (and every peer's overlay address) route into the TUN."""
     d = Driver(ns, mtu=1420)
@@ -277,7 +270,7 @@ def routed_elsewhere(ns: Netns) -> Iterator[str]:
         other.close()
 
 
-@root_test
+@pytest.mark.root
 def test_set_routes_replaces_the_set_and_keeps_it_when_an_add_fails(ns, routed_elsewhere):
     d = Driver(ns)
     open_default(d, routes=(MAGIC4, f"{PEER4}/32"))
@@ -327,7 +320,7 @@ def udp_packet(src: str, dst: str) -> str:
     return bytes(l3 / UDP(sport=40000, dport=9999) / b"hello").hex()
 
 
-@root_test
+@pytest.mark.root
 def test_connector_forwards_and_masquerades_then_restores_everything(ns, internet):
     d = Driver(ns)
     open_default(d)
@@ -363,7 +356,7 @@ def nft_drops_into_tun(ns: Netns) -> int:
     return total
 
 
-@root_test
+@pytest.mark.root
 def test_connector_table_lets_nothing_from_outside_into_the_tun(ns, internet):
     """Second belt: a host on the egress network cannot route packets into the tailnet
     through the connector, not even with a source the connector has translated for."""
@@ -387,7 +380,7 @@ def test_connector_table_lets_nothing_from_outside_into_the_tun(ns, internet):
     assert_nothing_left(ns)
 
 
-@root_test
+@pytest.mark.root
 def test_forward_blockers_name_other_tables_dropping_forwarded_traffic(ns):
     d = Driver(ns)
     open_default(d)
@@ -403,7 +396,7 @@ def test_forward_blockers_name_other_tables_dropping_forwarded_traffic(ns):
     assert_nothing_left(ns)
 
 
-@root_test
+@pytest.mark.root
 def test_restart_after_kill9_removes_leftovers_and_restores_original_sysctls(ns, tmp_path):
     ns.run("sysctl", "-qw", "net.ipv4.ip_forward=0")
     crashed = Driver(ns, state_dir=str(tmp_path))
@@ -430,7 +423,7 @@ def test_restart_after_kill9_removes_leftovers_and_restores_original_sysctls(ns,
     assert_nothing_left(ns)
 
 
-@root_test
+@pytest.mark.root
 def test_open_replaces_a_stale_persistent_tun(ns):
     ns.run("ip", "tuntap", "add", "dev", TUN, "mode", "tun")
     ns.run("ip", "addr", "add", "10.99.0.1/32", "dev", TUN)
@@ -443,7 +436,7 @@ def test_open_replaces_a_stale_persistent_tun(ns):
     assert_nothing_left(ns)
 
 
-@root_test
+@pytest.mark.root
 def test_open_refuses_a_tun_held_by_a_live_process_and_other_devices_of_the_name(ns):
     first = Driver(ns)
     open_default(first)
@@ -471,7 +464,7 @@ def assert_failed_open_left_nothing(ns: Netns, d: Driver, err: str) -> None:
     assert_nothing_left(ns)
 
 
-@root_test
+@pytest.mark.root
 def test_open_failing_at_an_address_leaves_nothing_and_says_which(ns):
     ns.run("sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1")
     d = Driver(ns)
@@ -481,7 +474,7 @@ def test_open_failing_at_an_address_leaves_nothing_and_says_which(ns):
     assert_failed_open_left_nothing(ns, d, err)
 
 
-@root_test
+@pytest.mark.root
 def test_open_failing_at_a_route_leaves_nothing_and_says_which(ns, routed_elsewhere):
     d = Driver(ns)
     err = d.error("open", addresses=[ADDR4, ADDR6], routes=[MAGIC4, routed_elsewhere],
@@ -490,7 +483,7 @@ def test_open_failing_at_a_route_leaves_nothing_and_says_which(ns, routed_elsewh
     assert_failed_open_left_nothing(ns, d, err)
 
 
-@root_test
+@pytest.mark.root
 def test_failed_enable_connector_changes_nothing_and_a_client_needs_no_nft(ns):
     ns.run("sysctl", "-qw", "net.ipv4.ip_forward=0")
     d = Driver(ns, nft="/nonexistent/nft")

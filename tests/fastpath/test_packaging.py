@@ -7,7 +7,7 @@ from pathlib import Path
 
 import conn25._fastpath
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_fastpath_is_a_compiled_extension():

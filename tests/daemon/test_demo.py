@@ -6,10 +6,9 @@ import sys
 
 import pytest
 
-from conn25.lab.netns import need_root, sh
+from conn25.lab.netns import sh
 
-pytestmark = [pytest.mark.root, pytest.mark.skipif(need_root() is not None,
-                                                   reason=str(need_root()))]
+pytestmark = pytest.mark.root
 
 
 def test_demo_fetches_through_the_connector_and_cleans_up():

@@ -8,12 +8,11 @@ import subprocess
 import sys
 
 import pytest
-
-from conn25.lab.netns import need_root, wait_for
 from pumpnet import MAGIC, REAL, UNASSIGNED, pump_topology, stop_node
 
-pytestmark = [pytest.mark.root, pytest.mark.skipif(need_root() is not None,
-                                                   reason=str(need_root()))]
+from conn25.lab.netns import wait_for
+
+pytestmark = pytest.mark.root
 
 
 @pytest.fixture

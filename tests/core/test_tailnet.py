@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 from conn25.core import tailnet
 from conn25.core.config import APP_ATTRS, DEFAULT_POOLS, DEFAULT_PORT, POOL_ATTR, App
 from conn25.core.iprange import IPRange, IPSet
-from conn25.core.tailnet import TailnetError, load, load_file, parse_endpoint
+from conn25.core.tailnet import TailnetError, load, load_bytes, parse_endpoint
 
-EXAMPLE = Path(__file__).parent.parent / "examples" / "tailnet.hujson"
+EXAMPLE = Path(__file__).parents[2] / "examples" / "tailnet.hujson"
 APPS = APP_ATTRS[0]
 APP0 = f'nodeAttrs[0].app["{APPS}"][0]'
 POOL0 = f'nodeAttrs[1].app["{POOL_ATTR}"][0]'
@@ -71,7 +71,7 @@ def the_error(doc: Any) -> str:
 
 
 def test_example_file_loads():
-    t = load_file(EXAMPLE)
+    t = load_bytes(EXAMPLE.read_bytes(), str(EXAMPLE))
     assert [n.name for n in t.nodes] == ["laptop", "gh-connector-1", "gh-connector-2"]
     apps = [a for attr in t.node_attrs for a in attr.apps]
     assert apps == [App("GitHub", ("github.com.", "*.github.com."), ("tag:github-app-connector",))]
@@ -85,7 +85,7 @@ def test_example_addresses_come_from_documentation_ranges():
     allowed = [ipaddress.ip_network(n) for n in (
         "192.0.2.0/24", "203.0.113.0/24", "198.51.100.0/24", "2001:db8::/32",
         "100.64.0.0/10", "fd7a:115c:a1e0::/48", "169.254.0.0/16")]
-    t = load_file(EXAMPLE)
+    t = load_bytes(EXAMPLE.read_bytes(), str(EXAMPLE))
     used = [ipaddress.ip_network(a) for n in t.nodes
             for a in (*n.addresses, *n.egress_ips, n.endpoint[0])]
     used += [p for attr in t.node_attrs if attr.pools
@@ -724,27 +724,18 @@ def test_all_errors_are_reported_at_once_each_with_its_place():
     ], errors
 
 
-def test_load_file_names_the_file_in_every_error(tmp_path):
-    path = tmp_path / "t.hujson"
+def test_load_bytes_names_the_source_in_every_error():
     doc = base()
     doc["nodes"][0]["endpoint"] = "nowhere"
-    path.write_text(json.dumps(doc))
     with pytest.raises(TailnetError) as info:
-        load_file(path)
-    assert info.value.errors == [f'{path}: nodes[0] ("laptop").endpoint: "nowhere" is not '
+        load_bytes(json.dumps(doc).encode(), "t.hujson")
+    assert info.value.errors == ['t.hujson: nodes[0] ("laptop").endpoint: "nowhere" is not '
                                  '"ip:port" or "[ipv6]:port" ("nowhere" is not an IP address)']
 
 
-def test_load_file_rejects_text_that_is_not_utf8(tmp_path):
-    path = tmp_path / "t.hujson"
-    path.write_bytes(b'{"nodes": ["\xff"]}')
-    with pytest.raises(TailnetError, match="not UTF-8"):
-        load_file(path)
-
-
-def test_load_file_missing_raises_oserror(tmp_path):
-    with pytest.raises(FileNotFoundError):
-        load_file(tmp_path / "absent.hujson")
+def test_load_bytes_rejects_text_that_is_not_utf8():
+    with pytest.raises(TailnetError, match=r"t\.hujson: not UTF-8"):
+        load_bytes(b'{"nodes": ["\xff"]}', "t.hujson")
 
 
 json_values = st.recursive(

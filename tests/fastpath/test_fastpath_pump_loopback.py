@@ -9,11 +9,11 @@ import threading
 
 import pytest
 import trio
+from pumpnet import ip, recv
 from scapy.layers.inet import IP, TCP
 
 from conn25.core.iprange import IPRange
 from conn25.fastpath import Datapath
-from pumpnet import ip, recv
 
 CLIENT, CONNECTOR = "100.64.0.1", "100.64.0.2"
 MAGIC, T1, T2 = "100.80.0.5", "169.254.128.5", "169.254.128.6"

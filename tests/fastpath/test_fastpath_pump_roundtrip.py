@@ -15,11 +15,11 @@ import select
 import socket
 
 import pytest
+from pumpnet import ip, recv
 from scapy.layers.inet import ICMP, IP
 
 from conn25.core.iprange import IPRange
 from conn25.fastpath import Datapath
-from pumpnet import ip, recv
 
 CLIENT, TRANSIT, REAL = "100.64.0.1", "169.254.128.5", "203.0.113.10"
 ECHO_ID = 7
