@@ -27,6 +27,7 @@ from conn25.core.registrar import (
     Install,
     Log,
     RegistrarMachine,
+    RegistrarSettings,
     Wake,
     brief,
 )
@@ -52,7 +53,7 @@ HEALTHY = peerapi.encode(HealthResponse(True, ["GitHub"], "x"))
 
 def machine(**kwargs) -> tuple[RegistrarMachine, Assignments]:
     store = Assignments(CFG.pools)
-    return RegistrarMachine(store, **kwargs), store
+    return RegistrarMachine(store, RegistrarSettings(**kwargs)), store
 
 
 def reserve(store: Assignments, real: str) -> Assignment:
@@ -266,3 +267,10 @@ def test_an_empty_registration_is_done_at_once():
 
 def test_brief_is_the_first_line():
     assert brief(b"busy\nsecond line") == "busy" and brief(b"") == "(empty body)"
+
+
+@pytest.mark.parametrize("bad", [{"queue_size": 0}, {"max_attempts": 0}, {"health_interval": 0},
+                                 {"backoff_initial": -1}])
+def test_bad_settings_are_refused_by_name(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        RegistrarSettings(**bad)

@@ -69,6 +69,7 @@ __all__ = [
     "Install",
     "Log",
     "RegistrarMachine",
+    "RegistrarSettings",
     "Waiter",
     "Wake",
     "brief",
@@ -97,6 +98,33 @@ COUNTERS = (
     "resolve_failovers",  # a resolution moved on to the next candidate
     "resolve_failures",  # no candidate answered
 )
+
+
+@dataclass(frozen=True)
+class RegistrarSettings:
+    """How the registrar queues, retries and checks; ValueError names a bad setting."""
+
+    queue_size: int = 1024
+    batch_max: int = DEFAULT_BURST  # more in one request than a connector lets through
+    health_interval: float = 2.0  # seconds between health rounds
+    health_timeout: float = 1.0
+    unhealthy_after: int = 2  # failed checks in a row that make a connector that was up down
+    request_timeout: float = 5.0
+    resolve_timeout: float = 2.0
+    max_attempts: int = 6  # sends of one item before giving up
+    backoff_initial: float = 0.25
+    backoff_max: float = 8.0
+    reject_interval: float = 1.0  # the least time between re-sends of one transit IP
+
+    def __post_init__(self) -> None:
+        for name in ("queue_size", "batch_max", "unhealthy_after", "max_attempts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"Registrar: {name} must be at least 1 "
+                                 f"(got {getattr(self, name)})")
+        for name in ("health_interval", "health_timeout", "request_timeout", "resolve_timeout",
+                     "backoff_initial", "backoff_max"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"Registrar: {name} must be positive (got {getattr(self, name)})")
 
 
 def brief(body: bytes) -> str:
@@ -191,26 +219,10 @@ Action = Batch | Install | Wake | CheckHealth | Log
 class RegistrarMachine:
     """The registration queue, batches, retries, rejects, connector choice and failover."""
 
-    def __init__(
-        self,
-        assignments: Assignments,
-        *,
-        queue_size: int = 1024,
-        batch_max: int = DEFAULT_BURST,  # more in one request than a connector lets through
-        unhealthy_after: int = 2,
-        max_attempts: int = 6,
-        backoff_initial: float = 0.25,
-        backoff_max: float = 8.0,
-        reject_interval: float = 1.0,
-    ) -> None:
+    def __init__(self, assignments: Assignments,
+                 settings: RegistrarSettings | None = None) -> None:
         self.assignments = assignments
-        self.queue_size = queue_size
-        self.batch_max = batch_max
-        self.unhealthy_after = unhealthy_after
-        self.max_attempts = max_attempts
-        self.backoff_initial = backoff_initial
-        self.backoff_max = backoff_max
-        self.reject_interval = reject_interval
+        self.settings = settings or RegistrarSettings()
         # Every tracked item, queued or in flight, by transit IP (oldest first).
         self._items: dict[IPAddress, _Item] = {}
         self._busy: set[str] = set()  # connectors with a request in flight
@@ -257,7 +269,7 @@ class RegistrarMachine:
         if not unique:
             return waiter
         new = [t for t in unique if t not in self._items]
-        if len(self._items) + len(new) > self.queue_size:
+        if len(self._items) + len(new) > self.settings.queue_size:
             self._counters["queue_full"] += 1
             self._log("warning", f"registration queue full ({len(self._items)} items): "
                                  f"refusing {len(new)} new mappings")
@@ -285,10 +297,10 @@ class RegistrarMachine:
             self._counters["rejects_deduplicated"] += 1
             return
         last = self._reject_at.get(transit)
-        if last is not None and now - last < self.reject_interval:
+        if last is not None and now - last < self.settings.reject_interval:
             self._counters["rejects_rate_limited"] += 1
             return
-        if len(self._items) >= self.queue_size:
+        if len(self._items) >= self.settings.queue_size:
             self._counters["queue_full"] += 1
             if self._counters["queue_full"] & (self._counters["queue_full"] - 1) == 0:
                 # Rejects come per packet: a line at the 1st, 2nd, 4th, 8th... refusal.
@@ -296,9 +308,9 @@ class RegistrarMachine:
                                      f"transit={transit} ({self._counters['queue_full']} "
                                      "refused so far)")
             return
-        if len(self._reject_at) > 4 * self.queue_size:
+        if len(self._reject_at) > 4 * self.settings.queue_size:
             self._reject_at = {t: at for t, at in self._reject_at.items()
-                               if now - at < self.reject_interval}
+                               if now - at < self.settings.reject_interval}
         self._reject_at[transit] = now
         self._counters["reregistrations"] += 1
         self._log("info", f"re-registering app={a.app} domain={a.domain} transit={a.transit} "
@@ -342,7 +354,7 @@ class RegistrarMachine:
             if conn.name in self._busy:
                 continue  # goes with the next request, when this one is answered
             batch = batches.setdefault(conn.name, (conn, []))[1]
-            if len(batch) < self.batch_max:
+            if len(batch) < self.settings.batch_max:
                 batch.append(item)
         for name, (conn, items) in batches.items():
             for item in items:
@@ -432,7 +444,7 @@ class RegistrarMachine:
         h.error = error
         # One miss is forgiven for a connector that was up (no flapping
         # on a lost packet); one that never answered is skipped at once.
-        if h.failures >= self.unhealthy_after or h.reachable is not True:
+        if h.failures >= self.settings.unhealthy_after or h.reachable is not True:
             h.reachable = False
             if was_up:
                 self._counters["failovers"] += 1
@@ -528,7 +540,7 @@ class RegistrarMachine:
         return item
 
     def _backoff(self, attempt: int) -> float:
-        return min(self.backoff_max, self.backoff_initial * 2 ** (attempt - 1))
+        return min(self.settings.backoff_max, self.settings.backoff_initial * 2 ** (attempt - 1))
 
     def _finish(self, item: _Item, ok: bool) -> None:
         if self._items.get(item.assignment.transit) is item:
@@ -543,7 +555,7 @@ class RegistrarMachine:
     def _failed_attempt(self, item: _Item, why: str, now: float) -> None:
         item.attempts += 1
         a = item.assignment
-        if item.attempts >= self.max_attempts:
+        if item.attempts >= self.settings.max_attempts:
             self._counters["gave_up"] += 1
             self._log("warning", f"giving up registering app={a.app} domain={a.domain} "
                                  f"transit={a.transit} real={a.real} after {item.attempts} "

@@ -27,7 +27,6 @@ import trio
 from ..core import peerapi
 from ..core.assignments import Assignment
 from ..core.config import App, Node, NodeConfig
-from ..core.connector import DEFAULT_BURST
 from ..core.iprange import IPAddress
 from ..core.peerapi import DNS_QUERY_PATH, HEALTH_PATH, TRANSIT_IP_PATH
 from ..core.registrar import (
@@ -37,6 +36,7 @@ from ..core.registrar import (
     Install,
     Log,
     RegistrarMachine,
+    RegistrarSettings,
     Waiter,
     Wake,
     brief,
@@ -82,42 +82,14 @@ class Registrar:
         self,
         node: NodeContext,
         *,
-        queue_size: int = 1024,
-        batch_max: int = DEFAULT_BURST,  # more in one request than a connector lets through
-        health_interval: float = 2.0,
-        health_timeout: float = 1.0,
-        unhealthy_after: int = 2,
-        request_timeout: float = 5.0,
-        resolve_timeout: float = 2.0,
-        max_attempts: int = 6,
-        backoff_initial: float = 0.25,
-        backoff_max: float = 8.0,
-        reject_interval: float = 1.0,
         post: Transport | None = None,
         get: Transport | None = None,
+        **settings: Any,
     ) -> None:
-        for name, value in (("queue_size", queue_size), ("batch_max", batch_max),
-                            ("unhealthy_after", unhealthy_after), ("max_attempts", max_attempts)):
-            if value < 1:
-                raise ValueError(f"Registrar: {name} must be at least 1 (got {value})")
-        for name, fvalue in (("health_interval", health_interval),
-                             ("health_timeout", health_timeout),
-                             ("request_timeout", request_timeout),
-                             ("resolve_timeout", resolve_timeout),
-                             ("backoff_initial", backoff_initial), ("backoff_max", backoff_max)):
-            if not fvalue > 0:
-                raise ValueError(f"Registrar: {name} must be positive (got {fvalue})")
+        """``settings`` are :class:`~conn25.core.registrar.RegistrarSettings`' fields."""
         self._node = node
-        self.core = RegistrarMachine(
-            node.assignments, queue_size=queue_size, batch_max=batch_max,
-            unhealthy_after=unhealthy_after, max_attempts=max_attempts,
-            backoff_initial=backoff_initial, backoff_max=backoff_max,
-            reject_interval=reject_interval,
-        )
-        self.health_interval = health_interval
-        self.health_timeout = health_timeout
-        self.request_timeout = request_timeout
-        self.resolve_timeout = resolve_timeout
+        self.settings = RegistrarSettings(**settings)
+        self.core = RegistrarMachine(node.assignments, self.settings)
         # Kept-alive connections: a fresh name costs a resolution and a registration,
         # and a new connection each would double their time. Both requests are idempotent.
         self._pool = http.ClientPool()
@@ -211,14 +183,14 @@ class Registrar:
 
     async def _send(self, batch: Batch) -> None:
         try:
-            with trio.fail_after(self.request_timeout):
+            with trio.fail_after(self.settings.request_timeout):
                 status, body = await self._post(
                     batch.host, self._node.peerapi_port, "POST", TRANSIT_IP_PATH,
-                    peerapi.encode(batch.request), timeout=self.request_timeout,
+                    peerapi.encode(batch.request), timeout=self.settings.request_timeout,
                 )
         except trio.TooSlowError:
             self.core.failed(batch, f"no answer from {batch.host} within "
-                                    f"{self.request_timeout}s", trio.current_time())
+                                    f"{self.settings.request_timeout}s", trio.current_time())
         except Exception as e:  # the transport's failures: OSError, HTTPError, ...
             self.core.failed(batch, f"{type(e).__name__}: {e}", trio.current_time())
         else:
@@ -250,11 +222,11 @@ class Registrar:
         while True:
             self._check_now = trio.Event()
             await self.check_health()
-            with trio.move_on_after(self.health_interval) as idle:
+            with trio.move_on_after(self.settings.health_interval) as idle:
                 await self._check_now.wait()
             if not idle.cancelled_caught:
                 # Every failure asks for a check: one round per gap is enough.
-                await trio.sleep(min(MIN_CHECK_GAP, self.health_interval))
+                await trio.sleep(min(MIN_CHECK_GAP, self.settings.health_interval))
 
     async def check_health(self) -> None:
         """One round: ask every candidate at once, then move mappings off failed ones."""
@@ -268,10 +240,10 @@ class Registrar:
 
     async def _check(self, peer: Node) -> None:
         try:
-            with trio.fail_after(self.health_timeout):
+            with trio.fail_after(self.settings.health_timeout):
                 status, body = await self._get(
                     self.core.host_of(peer, self._config), self._node.peerapi_port, "GET",
-                    HEALTH_PATH, timeout=self.health_timeout,
+                    HEALTH_PATH, timeout=self.settings.health_timeout,
                 )
         except Exception as e:  # transport failures, TooSlowError
             self.core.health_failed(peer.name, str(e) or type(e).__name__)
@@ -290,14 +262,15 @@ class Registrar:
         self.core.count("resolves")
         target = f"{DNS_QUERY_PATH}?app={quote(app.name, safe='')}"
         errors: list[str] = []
+        timeout = self.settings.resolve_timeout
         for i, conn in enumerate(self.core.resolve_order(app, self._config)):
             if i:
                 self.core.count("resolve_failovers")
             try:
-                with trio.fail_after(self.resolve_timeout):
+                with trio.fail_after(timeout):
                     status, body = await self._post(
                         self.core.host_of(conn, self._config), self._node.peerapi_port, "POST",
-                        target, query, timeout=self.resolve_timeout, content_type=DNS_MESSAGE,
+                        target, query, timeout=timeout, content_type=DNS_MESSAGE,
                     )
             except Exception as e:  # transport failures and TooSlowError
                 errors.append(f"{conn.name}: {type(e).__name__}: {e}")
