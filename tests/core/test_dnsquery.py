@@ -4,7 +4,7 @@ messages answer it, and the SERVFAIL built from it."""
 from __future__ import annotations
 
 import pytest
-from dnslib import CLASS, QTYPE, RCODE, RR, A, DNSHeader, DNSQuestion, DNSRecord
+from dnslib import CLASS, EDNS0, QTYPE, RCODE, RR, A, DNSHeader, DNSQuestion, DNSRecord
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -12,7 +12,9 @@ from conn25.core.dnsquery import (
     DNSMapError,
     Query,
     answers,
+    fit_udp,
     parse,
+    screen,
     servfail_to,
     with_id,
     with_rcode,
@@ -94,3 +96,36 @@ def test_parse_never_raises_other_than_dnsmaperror(wire):
         return
     assert isinstance(q, Query)
     assert q.key is None or wire[12:].startswith(q.key)
+
+
+@pytest.mark.parametrize(("data", "verdict"), [
+    (b"\x00" * 11, "garbage"),
+    (response(), "response"),
+    (bytes([0x12, 0x34, 0x28, 0x00]) + query()[4:], "notimp"),  # opcode UPDATE
+    (query()[:4] + b"\x00\x02" + query()[6:], "formerr"),  # two questions claimed
+    (query(), "query"),
+])
+def test_screen_says_what_a_server_does_with_what_arrives(data, verdict):
+    got, out = screen(data)
+    assert got == verdict
+    if verdict in ("garbage", "response"):
+        assert out is None
+    elif verdict == "query":
+        assert isinstance(out, DNSRecord) and out.header.id == 0x1234
+    else:
+        rcode = RCODE.NOTIMP if verdict == "notimp" else RCODE.FORMERR
+        assert DNSRecord.parse(out).header.rcode == rcode and out[:2] == data[:2]
+
+
+def test_fit_udp_truncates_past_512_bytes_or_the_edns_size():
+    big = DNSRecord.parse(response())
+    for i in range(40):
+        big.add_answer(RR("www.app.test", QTYPE.A, rdata=A(f"198.51.100.{i}"), ttl=60))
+    reply = big.pack()
+    plain = DNSRecord.parse(query())
+    assert fit_udp(plain, response()) is None
+    cut = DNSRecord.parse(fit_udp(plain, reply))
+    assert cut.header.tc == 1 and cut.rr == [] and cut.header.id == 0x1234
+    edns = DNSRecord.parse(query())
+    edns.add_ar(EDNS0(udp_len=4096))
+    assert fit_udp(edns, reply) is None

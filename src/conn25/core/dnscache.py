@@ -3,7 +3,7 @@
 Without it every app-domain query costs a resolution at a connector over the
 peer API; with it a repeated question is answered locally until the upstream
 TTL runs out, like any caching resolver. An entry is stored only once the
-connector acknowledged its mappings (B28), and the caller checks on every hit
+connector acknowledged its mappings, and the caller checks on every hit
 that the entry's assignments are still the live, registered ones.
 
 An entry is the mapped answer as sent, keyed by the exact bytes of the

@@ -8,9 +8,11 @@ client query is parsed once. Questions are read here rather than by dnslib,
 which refuses a label that is not UTF-8: DNS allows any byte in a label, and a
 name under an app domain is the app's whatever bytes its other labels hold.
 
-Also here: a SERVFAIL built from a query, whether a message answers a query
-(the id and the question echoed, the way a forwarder tells an answer from a
-spoofed or stale datagram), and small edits of a message's header.
+Also here: how a DNS server takes what arrives (:func:`screen`) and fits an
+answer to a UDP client (:func:`fit_udp`), a SERVFAIL built from a query,
+whether a message answers a query (the id and the question echoed, the way a
+forwarder tells an answer from a spoofed or stale datagram), and small edits
+of a message's header.
 
 May not touch: sockets, clocks, logging, trio.
 """
@@ -20,7 +22,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from dnslib import RCODE, DNSHeader, DNSQuestion, DNSRecord
+from dnslib import EDNS0, QTYPE, RCODE, DNSHeader, DNSQuestion, DNSRecord
 from dnslib.label import DNSLabel
 
 __all__ = [
@@ -32,9 +34,11 @@ __all__ = [
     "Query",
     "Question",
     "answers",
+    "fit_udp",
     "parse",
     "question_key",
     "read_name",
+    "screen",
     "servfail_to",
     "with_id",
     "with_rcode",
@@ -43,6 +47,7 @@ __all__ = [
 HEADER = 12
 UDP_LIMIT = 512  # what a client that sent no EDNS0 OPT record accepts over UDP
 MAX_MESSAGE = 65535  # the TCP length prefix is 16 bits
+EDNS_PAYLOAD = 1232  # what a truncated answer advertises (DNS flag day 2020)
 MAX_POINTERS = 127  # compression pointers followed in one name; more is a loop
 # Questions looked at in one message: reading thousands would cost seconds per message. An
 # answer to a query has one, and the client's resolver and the connector insist on that.
@@ -237,3 +242,45 @@ def with_rcode(wire: bytes, rcode: int) -> bytes:
 def with_id(wire: bytes, query: bytes) -> bytes:
     """``wire`` with the id of ``query``."""
     return query[:2] + wire[2:]
+
+
+Screened = tuple[str, DNSRecord | bytes | None]
+
+
+def screen(data: bytes) -> Screened:
+    """How a DNS server takes a message that arrived, as (verdict, what to do):
+
+    * ``("query", record)``: a query with one question, to answer;
+    * ``("notimp", reply)``: an opcode other than QUERY; ``("formerr", reply)``:
+      unreadable, or other than one question; send the reply instead;
+    * ``("garbage", None)``: shorter than a header; ``("response", None)``: QR
+      set (answering a response could start a loop); drop it.
+    """
+    if len(data) < HEADER:
+        return "garbage", None
+    flags = struct.unpack_from("!H", data, 2)[0]
+    if flags & _QR:
+        return "response", None
+    if (flags >> 11) & 0xF != 0:
+        return "notimp", with_rcode(servfail_to(parse(data)), RCODE.NOTIMP)
+    try:
+        rec = DNSRecord.parse(data)
+    except Exception:  # dnslib raises several types for a malformed message
+        rec = None
+    if rec is None or len(rec.questions) != 1:
+        return "formerr", with_rcode(servfail_to(parse(data)), RCODE.FORMERR)
+    return "query", rec
+
+
+def fit_udp(rec: DNSRecord, reply: bytes) -> bytes | None:
+    """None when a UDP client that asked ``rec`` takes ``reply`` (512 bytes, or the payload
+    size of its EDNS0 OPT record); else the truncated answer, TC set, to send instead."""
+    opt = next((rr for rr in rec.ar if rr.rtype == QTYPE.OPT), None)
+    limit = UDP_LIMIT if opt is None else max(UDP_LIMIT, opt.rclass)
+    if len(reply) <= limit:
+        return None
+    flags = struct.unpack_from("!H", reply, 2)[0] if len(reply) >= 4 else 0x8180
+    out = DNSRecord(DNSHeader(id=rec.header.id, bitmap=flags, tc=1), questions=rec.questions)
+    if opt is not None:
+        out.add_ar(EDNS0(udp_len=EDNS_PAYLOAD))
+    return bytes(out.pack())

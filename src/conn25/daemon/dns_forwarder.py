@@ -71,8 +71,8 @@ def upstreams_from_resolv_conf(
 
     Addresses in ``exclude`` (the DNS server's own listen address: asking
     ourselves would loop) are left out, as are duplicates and lines that do
-    not hold an IP address. A missing file gives no upstreams (DESIGN §6:
-    non-app queries then get SERVFAIL with a logged reason).
+    not hold an IP address. A missing file gives no upstreams: then
+    non-app queries get SERVFAIL with a logged reason.
     """
     skip = {parse_address(a) for a in exclude}
     try:

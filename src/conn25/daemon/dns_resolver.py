@@ -51,7 +51,8 @@ class _Registration:
 class ClientResolver:
     """The client's ``answer``: non-app queries go upstream unchanged; app queries are
     resolved at a connector, mapped onto magic IPs and answered once the
-    connector acknowledged every assignment in the answer (B28).
+    connector acknowledged every assignment in the answer, so that the first packet
+    to a magic IP finds its mapping at the connector.
 
     Waiting covers more than ``MapResult.new``: an assignment of the answer
     that is not registered with any connector yet (an earlier registration

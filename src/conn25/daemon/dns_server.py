@@ -16,17 +16,15 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
-import struct
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
-from dnslib import EDNS0, QTYPE, RCODE, DNSHeader, DNSRecord
+from dnslib import DNSRecord
 
-from ..core.dnsmap import servfail
-from ..core.dnsquery import MAX_MESSAGE, UDP_LIMIT, with_rcode
+from ..core.dnsquery import MAX_MESSAGE, UDP_LIMIT, fit_udp, parse, screen, servfail_to
 from ..core.iprange import IPAddress, IPNetwork
 from .dns_transport import Framer, Upstream, family, show
 from .refusals import RefusalLog
@@ -41,7 +39,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-EDNS_PAYLOAD = 1232  # what we advertise in a truncated answer (DNS flag day 2020)
+_SCREEN_COUNTERS = {"garbage": "dropped_garbage", "response": "dropped_responses",
+                    "notimp": "notimp", "formerr": "formerr"}
 
 Answer = Callable[[bytes], Awaitable[bytes]]
 Cached = Callable[[bytes], bytes | None]
@@ -344,16 +343,11 @@ class DNSServer:
 
     def _fit(self, rec: DNSRecord, reply: bytes) -> bytes:
         """``reply`` if the UDP client takes it, else a truncated answer with TC set."""
-        opt = next((rr for rr in rec.ar if rr.rtype == QTYPE.OPT), None)
-        limit = UDP_LIMIT if opt is None else max(UDP_LIMIT, opt.rclass)
-        if len(reply) <= limit:
+        truncated = fit_udp(rec, reply)
+        if truncated is None:
             return reply
         self._counters["truncated"] += 1
-        flags = struct.unpack_from("!H", reply, 2)[0] if len(reply) >= 4 else 0x8180
-        out = DNSRecord(DNSHeader(id=rec.header.id, bitmap=flags, tc=1), questions=rec.questions)
-        if opt is not None:
-            out.add_ar(EDNS0(udp_len=EDNS_PAYLOAD))
-        return bytes(out.pack())
+        return truncated
 
     # -- TCP --
 
@@ -475,7 +469,7 @@ class DNSServer:
                 return
             reply = checked if isinstance(checked, bytes) else await self._answer(data)
             if len(reply) > MAX_MESSAGE:
-                reply = servfail(data)
+                reply = servfail_to(parse(data))
             async with lock:
                 await stream.send_all(Framer.frame(reply))
             conn.last_active = trio.current_time()
@@ -491,24 +485,10 @@ class DNSServer:
 
     def _check(self, data: bytes) -> DNSRecord | bytes | None:
         """The parsed query to answer; an error reply (bytes) to send instead; None: drop it."""
-        if len(data) < 12:
-            self._counters["dropped_garbage"] += 1
-            return None
-        flags = struct.unpack_from("!H", data, 2)[0]
-        if flags & 0x8000:
-            self._counters["dropped_responses"] += 1
-            return None
-        if (flags >> 11) & 0xF != 0:
-            self._counters["notimp"] += 1
-            return with_rcode(servfail(data), RCODE.NOTIMP)
-        try:
-            rec = DNSRecord.parse(data)
-        except Exception:
-            rec = None
-        if rec is None or len(rec.questions) != 1:
-            self._counters["formerr"] += 1
-            return with_rcode(servfail(data), RCODE.FORMERR)
-        return rec
+        verdict, out = screen(data)
+        if verdict != "query":
+            self._counters[_SCREEN_COUNTERS[verdict]] += 1
+        return out
 
     def _internal_error(self, data: bytes) -> None:
         self._counters["internal_errors"] += 1
@@ -526,5 +506,5 @@ class DNSServer:
             self._counters["answer_errors"] += 1
             log.exception("DNS server: answering failed (%s: %s); answering SERVFAIL",
                           type(e).__name__, e)
-        return servfail(query)
+        return servfail_to(parse(query))
 
