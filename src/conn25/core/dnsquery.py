@@ -20,7 +20,7 @@ May not touch: sockets, clocks, logging, trio.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from dnslib import EDNS0, QTYPE, RCODE, DNSHeader, DNSQuestion, DNSRecord
 from dnslib.label import DNSLabel
@@ -96,8 +96,7 @@ def read_name(data: bytes, offset: int) -> tuple[tuple[bytes, ...], int, bool]:
             offset += 1 + length
 
 
-@dataclass(frozen=True, slots=True)
-class Question:
+class Question(NamedTuple):
     labels: tuple[bytes, ...]  # as asked (case kept), any bytes
     qtype: int
     qclass: int
@@ -114,8 +113,7 @@ class Question:
         return tuple(label.lower() for label in self.labels), self.qtype, self.qclass
 
 
-@dataclass(frozen=True, slots=True)
-class Query:
+class Query(NamedTuple):
     """The head of one DNS message, read once: id, flags and the questions that could be read.
 
     ``complete`` is False when a question could not be read (the ones before
@@ -189,7 +187,8 @@ def parse(wire: bytes) -> Query:
         offset = end + 4
     plain = not flags & 0xF800 and qd == 1 and not an and not ns
     key = bytes(wire[HEADER:offset]) if plain and complete and not compressed else None
-    return Query(ident, flags, qd, tuple(questions), complete, key, bytes(wire))
+    return Query(ident, flags, qd, tuple(questions), complete, key,
+                 wire if type(wire) is bytes else bytes(wire))
 
 
 def question_key(wire: bytes) -> bytes | None:
