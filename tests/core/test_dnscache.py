@@ -8,7 +8,8 @@ from dnslib import CNAME, EDNS0, QTYPE, RR, SOA, A, DNSHeader, DNSQuestion, DNSR
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conn25.core.dnscache import AnswerCache, question_key, ttl_offsets
+from conn25.core.dnscache import AnswerCache, ttl_offsets
+from conn25.core.dnsquery import parse, question_key
 
 T0 = 1_700_000_000.0
 
@@ -85,8 +86,8 @@ def test_ttl_offsets_of_a_truncated_message_is_an_error():
 def test_a_hit_carries_the_query_id_and_rd_bit_and_the_assignments():
     cache = AnswerCache()
     q = query(qid=0xBEEF, rd=0)
-    assert cache.put(question_key(q), answer(qid=0, rd=1), ["a1"], T0)
-    out, assignments = cache.get(question_key(q), q, T0)
+    assert cache.put(parse(q), answer(qid=0, rd=1), ["a1"], T0)
+    out, assignments = cache.get(parse(q), T0)
     rec = DNSRecord.parse(out)
     assert rec.header.id == 0xBEEF and rec.header.rd == 0 and rec.header.qr == 1
     assert assignments == ["a1"] and ttls_of(out) == [300]
@@ -95,26 +96,26 @@ def test_a_hit_carries_the_query_id_and_rd_bit_and_the_assignments():
 def test_ttls_count_down_in_whole_seconds_and_the_entry_ends_with_the_smallest():
     cache = AnswerCache()
     q = query()
-    key = question_key(q)
+    key = parse(q)
     cache.put(key, answer(ttls=(300, 120)), [], T0)
-    assert ttls_of(cache.get(key, q, T0 + 10.7)[0]) == [290, 110]
-    assert ttls_of(cache.get(key, q, T0 + 119.9)[0]) == [181, 1]
-    assert cache.get(key, q, T0 + 120) is None
+    assert ttls_of(cache.get(key, T0 + 10.7)[0]) == [290, 110]
+    assert ttls_of(cache.get(key, T0 + 119.9)[0]) == [181, 1]
+    assert cache.get(key, T0 + 120) is None
     assert len(cache) == 0  # dropped, not kept around expired
 
 
 def test_a_clock_that_went_back_misses():
     cache = AnswerCache()
     q = query()
-    cache.put(question_key(q), answer(), [], T0)
-    assert cache.get(question_key(q), q, T0 - 1) is None
+    cache.put(parse(q), answer(), [], T0)
+    assert cache.get(parse(q), T0 - 1) is None
 
 
 @pytest.mark.parametrize("wire", [answer(ttls=()), answer(ttls=(0,)), answer()[:-2]],
                          ids=["no records", "ttl 0", "malformed"])
 def test_negative_zero_ttl_and_malformed_answers_are_not_stored(wire):
     cache = AnswerCache()
-    assert not cache.put(question_key(query()), wire, [], T0)
+    assert not cache.put(parse(query()), wire, [], T0)
     assert len(cache) == 0
 
 
@@ -122,28 +123,28 @@ def test_the_oldest_entry_makes_room_when_full():
     cache = AnswerCache(entries=2)
     qs = [query(f"n{i}.app.test") for i in range(3)]
     for q in qs:
-        cache.put(question_key(q), answer(), [], T0)
+        cache.put(parse(q), answer(), [], T0)
     assert len(cache) == 2
-    assert cache.get(question_key(qs[0]), qs[0], T0) is None
-    assert cache.get(question_key(qs[2]), qs[2], T0) is not None
+    assert cache.get(parse(qs[0]), T0) is None
+    assert cache.get(parse(qs[2]), T0) is not None
 
 
 def test_storing_a_question_again_replaces_its_answer_and_clock():
     cache = AnswerCache()
     q = query()
-    key = question_key(q)
+    key = parse(q)
     cache.put(key, answer(ttls=(100,)), [], T0)
     cache.put(key, answer(ttls=(300,)), [], T0 + 50)
-    assert ttls_of(cache.get(key, q, T0 + 60)[0]) == [290]
+    assert ttls_of(cache.get(key, T0 + 60)[0]) == [290]
 
 
 def test_clear_and_drop_forget_entries():
     cache = AnswerCache()
     q1, q2 = query("a.test"), query("b.test")
     for q in (q1, q2):
-        cache.put(question_key(q), answer(), [], T0)
-    cache.drop(question_key(q1))
-    assert cache.get(question_key(q1), q1, T0) is None and len(cache) == 1
+        cache.put(parse(q), answer(), [], T0)
+    cache.drop(parse(q1))
+    assert cache.get(parse(q1), T0) is None and len(cache) == 1
     cache.clear()
     assert len(cache) == 0
 
@@ -151,3 +152,10 @@ def test_clear_and_drop_forget_entries():
 def test_an_empty_cache_is_refused():
     with pytest.raises(ValueError, match="at least one"):
         AnswerCache(entries=0)
+
+
+def test_a_query_without_a_key_is_neither_stored_nor_found():
+    q = bytes([0x12, 0x34, 0x28, 0x00]) + query()[4:]  # opcode UPDATE: not keyed
+    cache = AnswerCache()
+    assert not cache.put(parse(q), answer(), [], T0)
+    assert cache.get(parse(q), T0) is None and len(cache) == 0

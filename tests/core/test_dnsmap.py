@@ -38,6 +38,7 @@ from conn25.core.dnsmap import (
     servfail,
 )
 from conn25.core.dnsname import DomainIndex
+from conn25.core.dnsquery import parse
 from conn25.core.iprange import IPRange, IPSet
 
 T0 = 1_700_000_000.0
@@ -975,3 +976,11 @@ def test_thousands_of_questions_are_not_all_read():
     other = wire.replace(b"\x06github", b"\x06gitlab")
     res = env.map(other + many)
     assert not res.ours and res.wire == other + many
+
+
+def test_app_for_takes_the_parsed_query_and_agrees_with_app_for_query(env):
+    m = env.mapper
+    for wire in (query("GitHub.com"), query("www.example.org"),
+                 query("github.com", qclass=CLASS.CH)):
+        assert m.app_for(parse(wire)) == m.app_for_query(wire)
+    assert m.app_for(parse(query("deep.api.github.com", "AAAA"))) == GITHUB

@@ -27,14 +27,12 @@ from hypothesis import strategies as st
 from conn25.core.assignments import Assignments
 from conn25.core.config import App, Node, NodeConfig, Pools, Tailnet
 from conn25.core.dnsmap import DNSMapError, DNSMapper
+from conn25.core.dnsquery import Query, servfail_to
 from conn25.core.iprange import IPRange, IPSet
-from conn25.daemon.dnsserver import (
-    ClientResolver,
-    DNSServer,
-    Forwarder,
-    parse_upstreams,
-    upstreams_from_resolv_conf,
-)
+from conn25.daemon import dns_resolver
+from conn25.daemon.dns_forwarder import Forwarder, parse_upstreams, upstreams_from_resolv_conf
+from conn25.daemon.dns_resolver import ClientResolver
+from conn25.daemon.dns_server import DNSServer
 
 DNSMASQ = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
 LOOP = "127.0.0.1"
@@ -439,7 +437,7 @@ def test_no_upstream_gives_servfail_and_logs_the_reason_once(caplog):
         fwd = Forwarder([])
         return [await fwd.forward(query("x.test", qid=i)) for i in (1, 2, 3)], fwd.counters()
 
-    with caplog.at_level(logging.WARNING, logger="conn25.daemon.dnsserver"):
+    with caplog.at_level(logging.WARNING, logger="conn25.daemon.dns_forwarder"):
         outs, counters = run(main)
     for qid, out in zip((1, 2, 3), outs, strict=True):
         rec = DNSRecord.parse(out)
@@ -456,7 +454,7 @@ def test_all_upstreams_silent_gives_servfail_logged_once(caplog):
             fwd = Forwarder([a, b], timeout=0.1)
             return [await fwd.forward(query("x.test")) for _ in range(2)]
 
-    with caplog.at_level(logging.WARNING, logger="conn25.daemon.dnsserver"):
+    with caplog.at_level(logging.WARNING, logger="conn25.daemon.dns_forwarder"):
         outs = run(main)
     assert all(DNSRecord.parse(o).header.rcode == RCODE.SERVFAIL for o in outs)
     messages = [r.getMessage() for r in caplog.records]
@@ -769,6 +767,36 @@ def resolver(dnsmasq, ack="attach", ack_timeout=0.2, **kw):
     res = ClientResolver(mapper, Forwarder([dnsmasq]), conn.resolve, conn.register,
                          ack_timeout=ack_timeout, now=lambda: 1_700_000_000.0)
     return res, conn, store
+
+
+class RecordingForwarder:
+    """Records what it is given to forward; answers SERVFAIL."""
+
+    def __init__(self):
+        self.got = []
+
+    async def forward(self, query):
+        self.got.append(query)
+        return servfail_to(query)
+
+
+def test_a_query_is_parsed_once_and_the_forwarder_takes_the_parsed_value(monkeypatch):
+    parsed = []
+    real = dns_resolver.parse
+    monkeypatch.setattr(dns_resolver, "parse", lambda wire: parsed.append(wire) or real(wire))
+    mapper, _ = make_mapper()
+    fwd = RecordingForwarder()
+
+    async def never(*args):
+        raise AssertionError("a non-app query went to a connector")
+
+    res = ClientResolver(mapper, fwd, never, never, now=lambda: 1_700_000_000.0)
+    wire = query("plain.test")
+    out = trio.run(res.answer, wire)
+    assert parsed == [wire]
+    assert len(fwd.got) == 1 and isinstance(fwd.got[0], Query) and fwd.got[0].wire == wire
+    assert DNSRecord.parse(out).header.rcode == RCODE.SERVFAIL
+    assert res.counters()["forwarded"] == 1
 
 
 def test_app_query_is_answered_with_magic_ip_after_the_ack(dnsmasq):

@@ -17,7 +17,7 @@ import trio.testing
 from dnslib import RR, A, DNSRecord
 
 from conn25.core.iprange import IPAddress
-from conn25.daemon.dnsserver import DNSServer, SourcePolicy, kernel_says_local, parse_dns_allow
+from conn25.daemon.dns_server import DNSServer, SourcePolicy, kernel_says_local, parse_dns_allow
 from conn25.daemon.refusals import RefusalLog
 
 LOOP = "127.0.0.1"

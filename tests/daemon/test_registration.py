@@ -444,7 +444,7 @@ def test_a_full_queue_refuses_at_once_and_counts():
             assert await reg.register(items) is False
 
     run(main)
-    assert peers.posts == [] and len(reg._items) == 0
+    assert peers.posts == [] and reg.core.pending == 0
     assert reg.counters()["queue_full"] == 1
 
 

@@ -3,7 +3,7 @@
 Without it every app-domain query costs a resolution at a connector over the
 peer API; with it a repeated question is answered locally until the upstream
 TTL runs out, like any caching resolver. An entry is stored only once the
-connector acknowledged its mappings (B28), and the caller checks on every hit
+connector acknowledged its mappings, and the caller checks on every hit
 that the entry's assignments are still the live, registered ones.
 
 An entry is the mapped answer as sent, keyed by the exact bytes of the
@@ -13,7 +13,11 @@ mismatched echo. On a hit only the id, the RD bit and the TTLs change; the
 TTLs count down from the upstream ones, as RFC 1035 §4.1.3 expects of a cache.
 
 Only plain queries (opcode QUERY, one question, no answer or authority
-section) are keyed; anything else goes the uncached way, which validates it.
+section) are keyed (:attr:`conn25.core.dnsquery.Query.key`); anything else goes
+the uncached way, which validates it. The cache takes the query as
+:func:`conn25.core.dnsquery.parse` read it, so a query is parsed once.
+
+May not touch: sockets, clocks, logging, trio.
 """
 
 from __future__ import annotations
@@ -23,11 +27,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .assignments import Assignment
+from .dnsquery import HEADER, Query
 
-__all__ = ["AnswerCache", "question_key", "ttl_offsets"]
+__all__ = ["AnswerCache", "ttl_offsets"]
 
 DEFAULT_ENTRIES = 4096
-_HEADER = 12
 _RD = 0x01  # in the high byte of the flags
 _MAX_LABEL = 63
 
@@ -49,28 +53,12 @@ def _skip_name(wire: bytes, i: int) -> int:
     raise ValueError("name runs past the message or has a reserved label type")
 
 
-def question_key(query: bytes) -> bytes | None:
-    """The exact bytes of a plain query's only question, or None when it is not one."""
-    if len(query) < _HEADER + 5:
-        return None
-    flags, qd, an, ns = struct.unpack_from("!HHHH", query, 2)
-    if flags & 0xF800 or qd != 1 or an or ns:  # a response, another opcode, odd sections
-        return None
-    i = _HEADER
-    n = len(query)
-    while i < n and 0 < query[i] <= _MAX_LABEL:  # no compression in a question we key
-        i += 1 + query[i]
-    if i >= n or query[i] != 0 or i + 5 > n:
-        return None
-    return bytes(query[_HEADER : i + 5])
-
-
 def ttl_offsets(wire: bytes) -> list[int]:
     """Offsets of the TTL field of every resource record in ``wire``; ValueError if malformed."""
-    if len(wire) < _HEADER:
+    if len(wire) < HEADER:
         raise ValueError("shorter than a DNS header")
     qd, an, ns, ar = struct.unpack_from("!HHHH", wire, 4)
-    i = _HEADER
+    i = HEADER
     for _ in range(qd):
         i = _skip_name(wire, i) + 4
     out = []
@@ -114,10 +102,13 @@ class AnswerCache:
     def clear(self) -> None:
         self._entries.clear()
 
-    def put(self, key: bytes, answer: bytes, assignments: Sequence[Assignment],
+    def put(self, query: Query, answer: bytes, assignments: Sequence[Assignment],
             now: float) -> bool:
-        """Keep ``answer`` for ``key``; False (nothing kept) when it has no answer record,
-        a TTL of zero, or does not parse."""
+        """Keep ``answer`` to ``query``; False (nothing kept) when the query has no key, the
+        answer has no answer record, a TTL of zero, or does not parse."""
+        key = query.key
+        if key is None:
+            return False
         try:
             offsets = ttl_offsets(answer)
         except ValueError:
@@ -135,9 +126,12 @@ class AnswerCache:
                                     list(assignments))
         return True
 
-    def get(self, key: bytes, query: bytes, now: float) -> tuple[bytes, list[Assignment]] | None:
+    def get(self, query: Query, now: float) -> tuple[bytes, list[Assignment]] | None:
         """The cached answer to ``query`` (its id and RD bit, TTLs counted down) and the
         assignments it names; None on a miss or an expired entry (which is dropped)."""
+        key = query.key
+        if key is None:
+            return None
         e = self._entries.get(key)
         if e is None:
             return None
@@ -150,9 +144,10 @@ class AnswerCache:
                 struct.pack_into("!I", e.wire, offset, ttl - aged)
             e.aged = aged
         out = bytearray(e.wire)
-        out[0:2] = query[0:2]
-        out[2] = (out[2] & ~_RD) | (query[2] & _RD)
+        out[0:2] = query.id.to_bytes(2, "big")
+        out[2] = (out[2] & ~_RD) | ((query.flags >> 8) & _RD)
         return bytes(out), e.assignments
 
-    def drop(self, key: bytes) -> None:
-        self._entries.pop(key, None)
+    def drop(self, query: Query) -> None:
+        if query.key is not None:
+            self._entries.pop(query.key, None)

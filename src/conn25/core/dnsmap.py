@@ -40,16 +40,20 @@ import struct
 from collections.abc import Callable, Iterable
 
 import msgspec
-from dnslib import AAAA, CLASS, HTTPS, QTYPE, RCODE, RR, A, DNSHeader, DNSQuestion, DNSRecord
+from dnslib import AAAA, CLASS, HTTPS, QTYPE, RR, A, DNSHeader, DNSQuestion, DNSRecord
 from dnslib.label import DNSBuffer, DNSLabel
 
-from . import dnsname
+from . import dnsname, dnsquery
 from .assignments import Assignment, Assignments
 from .config import App, NodeConfig
+from .dnsquery import MAX_POINTERS, MAX_QUESTIONS, DNSMapError, Query, servfail_from
 from .iprange import IPAddress
 
 __all__ = [
     "MAX_CHAIN",
+    "MAX_NAME",
+    "MAX_POINTERS",
+    "MAX_QUESTIONS",
     "DNSMapError",
     "DNSMapper",
     "MapResult",
@@ -66,21 +70,13 @@ TYPE_HTTPS = QTYPE.HTTPS  # 65
 CLASS_IN = CLASS.IN
 
 MAX_CHAIN = 16  # CNAME hops followed; a longer chain counts as broken
-MAX_POINTERS = 127  # compression pointers followed in one name; more is a loop
 MAX_NAME = 255  # octets of a name on the wire (RFC 1035 §2.3.4); stub resolvers refuse longer
-# Questions looked at in one message: reading thousands would cost seconds per message. An
-# answer to a query has one, and the client's resolver and the connector insist on that.
-MAX_QUESTIONS = 16
 SVC_MANDATORY, SVC_IPV4HINT, SVC_IPV6HINT = 0, 4, 6
 _HINTS = frozenset((SVC_IPV4HINT, SVC_IPV6HINT))
 _MAX_TTL = 2**31 - 1  # RFC 2181 §8: a TTL with the top bit set means zero
 
 _ANSWER_TYPES = frozenset((TYPE_A, TYPE_AAAA, TYPE_CNAME, TYPE_HTTPS))
 _AUTHORITY_TYPES = frozenset((TYPE_SOA,))
-
-
-class DNSMapError(ValueError):
-    """A message that cannot be read as a one-question, class-IN DNS message."""
 
 
 class MapResult(msgspec.Struct, frozen=True):
@@ -122,17 +118,26 @@ class DNSMapper:
         self.assignments = assignments
         self._log = log or (lambda _msg: None)
 
-    def app_for_query(self, wire: bytes) -> App | None:
-        """The app whose domain ``wire`` (a query) asks about, or None when it is not ours.
+    def app_for(self, query: Query) -> App | None:
+        """The app whose domain ``query`` asks about, or None when it is not ours.
 
         Decided as for a response: any readable class-IN question of an app's.
+        A name longer than MAX_NAME is unreadable here, and so are the
+        questions after it.
         """
+        for q in query.questions:
+            if q.size > MAX_NAME:
+                return None
+            if q.qclass == CLASS_IN and (app := self.config.mapping_app(q.labels)):
+                return app
+        return None
+
+    def app_for_query(self, wire: bytes) -> App | None:
+        """:meth:`app_for` of the wire message ``wire``; None when it has no header."""
         try:
-            _, _, questions, _ = _read_head(wire)
-        except Exception:
+            return self.app_for(dnsquery.parse(wire))
+        except DNSMapError:
             return None
-        found = self._app(questions)
-        return None if found is None else found[0]
 
     def map_response(self, wire: bytes, now: float) -> MapResult:
         """Rewrite an upstream response for an app domain (see the module docstring)."""
@@ -149,7 +154,7 @@ class DNSMapper:
             # question is echoed: the others may be any bytes, records misread among them.
             self._log(f"dns: SERVFAIL for {question.qname} (app {app.name}): "
                       f"{header.q} questions, {len(questions)} readable")
-            return MapResult(_servfail(header, [question]), app, servfail=True)
+            return MapResult(servfail_from(header, [question]), app, servfail=True)
         new: list[Assignment] = []
         used: list[Assignment] = []
         try:
@@ -165,7 +170,7 @@ class DNSMapper:
                 f"dns: SERVFAIL for {question.qname} {_type_name(question.qtype)} "
                 f"(app {app.name}): {type(e).__name__}: {e}"
             )
-            return MapResult(_servfail(header, [question]), app, new, used, servfail=True)
+            return MapResult(servfail_from(header, [question]), app, new, used, servfail=True)
         return MapResult(bytes(out), app, new, used)
 
     def _app(self, questions: list[DNSQuestion]) -> tuple[App, DNSQuestion] | None:
@@ -271,7 +276,7 @@ def servfail(wire: bytes) -> bytes:
         _, header, questions, complete = _read_head(wire)
     except Exception as e:
         raise DNSMapError(f"cannot answer SERVFAIL, unreadable DNS header: {e}") from None
-    return _servfail(header, questions if complete else [])
+    return servfail_from(header, questions if complete else [])
 
 
 # -- internals ------------------------------------------------------------------
@@ -303,43 +308,11 @@ def _read_head(wire: bytes) -> tuple[DNSBuffer, DNSHeader, list[DNSQuestion], bo
 
 
 def _read_name(data: bytes, offset: int) -> tuple[tuple[bytes, ...], int]:
-    """The labels of the name at ``offset`` and the offset after it (RFC 1035 §4.1.4).
-
-    A compression pointer may point anywhere in the message, as stub
-    resolvers allow (a name they can read must not count as unreadable
-    here); a loop ends at MAX_POINTERS hops. DNSMapError when the name runs
-    off the end, is longer than MAX_NAME, uses a label type other than plain
-    or pointer, or loops.
-    """
-    labels: list[bytes] = []
-    end = -1
-    hops = 0
-    size = 1  # the root label
-    while True:
-        if offset >= len(data):
-            raise DNSMapError("name runs past the message")
-        length = data[offset]
-        if length & 0xC0 == 0xC0:
-            if offset + 2 > len(data):
-                raise DNSMapError("name runs past the message")
-            if end < 0:
-                end = offset + 2
-            hops += 1
-            if hops > MAX_POINTERS:
-                raise DNSMapError("compression pointers loop")
-            offset = struct.unpack_from("!H", data, offset)[0] & 0x3FFF
-        elif length & 0xC0:
-            raise DNSMapError(f"label type {length >> 6} at {offset}")
-        elif length == 0:
-            return tuple(labels), end if end >= 0 else offset + 1
-        else:
-            if offset + 1 + length > len(data):
-                raise DNSMapError("name runs past the message")
-            size += 1 + length
-            if size > MAX_NAME:
-                raise DNSMapError(f"name longer than {MAX_NAME} octets")
-            labels.append(bytes(data[offset + 1 : offset + 1 + length]))
-            offset += 1 + length
+    """:func:`conn25.core.dnsquery.read_name`, refusing names longer than MAX_NAME."""
+    labels, end, _ = dnsquery.read_name(data, offset)
+    if 1 + sum(1 + len(label) for label in labels) > MAX_NAME:
+        raise DNSMapError(f"name longer than {MAX_NAME} octets")
+    return labels, end
 
 
 def _parse_records(buf: DNSBuffer, count: int, wanted: frozenset[int], section: str) -> list[RR]:
@@ -419,18 +392,6 @@ def _strip_hints(rdata: HTTPS) -> HTTPS:
             value = b"".join(struct.pack("!H", k) for k in keys)
         params.append((key, value))
     return HTTPS(rdata.priority, rdata.target, params)
-
-
-def _servfail(header: DNSHeader, questions: list[DNSQuestion]) -> bytes:
-    out = DNSHeader(
-        id=header.id, bitmap=0, qr=1, opcode=header.opcode, rd=header.rd, ra=1, cd=header.cd,
-        rcode=RCODE.SERVFAIL,
-    )
-    try:
-        return bytes(DNSRecord(out, questions=list(questions)).pack())
-    except Exception:
-        # A question that cannot be encoded again: answer without it.
-        return bytes(DNSRecord(DNSHeader(id=header.id, bitmap=out.bitmap)).pack())
 
 
 def _type_name(rtype: int) -> str:

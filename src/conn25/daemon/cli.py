@@ -87,7 +87,7 @@ def _address_list(text: str) -> tuple[tuple[str, int], ...]:
 
 
 def _dns_allow(text: str) -> tuple[str, ...]:
-    from .dnsserver import parse_dns_allow
+    from .dns_server import parse_dns_allow
 
     try:
         return tuple(str(net) for net in parse_dns_allow(text))

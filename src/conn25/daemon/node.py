@@ -33,14 +33,9 @@ from ..core.connector import ConnectorTable, Mapping
 from ..core.dnsmap import DNSMapper
 from ..core.iprange import IPAddress, IPNetwork, IPRange
 from ..fastpath import Datapath, monotonic_ms
-from .dnsserver import (
-    ClientResolver,
-    DNSServer,
-    Forwarder,
-    SourcePolicy,
-    parse_dns_allow,
-    upstreams_from_resolv_conf,
-)
+from .dns_forwarder import Forwarder, upstreams_from_resolv_conf
+from .dns_resolver import ClientResolver
+from .dns_server import DNSServer, SourcePolicy, parse_dns_allow
 from .localapi import LocalAPI
 from .peerapi_server import PEERAPI_LIMITS, PeerAPI
 from .refusals import RefusalLog

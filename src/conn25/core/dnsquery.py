@@ -1,0 +1,285 @@
+"""DNS query reading (sans-IO): a message's head read once, into a value every
+step of a query's way takes.
+
+:func:`parse` reads the header and the questions of a message into a
+:class:`Query`; the client's answer cache (:mod:`conn25.core.dnscache`), the
+mapper (:mod:`conn25.core.dnsmap`) and the forwarder all take that value, so a
+client query is parsed once. Questions are read here rather than by dnslib,
+which refuses a label that is not UTF-8: DNS allows any byte in a label, and a
+name under an app domain is the app's whatever bytes its other labels hold.
+
+Also here: how a DNS server takes what arrives (:func:`screen`) and fits an
+answer to a UDP client (:func:`fit_udp`), a SERVFAIL built from a query,
+whether a message answers a query (the id and the question echoed, the way a
+forwarder tells an answer from a spoofed or stale datagram), and small edits
+of a message's header.
+
+May not touch: sockets, clocks, logging, trio.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import NamedTuple
+
+from dnslib import EDNS0, QTYPE, RCODE, DNSHeader, DNSQuestion, DNSRecord
+from dnslib.label import DNSLabel
+
+__all__ = [
+    "MAX_MESSAGE",
+    "MAX_POINTERS",
+    "MAX_QUESTIONS",
+    "UDP_LIMIT",
+    "DNSMapError",
+    "Query",
+    "Question",
+    "answers",
+    "fit_udp",
+    "parse",
+    "question_key",
+    "read_name",
+    "screen",
+    "servfail_to",
+    "with_id",
+    "with_rcode",
+]
+
+HEADER = 12
+UDP_LIMIT = 512  # what a client that sent no EDNS0 OPT record accepts over UDP
+MAX_MESSAGE = 65535  # the TCP length prefix is 16 bits
+EDNS_PAYLOAD = 1232  # what a truncated answer advertises (DNS flag day 2020)
+MAX_POINTERS = 127  # compression pointers followed in one name; more is a loop
+# Questions looked at in one message: reading thousands would cost seconds per message. An
+# answer to a query has one, and the client's resolver and the connector insist on that.
+MAX_QUESTIONS = 16
+_QR = 0x8000
+_TC = 0x0200
+
+
+class DNSMapError(ValueError):
+    """A message that cannot be read as a one-question, class-IN DNS message."""
+
+
+def read_name(data: bytes, offset: int) -> tuple[tuple[bytes, ...], int, bool]:
+    """The labels of the name at ``offset``, the offset after it, and whether it used a
+    compression pointer.
+
+    A pointer may point anywhere in the message, as stub resolvers allow (a
+    name they can read must not count as unreadable here); a loop ends at
+    MAX_POINTERS hops. DNSMapError when the name runs off the end, uses a
+    label type other than plain or pointer, or loops.
+    """
+    labels: list[bytes] = []
+    end = -1
+    hops = 0
+    while True:
+        if offset >= len(data):
+            raise DNSMapError("name runs past the message")
+        length = data[offset]
+        if length & 0xC0 == 0xC0:
+            if offset + 2 > len(data):
+                raise DNSMapError("name runs past the message")
+            if end < 0:
+                end = offset + 2
+            hops += 1
+            if hops > MAX_POINTERS:
+                raise DNSMapError("compression pointers loop")
+            offset = struct.unpack_from("!H", data, offset)[0] & 0x3FFF
+        elif length & 0xC0:
+            raise DNSMapError(f"label type {length >> 6} at {offset}")
+        elif length == 0:
+            return tuple(labels), (end if end >= 0 else offset + 1), end >= 0
+        else:
+            if offset + 1 + length > len(data):
+                raise DNSMapError("name runs past the message")
+            labels.append(bytes(data[offset + 1 : offset + 1 + length]))
+            offset += 1 + length
+
+
+class Question(NamedTuple):
+    labels: tuple[bytes, ...]  # as asked (case kept), any bytes
+    qtype: int
+    qclass: int
+
+    @property
+    def size(self) -> int:
+        """Octets of the name on the wire, uncompressed (the root label included)."""
+        return 1 + sum(1 + len(label) for label in self.labels)
+
+    @property
+    def folded(self) -> tuple[tuple[bytes, ...], int, int]:
+        """The question as an upstream may echo it: names compare ASCII-case-insensitively,
+        since upstreams need not keep a 0x20-randomised case."""
+        return tuple(label.lower() for label in self.labels), self.qtype, self.qclass
+
+
+class Query(NamedTuple):
+    """The head of one DNS message, read once: id, flags and the questions that could be read.
+
+    ``complete`` is False when a question could not be read (the ones before
+    it are in ``questions``) or the message has more than MAX_QUESTIONS.
+    ``key`` is the exact bytes of the only question of a plain query (opcode
+    QUERY, one question, no answer or authority section, no compression in
+    the name), the answer cache's key; None for anything else.
+    """
+
+    id: int
+    flags: int
+    qdcount: int
+    questions: tuple[Question, ...]
+    complete: bool
+    key: bytes | None
+    wire: bytes
+
+    @property
+    def qr(self) -> bool:
+        return bool(self.flags & _QR)
+
+    @property
+    def opcode(self) -> int:
+        return (self.flags >> 11) & 0xF
+
+    @property
+    def tc(self) -> bool:
+        return bool(self.flags & _TC)
+
+    @property
+    def rcode(self) -> int:
+        return self.flags & 0xF
+
+    @property
+    def question(self) -> Question | None:
+        """The first question, when one could be read."""
+        return self.questions[0] if self.questions else None
+
+    def answered_by(self, response: Query) -> bool:
+        """Whether ``response`` answers this query: QR set, same id, opcode and questions."""
+        return (
+            response.qr
+            and response.complete
+            and response.id == self.id
+            and response.opcode == self.opcode
+            and [q.folded for q in response.questions] == [q.folded for q in self.questions]
+        )
+
+
+def parse(wire: bytes) -> Query:
+    """The head of ``wire``; DNSMapError only when not even the header can be read."""
+    if len(wire) < HEADER:
+        raise DNSMapError(f"unreadable DNS message: {len(wire)} bytes, shorter than a header")
+    ident, flags, qd, an, ns = struct.unpack_from("!HHHHH", wire, 0)
+    questions: list[Question] = []
+    offset = HEADER
+    complete = qd <= MAX_QUESTIONS
+    compressed = False
+    for _ in range(min(qd, MAX_QUESTIONS)):
+        try:
+            labels, end, pointer = read_name(wire, offset)
+        except DNSMapError:
+            complete = False
+            break
+        if end + 4 > len(wire):
+            complete = False
+            break
+        compressed = compressed or pointer
+        qtype, qclass = struct.unpack_from("!HH", wire, end)
+        questions.append(Question(labels, qtype, qclass))
+        offset = end + 4
+    plain = not flags & 0xF800 and qd == 1 and not an and not ns
+    key = bytes(wire[HEADER:offset]) if plain and complete and not compressed else None
+    return Query(ident, flags, qd, tuple(questions), complete, key,
+                 wire if type(wire) is bytes else bytes(wire))
+
+
+def question_key(wire: bytes) -> bytes | None:
+    """:attr:`Query.key` of ``wire``, None also when it is not a DNS message at all."""
+    try:
+        return parse(wire).key
+    except DNSMapError:
+        return None
+
+
+def answers(query: Query, wire: bytes) -> Query | None:
+    """The head of ``wire`` when it is a response to ``query``, else None."""
+    try:
+        head = parse(wire)
+    except DNSMapError:
+        return None
+    return head if query.answered_by(head) else None
+
+
+def servfail_to(query: Query) -> bytes:
+    """A SERVFAIL response to ``query``, echoing its questions when all could be read.
+
+    Id, opcode, RD and CD are kept.
+    """
+    header = DNSHeader(id=query.id, bitmap=query.flags)
+    questions = [DNSQuestion(DNSLabel(q.labels), q.qtype, q.qclass) for q in query.questions]
+    return servfail_from(header, questions if query.complete else [])
+
+
+def servfail_from(header: DNSHeader, questions: list[DNSQuestion]) -> bytes:
+    """A SERVFAIL response to a message with ``header``, echoing ``questions``."""
+    out = DNSHeader(
+        id=header.id, bitmap=0, qr=1, opcode=header.opcode, rd=header.rd, ra=1, cd=header.cd,
+        rcode=RCODE.SERVFAIL,
+    )
+    try:
+        return bytes(DNSRecord(out, questions=list(questions)).pack())
+    except Exception:
+        # A question that cannot be encoded again: answer without it.
+        return bytes(DNSRecord(DNSHeader(id=header.id, bitmap=out.bitmap)).pack())
+
+
+def with_rcode(wire: bytes, rcode: int) -> bytes:
+    """``wire`` with its RCODE replaced."""
+    out = bytearray(wire)
+    out[3] = (out[3] & 0xF0) | rcode
+    return bytes(out)
+
+
+def with_id(wire: bytes, query: bytes) -> bytes:
+    """``wire`` with the id of ``query``."""
+    return query[:2] + wire[2:]
+
+
+Screened = tuple[str, DNSRecord | bytes | None]
+
+
+def screen(data: bytes) -> Screened:
+    """How a DNS server takes a message that arrived, as (verdict, what to do):
+
+    * ``("query", record)``: a query with one question, to answer;
+    * ``("notimp", reply)``: an opcode other than QUERY; ``("formerr", reply)``:
+      unreadable, or other than one question; send the reply instead;
+    * ``("garbage", None)``: shorter than a header; ``("response", None)``: QR
+      set (answering a response could start a loop); drop it.
+    """
+    if len(data) < HEADER:
+        return "garbage", None
+    flags = struct.unpack_from("!H", data, 2)[0]
+    if flags & _QR:
+        return "response", None
+    if (flags >> 11) & 0xF != 0:
+        return "notimp", with_rcode(servfail_to(parse(data)), RCODE.NOTIMP)
+    try:
+        rec = DNSRecord.parse(data)
+    except Exception:  # dnslib raises several types for a malformed message
+        rec = None
+    if rec is None or len(rec.questions) != 1:
+        return "formerr", with_rcode(servfail_to(parse(data)), RCODE.FORMERR)
+    return "query", rec
+
+
+def fit_udp(rec: DNSRecord, reply: bytes) -> bytes | None:
+    """None when a UDP client that asked ``rec`` takes ``reply`` (512 bytes, or the payload
+    size of its EDNS0 OPT record); else the truncated answer, TC set, to send instead."""
+    opt = next((rr for rr in rec.ar if rr.rtype == QTYPE.OPT), None)
+    limit = UDP_LIMIT if opt is None else max(UDP_LIMIT, opt.rclass)
+    if len(reply) <= limit:
+        return None
+    flags = struct.unpack_from("!H", reply, 2)[0] if len(reply) >= 4 else 0x8180
+    out = DNSRecord(DNSHeader(id=rec.header.id, bitmap=flags, tc=1), questions=rec.questions)
+    if opt is not None:
+        out.add_ar(EDNS0(udp_len=EDNS_PAYLOAD))
+    return bytes(out.pack())

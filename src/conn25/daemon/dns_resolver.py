@@ -1,0 +1,229 @@
+"""The client's app resolver: the ``answer`` the node gives its DNS server.
+
+A query is parsed once (:func:`conn25.core.dnsquery.parse`) and that value
+goes through the core: the answer cache, the mapper's choice of app, the
+forwarder for non-app queries. App-domain queries are resolved at a
+connector, mapped onto magic IPs, and answered only once the connector
+acknowledged every new mapping. May touch: the trio clock (its deadlines)
+and the log; the sockets are the forwarder's and the registrar's.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+
+import trio
+from dnslib import QTYPE
+
+from ..core.assignments import Assignment
+from ..core.config import App, NodeConfig
+from ..core.dnscache import AnswerCache
+from ..core.dnsmap import DNSMapper
+from ..core.dnsquery import DNSMapError, Query, answers, parse, servfail_to, with_id
+from ..core.iprange import IPAddress
+from .dns_forwarder import Forwarder
+
+__all__ = ["RESOLVER_COUNTERS", "ClientResolver"]
+
+log = logging.getLogger(__name__)
+
+RESOLVER_COUNTERS = (
+    "queries", "forwarded", "app_queries", "answered_mapped", "answered_cached",
+    "assignments_new",
+    "registrations", "servfail_connector", "servfail_mapping", "servfail_ack_timeout",
+    "servfail_register",
+)
+
+
+class _Registration:
+    """One call to ``register`` that other queries for the same assignments may wait for."""
+
+    __slots__ = ("done", "ok")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.ok = False
+
+
+class ClientResolver:
+    """The client's ``answer``: non-app queries go upstream unchanged; app queries are
+    resolved at a connector, mapped onto magic IPs and answered once the
+    connector acknowledged every assignment in the answer, so that the first packet
+    to a magic IP finds its mapping at the connector.
+
+    Waiting covers more than ``MapResult.new``: an assignment of the answer
+    that is not registered with any connector yet (an earlier registration
+    failed or is still on its way, for a concurrent query of the same name)
+    is waited for too, so no answer names a magic IP whose transit IP the
+    connector does not know. On ``ack_timeout`` (or a failed registration)
+    the answer is SERVFAIL and counted; the registrar is expected to keep
+    what it was given and send it anyway.
+
+    Acknowledged mapped answers are cached (:mod:`conn25.core.dnscache`) for their
+    TTL; :meth:`cached` answers a repeated question from there, as long as
+    every assignment it names is still the live one and registered.
+    """
+
+    def __init__(
+        self,
+        mapper: DNSMapper,
+        forwarder: Forwarder,
+        resolve_at_connector: Callable[[App, bytes], Awaitable[bytes]],
+        register: Callable[[list[Assignment]], Awaitable[bool]],
+        ack_timeout: float = 3.0,
+        now: Callable[[], float] = time.time,
+        *,
+        resolve_timeout: float = 5.0,
+        assignments_changed: Callable[[], None] | None = None,
+    ) -> None:
+        self.mapper = mapper
+        self.forwarder = forwarder
+        self.resolve_at_connector = resolve_at_connector
+        self.register = register
+        self.ack_timeout = ack_timeout
+        self.resolve_timeout = resolve_timeout
+        self._now = now
+        self._assignments_changed = assignments_changed or (lambda: None)
+        self._pending: dict[IPAddress, _Registration] = {}  # by transit IP
+        self._counters = Counter(dict.fromkeys(RESOLVER_COUNTERS, 0))
+        self.cache = AnswerCache()
+
+    def counters(self) -> dict[str, int]:
+        return dict(self._counters)
+
+    def reconfigure(self, config: NodeConfig) -> None:
+        """Use a reloaded configuration; cached answers may name apps it no longer has."""
+        self.mapper.config = config
+        self.cache.clear()
+
+    def cached(self, wire: bytes) -> bytes | None:
+        """The answer to the query ``wire`` from the cache, or None to take :meth:`answer`."""
+        try:
+            query = parse(wire)
+        except DNSMapError:
+            return None
+        return self._cached(query)
+
+    def _cached(self, query: Query) -> bytes | None:
+        hit = self.cache.get(query, self._now())
+        if hit is None:
+            return None
+        reply, assignments = hit
+        by_magic = self.mapper.assignments.by_magic
+        if not all(a.connector is not None and by_magic(a.magic) is a for a in assignments):
+            self.cache.drop(query)  # reclaimed or moving to another connector: ask again
+            return None
+        self._counters["queries"] += 1
+        self._counters["app_queries"] += 1
+        self._counters["answered_cached"] += 1
+        return reply
+
+    async def answer(self, wire: bytes) -> bytes:
+        """The answer to the query ``wire``; DNSMapError when it is not a readable query."""
+        try:
+            query = parse(wire)  # the only time these bytes are parsed on the way
+        except DNSMapError:
+            self._counters["queries"] += 1
+            raise
+        cached = self._cached(query)
+        if cached is not None:
+            return cached
+        self._counters["queries"] += 1
+        app = self.mapper.app_for(query)
+        if app is None:
+            self._counters["forwarded"] += 1
+            return await self.forwarder.forward(query)
+        self._counters["app_queries"] += 1
+        if query.qr or not query.complete:
+            raise DNSMapError("DNS message is a response or has a question that cannot be read")
+        what = self._describe(query, app)
+        try:
+            with trio.fail_after(self.resolve_timeout):
+                resp = await self.resolve_at_connector(app, wire)
+        except trio.TooSlowError:
+            return self._servfail(query, "servfail_connector",
+                                  f"{what}: no answer from a connector in {self.resolve_timeout}s")
+        except Exception as e:
+            return self._servfail(query, "servfail_connector",
+                                  f"{what}: connector resolution failed: {type(e).__name__}: {e}")
+        # The connector echoes our query; DoH-style channels may zero the id, so only
+        # the question must match (a different name would be mapped for the wrong query).
+        if len(resp) < 12 or answers(query, with_id(resp, wire)) is None:
+            return self._servfail(query, "servfail_connector",
+                                  f"{what}: the connector's answer is not for this question")
+        result = self.mapper.map_response(resp, self._now())
+        self._counters["assignments_new"] += len(result.new)
+        if result.assignments:  # made, or their expiry refreshed: worth persisting
+            self._assignments_changed()
+        if result.servfail:
+            self._counters["servfail_mapping"] += 1
+        ok = await self._registered(result.assignments, what)
+        if not ok and not result.servfail:
+            return servfail_to(query)
+        if result.ours and not result.servfail:
+            self._counters["answered_mapped"] += 1
+            self.cache.put(query, result.wire, result.assignments, self._now())
+            log.info("%s: answered %s", what, ", ".join(
+                f"{a.magic} (real {a.real}, transit {a.transit})" for a in result.assignments
+            ) or "with no address")
+        return with_id(result.wire, wire)
+
+    async def _registered(self, assignments: list[Assignment], what: str) -> bool:
+        """Register those not registered yet and wait for them and those in flight."""
+        mine = [a for a in assignments if a.connector is None and a.transit not in self._pending]
+        theirs = {id(r): r for a in assignments
+                  if (r := self._pending.get(a.transit)) is not None}
+        if not mine and not theirs:
+            return True
+        timed_out = True
+        failed = False
+        with trio.move_on_after(self.ack_timeout):
+            if mine:
+                failed = not await self._register(mine, what)
+            for registration in theirs.values():
+                await registration.done.wait()
+                failed = failed or not registration.ok
+            timed_out = False
+        if timed_out:
+            self._counters["servfail_ack_timeout"] += 1
+            log.warning("%s: no acknowledgement from the connector within %ss; answering "
+                        "SERVFAIL", what, self.ack_timeout)
+            return False
+        if failed:
+            self._counters["servfail_register"] += 1
+            log.warning("%s: the connector did not accept the mappings; answering SERVFAIL",
+                        what)
+            return False
+        return True
+
+    async def _register(self, assignments: list[Assignment], what: str) -> bool:
+        registration = _Registration()
+        for a in assignments:
+            self._pending[a.transit] = registration
+        self._counters["registrations"] += 1
+        try:
+            registration.ok = bool(await self.register(assignments))
+        except Exception as e:
+            log.warning("%s: registration failed: %s: %s", what, type(e).__name__, e)
+        finally:
+            # Also on cancellation (ack timeout): whoever waits learns it failed.
+            registration.done.set()
+            for a in assignments:
+                if self._pending.get(a.transit) is registration:
+                    del self._pending[a.transit]
+        return registration.ok
+
+    def _servfail(self, query: Query, counter: str, reason: str) -> bytes:
+        self._counters[counter] += 1
+        log.warning("%s; answering SERVFAIL", reason)
+        return servfail_to(query)
+
+    @staticmethod
+    def _describe(query: Query, app: App) -> str:
+        name, qtype, _ = query.questions[0].folded
+        domain = ".".join(p.decode("ascii", "replace") for p in name) + "."
+        return f"dns: {domain} {QTYPE.get(qtype)} (app {app.name})"
+
