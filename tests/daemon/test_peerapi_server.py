@@ -49,7 +49,7 @@ def node_config(*, advertise: bool = True, tailnet: Tailnet = TAILNET) -> NodeCo
         advertise_connector=advertise,
         apps=(GITHUB, GITLAB),
         pools=config.DEFAULT_POOLS,
-        may_use_apps=lambda peer: peer.name != "intruder",
+        app_users=frozenset(n.name for n in tailnet.nodes) - {"intruder"},
     )
 
 

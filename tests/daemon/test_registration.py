@@ -54,7 +54,8 @@ TAILNET = Tailnet(nodes=(LAPTOP, C2, C1), tag_owners={TAG: ("alice@example.com",
 def client_config(apps: tuple[App, ...] = (GITHUB,), node: Node = LAPTOP,
                   advertise: bool = False) -> NodeConfig:
     return NodeConfig(tailnet=TAILNET, node=node, advertise_connector=advertise, apps=apps,
-                      pools=config.DEFAULT_POOLS, may_use_apps=lambda peer: True)
+                      pools=config.DEFAULT_POOLS,
+                      app_users=frozenset(n.name for n in TAILNET.nodes))
 
 
 class FakeNode:

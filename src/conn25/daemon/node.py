@@ -26,6 +26,7 @@ from pathlib import Path
 import msgspec
 import trio
 
+from ..core import policy
 from ..core import tailnet as tailnet_mod
 from ..core.assignments import Assignment, Assignments
 from ..core.config import NodeConfig, Tailnet
@@ -251,7 +252,8 @@ class Node:
             raise NodeError(str(e)) from None
         self._file_stamp = self._stamp()
         try:
-            self.config = self.tailnet.node_config(opts.hostname, opts.advertise_connector)
+            self.config = policy.node_config(self.tailnet, opts.hostname,
+                                             opts.advertise_connector)
         except KeyError:
             raise NodeError(f"{opts.tailnet}: no node named {opts.hostname!r}") from None
         tags = self.config.node.tags
@@ -317,7 +319,7 @@ class Node:
         if self.connector is not None:
             transit: set[IPRange] = set()
             for n in self.config.tailnet.nodes:
-                p = self.config.tailnet.pools_for(n)
+                p = policy.pools_for(self.config.tailnet, n)
                 transit.update(p.v4_transit, p.v6_transit)
             tables.set_transit_ranges(sorted(transit))
         for a in self.assignments:
@@ -416,7 +418,7 @@ class Node:
         self._file_stamp = self._stamp()
         try:
             tn = load_file(opts.tailnet)
-            cfg = tn.node_config(opts.hostname, opts.advertise_connector)
+            cfg = policy.node_config(tn, opts.hostname, opts.advertise_connector)
         except (OSError, tailnet_mod.TailnetError, KeyError) as e:
             self.counters["reload_errors"] += 1
             log.error("tailnet file %s rejected, keeping the running configuration:\n%s",
