@@ -29,6 +29,7 @@ from conn25.core.peerapi import (
     HealthResponse,
     TransitIPResponse,
 )
+from conn25.daemon.dataplane import Dataplane, Ids
 from conn25.daemon.registration import Registrar, ResolveError
 from conn25.fastpath import Datapath
 
@@ -66,17 +67,17 @@ class FakeNode:
         self.assignments = Assignments(self.config.pools)
         self.connector: ConnectorTable | None = None
         self.datapath = Datapath(client=True)
+        self.dataplane = Dataplane(self.datapath.tables, Ids())
         self.peerapi_port = PORT
         self.registrar: Registrar
         self.t = T0
         self.changed = 0
-        self._ids: dict[str, int] = {}
 
     def now(self) -> float:
         return self.t
 
     def peer_id(self, name: str) -> int:
-        return self._ids.setdefault(name, 10 + len(self._ids))
+        return self.dataplane.ids.peer(name)
 
     def install_connector_mappings(self, mappings) -> None:
         pass

@@ -11,6 +11,7 @@ from ..core.assignments import Assignments
 from ..core.config import NodeConfig
 from ..core.connector import ConnectorTable, Mapping
 from ..fastpath import Datapath
+from .dataplane import Dataplane
 
 if TYPE_CHECKING:
     from .dnsserver import Forwarder
@@ -22,16 +23,13 @@ class NodeContext(Protocol):
     assignments: Assignments
     connector: ConnectorTable | None  # None unless the node advertises as a connector
     datapath: Datapath
+    dataplane: Dataplane  # every write to the datapath's tables
     forwarder: Forwarder
     registrar: Registrar
     peerapi_port: int  # every node serves the peer API on this port of its overlay addresses
 
     def now(self) -> float:
         """Wall-clock seconds, the time base of assignments and connector mappings."""
-        ...
-
-    def peer_id(self, name: str) -> int:
-        """The datapath's id for node ``name`` (stable while the node runs)."""
         ...
 
     def install_connector_mappings(self, mappings: Iterable[Mapping]) -> None:

@@ -454,10 +454,7 @@ class Registrar:
         node = self._node
         if node.assignments.by_transit(a.transit) is not a:
             return False
-        tables = node.datapath.tables
-        # Route first: a packet that finds the magic entry must find the route too.
-        tables.set_route(a.transit, node.peer_id(conn.name))
-        tables.set_magic(a.magic, a.transit)
+        node.dataplane.client_registered(a, conn.name)
         node.assignments.attach(a.transit, conn.name)
         node.assignments_changed()
         return True
