@@ -75,7 +75,7 @@ class FakeForwarder:
 
 
 class FakeNode:
-    """The parts of NodeContext the peer API uses, with a recording datapath hook."""
+    """A PeerAPINode made of the real core objects, with a recording datapath hook."""
 
     def __init__(self, cfg: NodeConfig | None = None, *, connector: bool = True) -> None:
         self.config = cfg or node_config()

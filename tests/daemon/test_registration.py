@@ -60,7 +60,7 @@ def client_config(apps: tuple[App, ...] = (GITHUB,), node: Node = LAPTOP,
 
 
 class FakeNode:
-    """A NodeContext made of real core objects (assignments, datapath tables)."""
+    """A RegistrarNode made of real core objects (assignments, datapath tables)."""
 
     def __init__(self, cfg: NodeConfig | None = None) -> None:
         self.config = cfg or client_config()

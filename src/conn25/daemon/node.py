@@ -217,7 +217,7 @@ class Node:
                         opts.dns_listen, self.resolver.answer, cached=self.resolver.cached,
                         sources=SourcePolicy(dns_allow), refusals=self.refusals)
                     await nursery.start(self.dns_server.run)
-                local = LocalAPI(self, lambda: status_document(self), self._exported_metrics,
+                local = LocalAPI(lambda: status_document(self), self._exported_metrics,
                                  gauges=GAUGES)
                 await nursery.start(local.run, str(state / SOCKET_NAME))
                 nursery.start_soon(self._read_events)

@@ -38,14 +38,14 @@ import logging
 import math
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 from urllib.parse import quote
 
 import trio
 
 from ..core import peerapi
-from ..core.assignments import Assignment
-from ..core.config import App, Node
+from ..core.assignments import Assignment, Assignments
+from ..core.config import App, Node, NodeConfig
 from ..core.connector import DEFAULT_BURST
 from ..core.iprange import IPAddress
 from ..core.peerapi import (
@@ -59,9 +59,7 @@ from ..core.peerapi import (
     TransitIPResponse,
 )
 from . import http
-
-if TYPE_CHECKING:
-    from .context import NodeContext
+from .dataplane import Dataplane
 
 __all__ = ["COUNTERS", "Registrar", "ResolveError", "Transport"]
 
@@ -93,6 +91,30 @@ COUNTERS = (
     "resolve_failovers",  # a resolution moved on to the next candidate
     "resolve_failures",  # no candidate answered
 )
+
+
+class RegistrarNode(Protocol):
+    """What the registrar needs of the node."""
+
+    @property
+    def config(self) -> NodeConfig: ...
+
+    @property
+    def assignments(self) -> Assignments: ...
+
+    @property
+    def dataplane(self) -> Dataplane:
+        """Where an acknowledged registration points the datapath at its connector."""
+        ...
+
+    @property
+    def peerapi_port(self) -> int:
+        """Every node serves the peer API on this port of its overlay addresses."""
+        ...
+
+    def assignments_changed(self) -> None:
+        """Assignments were made or changed: persist them (debounced by the node)."""
+        ...
 
 
 class Transport(Protocol):
@@ -170,7 +192,7 @@ class Registrar:
 
     def __init__(
         self,
-        node: NodeContext,
+        node: RegistrarNode,
         *,
         queue_size: int = 1024,
         batch_max: int = DEFAULT_BURST,  # more in one request than a connector lets through
