@@ -23,7 +23,7 @@ def test_pip_wheel_is_a_platform_wheel_with_the_extension(tmp_path):
     assert not wheel.name.endswith("-none-any.whl"), wheel.name
     names = zipfile.ZipFile(wheel).namelist()
     assert any(n.startswith("conn25/_fastpath") and n.endswith(".so") for n in names), names
-    assert "conn25/cli.py" in names
+    assert "conn25/daemon/cli.py" in names
     # the Cython sources and build helpers stay out of the installed package
     assert not any(n.endswith((".pyx", ".pxi", ".c")) for n in names)
 
