@@ -54,6 +54,8 @@ class ConnectorChoice(Protocol):
 
 
 class Counted(Protocol):
+    """What status shows of the datapath: its counters."""
+
     def counters(self) -> Mapping[str, int]: ...
 
 
