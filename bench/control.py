@@ -59,6 +59,7 @@ from conn25.core.config import NodeConfig
 from conn25.core.connector import DEFAULT_BURST, DEFAULT_RATE, RATE_LIMITED_MESSAGE, ConnectorTable
 from conn25.core.iprange import make_address
 from conn25.core.peerapi import TRANSIT_IP_PATH, ConnectorTransitIPRequest, TransitIPRequest
+from conn25.core.policy import node_config
 from conn25.core.tailnet import load as load_tailnet
 from conn25.lab.netns import Netns, need_root, wait_for
 from conn25.lab.testbed import DEFAULT_NODES, DNS4, WEB4, NodeSpec, Testbed, tailnet_file
@@ -86,7 +87,7 @@ def mib(kib: float) -> float:
 def connector_config(nodes: tuple[NodeSpec, ...] = (CLIENT, CONNECTOR)) -> NodeConfig:
     """conn1's view of the testbed tailnet (by default: client and connector only)."""
     tailnet = load_tailnet(tailnet_file(nodes), "testbed")
-    return tailnet.node_config(CONNECTOR.name, advertise_connector=True)
+    return node_config(tailnet, CONNECTOR.name, advertise_connector=True)
 
 
 def app_name(cfg: NodeConfig) -> str:

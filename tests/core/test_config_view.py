@@ -1,4 +1,4 @@
-"""One node's view of a tailnet: Tailnet.node_config and NodeConfig (B2, B4, B5, B11-B13, B37)."""
+"""One node's view of a tailnet: policy.node_config and NodeConfig (B2, B4, B5, B11-B13, B37)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 from conn25.core.config import APP_ATTRS, DEFAULT_POOLS, POOL_ATTR, Tailnet
 from conn25.core.dnsname import DomainIndex
 from conn25.core.iprange import IPRange, IPSet
+from conn25.core.policy import node_config
 from conn25.core.tailnet import load
 
 TAGS = ["tag:a", "tag:b", "tag:c"]
@@ -61,15 +62,15 @@ def names(found: list) -> list[str]:
 def test_own_apps_are_those_whose_tags_the_advertising_node_carries():
     """B4"""
     t = make([MATCHING])
-    assert names(t.node_config("conn-a", advertise_connector=True).own_apps) == ["Wide"]
-    assert names(t.node_config("conn-b1", advertise_connector=True).own_apps) == [
+    assert names(node_config(t, "conn-a", advertise_connector=True).own_apps) == ["Wide"]
+    assert names(node_config(t, "conn-b1", advertise_connector=True).own_apps) == [
         "Narrow", "Shared"]
-    assert names(t.node_config("client", advertise_connector=True).own_apps) == []
+    assert names(node_config(t, "client", advertise_connector=True).own_apps) == []
 
 
 def test_a_node_that_does_not_advertise_serves_no_app():
     """B4/B13: the tag alone is not enough."""
-    cfg = make([MATCHING]).node_config("conn-a")
+    cfg = node_config(make([MATCHING]), "conn-a")
     assert cfg.own_apps == ()
     assert not any(cfg.serves(a) for a in cfg.apps)
 
@@ -77,25 +78,25 @@ def test_a_node_that_does_not_advertise_serves_no_app():
 def test_apps_follow_the_attribute_target():
     t = make([apps(("Eng", ["eng.example.com"], "tag:a"), target="group:eng"),
               apps(("All", ["all.example.com"], "tag:a"))])
-    assert names(t.node_config("client").apps) == ["Eng", "All"]
-    assert names(t.node_config("other").apps) == ["All"]
-    assert t.node_config("client").configured
+    assert names(node_config(t, "client").apps) == ["Eng", "All"]
+    assert names(node_config(t, "other").apps) == ["All"]
+    assert node_config(t, "client").configured
 
 
 def test_node_without_apps_is_not_configured():
-    cfg = make([apps(("Eng", ["eng.example.com"], "tag:a"), target="group:eng")]).node_config(
-        "other")
+    cfg = node_config(make([apps(("Eng", ["eng.example.com"], "tag:a"), target="group:eng")]),
+                      "other")
     assert not cfg.configured and cfg.apps == ()
     assert cfg.mapping_app("eng.example.com") is None
 
 
 def test_unknown_node_name_is_a_key_error():
     with pytest.raises(KeyError, match="nosuch"):
-        make([MATCHING]).node_config("nosuch")
+        node_config(make([MATCHING]), "nosuch")
 
 
 def test_app_lookup_by_name():
-    cfg = make([MATCHING]).node_config("client")
+    cfg = node_config(make([MATCHING]), "client")
     assert cfg.app("Narrow").connectors == ("tag:b",)
     assert cfg.app("narrow") is None
 
@@ -113,7 +114,7 @@ POOLS = {"target": ["*"], "app": {POOL_ATTR: [{
 
 def test_magic_routes_are_exactly_the_union_of_the_magic_pools():
     """B5: no neighbouring addresses, no transit addresses."""
-    routes = make([MATCHING, POOLS]).node_config("client").pools.magic_routes()
+    routes = node_config(make([MATCHING, POOLS]), "client").pools.magic_routes()
     assert [str(r) for r in routes] == [
         "100.80.0.0/30", "100.80.0.4/31", "100.80.1.0/24",
         "fd7a:115c:a1e0:ab12::/127", "fd7a:115c:a1e0:ab12::2/128",
@@ -126,7 +127,7 @@ def test_magic_routes_are_exactly_the_union_of_the_magic_pools():
 
 
 def test_pools_come_from_the_attribute():
-    pools = make([MATCHING, POOLS]).node_config("client").pools
+    pools = node_config(make([MATCHING, POOLS]), "client").pools
     assert pools.v4_transit == IPSet.of([IPRange.parse("169.254.0.0/16")])
     assert pools.is_transit(ipaddress.ip_address("169.254.3.4"))
     assert not pools.is_transit(ipaddress.ip_address("100.80.0.1"))
@@ -135,8 +136,8 @@ def test_pools_come_from_the_attribute():
 def test_default_pools_apply_when_no_pool_attribute_targets_the_node():
     """B5 with the documented defaults."""
     t = make([MATCHING, dict(POOLS, target=["group:eng"])])
-    assert t.node_config("client").pools != DEFAULT_POOLS
-    other = t.node_config("other").pools
+    assert node_config(t, "client").pools != DEFAULT_POOLS
+    other = node_config(t, "other").pools
     assert other == DEFAULT_POOLS
     assert [str(r) for r in other.magic_routes()] == [
         "100.80.0.0/16", "fd7a:115c:a1e0:ab12::/112"]
@@ -164,18 +165,18 @@ def test_default_pools_apply_when_no_pool_attribute_targets_the_node():
 ])
 def test_name_matching(qname, expected):
     """B11, B12 (several apps, in definition order), B15 (case)."""
-    assert names(make([MATCHING]).node_config("client").apps_for_name(qname)) == expected
+    assert names(node_config(make([MATCHING]), "client").apps_for_name(qname)) == expected
 
 
 def test_several_matching_apps_map_with_the_first():
     """B12"""
-    assert make([MATCHING]).node_config("client").mapping_app("x.api.example.com").name == "Narrow"
+    assert node_config(make([MATCHING]), "client").mapping_app("x.api.example.com").name == "Narrow"
 
 
 def test_connector_maps_nothing_for_the_apps_it_serves():
     """B13: exact and wildcard names of a served app are not mapped."""
     t = make([MATCHING])
-    conn_b = t.node_config("conn-b2", advertise_connector=True)
+    conn_b = node_config(t, "conn-b2", advertise_connector=True)
     assert conn_b.mapping_app("exact.example.com") is None
     assert conn_b.mapping_app("x.api.example.com") is None
     assert conn_b.mapping_app("www.example.com").name == "Wide"  # served by tag:a, not us
@@ -183,7 +184,7 @@ def test_connector_maps_nothing_for_the_apps_it_serves():
 
 def test_serving_any_matching_app_suppresses_the_mapping():
     """B13: conn-b1 serves Shared (tag:c), the second match, so it maps nothing either."""
-    cfg = make([MATCHING]).node_config("conn-b1", advertise_connector=True)
+    cfg = node_config(make([MATCHING]), "conn-b1", advertise_connector=True)
     assert cfg.mapping_app("x.api.example.com") is None
 
 
@@ -193,7 +194,7 @@ def test_serving_any_matching_app_suppresses_the_mapping():
 ])
 def test_tag_alone_or_advertising_alone_does_not_suppress(node, advertise):
     """B13"""
-    cfg = make([MATCHING]).node_config(node, advertise_connector=advertise)
+    cfg = node_config(make([MATCHING]), node, advertise_connector=advertise)
     assert cfg.mapping_app("www.example.com").name == "Wide"
     assert cfg.mapping_app("example.com").name == "Wide"
 
@@ -204,23 +205,23 @@ def test_tag_alone_or_advertising_alone_does_not_suppress(node, advertise):
 def test_connector_candidates_are_tagged_peers_in_name_order():
     """B37: stable order by name; the node itself is never a candidate."""
     t = make([MATCHING])
-    client = t.node_config("client")
+    client = node_config(t, "client")
     assert [n.name for n in client.connector_candidates(client.app("Narrow"))] == [
         "conn-b1", "conn-b2"]
     assert [n.name for n in client.connector_candidates(client.app("Shared"))] == ["conn-b1"]
-    conn_b1 = t.node_config("conn-b1", advertise_connector=True)
+    conn_b1 = node_config(t, "conn-b1", advertise_connector=True)
     assert [n.name for n in conn_b1.connector_candidates(conn_b1.app("Narrow"))] == ["conn-b2"]
 
 
 def test_may_use_apps_follows_the_policy():
     t = make([MATCHING])
-    cfg = t.node_config("conn-a", advertise_connector=True)
+    cfg = node_config(t, "conn-a", advertise_connector=True)
     assert cfg.may_use_apps(t.node("client"))  # group:eng may reach the internet
     assert not cfg.may_use_apps(t.node("other"))
 
 
 def test_peer_by_address():
-    cfg = make([MATCHING]).node_config("client")
+    cfg = node_config(make([MATCHING]), "client")
     assert cfg.peer_by_address(ipaddress.ip_address("100.64.0.4")).name == "conn-b1"
     assert cfg.peer_by_address(ipaddress.ip_address("100.64.9.9")) is None
 

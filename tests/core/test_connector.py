@@ -50,7 +50,7 @@ def node_config(
         advertise_connector=advertise,
         apps=apps,
         pools=config.DEFAULT_POOLS,
-        may_use_apps=lambda peer: peer.name not in denied,
+        app_users=frozenset(n.name for n in tailnet.nodes) - denied,
     )
 
 

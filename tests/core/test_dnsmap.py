@@ -69,7 +69,7 @@ def make_config(pools=None, tags=(), advertise=False, apps=(GITHUB, EXAMPLE)):
                 tags=tuple(tags))
     return NodeConfig(
         tailnet=Tailnet(nodes=(node,)), node=node, advertise_connector=advertise,
-        apps=tuple(apps), pools=pools or make_pools(), may_use_apps=lambda _peer: True,
+        apps=tuple(apps), pools=pools or make_pools(), app_users=frozenset({node.name}),
     )
 
 

@@ -47,7 +47,7 @@ C2 = Node("gh-connector-2", (ip("100.64.0.3"),), ("192.0.2.3", 41641), tags=(TAG
 # C2 comes first in the file: the choice is still by name.
 CFG = NodeConfig(tailnet=Tailnet(nodes=(LAPTOP, C2, C1), tag_owners={TAG: ("alice@example.com",)}),
                  node=LAPTOP, advertise_connector=False, apps=(GITHUB,),
-                 pools=config.DEFAULT_POOLS, may_use_apps=lambda peer: True)
+                 pools=config.DEFAULT_POOLS, app_users=frozenset({"laptop"}))
 HEALTHY = peerapi.encode(HealthResponse(True, ["GitHub"], "x"))
 
 
@@ -244,7 +244,7 @@ def test_an_app_without_candidates_fails_at_once():
     lonely = App("Lonely", ("lonely.example.",), ("tag:nobody",))
     cfg = NodeConfig(tailnet=CFG.tailnet, node=LAPTOP, advertise_connector=False,
                      apps=(GITHUB, lonely), pools=config.DEFAULT_POOLS,
-                     may_use_apps=lambda peer: True)
+                     app_users=frozenset({"laptop"}))
     a = store.reserve("Lonely", "lonely.example", ip("192.0.2.80"), 300, T0)[0]
     waiter = m.register([a])
     assert m.poll(0.0, cfg) == math.inf

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from conn25.core import tailnet
 from conn25.core.config import APP_ATTRS, DEFAULT_POOLS, DEFAULT_PORT, POOL_ATTR, App
 from conn25.core.iprange import IPRange, IPSet
+from conn25.core.policy import node_config
 from conn25.core.tailnet import TailnetError, load, load_bytes, parse_endpoint
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "tailnet.hujson"
@@ -132,7 +133,7 @@ def test_sections_of_the_policy_syntax_that_conn25d_does_not_use_are_ignored():
 def test_missing_optional_sections_give_defaults():
     t = load('{"nodes": [{"name": "a", "addresses": ["100.64.0.1"], "endpoint": "192.0.2.1"}]}')
     assert t.node_attrs == () and t.acls == () and t.hosts == {}
-    assert t.node_config("a").pools == DEFAULT_POOLS
+    assert node_config(t, "a").pools == DEFAULT_POOLS
 
 
 # -- syntax and shape -----------------------------------------------------------------
@@ -314,7 +315,7 @@ def test_same_app_name_with_an_equal_definition_is_one_app():
          "domains": ["*.github.com", "GITHUB.COM"]}]}})
     t = load(json.dumps(doc))
     assert t.node_attrs[2].apps[0] is t.node_attrs[0].apps[0]
-    assert len(t.node_config("laptop").apps) == 1
+    assert len(node_config(t, "laptop").apps) == 1
 
 
 # -- tags (B6) ------------------------------------------------------------------------
@@ -612,7 +613,7 @@ def test_ipv4_only_pools_are_allowed():
     doc = base()
     pools = doc["nodeAttrs"][1]["app"][POOL_ATTR][0]
     del pools["v6MagicIPPool"], pools["v6TransitIPPool"]
-    p = load(json.dumps(doc)).node_config("laptop").pools
+    p = node_config(load(json.dumps(doc)), "laptop").pools
     assert p.v4_magic and not p.v6_magic and not p.v6_transit
 
 
@@ -644,7 +645,7 @@ def test_magic_pools_of_different_nodes_may_be_the_same():
     doc["nodeAttrs"].append({"target": ["conn-1"],
                              "app": copy.deepcopy(doc["nodeAttrs"][1]["app"])})
     t = load(json.dumps(doc))
-    assert t.node_config("laptop").pools == t.node_config("conn-1").pools
+    assert node_config(t, "laptop").pools == node_config(t, "conn-1").pools
 
 
 def test_pool_holding_a_node_address_is_an_error():
@@ -696,8 +697,8 @@ def test_pool_attributes_for_disjoint_targets_are_fine():
     doc["nodeAttrs"].append({"target": ["tag:conn"], "app": {POOL_ATTR: [{
         "v4MagicIPPool": ["100.81.0.0/24"], "v4TransitIPPool": ["169.254.0.0/16"]}]}})
     t = load(json.dumps(doc))
-    assert t.node_config("conn-1").pools.v4_magic == IPSet.of([IPRange.parse("100.81.0.0/24")])
-    assert t.node_config("laptop").pools.v4_magic == IPSet.of([IPRange.parse("100.80.0.0/16")])
+    assert node_config(t, "conn-1").pools.v4_magic == IPSet.of([IPRange.parse("100.81.0.0/24")])
+    assert node_config(t, "laptop").pools.v4_magic == IPSet.of([IPRange.parse("100.80.0.0/16")])
 
 
 # -- everything at once (B6) ----------------------------------------------------------------

@@ -728,7 +728,7 @@ def make_mapper(v4_magic="100.80.0.0-100.80.0.255"):
     )
     node = Node("laptop", (ip("100.64.0.1"),), ("192.0.2.1", 41641))
     config = NodeConfig(tailnet=Tailnet(nodes=(node,)), node=node, advertise_connector=False,
-                        apps=(APP,), pools=pools, may_use_apps=lambda _peer: True)
+                        apps=(APP,), pools=pools, app_users=frozenset({node.name}))
     store = Assignments(pools)
     return DNSMapper(config, store), store
 

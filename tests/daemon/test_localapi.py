@@ -35,7 +35,7 @@ async def serving(api: LocalAPI, path):
 def fetch(tmp_path, method: str, target: str, *, doc=lambda: DOC, metrics=lambda: METRICS,
           gauges=("flows.active",)) -> tuple[int, bytes]:
     path = tmp_path / "conn25d.sock"
-    api = LocalAPI(None, doc, metrics, gauges=gauges)
+    api = LocalAPI(doc, metrics, gauges=gauges)
 
     async def main():
         async with serving(api, path):
@@ -100,14 +100,14 @@ def test_failing_status_document_gives_500_and_is_logged(tmp_path, caplog):
 
 
 def test_run_needs_a_socket_path():
-    api = LocalAPI(None, lambda: DOC, lambda: METRICS)
+    api = LocalAPI(lambda: DOC, lambda: METRICS)
     with pytest.raises(ValueError, match="socket path"):
         trio.run(api.run)
 
 
 def test_socket_path_may_come_from_the_constructor(tmp_path):
     path = tmp_path / "api.sock"
-    api = LocalAPI(None, lambda: DOC, lambda: METRICS, socket_path=path)
+    api = LocalAPI(lambda: DOC, lambda: METRICS, socket_path=path)
 
     async def main():
         async with trio.open_nursery() as nursery:

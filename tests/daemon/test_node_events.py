@@ -59,7 +59,7 @@ class Lines(logging.Handler):
 
 def run_events(events: list[DatapathEvent]) -> tuple[Node, FakeRegistrar, list[str]]:
     node = Node(NodeOptions(tailnet="/nonexistent", hostname="client"))
-    node.peer_id("conn1")
+    node.ids.peer("conn1")
     dp = FakeDatapath(events)
     registrar = FakeRegistrar()
     node.datapath = dp  # type: ignore[assignment]

@@ -49,7 +49,7 @@ def node_config(*, advertise: bool = True, tailnet: Tailnet = TAILNET) -> NodeCo
         advertise_connector=advertise,
         apps=(GITHUB, GITLAB),
         pools=config.DEFAULT_POOLS,
-        may_use_apps=lambda peer: peer.name != "intruder",
+        app_users=frozenset(n.name for n in tailnet.nodes) - {"intruder"},
     )
 
 
@@ -75,7 +75,7 @@ class FakeForwarder:
 
 
 class FakeNode:
-    """The parts of NodeContext the peer API uses, with a recording datapath hook."""
+    """A PeerAPINode made of the real core objects, with a recording datapath hook."""
 
     def __init__(self, cfg: NodeConfig | None = None, *, connector: bool = True) -> None:
         self.config = cfg or node_config()

@@ -29,6 +29,7 @@ from conn25.core.peerapi import (
     HealthResponse,
     TransitIPResponse,
 )
+from conn25.daemon.dataplane import Dataplane, Ids
 from conn25.daemon.registration import Registrar, ResolveError
 from conn25.fastpath import Datapath
 
@@ -54,28 +55,29 @@ TAILNET = Tailnet(nodes=(LAPTOP, C2, C1), tag_owners={TAG: ("alice@example.com",
 def client_config(apps: tuple[App, ...] = (GITHUB,), node: Node = LAPTOP,
                   advertise: bool = False) -> NodeConfig:
     return NodeConfig(tailnet=TAILNET, node=node, advertise_connector=advertise, apps=apps,
-                      pools=config.DEFAULT_POOLS, may_use_apps=lambda peer: True)
+                      pools=config.DEFAULT_POOLS,
+                      app_users=frozenset(n.name for n in TAILNET.nodes))
 
 
 class FakeNode:
-    """A NodeContext made of real core objects (assignments, datapath tables)."""
+    """A RegistrarNode made of real core objects (assignments, datapath tables)."""
 
     def __init__(self, cfg: NodeConfig | None = None) -> None:
         self.config = cfg or client_config()
         self.assignments = Assignments(self.config.pools)
         self.connector: ConnectorTable | None = None
         self.datapath = Datapath(client=True)
+        self.dataplane = Dataplane(self.datapath.tables, Ids())
         self.peerapi_port = PORT
         self.registrar: Registrar
         self.t = T0
         self.changed = 0
-        self._ids: dict[str, int] = {}
 
     def now(self) -> float:
         return self.t
 
     def peer_id(self, name: str) -> int:
-        return self._ids.setdefault(name, 10 + len(self._ids))
+        return self.dataplane.ids.peer(name)
 
     def install_connector_mappings(self, mappings) -> None:
         pass

@@ -423,7 +423,7 @@ ODD_LABEL = st.lists(ODD_BYTES | st.binary(min_size=1, max_size=3), min_size=1,
 def dns_mapper() -> DNSMapper:
     node = Node("laptop", (ip("100.64.0.1"),), ("192.0.2.1", 41641))
     config = NodeConfig(tailnet=Tailnet(nodes=(node,)), node=node, advertise_connector=False,
-                        apps=(WILD,), pools=DNS_POOLS, may_use_apps=lambda _peer: True)
+                        apps=(WILD,), pools=DNS_POOLS, app_users=frozenset({node.name}))
     return DNSMapper(config, Assignments(DNS_POOLS))
 
 

@@ -1,13 +1,15 @@
-"""The typed configuration: what a tailnet file means, and one node's view of it.
+"""The typed configuration, as pure data: what a tailnet file means, and one node's view of it.
 
 ``conn25.core.tailnet`` turns a file into a :class:`Tailnet` (reporting every
-error with its place); :meth:`Tailnet.node_config` derives the
-:class:`NodeConfig` that one node's client and connector cores run on.
+error with its place); ``conn25.core.policy.node_config`` derives the
+:class:`NodeConfig` that one node's client and connector cores run on. This
+module answers no policy question (which selector names which node, who may
+reach what): those are ``acl``'s and ``policy``'s, which import this one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import msgspec
 
@@ -114,44 +116,9 @@ class Tailnet(msgspec.Struct, frozen=True):
     def node_by_endpoint(self, endpoint: tuple[str, int]) -> Node | None:
         return next((n for n in self.nodes if n.endpoint == endpoint), None)
 
-    def _attrs_for(self, node: Node) -> tuple[list[App], Pools]:
-        """The apps and pools of the node attributes that target ``node``."""
-        from . import acl
-
-        apps: list[App] = []
-        pools: Pools | None = None
-        for attr in self.node_attrs:
-            if not any(acl.selector_matches(self, sel, node) for sel in attr.target):
-                continue
-            apps.extend(a for a in attr.apps if a not in apps)
-            if attr.pools is not None:
-                pools = attr.pools  # tailnet.load rejects two pool attributes for one node
-        return apps, pools if pools is not None else DEFAULT_POOLS
-
-    def pools_for(self, node: Node) -> Pools:
-        """The pools ``node`` allocates from (a connector checks a client's transit IPs here)."""
-        return self._attrs_for(node)[1]
-
-    def node_config(self, name: str, advertise_connector: bool = False) -> NodeConfig:
-        """The view of node ``name``; KeyError when there is no such node."""
-        from . import acl
-
-        node = self.node(name)
-        if node is None:
-            raise KeyError(f"no node named {name!r} in the tailnet file")
-        apps, pools = self._attrs_for(node)
-        return NodeConfig(
-            tailnet=self,
-            node=node,
-            advertise_connector=advertise_connector,
-            apps=tuple(apps),
-            pools=pools,
-            may_use_apps=lambda peer: acl.may_reach_internet(self, peer),
-        )
-
 
 class NodeConfig:
-    """One node's conn25 configuration: its apps, pools and policy answers."""
+    """One node's conn25 configuration: its apps, pools and the policy's answers, as data."""
 
     def __init__(
         self,
@@ -161,14 +128,14 @@ class NodeConfig:
         advertise_connector: bool,
         apps: tuple[App, ...],
         pools: Pools,
-        may_use_apps: Callable[[Node], bool],
+        app_users: frozenset[str],
     ) -> None:
         self.tailnet = tailnet
         self.node = node
         self.advertise_connector = advertise_connector
         self.apps = apps
         self.pools = pools
-        self._may_use_apps = may_use_apps
+        self.app_users = app_users  # names of the nodes the policy lets use apps
         self._apps_by_name = {a.name: a for a in apps}
         self._index = DomainIndex()
         for app in apps:
@@ -224,7 +191,7 @@ class NodeConfig:
 
     def may_use_apps(self, peer: Node) -> bool:
         """The policy lets ``peer`` reach autogroup:internet, so it may use our apps."""
-        return self._may_use_apps(peer)
+        return peer.name in self.app_users
 
     def peer_by_address(self, addr: IPAddress) -> Node | None:
         return self.tailnet.node_by_address(addr)

@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import msgspec
 
-from . import config
+from . import config, policy
 from .iprange import IPAddress
 from .peerapi import (
     Code,
@@ -286,7 +286,7 @@ class ConnectorTable:
         if app is None:
             return Code.UNKNOWN_APP, f"{UNKNOWN_APP_MESSAGE} ({item.app!r})"
         # The client allocates from its own pools, which may differ from ours.
-        if not self._cfg.tailnet.pools_for(peer).is_transit(transit):
+        if not policy.pools_for(self._cfg.tailnet, peer).is_transit(transit):
             return Code.OTHER, f"transit IP {transit} is outside {peer.name}'s transit IP pools"
         if (why := self._unusable(dest)) is not None:
             return Code.OTHER, why
@@ -430,7 +430,7 @@ class ConnectorTable:
         if not self.configured or self.lookup(peer_addr, transit) is not None:
             return False
         peer = self._cfg.peer_by_address(peer_addr)
-        return peer is not None and self._cfg.tailnet.pools_for(peer).is_transit(transit)
+        return peer is not None and policy.pools_for(self._cfg.tailnet, peer).is_transit(transit)
 
     # -- maintenance ------------------------------------------------------------
 
@@ -510,7 +510,7 @@ class ConnectorTable:
             return f"app {m.app!r} is not served here"
         if node is None or node.name != m.peer_name or node.address(m.peer.version) != m.peer:
             return f"peer {m.peer_name} does not have the address {m.peer}"
-        if not cfg.tailnet.pools_for(node).is_transit(m.transit):
+        if not policy.pools_for(cfg.tailnet, node).is_transit(m.transit):
             return f"transit IP {m.transit} is outside {node.name}'s transit IP pools"
         if node.name not in allowed:
             allowed[node.name] = cfg.may_use_apps(node)

@@ -27,8 +27,6 @@ from .http import Request, Response
 if TYPE_CHECKING:
     from prometheus_client.core import Metric
 
-    from .context import NodeContext
-
 log = logging.getLogger("conn25.daemon.localapi")
 
 STATUS_PATH = "/status"
@@ -88,14 +86,12 @@ class LocalAPI:
 
     def __init__(
         self,
-        node: NodeContext,
         status_document: Callable[[], dict[str, Any]],
         metrics: Callable[[], dict[str, int]],
         *,
         socket_path: str | os.PathLike[str] | None = None,
         gauges: Collection[str] = (),
     ) -> None:
-        self._node = node
         self._status_document = status_document
         self._metrics = metrics
         self._socket_path = socket_path

@@ -26,13 +26,15 @@ from pathlib import Path
 import msgspec
 import trio
 
+from ..core import policy
 from ..core import tailnet as tailnet_mod
 from ..core.assignments import Assignment, Assignments
 from ..core.config import NodeConfig, Tailnet
 from ..core.connector import ConnectorTable, Mapping
 from ..core.dnsmap import DNSMapper
-from ..core.iprange import IPAddress, IPNetwork, IPRange
+from ..core.iprange import IPAddress, IPNetwork
 from ..fastpath import Datapath, monotonic_ms
+from .dataplane import Dataplane, Ids
 from .dns_forwarder import Forwarder, upstreams_from_resolv_conf
 from .dns_resolver import ClientResolver
 from .dns_server import DNSServer, SourcePolicy, parse_dns_allow
@@ -93,7 +95,12 @@ class NodeOptions(msgspec.Struct, kw_only=True):
 
 
 class Node:
-    """One node; ``run`` serves until cancelled. Implements conn25.daemon.context.NodeContext."""
+    """One node; ``run`` serves until cancelled.
+
+    It is what its components are given, and implements the interfaces they
+    declare: ``registration.RegistrarNode``, ``peerapi_server.PeerAPINode``
+    and ``status.StatusSource``.
+    """
 
     def __init__(self, options: NodeOptions) -> None:
         self.options = options
@@ -103,13 +110,12 @@ class Node:
         self.assignments: Assignments
         self.connector: ConnectorTable | None = None
         self.datapath: Datapath
+        self.dataplane: Dataplane  # every write to the datapath's tables goes through it
         self.forwarder: Forwarder
         self.registrar: Registrar
         self.resolver: ClientResolver | None = None
         self.dns_server: DNSServer | None = None
-        self._peer_ids: dict[str, int] = {}
-        self._peer_names: dict[int, str] = {}  # the inverse, for log lines
-        self._app_ids: dict[str, int] = {}
+        self.ids = Ids()
         self._dirty = trio.Event()
         self._reload_requested = trio.Event()
         self._file_stamp: tuple[float, int] | None = None
@@ -117,20 +123,14 @@ class Node:
         self.counters: dict[str, int] = {"reloads": 0, "reload_errors": 0, "reclaimed": 0}
         self.refusals = RefusalLog(logging.getLogger("conn25d.refusals"))
 
-    # -- NodeContext ---------------------------------------------------------
+    # -- what the components use ------------------------------------------------
 
     def now(self) -> float:
         return time.time()
 
-    def peer_id(self, name: str) -> int:
-        return self._peer_ids.setdefault(name, len(self._peer_ids) + 1)
-
-    def app_id(self, name: str) -> int:
-        return self._app_ids.setdefault(name, len(self._app_ids) + 1)
-
     def install_connector_mappings(self, mappings: Iterable[Mapping]) -> None:
         for m in mappings:
-            self.datapath.tables.set_transit(m.peer, m.transit, m.destination, self.app_id(m.app))
+            self.dataplane.connector_mapped(m)
             log.info("mapped app=%s peer=%s transit=%s -> %s", m.app, m.peer_name, m.transit,
                      m.destination)
         self._dirty.set()
@@ -177,6 +177,7 @@ class Node:
         self._restore_assignments()
         self.connector = ConnectorTable(self.config) if opts.advertise_connector else None
         self.datapath = Datapath(client=True, connector=opts.advertise_connector)
+        self.dataplane = Dataplane(self.datapath.tables, self.ids)
         self.forwarder = Forwarder(list(opts.upstream_dns) if opts.upstream_dns is not None
                                    else upstreams_from_resolv_conf(exclude=[opts.dns_listen[0]]))
         self.registrar = Registrar(self)
@@ -211,7 +212,7 @@ class Node:
                         opts.dns_listen, self.resolver.answer, cached=self.resolver.cached,
                         sources=SourcePolicy(dns_allow), refusals=self.refusals)
                     await nursery.start(self.dns_server.run)
-                local = LocalAPI(self, lambda: status_document(self), self._exported_metrics,
+                local = LocalAPI(lambda: status_document(self), self._exported_metrics,
                                  gauges=GAUGES)
                 await nursery.start(local.run, str(state / SOCKET_NAME))
                 nursery.start_soon(self._read_events)
@@ -246,7 +247,8 @@ class Node:
             raise NodeError(str(e)) from None
         self._file_stamp = self._stamp()
         try:
-            self.config = self.tailnet.node_config(opts.hostname, opts.advertise_connector)
+            self.config = policy.node_config(self.tailnet, opts.hostname,
+                                             opts.advertise_connector)
         except KeyError:
             raise NodeError(f"{opts.tailnet}: no node named {opts.hostname!r}") from None
         tags = self.config.node.tags
@@ -301,25 +303,10 @@ class Node:
 
     def _install_tables(self) -> None:
         """Peers, ranges and restored assignments into the datapath's tables."""
-        tables = self.datapath.tables
-        tables.set_local(list(self.config.node.addresses))
-        for peer in self._peers():
-            host, port = peer.endpoint
-            tables.set_peer(self.peer_id(peer.name), ipaddress.ip_address(host), port,
-                            list(peer.addresses))
-        pools = self.config.pools
-        tables.set_magic_ranges(list(pools.v4_magic) + list(pools.v6_magic))
-        if self.connector is not None:
-            transit: set[IPRange] = set()
-            for n in self.config.tailnet.nodes:
-                p = self.config.tailnet.pools_for(n)
-                transit.update(p.v4_transit, p.v6_transit)
-            tables.set_transit_ranges(sorted(transit))
+        self.dataplane.install_config(self.config)
         for a in self.assignments:
             if a.connector is not None and self.config.tailnet.node(a.connector) is not None:
-                # Route first: a packet that finds the magic entry must find the route.
-                tables.set_route(a.transit, self.peer_id(a.connector))
-                tables.set_magic(a.magic, a.transit)
+                self.dataplane.client_registered(a, a.connector)
 
     async def _serve_peerapi(self, host: str, *,
                              task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -355,9 +342,7 @@ class Node:
                                          f"rejected unmapped transit={transit}")
 
     def _peer_name(self, peer_id: int | None) -> str:
-        if len(self._peer_names) != len(self._peer_ids):
-            self._peer_names = {pid: name for name, pid in self._peer_ids.items()}
-        return self._peer_names.get(peer_id or 0, f"peer id {peer_id}")
+        return self.ids.peer_name(peer_id)
 
     async def _flush_refusals(self) -> None:
         """Report the tail of each burst of refusals once it is over."""
@@ -366,14 +351,13 @@ class Node:
             self.refusals.flush()
 
     async def _sweep(self) -> None:
-        tables = self.datapath.tables
         while True:
             await trio.sleep(SWEEP_INTERVAL)
             now = self.now()
             self.assignments.reclaim(now)  # each one goes through _forget
             if self.connector is not None:
                 for m in self.connector.sweep(now, 1000):
-                    tables.del_transit(m.peer, m.transit)
+                    self.dataplane.connector_unmapped(m)
                     self._dirty.set()
             self.datapath.sweep(monotonic_ms(), 1000)
             if self.connector is not None:
@@ -382,9 +366,7 @@ class Node:
 
     def _forget(self, a: Assignment) -> None:
         """A reclaimed assignment: its magic IP is unassigned again from now on."""
-        tables = self.datapath.tables
-        tables.del_magic(a.magic)
-        tables.del_route(a.transit)
+        self.dataplane.client_forgotten(a)
         self.counters["reclaimed"] += 1
         log.info("reclaimed app=%s domain=%s magic=%s transit=%s real=%s", a.app, a.domain,
                  a.magic, a.transit, a.real)
@@ -411,7 +393,7 @@ class Node:
         self._file_stamp = self._stamp()
         try:
             tn = load_file(opts.tailnet)
-            cfg = tn.node_config(opts.hostname, opts.advertise_connector)
+            cfg = policy.node_config(tn, opts.hostname, opts.advertise_connector)
         except (OSError, tailnet_mod.TailnetError, KeyError) as e:
             self.counters["reload_errors"] += 1
             log.error("tailnet file %s rejected, keeping the running configuration:\n%s",
@@ -423,16 +405,13 @@ class Node:
             log.error("tailnet file %s changes this node's own addresses or endpoint; restart "
                       "conn25d to apply that (keeping the running configuration)", opts.tailnet)
             return
-        old_peers = {n.name for n in self._peers()}
         self.tailnet, self.config = tn, cfg
         self.assignments.reconfigure(cfg.pools)
         if self.connector is not None:
             for m in self.connector.reconfigure(cfg):
-                self.datapath.tables.del_transit(m.peer, m.transit)
+                self.dataplane.connector_unmapped(m)
                 self._dirty.set()
-        for name in old_peers - {n.name for n in self._peers()}:
-            self.datapath.tables.del_peer(self.peer_id(name))
-        self._install_tables()
+        self._install_tables()  # and removes the peers the file no longer has
         system.set_routes(self._routes())
         if self.resolver is not None:
             self.resolver.reconfigure(cfg)
@@ -477,12 +456,12 @@ class Node:
             for name in (CONNECTOR_FILE, FLOWS_FILE):
                 (self.options.state_path / name).unlink(missing_ok=True)
             return
-        connector, tables = self.connector, self.datapath.tables
+        connector = self.connector
 
         def mappings(data: bytes) -> int:
             restored = connector.restore(data, self.now(), log.warning)
             for m in restored:
-                tables.set_transit(m.peer, m.transit, m.destination, self.app_id(m.app))
+                self.dataplane.connector_mapped(m)
             return len(restored)
 
         def flows(data: bytes) -> int:

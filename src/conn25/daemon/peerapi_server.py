@@ -16,19 +16,22 @@ fastpath's anti-spoofing check vouches for; an address of no node gets 403
 (and, served with :data:`PEERAPI_LIMITS` and :meth:`PeerAPI.is_peer`, its
 connection is closed before any request). Refusals a peer can cause per
 request or per item are counted and logged as summaries per peer.
+
+The server sees the node only through :class:`PeerAPINode`.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Iterable
+from typing import Protocol
 
 import trio
 from dnslib import QTYPE, DNSRecord
 
 from ..core import dnsname, peerapi
-from ..core.config import Node
+from ..core.config import Node, NodeConfig
 from ..core.connector import ConnectorTable, Mapping
 from ..core.dnsmap import DNSMapError, answer_addresses, query_question
 from ..core.iprange import IPAddress
@@ -45,9 +48,6 @@ from ..core.peerapi import (
 from ..core.throttle import SourceLimits
 from .http import Limits, Request, Response
 from .refusals import RefusalLog
-
-if TYPE_CHECKING:
-    from .context import NodeContext
 
 log = logging.getLogger("conn25.core.peerapi")
 
@@ -71,10 +71,41 @@ PEERAPI_LIMITS = Limits(
 )
 
 
+class Upstream(Protocol):
+    """Where the peer API resolves names (the node's DNS forwarder)."""
+
+    async def forward(self, query: bytes) -> bytes:
+        """The upstream's wire answer to the wire ``query``; raises when there is none."""
+        ...
+
+
+class PeerAPINode(Protocol):
+    """What the peer API needs of the node."""
+
+    @property
+    def config(self) -> NodeConfig: ...
+
+    @property
+    def connector(self) -> ConnectorTable | None:
+        """None unless the node advertises as a connector."""
+        ...
+
+    @property
+    def forwarder(self) -> Upstream: ...
+
+    def now(self) -> float:
+        """Wall-clock seconds, the time base of connector mappings."""
+        ...
+
+    def install_connector_mappings(self, mappings: Iterable[Mapping]) -> None:
+        """Put accepted (peer, transit) -> real mappings into the datapath."""
+        ...
+
+
 class PeerAPI:
     """Routes of the peer API; ``handle`` is an :data:`conn25.daemon.http.Handler`."""
 
-    def __init__(self, node: NodeContext, refusals: RefusalLog | None = None) -> None:
+    def __init__(self, node: PeerAPINode, refusals: RefusalLog | None = None) -> None:
         self._node = node
         self.refusals = refusals if refusals is not None else RefusalLog(log)
         self._routes = {

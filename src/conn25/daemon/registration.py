@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 from urllib.parse import quote
 
 import trio
 
 from ..core import peerapi
-from ..core.assignments import Assignment
+from ..core.assignments import Assignment, Assignments
 from ..core.config import App, Node, NodeConfig
 from ..core.iprange import IPAddress
 from ..core.peerapi import DNS_QUERY_PATH, HEALTH_PATH, TRANSIT_IP_PATH
@@ -42,9 +42,7 @@ from ..core.registrar import (
     brief,
 )
 from . import http
-
-if TYPE_CHECKING:
-    from .context import NodeContext
+from .dataplane import Dataplane
 
 __all__ = ["COUNTERS", "Registrar", "ResolveError", "Transport"]
 
@@ -53,6 +51,30 @@ log = logging.getLogger("conn25.daemon.registration")
 DNS_MESSAGE = "application/dns-message"
 MIN_CHECK_GAP = 0.25  # seconds between health rounds, however often one is asked for
 _LEVELS = {"info": logging.INFO, "warning": logging.WARNING}
+
+
+class RegistrarNode(Protocol):
+    """What the registrar needs of the node."""
+
+    @property
+    def config(self) -> NodeConfig: ...
+
+    @property
+    def assignments(self) -> Assignments: ...
+
+    @property
+    def dataplane(self) -> Dataplane:
+        """Where an acknowledged registration points the datapath at its connector."""
+        ...
+
+    @property
+    def peerapi_port(self) -> int:
+        """Every node serves the peer API on this port of its overlay addresses."""
+        ...
+
+    def assignments_changed(self) -> None:
+        """Assignments were made or changed: persist them (debounced by the node)."""
+        ...
 
 
 class Transport(Protocol):
@@ -80,7 +102,7 @@ class Registrar:
 
     def __init__(
         self,
-        node: NodeContext,
+        node: RegistrarNode,
         *,
         post: Transport | None = None,
         get: Transport | None = None,
@@ -129,10 +151,7 @@ class Registrar:
     def _install(self, a: Assignment, conn: Node) -> None:
         """Point the datapath at ``conn`` for ``a`` (the machine checked ``a`` is live)."""
         node = self._node
-        tables = node.datapath.tables
-        # Route first: a packet that finds the magic entry must find the route too.
-        tables.set_route(a.transit, node.peer_id(conn.name))
-        tables.set_magic(a.magic, a.transit)
+        node.dataplane.client_registered(a, conn.name)
         node.assignments.attach(a.transit, conn.name)
         node.assignments_changed()
 

@@ -1,8 +1,8 @@
 """The status document (``conn25d status``, the local API's ``/status``; B58, DESIGN §6).
 
-:func:`status_document` is a pure function of the node's state and returns
-plain JSON types. A node without apps gives ``{"configured": false}``;
-otherwise::
+:func:`status_document` is a pure function of the node's state, read through
+:class:`StatusSource` (nothing else of the node), and returns plain JSON types.
+A node without apps gives ``{"configured": false}``; otherwise::
 
     {"configured": true, "node": NAME, "now": SECONDS, "advertiseConnector": BOOL,
      "client": {
@@ -31,17 +31,55 @@ assignments after a reload removed it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Mapping
+from typing import Any, Protocol
 
 import msgspec
 
-from ..core.assignments import Assignment
+from ..core.assignments import Assignment, Assignments
+from ..core.config import App, Node, NodeConfig
+from ..core.connector import ConnectorTable
 
-if TYPE_CHECKING:
-    from .context import NodeContext
+__all__ = ["StatusSource", "domain_order", "render_table", "status_document"]
 
-__all__ = ["domain_order", "render_table", "status_document"]
+
+class ConnectorChoice(Protocol):
+    """What status shows of the registrar: its connector choice and health checks."""
+
+    def chosen_connector(self, app: App) -> Node | None: ...
+
+    def health_of(self, name: str, app: App) -> bool | None: ...
+
+    def health(self) -> dict[str, dict[str, Any]]: ...
+
+
+class Counted(Protocol):
+    """What status shows of the datapath: its counters."""
+
+    def counters(self) -> Mapping[str, int]: ...
+
+
+class StatusSource(Protocol):
+    """What the status document reads of the node."""
+
+    @property
+    def config(self) -> NodeConfig: ...
+
+    @property
+    def assignments(self) -> Assignments: ...
+
+    @property
+    def connector(self) -> ConnectorTable | None: ...
+
+    @property
+    def registrar(self) -> ConnectorChoice: ...
+
+    @property
+    def datapath(self) -> Counted: ...
+
+    def now(self) -> float: ...
+
+    def metrics(self) -> dict[str, int]: ...
 
 
 def domain_order(domain: str) -> tuple[str, ...]:
@@ -79,21 +117,20 @@ def _domains(assignments: Iterable[Assignment]) -> list[dict[str, Any]]:
     ]
 
 
-def _client_view(node: NodeContext) -> dict[str, Any]:
+def _client_view(node: StatusSource) -> dict[str, Any]:
     cfg = node.config
-    registrar = getattr(node, "registrar", None)  # absent while a node starts
+    registrar = node.registrar
     by_app: dict[str, list[Assignment]] = {a.name: [] for a in cfg.apps if not cfg.serves(a)}
     for a in node.assignments:
         by_app.setdefault(a.app, []).append(a)
     apps = []
     for name in sorted(by_app):
-        app = cfg.app(name)
-        chosen = registrar.chosen_connector(app) if registrar and app else None
-        candidates = []
-        if app is not None:
-            for c in cfg.connector_candidates(app):
-                healthy = registrar.health_of(c.name, app) if registrar is not None else None
-                candidates.append({"name": c.name, "healthy": healthy})
+        app = cfg.app(name)  # None for an app a reload removed
+        chosen = registrar.chosen_connector(app) if app is not None else None
+        candidates = [] if app is None else [
+            {"name": c.name, "healthy": registrar.health_of(c.name, app)}
+            for c in cfg.connector_candidates(app)
+        ]
         apps.append({
             "name": name,
             "connector": chosen.name if chosen is not None else None,
@@ -103,13 +140,12 @@ def _client_view(node: NodeContext) -> dict[str, Any]:
     return {"apps": apps, "pools": node.assignments.pool_usage()}
 
 
-def status_document(node: NodeContext) -> dict[str, Any]:
+def status_document(node: StatusSource) -> dict[str, Any]:
     """The node's state as plain JSON types (see the module docstring)."""
     cfg = node.config
     if not cfg.configured:
         return {"configured": False}
     connector = node.connector
-    registrar = getattr(node, "registrar", None)
     return {
         "configured": True,
         "node": cfg.node.name,
@@ -118,7 +154,7 @@ def status_document(node: NodeContext) -> dict[str, Any]:
         "client": _client_view(node),
         "connector": msgspec.to_builtins(connector.state()) if connector is not None
         else {"configured": False},
-        "connectorHealth": registrar.health() if registrar is not None else {},
+        "connectorHealth": node.registrar.health(),
         "datapath": dict(node.datapath.counters()),
         "metrics": dict(node.metrics()),
     }

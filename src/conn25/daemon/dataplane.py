@@ -1,0 +1,97 @@
+"""What the control plane puts into the datapath: every write to its tables goes through here.
+
+The operations are the control plane's events, not table rows: a
+configuration's own addresses, peers and ranges; a client assignment
+registered with a connector, or forgotten; a connector mapping installed, or
+removed. Each knows which entries it touches and in which order, so that
+order is written once (a route before the magic entry that leads to it).
+:class:`Ids` numbers nodes and apps for the datapath.
+
+This module decides nothing (the core and the node do) and reads nothing back
+from the datapath; it touches only ``conn25.fastpath.Tables``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from ..core import policy
+from ..core.assignments import Assignment
+from ..core.config import NodeConfig
+from ..core.connector import Mapping
+from ..core.iprange import IPRange
+from ..fastpath import Tables
+
+__all__ = ["Dataplane", "Ids"]
+
+
+class Ids:
+    """The datapath's numbers for nodes (peer ids) and apps, stable while the node runs."""
+
+    def __init__(self) -> None:
+        self._peers: dict[str, int] = {}
+        self._names: dict[int, str] = {}  # the inverse, for log lines
+        self._apps: dict[str, int] = {}
+
+    def peer(self, name: str) -> int:
+        return self._peers.setdefault(name, len(self._peers) + 1)
+
+    def peer_name(self, peer_id: int | None) -> str:
+        """The name behind ``peer_id``, or a placeholder naming the id."""
+        if len(self._names) != len(self._peers):
+            self._names = {pid: name for name, pid in self._peers.items()}
+        return self._names.get(peer_id or 0, f"peer id {peer_id}")
+
+    def app(self, name: str) -> int:
+        return self._apps.setdefault(name, len(self._apps) + 1)
+
+
+class Dataplane:
+    """The datapath's tables as the control plane changes them."""
+
+    def __init__(self, tables: Tables, ids: Ids) -> None:
+        self._tables = tables
+        self.ids = ids
+        self._peers: set[str] = set()  # the peers installed by the last install_config
+
+    def install_config(self, cfg: NodeConfig) -> None:
+        """Own addresses, peers and ranges of ``cfg``; peers it no longer has are removed.
+
+        Again after a reload: every entry is replaced in place.
+        """
+        tables = self._tables
+        peers = [n for n in cfg.tailnet.nodes if n.name != cfg.node.name]
+        for name in self._peers - {n.name for n in peers}:
+            tables.del_peer(self.ids.peer(name))
+        self._peers = {n.name for n in peers}
+        tables.set_local(list(cfg.node.addresses))
+        for peer in peers:
+            host, port = peer.endpoint
+            tables.set_peer(self.ids.peer(peer.name), ipaddress.ip_address(host), port,
+                            list(peer.addresses))
+        tables.set_magic_ranges(list(cfg.pools.v4_magic) + list(cfg.pools.v6_magic))
+        if cfg.advertise_connector:
+            # Any node's transit IPs may arrive here; the unmapped ones get a reject.
+            transit: set[IPRange] = set()
+            for n in cfg.tailnet.nodes:
+                p = policy.pools_for(cfg.tailnet, n)
+                transit.update(p.v4_transit, p.v6_transit)
+            tables.set_transit_ranges(sorted(transit))
+
+    def client_registered(self, a: Assignment, connector: str) -> None:
+        """``a``'s magic IP now leads through its transit IP to node ``connector``."""
+        # Route first: a packet that finds the magic entry must find the route too.
+        self._tables.set_route(a.transit, self.ids.peer(connector))
+        self._tables.set_magic(a.magic, a.transit)
+
+    def client_forgotten(self, a: Assignment) -> None:
+        """``a`` was reclaimed: its magic IP is unassigned again from now on."""
+        self._tables.del_magic(a.magic)
+        self._tables.del_route(a.transit)
+
+    def connector_mapped(self, m: Mapping) -> None:
+        """An accepted (peer, transit) -> destination mapping of this connector."""
+        self._tables.set_transit(m.peer, m.transit, m.destination, self.ids.app(m.app))
+
+    def connector_unmapped(self, m: Mapping) -> None:
+        self._tables.del_transit(m.peer, m.transit)

@@ -1,0 +1,108 @@
+"""The one place that writes the datapath's tables, on real tables (no root, no pumps)."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from conn25.core.assignments import Assignments
+from conn25.core.config import DEFAULT_POOLS, Node, Tailnet
+from conn25.core.connector import Mapping
+from conn25.core.policy import node_config
+from conn25.daemon.dataplane import Dataplane, Ids
+from conn25.fastpath import Tables
+
+
+def ip(text: str):
+    return ipaddress.ip_address(text)
+
+
+LAPTOP = Node("laptop", (ip("100.64.0.1"), ip("fd7a:115c:a1e0::1")), ("192.0.2.1", 41641))
+C1 = Node("conn-1", (ip("100.64.0.2"),), ("192.0.2.2", 41642))
+C2 = Node("conn-2", (ip("100.64.0.3"),), ("192.0.2.3", 41643))
+TAILNET = Tailnet(nodes=(LAPTOP, C1, C2))
+MAGIC = ip("100.80.0.9")
+TRANSIT = ip("169.254.128.9")
+
+
+def plane() -> tuple[Dataplane, Tables]:
+    tables = Tables()
+    return Dataplane(tables, Ids()), tables
+
+
+def test_a_config_installs_own_addresses_peers_and_the_client_ranges():
+    dp, tables = plane()
+    dp.install_config(node_config(TAILNET, "laptop"))
+    assert tables.is_local(ip("100.64.0.1")) and not tables.is_local(ip("100.64.0.2"))
+    # The tables answer with packed addresses.
+    assert tables.lookup_peer(dp.ids.peer("conn-1")) == (ip("192.0.2.2").packed, 41642,
+                                                         [ip("100.64.0.2").packed])
+    assert tables.lookup_peer(dp.ids.peer("conn-2")) is not None
+    assert tables.lookup_peer(dp.ids.peer("laptop")) is None  # not its own peer
+    assert tables.lookup_magic(MAGIC) == ("unassigned", None)
+    # Not a connector: transit IPs are none of its business.
+    assert tables.lookup_transit(ip("100.64.0.2"), TRANSIT) == ("not_ours", None, None)
+
+
+def test_a_connector_also_gets_every_node_s_transit_ranges():
+    dp, tables = plane()
+    dp.install_config(node_config(TAILNET, "conn-1", advertise_connector=True))
+    assert TRANSIT in DEFAULT_POOLS.v4_transit
+    assert tables.lookup_transit(ip("100.64.0.1"), TRANSIT) == ("unmapped", None, None)
+
+
+def test_installing_again_removes_the_peers_the_file_no_longer_has():
+    dp, tables = plane()
+    dp.install_config(node_config(TAILNET, "laptop"))
+    dp.install_config(node_config(Tailnet(nodes=(LAPTOP, C1)), "laptop"))
+    assert tables.lookup_peer(dp.ids.peer("conn-1")) is not None
+    assert tables.lookup_peer(dp.ids.peer("conn-2")) is None
+
+
+def test_a_client_assignment_registered_then_forgotten():
+    dp, tables = plane()
+    store = Assignments(DEFAULT_POOLS)
+    a, _ = store.reserve("GitHub", "github.com.", ip("203.0.113.10"), 300, 0.0)
+    dp.client_registered(a, "conn-2")
+    assert tables.lookup_route(a.transit) == dp.ids.peer("conn-2")
+    assert tables.lookup_magic(a.magic) == ("hit", a.transit.packed)
+    dp.client_forgotten(a)
+    assert tables.lookup_route(a.transit) is None
+    assert tables.lookup_magic(a.magic) == ("not_ours", None)
+
+
+def test_a_connector_mapping_installed_then_removed():
+    dp, tables = plane()
+    m = Mapping(ip("100.64.0.1"), TRANSIT, ip("203.0.113.10"), "GitHub", 0.0, "laptop")
+    dp.connector_mapped(m)
+    assert tables.lookup_transit(m.peer, TRANSIT) == ("hit", m.destination.packed,
+                                                      dp.ids.app("GitHub"))
+    dp.connector_unmapped(m)
+    assert tables.lookup_transit(m.peer, TRANSIT) == ("not_ours", None, None)
+
+
+class Recording:
+    """Tables that only record the order of the calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def __getattr__(self, name: str):
+        return lambda *args: self.calls.append(name)
+
+
+def test_the_route_is_there_before_the_magic_entry_that_leads_to_it():
+    tables = Recording()
+    dp = Dataplane(tables, Ids())  # type: ignore[arg-type]
+    a, _ = Assignments(DEFAULT_POOLS).reserve("GitHub", "github.com.", ip("203.0.113.10"), 300,
+                                              0.0)
+    dp.client_registered(a, "conn-1")
+    dp.client_forgotten(a)
+    assert tables.calls == ["set_route", "set_magic", "del_magic", "del_route"]
+
+
+def test_ids_are_stable_and_name_their_peer():
+    ids = Ids()
+    assert [ids.peer("a"), ids.peer("b"), ids.peer("a")] == [1, 2, 1]
+    assert ids.peer_name(2) == "b"
+    assert ids.peer_name(7) == "peer id 7"
+    assert ids.app("GitHub") == ids.app("GitHub") != ids.app("GitLab")
