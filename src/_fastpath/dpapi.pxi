@@ -18,22 +18,40 @@ from includes.pthread cimport (
     pthread_mutex_unlock,
 )
 
-import collections
+import enum
 import ipaddress
 import os
 import socket
 import threading
+import typing
 
-DatapathEvent = collections.namedtuple(
-    "DatapathEvent", "kind role transit peer reason flow",
-    defaults=(None, None),
-)
+class EventKind(enum.Enum):
+    """What a DatapathEvent reports."""
+
+    FLOW_CREATED = "flow_created"           # a flow of `role` began (keep its assignment alive)
+    FLOW_REMOVED = "flow_removed"           # ... ended (reason as in FlowTable events)
+    REJECT = "reject"                       # a connector rejected our transit IP: re-register it
+    UNMAPPED_TRANSIT = "unmapped_transit"   # we rejected a peer's unmapped transit IP
+
+
+class Role(enum.Enum):
+    """The side of the node an event belongs to."""
+
+    CLIENT = "client"
+    CONNECTOR = "connector"
+
+
+DatapathEvent = typing.NamedTuple("DatapathEvent", [
+    ("kind", EventKind), ("role", Role), ("transit", bytes), ("peer", int),
+    ("reason", typing.Optional[str]), ("flow", typing.Optional[FlowEvent]),
+])
+DatapathEvent.__new__.__defaults__ = (None, None)
 DatapathEvent.__doc__ = """An event for the control plane.
 
-kind: "flow_created" / "flow_removed" (role "client" or "connector", reason as
-in FlowTable events, flow the FlowEvent), "reject" (peer rejected our
-transit IP: re-register it) or "unmapped_transit" (we rejected a peer's
-transit IP). transit is the packed transit IP; peer the peer id.
+kind: an EventKind; role: a Role (a reject concerns the client side, an
+unmapped transit IP the connector side); transit: the packed transit IP;
+peer: the peer id; for flow events, reason as in FlowTable events and flow
+the FlowEvent itself (None otherwise).
 """
 
 _COUNTER_NAMES = (  # in the order of the C_* counters (datapath.pxd)
@@ -218,12 +236,13 @@ cdef class Datapath:
         with nogil:
             read(self.efd, &v, 8)
         out = []
-        for role, table in (("client", self.client_flows), ("connector", self.connector_flows)):
+        for role, table in ((Role.CLIENT, self.client_flows),
+                            (Role.CONNECTOR, self.connector_flows)):
             if table is None:
                 continue
             for fe in table.drain_events():
                 out.append(DatapathEvent(
-                    "flow_created" if fe.kind == "created" else "flow_removed",
+                    EventKind.FLOW_CREATED if fe.kind == "created" else EventKind.FLOW_REMOVED,
                     role, fe.transit, fe.peer, fe.reason, fe))
         evs = <DpEvent *>calloc(DP_EV_CAP, sizeof(DpEvent))
         if evs == NULL:
@@ -238,10 +257,11 @@ cdef class Datapath:
                 self.core.ev_len = 0
                 pthread_mutex_unlock(&self.core.ev_lock)
             for i in range(n):
+                reject = evs[i].kind == DP_EV_REJECT
                 out.append(DatapathEvent(
-                    "reject" if evs[i].kind == DP_EV_REJECT else "unmapped_transit",
-                    "client" if evs[i].kind == DP_EV_REJECT else "connector",
-                    bytes(evs[i].transit[:4 if evs[i].family == 4 else 16]), evs[i].peer))
+                    EventKind.REJECT if reject else EventKind.UNMAPPED_TRANSIT,
+                    Role.CLIENT if reject else Role.CONNECTOR,
+                    cv_addr_out(evs[i].transit, evs[i].family), evs[i].peer))
         finally:
             free(evs)
         return out
