@@ -10,15 +10,19 @@ is documented in ``conn25.fastpath`` and typed in ``conn25/_fastpath.pyi``.
 #
 # * includes/*.pxd: C headers (pthread, sockets, poll/epoll/eventfd, atomics)
 #   that Cython's libc/posix packages lack; cimported where used.
-# * <concern>.pxd: the declarations of one concern. They are `include`d into
-#   _fastpath.pxd (this module's own .pxd), not cimported one by one: a
-#   cimported .pxd names another module, and Cython would then look for its
-#   non-inline functions in that module at import time. Included into this
-#   module's .pxd they declare this module's functions, and every call stays
-#   a direct C call (the inline ones are inlined).
-# * <concern>.pxi: the implementations, included below. Since every
-#   declaration is already in scope from _fastpath.pxd, their order here no
-#   longer matters, and each file cimports the C functions it uses itself.
+# * <concern>.pxd: the declarations of one concern (prefix per concern, see
+#   the module's .pxd). They are `include`d into src/conn25/_fastpath.pxd,
+#   this module's own .pxd, not cimported one by one: a cimported .pxd names
+#   another module, and Cython would then look for its non-inline functions
+#   in that module's C-API at import time. Included into this module's .pxd
+#   they declare this module's functions, and every call stays a direct C
+#   call (the inline ones are inlined). The module's .pxd sits in the conn25
+#   package because Cython finds it by the module's name, conn25._fastpath.
+#   A side effect: Cython lists the declared functions in __pyx_capi__.
+# * <concern>.pxi: the implementations, included below. Every declaration is
+#   in scope from the module's .pxd, so their order here does not matter,
+#   and each file cimports the C functions it uses itself.
+# * convert.pxi: the one set of Python-argument converters (cv_).
 # * testing.pxi: test probes, all named _test_* / _Test*, outside the API.
 
 include "types.pxi"

@@ -6,7 +6,7 @@
 # pumps (pump.pxi) do the reading and writing around them, and the tests and
 # benchmarks drive them through Datapath.process_* without any device.
 #
-# Client (DESIGN §4): known flow -> apply; magic IP with an assignment ->
+# Client: known flow -> apply; magic IP with an assignment ->
 # new flow (DNAT magic->transit out, SNAT transit->magic back); magic IP
 # without one -> ICMP unreachable into the TUN; anything else -> plain
 # overlay routing. Connector: known flow -> apply; (peer, transit) mapped ->
@@ -31,7 +31,7 @@
 # Every table is consulted under its own lock and results are copied out, so
 # a packet never sees half of an old and half of a new mapping; a flow, once
 # created, carries its own rewrite and no longer consults the mapping tables
-# (B54), so established flows survive mapping changes.
+# so established flows survive mapping changes.
 
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 

@@ -3,7 +3,7 @@
 # A flow has a forward key (the first packet as it arrives from the
 # originating side, before translation) and a reverse key (the reply as it
 # arrives, before translation). Each key maps to the NAT action for its
-# direction. B55 in full: the keys are independent; a new flow colliding on
+# direction. The rules: the keys are independent; a new flow colliding on
 # either key evicts the whole old flow; the table is LRU-bounded and a lookup
 # from either side counts as use; idle flows expire; every removal (and every
 # creation) is reported exactly once.

@@ -403,7 +403,7 @@ cdef int _ft_action_in(object action, FlowAction *out, int family, str what) exc
 
 
 cdef class FlowTable:
-    """The flow table (B55), for the control plane and tests.
+    """The flow table, for the control plane and tests.
 
     FlowTable(capacity, idle_timeout_ms=300_000, ring_size=None, seed=None)
 

@@ -1,5 +1,5 @@
-# ICMP "unreachable" generation (prefix icmp_) for a magic IP without an assignment (B50):
-# ICMPv4 type 3 code 1 (host unreachable) or ICMPv6 type 1 code 3 (address
+# ICMP "unreachable" generation (prefix icmp_) for a magic IP without an
+# assignment: ICMPv4 type 3 code 1 (host unreachable) or ICMPv6 type 1 code 3 (address
 # unreachable), from the magic IP back to the sender, written by the pump
 # into the TUN.
 #

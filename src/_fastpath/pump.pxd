@@ -11,8 +11,8 @@
 #   UDP -> TUN: recvmmsg up to PUMP_BATCH messages (with UDP_GRO on, one
 #               message can hold several datagrams of the same sender, split
 #               here at the size the kernel reports), check the sender and
-#               the inner source (DESIGN §2), decide with dp_from_overlay,
-#               write each packet to the TUN device.
+#               the inner source, decide with dp_datagram, write each
+#               packet to the TUN device.
 #
 # Both poll only after their fd ran dry (EAGAIN, or a short recvmmsg): under
 # load they go from batch to batch without sleeping. They wake the control

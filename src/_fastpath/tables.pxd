@@ -3,7 +3,7 @@
 #
 # - routes:    (family, dst)              -> peer id. A peer's overlay addresses
 #              (installed by tb_set_peer) and every transit IP registered with
-#              that peer; the analogue of WireGuard's allowed IPs (DESIGN §2).
+#              that peer; the analogue of WireGuard's allowed IPs.
 # - magic:     (family, magic IP)         -> transit IP            (client)
 # - magic_rev: (family, transit IP)       -> magic IP              (client)
 # - transit:   (family, peer overlay, T)  -> real IP + app id      (connector)
@@ -15,8 +15,7 @@
 #   without translation, and the only untranslated sources sent to it.
 # - peers:     peer id                    -> endpoint + overlay addresses
 # - endpoints: (family, endpoint, port)   -> peer id  (who sent this datagram?)
-# - magic / transit ranges: tell "ours but unmapped" from "not our traffic"
-#   (B50, B53).
+# - magic / transit ranges: tell "ours but unmapped" from "not our traffic".
 #
 # Storage is C only: open addressing with linear probing and backward-shift
 # deletion (no tombstones), keyed by a fixed 40-byte TbKey, in 64-byte slots

@@ -279,7 +279,7 @@ cdef bint tb_route(TablesC *t, uint8_t family, const uint8_t *dst, uint32_t *pee
 cdef int tb_magic(TablesC *t, uint8_t family, const uint8_t *addr,
                   uint8_t *transit_out) noexcept nogil:
     """Client: TB_HIT (transit IP copied to transit_out, 16 bytes), TB_UNMAPPED
-    (a magic IP without assignment: answer ICMP unreachable, B50) or
+    (a magic IP without assignment: answer ICMP unreachable) or
     TB_NOT_OURS."""
     cdef TbKey k
     _tb_key(&k, family, addr, NULL, 0)
@@ -299,7 +299,7 @@ cdef int tb_transit(TablesC *t, uint8_t family, const uint8_t *peer_addr,
                     const uint8_t *transit, uint8_t *real_out, uint32_t *app_out) noexcept nogil:
     """Connector: for a packet from overlay address `peer_addr` to `transit`:
     TB_HIT (real IP to real_out, 16 bytes; app id to app_out), TB_UNMAPPED (a
-    transit IP not mapped for this peer: reject, B53) or TB_NOT_OURS."""
+    transit IP not mapped for this peer: reject) or TB_NOT_OURS."""
     cdef TbKey k
     _tb_key(&k, family, peer_addr, transit, 0)
     cdef int r = TB_NOT_OURS
@@ -405,9 +405,9 @@ cdef bint tb_source_ok(TablesC *t, uint32_t peer, uint8_t family,
 cdef int tb_check_inbound(TablesC *t, uint8_t family, const uint8_t *addr, uint16_t port,
                           uint8_t inner_family, const uint8_t *inner_src,
                           uint32_t *peer) noexcept nogil:
-    """The anti-spoofing checks of DESIGN §2 (B57) for one datagram, under one
-    lock: TB_IN_OK (sending peer in *peer), TB_IN_UNKNOWN_PEER, or
-    TB_IN_SPOOFED (*peer is still set)."""
+    """The anti-spoofing checks for one datagram (a known sender; an inner
+    source that routes to that sender), under one lock: TB_IN_OK (sending
+    peer in *peer), TB_IN_UNKNOWN_PEER, or TB_IN_SPOOFED (*peer is still set)."""
     cdef TbKey k
     cdef uint32_t owner
     cdef int r
@@ -958,7 +958,7 @@ cdef class Tables:
         return ok
 
     def check_inbound(self, endpoint: object, port: int, inner_src: object) -> tuple:
-        """Anti-spoofing for one datagram (B57): ('ok', peer) |
+        """Anti-spoofing for one datagram: ('ok', peer) |
         ('unknown_peer', None) | ('spoofed', peer)."""
         cdef uint8_t a[16]
         cdef uint8_t s[16]
