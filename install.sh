@@ -5,7 +5,7 @@
 # /usr/local/bin. Run it again at any time: it only adds what is missing.
 #
 #   ./install.sh          the daemon and its runtime tools
-#   ./install.sh --dev    also the test and benchmark tools (pytest, hypothesis, scapy, ruff,
+#   ./install.sh --dev    also the test and benchmark tools (pytest, hypothesis, scapy, ruff, mypy,
 #                         wireguard-go, wg, dnsperf)
 set -euo pipefail
 

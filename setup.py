@@ -1,7 +1,11 @@
 """Build of the Cython datapath only; all metadata lives in pyproject.toml."""
 
+from pathlib import Path
+
 from Cython.Build import cythonize
 from setuptools import Extension, setup
+
+HERE = Path(__file__).resolve().parent
 
 extensions = [
     Extension(
@@ -14,6 +18,11 @@ extensions = [
 setup(
     ext_modules=cythonize(
         extensions,
+        # src: the module's own declarations, conn25/_fastpath.pxd (found by the
+        # module's name); src/_fastpath: the per-concern .pxd files it includes
+        # and the includes/*.pxd they cimport. Absolute, since pip builds from a
+        # copy of the tree in another directory.
+        include_path=[str(HERE / "src"), str(HERE / "src" / "_fastpath")],
         compiler_directives={
             "language_level": 3,
             "boundscheck": False,

@@ -2,39 +2,83 @@
 # tables, the flow tables of its roles, the pump threads and the event fd.
 # conn25.fastpath documents this boundary; the control plane uses only it.
 
-import collections
+from libc.errno cimport errno
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from libc.stdlib cimport calloc, free
+from libc.string cimport memcpy, memset
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+from posix.unistd cimport close, read
+
+from includes.atomic cimport c25_store_int
+from includes.linux cimport EFD_CLOEXEC, EFD_NONBLOCK, eventfd
+from includes.pthread cimport (
+    pthread_mutex_destroy,
+    pthread_mutex_init,
+    pthread_mutex_lock,
+    pthread_mutex_unlock,
+)
+
+import enum
 import ipaddress
 import os
 import socket
 import threading
+import typing
 
-DatapathEvent = collections.namedtuple(
-    "DatapathEvent", "kind role transit peer reason flow",
-    defaults=(None, None),
-)
+class EventKind(enum.Enum):
+    """What a DatapathEvent reports."""
+
+    FLOW_CREATED = "flow_created"           # a flow of `role` began (keep its assignment alive)
+    FLOW_REMOVED = "flow_removed"           # ... ended (reason as in FlowTable events)
+    REJECT = "reject"                       # a connector rejected our transit IP: re-register it
+    UNMAPPED_TRANSIT = "unmapped_transit"   # we rejected a peer's unmapped transit IP
+
+
+class Role(enum.Enum):
+    """The side of the node an event belongs to."""
+
+    CLIENT = "client"
+    CONNECTOR = "connector"
+
+
+DatapathEvent = typing.NamedTuple("DatapathEvent", [
+    ("kind", EventKind), ("role", Role), ("transit", bytes), ("peer", int),
+    ("reason", typing.Optional[str]), ("flow", typing.Optional[FlowEvent]),
+])
+DatapathEvent.__new__.__defaults__ = (None, None)
 DatapathEvent.__doc__ = """An event for the control plane.
 
-kind: "flow_created" / "flow_removed" (role "client" or "connector", reason as
-in FlowTable events, flow the FlowEvent), "reject" (peer rejected our
-transit IP: re-register it) or "unmapped_transit" (we rejected a peer's
-transit IP). transit is the packed transit IP; peer the peer id.
+kind: an EventKind; role: a Role (a reject concerns the client side, an
+unmapped transit IP the connector side); transit: the packed transit IP;
+peer: the peer id; for flow events, reason as in FlowTable events and flow
+the FlowEvent itself (None otherwise).
 """
+
+_COUNTER_NAMES = (  # in the order of the C_* counters (datapath.pxd)
+    "tun_rx", "tun_tx", "udp_rx", "udp_tx", "forwarded", "translated", "flows_created",
+    "drop_malformed", "drop_unsupported", "drop_no_route", "drop_unknown_peer",
+    "drop_spoofed", "drop_bad_header", "drop_not_translatable", "unmapped_magic",
+    "unmapped_transit", "rejects_sent", "rejects_received", "keepalives_received",
+    "tun_write_errors", "udp_send_errors", "flow_insert_failed", "events_dropped",
+    "udp_tx_gso", "udp_gso_refused", "udp_rx_gro", "tun_rx_after_write",
+    "drop_dst_not_allowed", "drop_src_not_allowed", "drop_return_ambiguous",
+    "flows_from_return",
+)
 
 _VERDICTS = {DP_DROP: "drop", DP_TO_PEER: "peer", DP_TO_TUN: "tun", DP_REPLY: "reply",
              DP_REJECT: "reject"}
 
 
-cdef int _sockaddr_from(object sender, SockAddr *out) except -1:
-    cdef TbEndpoint ep
+cdef int _endpoint_in(object sender, TbEndpoint *out) except -1:
+    """A datagram's sender (ip, port), the ip packed, an ipaddress object or a string."""
     addr, port = sender
     if isinstance(addr, str):
         addr = ipaddress.ip_address(addr)
-    memset(&ep, 0, sizeof(TbEndpoint))
-    ep.family = _ft_addr_in(addr, ep.addr, "sender")
+    memset(out, 0, sizeof(TbEndpoint))
+    out.family = cv_addr_in(addr, out.addr, "sender")
     if not 0 <= port <= 0xFFFF:
         raise ValueError(f"sender port {port!r} is out of range")
-    ep.port = port
-    _sockaddr_out(out, AF_INET6, &ep)
+    out.port = port
     return 0
 
 
@@ -83,8 +127,8 @@ cdef class Datapath:
         self.ctx_udp = <DpCtx *>calloc(1, sizeof(DpCtx))
         if self.core.events == NULL or self.ctx_tun == NULL or self.ctx_udp == NULL:
             raise MemoryError("Datapath: cannot allocate")
-        frag_table_init(&self.ctx_tun.frags, 30_000)
-        frag_table_init(&self.ctx_udp.frags, 30_000)
+        nat_frag_init(&self.ctx_tun.frags, 30_000)
+        nat_frag_init(&self.ctx_udp.frags, 30_000)
         self.efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
         if self.efd < 0:
             raise OSError(errno, "eventfd: " + os.strerror(errno))
@@ -123,7 +167,7 @@ cdef class Datapath:
         cdef bytearray buf = bytearray(packet)
         cdef uint8_t[::1] mv
         cdef int v
-        cdef uint64_t now = now_ms
+        cdef uint64_t now = cv_ms_in(now_ms, "now_ms")
         if len(buf) == 0:
             self.ctx_tun.counters[C_DROP_MALFORMED] += 1
             return ("drop", b"", None)
@@ -143,19 +187,19 @@ cdef class Datapath:
         transit per 0.5 s, and report it as an "unmapped_transit" event.
         """
         self._check_stopped()
-        cdef SockAddr sa
+        cdef TbEndpoint ep
         cdef bytearray buf = bytearray(datagram)
         cdef uint8_t[::1] mv
         cdef uint32_t peer = 0
         cdef int v
-        cdef uint64_t now = now_ms
+        cdef uint64_t now = cv_ms_in(now_ms, "now_ms")
         cdef Py_ssize_t n = len(buf)
-        _sockaddr_from(sender, &sa)
+        _endpoint_in(sender, &ep)
         if n == 0:
             buf = bytearray(1)  # an empty datagram is a bad header, counted as such
         mv = buf
         with nogil:
-            v = dp_datagram(&self.core, self.ctx_udp, &mv[0], n, &sa, now, &peer, NULL)
+            v = dp_datagram(&self.core, self.ctx_udp, &mv[0], n, &ep, now, &peer, NULL)
             if v == DP_REJECT:
                 dp_reject_due(&self.core, self.ctx_udp, now)
         inner = bytes(buf[DG_HDR:]) if v in (DP_TO_TUN, DP_REJECT) else b""
@@ -165,17 +209,22 @@ cdef class Datapath:
 
     @staticmethod
     def data_datagram(packet: bytes) -> bytes:
-        return bytes((DG_VERSION, DG_DATA, 0, 0)) + bytes(packet)
+        cdef uint8_t h[DG_HDR]
+        wire_header(h, DG_DATA)
+        return h[:DG_HDR] + bytes(packet)
 
     @staticmethod
     def keepalive_datagram() -> bytes:
-        return bytes((DG_VERSION, DG_KEEPALIVE, 0, 0))
+        cdef uint8_t h[DG_HDR]
+        wire_header(h, DG_KEEPALIVE)
+        return h[:DG_HDR]
 
     @staticmethod
     def reject_datagram(transit: object) -> bytes:
         cdef uint8_t a[16]
-        cdef uint8_t fam = _ft_addr_in(transit, a, "transit")
-        return bytes((DG_VERSION, DG_REJECT, 0, 0, fam)) + a[:4 if fam == 4 else 16]
+        cdef uint8_t dg[DG_REJECT_MAX]
+        cdef uint8_t fam = cv_addr_in(transit, a, "transit")
+        return dg[:wire_reject(dg, fam, a)]
 
     # -- events, counters, maintenance ----------------------------------------
 
@@ -187,12 +236,13 @@ cdef class Datapath:
         with nogil:
             read(self.efd, &v, 8)
         out = []
-        for role, table in (("client", self.client_flows), ("connector", self.connector_flows)):
+        for role, table in ((Role.CLIENT, self.client_flows),
+                            (Role.CONNECTOR, self.connector_flows)):
             if table is None:
                 continue
             for fe in table.drain_events():
                 out.append(DatapathEvent(
-                    "flow_created" if fe.kind == "created" else "flow_removed",
+                    EventKind.FLOW_CREATED if fe.kind == "created" else EventKind.FLOW_REMOVED,
                     role, fe.transit, fe.peer, fe.reason, fe))
         evs = <DpEvent *>calloc(DP_EV_CAP, sizeof(DpEvent))
         if evs == NULL:
@@ -207,10 +257,11 @@ cdef class Datapath:
                 self.core.ev_len = 0
                 pthread_mutex_unlock(&self.core.ev_lock)
             for i in range(n):
+                reject = evs[i].kind == DP_EV_REJECT
                 out.append(DatapathEvent(
-                    "reject" if evs[i].kind == DP_EV_REJECT else "unmapped_transit",
-                    "client" if evs[i].kind == DP_EV_REJECT else "connector",
-                    bytes(evs[i].transit[:4 if evs[i].family == 4 else 16]), evs[i].peer))
+                    EventKind.REJECT if reject else EventKind.UNMAPPED_TRANSIT,
+                    Role.CLIENT if reject else Role.CONNECTOR,
+                    cv_addr_out(evs[i].transit, evs[i].family), evs[i].peer))
         finally:
             free(evs)
         return out
@@ -235,35 +286,12 @@ cdef class Datapath:
         for restore_flows; empty without such flows."""
         if self.connector_flows is None:
             return b""
-        cdef uint32_t cap = self.connector_flows.capacity
-        cdef SavedFlow *buf = <SavedFlow *>malloc(<size_t>cap * sizeof(SavedFlow))
-        cdef uint32_t n
-        if buf == NULL:
-            raise MemoryError("Datapath.save_flows")
-        try:
-            with nogil:
-                n = fs_export(&self.core, buf, cap)
-            if n == 0:
-                return b""
-            return FLOWS_MAGIC + (<char *>buf)[:n * sizeof(SavedFlow)]
-        finally:
-            free(buf)
+        return fs_save(&self.core, self.connector_flows.capacity)
 
     def restore_flows(self, data: bytes, now_ms: int) -> int:
         """Install the flows of a save_flows() blob whose mappings still stand
         (install the mappings first); how many. ValueError if it is not one."""
-        cdef const uint8_t[::1] mv = data
-        cdef Py_ssize_t n = len(data) - len(FLOWS_MAGIC)
-        if n < 0 or data[:len(FLOWS_MAGIC)] != FLOWS_MAGIC or n % sizeof(SavedFlow):
-            raise ValueError("not a saved-flows blob of this version")
-        cdef uint64_t now = now_ms
-        cdef const SavedFlow *recs = <const SavedFlow *>&mv[len(FLOWS_MAGIC)] if n else NULL
-        cdef Py_ssize_t i, count = n // sizeof(SavedFlow)
-        cdef int restored = 0
-        with nogil:
-            for i in range(count):
-                restored += fs_restore_one(&self.core, &recs[i], now)
-        return restored
+        return fs_restore(&self.core, data, cv_ms_in(now_ms, "now_ms"))
 
     def sweep(self, now_ms: int, limit: int = 1000) -> int:
         """Expire idle flows of both tables, at most `limit` each; returns how many."""
@@ -346,7 +374,7 @@ cdef class Datapath:
             return
         c25_store_int(&self.bufs_tun.stop, 1)
         c25_store_int(&self.bufs_udp.stop, 1)
-        _wake(self.stop_fd)
+        pump_wake(self.stop_fd)
         for t in self.threads:
             t.join()
         self.threads = []
@@ -395,25 +423,24 @@ def bench_loop(Datapath dp, packet: bytes, iterations: int, what: str,
     cdef uint64_t now = _ns() // 1000000
     cdef int mode = {"copy": 0, "parse": 1, "tun": 2, "overlay": 3}[what]
     cdef Parsed pk
-    cdef SockAddr sa
+    cdef TbEndpoint ep
     cdef uint32_t peer
     if buf == NULL:
         raise MemoryError
     if mode == 3:
-        _sockaddr_from(sender, &sa)
-        buf[0] = DG_VERSION
-        buf[1] = DG_DATA
+        _endpoint_in(sender, &ep)
+        wire_header(buf, DG_DATA)
     try:
         with nogil:
             t0 = _ns()
             for i in range(iters):
                 memcpy(buf + DG_HDR, s, n)
                 if mode == 1:
-                    parse(buf + DG_HDR, n, &pk)
+                    pk_parse(buf + DG_HDR, n, &pk)
                 elif mode == 2:
                     dp_from_tun(&dp.core, dp.ctx_tun, buf + DG_HDR, n, now)
                 elif mode == 3:
-                    dp_datagram(&dp.core, dp.ctx_udp, buf, n + DG_HDR, &sa, now, &peer, NULL)
+                    dp_datagram(&dp.core, dp.ctx_udp, buf, n + DG_HDR, &ep, now, &peer, NULL)
             t1 = _ns()
     finally:
         free(buf)

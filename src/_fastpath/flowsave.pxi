@@ -1,38 +1,12 @@
-# Saving and restoring the connector flows that a return packet cannot
-# re-create by itself.
-#
-# After a restart a connector re-creates a flow from its return packet when
-# the pair (client overlay address, real address) names one transit IP of
-# that client (datapath.pxi). When several transit IPs of one client map to
-# one real address (two names of one CDN address), the return packet cannot
-# say which, so those flows, and only those, are saved by the control plane
-# now and then and restored at start. A record is only a hint: it is
-# restored only while the mapping it came from still stands.
-#
-# The file is the node's own (same machine, host byte order): an 8-byte
-# header then SavedFlow records.
+# Saved connector flows; why and which, and the record, are in flowsave.pxd.
 
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcmp, memcpy, memset
 
+from includes.pthread cimport pthread_mutex_lock, pthread_mutex_unlock
 
-cdef struct SavedFlow:      # 64 bytes
-    uint8_t family
-    uint8_t proto
-    uint16_t cport          # the client's port
-    uint16_t rport          # the server's port (a transit flow keeps ports)
-    uint8_t _pad[2]
-    uint32_t peer
-    uint32_t app
-    uint8_t client[16]
-    uint8_t transit[16]
-    uint8_t real[16]
-
-cdef enum:
-    FS_CHUNK = 1024         # entries looked at per hold of the flow table's lock
-
-FLOWS_MAGIC = b"C25F\x01\x00\x00\x00"
+_FS_MAGIC = b"C25F\x01\x00\x00\x00"  # then SavedFlow records
 
 
 cdef uint32_t _fs_copy_chunk(FlowTableC *t, uint32_t start, SavedFlow *out,
@@ -124,3 +98,34 @@ cdef bint fs_restore_one(DpCore *d, const SavedFlow *f, uint64_t now) noexcept n
     ra.rewrite = FT_REWRITE_SRC
     memcpy(ra.addr, f.transit, 16)
     return ft_insert(d.connector_flows, &fwd, &fa, &rev, &ra, peer, f.transit, app, now) >= 0
+
+
+cdef bytes fs_save(DpCore *d, uint32_t cap):
+    """fs_export as a blob (empty without flows to save); cap: the flow table's capacity."""
+    cdef SavedFlow *buf = <SavedFlow *>malloc(<size_t>cap * sizeof(SavedFlow))
+    cdef uint32_t n
+    if buf == NULL:
+        raise MemoryError("Datapath.save_flows")
+    try:
+        with nogil:
+            n = fs_export(d, buf, cap)
+        if n == 0:
+            return b""
+        return _FS_MAGIC + (<char *>buf)[:n * sizeof(SavedFlow)]
+    finally:
+        free(buf)
+
+
+cdef int fs_restore(DpCore *d, object data, uint64_t now) except -1:
+    """fs_restore_one for each record of an fs_save blob; how many were installed."""
+    cdef const uint8_t[::1] mv = data
+    cdef Py_ssize_t n = len(data) - len(_FS_MAGIC)
+    if n < 0 or data[:len(_FS_MAGIC)] != _FS_MAGIC or n % sizeof(SavedFlow):
+        raise ValueError("not a saved-flows blob of this version")
+    cdef const SavedFlow *recs = <const SavedFlow *>&mv[len(_FS_MAGIC)] if n else NULL
+    cdef Py_ssize_t i, count = n // sizeof(SavedFlow)
+    cdef int restored = 0
+    with nogil:
+        for i in range(count):
+            restored += fs_restore_one(d, &recs[i], now)
+    return restored

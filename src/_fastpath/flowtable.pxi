@@ -1,179 +1,29 @@
-# Flow table: one entry per translated flow, found by either of two keys.
-#
-# A flow has a forward key (the first packet as it arrives from the
-# originating side, before translation) and a reverse key (the reply as it
-# arrives, before translation). Each key maps to the NAT action for its
-# direction. B55 in full: the keys are independent; a new flow colliding on
-# either key evicts the whole old flow; the table is LRU-bounded and a lookup
-# from either side counts as use; idle flows expire; every removal (and every
-# creation) is reported exactly once.
-#
-# Storage is C only: an array of FlowEntry, chained hashing with the
-# chain links inside the entries (slot = flow index * 2 + direction), an
-# intrusive doubly linked LRU list, and a free list. Nothing is allocated per
-# packet or per flow.
-#
-# Memory: the entry array and the event ring come zeroed straight from mmap
-# (zalloc_pages) and nothing walks them up front, so their pages become
-# resident only as flows and events first use them, and go back to the
-# system when the table is freed, whatever malloc's thresholds are at the
-# time: an idle table costs its hash buckets.
-# Entries never used yet are taken in index order (`fresh`) once the free
-# list of removed ones is empty; the ring restarts at its first record
-# whenever a drain empties it, so a control plane that keeps up touches only
-# the ring's first pages.
-#
-# Events are not callbacks: they are records appended to a C ring buffer under
-# the table's lock and drained by the control plane later, so nothing
-# reentrant ever runs under the lock. A full ring drops the event and counts
-# it; the datapath never blocks on the control plane.
-#
-# Time: every `now` is uint64 MILLISECONDS of a monotonic clock, passed in by
-# the caller. The table keeps the largest `now` it has seen and uses that, so
-# two pump threads whose clock reads race cannot disorder the LRU list (which
-# is then also ordered by last use, making idle sweeps O(expired)).
-#
-# Locking: one pthread mutex per table, held only for the short critical
-# section of each call. Results are copied out under the lock, so a reader
-# never sees a half-written entry.
+# The flow table; what it guarantees and its types are in flowtable.pxd.
 
 from libc.stdint cimport int32_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcmp, memcpy, memset
 
-
-cdef extern from "<pthread.h>" nogil:
-    ctypedef struct pthread_mutex_t:
-        pass
-    int pthread_mutex_init(pthread_mutex_t *m, const void *attr)
-    int pthread_mutex_destroy(pthread_mutex_t *m)
-    int pthread_mutex_lock(pthread_mutex_t *m)
-    int pthread_mutex_unlock(pthread_mutex_t *m)
+from includes.pthread cimport (
+    pthread_mutex_destroy,
+    pthread_mutex_init,
+    pthread_mutex_lock,
+    pthread_mutex_unlock,
+)
 
 
 cdef enum:
-    FT_REWRITE_SRC = 1          # FlowAction.rewrite: replace the source address
-    FT_REWRITE_DST = 2          # ... or the destination address
-
-cdef enum:
-    FT_DIR_FWD = 0              # FlowHit.dir: the forward key matched
-    FT_DIR_REV = 1              # ... the reverse key matched
-
-cdef enum:
-    FT_EV_CREATED = 1           # FlowEventRec.kind
-    FT_EV_REMOVED = 2
-
-cdef enum:
-    FT_R_NEW = 0                # FlowEventRec.reason (FT_R_NEW only with FT_EV_CREATED)
-    FT_R_COLLISION = 1          # displaced by a new flow sharing one of its keys
-    FT_R_LRU = 2                # evicted to make room (capacity bound)
-    FT_R_IDLE = 3               # not used for idle_ms
-    FT_R_DELETE = 4             # ft_delete
-    FT_R_CLEAR = 5              # ft_clear
-    FT_NREASONS = 6
-
-cdef enum:
-    FT_MAX_CAPACITY = 1 << 29   # slot = index * 2 + dir must fit an int32
     _FT_DRAIN_CHUNK = 128       # events copied out per lock in drain_events (13 KiB of stack)
 
 
-cdef struct FlowAction:
-    uint8_t addr[16]            # the replacement address (IPv4: first 4 bytes, rest zero)
-    uint8_t rewrite             # FT_REWRITE_SRC or FT_REWRITE_DST
-    uint8_t _pad[3]
-
-cdef struct FlowHit:            # what ft_lookup copies out
-    FlowAction act              # the action for the matched direction
-    uint8_t transit[16]         # the flow's transit IP
-    uint32_t peer               # the flow's peer id
-    uint32_t app                # the flow's app id
-    uint8_t dir                 # FT_DIR_FWD or FT_DIR_REV
-    uint8_t family              # 4 or 6
-
-cdef struct FlowEventRec:
-    FlowKey key                 # the flow's forward key
-    uint8_t transit[16]
-    uint64_t created            # ms
-    uint64_t last_used          # ms
-    uint64_t packets            # both directions, counted by ft_lookup
-    uint64_t bytes
-    uint32_t peer
-    uint32_t app
-    uint8_t kind                # FT_EV_*
-    uint8_t reason              # FT_R_*
-
-cdef struct FlowEntry:
-    FlowKey key[2]              # [FT_DIR_FWD], [FT_DIR_REV]; normalised (zero padding)
-    FlowAction act[2]
-    uint8_t transit[16]
-    uint64_t created
-    uint64_t last_used
-    uint64_t packets[2]
-    uint64_t bytes[2]
-    uint32_t peer
-    uint32_t app
-    int32_t hnext[2]            # hash chain link per key (slot numbers, -1 ends)
-    int32_t prev                # LRU: towards the head (more recent), -1 at the head
-    int32_t next                # LRU: towards the tail; free list link when removed
-
-cdef struct FlowTableC:
-    pthread_mutex_t lock
-    FlowEntry *flows
-    int32_t *buckets            # head slot per bucket, -1 empty
-    uint32_t bucket_mask
-    uint32_t capacity
-    uint32_t count
-    int32_t free_head           # removed entries, linked by .next; -1 empty
-    uint32_t fresh              # entries [fresh, capacity) were never used
-    int32_t lru_head            # most recently used
-    int32_t lru_tail            # least recently used
-    uint64_t idle_ms
-    uint64_t clock              # largest `now` seen (ms)
-    uint64_t seed
-    FlowEventRec *ring
-    uint32_t ring_cap
-    uint32_t ring_start
-    uint32_t ring_len
-    uint64_t emitted            # events ever queued in the ring (never reset)
-    uint64_t inserts
-    uint64_t hits
-    uint64_t misses
-    uint64_t events_dropped
-    uint64_t removed[6]         # per FT_R_* reason
-
-
-# ---- hashing (shared with tables.pxi) -------------------------------------
-
-cdef inline uint64_t _ft_mix(uint64_t h) noexcept nogil:
-    # murmur3's 64-bit finaliser: every input bit affects every output bit.
-    h ^= h >> 33
-    h *= 0xff51afd7ed558ccdULL
-    h ^= h >> 33
-    h *= 0xc4ceb9fe1a85ec53ULL
-    h ^= h >> 33
-    return h
-
-
-cdef inline uint64_t _ft_load64(const uint8_t *p) noexcept nogil:
-    cdef uint64_t w
-    memcpy(&w, p, 8)  # no alignment assumption
-    return w
-
-
-cdef inline uint64_t _ft_hash_words(const uint8_t *p, int nwords, uint64_t seed) noexcept nogil:
-    cdef uint64_t h = seed ^ 0x9e3779b97f4a7c15ULL
-    cdef int i
-    for i in range(nwords):
-        h = _ft_mix(h ^ _ft_load64(p + 8 * i))
-    return h
-
+# ---- keys (lock not needed) ----------------------------------------------
 
 cdef inline uint64_t _ft_key_hash(const FlowKey *k, uint64_t seed) noexcept nogil:
-    cdef uint64_t h = _ft_hash_words(k.src, 2, seed)
-    h = _ft_hash_words(k.dst, 2, h)
+    cdef uint64_t h = c25_hash_words(k.src, 2, seed)
+    h = c25_hash_words(k.dst, 2, h)
     cdef uint64_t w = (<uint64_t>k.sport | (<uint64_t>k.dport << 16)
                        | (<uint64_t>k.family << 32) | (<uint64_t>k.proto << 40))
-    return _ft_mix(h ^ w)
+    return c25_mix(h ^ w)
 
 
 cdef inline bint _ft_key_eq(const FlowKey *a, const FlowKey *b) noexcept nogil:
@@ -301,13 +151,13 @@ cdef FlowTableC *ft_new(uint32_t capacity, uint64_t idle_ms, uint32_t ring_cap,
     cdef uint32_t nb = 16
     while nb < 2 * capacity:  # two keys per flow: chains stay about one long
         nb <<= 1
-    t.flows = <FlowEntry *>zalloc_pages(capacity * sizeof(FlowEntry))
+    t.flows = <FlowEntry *>c25_zalloc(capacity * sizeof(FlowEntry))
     t.buckets = <int32_t *>malloc(nb * sizeof(int32_t))
-    t.ring = <FlowEventRec *>zalloc_pages(ring_cap * sizeof(FlowEventRec))
+    t.ring = <FlowEventRec *>c25_zalloc(ring_cap * sizeof(FlowEventRec))
     if t.flows == NULL or t.buckets == NULL or t.ring == NULL:
-        zfree_pages(t.flows, capacity * sizeof(FlowEntry))
+        c25_zfree(t.flows, capacity * sizeof(FlowEntry))
         free(t.buckets)
-        zfree_pages(t.ring, ring_cap * sizeof(FlowEventRec))
+        c25_zfree(t.ring, ring_cap * sizeof(FlowEventRec))
         free(t)
         return NULL
     memset(t.buckets, 0xFF, nb * sizeof(int32_t))  # all -1
@@ -329,9 +179,9 @@ cdef void ft_free(FlowTableC *t) noexcept nogil:
     if t == NULL:
         return
     pthread_mutex_destroy(&t.lock)
-    zfree_pages(t.flows, t.capacity * sizeof(FlowEntry))
+    c25_zfree(t.flows, t.capacity * sizeof(FlowEntry))
     free(t.buckets)
-    zfree_pages(t.ring, t.ring_cap * sizeof(FlowEventRec))
+    c25_zfree(t.ring, t.ring_cap * sizeof(FlowEventRec))
     free(t)
 
 
@@ -494,13 +344,13 @@ cdef uint32_t ft_len(FlowTableC *t) noexcept nogil:
 
 # ---- Python boundary (control plane and tests) -----------------------------
 
-from collections import namedtuple as _ft_namedtuple
+from collections import namedtuple as _namedtuple
 
-FlowMatch = _ft_namedtuple("FlowMatch", "direction rewrite addr peer transit app")
+FlowMatch = _namedtuple("FlowMatch", "direction rewrite addr peer transit app")
 FlowMatch.__doc__ = """A flow-table hit: direction ('fwd'/'rev') of the matched key, the
 rewrite for this packet ('src'/'dst' and the new address), and the flow's data."""
 
-FlowEvent = _ft_namedtuple(
+FlowEvent = _namedtuple(
     "FlowEvent", "kind reason transit peer key app created last_used packets bytes")
 FlowEvent.__doc__ = """A flow-table event: kind 'created' (reason 'new') or 'removed'
 (reason 'collision', 'lru', 'idle', 'delete' or 'clear'); key is the forward key as
@@ -509,36 +359,14 @@ FlowEvent.__doc__ = """A flow-table event: kind 'created' (reason 'new') or 'rem
 _FT_REASONS = ("new", "collision", "lru", "idle", "delete", "clear")
 
 
-cdef int _ft_addr_in(object addr, uint8_t *out16, str what) except -1:
-    """Copy a packed address (bytes-like of length 4 or 16, or an ipaddress
-    object) zero-padded into out16; return its family (4 or 6)."""
-    if hasattr(addr, "packed"):
-        addr = addr.packed
-    cdef const uint8_t[::1] mv
-    try:
-        mv = addr
-    except (TypeError, ValueError):
-        raise ValueError(f"{what}: expected a packed address (bytes), got {type(addr).__name__}")
-    cdef Py_ssize_t n = mv.shape[0]
-    if n != 4 and n != 16:
-        raise ValueError(f"{what}: address must be 4 or 16 bytes long, got {n}")
-    memset(out16, 0, 16)
-    memcpy(out16, &mv[0], n)
-    return 4 if n == 4 else 6
-
-
-cdef inline bytes _ft_addr_out(const uint8_t *a16, uint8_t family):
-    return (<char *>a16)[:4 if family == 4 else 16]
-
-
 cdef int _ft_key_in(object key, FlowKey *out, str what) except -1:
     try:
         proto, src, sport, dst, dport = key
     except (TypeError, ValueError):
         raise ValueError(f"{what}: expected (proto, src, sport, dst, dport), got {key!r}")
     memset(out, 0, sizeof(FlowKey))
-    cdef int fs = _ft_addr_in(src, out.src, what + " src")
-    cdef int fd = _ft_addr_in(dst, out.dst, what + " dst")
+    cdef int fs = cv_addr_in(src, out.src, what + " src")
+    cdef int fd = cv_addr_in(dst, out.dst, what + " dst")
     if fs != fd:
         raise ValueError(f"{what}: src and dst are of different address families")
     if not 0 <= proto <= 255:
@@ -553,8 +381,8 @@ cdef int _ft_key_in(object key, FlowKey *out, str what) except -1:
 
 
 cdef tuple _ft_key_out(const FlowKey *k):
-    return (k.proto, _ft_addr_out(k.src, k.family), k.sport,
-            _ft_addr_out(k.dst, k.family), k.dport)
+    return (k.proto, cv_addr_out(k.src, k.family), k.sport,
+            cv_addr_out(k.dst, k.family), k.dport)
 
 
 cdef int _ft_action_in(object action, FlowAction *out, int family, str what) except -1:
@@ -569,19 +397,13 @@ cdef int _ft_action_in(object action, FlowAction *out, int family, str what) exc
         out.rewrite = FT_REWRITE_DST
     else:
         raise ValueError(f"{what}: rewrite must be 'src' or 'dst', got {rewrite!r}")
-    if _ft_addr_in(addr, out.addr, what) != family:
+    if cv_addr_in(addr, out.addr, what) != family:
         raise ValueError(f"{what}: address family differs from the flow's")
     return 0
 
 
-cdef inline uint64_t _ft_ms_in(object now) except? 0:
-    if now < 0:
-        raise ValueError(f"now must be >= 0 (ms), got {now!r}")
-    return <uint64_t>now
-
-
 cdef class FlowTable:
-    """The flow table (B55), for the control plane and tests.
+    """The flow table, for the control plane and tests.
 
     FlowTable(capacity, idle_timeout_ms=300_000, ring_size=None, seed=None)
 
@@ -598,7 +420,8 @@ cdef class FlowTable:
     def __cinit__(self, capacity: int, idle_timeout_ms: int = 300_000,
                   ring_size: int | None = None, seed: int | None = None) -> None:
         if not 1 <= capacity <= FT_MAX_CAPACITY:
-            raise ValueError(f"FlowTable capacity must be in 1..{FT_MAX_CAPACITY}, got {capacity!r}")
+            raise ValueError(f"FlowTable capacity must be in 1..{FT_MAX_CAPACITY}, "
+                             f"got {capacity!r}")
         if not 1 <= idle_timeout_ms < 2**63:
             raise ValueError(f"FlowTable idle_timeout_ms must be > 0, got {idle_timeout_ms!r}")
         if ring_size is None:
@@ -637,12 +460,12 @@ cdef class FlowTable:
             raise ValueError("forward and reverse keys are of different address families")
         _ft_action_in(fwd_action, &af, kf.family, "forward action")
         _ft_action_in(rev_action, &ar, kf.family, "reverse action")
-        if _ft_addr_in(transit, tr, "transit") != kf.family:
+        if cv_addr_in(transit, tr, "transit") != kf.family:
             raise ValueError("transit address family differs from the flow's")
         if not 0 <= peer <= 0xFFFFFFFF or not 0 <= app <= 0xFFFFFFFF:
             raise ValueError(f"peer {peer!r} and app {app!r} must fit in uint32")
         cdef uint32_t p = peer, a = app
-        cdef uint64_t t_now = _ft_ms_in(now)
+        cdef uint64_t t_now = cv_ms_in(now, "now")
         cdef int i
         with nogil:
             i = ft_insert(self.table, &kf, &af, &kr, &ar, p, tr, a, t_now)
@@ -657,7 +480,7 @@ cdef class FlowTable:
         _ft_key_in(key, &k, "key")
         if not 0 <= nbytes <= 0xFFFFFFFF:
             raise ValueError(f"nbytes {nbytes!r} must fit in uint32")
-        cdef uint64_t t_now = _ft_ms_in(now)
+        cdef uint64_t t_now = cv_ms_in(now, "now")
         cdef uint32_t nb = nbytes
         cdef bint found
         with nogil:
@@ -667,8 +490,8 @@ cdef class FlowTable:
         return FlowMatch(
             "fwd" if h.dir == FT_DIR_FWD else "rev",
             "src" if h.act.rewrite == FT_REWRITE_SRC else "dst",
-            _ft_addr_out(h.act.addr, h.family), h.peer,
-            _ft_addr_out(h.transit, h.family), h.app)
+            cv_addr_out(h.act.addr, h.family), h.peer,
+            cv_addr_out(h.transit, h.family), h.app)
 
     def delete(self, key: object) -> bool:
         """Remove the flow holding `key` (either direction); False if none."""
@@ -683,7 +506,7 @@ cdef class FlowTable:
         """Expire up to `limit` idle flows; returns how many."""
         if not 0 <= limit < 2**31:
             raise ValueError(f"limit must be in 0..2**31-1, got {limit!r}")
-        cdef uint64_t t_now = _ft_ms_in(now)
+        cdef uint64_t t_now = cv_ms_in(now, "now")
         cdef int lim = limit, n
         with nogil:
             n = ft_sweep(self.table, t_now, lim)
@@ -724,7 +547,7 @@ cdef class FlowTable:
                 r = &buf[j]
                 out.append(FlowEvent(
                     "created" if r.kind == FT_EV_CREATED else "removed",
-                    _FT_REASONS[r.reason], _ft_addr_out(r.transit, r.key.family), r.peer,
+                    _FT_REASONS[r.reason], cv_addr_out(r.transit, r.key.family), r.peer,
                     _ft_key_out(&r.key), r.app, r.created, r.last_used, r.packets, r.bytes))
             cap -= n
             if n < want:

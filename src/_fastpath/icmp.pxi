@@ -1,24 +1,7 @@
-# ICMP "unreachable" generation for a magic IP without an assignment (B50):
-# ICMPv4 type 3 code 1 (host unreachable) or ICMPv6 type 1 code 3 (address
-# unreachable), from the magic IP back to the sender, written by the pump
-# into the TUN.
-#
-# The reply quotes as much of the offending packet as fits in 576 bytes
-# (IPv4, RFC 1812 4.3.2.3) or 1280 bytes (IPv6, RFC 4443 2.4(c)), and at
-# least its IP header and 8 bytes of upper layer (RFC 792). No reply, per RFC
-# 1122 3.2.2 and RFC 4443 2.4(e), to: an ICMP error (so two nodes can never
-# bounce errors at each other), a later fragment (which tells the sender
-# nothing it can match), or a packet from or to an address that is not one
-# host (unspecified, loopback source, multicast, IPv4 broadcast/class E).
+# ICMP unreachable replies; the rules are in icmp.pxd.
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t
 from libc.string cimport memcpy, memset
-
-
-cdef enum:
-    ICMP4_REPLY_MAX = 576
-    ICMP6_REPLY_MAX = 1280
-    UNREACH_BUF_SIZE = 1280     # an output buffer this large always holds the largest reply
 
 
 cdef inline bint _is_any_icmp_error(const Parsed *pk) noexcept nogil:
@@ -44,8 +27,8 @@ cdef inline bint _one_host(const uint8_t *a, uint8_t family, bint is_src) noexce
     return False
 
 
-cdef Py_ssize_t build_unreachable(const uint8_t *p, const Parsed *pk, uint8_t *out,
-                                  Py_ssize_t cap) noexcept nogil:
+cdef Py_ssize_t icmp_build_unreachable(const uint8_t *p, const Parsed *pk, uint8_t *out,
+                                       Py_ssize_t cap) noexcept nogil:
     """Write the unreachable reply to the packet p (parsed OK into pk) into out[0:cap].
 
     Returns its length, or 0 for "send nothing" (see above; also when cap cannot
@@ -73,20 +56,20 @@ cdef Py_ssize_t build_unreachable(const uint8_t *p, const Parsed *pk, uint8_t *o
     memset(out, 0, hdr)
     if fam == 4:
         out[0] = 0x45
-        _wr16(out + 2, <uint16_t>(hdr + q))
+        pk_wr16(out + 2, <uint16_t>(hdr + q))
         out[8] = 64
         out[9] = IPP_ICMP
         memcpy(out + 12, p + 16, 4)  # from the address the sender tried to reach
         memcpy(out + 16, p + 12, 4)
-        _wr16(out + 10, _checksum(out, 20, 0))
+        pk_wr16(out + 10, cs_checksum(out, 20, 0))
         icmp = out + 20
         icmp[0] = 3
         icmp[1] = 1
         memcpy(icmp + 8, p, q)
-        _wr16(icmp + 2, _checksum(icmp, 8 + q, 0))
+        pk_wr16(icmp + 2, cs_checksum(icmp, 8 + q, 0))
     else:
         out[0] = 0x60
-        _wr16(out + 4, <uint16_t>(8 + q))
+        pk_wr16(out + 4, <uint16_t>(8 + q))
         out[6] = IPP_ICMPV6
         out[7] = 64
         memcpy(out + 8, p + 24, 16)
@@ -96,8 +79,8 @@ cdef Py_ssize_t build_unreachable(const uint8_t *p, const Parsed *pk, uint8_t *o
         icmp[1] = 3
         memcpy(icmp + 8, p, q)
         # pseudo-header: both addresses, the upper-layer length, the next header
-        acc = _sum16(out + 8, 32, 0) + <uint32_t>(8 + q) + IPP_ICMPV6
-        _wr16(icmp + 2, _checksum(icmp, 8 + q, acc))
+        acc = cs_sum16(out + 8, 32, 0) + <uint32_t>(8 + q) + IPP_ICMPV6
+        pk_wr16(icmp + 2, cs_checksum(icmp, 8 + q, acc))
     return hdr + q
 
 
@@ -107,8 +90,8 @@ def icmp_unreachable(data) -> bytes:
     ValueError if the packet does not parse (the pump drops those silently).
     """
     cdef Parsed pk
-    cdef bytearray src = _parsed_copy(data, &pk)
+    cdef bytearray src = pk_parsed_copy(data, &pk)
     cdef const uint8_t[::1] mv = src
     cdef uint8_t out[UNREACH_BUF_SIZE]
-    cdef Py_ssize_t n = build_unreachable(&mv[0], &pk, out, UNREACH_BUF_SIZE)
+    cdef Py_ssize_t n = icmp_build_unreachable(&mv[0], &pk, out, UNREACH_BUF_SIZE)
     return (<const char *>out)[:n]

@@ -1,100 +1,7 @@
-# Packet parsing: the IP header (v4 or v6, extension headers walked), the
-# upper-layer header and, for ICMP errors, the packet quoted inside them.
-#
-# parse() fills a Parsed struct of offsets plus the 5-tuple as a FlowKey; the
-# NAT and ICMP code work from those offsets without parsing again. Bounds
-# checking is off in this build, so every read is preceded by an explicit
-# length check against the packet's end: a packet never makes us read past n.
-#
-# Policy, per header (what the pumps can rely on):
-# * IPv4: IHL >= 5, IHL*4 <= total length <= n (bytes after total length,
-#   e.g. link padding, are ignored). Options are skipped. The header checksum
-#   is not verified (the kernel that handed us the packet did, or the next
-#   one will). Fragments: MF set or offset > 0. The first fragment is parsed
-#   like a whole packet and must carry the whole minimal L4 header (RFC 1858:
-#   a "tiny fragment" is MALFORMED); a later fragment has no L4 header, so it
-#   gets kind PKT_FRAGMENT, ports 0 and the fragment id for fragment tracking.
-# * IPv6: 40 + payload length <= n. Extension headers before the upper layer:
-#   - hop-by-hop (0): skipped; allowed only right after the fixed header
-#     (RFC 8200 4.1), elsewhere MALFORMED. Jumbograms are not supported (a
-#     payload length of 0 just leaves nothing to parse).
-#   - routing (43): skipped when segments-left is 0. With segments left the
-#     upper-layer checksum uses the final destination inside the routing
-#     header, not ip6.dst, so a rewrite of ip6.dst would break it: UNSUPPORTED.
-#   - destination options (60): skipped.
-#   - fragment (44): recorded (32-bit id, offset, M flag); a second one is
-#     MALFORMED. Offset 0 continues the walk (RFC 7112: the whole header chain
-#     is in the first fragment; a first fragment cut short is not OK either);
-#     offset > 0 stops it, since the rest is a later slice of the payload. An
-#     "atomic" fragment (offset 0, M clear) is a whole packet, not a fragment.
-#   - anything else ends the chain and is the upper-layer protocol, including
-#     AH (51), ESP (50) and no-next-header (59), which we do not look into
-#     (kind PKT_OTHER; NAT would break AH anyway).
-#   More than IP6_MAX_EXT extension headers: UNSUPPORTED.
-# * TCP: 20 bytes and a data offset in [20, bytes available]; UDP: 8 bytes
-#   and (whole packets) a length in [8, bytes available]; ICMP/ICMPv6: 8
-#   bytes. ICMP in IPv6 or ICMPv6 in IPv4 is just an unknown protocol.
-# * ICMP errors (v4 types 3, 11, 12; v6 types 1-4): the quoted packet is
-#   parsed leniently, since it is truncated by design: its IP header (and v6
-#   extension headers) must be complete within the quote, its total length is
-#   not checked, and its ports need the first 8 bytes of its L4 header (RFC
-#   792's minimum). A quote we cannot use leaves PKF_INNER clear; the outer
-#   packet is still OK.
+# Packet parsing; the policy per header and the types are in packet.pxd.
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t
 from libc.string cimport memcpy, memset
-
-
-cdef enum:  # parse() status
-    PARSE_OK = 0
-    PARSE_TRUNCATED = 1     # shorter than its own headers say
-    PARSE_MALFORMED = 2     # header fields that contradict each other or the RFCs
-    PARSE_UNSUPPORTED = 3   # well formed, but not something we can translate safely
-
-cdef enum:  # Parsed.kind / Parsed.inner_kind
-    PKT_OTHER = 0           # an upper-layer protocol we do not look into; ports 0
-    PKT_TCP = 1
-    PKT_UDP = 2
-    PKT_ECHO = 3            # ICMP/ICMPv6 echo request or reply; identifier as both ports
-    PKT_ICMP_ERROR = 4      # ICMP/ICMPv6 error quoting a packet (outer ports 0)
-    PKT_ICMP_OTHER = 5      # any other ICMP/ICMPv6 message; ports 0
-    PKT_FRAGMENT = 6        # a non-first fragment: no L4 header, ports 0
-
-cdef enum:  # Parsed.flags
-    PKF_FRAG = 1            # the packet is a fragment (first or later)
-    PKF_FRAG_FIRST = 2      # ... and it is the first one (offset 0): it has the L4 header
-    PKF_INNER = 4           # ICMP error: the quoted packet was usable, inner fields valid
-
-cdef enum:  # protocol numbers (prefixed to stay clear of other include files)
-    IPP_ICMP = 1
-    IPP_TCP = 6
-    IPP_UDP = 17
-    IPP_ICMPV6 = 58
-    IP6_HOPOPTS = 0
-    IP6_ROUTING = 43
-    IP6_FRAGMENT = 44
-    IP6_DSTOPTS = 60
-    IP6_MAX_EXT = 8
-
-
-cdef struct Parsed:
-    FlowKey key             # outer 5-tuple as parsed (rewrites change the bytes, not this)
-    FlowKey inner           # PKF_INNER: the quoted packet's 5-tuple, as quoted (not reversed)
-    uint32_t len            # the IP packet's own length (<= n)
-    uint32_t l4_off         # offset of the upper-layer header (after any v6 extension headers)
-    uint32_t csum_off       # offset of an L4 checksum covering a pseudo-header (TCP, UDP,
-                            # ICMPv6) that the packet carries, 0 if none (ICMPv4, other
-                            # protocols, later fragments)
-    uint32_t frag_id        # PKF_FRAG: identification (IPv4 16 bits, IPv6 32 bits)
-    uint32_t inner_off      # PKF_INNER: offset of the quoted IP header
-    uint32_t inner_l4_off   # PKF_INNER: offset of the quoted L4 header, 0 if none (later fragment)
-    uint32_t inner_csum_off # PKF_INNER: offset of the quoted L4 checksum covering a
-                            # pseudo-header (UDP, TCP, ICMPv6) if it lies inside the quote, else 0
-    uint8_t kind            # PKT_*
-    uint8_t inner_kind      # PKF_INNER: PKT_* of the quoted packet
-    uint8_t flags           # PKF_*
-    uint8_t icmp_type       # outer ICMP/ICMPv6 type and code (0 for other kinds)
-    uint8_t icmp_code
 
 
 cdef struct _Walk6:
@@ -104,19 +11,6 @@ cdef struct _Walk6:
     uint8_t proto
     uint8_t has_frag
     uint8_t more
-
-
-cdef inline uint16_t _rd16(const uint8_t *p) noexcept nogil:
-    return (<uint16_t>p[0] << 8) | p[1]
-
-
-cdef inline uint32_t _rd32(const uint8_t *p) noexcept nogil:
-    return (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | p[3]
-
-
-cdef inline void _wr16(uint8_t *p, uint16_t v) noexcept nogil:
-    p[0] = <uint8_t>(v >> 8)
-    p[1] = <uint8_t>(v & 0xFF)
 
 
 cdef int _walk6(const uint8_t *p, Py_ssize_t base, Py_ssize_t end, _Walk6 *w) noexcept nogil:
@@ -148,11 +42,11 @@ cdef int _walk6(const uint8_t *p, Py_ssize_t base, Py_ssize_t end, _Walk6 *w) no
                 return PARSE_MALFORMED
             if off + 8 > end:
                 return PARSE_TRUNCATED
-            fo = _rd16(p + off + 2)
+            fo = pk_rd16(p + off + 2)
             w.has_frag = 1
             w.frag_offset = fo & 0xFFF8
             w.more = fo & 1
-            w.frag_id = _rd32(p + off + 4)
+            w.frag_id = pk_rd32(p + off + 4)
             nh = p[off]
             off += 8
             if w.frag_offset:
@@ -203,7 +97,7 @@ cdef void _parse_inner(const uint8_t *p, Parsed *out) noexcept nogil:
         memcpy(k.src, p + start + 12, 4)
         memcpy(k.dst, p + start + 16, 4)
         proto = p[start + 9]
-        later = (_rd16(p + start + 6) & 0x1FFF) != 0
+        later = (pk_rd16(p + start + 6) & 0x1FFF) != 0
         il4 = start + ihl
     else:
         if end - start < 40 or (p[start] >> 4) != 6:
@@ -226,8 +120,8 @@ cdef void _parse_inner(const uint8_t *p, Parsed *out) noexcept nogil:
     if proto == IPP_TCP or proto == IPP_UDP:
         if la < 8:
             return
-        k.sport = _rd16(p + il4)
-        k.dport = _rd16(p + il4 + 2)
+        k.sport = pk_rd16(p + il4)
+        k.dport = pk_rd16(p + il4 + 2)
         if proto == IPP_UDP:
             out.inner_kind = PKT_UDP
             out.inner_csum_off = <uint32_t>(il4 + 6)
@@ -243,7 +137,7 @@ cdef void _parse_inner(const uint8_t *p, Parsed *out) noexcept nogil:
         t = p[il4]
         if _is_echo(fam, t):
             out.inner_kind = PKT_ECHO
-            k.sport = _rd16(p + il4 + 4)
+            k.sport = pk_rd16(p + il4 + 4)
             k.dport = k.sport
         elif _is_quoting_error(fam, t):
             out.inner_kind = PKT_ICMP_ERROR  # an error about an error: not descended into
@@ -278,19 +172,19 @@ cdef int _parse_l4(const uint8_t *p, Parsed *out) noexcept nogil:
         if doff > avail:
             return too_short
         out.kind = PKT_TCP
-        out.key.sport = _rd16(p + off)
-        out.key.dport = _rd16(p + off + 2)
+        out.key.sport = pk_rd16(p + off)
+        out.key.dport = pk_rd16(p + off + 2)
         out.csum_off = <uint32_t>(off + 16)
     elif proto == IPP_UDP:
         if avail < 8:
             return too_short
         if not frag:
-            ulen = _rd16(p + off + 4)
+            ulen = pk_rd16(p + off + 4)
             if ulen < 8 or ulen > avail:
                 return PARSE_MALFORMED
         out.kind = PKT_UDP
-        out.key.sport = _rd16(p + off)
-        out.key.dport = _rd16(p + off + 2)
+        out.key.sport = pk_rd16(p + off)
+        out.key.dport = pk_rd16(p + off + 2)
         out.csum_off = <uint32_t>(off + 6)
     elif _is_icmp_proto(fam, proto):
         if avail < 8:
@@ -301,7 +195,7 @@ cdef int _parse_l4(const uint8_t *p, Parsed *out) noexcept nogil:
             out.csum_off = <uint32_t>(off + 2)
         if _is_echo(fam, out.icmp_type):
             out.kind = PKT_ECHO
-            out.key.sport = _rd16(p + off + 4)
+            out.key.sport = pk_rd16(p + off + 4)
             out.key.dport = out.key.sport
         elif _is_quoting_error(fam, out.icmp_type):
             out.kind = PKT_ICMP_ERROR
@@ -313,7 +207,7 @@ cdef int _parse_l4(const uint8_t *p, Parsed *out) noexcept nogil:
     return PARSE_OK
 
 
-cdef int parse(const uint8_t *p, Py_ssize_t n, Parsed *out) noexcept nogil:
+cdef int pk_parse(const uint8_t *p, Py_ssize_t n, Parsed *out) noexcept nogil:
     """Parse the IP packet p[0:n] into *out; PARSE_OK or why not (out is then partial).
 
     out is fully zeroed first, so FlowKey padding is stable for hashing.
@@ -329,7 +223,7 @@ cdef int parse(const uint8_t *p, Py_ssize_t n, Parsed *out) noexcept nogil:
         if n < 20:
             return PARSE_TRUNCATED
         ihl = (p[0] & 0x0F) * 4
-        total = _rd16(p + 2)
+        total = pk_rd16(p + 2)
         if ihl < 20 or total < ihl:
             return PARSE_MALFORMED
         if total > n:
@@ -340,14 +234,14 @@ cdef int parse(const uint8_t *p, Py_ssize_t n, Parsed *out) noexcept nogil:
         memcpy(out.key.dst, p + 16, 4)
         out.len = <uint32_t>total
         out.l4_off = <uint32_t>ihl
-        fo = _rd16(p + 6)
+        fo = pk_rd16(p + 6)
         if fo & 0x3FFF:  # MF or a non-zero offset
             out.flags = PKF_FRAG | (PKF_FRAG_FIRST if (fo & 0x1FFF) == 0 else 0)
-            out.frag_id = _rd16(p + 4)
+            out.frag_id = pk_rd16(p + 4)
     elif (p[0] >> 4) == 6:
         if n < 40:
             return PARSE_TRUNCATED
-        total = 40 + <Py_ssize_t>_rd16(p + 4)
+        total = 40 + <Py_ssize_t>pk_rd16(p + 4)
         if total > n:
             return PARSE_TRUNCATED
         st = _walk6(p, 0, total, &w)
@@ -367,7 +261,7 @@ cdef int parse(const uint8_t *p, Py_ssize_t n, Parsed *out) noexcept nogil:
     return _parse_l4(p, out)
 
 
-cdef void error_flow_key(const Parsed *pk, FlowKey *out) noexcept nogil:
+cdef void pk_error_flow_key(const Parsed *pk, FlowKey *out) noexcept nogil:
     """For an ICMP error with PKF_INNER: the key to find its flow with.
 
     The quoted packet went the other way, so its 5-tuple reversed is the key of
@@ -383,7 +277,7 @@ cdef void error_flow_key(const Parsed *pk, FlowKey *out) noexcept nogil:
     out.proto = pk.inner.proto
 
 
-# ---- def-level view, for tests and diagnostics (not per packet) ----
+# ---- the Python side, for tests and diagnostics (not per packet) ----
 
 _PARSE_STATUS_NAMES = {PARSE_OK: "ok", PARSE_TRUNCATED: "truncated",
                        PARSE_MALFORMED: "malformed", PARSE_UNSUPPORTED: "unsupported"}
@@ -405,18 +299,26 @@ cdef object _key_dict(const FlowKey *k):
     }
 
 
-cdef int _parse_buffer(const uint8_t[::1] data, Parsed *pk) noexcept:
+cdef int pk_parse_view(const uint8_t[::1] data, Parsed *pk) noexcept:
     cdef Py_ssize_t n = data.shape[0]
     if n == 0:
         memset(pk, 0, sizeof(Parsed))
         return PARSE_TRUNCATED
-    return parse(&data[0], n, pk)
+    return pk_parse(&data[0], n, pk)
 
 
-def parse_status(const uint8_t[::1] data not None) -> str:
-    """Why a packet would be dropped: 'ok', 'truncated', 'malformed' or 'unsupported'."""
-    cdef Parsed pk
-    return _PARSE_STATUS_NAMES[_parse_buffer(data, &pk)]
+cdef str pk_status_name(int st):
+    return _PARSE_STATUS_NAMES[st]
+
+
+cdef bytearray pk_parsed_copy(object data, Parsed *pk):
+    """A writable copy of the packet, parsed into pk; ValueError unless it parses OK."""
+    cdef bytearray buf = bytearray(data)
+    cdef uint8_t[::1] mv = buf
+    cdef int st = pk_parse_view(mv, pk)
+    if st != PARSE_OK:
+        raise ValueError(f"packet does not parse: {_PARSE_STATUS_NAMES[st]}")
+    return buf
 
 
 def parse_packet(const uint8_t[::1] data not None) -> dict | None:
@@ -430,7 +332,7 @@ def parse_packet(const uint8_t[::1] data not None) -> dict | None:
     """
     cdef Parsed pk
     cdef FlowKey rev
-    if _parse_buffer(data, &pk) != PARSE_OK:
+    if pk_parse_view(data, &pk) != PARSE_OK:
         return None
     d = _key_dict(&pk.key)
     d.update(
@@ -449,7 +351,7 @@ def parse_packet(const uint8_t[::1] data not None) -> dict | None:
         inner = _key_dict(&pk.inner)
         inner.update(kind=_KIND_NAMES[pk.inner_kind], offset=pk.inner_off,
                      l4_offset=pk.inner_l4_off, checksum_offset=pk.inner_csum_off)
-        error_flow_key(&pk, &rev)
+        pk_error_flow_key(&pk, &rev)
         inner["flow_key"] = _key_dict(&rev)
         d["inner"] = inner
     return d

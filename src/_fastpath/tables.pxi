@@ -1,118 +1,15 @@
-# Mapping tables the pumps read per packet, written by the control plane.
-#
-# - routes:    (family, dst)              -> peer id. A peer's overlay addresses
-#              (installed by tb_set_peer) and every transit IP registered with
-#              that peer; the analogue of WireGuard's allowed IPs (DESIGN §2).
-# - magic:     (family, magic IP)         -> transit IP            (client)
-# - magic_rev: (family, transit IP)       -> magic IP              (client)
-# - transit:   (family, peer overlay, T)  -> real IP + app id      (connector)
-# - real_rev:  (family, peer overlay, R)  -> T + how many T map to R (connector)
-#   The two reverse maps let a return packet re-create its flow after a
-#   restart (the side that restarted lost its flow table, not its mappings);
-#   each is kept in step with its forward map under the same lock.
-# - local:     this node's own overlay addresses: what the overlay may reach
-#   without translation, and the only untranslated sources sent to it.
-# - peers:     peer id                    -> endpoint + overlay addresses
-# - endpoints: (family, endpoint, port)   -> peer id  (who sent this datagram?)
-# - magic / transit ranges: tell "ours but unmapped" from "not our traffic"
-#   (B50, B53).
-#
-# Storage is C only: open addressing with linear probing and backward-shift
-# deletion (no tombstones), keyed by a fixed 40-byte TbKey, in 64-byte slots
-# (one cache line), grown by doubling when more than 4/5 full. A probe
-# compares the stored hash before the key. Slot arrays come zeroed from mmap
-# (zalloc_pages) and go back to the system when a map grows or is freed. One pthread mutex guards all tables of a Tables object, so
-# an update that touches several maps (a peer and its routes) is atomic, and
-# every lookup copies its result out under the lock: no packet sees half of
-# an old and half of a new mapping. Lookups never allocate.
-#
-# Addresses in the C API are 16-byte buffers plus a family (4: only the first
-# 4 bytes are read).
+# The mapping tables; what they hold and their types are in tables.pxd.
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcmp, memcpy, memset
 
-
-cdef enum:
-    TB_NOT_OURS = 0             # tb_magic / tb_transit: outside every range
-    TB_HIT = 1                  # mapped; result copied out
-    TB_UNMAPPED = 2             # inside a magic / transit range but not mapped
-    TB_AMBIGUOUS = 3            # tb_return_transit: several transit IPs map to that address
-
-cdef enum:
-    TB_IN_OK = 0                # tb_check_inbound: known peer, inner source is its
-    TB_IN_UNKNOWN_PEER = 1      # datagram from an endpoint that is no peer's
-    TB_IN_SPOOFED = 2           # inner source does not route to the sending peer
-
-cdef enum:
-    TB_MAX_OVERLAY = 8          # overlay addresses per peer
-    TB_MAX_SLOTS = 1 << 30
-    TB_MAX_LOCAL = 8            # own overlay addresses
-
-cdef enum:
-    TB_REV_STALE = 0x80000000   # real_rev: the remembered T was removed while others remain
-    TB_REV_COUNT = 0x7FFFFFFF
-
-cdef enum:
-    TB_USED = 0x80000000        # TbSlot.hash of a used slot has it; 0 is an empty slot
-                                # (above every mask, so it never changes a home slot)
-
-
-cdef struct TbKey:
-    uint8_t a[16]
-    uint8_t b[16]
-    uint32_t n
-    uint8_t family
-    uint8_t _pad[3]             # zero: keys are hashed and compared as 40 bytes
-
-cdef struct TbVal:
-    uint8_t addr[16]            # peers map: the TbPeer record (owned) instead, see _tb_val_ptr
-    uint32_t u32
-
-cdef struct TbSlot:             # 64 bytes
-    TbKey key
-    TbVal val
-    uint32_t hash               # _tb_hash(key) | TB_USED, or 0: empty
-
-cdef struct TbMap:
-    TbSlot *slots
-    uint32_t mask               # slot count - 1 (a power of two)
-    uint32_t count
-
-cdef struct TbRange:
-    uint8_t first[16]
-    uint8_t last[16]
-    uint8_t family
-
-cdef struct TbEndpoint:
-    uint8_t addr[16]
-    uint16_t port
-    uint8_t family
-
-cdef struct TbPeer:
-    TbEndpoint ep
-    uint32_t n_overlay
-    uint8_t ov_family[8]
-    uint8_t ov_addr[8][16]
-
-cdef struct TablesC:
-    pthread_mutex_t lock
-    uint64_t seed
-    TbMap routes
-    TbMap magic
-    TbMap transit
-    TbMap magic_rev
-    TbMap real_rev
-    TbMap peers
-    TbMap endpoints
-    TbRange *magic_ranges
-    uint32_t n_magic_ranges
-    TbRange *transit_ranges
-    uint32_t n_transit_ranges
-    uint8_t local_family[<int>TB_MAX_LOCAL]
-    uint8_t local_addr[<int>TB_MAX_LOCAL][16]
-    uint32_t n_local
+from includes.pthread cimport (
+    pthread_mutex_destroy,
+    pthread_mutex_init,
+    pthread_mutex_lock,
+    pthread_mutex_unlock,
+)
 
 
 # ---- open-addressing map (lock held) ----------------------------------------
@@ -130,7 +27,7 @@ cdef inline void _tb_key(TbKey *k, uint8_t family, const uint8_t *a, const uint8
 
 
 cdef inline uint32_t _tb_hash(const TbKey *k, uint64_t seed) noexcept nogil:
-    return <uint32_t>_ft_hash_words(<const uint8_t *>k, 5, seed) | TB_USED
+    return <uint32_t>c25_hash_words(<const uint8_t *>k, 5, seed) | TB_USED
 
 
 cdef inline void *_tb_val_ptr(const TbVal *v) noexcept nogil:
@@ -144,7 +41,7 @@ cdef inline void _tb_val_set_ptr(TbVal *v, void *p) noexcept nogil:
 
 
 cdef int _tb_map_init(TbMap *m, uint32_t nslots) noexcept nogil:
-    m.slots = <TbSlot *>zalloc_pages(nslots * sizeof(TbSlot))
+    m.slots = <TbSlot *>c25_zalloc(nslots * sizeof(TbSlot))
     if m.slots == NULL:
         return -1
     m.mask = nslots - 1
@@ -153,7 +50,7 @@ cdef int _tb_map_init(TbMap *m, uint32_t nslots) noexcept nogil:
 
 
 cdef inline void _tb_map_free(TbMap *m) noexcept nogil:
-    zfree_pages(m.slots, (<size_t>m.mask + 1) * sizeof(TbSlot))
+    c25_zfree(m.slots, (<size_t>m.mask + 1) * sizeof(TbSlot))
     m.slots = NULL
 
 
@@ -382,7 +279,7 @@ cdef bint tb_route(TablesC *t, uint8_t family, const uint8_t *dst, uint32_t *pee
 cdef int tb_magic(TablesC *t, uint8_t family, const uint8_t *addr,
                   uint8_t *transit_out) noexcept nogil:
     """Client: TB_HIT (transit IP copied to transit_out, 16 bytes), TB_UNMAPPED
-    (a magic IP without assignment: answer ICMP unreachable, B50) or
+    (a magic IP without assignment: answer ICMP unreachable) or
     TB_NOT_OURS."""
     cdef TbKey k
     _tb_key(&k, family, addr, NULL, 0)
@@ -402,7 +299,7 @@ cdef int tb_transit(TablesC *t, uint8_t family, const uint8_t *peer_addr,
                     const uint8_t *transit, uint8_t *real_out, uint32_t *app_out) noexcept nogil:
     """Connector: for a packet from overlay address `peer_addr` to `transit`:
     TB_HIT (real IP to real_out, 16 bytes; app id to app_out), TB_UNMAPPED (a
-    transit IP not mapped for this peer: reject, B53) or TB_NOT_OURS."""
+    transit IP not mapped for this peer: reject) or TB_NOT_OURS."""
     cdef TbKey k
     _tb_key(&k, family, peer_addr, transit, 0)
     cdef int r = TB_NOT_OURS
@@ -508,9 +405,9 @@ cdef bint tb_source_ok(TablesC *t, uint32_t peer, uint8_t family,
 cdef int tb_check_inbound(TablesC *t, uint8_t family, const uint8_t *addr, uint16_t port,
                           uint8_t inner_family, const uint8_t *inner_src,
                           uint32_t *peer) noexcept nogil:
-    """The anti-spoofing checks of DESIGN §2 (B57) for one datagram, under one
-    lock: TB_IN_OK (sending peer in *peer), TB_IN_UNKNOWN_PEER, or
-    TB_IN_SPOOFED (*peer is still set)."""
+    """The anti-spoofing checks for one datagram (a known sender; an inner
+    source that routes to that sender), under one lock: TB_IN_OK (sending
+    peer in *peer), TB_IN_UNKNOWN_PEER, or TB_IN_SPOOFED (*peer is still set)."""
     cdef TbKey k
     cdef uint32_t owner
     cdef int r
@@ -582,7 +479,7 @@ cdef int tb_set_transit(TablesC *t, uint8_t family, const uint8_t *peer_addr,
     cdef TbVal v, old
     cdef int r = -1
     cdef uint8_t tr16[16]
-    _addr16(tr16, transit, family)
+    c25_addr16(tr16, transit, family)
     _tb_key(&k, family, peer_addr, transit, 0)
     memset(&v, 0, sizeof(TbVal))
     memcpy(v.addr, real, 4 if family == 4 else 16)
@@ -610,12 +507,6 @@ cdef int tb_set_local(TablesC *t, const uint8_t *families, const uint8_t (*addrs
     return 0
 
 
-cdef enum:
-    TB_MAP_ROUTES = 0
-    TB_MAP_MAGIC = 1
-    TB_MAP_TRANSIT = 2
-
-
 cdef bint tb_del(TablesC *t, int which, uint8_t family, const uint8_t *a,
                  const uint8_t *b) noexcept nogil:
     """Remove a route (a=dst), magic (a=magic) or transit (a=peer overlay,
@@ -631,7 +522,7 @@ cdef bint tb_del(TablesC *t, int which, uint8_t family, const uint8_t *a,
     if found and which == TB_MAP_MAGIC:
         _tb_magic_rev_drop(t, family, a, old.addr)
     elif found and which == TB_MAP_TRANSIT:
-        _addr16(b16, b, family)
+        c25_addr16(b16, b, family)
         _tb_rev_drop(t, family, a, old.addr, b16)
     pthread_mutex_unlock(&t.lock)
     return found
@@ -727,12 +618,6 @@ cdef TbPeer *tb_del_peer(TablesC *t, uint32_t peer) noexcept nogil:
 
 # ---- Python boundary (control plane and tests) -------------------------------
 
-cdef uint32_t _tb_u32_in(object v, str what) except? 0:
-    if not 0 <= v <= 0xFFFFFFFF:
-        raise ValueError(f"{what} {v!r} must fit in uint32")
-    return <uint32_t>v
-
-
 cdef int _tb_range_in(object r, TbRange *out) except -1:
     """A range as (first, last) packed addresses, or anything with `version`,
     `first`, `last` as integers (conn25.iprange.IPRange)."""
@@ -752,8 +637,8 @@ cdef int _tb_range_in(object r, TbRange *out) except -1:
             first, last = r
         except (TypeError, ValueError):
             raise ValueError(f"range: expected (first, last) addresses, got {r!r}")
-    fam = _ft_addr_in(first, out.first, "range first")
-    fam2 = _ft_addr_in(last, out.last, "range last")
+    fam = cv_addr_in(first, out.first, "range first")
+    fam2 = cv_addr_in(last, out.last, "range last")
     if fam != fam2:
         raise ValueError(f"range {r!r}: first and last are of different address families")
     if memcmp(out.first, out.last, 16) > 0:
@@ -794,8 +679,8 @@ cdef class Tables:
     def set_route(self, dst: object, peer: int) -> None:
         """Route packets to `dst` (an overlay or transit IP) to `peer`."""
         cdef uint8_t a[16]
-        cdef uint8_t fam = _ft_addr_in(dst, a, "route dst")
-        cdef uint32_t p = _tb_u32_in(peer, "peer")
+        cdef uint8_t fam = cv_addr_in(dst, a, "route dst")
+        cdef uint32_t p = cv_u32_in(peer, "peer")
         cdef int r
         with nogil:
             r = tb_set_route(self.tables, fam, a, p)
@@ -804,7 +689,7 @@ cdef class Tables:
 
     def del_route(self, dst: object) -> bool:
         cdef uint8_t a[16]
-        cdef uint8_t fam = _ft_addr_in(dst, a, "route dst")
+        cdef uint8_t fam = cv_addr_in(dst, a, "route dst")
         cdef bint found
         with nogil:
             found = tb_del(self.tables, TB_MAP_ROUTES, fam, a, NULL)
@@ -813,7 +698,7 @@ cdef class Tables:
     def lookup_route(self, dst: object) -> int | None:
         """Peer id for `dst`, or None."""
         cdef uint8_t a[16]
-        cdef uint8_t fam = _ft_addr_in(dst, a, "route dst")
+        cdef uint8_t fam = cv_addr_in(dst, a, "route dst")
         cdef uint32_t p
         cdef bint found
         with nogil:
@@ -826,8 +711,8 @@ cdef class Tables:
         """Map magic IP -> transit IP (same family)."""
         cdef uint8_t m[16]
         cdef uint8_t tr[16]
-        cdef uint8_t fam = _ft_addr_in(magic, m, "magic")
-        if _ft_addr_in(transit, tr, "transit") != fam:
+        cdef uint8_t fam = cv_addr_in(magic, m, "magic")
+        if cv_addr_in(transit, tr, "transit") != fam:
             raise ValueError("set_magic: magic and transit are of different address families")
         cdef int r
         with nogil:
@@ -837,7 +722,7 @@ cdef class Tables:
 
     def del_magic(self, magic: object) -> bool:
         cdef uint8_t m[16]
-        cdef uint8_t fam = _ft_addr_in(magic, m, "magic")
+        cdef uint8_t fam = cv_addr_in(magic, m, "magic")
         cdef bint found
         with nogil:
             found = tb_del(self.tables, TB_MAP_MAGIC, fam, m, NULL)
@@ -848,21 +733,21 @@ cdef class Tables:
         ('not_ours', None)."""
         cdef uint8_t m[16]
         cdef uint8_t tr[16]
-        cdef uint8_t fam = _ft_addr_in(addr, m, "magic")
+        cdef uint8_t fam = cv_addr_in(addr, m, "magic")
         cdef int r
         with nogil:
             r = tb_magic(self.tables, fam, m, tr)
-        return (_TB_MAGIC_STATUS[r], _ft_addr_out(tr, fam) if r == TB_HIT else None)
+        return (_TB_MAGIC_STATUS[r], cv_addr_out(tr, fam) if r == TB_HIT else None)
 
     def magic_for_transit(self, transit: object) -> object:
         """The magic IP whose transit IP is `transit`, or None."""
         cdef uint8_t tr[16]
         cdef uint8_t m[16]
-        cdef uint8_t fam = _ft_addr_in(transit, tr, "transit")
+        cdef uint8_t fam = cv_addr_in(transit, tr, "transit")
         cdef bint found
         with nogil:
             found = tb_magic_for_transit(self.tables, fam, tr, m)
-        return _ft_addr_out(m, fam) if found else None
+        return cv_addr_out(m, fam) if found else None
 
     def set_magic_ranges(self, ranges: object) -> None:
         """Replace the magic ranges (see _tb_range_in for the accepted forms)."""
@@ -876,12 +761,12 @@ cdef class Tables:
         cdef uint8_t pa[16]
         cdef uint8_t tr[16]
         cdef uint8_t rl[16]
-        cdef uint8_t fam = _ft_addr_in(peer_addr, pa, "peer address")
-        if (_ft_addr_in(transit, tr, "transit") != fam
-                or _ft_addr_in(real, rl, "real") != fam):
+        cdef uint8_t fam = cv_addr_in(peer_addr, pa, "peer address")
+        if (cv_addr_in(transit, tr, "transit") != fam
+                or cv_addr_in(real, rl, "real") != fam):
             raise ValueError("set_transit: peer address, transit and real are of "
                              "different address families")
-        cdef uint32_t a = _tb_u32_in(app, "app")
+        cdef uint32_t a = cv_u32_in(app, "app")
         cdef int r
         with nogil:
             r = tb_set_transit(self.tables, fam, pa, tr, rl, a)
@@ -891,8 +776,8 @@ cdef class Tables:
     def del_transit(self, peer_addr: object, transit: object) -> bool:
         cdef uint8_t pa[16]
         cdef uint8_t tr[16]
-        cdef uint8_t fam = _ft_addr_in(peer_addr, pa, "peer address")
-        if _ft_addr_in(transit, tr, "transit") != fam:
+        cdef uint8_t fam = cv_addr_in(peer_addr, pa, "peer address")
+        if cv_addr_in(transit, tr, "transit") != fam:
             raise ValueError("del_transit: peer address and transit are of different families")
         cdef bint found
         with nogil:
@@ -905,15 +790,15 @@ cdef class Tables:
         cdef uint8_t pa[16]
         cdef uint8_t tr[16]
         cdef uint8_t rl[16]
-        cdef uint8_t fam = _ft_addr_in(peer_addr, pa, "peer address")
-        if _ft_addr_in(transit, tr, "transit") != fam:
+        cdef uint8_t fam = cv_addr_in(peer_addr, pa, "peer address")
+        if cv_addr_in(transit, tr, "transit") != fam:
             raise ValueError("lookup_transit: peer address and transit are of different families")
         cdef uint32_t a
         cdef int r
         with nogil:
             r = tb_transit(self.tables, fam, pa, tr, rl, &a)
         if r == TB_HIT:
-            return ("hit", _ft_addr_out(rl, fam), a)
+            return ("hit", cv_addr_out(rl, fam), a)
         return (_TB_TRANSIT_STATUS[r], None, None)
 
     def lookup_return(self, peer_addr: object, real: object) -> tuple:
@@ -923,15 +808,15 @@ cdef class Tables:
         cdef uint8_t pa[16]
         cdef uint8_t rl[16]
         cdef uint8_t tr[16]
-        cdef uint8_t fam = _ft_addr_in(peer_addr, pa, "peer address")
-        if _ft_addr_in(real, rl, "real") != fam:
+        cdef uint8_t fam = cv_addr_in(peer_addr, pa, "peer address")
+        if cv_addr_in(real, rl, "real") != fam:
             raise ValueError("lookup_return: peer address and real are of different families")
         cdef uint32_t a
         cdef int r
         with nogil:
             r = tb_return_transit(self.tables, fam, pa, rl, tr, &a)
         if r == TB_HIT:
-            return ("hit", _ft_addr_out(tr, fam), a)
+            return ("hit", cv_addr_out(tr, fam), a)
         return ("ambiguous" if r == TB_AMBIGUOUS else "not_ours", None, None)
 
     def set_transit_ranges(self, ranges: object) -> None:
@@ -969,13 +854,13 @@ cdef class Tables:
         cdef uint8_t addrs[<int>TB_MAX_LOCAL][16]
         cdef uint32_t i, n = len(items)
         for i in range(n):
-            fams[i] = _ft_addr_in(items[i], addrs[i], "local address")
+            fams[i] = cv_addr_in(items[i], addrs[i], "local address")
         with nogil:
             tb_set_local(self.tables, fams, addrs, n)
 
     def is_local(self, addr: object) -> bool:
         cdef uint8_t a[16]
-        cdef uint8_t fam = _ft_addr_in(addr, a, "address")
+        cdef uint8_t fam = cv_addr_in(addr, a, "address")
         cdef bint r
         with nogil:
             r = tb_is_local(self.tables, fam, a)
@@ -987,7 +872,7 @@ cdef class Tables:
         """Install or replace peer `peer`: underlay endpoint:port, and its overlay
         addresses (each gets a route to the peer). ValueError if another peer
         already has this endpoint."""
-        cdef uint32_t p = _tb_u32_in(peer, "peer")
+        cdef uint32_t p = cv_u32_in(peer, "peer")
         if not 0 <= port <= 65535:
             raise ValueError(f"set_peer: port {port!r} not in 0..65535")
         ovs = list(overlay)
@@ -1002,10 +887,10 @@ cdef class Tables:
         cdef uint32_t i
         try:
             memset(rec, 0, sizeof(TbPeer))
-            rec.ep.family = _ft_addr_in(endpoint, rec.ep.addr, "peer endpoint")
+            rec.ep.family = cv_addr_in(endpoint, rec.ep.addr, "peer endpoint")
             rec.ep.port = port
             for i in range(len(ovs)):
-                rec.ov_family[i] = _ft_addr_in(ovs[i], rec.ov_addr[i], "peer overlay address")
+                rec.ov_family[i] = cv_addr_in(ovs[i], rec.ov_addr[i], "peer overlay address")
             rec.n_overlay = len(ovs)
         except BaseException:
             free(rec)
@@ -1022,7 +907,7 @@ cdef class Tables:
 
     def del_peer(self, peer: int) -> bool:
         """Remove a peer, its endpoint and every route to it."""
-        cdef uint32_t p = _tb_u32_in(peer, "peer")
+        cdef uint32_t p = cv_u32_in(peer, "peer")
         cdef TbPeer *rec
         with nogil:
             rec = tb_del_peer(self.tables, p)
@@ -1031,7 +916,7 @@ cdef class Tables:
 
     def lookup_peer(self, peer: int) -> tuple | None:
         """(endpoint, port, [overlay addresses]) of `peer`, or None."""
-        cdef uint32_t p = _tb_u32_in(peer, "peer")
+        cdef uint32_t p = cv_u32_in(peer, "peer")
         cdef TbKey k
         cdef TbPeer rec
         cdef TbSlot *s
@@ -1046,13 +931,13 @@ cdef class Tables:
             pthread_mutex_unlock(&self.tables.lock)
         if not found:
             return None
-        return (_ft_addr_out(rec.ep.addr, rec.ep.family), rec.ep.port,
-                [_ft_addr_out(rec.ov_addr[i], rec.ov_family[i]) for i in range(rec.n_overlay)])
+        return (cv_addr_out(rec.ep.addr, rec.ep.family), rec.ep.port,
+                [cv_addr_out(rec.ov_addr[i], rec.ov_family[i]) for i in range(rec.n_overlay)])
 
     def peer_by_endpoint(self, endpoint: object, port: int) -> int | None:
         """Peer id whose underlay endpoint is endpoint:port, or None."""
         cdef uint8_t a[16]
-        cdef uint8_t fam = _ft_addr_in(endpoint, a, "endpoint")
+        cdef uint8_t fam = cv_addr_in(endpoint, a, "endpoint")
         if not 0 <= port <= 65535:
             raise ValueError(f"peer_by_endpoint: port {port!r} not in 0..65535")
         cdef uint16_t pt = port
@@ -1064,21 +949,21 @@ cdef class Tables:
 
     def source_ok(self, peer: int, src: object) -> bool:
         """Whether inner source `src` may arrive from `peer` (routes to it)."""
-        cdef uint32_t p = _tb_u32_in(peer, "peer")
+        cdef uint32_t p = cv_u32_in(peer, "peer")
         cdef uint8_t a[16]
-        cdef uint8_t fam = _ft_addr_in(src, a, "inner source")
+        cdef uint8_t fam = cv_addr_in(src, a, "inner source")
         cdef bint ok
         with nogil:
             ok = tb_source_ok(self.tables, p, fam, a)
         return ok
 
     def check_inbound(self, endpoint: object, port: int, inner_src: object) -> tuple:
-        """Anti-spoofing for one datagram (B57): ('ok', peer) |
+        """Anti-spoofing for one datagram: ('ok', peer) |
         ('unknown_peer', None) | ('spoofed', peer)."""
         cdef uint8_t a[16]
         cdef uint8_t s[16]
-        cdef uint8_t fam = _ft_addr_in(endpoint, a, "endpoint")
-        cdef uint8_t ifam = _ft_addr_in(inner_src, s, "inner source")
+        cdef uint8_t fam = cv_addr_in(endpoint, a, "endpoint")
+        cdef uint8_t ifam = cv_addr_in(inner_src, s, "inner source")
         if not 0 <= port <= 65535:
             raise ValueError(f"check_inbound: port {port!r} not in 0..65535")
         cdef uint16_t pt = port

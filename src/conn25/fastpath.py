@@ -28,8 +28,9 @@ Run the pumps (two threads, GIL released; the caller owns the fds)::
 Read what happened (wait until ``dp.event_fd`` is readable)::
 
     dp.read_events() -> [DatapathEvent(kind, role, transit, peer, reason, flow)]
-        kinds: "flow_created" / "flow_removed" (keep a client assignment alive),
-               "reject" (re-register that transit IP), "unmapped_transit"
+        kind: EventKind.FLOW_CREATED / FLOW_REMOVED (role Role.CLIENT: keep the
+              assignment alive), REJECT (re-register that transit IP),
+              UNMAPPED_TRANSIT (we rejected a peer's)
     dp.counters() -> {"translated": ..., "drop_spoofed": ..., ...}
     dp.sweep(now_ms, limit)   # idle flows; a bounded number per call
 
@@ -53,7 +54,9 @@ import time
 from ._fastpath import (
     Datapath,
     DatapathEvent,
+    EventKind,
     FlowTable,
+    Role,
     Tables,
     checksum_replace,
     icmp_unreachable,
@@ -62,10 +65,13 @@ from ._fastpath import (
     parse_packet,
 )
 
+# What the daemon and the tests use; the extension is typed by _fastpath.pyi.
 __all__ = [
     "Datapath",
     "DatapathEvent",
+    "EventKind",
     "FlowTable",
+    "Role",
     "Tables",
     "checksum_replace",
     "icmp_unreachable",

@@ -12,7 +12,7 @@ import trio
 import trio.testing
 
 from conn25.daemon.node import REFUSAL_REASONS, Node, NodeOptions
-from conn25.fastpath import DatapathEvent
+from conn25.fastpath import DatapathEvent, EventKind, Role
 
 T4 = ipaddress.ip_address("169.254.128.7")
 
@@ -87,8 +87,9 @@ def run_events(events: list[DatapathEvent]) -> tuple[Node, FakeRegistrar, list[s
 
 def test_twenty_thousand_rejects_make_few_log_lines_and_all_are_counted():
     packed = T4.packed
-    events = [DatapathEvent("reject", "client", packed, 1) for _ in range(20000)]
-    events += [DatapathEvent("unmapped_transit", "connector", packed, 1) for _ in range(20000)]
+    events = [DatapathEvent(EventKind.REJECT, Role.CLIENT, packed, 1) for _ in range(20000)]
+    events += [DatapathEvent(EventKind.UNMAPPED_TRANSIT, Role.CONNECTOR, packed, 1)
+               for _ in range(20000)]
     node, registrar, lines = run_events(events)
     assert len(lines) <= 4, lines[:10]
     assert any("conn1" in line and "reject_received" in line for line in lines)

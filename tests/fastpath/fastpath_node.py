@@ -48,7 +48,7 @@ def main() -> None:
     print("ready", flush=True)
     sys.stdin.read()
     dp.stop()
-    events = [(e.kind, e.role) for e in dp.read_events()]
+    events = [(e.kind.value, e.role.value) for e in dp.read_events()]
     print(json.dumps({"counters": dp.counters(), "events": events}), flush=True)
 
 

@@ -12,7 +12,7 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror, UDPerror
 from scapy.layers.inet6 import IPv6
 
 from conn25.core.iprange import IPRange
-from conn25.fastpath import Datapath
+from conn25.fastpath import Datapath, EventKind, Role
 
 NOW = 1_000_000
 CLIENT, CONNECTOR = "100.64.0.1", "100.64.0.2"
@@ -121,7 +121,7 @@ def test_client_translates_magic_to_transit_and_back(client):
     assert bytes(back) == rebuilt(back)
     events = client.read_events()
     assert [(e.kind, e.role, e.transit) for e in events] == [
-        ("flow_created", "client", packed(TRANSIT))]
+        (EventKind.FLOW_CREATED, Role.CLIENT, packed(TRANSIT))]
 
 
 def test_client_without_a_route_for_the_transit_drops(client):
@@ -160,7 +160,7 @@ def test_connector_translates_transit_to_real_and_back(connector):
     assert (back.src, back.dst) == (TRANSIT, CLIENT)
     assert bytes(back) == rebuilt(back)
     [ev] = connector.read_events()
-    assert (ev.kind, ev.role, ev.peer) == ("flow_created", "connector", CLIENT_PEER)
+    assert (ev.kind, ev.role, ev.peer) == (EventKind.FLOW_CREATED, Role.CONNECTOR, CLIENT_PEER)
 
 
 def test_connector_ipv6(connector):
@@ -180,7 +180,7 @@ def test_unmapped_transit_is_dropped_and_rejected_once(connector):
     connector.process_datagram(dg(pkt), CLIENT_EP, NOW + 10)  # within the gap: no new event
     events = connector.read_events()
     assert [(e.kind, e.transit, e.peer) for e in events] == [
-        ("unmapped_transit", packed("169.254.128.9"), CLIENT_PEER)]
+        (EventKind.UNMAPPED_TRANSIT, packed("169.254.128.9"), CLIENT_PEER)]
     assert connector.counters()["unmapped_transit"] == 2
     # a transit IP mapped for another peer only is unmapped for this one: same answer
     not_pool = IP(src=CLIENT, dst="198.51.100.9") / TCP(sport=1, dport=443)
@@ -195,7 +195,7 @@ def test_reject_received_becomes_an_event(client):
         Datapath.reject_datagram(packed(TRANSIT)), CONNECTOR_EP, NOW)
     assert verdict == "drop"
     [ev] = client.read_events()
-    assert (ev.kind, ev.transit, ev.peer) == ("reject", packed(TRANSIT), CONN_PEER)
+    assert (ev.kind, ev.transit, ev.peer) == (EventKind.REJECT, packed(TRANSIT), CONN_PEER)
     assert client.counters()["rejects_received"] == 1
 
 
@@ -296,7 +296,7 @@ def test_client_recreates_a_flow_from_a_return_packet(client):
     assert bytes(back) == rebuilt(back)
     [ev] = client.read_events()
     assert (ev.kind, ev.role, ev.transit, ev.peer) == (
-        "flow_created", "client", packed(TRANSIT), CONN_PEER)
+        EventKind.FLOW_CREATED, Role.CLIENT, packed(TRANSIT), CONN_PEER)
     # the application's next packet uses that flow: no second flow
     verdict, out, peer = client.process_from_tun(bytes(syn()), NOW + 1)
     assert (verdict, peer, IP(out).dst) == ("peer", CONN_PEER, TRANSIT)
@@ -325,7 +325,7 @@ def test_connector_recreates_a_flow_from_a_return_packet(connector):
     assert bytes(back) == rebuilt(back)
     [ev] = connector.read_events()
     assert (ev.kind, ev.role, ev.transit, ev.peer) == (
-        "flow_created", "connector", packed(TRANSIT), CLIENT_PEER)
+        EventKind.FLOW_CREATED, Role.CONNECTOR, packed(TRANSIT), CLIENT_PEER)
     assert ev.flow.app == 3
     # the client's next packet to T is translated by that flow
     pkt = IP(src=CLIENT, dst=TRANSIT) / TCP(sport=40000, dport=443, flags="A")

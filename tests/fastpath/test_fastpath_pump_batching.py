@@ -18,7 +18,7 @@ from pumpnet import ip, recv
 from scapy.layers.inet import IP, TCP
 
 from conn25.core.iprange import IPRange
-from conn25.fastpath import Datapath
+from conn25.fastpath import Datapath, EventKind
 
 CLIENT, CONNECTOR, CONNECTOR2 = "100.64.0.1", "100.64.0.2", "100.64.0.3"
 MAGIC, MAGIC2, T1, T2 = "100.80.0.5", "100.80.0.6", "169.254.128.5", "169.254.128.6"
@@ -173,4 +173,4 @@ def test_the_control_plane_is_woken_once_per_new_event_not_per_batch(rig):
     assert select.select([rig.dp.event_fd], [], [], 5)[0]
     events = rig.dp.read_events()
     assert [(e.kind, e.transit) for e in events] == [
-        ("flow_created", ip(T1).packed), ("flow_created", ip(T2).packed)]
+        (EventKind.FLOW_CREATED, ip(T1).packed), (EventKind.FLOW_CREATED, ip(T2).packed)]

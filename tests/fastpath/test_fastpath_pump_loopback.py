@@ -13,7 +13,7 @@ from pumpnet import ip, recv
 from scapy.layers.inet import IP, TCP
 
 from conn25.core.iprange import IPRange
-from conn25.fastpath import Datapath
+from conn25.fastpath import Datapath, EventKind
 
 CLIENT, CONNECTOR = "100.64.0.1", "100.64.0.2"
 MAGIC, T1, T2 = "100.80.0.5", "169.254.128.5", "169.254.128.6"
@@ -67,12 +67,12 @@ def test_packets_flow_both_ways_and_events_wake_trio(rig):
         return dp.read_events()
 
     events = trio.run(wait_for_events)
-    assert [(e.kind, e.transit) for e in events] == [("flow_created", ip(T1).packed)]
+    assert [(e.kind, e.transit) for e in events] == [(EventKind.FLOW_CREATED, ip(T1).packed)]
 
     # A reject from the connector becomes an event too.
     peer.sendto(Datapath.reject_datagram(ip(T1)), overlay.getsockname())
     events = trio.run(wait_for_events)
-    assert [(e.kind, e.transit, e.peer) for e in events] == [("reject", ip(T1).packed, 2)]
+    assert [(e.kind, e.transit, e.peer) for e in events] == [(EventKind.REJECT, ip(T1).packed, 2)]
     c = dp.counters()
     assert c["tun_rx"] == 1 and c["udp_tx"] == 1 and c["tun_tx"] == 1 and c["udp_rx"] == 2
 

@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from conn25._fastpath import FlowTable, Tables
 from conn25.core.iprange import IPRange
+from conn25.fastpath import FlowTable, Tables
 
 TCP, UDP = 6, 17
 IDLE = 1000

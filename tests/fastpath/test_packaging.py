@@ -26,8 +26,10 @@ def test_pip_wheel_is_a_platform_wheel_with_the_extension(tmp_path):
     for room in ("core", "daemon", "lab"):  # every package of the tree ships
         assert f"conn25/{room}/__init__.py" in names, names
     assert "conn25/daemon/cli.py" in names
+    # typed: the extension's stub and the package's marker are installed
+    assert {"conn25/_fastpath.pyi", "conn25/py.typed"} <= set(names), names
     # the Cython sources and build helpers stay out of the installed package
-    assert not any(n.endswith((".pyx", ".pxi", ".c")) for n in names)
+    assert not any(n.endswith((".pyx", ".pxi", ".pxd", ".c")) for n in names)
 
 
 def test_ruff_is_clean():

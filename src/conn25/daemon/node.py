@@ -33,7 +33,7 @@ from ..core.config import NodeConfig, Tailnet
 from ..core.connector import ConnectorTable, Mapping
 from ..core.dnsmap import DNSMapper
 from ..core.iprange import IPAddress, IPNetwork
-from ..fastpath import Datapath, monotonic_ms
+from ..fastpath import Datapath, EventKind, Role, monotonic_ms
 from .dataplane import Dataplane, Ids
 from .dns_forwarder import Forwarder, upstreams_from_resolv_conf
 from .dns_resolver import ClientResolver
@@ -327,17 +327,17 @@ class Node:
             now = self.now()
             for ev in dp.read_events():
                 transit = ipaddress.ip_address(ev.transit)
-                if ev.kind == "flow_created" and ev.role == "client":
+                if ev.kind is EventKind.FLOW_CREATED and ev.role is Role.CLIENT:
                     self.assignments.flow_started(transit, now)
-                elif ev.kind == "flow_removed" and ev.role == "client":
+                elif ev.kind is EventKind.FLOW_REMOVED and ev.role is Role.CLIENT:
                     self.assignments.flow_ended(transit, now)
-                elif ev.kind == "reject":
+                elif ev.kind is EventKind.REJECT:
                     # Forgeable per packet: a summary per peer, not a line each. The
                     # registrar de-duplicates the re-registrations itself.
                     self.refusals.refuse(self._peer_name(ev.peer), "reject_received",
                                          f"connector rejected transit={transit}: re-registering")
                     self.registrar.rejected(transit)
-                elif ev.kind == "unmapped_transit":
+                elif ev.kind is EventKind.UNMAPPED_TRANSIT:
                     self.refusals.refuse(self._peer_name(ev.peer), "unmapped_transit",
                                          f"rejected unmapped transit={transit}")
 

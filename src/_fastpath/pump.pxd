@@ -1,0 +1,96 @@
+# The pumps (prefix pump_): two threads that move packets between the TUN device and the
+# overlay's UDP socket, with the GIL released for their whole loop.
+#
+#   TUN -> UDP: read every packet that is ready (up to PUMP_BATCH), decide
+#               each with dp_from_tun, send the batch with one sendmmsg.
+#               Consecutive datagrams to the same peer of the same length
+#               (the last may be shorter) go as one UDP GSO message, so the
+#               kernel walks its IP/UDP output path (and, across a veth, the
+#               receiver's input path) once per group rather than once per
+#               packet (bench/NOTES.md has the profile that showed this cost).
+#   UDP -> TUN: recvmmsg up to PUMP_BATCH messages (with UDP_GRO on, one
+#               message can hold several datagrams of the same sender, split
+#               here at the size the kernel reports), check the sender and
+#               the inner source, decide with dp_datagram, write each
+#               packet to the TUN device.
+#
+# Both poll only after their fd ran dry (EAGAIN, or a short recvmmsg): under
+# load they go from batch to batch without sleeping. They wake the control
+# plane's event fd when an event was queued since their last wake-up.
+#
+# The UDP -> TUN thread also reads the TUN, once, right after a batch in
+# which it wrote packets to it: a write into the TUN runs the local stack,
+# and what that stack answers at once (an echo reply, a SYN-ACK, an ACK, the
+# data an ACK let a sender release) is already in the TUN when the write
+# returns. Reading it there saves the TUN -> UDP thread's wake-up (a
+# cross-core one, ~36 us on a VM whose idle vCPU halts) on the round trip
+# (bench/NOTES.md, "Round trip latency"). Whoever reads the TUN holds the
+# TUN side's lock (PumpBufs.tun_lock) from its first read to the end of its
+# send, and uses the TUN side's context and buffers (fragment tracking,
+# counters, send batch, GSO state): the packets of a flow leave in the order
+# they were read, and that state stays single-owner. The TUN -> UDP thread
+# takes the lock per batch; the UDP -> TUN thread only tries it (trylock)
+# and skips the read when the other holds it, so it never waits behind it.
+# Nothing is lost when it skips: poll on the TUN is level-triggered.
+#
+# Each batch slot is a PUMP_SLOT-byte buffer with DG_HDR bytes of headroom,
+# so the datagram header is written in front of a TUN packet without a copy,
+# and a GSO message is a list of slots (one iovec each), not a copy either.
+# Slots are large enough for a 64 KiB packet: TUN offloads (IFF_VNET_HDR with
+# TSO/GRO) can later hand the pumps super-packets without a change to the
+# Python API — they would add a virtio-net header in the headroom and a
+# segmentation step here.
+#
+# GSO and GRO change nothing on the wire: every datagram is still one
+# header plus one packet; a peer whose socket has no UDP_GRO gets them one by
+# one from its kernel. A kernel that refuses a GSO message (no checksum
+# offload on the route's device, or a segment over the path MTU) has its
+# packets sent one by one, and GSO stops for that segment size and up.
+#
+# The datagrams' header and types are the wire format's (wire.pxd).
+
+from libc.stdint cimport uint8_t, uint64_t
+from posix.unistd cimport write
+
+from includes.pthread cimport pthread_mutex_t
+from includes.socket cimport iovec, mmsghdr, sockaddr_in6
+
+
+cdef enum:
+    PUMP_BATCH = 64
+    PUMP_SLOT = 65536 + 64
+    GSO_MAX_SEGS = 64       # UDP_MAX_SEGMENTS of older kernels
+    GSO_MAX_BYTES = 65000   # under the largest UDP payload (65507 on IPv4)
+    PUMP_CTRL = 4           # 8-byte words of control buffer per message (one int cmsg)
+
+
+cdef struct SockAddr:       # big enough for either family
+    sockaddr_in6 sa
+
+
+cdef struct PumpBufs:
+    uint8_t *data           # PUMP_BATCH * PUMP_SLOT bytes
+    mmsghdr msgs[<int>PUMP_BATCH]
+    iovec iovs[<int>PUMP_BATCH]
+    SockAddr addrs[<int>PUMP_BATCH]
+    uint64_t ctrl[<int>PUMP_BATCH][<int>PUMP_CTRL]  # cmsg space (UDP_SEGMENT / UDP_GRO)
+    size_t gso_max          # largest datagram sent with GSO (0: none); lowered on refusal
+    int stop                # set by Datapath.stop() (then stop_fd is written)
+    pthread_mutex_t tun_lock  # TUN side's only: held by the thread reading the TUN
+    int epfd                # TUN side's only: the TUN -> UDP thread waits here (TUN, stop fd)
+
+
+cdef inline void pump_wake(int efd) noexcept nogil:
+    """Make an eventfd readable."""
+    cdef uint64_t one = 1
+    write(efd, &one, 8)
+
+
+cdef int pump_tun_init(PumpBufs *b, int tun_fd, int stop_fd) noexcept nogil
+cdef void pump_tun_free(PumpBufs *b) noexcept nogil
+cdef int pump_enable_gro(int udp_fd) noexcept nogil
+cdef void pump_tun_to_udp(DpCore *d, DpCtx *c, PumpBufs *b, int tun_fd, int udp_fd,
+                          int sock_family, int stop_fd, int event_fd) noexcept nogil
+cdef void pump_udp_to_tun(DpCore *d, DpCtx *c, PumpBufs *b, int tun_fd, int udp_fd,
+                          int sock_family, int stop_fd, int event_fd,
+                          DpCtx *tc, PumpBufs *tb) noexcept nogil

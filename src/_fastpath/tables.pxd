@@ -1,0 +1,157 @@
+# Mapping tables (prefix tb_) the pumps read per packet, written by the
+# control plane.
+#
+# - routes:    (family, dst)              -> peer id. A peer's overlay addresses
+#              (installed by tb_set_peer) and every transit IP registered with
+#              that peer; the analogue of WireGuard's allowed IPs.
+# - magic:     (family, magic IP)         -> transit IP            (client)
+# - magic_rev: (family, transit IP)       -> magic IP              (client)
+# - transit:   (family, peer overlay, T)  -> real IP + app id      (connector)
+# - real_rev:  (family, peer overlay, R)  -> T + how many T map to R (connector)
+#   The two reverse maps let a return packet re-create its flow after a
+#   restart (the side that restarted lost its flow table, not its mappings);
+#   each is kept in step with its forward map under the same lock.
+# - local:     this node's own overlay addresses: what the overlay may reach
+#   without translation, and the only untranslated sources sent to it.
+# - peers:     peer id                    -> endpoint + overlay addresses
+# - endpoints: (family, endpoint, port)   -> peer id  (who sent this datagram?)
+# - magic / transit ranges: tell "ours but unmapped" from "not our traffic".
+#
+# Storage is C only: open addressing with linear probing and backward-shift
+# deletion (no tombstones), keyed by a fixed 40-byte TbKey, in 64-byte slots
+# (one cache line), grown by doubling when more than 4/5 full. A probe
+# compares the stored hash before the key. Slot arrays come zeroed from mmap
+# (c25_zalloc) and go back to the system when a map grows or is freed. One
+# pthread mutex guards all tables of a Tables object, so
+# an update that touches several maps (a peer and its routes) is atomic, and
+# every lookup copies its result out under the lock: no packet sees half of
+# an old and half of a new mapping. Lookups never allocate.
+#
+# Addresses in the C API are 16-byte buffers plus a family (4: only the first
+# 4 bytes are read).
+
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+
+from includes.pthread cimport pthread_mutex_t
+
+
+cdef enum:
+    TB_NOT_OURS = 0             # tb_magic / tb_transit: outside every range
+    TB_HIT = 1                  # mapped; result copied out
+    TB_UNMAPPED = 2             # inside a magic / transit range but not mapped
+    TB_AMBIGUOUS = 3            # tb_return_transit: several transit IPs map to that address
+
+cdef enum:
+    TB_IN_OK = 0                # tb_check_inbound: known peer, inner source is its
+    TB_IN_UNKNOWN_PEER = 1      # datagram from an endpoint that is no peer's
+    TB_IN_SPOOFED = 2           # inner source does not route to the sending peer
+
+cdef enum:  # tb_del: which map
+    TB_MAP_ROUTES = 0
+    TB_MAP_MAGIC = 1
+    TB_MAP_TRANSIT = 2
+
+cdef enum:
+    TB_MAX_OVERLAY = 8          # overlay addresses per peer
+    TB_MAX_SLOTS = 1 << 30
+    TB_MAX_LOCAL = 8            # own overlay addresses
+
+cdef enum:
+    TB_REV_STALE = 0x80000000   # real_rev: the remembered T was removed while others remain
+    TB_REV_COUNT = 0x7FFFFFFF
+
+cdef enum:
+    TB_USED = 0x80000000        # TbSlot.hash of a used slot has it; 0 is an empty slot
+                                # (above every mask, so it never changes a home slot)
+
+
+cdef struct TbKey:
+    uint8_t a[16]
+    uint8_t b[16]
+    uint32_t n
+    uint8_t family
+    uint8_t _pad[3]             # zero: keys are hashed and compared as 40 bytes
+
+cdef struct TbVal:
+    uint8_t addr[16]            # peers map: the TbPeer record (owned) instead, see _tb_val_ptr
+    uint32_t u32
+
+cdef struct TbSlot:             # 64 bytes
+    TbKey key
+    TbVal val
+    uint32_t hash               # _tb_hash(key) | TB_USED, or 0: empty
+
+cdef struct TbMap:
+    TbSlot *slots
+    uint32_t mask               # slot count - 1 (a power of two)
+    uint32_t count
+
+cdef struct TbRange:
+    uint8_t first[16]
+    uint8_t last[16]
+    uint8_t family
+
+cdef struct TbEndpoint:
+    uint8_t addr[16]
+    uint16_t port
+    uint8_t family
+
+cdef struct TbPeer:
+    TbEndpoint ep
+    uint32_t n_overlay
+    uint8_t ov_family[8]
+    uint8_t ov_addr[8][16]
+
+cdef struct TablesC:
+    pthread_mutex_t lock
+    uint64_t seed
+    TbMap routes
+    TbMap magic
+    TbMap transit
+    TbMap magic_rev
+    TbMap real_rev
+    TbMap peers
+    TbMap endpoints
+    TbRange *magic_ranges
+    uint32_t n_magic_ranges
+    TbRange *transit_ranges
+    uint32_t n_transit_ranges
+    uint8_t local_family[<int>TB_MAX_LOCAL]
+    uint8_t local_addr[<int>TB_MAX_LOCAL][16]
+    uint32_t n_local
+
+
+cdef TablesC *tb_new(uint64_t seed) noexcept nogil
+cdef void tb_free(TablesC *t) noexcept nogil
+cdef bint tb_route(TablesC *t, uint8_t family, const uint8_t *dst, uint32_t *peer) noexcept nogil
+cdef int tb_magic(TablesC *t, uint8_t family, const uint8_t *addr,
+                  uint8_t *transit_out) noexcept nogil
+cdef int tb_transit(TablesC *t, uint8_t family, const uint8_t *peer_addr,
+                    const uint8_t *transit, uint8_t *real_out, uint32_t *app_out) noexcept nogil
+cdef bint tb_is_local(TablesC *t, uint8_t family, const uint8_t *addr) noexcept nogil
+cdef bint tb_magic_for_transit(TablesC *t, uint8_t family, const uint8_t *transit,
+                               uint8_t *magic_out) noexcept nogil
+cdef int tb_return_transit(TablesC *t, uint8_t family, const uint8_t *peer_addr,
+                           const uint8_t *real, uint8_t *transit_out,
+                           uint32_t *app_out) noexcept nogil
+cdef bint tb_peer_by_endpoint(TablesC *t, uint8_t family, const uint8_t *addr,
+                              uint16_t port, uint32_t *peer) noexcept nogil
+cdef bint tb_peer_endpoint(TablesC *t, uint32_t peer, TbEndpoint *out) noexcept nogil
+cdef bint tb_source_ok(TablesC *t, uint32_t peer, uint8_t family,
+                       const uint8_t *src) noexcept nogil
+cdef int tb_check_inbound(TablesC *t, uint8_t family, const uint8_t *addr, uint16_t port,
+                          uint8_t inner_family, const uint8_t *inner_src,
+                          uint32_t *peer) noexcept nogil
+cdef int tb_set_route(TablesC *t, uint8_t family, const uint8_t *dst, uint32_t peer) noexcept nogil
+cdef int tb_set_magic(TablesC *t, uint8_t family, const uint8_t *magic,
+                      const uint8_t *transit) noexcept nogil
+cdef int tb_set_transit(TablesC *t, uint8_t family, const uint8_t *peer_addr,
+                        const uint8_t *transit, const uint8_t *real, uint32_t app) noexcept nogil
+cdef int tb_set_local(TablesC *t, const uint8_t *families, const uint8_t (*addrs)[16],
+                      uint32_t n) noexcept nogil
+cdef bint tb_del(TablesC *t, int which, uint8_t family, const uint8_t *a,
+                 const uint8_t *b) noexcept nogil
+cdef TbRange *tb_swap_ranges(TablesC *t, bint transit, TbRange *ranges, uint32_t n,
+                             uint32_t *old_n) noexcept nogil
+cdef int tb_set_peer(TablesC *t, uint32_t peer, TbPeer *rec, TbPeer **old) noexcept nogil
+cdef TbPeer *tb_del_peer(TablesC *t, uint32_t peer) noexcept nogil

@@ -1,0 +1,72 @@
+"""The calls the daemon makes into the compiled datapath, for the type checker.
+
+Never run: test_typing.py has mypy --strict check this file against
+conn25/_fastpath.pyi, so a change to the extension's surface that breaks
+the daemon's way of calling it fails there, without root or a TUN device.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+
+from conn25.core.iprange import IPAddress, IPRange
+from conn25.fastpath import Datapath, EventKind, Role, monotonic_ms
+
+
+def install(dp: Datapath, own: list[IPAddress], peer_id: int, host: str, port: int,
+            overlay: list[IPAddress], magic_ranges: list[IPRange],
+            transit_ranges: set[IPRange]) -> None:
+    tables = dp.tables
+    tables.set_local(own)
+    tables.set_peer(peer_id, ipaddress.ip_address(host), port, overlay)
+    tables.set_magic_ranges(magic_ranges)
+    tables.set_transit_ranges(sorted(transit_ranges))
+
+
+def assign(dp: Datapath, magic: IPAddress, transit: IPAddress, connector: int) -> None:
+    dp.tables.set_route(transit, connector)
+    dp.tables.set_magic(magic, transit)
+
+
+def reclaim(dp: Datapath, magic: IPAddress, transit: IPAddress) -> bool:
+    return dp.tables.del_magic(magic) and dp.tables.del_route(transit)
+
+
+def map_transit(dp: Datapath, peer: IPAddress, transit: IPAddress, real: IPAddress,
+                app: int) -> None:
+    dp.tables.set_transit(peer, transit, real, app)
+
+
+def unmap(dp: Datapath, peer: IPAddress, transit: IPAddress, peer_id: int) -> None:
+    dp.tables.del_transit(peer, transit)
+    dp.tables.del_peer(peer_id)
+
+
+def run(tun_fd: int, sock: socket.socket, saved: bytes) -> tuple[int, bytes]:
+    dp = Datapath(client=True, connector=True)
+    restored = dp.restore_flows(saved, monotonic_ms())
+    dp.start(tun_fd, sock)
+    try:
+        dp.sweep(monotonic_ms(), 1000)
+        drops: int = dp.counters()["drop_spoofed"]
+        fd: int = dp.event_fd
+        assert fd >= 0 and drops >= 0
+    finally:
+        dp.stop()
+    return restored, dp.save_flows()
+
+
+def read_events(dp: Datapath) -> list[str]:
+    out = []
+    for ev in dp.read_events():
+        transit = ipaddress.ip_address(ev.transit)
+        if ev.kind is EventKind.FLOW_CREATED and ev.role is Role.CLIENT:
+            out.append(f"started {transit}")
+        elif ev.kind is EventKind.FLOW_REMOVED and ev.role is Role.CLIENT:
+            out.append(f"ended {transit} ({ev.reason})")
+        elif ev.kind is EventKind.REJECT:
+            out.append(f"rejected {transit} by peer {ev.peer}")
+        elif ev.kind is EventKind.UNMAPPED_TRANSIT:
+            out.append(f"refused {transit} of peer {ev.peer}")
+    return out
