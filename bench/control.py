@@ -448,7 +448,7 @@ def memory_figures() -> dict[str, Any]:
     cfg = connector_config(DEFAULT_NODES)
     app = app_name(cfg)
     table = ConnectorTable(cfg, rate=1e12, burst=1 << 40)  # the limit is not what is measured
-    dp = Datapath(client=True, connector=True)  # as Node builds a connector's
+    dp = Datapath(client=True, connector=True)  # as the daemon's Node builds a connector's
     dp.tables.set_local(list(cfg.node.addresses))
     # Two peers (alice's client, bob's peer), so that 100,000 mappings fit their transit
     # pools (32k v4 + 64k v6 each).

@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 import dnswire
 from conn25.core import dnsname
 from conn25.core.assignments import Assignments
-from conn25.core.config import App, Node, NodeConfig, Pools, Tailnet
+from conn25.core.config import App, Member, NodeConfig, Pools, Tailnet
 from conn25.core.dnsmap import (
     MAX_CHAIN,
     DNSMapError,
@@ -65,7 +65,7 @@ def make_pools(v4_magic="100.80.0.0-100.80.3.255",
 
 
 def make_config(pools=None, tags=(), advertise=False, apps=(GITHUB, EXAMPLE)):
-    node = Node("laptop", (ip("100.64.0.1"), ip("fd7a:115c:a1e0::1")), ("192.0.2.1", 41641),
+    node = Member("laptop", (ip("100.64.0.1"), ip("fd7a:115c:a1e0::1")), ("192.0.2.1", 41641),
                 tags=tuple(tags))
     return NodeConfig(
         tailnet=Tailnet(nodes=(node,)), node=node, advertise_connector=advertise,

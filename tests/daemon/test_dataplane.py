@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 
 from conn25.core.assignments import Assignments
-from conn25.core.config import DEFAULT_POOLS, Node, Tailnet
+from conn25.core.config import DEFAULT_POOLS, Member, Tailnet
 from conn25.core.connector import Mapping
 from conn25.core.policy import node_config
 from conn25.daemon.dataplane import Dataplane, Ids
@@ -16,9 +16,9 @@ def ip(text: str):
     return ipaddress.ip_address(text)
 
 
-LAPTOP = Node("laptop", (ip("100.64.0.1"), ip("fd7a:115c:a1e0::1")), ("192.0.2.1", 41641))
-C1 = Node("conn-1", (ip("100.64.0.2"),), ("192.0.2.2", 41642))
-C2 = Node("conn-2", (ip("100.64.0.3"),), ("192.0.2.3", 41643))
+LAPTOP = Member("laptop", (ip("100.64.0.1"), ip("fd7a:115c:a1e0::1")), ("192.0.2.1", 41641))
+C1 = Member("conn-1", (ip("100.64.0.2"),), ("192.0.2.2", 41642))
+C2 = Member("conn-2", (ip("100.64.0.3"),), ("192.0.2.3", 41643))
 TAILNET = Tailnet(nodes=(LAPTOP, C1, C2))
 MAGIC = ip("100.80.0.9")
 TRANSIT = ip("169.254.128.9")

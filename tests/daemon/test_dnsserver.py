@@ -25,7 +25,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conn25.core.assignments import Assignments
-from conn25.core.config import App, Node, NodeConfig, Pools, Tailnet
+from conn25.core.config import App, Member, NodeConfig, Pools, Tailnet
 from conn25.core.dnsmap import DNSMapError, DNSMapper
 from conn25.core.dnsquery import Query, servfail_to
 from conn25.core.iprange import IPRange, IPSet
@@ -726,7 +726,7 @@ def make_mapper(v4_magic="100.80.0.0-100.80.0.255"):
         v4_transit=IPSet.of([IPRange.parse("169.254.128.0-169.254.128.255")]),
         v6_transit=IPSet.of([IPRange.parse("fd7a:115c:a1e0:ab13::-fd7a:115c:a1e0:ab13::ff")]),
     )
-    node = Node("laptop", (ip("100.64.0.1"),), ("192.0.2.1", 41641))
+    node = Member("laptop", (ip("100.64.0.1"),), ("192.0.2.1", 41641))
     config = NodeConfig(tailnet=Tailnet(nodes=(node,)), node=node, advertise_connector=False,
                         apps=(APP,), pools=pools, app_users=frozenset({node.name}))
     store = Assignments(pools)

@@ -12,7 +12,7 @@ import trio.testing
 from dnslib import AAAA, QTYPE, RR, A, DNSLabel, DNSRecord
 
 from conn25.core import config, peerapi
-from conn25.core.config import App, Node, NodeConfig, Tailnet
+from conn25.core.config import App, Member, NodeConfig, Tailnet
 from conn25.core.connector import ConnectorTable, Mapping
 from conn25.core.peerapi import DNS_QUERY_PATH, HEALTH_PATH, MAX_BODY, TRANSIT_IP_PATH, Code
 from conn25.daemon import http
@@ -28,12 +28,12 @@ TAG = "tag:github-app-connector"
 GITHUB = App("GitHub", ("github.com.", "*.github.com."), (TAG,))
 GITLAB = App("GitLab", ("gitlab.com.",), ("tag:gitlab-connector",))  # known, not served here
 
-LAPTOP = Node("laptop", (ip("100.64.0.1"), ip("fd7a:115c:a1e0::1")), ("192.0.2.1", 41641),
+LAPTOP = Member("laptop", (ip("100.64.0.1"), ip("fd7a:115c:a1e0::1")), ("192.0.2.1", 41641),
               user="alice@example.com")
-INTRUDER = Node("intruder", (ip("100.64.0.4"),), ("192.0.2.4", 41641), user="eve@example.com")
-CONNECTOR = Node("gh-connector-1", (ip("100.64.0.2"), ip("fd7a:115c:a1e0::2")),
+INTRUDER = Member("intruder", (ip("100.64.0.4"),), ("192.0.2.4", 41641), user="eve@example.com")
+CONNECTOR = Member("gh-connector-1", (ip("100.64.0.2"), ip("fd7a:115c:a1e0::2")),
                  ("192.0.2.2", 41641), tags=(TAG,))
-LOOPBACK = Node("local-tester", (ip("127.0.0.1"),), ("192.0.2.9", 41641), user="bob@example.com")
+LOOPBACK = Member("local-tester", (ip("127.0.0.1"),), ("192.0.2.9", 41641), user="bob@example.com")
 TAILNET = Tailnet(nodes=(LAPTOP, INTRUDER, CONNECTOR, LOOPBACK),
                   tag_owners={TAG: ("alice@example.com",)})
 
@@ -422,7 +422,7 @@ def test_over_http_the_source_address_is_the_identity():
 
 # -- per-peer limits and refusal summaries (one peer cannot starve the others) ----------------
 
-OTHER_PEER = Node("other-tester", (ip("127.0.0.2"),), ("192.0.2.10", 41641),
+OTHER_PEER = Member("other-tester", (ip("127.0.0.2"),), ("192.0.2.10", 41641),
                   user="alice@example.com")
 
 

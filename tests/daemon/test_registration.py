@@ -17,7 +17,7 @@ import trio.testing
 
 from conn25.core import config, peerapi
 from conn25.core.assignments import Assignment, Assignments
-from conn25.core.config import App, Node, NodeConfig, Tailnet
+from conn25.core.config import App, Member, NodeConfig, Tailnet
 from conn25.core.connector import ConnectorTable
 from conn25.core.peerapi import (
     DNS_QUERY_PATH,
@@ -42,17 +42,17 @@ T0 = 1_700_000_000.0
 PORT = 41642
 TAG = "tag:github-app-connector"
 GITHUB = App("GitHub", ("github.com.", "*.github.com."), (TAG,))
-LAPTOP = Node("laptop", (ip("100.64.0.1"), ip("fd7a:115c:a1e0::1")), ("192.0.2.1", 41641),
+LAPTOP = Member("laptop", (ip("100.64.0.1"), ip("fd7a:115c:a1e0::1")), ("192.0.2.1", 41641),
               user="alice@example.com")
-C1 = Node("gh-connector-1", (ip("100.64.0.2"), ip("fd7a:115c:a1e0::2")), ("192.0.2.2", 41641),
+C1 = Member("gh-connector-1", (ip("100.64.0.2"), ip("fd7a:115c:a1e0::2")), ("192.0.2.2", 41641),
           tags=(TAG,))
-C2 = Node("gh-connector-2", (ip("100.64.0.3"),), ("192.0.2.3", 41641), tags=(TAG,))
+C2 = Member("gh-connector-2", (ip("100.64.0.3"),), ("192.0.2.3", 41641), tags=(TAG,))
 H1, H2 = "100.64.0.2", "100.64.0.3"  # where the registrar reaches them
 # C2 comes first in the file: the choice must still be by name (B37).
 TAILNET = Tailnet(nodes=(LAPTOP, C2, C1), tag_owners={TAG: ("alice@example.com",)})
 
 
-def client_config(apps: tuple[App, ...] = (GITHUB,), node: Node = LAPTOP,
+def client_config(apps: tuple[App, ...] = (GITHUB,), node: Member = LAPTOP,
                   advertise: bool = False) -> NodeConfig:
     return NodeConfig(tailnet=TAILNET, node=node, advertise_connector=advertise, apps=apps,
                       pools=config.DEFAULT_POOLS,
@@ -186,7 +186,7 @@ def register_with_running(reg: Registrar, items: list[Assignment]) -> bool:
     return result[0]
 
 
-def installed_with(node: FakeNode, a: Assignment, conn: Node) -> bool:
+def installed_with(node: FakeNode, a: Assignment, conn: Member) -> bool:
     """The datapath sends a's magic IP to ``conn``, and the assignment says so."""
     tables = node.datapath.tables
     return (

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from .config import Node, Tailnet
+from .config import Member, Tailnet
 from .iprange import IPNetwork
 
 INTERNET = "autogroup:internet"
@@ -58,11 +58,11 @@ def split_dst(dst: str) -> tuple[str, str]:
     return host, ports
 
 
-def _in_network(node: Node, net: IPNetwork | None) -> bool:
+def _in_network(node: Member, net: IPNetwork | None) -> bool:
     return net is not None and any(a in net for a in node.addresses)
 
 
-def selector_matches(tailnet: Tailnet, selector: str, node: Node) -> bool:
+def selector_matches(tailnet: Tailnet, selector: str, node: Member) -> bool:
     """Whether ``selector`` names ``node`` in ``tailnet``."""
     match kind(selector):
         case "all":
@@ -86,7 +86,7 @@ def selector_matches(tailnet: Tailnet, selector: str, node: Node) -> bool:
             return host is not None and _in_network(node, parse_network(host))
 
 
-def may_reach_internet(tailnet: Tailnet, node: Node) -> bool:
+def may_reach_internet(tailnet: Tailnet, node: Member) -> bool:
     """The policy lets ``node`` reach autogroup:internet (on any port).
 
     That is what entitles a client to use an app through a connector.

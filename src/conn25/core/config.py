@@ -68,7 +68,9 @@ DEFAULT_POOLS = Pools(
 )
 
 
-class Node(msgspec.Struct, frozen=True):
+class Member(msgspec.Struct, frozen=True):
+    """One node of the tailnet file's ``nodes`` (not the daemon's running node)."""
+
     name: str
     addresses: tuple[IPAddress, ...]
     endpoint: tuple[str, int]  # underlay (ip, port)
@@ -99,7 +101,7 @@ class Rule(msgspec.Struct, frozen=True):
 
 
 class Tailnet(msgspec.Struct, frozen=True):
-    nodes: tuple[Node, ...]
+    nodes: tuple[Member, ...]
     tag_owners: dict[str, tuple[str, ...]] = {}
     groups: dict[str, tuple[str, ...]] = {}
     hosts: dict[str, str] = {}
@@ -107,13 +109,13 @@ class Tailnet(msgspec.Struct, frozen=True):
     grants: tuple[Rule, ...] = ()
     node_attrs: tuple[NodeAttr, ...] = ()
 
-    def node(self, name: str) -> Node | None:
+    def node(self, name: str) -> Member | None:
         return next((n for n in self.nodes if n.name == name), None)
 
-    def node_by_address(self, addr: IPAddress) -> Node | None:
+    def node_by_address(self, addr: IPAddress) -> Member | None:
         return next((n for n in self.nodes if addr in n.addresses), None)
 
-    def node_by_endpoint(self, endpoint: tuple[str, int]) -> Node | None:
+    def node_by_endpoint(self, endpoint: tuple[str, int]) -> Member | None:
         return next((n for n in self.nodes if n.endpoint == endpoint), None)
 
 
@@ -124,7 +126,7 @@ class NodeConfig:
         self,
         *,
         tailnet: Tailnet,
-        node: Node,
+        node: Member,
         advertise_connector: bool,
         apps: tuple[App, ...],
         pools: Pools,
@@ -177,7 +179,7 @@ class NodeConfig:
             return None
         return apps[0]
 
-    def connector_candidates(self, app: App) -> list[Node]:
+    def connector_candidates(self, app: App) -> list[Member]:
         """Peers carrying one of the app's connector tags, in a stable order (by name).
 
         Whether they actually advertise as connectors is learnt at run time
@@ -189,11 +191,11 @@ class NodeConfig:
             key=lambda n: n.name,
         )
 
-    def may_use_apps(self, peer: Node) -> bool:
+    def may_use_apps(self, peer: Member) -> bool:
         """The policy lets ``peer`` reach autogroup:internet, so it may use our apps."""
         return peer.name in self.app_users
 
-    def peer_by_address(self, addr: IPAddress) -> Node | None:
+    def peer_by_address(self, addr: IPAddress) -> Member | None:
         return self.tailnet.node_by_address(addr)
 
 

@@ -233,7 +233,7 @@ class ConnectorTable:
     # -- registration -------------------------------------------------------
 
     def handle_request(
-        self, peer: config.Node, req: ConnectorTransitIPRequest, now: float
+        self, peer: config.Member, req: ConnectorTransitIPRequest, now: float
     ) -> ConnectorTransitIPResponse:
         """Register the request's mappings for ``peer``; one result per item, in order.
 
@@ -243,7 +243,7 @@ class ConnectorTable:
         return self.register(peer, req, now)[0]
 
     def register(
-        self, peer: config.Node, req: ConnectorTransitIPRequest, now: float
+        self, peer: config.Member, req: ConnectorTransitIPRequest, now: float
     ) -> tuple[ConnectorTransitIPResponse, list[Mapping]]:
         """As :meth:`handle_request`, also returning the mappings stored (for the datapath)."""
         if not self.configured:
@@ -270,7 +270,7 @@ class ConnectorTable:
         return ConnectorTransitIPResponse(results), stored
 
     def _check(
-        self, peer: config.Node, permitted: bool, item: TransitIPRequest, now: float
+        self, peer: config.Member, permitted: bool, item: TransitIPRequest, now: float
     ) -> tuple[Code, str]:
         """The item's code: upstream's order, with permission before the app lookup."""
         transit, dest = item.transit, item.destination
@@ -310,7 +310,7 @@ class ConnectorTable:
         return None
 
     def _store(
-        self, peer: config.Node, item: TransitIPRequest, now: float, now_bits: int
+        self, peer: config.Member, item: TransitIPRequest, now: float, now_bits: int
     ) -> Mapping:
         transit = item.transit
         peer_addr = peer.address(transit.version)
@@ -346,7 +346,7 @@ class ConnectorTable:
             for transit, value in table.maps.items():
                 yield self._mapping(table, transit, value)
 
-    def _bucket(self, peer: config.Node, now: float) -> TokenBucket:
+    def _bucket(self, peer: config.Member, now: float) -> TokenBucket:
         b = self._buckets.get(peer.name)
         if b is None:
             b = self._buckets[peer.name] = TokenBucket(self._rate, self._burst, now)
@@ -392,7 +392,7 @@ class ConnectorTable:
         return entry is not None and _float_order(now) <= entry >> 129
 
     def needs_resolution(
-        self, peer: config.Node, req: ConnectorTransitIPRequest, now: float
+        self, peer: config.Member, req: ConnectorTransitIPRequest, now: float
     ) -> list[tuple[str, str]]:
         """``(app, domain)`` pairs the daemon should resolve before handling ``req``.
 

@@ -9,12 +9,12 @@ rest of the core.
 from __future__ import annotations
 
 from . import acl
-from .config import DEFAULT_POOLS, App, Node, NodeConfig, Pools, Tailnet
+from .config import DEFAULT_POOLS, App, Member, NodeConfig, Pools, Tailnet
 
 __all__ = ["attrs_for", "node_config", "pools_for"]
 
 
-def attrs_for(tailnet: Tailnet, node: Node) -> tuple[list[App], Pools]:
+def attrs_for(tailnet: Tailnet, node: Member) -> tuple[list[App], Pools]:
     """The apps and pools of the node attributes that target ``node``."""
     apps: list[App] = []
     pools: Pools | None = None
@@ -27,7 +27,7 @@ def attrs_for(tailnet: Tailnet, node: Node) -> tuple[list[App], Pools]:
     return apps, pools if pools is not None else DEFAULT_POOLS
 
 
-def pools_for(tailnet: Tailnet, node: Node) -> Pools:
+def pools_for(tailnet: Tailnet, node: Member) -> Pools:
     """The pools ``node`` allocates from (a connector checks a client's transit IPs here)."""
     return attrs_for(tailnet, node)[1]
 

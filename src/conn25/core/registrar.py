@@ -56,7 +56,7 @@ from typing import Any, Literal
 
 from . import peerapi
 from .assignments import Assignment, Assignments
-from .config import App, Node, NodeConfig
+from .config import App, Member, NodeConfig
 from .connector import DEFAULT_BURST
 from .iprange import IPAddress
 from .peerapi import Code, ConnectorTransitIPRequest, TransitIPRequest, TransitIPResponse
@@ -180,7 +180,7 @@ class _Health:
 class Batch:
     """Send ``request`` to ``connector`` at ``host``; feed the result to answered()/failed()."""
 
-    connector: Node
+    connector: Member
     host: str
     request: ConnectorTransitIPRequest
     items: list[_Item]
@@ -192,7 +192,7 @@ class Install:
     """Route ``assignment``'s transit IP to ``connector`` and its magic IP to the transit IP."""
 
     assignment: Assignment
-    connector: Node
+    connector: Member
 
 
 @dataclass(frozen=True)
@@ -320,9 +320,9 @@ class RegistrarMachine:
     def poll(self, now: float, config: NodeConfig) -> float:
         """Start one request per idle connector with its due items; when to poll again."""
         next_at = math.inf
-        batches: dict[str, tuple[Node, list[_Item]]] = {}
+        batches: dict[str, tuple[Member, list[_Item]]] = {}
         # By app, for this round: (has candidates, the connector to use).
-        choice: dict[str, tuple[bool, Node | None]] = {}
+        choice: dict[str, tuple[bool, Member | None]] = {}
         for item in list(self._items.values()):
             if item.in_flight:
                 continue
@@ -405,9 +405,9 @@ class RegistrarMachine:
 
     # -- health ------------------------------------------------------------------------------
 
-    def health_targets(self, config: NodeConfig) -> list[Node]:
+    def health_targets(self, config: NodeConfig) -> list[Member]:
         """The candidates to check in a health round (forgetting those no longer candidates)."""
-        candidates: dict[str, Node] = {}
+        candidates: dict[str, Member] = {}
         for app in config.apps:
             if not config.serves(app):
                 candidates.update((n.name, n) for n in self._candidates(app, config))
@@ -477,7 +477,7 @@ class RegistrarMachine:
         """
         moved: dict[tuple[str, str], int] = {}
         # By app: the candidates' names and the healthy connector to move to.
-        plan: dict[str, tuple[set[str], Node | None]] = {}
+        plan: dict[str, tuple[set[str], Member | None]] = {}
         for a in self.assignments:
             if a.connector is None or a.transit in self._items:
                 continue
@@ -502,20 +502,20 @@ class RegistrarMachine:
 
     # -- connector choice ----------------------------------------------------------------------
 
-    def chosen_connector(self, app: App, config: NodeConfig) -> Node | None:
+    def chosen_connector(self, app: App, config: NodeConfig) -> Member | None:
         """The first healthy candidate, else the first not known to be down; no side effects."""
         states = [(c, self.health_of(c.name, app)) for c in self._candidates(app, config)]
         return (next((c for c, s in states if s is True), None)
                 or next((c for c, s in states if s is None), None))
 
-    def connector_for(self, app: App, config: NodeConfig) -> Node | None:
+    def connector_for(self, app: App, config: NodeConfig) -> Member | None:
         """The connector to use for ``app`` now; asks for a health check when unsure."""
         chosen = self.chosen_connector(app, config)
         if chosen is None or self.health_of(chosen.name, app) is not True:
             self._out.append(CheckHealth())
         return chosen
 
-    def resolve_order(self, app: App, config: NodeConfig) -> list[Node]:
+    def resolve_order(self, app: App, config: NodeConfig) -> list[Member]:
         """The candidates to ask to resolve a name of ``app``, best first."""
         candidates = self._candidates(app, config)
         good = [c for c in candidates if self.health_of(c.name, app) is True]
@@ -524,13 +524,13 @@ class RegistrarMachine:
         return good + unknown or candidates
 
     @staticmethod
-    def host_of(peer: Node, config: NodeConfig) -> str:
+    def host_of(peer: Member, config: NodeConfig) -> str:
         """The peer's overlay address in a family we have (prefer the first)."""
         own = {a.version for a in config.node.addresses}
         return str(next((a for a in peer.addresses if a.version in own), peer.addresses[0]))
 
     @staticmethod
-    def _candidates(app: App, config: NodeConfig) -> list[Node]:
+    def _candidates(app: App, config: NodeConfig) -> list[Member]:
         return [n for n in config.connector_candidates(app) if n.addresses]
 
     # -- internals -----------------------------------------------------------------------------
@@ -570,7 +570,7 @@ class RegistrarMachine:
             item.in_flight = False
         self._busy.discard(batch.connector.name)
 
-    def _outcome(self, conn: Node, item: _Item, result: TransitIPResponse, now: float) -> None:
+    def _outcome(self, conn: Member, item: _Item, result: TransitIPResponse, now: float) -> None:
         a = item.assignment
         what = f"app={a.app} domain={a.domain} transit={a.transit} real={a.real}"
         if result.code == Code.OK:

@@ -38,7 +38,7 @@ from .config import (
     DEFAULT_PORT,
     POOL_ATTR,
     App,
-    Node,
+    Member,
     NodeAttr,
     Pools,
     Rule,
@@ -337,7 +337,7 @@ class _Loader:
                 continue
             self.hosts[name] = text
 
-    def load_nodes(self, value: object) -> list[tuple[str, Node]]:
+    def load_nodes(self, value: object) -> list[tuple[str, Member]]:
         """The nodes, each with its place for later messages."""
         items = self.lst(value, "nodes") or []
         names: dict[str, str] = {}
@@ -346,7 +346,7 @@ class _Loader:
         for item in items:
             if isinstance(item, dict) and isinstance(item.get("name"), str):
                 self.node_names.add(item["name"])
-        out: list[tuple[str, Node]] = []
+        out: list[tuple[str, Member]] = []
         for i, item in enumerate(items):
             place = _idx("nodes", i)
             if isinstance(item, dict) and isinstance(item.get("name"), str):
@@ -375,7 +375,7 @@ class _Loader:
                     self.error(p, str(e))
             # Kept even when broken (the file is rejected anyway) so that the
             # whole-file checks still see its name, tags and addresses.
-            out.append((place, Node(name=name or "", addresses=tuple(addrs),
+            out.append((place, Member(name=name or "", addresses=tuple(addrs),
                                     endpoint=endpoint or ("", 0), user=user, tags=tuple(tags),
                                     egress_ips=tuple(egress))))
         return out
@@ -609,7 +609,7 @@ class _Loader:
 
     # -- whole-file checks ------------------------------------------------------
 
-    def check_pools(self, tailnet: Tailnet, nodes: list[tuple[str, Node]]) -> None:
+    def check_pools(self, tailnet: Tailnet, nodes: list[tuple[str, Member]]) -> None:
         """One pool attribute per node; pools clear of each other and of node addresses."""
         without: list[str] = []
         for place, node in nodes:

@@ -31,7 +31,7 @@ import trio
 from dnslib import QTYPE, DNSRecord
 
 from ..core import dnsname, peerapi
-from ..core.config import Node, NodeConfig
+from ..core.config import Member, NodeConfig
 from ..core.connector import ConnectorTable, Mapping
 from ..core.dnsmap import DNSMapError, answer_addresses, query_question
 from ..core.iprange import IPAddress
@@ -135,10 +135,10 @@ class PeerAPI:
         node = self._peer_by_address(address)
         return node is not None and node.name != self._node.config.node.name
 
-    def _peer(self, req: Request) -> Node | None:
+    def _peer(self, req: Request) -> Member | None:
         return None if req.peer is None else self._peer_by_address(req.peer[0])
 
-    def _peer_by_address(self, address: str) -> Node | None:
+    def _peer_by_address(self, address: str) -> Member | None:
         try:
             addr: IPAddress = ipaddress.ip_address(address)
         except ValueError:
@@ -151,7 +151,7 @@ class PeerAPI:
     def _error(
         self,
         req: Request,
-        peer: Node | None,
+        peer: Member | None,
         status: int,
         reason: str,
         headers: list[tuple[str, str]] | None = None,
@@ -165,7 +165,7 @@ class PeerAPI:
 
     # -- transit-ip ---------------------------------------------------------------
 
-    async def _transit_ip(self, req: Request, peer: Node) -> Response:
+    async def _transit_ip(self, req: Request, peer: Member) -> Response:
         connector = self._node.connector
         body: bytes | ConnectorTransitIPRequest = req.body
         if req.method == "POST" and connector is not None:
@@ -196,7 +196,7 @@ class PeerAPI:
         return Response(200, answer)
 
     def _note_refused_items(
-        self, peer: Node, req: ConnectorTransitIPRequest, resp: ConnectorTransitIPResponse
+        self, peer: Member, req: ConnectorTransitIPRequest, resp: ConnectorTransitIPResponse
     ) -> None:
         """Count refused items per code; one summary per code, never a line per item."""
         refused: dict[int, tuple[int, str]] = {}
@@ -213,7 +213,7 @@ class PeerAPI:
                                  f"transit-ip item refused, code {code}: {example}", count=n)
 
     async def _resolve_fresh(
-        self, connector: ConnectorTable, peer: Node, req: ConnectorTransitIPRequest
+        self, connector: ConnectorTable, peer: Member, req: ConnectorTransitIPRequest
     ) -> None:
         """Resolve the (app, domain) pairs whose destinations this connector has not seen."""
         pairs = connector.needs_resolution(peer, req, self._node.now())
@@ -233,7 +233,7 @@ class PeerAPI:
     async def _resolve(
         self,
         connector: ConnectorTable,
-        peer: Node,
+        peer: Member,
         app: str,
         domain: str,
         version: int,
@@ -261,7 +261,7 @@ class PeerAPI:
 
     # -- dns-query ----------------------------------------------------------------
 
-    async def _dns_query(self, req: Request, peer: Node) -> Response:
+    async def _dns_query(self, req: Request, peer: Member) -> Response:
         if req.method != "POST":
             return self._error(req, peer, 405, "method must be POST", [("Allow", "POST")])
         content_type = req.header("content-type")
@@ -304,7 +304,7 @@ class PeerAPI:
             self._note_answer(peer, app.name, domain, qtype, answer)
         return Response(200, answer, DNS_MESSAGE)
 
-    def _note_answer(self, peer: Node, app: str, name: str, qtype: str, answer: bytes) -> None:
+    def _note_answer(self, peer: Member, app: str, name: str, qtype: str, answer: bytes) -> None:
         """Make the answer's addresses acceptable destinations for ``app``."""
         connector = self._node.connector
         if connector is None:
@@ -324,7 +324,7 @@ class PeerAPI:
 
     # -- health ---------------------------------------------------------------------
 
-    async def _health(self, req: Request, peer: Node) -> Response:
+    async def _health(self, req: Request, peer: Member) -> Response:
         if req.method not in ("GET", "HEAD"):
             return self._error(req, peer, 405, "method must be GET", [("Allow", "GET")])
         cfg = self._node.config

@@ -26,7 +26,7 @@ import trio
 
 from ..core import peerapi
 from ..core.assignments import Assignment, Assignments
-from ..core.config import App, Node, NodeConfig
+from ..core.config import App, Member, NodeConfig
 from ..core.iprange import IPAddress
 from ..core.peerapi import DNS_QUERY_PATH, HEALTH_PATH, TRANSIT_IP_PATH
 from ..core.registrar import (
@@ -148,7 +148,7 @@ class Registrar:
                 log.log(_LEVELS[action.level], "%s", action.text)
         return batches
 
-    def _install(self, a: Assignment, conn: Node) -> None:
+    def _install(self, a: Assignment, conn: Member) -> None:
         """Point the datapath at ``conn`` for ``a`` (the machine checked ``a`` is live)."""
         node = self._node
         node.dataplane.client_registered(a, conn.name)
@@ -223,11 +223,11 @@ class Registrar:
         """Whether node ``name`` serves ``app`` now: True/False, None until checked."""
         return self.core.health_of(name, app)
 
-    def chosen_connector(self, app: App) -> Node | None:
+    def chosen_connector(self, app: App) -> Member | None:
         """The first healthy candidate, else the first not known to be down; no side effects."""
         return self.core.chosen_connector(app, self._config)
 
-    def connector_for(self, app: App) -> Node | None:
+    def connector_for(self, app: App) -> Member | None:
         """The connector to use for ``app`` now; asks for a health check when unsure."""
         chosen = self.core.connector_for(app, self._config)
         self._carry_out()
@@ -257,7 +257,7 @@ class Registrar:
         self.core.move_mappings(self._config)
         self._fed(before)
 
-    async def _check(self, peer: Node) -> None:
+    async def _check(self, peer: Member) -> None:
         try:
             with trio.fail_after(self.settings.health_timeout):
                 status, body = await self._get(

@@ -37,7 +37,7 @@ from typing import Any, Protocol
 import msgspec
 
 from ..core.assignments import Assignment, Assignments
-from ..core.config import App, Node, NodeConfig
+from ..core.config import App, Member, NodeConfig
 from ..core.connector import ConnectorTable
 
 __all__ = ["StatusSource", "domain_order", "render_table", "status_document"]
@@ -46,7 +46,7 @@ __all__ = ["StatusSource", "domain_order", "render_table", "status_document"]
 class ConnectorChoice(Protocol):
     """What status shows of the registrar: its connector choice and health checks."""
 
-    def chosen_connector(self, app: App) -> Node | None: ...
+    def chosen_connector(self, app: App) -> Member | None: ...
 
     def health_of(self, name: str, app: App) -> bool | None: ...
 
