@@ -103,7 +103,7 @@ def test_expired_oldest_first_only_after_their_time_and_after_changes(store):
 
 
 def test_reclaim_on_next_new_assignment_returns_both_addresses(store):
-    """B33: expired, no flow ever -> reclaimed when the next new assignment is made."""
+    """Expired, no flow ever -> reclaimed when the next new assignment is made."""
     a, _ = store.reserve("A", "a.", ip("203.0.113.1"), 60, T0)
     b, _ = store.reserve("A", "b.", ip("203.0.113.2"), 60, T0 + 61)
     assert store.by_magic(a.magic) is None and store.by_transit(a.transit) is None
@@ -113,7 +113,7 @@ def test_reclaim_on_next_new_assignment_returns_both_addresses(store):
 
 
 def test_active_flow_or_recent_flow_moves_expiry_24h(store):
-    """B33: an active flow, or one ended under 2 minutes ago, keeps it (expiry +24 h)."""
+    """An active flow, or one ended under 2 minutes ago, keeps it (expiry +24 h)."""
     a, _ = store.reserve("A", "a.", ip("203.0.113.1"), 60, T0)
     b, _ = store.reserve("A", "b.", ip("203.0.113.2"), 60, T0)
     c, _ = store.reserve("A", "c.", ip("203.0.113.3"), 60, T0)
@@ -147,7 +147,7 @@ def test_exhaustion_is_an_error_and_leaves_no_half_assignment():
 
 
 def test_attach(store):
-    """B38: unknown transit or no identity is an error; the same pair twice is harmless."""
+    """Unknown transit or no identity is an error; the same pair twice is harmless."""
     a, _ = store.reserve("A", "a.", ip("203.0.113.1"), 300, T0)
     with pytest.raises(AssignmentError, match="not assigned"):
         store.attach(ip("169.254.200.1"), "gh-connector-1")
@@ -159,7 +159,7 @@ def test_attach(store):
 
 
 def test_snapshot_restore_keeps_addresses(store):
-    """B35: assignments are kept across a restart."""
+    """Assignments are kept across a restart."""
     a, _ = store.reserve("GitHub", "github.com.", ip("203.0.113.10"), 300, T0)
     b, _ = store.reserve("GitHub", "github.com.", ip("2001:db8::10"), 300, T0)
     store.attach(a.transit, "gh-connector-1")

@@ -1,4 +1,4 @@
-"""One node's view of a tailnet: policy.node_config and NodeConfig (B2, B4, B5, B11-B13, B37)."""
+"""One node's view of a tailnet: policy.node_config and NodeConfig."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def names(found: list) -> list[str]:
     return [a.name for a in found]
 
 
-# -- own apps (B4) -----------------------------------------------------------------------
+# -- own apps -----------------------------------------------------------------------
 
 
 def test_own_apps_are_those_whose_tags_the_advertising_node_carries():
@@ -69,7 +69,7 @@ def test_own_apps_are_those_whose_tags_the_advertising_node_carries():
 
 
 def test_a_node_that_does_not_advertise_serves_no_app():
-    """B4/B13: the tag alone is not enough."""
+    """The tag alone is not enough."""
     cfg = node_config(make([MATCHING]), "conn-a")
     assert cfg.own_apps == ()
     assert not any(cfg.serves(a) for a in cfg.apps)
@@ -101,7 +101,7 @@ def test_app_lookup_by_name():
     assert cfg.app("narrow") is None
 
 
-# -- pools and magic routes (B5) ------------------------------------------------------------
+# -- pools and magic routes ------------------------------------------------------------
 
 
 POOLS = {"target": ["*"], "app": {POOL_ATTR: [{
@@ -113,7 +113,7 @@ POOLS = {"target": ["*"], "app": {POOL_ATTR: [{
 
 
 def test_magic_routes_are_exactly_the_union_of_the_magic_pools():
-    """B5: no neighbouring addresses, no transit addresses."""
+    """No neighbouring addresses, no transit addresses."""
     routes = node_config(make([MATCHING, POOLS]), "client").pools.magic_routes()
     assert [str(r) for r in routes] == [
         "100.80.0.0/30", "100.80.0.4/31", "100.80.1.0/24",
@@ -143,7 +143,7 @@ def test_default_pools_apply_when_no_pool_attribute_targets_the_node():
         "100.80.0.0/16", "fd7a:115c:a1e0:ab12::/112"]
 
 
-# -- matching names to apps (B11-B13) -----------------------------------------------------
+# -- matching names to apps -----------------------------------------------------
 
 
 @pytest.mark.parametrize(("qname", "expected"), [
@@ -174,7 +174,7 @@ def test_several_matching_apps_map_with_the_first():
 
 
 def test_connector_maps_nothing_for_the_apps_it_serves():
-    """B13: exact and wildcard names of a served app are not mapped."""
+    """Exact and wildcard names of a served app are not mapped."""
     t = make([MATCHING])
     conn_b = node_config(t, "conn-b2", advertise_connector=True)
     assert conn_b.mapping_app("exact.example.com") is None
@@ -183,7 +183,7 @@ def test_connector_maps_nothing_for_the_apps_it_serves():
 
 
 def test_serving_any_matching_app_suppresses_the_mapping():
-    """B13: conn-b1 serves Shared (tag:c), the second match, so it maps nothing either."""
+    """Node conn-b1 serves Shared (tag:c), the second match, so it maps nothing either."""
     cfg = node_config(make([MATCHING]), "conn-b1", advertise_connector=True)
     assert cfg.mapping_app("x.api.example.com") is None
 
@@ -203,7 +203,7 @@ def test_tag_alone_or_advertising_alone_does_not_suppress(node, advertise):
 
 
 def test_connector_candidates_are_tagged_peers_in_name_order():
-    """B37: stable order by name; the node itself is never a candidate."""
+    """Stable order by name; the node itself is never a candidate."""
     t = make([MATCHING])
     client = node_config(t, "client")
     assert [n.name for n in client.connector_candidates(client.app("Narrow"))] == [
@@ -226,7 +226,7 @@ def test_peer_by_address():
     assert cfg.peer_by_address(ipaddress.ip_address("100.64.9.9")) is None
 
 
-# -- DomainIndex directly (B2, B11, B12) ------------------------------------------------------
+# -- DomainIndex directly ------------------------------------------------------
 
 
 def test_domain_index_exact_and_wildcard():
@@ -245,7 +245,7 @@ def test_domain_index_exact_and_wildcard():
 
 
 def test_domain_index_keeps_apps_in_order_without_repeats():
-    """B2: one domain may belong to several apps; B12: the order is kept."""
+    """One domain may belong to several apps; B12: the order is kept."""
     idx = DomainIndex()
     for app in ["B", "A", "B"]:
         idx.add("github.com.", app)

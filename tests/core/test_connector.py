@@ -1,4 +1,4 @@
-"""The connector's transit-IP tables (B41-B49, B58 connector view)."""
+"""The connector's transit-IP tables."""
 
 import ipaddress
 
@@ -76,7 +76,7 @@ def table() -> ConnectorTable:
 
 
 def test_many_v4_and_v6_mappings_register_and_look_up(table):
-    """B41: one or many, v4 or v6, are OK; (peer, transit) then gives the destination."""
+    """One or many, v4 or v6, are OK; (peer, transit) then gives the destination."""
     resp = table.handle_request(LAPTOP, req(item(T4[0], D4[0])), 1.0)
     assert codes(resp) == [Code.OK] and resp.transit_ips[0].message == ""
     resp = table.handle_request(
@@ -109,7 +109,7 @@ def test_registering_again_replaces_the_destination(table):
 
 
 def test_duplicate_transit_in_one_request_gets_code_2_others_handled(table):
-    """B43: the repeat gets code 2; the first occurrence and the rest are handled."""
+    """The repeat gets code 2; the first occurrence and the rest are handled."""
     resp = table.handle_request(
         LAPTOP, req(item(T4[0], D4[0]), item(T4[0], D4[1]), item(T4[1], D4[2])), 1.0
     )
@@ -120,14 +120,14 @@ def test_duplicate_transit_in_one_request_gets_code_2_others_handled(table):
 
 
 def test_duplicate_of_a_failed_item_is_still_a_duplicate(table):
-    """B43: as upstream, any transit IP seen before in the request counts."""
+    """As upstream, any transit IP seen before in the request counts."""
     resp = table.handle_request(LAPTOP, req(item(T4[0], D6[0]), item(T4[0], D4[0])), 1.0)
     assert codes(resp) == [Code.FAMILY_MISMATCH, Code.DUPLICATE_TRANSIT_IP]
     assert table.lookup(LAPTOP.address(4), T4[0]) is None
 
 
 def test_same_transit_from_two_peers_is_independent(table):
-    """B44: keyed per peer; two transit IPs may map to one destination."""
+    """Keyed per peer; two transit IPs may map to one destination."""
     table.handle_request(LAPTOP, req(item(T4[0], D4[0]), item(T4[1], D4[0])), 1.0)
     table.handle_request(PHONE, req(item(T4[0], D4[5])), 1.0)
     assert table.lookup(LAPTOP.address(4), T4[0]).destination == D4[0]
@@ -147,7 +147,7 @@ def test_peer_without_address_of_the_family_gets_code_3(table):
 
 
 def test_family_mismatch_gets_code_4_before_the_peer_family_check(table):
-    """B45: the family check comes first, as upstream."""
+    """The family check comes first, as upstream."""
     resp = table.handle_request(
         LAPTOP, req(item(T4[0], D6[0]), item(T6[0], D4[0])), 1.0
     )
@@ -159,7 +159,7 @@ def test_family_mismatch_gets_code_4_before_the_peer_family_check(table):
 
 
 def test_unknown_app_with_permission_gets_code_5(table):
-    """B46: unknown app, and an app this node does not serve, are both unknown."""
+    """Unknown app, and an app this node does not serve, are both unknown."""
     resp = table.handle_request(
         LAPTOP, req(item(T4[0], D4[0], "NoSuch"), item(T4[1], D4[0], "Other")), 1.0
     )
@@ -168,7 +168,7 @@ def test_unknown_app_with_permission_gets_code_5(table):
 
 
 def test_without_permission_every_app_gets_code_6(table):
-    """B46: permission is checked before the app, so app names cannot be probed."""
+    """Permission is checked before the app, so app names cannot be probed."""
     resp = table.handle_request(
         INTRUDER, req(item(T4[0], D4[0], "GitHub"), item(T4[1], D4[0], "NoSuch")), 1.0
     )
@@ -208,7 +208,7 @@ def test_empty_request_gets_empty_response(table):
     ids=["not-advertising", "no-own-app", "no-apps"],
 )
 def test_not_configured_refuses_with_503(cfg):
-    """B47: a node that serves no app answers 503 and stores nothing."""
+    """A node that serves no app answers 503 and stores nothing."""
     t = ConnectorTable(cfg)
     assert not t.configured
     with pytest.raises(NotConfigured):
@@ -220,7 +220,7 @@ def test_not_configured_refuses_with_503(cfg):
 
 
 def test_http_adapter_round_trip(table):
-    """B47: the HTTP helper bound to a table answers 200 with the table's codes."""
+    """The HTTP helper bound to a table answers 200 with the table's codes."""
     raw = peerapi.encode(req(item(T4[0], D4[0]), item(T4[0], D4[0])))
     status, out = peerapi.transit_ip_http(
         "POST", raw, lambda r: table.handle_request(LAPTOP, r, 1.0)
@@ -229,7 +229,7 @@ def test_http_adapter_round_trip(table):
     assert codes(peerapi.decode_transit_response(out)) == [Code.OK, Code.DUPLICATE_TRANSIT_IP]
 
 
-# -- expiry (B48) ------------------------------------------------------------
+# -- expiry ------------------------------------------------------------
 
 
 def test_mappings_live_an_hour_from_their_last_registration(table):
@@ -254,7 +254,7 @@ def test_sweep_is_bounded_and_leaves_the_rest_for_next_time(table):
 
 
 def test_sweep_prunes_empty_peer_tables(table):
-    """B48: once a peer's last mapping goes, the peer is gone from the state too."""
+    """Once a peer's last mapping goes, the peer is gone from the state too."""
     table.handle_request(LAPTOP, req(item(T4[0], D4[0])), 0.0)
     table.handle_request(PHONE, req(item(T4[0], D4[0])), 2000.0)
     assert [p.name for p in table.state().peers] == ["laptop", "phone"]
@@ -264,7 +264,7 @@ def test_sweep_prunes_empty_peer_tables(table):
 
 
 def test_sweep_goes_by_registration_time_across_peers(table):
-    """B48: the oldest registrations go first, whichever peer they belong to."""
+    """The oldest registrations go first, whichever peer they belong to."""
     table.handle_request(LAPTOP, req(item(T4[0], D4[0]), item(T4[1], D4[1])), 10.0)
     table.handle_request(PHONE, req(item(T4[0], D4[0])), 20.0)
     table.handle_request(LAPTOP, req(item(T4[2], D4[2]), item(T6[0], D6[0])), 30.0)
@@ -281,7 +281,7 @@ def test_sweep_goes_by_registration_time_across_peers(table):
 
 
 def test_sweep_stops_at_the_first_mapping_still_alive(table):
-    """B48: nothing younger than an hour goes, and older ones behind it stay for later."""
+    """Nothing younger than an hour goes, and older ones behind it stay for later."""
     table.handle_request(LAPTOP, req(item(T4[0], D4[0])), 0.0)
     table.handle_request(PHONE, req(item(T4[0], D4[0])), 100.0)
     table.handle_request(LAPTOP, req(item(T4[1], D4[1])), 200.0)
@@ -334,7 +334,7 @@ def test_sweep_rejects_negative_limit(table):
 
 
 def test_sweep_expires_resolution_records():
-    """B49: records go once their TTL has passed, a bounded number per sweep."""
+    """Records go once their TTL has passed, a bounded number per sweep."""
     t = ConnectorTable(node_config())
     t.note_resolution("GitHub", "github.com", [(D4[0], 10), (D4[1], 10), (D4[2], 100)], 0.0)
     t.note_resolution("GitHub", "api.github.com", [(D4[0], 50)], 5.0)  # extends D4[0]
@@ -349,11 +349,11 @@ def test_sweep_expires_resolution_records():
     assert t.resolutions == 0
 
 
-# -- going further than upstream (B49) -----------------------------------------
+# -- going further than upstream -----------------------------------------
 
 
 def test_destination_not_resolved_here_gets_code_1():
-    """B49: no open relay; the reason names the destination and the app."""
+    """No open relay; the reason names the destination and the app."""
     t = ConnectorTable(node_config())
     resp = t.handle_request(LAPTOP, req(item(T4[0], D4[0])), 1.0)
     assert codes(resp) == [Code.OTHER]
@@ -379,7 +379,7 @@ def test_resolution_counts_only_for_its_app_and_its_ttl():
 
 
 def test_any_domain_of_the_app_vouches_for_the_destination():
-    """B49: the item's domain must be the app's; the answer may come from another of its names."""
+    """The item's domain must be the app's; the answer may come from another of its names."""
     t = ConnectorTable(node_config())
     t.note_resolution("GitHub", "github.com", [(D4[0], 60)], 0.0)
     resp = t.handle_request(
@@ -397,7 +397,7 @@ def test_any_domain_of_the_app_vouches_for_the_destination():
 
 
 def test_note_resolution_refuses_foreign_domains_and_apps():
-    """B49: a client cannot get an arbitrary name resolved into the allowed set."""
+    """A client cannot get an arbitrary name resolved into the allowed set."""
     t = ConnectorTable(node_config())
     assert not t.note_resolution("GitHub", "evil.example.", [(D4[0], 60)], 0.0)
     assert not t.note_resolution("Other", "example.com", [(D4[0], 60)], 0.0)  # not served here
@@ -407,7 +407,7 @@ def test_note_resolution_refuses_foreign_domains_and_apps():
 
 
 def test_needs_resolution_lists_unknown_destinations_with_a_domain():
-    """B49: the daemon resolves these pairs freshly before handling the request."""
+    """The daemon resolves these pairs freshly before handling the request."""
     t = ConnectorTable(node_config())
     t.note_resolution("GitHub", "github.com", [(D4[0], 60)], 0.0)
     r = req(
@@ -444,7 +444,7 @@ def test_transit_outside_the_pools_gets_code_1(table):
 
 
 def test_transit_is_checked_against_the_clients_pools_not_ours():
-    """B49: a client whose pool attribute differs from the connector's is judged by its own."""
+    """A client whose pool attribute differs from the connector's is judged by its own."""
     from conn25.core.config import NodeAttr, Pools
     from conn25.core.iprange import IPRange, IPSet
 
@@ -477,7 +477,7 @@ def test_transit_is_checked_against_the_clients_pools_not_ours():
     ],
 )
 def test_destinations_that_point_back_inside_are_refused(dest, why):
-    """B49: even when DNS answered them."""
+    """Even when DNS answered them."""
     t = ConnectorTable(node_config())
     d = ip(dest)
     t.note_resolution("GitHub", "github.com", [(d, 60)], 0.0)
@@ -488,7 +488,7 @@ def test_destinations_that_point_back_inside_are_refused(dest, why):
 
 
 def test_rate_limit_per_peer():
-    """B49: items beyond the burst get code 1 "rate limited"; tokens come back at the rate."""
+    """Items beyond the burst get code 1 "rate limited"; tokens come back at the rate."""
     t = ConnectorTable(node_config(), rate=2.0, burst=3)
     t.note_resolution("GitHub", "github.com", [(d, 3600) for d in D4], 0.0)
     resp = t.handle_request(LAPTOP, req(*(item(T4[i], D4[i]) for i in range(5))), 0.0)
@@ -611,11 +611,11 @@ def test_restore_leaves_expired_mappings_out_and_refuses_garbage(table):
     assert fresh.restore(doc, 1.0, lines.append) == [] and len(lines) == 2
 
 
-# -- state (B58, connector view) -------------------------------------------------
+# -- state -------------------------------------------------
 
 
 def test_state_lists_peers_apps_and_mappings_sorted(table):
-    """B58: peers by name, their apps, transit -> destination by transit IP."""
+    """Peers by name, their apps, transit -> destination by transit IP."""
     table.handle_request(PHONE, req(item(T4[0], D4[0], "GitLab")), 5.0)
     table.handle_request(
         LAPTOP, req(item(T6[0], D6[0]), item(T4[2], D4[2]), item(T4[1], D4[1])), 10.0
@@ -650,6 +650,6 @@ def test_state_lists_peers_apps_and_mappings_sorted(table):
 
 
 def test_state_when_not_configured_is_just_that():
-    """B58: {configured: false}."""
+    """{configured: false}."""
     t = ConnectorTable(node_config(advertise=False))
     assert msgspec.json.decode(msgspec.json.encode(t.state())) == {"configured": False}

@@ -19,7 +19,7 @@ def pool(*ranges):
 
 
 def test_order_across_ranges_then_exhausted_repeatedly():
-    """B7: in order across ranges, a one-address range too, then exhausted, again and again."""
+    """In order across ranges, a one-address range too, then exhausted, again and again."""
     p = pool("100.80.0.1-100.80.0.2", "100.80.0.9", "100.80.1.0/31")
     got = [str(p.next()) for _ in range(5)]
     assert got == ["100.80.0.1", "100.80.0.2", "100.80.0.9", "100.80.1.0", "100.80.1.1"]
@@ -50,7 +50,7 @@ def test_round_robin_continues_after_a_release():
 
 
 def test_release_errors_are_distinct():
-    """B8: twice, and not the pool's, are two different errors."""
+    """Twice, and not the pool's, are two different errors."""
     p = pool("100.80.0.0/30")
     a = p.next()
     p.release(a)

@@ -1,4 +1,4 @@
-"""Peer API messages, the request decoder and the transit-ip HTTP mapping (B36, B47)."""
+"""Peer API messages, the request decoder and the transit-ip HTTP mapping."""
 
 import json
 
@@ -34,7 +34,7 @@ def test_codes_have_upstream_numbers():
 
 
 def test_request_encodes_with_upstream_field_names():
-    """B36: {transitIP, destinationIP, app}; our domain field only when set."""
+    """{transitIP, destinationIP, app}; our domain field only when set."""
     req = ConnectorTransitIPRequest([TransitIPRequest("169.254.128.1", "203.0.113.1", "GitHub")])
     assert json.loads(peerapi.encode(req)) == {"transitIPs": [ITEM]}
     req.transit_ips[0].domain = "github.com."
@@ -105,7 +105,7 @@ def test_bad_ip_error_names_the_item():
 
 
 def test_body_over_one_mib_is_refused():
-    """B47: over 1 MiB is refused (413), exactly 1 MiB is read."""
+    """Over 1 MiB is refused (413), exactly 1 MiB is read."""
     raw = body(ITEM)
     exact = raw + b" " * (MAX_BODY - len(raw))
     assert len(peerapi.decode_transit_request(exact).transit_ips) == 1
@@ -154,7 +154,7 @@ def test_paths():
     assert peerapi.HEALTH_PATH == "/v0/health"
 
 
-# -- the HTTP mapping (B47) ---------------------------------------------------
+# -- the HTTP mapping ---------------------------------------------------
 
 
 class Recorder:

@@ -1,4 +1,4 @@
-"""Loading and checking tailnet files (B1, B2, B3, B6)."""
+"""Loading and checking tailnet files."""
 
 from __future__ import annotations
 
@@ -200,11 +200,11 @@ def test_error_string_is_every_error_one_per_line():
     assert err.errors == ["a: x", "b: y"]
 
 
-# -- apps (B2, B3) ----------------------------------------------------------------------
+# -- apps ----------------------------------------------------------------------
 
 
 def test_wildcard_connector_is_rejected_with_the_upstream_message():
-    """B3: exactly `connector ("*") must be a tag`, after the place."""
+    """Exactly `connector ("*") must be a tag`, after the place."""
     doc = base()
     doc["nodeAttrs"][0]["app"][APPS][0]["connectors"] = ["*"]
     assert the_error(doc) == f'{APP0}.connectors[0]: connector ("*") must be a tag'
@@ -318,7 +318,7 @@ def test_same_app_name_with_an_equal_definition_is_one_app():
     assert len(node_config(t, "laptop").apps) == 1
 
 
-# -- tags (B6) ------------------------------------------------------------------------
+# -- tags ------------------------------------------------------------------------
 
 
 def test_connector_tag_without_tag_owner_is_an_error():
@@ -465,7 +465,7 @@ def test_grants_load_with_their_extra_fields_ignored():
     assert the_error(doc) == "grants[0].dst: must not be empty"
 
 
-# -- nodes (B6) -------------------------------------------------------------------------
+# -- nodes -------------------------------------------------------------------------
 
 
 def test_duplicate_node_name_is_an_error():
@@ -553,7 +553,7 @@ def test_duplicate_endpoint_is_an_error():
                               '(also nodes[0] ("laptop").endpoint)')
 
 
-# -- pools (B1, B6) -----------------------------------------------------------------------
+# -- pools -----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(("text", "reason"), [
@@ -627,7 +627,7 @@ def test_overlapping_magic_and_transit_pools_are_an_error():
 
 
 def test_pools_of_different_attributes_must_not_overlap_magic_with_transit():
-    """B6: transit IPs travel between nodes, so one node's magic pool must not hold another's."""
+    """Transit IPs travel between nodes, so one node's magic pool must not hold another's."""
     doc = base()
     doc["nodeAttrs"][1]["target"] = ["laptop"]
     doc["nodeAttrs"].append({"target": ["conn-1"], "app": {POOL_ATTR: [{
@@ -658,7 +658,7 @@ def test_pool_holding_a_node_address_is_an_error():
 
 
 def test_default_pools_count_when_a_node_has_no_pool_attribute():
-    """B6: a node address in the default magic pool is an error once the defaults apply."""
+    """A node address in the default magic pool is an error once the defaults apply."""
     doc = base()
     doc["nodes"].append({"name": "odd", "addresses": ["100.80.0.7"], "endpoint": "192.0.2.7"})
     # The pool attribute covers every node: the defaults are not used, but the
@@ -682,7 +682,7 @@ def test_default_pools_must_not_overlap_a_pool_attribute():
 
 
 def test_two_pool_attributes_for_one_node_is_an_error():
-    """B1: the error names the node and both places."""
+    """The error names the node and both places."""
     doc = base()
     doc["nodeAttrs"].append({"target": ["tag:conn"],
                              "app": copy.deepcopy(doc["nodeAttrs"][1]["app"])})
@@ -701,7 +701,7 @@ def test_pool_attributes_for_disjoint_targets_are_fine():
     assert node_config(t, "laptop").pools.v4_magic == IPSet.of([IPRange.parse("100.80.0.0/16")])
 
 
-# -- everything at once (B6) ----------------------------------------------------------------
+# -- everything at once ----------------------------------------------------------------
 
 
 def test_all_errors_are_reported_at_once_each_with_its_place():

@@ -35,7 +35,7 @@ def test_check_counts_in_the_singular_and_plural(tmp_path, capsys):
 
 def test_check_lists_all_four_errors_and_exits_nonzero(capsys):
     """The issue's case: a "*" connector, an unknown tag, overlapping pools and a
-    duplicate node address are all reported, one a line, prefixed by the file (B3, B6)."""
+    duplicate node address are all reported, one a line, prefixed by the file."""
     assert main(["check", str(FOUR_ERRORS)]) == 1
     out, err = capsys.readouterr()
     assert out == ""

@@ -1,6 +1,6 @@
 """The DNS shell: upstream forwarding (UDP, TCP fallback, failover), the UDP+TCP
 server, and the client's resolver that answers app queries only after the
-connector acknowledged the mappings (B28). Non-app names pass byte for byte (B16).
+connector acknowledged the mappings. Non-app names pass byte for byte.
 
 A real upstream is dnsmasq on loopback; small trio fakes play the upstreams
 that misbehave (truncation, wrong ids, silence).
@@ -296,7 +296,7 @@ def test_upstream_dns_flag_rejects_bad_addresses_naming_them(text, message):
 
 
 def test_forwarder_returns_the_upstream_answer_unchanged(dnsmasq):
-    """B16: non-app answers pass byte for byte."""
+    """Non-app answers pass byte for byte."""
     q = query("plain.test", qid=0x4242)
     direct = ask_udp_sync(dnsmasq, q)
 
@@ -716,7 +716,7 @@ def test_server_query_check_never_raises(wire):
         assert DNSRecord.parse(out).header.rcode in (RCODE.FORMERR, RCODE.NOTIMP)
 
 
-# -- the client's resolver (B28) -------------------------------------------------------------------
+# -- the client's resolver -------------------------------------------------------------------
 
 
 def make_mapper(v4_magic="100.80.0.0-100.80.0.255"):
@@ -800,7 +800,7 @@ def test_a_query_is_parsed_once_and_the_forwarder_takes_the_parsed_value(monkeyp
 
 
 def test_app_query_is_answered_with_magic_ip_after_the_ack(dnsmasq):
-    """B28: resolved at the connector, mapped, registered, then answered."""
+    """Resolved at the connector, mapped, registered, then answered."""
     res, conn, store = resolver(dnsmasq)
 
     async def main():
@@ -837,7 +837,7 @@ def test_cname_chain_is_collapsed_and_repeat_query_needs_no_new_registration(dns
 
 
 def test_app_query_gets_servfail_when_the_ack_does_not_come_in_time(dnsmasq):
-    """B28: register never returns -> SERVFAIL after ack_timeout, counted."""
+    """Register never returns -> SERVFAIL after ack_timeout, counted."""
     res, conn, store = resolver(dnsmasq, ack="never", ack_timeout=0.2)
 
     async def main():
@@ -867,7 +867,7 @@ def test_app_query_gets_servfail_when_the_connector_refuses(dnsmasq):
 
 
 def test_concurrent_queries_for_one_name_all_wait_for_the_one_registration(dnsmasq):
-    """B28: the second query reuses the assignment but still waits for its ack."""
+    """The second query reuses the assignment but still waits for its ack."""
     res, conn, _ = resolver(dnsmasq, ack="wait", ack_timeout=5)
 
     async def main():
@@ -947,7 +947,7 @@ def test_connector_answer_with_zero_id_is_answered_with_the_query_id(dnsmasq):
 
 
 def test_non_app_names_are_forwarded_byte_for_byte(dnsmasq):
-    """B16, B26: other names go upstream unchanged; no connector, no assignment."""
+    """Other names go upstream unchanged; no connector, no assignment."""
     res, conn, store = resolver(dnsmasq)
     q = query("plain.test", qid=0x3131, edns=1232)
     direct = ask_udp_sync(dnsmasq, q)

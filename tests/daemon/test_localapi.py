@@ -1,4 +1,4 @@
-"""The local API on its unix socket: status JSON and Prometheus metrics (B58, DESIGN §6)."""
+"""The local API on its unix socket: status JSON and Prometheus metrics."""
 
 import contextlib
 import json
@@ -47,7 +47,7 @@ def fetch(tmp_path, method: str, target: str, *, doc=lambda: DOC, metrics=lambda
 
 
 def test_status_is_the_status_document_as_json(tmp_path):
-    """B58: `conn25d status --json` reads this."""
+    """`conn25d status --json` reads this."""
     status, body = fetch(tmp_path, "GET", "/status")
     assert status == 200
     assert json.loads(body) == {"configured": True, "apps": [{"name": "GitHub", "domains": []}],

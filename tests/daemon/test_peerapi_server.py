@@ -1,4 +1,4 @@
-"""The peer API routes on a node stand-in made of the real core objects (B41-B49, DESIGN §4)."""
+"""The peer API routes on a node stand-in made of the real core objects."""
 
 import contextlib
 import functools
@@ -136,7 +136,7 @@ def codes(results: list[tuple[int, str]]) -> list[int]:
 
 
 def test_item_with_domain_is_checked_against_a_fresh_resolution_and_installed():
-    """B49: the connector resolves the domain itself; the answered address is accepted."""
+    """The connector resolves the domain itself; the answered address is accepted."""
     node = FakeNode()
     assert codes(register(node, (T4, REAL4, "GitHub", "github.com"))) == [Code.OK]
     assert node.forwarder.queries == [("github.com.", "A")]
@@ -153,7 +153,7 @@ def test_v6_item_resolves_aaaa_and_is_keyed_by_the_peers_v6_address():
 
 
 def test_destination_the_domain_does_not_resolve_to_is_refused():
-    """B49: no open relay; code 1 with the reason, nothing installed."""
+    """No open relay; code 1 with the reason, nothing installed."""
     node = FakeNode()
     ((code, message),) = register(node, (T4, OTHER4, "GitHub", "github.com"))
     assert code == Code.OTHER and "not an address" in message
@@ -183,7 +183,7 @@ def test_failed_fresh_resolution_fails_the_item_and_is_logged(caplog):
 
 
 def test_per_item_codes_pass_through():
-    """B43, B45, B46: permission before unknown app; one result per item, in order."""
+    """Permission before unknown app; one result per item, in order."""
     node = FakeNode()
     results = register(
         node,
@@ -216,7 +216,7 @@ def test_http_status_of_the_registration_passes_through(method, body, status):
 
 
 def test_registration_at_a_node_that_is_no_connector_gets_503():
-    """B47: not configured."""
+    """Not configured."""
     resp = call(FakeNode(connector=False),
                 request("POST", TRANSIT_IP_PATH, transit_body((T4, REAL4, "GitHub"))))
     assert resp.status == 503

@@ -48,7 +48,7 @@ C1 = Member("gh-connector-1", (ip("100.64.0.2"), ip("fd7a:115c:a1e0::2")), ("192
           tags=(TAG,))
 C2 = Member("gh-connector-2", (ip("100.64.0.3"),), ("192.0.2.3", 41641), tags=(TAG,))
 H1, H2 = "100.64.0.2", "100.64.0.3"  # where the registrar reaches them
-# C2 comes first in the file: the choice must still be by name (B37).
+# C2 comes first in the file: the choice must still be by name.
 TAILNET = Tailnet(nodes=(LAPTOP, C2, C1), tag_owners={TAG: ("alice@example.com",)})
 
 
@@ -200,7 +200,7 @@ def installed_with(node: FakeNode, a: Assignment, conn: Member) -> bool:
 
 
 def test_assignments_are_sent_as_transit_destination_app_domain_and_installed_on_ack():
-    """B36: {transitIP, destinationIP, app} (+ domain) to the connector; then the route."""
+    """{transitIP, destinationIP, app} (+ domain) to the connector; then the route."""
     node, peers, reg = setup()
     a = node.reserve("api.github.com.", "203.0.113.7")
 
@@ -222,7 +222,7 @@ def msgspec_builtins(req: ConnectorTransitIPRequest) -> dict:
 
 
 def test_items_queued_while_a_request_is_out_go_together_in_one_request():
-    """B39: every pending item for one connector in one request."""
+    """Every pending item for one connector in one request."""
     node, peers, reg = setup()
     first = node.reserve("github.com.", "203.0.113.1")
     later = [node.reserve("github.com.", f"203.0.113.{i}") for i in (2, 3, 4)]
@@ -357,7 +357,7 @@ def test_code_1_then_ok_succeeds():
 
 
 def test_transport_failures_retry_with_exponential_backoff_then_succeed():
-    """B39: failures retry with backoff."""
+    """Failures retry with backoff."""
     node, peers, reg = setup(backoff_initial=0.25)
     a = node.reserve("github.com.", "203.0.113.1")
     peers.failures[H1] = 3
@@ -418,7 +418,7 @@ def test_retries_are_bounded():
 
 
 def test_a_caller_that_stops_waiting_still_gets_the_mapping_registered():
-    """B28: the DNS side gives up after its timeout; the sender keeps trying."""
+    """The DNS side gives up after its timeout; the sender keeps trying."""
     node, peers, reg = setup(backoff_initial=1.0)
     a = node.reserve("github.com.", "203.0.113.1")
     peers.failures[H1] = 2
@@ -500,11 +500,11 @@ def test_bad_settings_are_refused():
             Registrar(node, **kwargs)
 
 
-# -- rejects (B40) ----------------------------------------------------------------------
+# -- rejects ----------------------------------------------------------------------
 
 
 def test_several_rejects_cause_exactly_one_reregistration():
-    """B40: once, de-duplicated while pending and rate limited after."""
+    """Once, de-duplicated while pending and rate limited after."""
     node, peers, reg = setup(reject_interval=1.0)
     a = node.reserve("github.com.", "203.0.113.1")
 
@@ -547,7 +547,7 @@ def test_a_reject_for_an_unknown_transit_ip_is_ignored():
 
 
 def test_a_reject_resends_to_the_connector_healthy_now():
-    """B40: whichever connector is healthy now, not the one it was registered with."""
+    """Whichever connector is healthy now, not the one it was registered with."""
     node, peers, reg = setup(unhealthy_after=1)
     a = node.reserve("github.com.", "203.0.113.1")
 
@@ -567,11 +567,11 @@ def test_a_reject_resends_to_the_connector_healthy_now():
     assert installed_with(node, a, C2)
 
 
-# -- connector choice and failover (B37, B39) ----------------------------------------------
+# -- connector choice and failover ----------------------------------------------
 
 
 def test_the_first_healthy_candidate_by_name_is_chosen():
-    """B37: stable order by name (C2 is listed first in the file)."""
+    """Stable order by name (C2 is listed first in the file)."""
     _, peers, reg = setup()
 
     async def main():
@@ -625,7 +625,7 @@ def test_one_missed_health_check_does_not_fail_over():
 
 
 def test_health_failover_moves_mappings_to_the_next_connector_in_one_request():
-    """B39: the failed connector's mappings are re-registered with the next; routes follow."""
+    """The failed connector's mappings are re-registered with the next; routes follow."""
     node, peers, reg = setup(health_interval=2.0, unhealthy_after=2)
     items = [node.reserve("github.com.", f"203.0.113.{i}") for i in (1, 2, 3)]
 
@@ -747,7 +747,7 @@ def test_resolve_without_candidates_says_so():
 
 
 def test_health_is_checked_every_interval_and_at_once_after_a_failure():
-    """B39: candidates are health-checked periodically; a failed request asks for a check now."""
+    """Candidates are health-checked periodically; a failed request asks for a check now."""
     _, peers, reg = setup(health_interval=2.0)
 
     async def main():
@@ -782,7 +782,7 @@ def test_resolve_skips_a_connector_known_to_be_down_unless_all_are():
 
 
 def test_a_move_that_failed_is_tried_again_at_the_next_health_round():
-    """B39: mappings do not stay on a failed connector because one move was refused."""
+    """Mappings do not stay on a failed connector because one move was refused."""
     node, peers, reg = setup(unhealthy_after=1, health_interval=2.0)
     a = node.reserve("github.com.", "203.0.113.1")
     refusals = iter([Code.MISSING_PERMISSION])

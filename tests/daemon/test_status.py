@@ -1,4 +1,4 @@
-"""The status document and its text table (B58, DESIGN §6 status)."""
+"""The status document and its text table."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def addresses(doc: dict, app: str, domain: str) -> list[dict]:
 
 
 def test_not_configured_is_just_that():
-    """B58: {configured: false}."""
+    """{configured: false}."""
     node = client_node(apps=())
     doc = status_document(node)
     assert doc == {"configured": False}
@@ -57,7 +57,7 @@ def test_not_configured_is_just_that():
 
 
 def test_apps_by_name_domains_parents_first_addresses_by_flows_then_real():
-    """B58: the order rules of the client view."""
+    """The order rules of the client view."""
     node = client_node()
     for domain in ["gist.github.com.", "a.b.github.com.", "githubassets.com.", "github.com.",
                    "b.github.com.", "api.github.com."]:
@@ -127,7 +127,7 @@ def test_apps_without_assignments_and_the_chosen_connector_are_listed():
 
 
 def test_the_connector_view_lists_peers_and_their_mappings():
-    """B58: connector view: peers, their apps and transit -> destination."""
+    """Connector view: peers, their apps and transit -> destination."""
     cfg = client_config(apps=(GITHUB, SERVED), node=C1, advertise=True)
     node = FakeNode(cfg)
     node.registrar = Registrar(node)

@@ -235,7 +235,7 @@ def test_table_name_is_per_tun_and_a_valid_nft_identifier():
 
 @pytest.mark.root
 def test_open_sets_mtu_link_addresses_and_routes_and_close_removes_all(ns):
-    """B5: the magic pools (and every peer's overlay address) route into the TUN."""
+    """The magic pools (and every peer's overlay address) route into the TUN."""
     d = Driver(ns, mtu=1420)
     fd = open_default(d)
     assert isinstance(fd, int) and fd >= 0

@@ -74,7 +74,7 @@ def syn(src=CLIENT, dst=MAGIC, sport=40000, dport=443):
 
 
 def test_not_a_magic_ip_is_plain_overlay_traffic(client):
-    """B50: untouched; routed by destination, or dropped without a route."""
+    """Untouched; routed by destination, or dropped without a route."""
     to_peer = IP(src=CLIENT, dst=CONNECTOR) / UDP(sport=1, dport=2) / b"x"
     verdict, out, peer = client.process_from_tun(bytes(to_peer), NOW)
     assert (verdict, out, peer) == ("peer", bytes(to_peer), CONN_PEER)
@@ -87,7 +87,7 @@ def test_not_a_magic_ip_is_plain_overlay_traffic(client):
 @pytest.mark.parametrize(("magic", "src"),
                          [("100.80.0.99", CLIENT), ("fd7a:115c:a1e0:ab12::99", CLIENT6)])
 def test_magic_ip_without_assignment_gets_icmp_unreachable_from_the_magic_ip(client, magic, src):
-    """B50: drop, and host unreachable (v6: address unreachable) back into the TUN."""
+    """Drop, and host unreachable (v6: address unreachable) back into the TUN."""
     if ":" in magic:
         pkt = IPv6(src=src, dst=magic) / TCP(sport=40000, dport=443, flags="S")
     else:
@@ -106,7 +106,7 @@ def test_magic_ip_without_assignment_gets_icmp_unreachable_from_the_magic_ip(cli
 
 
 def test_client_translates_magic_to_transit_and_back(client):
-    """B51: destination becomes the transit IP, ports kept; the return is translated back."""
+    """Destination becomes the transit IP, ports kept; the return is translated back."""
     verdict, out, peer = client.process_from_tun(bytes(syn()), NOW)
     assert (verdict, peer) == ("peer", CONN_PEER)
     sent = IP(out)
@@ -132,7 +132,7 @@ def test_client_without_a_route_for_the_transit_drops(client):
 
 
 def test_established_flow_survives_a_mapping_change(client):
-    """B54: the second packet does not consult the magic table again."""
+    """The second packet does not consult the magic table again."""
     client.process_from_tun(bytes(syn()), NOW)
     client.tables.del_magic(packed(MAGIC))
     client.tables.set_magic(packed(MAGIC), packed("169.254.128.77"))
@@ -145,7 +145,7 @@ def test_established_flow_survives_a_mapping_change(client):
 
 
 def test_connector_translates_transit_to_real_and_back(connector):
-    """B52: destination becomes the real IP; the return's source becomes the transit IP."""
+    """Destination becomes the real IP; the return's source becomes the transit IP."""
     pkt = IP(src=CLIENT, dst=TRANSIT) / UDP(sport=5000, dport=53) / b"q"
     verdict, out, _ = connector.process_datagram(dg(pkt), CLIENT_EP, NOW)
     assert verdict == "tun"
@@ -172,7 +172,7 @@ def test_connector_ipv6(connector):
 
 
 def test_unmapped_transit_is_dropped_and_rejected_once(connector):
-    """B53: drop, reject naming the transit IP to that peer (de-duplicated)."""
+    """Drop, reject naming the transit IP to that peer (de-duplicated)."""
     pkt = IP(src=CLIENT, dst="169.254.128.9") / TCP(sport=1, dport=443, flags="S")
     verdict, inner, peer = connector.process_datagram(dg(pkt), CLIENT_EP, NOW)
     assert (verdict, peer) == ("reject", CLIENT_PEER)
@@ -190,7 +190,7 @@ def test_unmapped_transit_is_dropped_and_rejected_once(connector):
 
 
 def test_reject_received_becomes_an_event(client):
-    """B40 (datapath part): a reject for T is reported to the control plane."""
+    """A reject for T is reported to the control plane."""
     verdict, _, _ = client.process_datagram(
         Datapath.reject_datagram(packed(TRANSIT)), CONNECTOR_EP, NOW)
     assert verdict == "drop"
@@ -200,7 +200,7 @@ def test_reject_received_becomes_an_event(client):
 
 
 def test_anti_spoofing(connector):
-    """B57: unknown underlay endpoint, or an inner source not the peer's: dropped and counted."""
+    """Unknown underlay endpoint, or an inner source not the peer's: dropped and counted."""
     pkt = IP(src=CLIENT, dst=TRANSIT) / UDP(sport=5000, dport=53)
     assert connector.process_datagram(dg(pkt), ("192.0.2.66", 41641), NOW)[0] == "drop"
     assert connector.process_datagram(dg(pkt), (CLIENT_EP[0], 9999), NOW)[0] == "drop"
@@ -222,7 +222,7 @@ def test_bad_datagrams_are_dropped_and_counted(connector, datagram):
 
 
 def test_icmp_frag_needed_from_a_router_reaches_the_client_as_from_the_transit_ip(connector):
-    """B56: a router's error about a translated flow is translated, quoted packet included,
+    """A router's error about a translated flow is translated, quoted packet included,
     and its outer source becomes the transit IP so that the client accepts it."""
     out_pkt = IP(src=CLIENT, dst=TRANSIT, flags="DF") / TCP(sport=40000, dport=443, flags="A")
     _, fwd, _ = connector.process_datagram(dg(out_pkt / (b"x" * 100)), CLIENT_EP, NOW)
@@ -249,11 +249,11 @@ def test_garbage_never_crashes(client, connector):
     assert client.counters()["tun_rx"] == 0  # process_* are not pump reads
 
 
-# -- a node is not a router (B68, B69) and flows come back after a restart (B72) --
+# -- a node is not a router and flows come back after a restart --
 
 
 def test_connector_delivers_from_the_overlay_only_to_itself_or_through_a_mapping(connector):
-    """B68: no exit node. Its own address: delivered; any other untranslated one: dropped."""
+    """No exit node. Its own address: delivered; any other untranslated one: dropped."""
     own = IP(src=CLIENT, dst=CONNECTOR) / TCP(sport=1, dport=41642, flags="S")
     assert connector.process_datagram(dg(own), CLIENT_EP, NOW)[:2] == ("tun", bytes(own))
     for dst in ("198.51.100.10", "100.64.0.9", "100.100.100.100"):
@@ -275,7 +275,7 @@ def test_client_delivers_from_the_overlay_only_to_itself(client):
 
 @pytest.mark.parametrize("role", ["client", "connector"])
 def test_packets_routed_into_the_tun_from_elsewhere_are_dropped(client, connector, role):
-    """B69: toward the overlay only our own sources, unless a flow translated them."""
+    """Toward the overlay only our own sources, unless a flow translated them."""
     dp = client if role == "client" else connector
     peer_addr = CONNECTOR if role == "client" else CLIENT
     forged = IP(src="198.51.100.7", dst=peer_addr) / UDP(sport=9, dport=9) / b"x"
@@ -287,7 +287,7 @@ def test_packets_routed_into_the_tun_from_elsewhere_are_dropped(client, connecto
 
 
 def test_client_recreates_a_flow_from_a_return_packet(client):
-    """B72: after a restart the reply from T finds its magic IP; the flow is whole again."""
+    """After a restart the reply from T finds its magic IP; the flow is whole again."""
     reply = IP(src=TRANSIT, dst=CLIENT) / TCP(sport=443, dport=40000, flags="A", seq=7)
     verdict, out, _ = client.process_datagram(dg(reply), CONNECTOR_EP, NOW)
     assert verdict == "tun"
@@ -316,7 +316,7 @@ def test_client_drops_untranslatable_packets_from_a_transit_ip(client):
 
 
 def test_connector_recreates_a_flow_from_a_return_packet(connector):
-    """B72: a reply from R to the client, with (client, R) naming one transit IP."""
+    """A reply from R to the client, with (client, R) naming one transit IP."""
     reply = IP(src=REAL, dst=CLIENT) / TCP(sport=443, dport=40000, flags="A", seq=9)
     verdict, out, peer = connector.process_from_tun(bytes(reply), NOW)
     assert (verdict, peer) == ("peer", CLIENT_PEER)

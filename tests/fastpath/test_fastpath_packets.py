@@ -1,5 +1,5 @@
 """Packet parsing, checksum-fixing NAT, ICMP error translation, fragment tracking and
-ICMP unreachable generation in the compiled datapath (B50, B51, B52, B56).
+ICMP unreachable generation in the compiled datapath.
 
 Every expected packet is built from scratch by scapy with the translated addresses, so
 each checksum we fix incrementally is compared with scapy's independent full computation.
@@ -164,7 +164,7 @@ def test_parse_tcp_udp_five_tuple(family, kind):
 @pytest.mark.parametrize("family", [4, 6])
 @pytest.mark.parametrize("kind", ["echo", "echo_reply"])
 def test_parse_echo_identifier_is_both_ports(family, kind):
-    """The echo identifier stands in for both ports, so request and reply keys mirror (B55)."""
+    """The echo identifier stands in for both ports, so request and reply keys mirror."""
     a = ADDR[family]
     d = parse_packet(pkt(family, a["C"], a["M"], kind, sport=0xBEEF))
     assert d["kind"] == "echo" and d["sport"] == d["dport"] == 0xBEEF
@@ -258,7 +258,7 @@ def test_parse_rejects_bad_l4_headers():
 
 
 def test_parse_ipv4_fragments():
-    """First fragment: ports and fragment id; later ones: no L4 header, same id (B56)."""
+    """First fragment: ports and fragment id; later ones: no L4 header, same id."""
     frags = [
         raw(f)
         for f in fragment(
@@ -441,7 +441,7 @@ def test_mutated_valid_packets_never_crash_the_parser(packet, flips, cut):
 @pytest.mark.parametrize("family", [4, 6])
 @pytest.mark.parametrize("kind", ["tcp", "udp", "echo", "echo_reply"])
 def test_client_dnat_magic_to_transit_and_back(family, kind):
-    """B51: destination magic -> transit on the way out; source transit -> magic on return."""
+    """Destination magic -> transit on the way out; source transit -> magic on return."""
     a = ADDR[family]
     out = pkt(family, a["C"], a["M"], kind)
     assert nat_rewrite(out, "dst", packed(a["T"])) == pkt(family, a["C"], a["T"], kind)
@@ -454,7 +454,7 @@ def test_client_dnat_magic_to_transit_and_back(family, kind):
 @pytest.mark.parametrize("family", [4, 6])
 @pytest.mark.parametrize("kind", ["tcp", "udp", "echo"])
 def test_connector_dnat_transit_to_real_and_snat_back(family, kind):
-    """B52: destination transit -> real; the return's source real -> transit."""
+    """Destination transit -> real; the return's source real -> transit."""
     a = ADDR[family]
     assert nat_rewrite(
         pkt(family, a["C"], a["T"], kind), "dst", ipaddress.ip_address(a["R"])
@@ -558,7 +558,7 @@ def test_rewrite_then_reverse_restores_the_original(case, which):
 @pytest.mark.parametrize("family", [4, 6])
 @pytest.mark.parametrize("kind", ["udp", "tcp"])
 def test_fragments_of_a_translated_flow(family, kind):
-    """B56: the first fragment's L4 checksum is fixed for the whole datagram; later
+    """The first fragment's L4 checksum is fixed for the whole datagram; later
     fragments get the first one's rewrite through the fragment tracker."""
     a = ADDR[family]
 
@@ -620,7 +620,7 @@ def test_fragment_tracker_survives_more_datagrams_than_slots():
     assert 1024 * 0.5 < found <= 1024
 
 
-# ---- ICMP errors about a translated flow (B56) ----
+# ---- ICMP errors about a translated flow ----
 
 
 @pytest.mark.parametrize("family", [4, 6])
@@ -763,11 +763,11 @@ def test_icmp_error_translation_round_trips(case):
     assert nat_translate(there, "src", packed(a["R"])) == err
 
 
-# ---- ICMP unreachable generation (B50) ----
+# ---- ICMP unreachable generation ----
 
 
 def test_host_unreachable_v4():
-    """B50: from the magic IP to the sender, type 3 code 1, TTL 64, the packet quoted."""
+    """From the magic IP to the sender, type 3 code 1, TTL 64, the packet quoted."""
     syn = pkt(4, C4, M4, "tcp")
     reply = icmp_unreachable(syn)
     want = raw(IP(src=M4, dst=C4, ttl=64, id=0, flags=0) / ICMP(type=3, code=1) / Raw(syn))

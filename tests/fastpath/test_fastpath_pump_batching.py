@@ -82,7 +82,7 @@ def rig(request):
 
 def assert_translated(dg: bytes, transit: str, seq: int, payload: int) -> None:
     """One datagram: data header, then the packet with its destination translated
-    (B51) and a valid TCP checksum."""
+    and a valid TCP checksum."""
     assert dg[:4] == bytes((1, 1, 0, 0))
     pkt = IP(dg[4:])
     assert (pkt.dst, pkt[TCP].seq, len(pkt[TCP].payload)) == (transit, seq, payload)
@@ -132,7 +132,7 @@ def test_gso_refused_by_the_kernel_sends_the_datagrams_one_by_one(rig):
 
 def test_coalesced_datagrams_from_a_peer_are_split_and_each_is_checked(rig):
     """A peer's GSO message reaches our GRO socket whole; each datagram in it is
-    checked on its own (B57: the spoofed one is dropped) and translated back (B51)."""
+    checked on its own (B57: the spoofed one is dropped) and translated back."""
     rig.start()
     rig.app.send(out(MAGIC, 0))
     recv(rig.peers[2])  # the flow exists now

@@ -1,4 +1,4 @@
-"""The compiled flow table (B55, B54) and mapping tables (B50-B53, B57).
+"""The compiled flow table and mapping tables.
 
 Times are milliseconds. Keys are (proto, src, sport, dst, dport) with packed addresses;
 actions are ('src' | 'dst', new address).
@@ -33,7 +33,7 @@ def transit(i: int) -> bytes:
 
 
 def client_flow(i: int, sport: int = 40000) -> tuple:
-    """A client-side flow C:sport -> magic(i):443, translated to transit(i) (B51)."""
+    """A client-side flow C:sport -> magic(i):443, translated to transit(i)."""
     fwd = (TCP, CLIENT, sport, magic(i), 443)
     rev = (TCP, transit(i), 443, CLIENT, sport)
     return fwd, ("dst", transit(i)), rev, ("src", magic(i))
@@ -53,7 +53,7 @@ def removals(events: list) -> list[tuple[str, tuple]]:
 
 
 def test_lookup_by_either_key_gives_that_directions_action():
-    """B55: two keys per flow, each with its own action; the flow's data comes along."""
+    """Two keys per flow, each with its own action; the flow's data comes along."""
     ft = FlowTable(10, IDLE)
     fwd, rev = insert(ft, 1, now=0)
     out = ft.lookup(fwd, 1)
@@ -66,7 +66,7 @@ def test_lookup_by_either_key_gives_that_directions_action():
 
 
 def test_lookup_in_the_wrong_direction_misses():
-    """B55: the reply as seen before translation is the reverse key, nothing else."""
+    """The reply as seen before translation is the reverse key, nothing else."""
     ft = FlowTable(10, IDLE)
     fwd, rev = insert(ft, 1, now=0)
     proto, src, sport, dst, dport = fwd
@@ -79,7 +79,7 @@ def test_lookup_in_the_wrong_direction_misses():
 
 
 def test_second_packet_does_not_need_the_mapping_any_more():
-    """B54: the flow alone decides; a later flow for a new mapping does not disturb it."""
+    """The flow alone decides; a later flow for a new mapping does not disturb it."""
     ft = FlowTable(10, IDLE)
     fwd, _ = insert(ft, 1, now=0)
     other_fwd, _ = insert(ft, 2, now=1, sport=40001)
@@ -125,7 +125,7 @@ def test_time_going_backwards_does_not_break_expiry():
 
 
 def test_collision_on_either_key_evicts_the_whole_old_flow():
-    """B55: a new flow sharing one key removes the old flow, both of its keys."""
+    """A new flow sharing one key removes the old flow, both of its keys."""
     ft = FlowTable(10, IDLE)
     old_fwd, old_rev = insert(ft, 1, now=0)
     ft.drain_events()
@@ -150,7 +150,7 @@ def test_collision_via_the_reverse_key_too():
 
 
 def test_one_new_flow_displaces_two():
-    """B55: forward key of one old flow, reverse key of another: both go."""
+    """Forward key of one old flow, reverse key of another: both go."""
     ft = FlowTable(10, IDLE)
     a_fwd, a_rev = insert(ft, 1, now=0)
     b_fwd, b_rev = insert(ft, 2, now=0)
@@ -184,7 +184,7 @@ def test_equal_keys_are_refused():
 
 
 def test_capacity_evicts_the_least_recently_used():
-    """B55: full table, new flow: the LRU flow goes (reason lru)."""
+    """Full table, new flow: the LRU flow goes (reason lru)."""
     ft = FlowTable(3, IDLE)
     flows = [insert(ft, i, now=i) for i in range(3)]
     ft.drain_events()
@@ -195,7 +195,7 @@ def test_capacity_evicts_the_least_recently_used():
 
 
 def test_lookup_from_either_side_counts_as_use():
-    """B55: a reply refreshes the flow as much as an outgoing packet."""
+    """A reply refreshes the flow as much as an outgoing packet."""
     ft = FlowTable(3, IDLE)
     flows = [insert(ft, i, now=0) for i in range(3)]
     ft.lookup(flows[0][1], 1)  # reverse key of the oldest flow
@@ -207,7 +207,7 @@ def test_lookup_from_either_side_counts_as_use():
 
 
 def test_idle_flows_expire_a_bounded_number_per_sweep():
-    """B55: sweep(now, limit) removes at most `limit` idle flows, oldest first."""
+    """Sweep(now, limit) removes at most `limit` idle flows, oldest first."""
     ft = FlowTable(100, IDLE)
     flows = [insert(ft, i, now=i) for i in range(10)]
     ft.lookup(flows[9][1], 500)  # recently used: stays
@@ -238,7 +238,7 @@ def test_lookup_of_an_idle_flow_misses_and_removes_it():
 
 
 def test_events_fire_exactly_once_per_flow_for_every_removal_kind():
-    """B55: collision, lru, idle, delete and clear each report the flow once."""
+    """Collision, lru, idle, delete and clear each report the flow once."""
     ft = FlowTable(3, IDLE)
     insert(ft, 0, now=0)
     f1, _ = insert(ft, 1, now=0)
@@ -267,7 +267,7 @@ def test_events_fire_exactly_once_per_flow_for_every_removal_kind():
 
 
 def test_clear_reports_every_flow():
-    """B55: clearing the table fires the removal for all flows."""
+    """Clearing the table fires the removal for all flows."""
     ft = FlowTable(50, IDLE)
     keys = {insert(ft, i, now=0)[0] for i in range(50)}
     ft.drain_events()
@@ -729,7 +729,7 @@ def test_route_map_matches_a_dict(seed, ops):
 
 
 def test_magic_hit_unassigned_or_not_ours():
-    """B50/B51: with assignment -> transit; in a magic range without -> unassigned."""
+    """With assignment -> transit; in a magic range without -> unassigned."""
     tb = Tables()
     tb.set_magic_ranges([(magic(0), magic(255))])
     assert tb.lookup_magic(magic(1)) == ("unassigned", None)
@@ -759,7 +759,7 @@ def test_ranges_accept_iprange_and_both_families():
 
 
 def test_transit_is_per_peer_and_ranges_tell_reject_from_not_ours():
-    """B52/B53: (peer, transit) known -> real; in a transit range but unmapped -> reject."""
+    """(peer, transit) known -> real; in a transit range but unmapped -> reject."""
     tb = Tables()
     real = bytes([140, 82, 112, 3])
     other = bytes([100, 64, 0, 9])
@@ -778,7 +778,7 @@ EP = bytes([192, 0, 2, 10])
 
 
 def test_peer_endpoint_lookup_and_inbound_checks():
-    """B57: unknown endpoint, spoofed inner source, or ok."""
+    """Unknown endpoint, spoofed inner source, or ok."""
     tb = Tables()
     ov6 = ipaddress.ip_address("fd7a:115c:a1e0::2").packed
     tb.set_peer(2, EP, 41641, [CONNECTOR, ov6])

@@ -5,7 +5,7 @@ raises :class:`TailnetError` with every problem found, one per line, each
 starting with the source name and the place as a JSON path, e.g.
 ``tailnet.hujson: nodes[2] ("laptop").addresses[1]: ...``.
 
-Decisions beyond upstream (see DESIGN §3):
+Decisions beyond upstream:
 
 * A node has either a user or tags, not both: upstream, a tagged device has
   no user identity, and ``autogroup:member`` must not match a connector.

@@ -1,6 +1,6 @@
 """The local API on the state dir's unix socket: what ``conn25d status`` reads.
 
-* ``GET /status``: the status document (DESIGN §6) as JSON;
+* ``GET /status``: the status document as JSON;
 * ``GET /metrics``: the node's counters in the Prometheus text format.
 
 Access control is the socket file's: whoever may open it may read both.

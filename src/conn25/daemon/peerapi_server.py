@@ -1,7 +1,7 @@
 """The peer API's routes: what a node answers other nodes on its overlay address.
 
 * ``POST TRANSIT_IP_PATH``: a client registers transit IPs with this
-  connector (DESIGN §4). Items that carry a ``domain`` whose destination
+  connector. Items that carry a ``domain`` whose destination
   this connector has not seen resolve are checked against a fresh
   resolution first; accepted mappings go to the datapath.
 * ``POST DNS_QUERY_PATH?app=NAME``: a client resolves one of the app's

@@ -1,4 +1,4 @@
-"""The status document (``conn25d status``, the local API's ``/status``; B58, DESIGN §6).
+"""The status document (``conn25d status``, the local API's ``/status``).
 
 :func:`status_document` is a pure function of the node's state, read through
 :class:`StatusSource` (nothing else of the node), and returns plain JSON types.
@@ -21,7 +21,7 @@ wall-clock seconds since the epoch (floats), the time base of assignments
 and connector mappings; ``expiry - now`` is what is left, negative for an
 expired assignment that is still in use.
 
-Order (B58): apps by name; domains parents before children (compared label
+Order: apps by name; domains parents before children (compared label
 by label from the top: ``github.com.`` < ``api.github.com.`` <
 ``gist.github.com.``); addresses by active flows, most first, then by real
 address (IPv4 before IPv6). The client view lists the apps this node maps

@@ -1,8 +1,8 @@
 """Throwaway network namespaces for the tests, the benchmarks and `conn25d demo`.
 
-Everything here uses only DESIGN §7 addresses and gives the namespaces no
-route to the host's network (they are joined only by veth pairs between
-each other).
+Everything here uses only documentation, reserved and overlay addresses and
+gives the namespaces no route to the host's network (they are joined only by
+veth pairs between each other).
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@
     one ns per node: a veth to inet (203.0.113.4i+2/30, 2001:db8:i::2/64, default
              route via inet), its underlay endpoint 192.0.2.i on lo, conn25d.
 
-Only DESIGN §7 addresses; the namespaces reach nothing but each other. Everything
-is removed by close(), also after a failure.
+Only documentation, reserved and overlay addresses; the namespaces reach nothing
+but each other. Everything is removed by close(), also after a failure.
 """
 
 from __future__ import annotations
