@@ -1,7 +1,7 @@
 """Network benchmark: conn25d beside kernel routing, kernel NAT and wireguard-go, in one run.
 
 Builds its own namespaces (bench/paths.py: client, middle = connector, server =
-"internet"; DESIGN §7 addresses only) and measures, for each path in turn, with
+"internet"; documentation and reserved addresses only) and measures, for each path in turn, with
 the same tools against the same server:
 
     ping RTT avg and p99 (200 pings, 10 ms apart)

@@ -15,7 +15,7 @@ by `Bench.path`, adds what it needs, so only one path exists at a time:
                   resolve through the client's conn25d to magic IPs
     wireguard_go  a wireguard-go tunnel client <-> middle, kernel routing beyond
 
-Only DESIGN §7 addresses; the namespaces reach nothing but each other. Built on
+Only documentation and reserved addresses; the namespaces reach nothing but each other. Built on
 conn25.lab.testbed.Testbed (its start/stop/status/close), with this topology instead of
 the test tailnet's; close() removes everything, also after a failure.
 """

@@ -1,4 +1,4 @@
-"""Selectors and the "who may use an app" rule (DESIGN §3; used by B46's permission check)."""
+"""Selectors and the "who may use an app" rule."""
 
 from __future__ import annotations
 

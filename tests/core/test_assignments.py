@@ -53,7 +53,7 @@ def test_reserve_creates_once_and_lookups_agree(store):
 
 @pytest.mark.parametrize("real", ["203.0.113.10", "2001:db8::10"])
 def test_reserving_the_same_pair_twice_gives_the_same_assignment(store, real):
-    """B32 (v4 and v6)."""
+    """(v4 and v6)."""
     a, _ = store.reserve("GitHub", "github.com.", ip(real), 300, T0)
     b, created = store.reserve("GitHub", "github.com.", ip(real), 300, T0 + 5)
     assert b is a and not created
@@ -62,7 +62,8 @@ def test_reserving_the_same_pair_twice_gives_the_same_assignment(store, real):
 
 
 def test_insert_refuses_taken_keys_even_when_expired(store):
-    """B29."""
+    """An assignment cannot be inserted over an existing magic, transit or (domain, real) key, even
+    an expired one, until it has been reclaimed."""
     a, _ = store.reserve("GitHub", "github.com.", ip("203.0.113.10"), 60, T0)
     assert store.expired(T0 + 3600) == [a]
     for clash in (
@@ -76,12 +77,14 @@ def test_insert_refuses_taken_keys_even_when_expired(store):
 
 
 def test_ttl_clamp():
-    """B31."""
+    """Expiry = TTL clamped to [1 min, 72 h] (300 → 300 s, 1 → 60 s, 10^6 → 72 h); a repeated
+    answer moves expiry to now + TTL."""
     assert (clamp_ttl(300), clamp_ttl(1), clamp_ttl(10**6)) == (300, 60, MAX_TTL)
 
 
 def test_repeated_answer_moves_expiry_to_now_plus_ttl(store):
-    """B31."""
+    """Expiry = TTL clamped to [1 min, 72 h] (300 → 300 s, 1 → 60 s, 10^6 → 72 h); a repeated
+    answer moves expiry to now + TTL."""
     a, _ = store.reserve("GitHub", "github.com.", ip("203.0.113.10"), 300, T0)
     assert a.expiry == T0 + 300
     store.reserve("GitHub", "github.com.", ip("203.0.113.10"), 1, T0 + 100)
@@ -89,7 +92,8 @@ def test_repeated_answer_moves_expiry_to_now_plus_ttl(store):
 
 
 def test_expired_oldest_first_only_after_their_time_and_after_changes(store):
-    """B30."""
+    """Expired assignments come out oldest first, and only after their time; changing an expiry
+    keeps the order right."""
     a, _ = store.reserve("A", "a.", ip("203.0.113.1"), 100, T0)
     b, _ = store.reserve("A", "b.", ip("203.0.113.2"), 200, T0)
     c, _ = store.reserve("A", "c.", ip("203.0.113.3"), 300, T0)
@@ -130,7 +134,8 @@ def test_active_flow_or_recent_flow_moves_expiry_24h(store):
 
 
 def test_expired_but_unreclaimed_is_reused_with_ttl_refreshed(store):
-    """B34."""
+    """An expired but unreclaimed assignment is reused if the same answer comes again, with its TTL
+    refreshed."""
     a, _ = store.reserve("A", "a.", ip("203.0.113.1"), 60, T0)
     again, created = store.reserve("A", "a.", ip("203.0.113.1"), 300, T0 + 1000)
     assert again is a and not created and a.expiry == T0 + 1300

@@ -60,7 +60,7 @@ def names(found: list) -> list[str]:
 
 
 def test_own_apps_are_those_whose_tags_the_advertising_node_carries():
-    """B4"""
+    """A node's own apps are those whose connector tags it carries."""
     t = make([MATCHING])
     assert names(node_config(t, "conn-a", advertise_connector=True).own_apps) == ["Wide"]
     assert names(node_config(t, "conn-b1", advertise_connector=True).own_apps) == [
@@ -134,7 +134,8 @@ def test_pools_come_from_the_attribute():
 
 
 def test_default_pools_apply_when_no_pool_attribute_targets_the_node():
-    """B5 with the documented defaults."""
+    """The magic range routed into the TUN is the union of the magic pools, with the
+    documented defaults."""
     t = make([MATCHING, dict(POOLS, target=["group:eng"])])
     assert node_config(t, "client").pools != DEFAULT_POOLS
     other = node_config(t, "other").pools
@@ -164,12 +165,13 @@ def test_default_pools_apply_when_no_pool_attribute_targets_the_node():
     ("api.example.com\x00", []),
 ])
 def test_name_matching(qname, expected):
-    """B11, B12 (several apps, in definition order), B15 (case)."""
+    """Exact beats wildcard, longest wildcard wins; several apps in definition order;
+    any case."""
     assert names(node_config(make([MATCHING]), "client").apps_for_name(qname)) == expected
 
 
 def test_several_matching_apps_map_with_the_first():
-    """B12"""
+    """Several apps may match; the first is used for the mapping."""
     assert node_config(make([MATCHING]), "client").mapping_app("x.api.example.com").name == "Narrow"
 
 
@@ -193,7 +195,8 @@ def test_serving_any_matching_app_suppresses_the_mapping():
     ("client", True),  # advertising alone
 ])
 def test_tag_alone_or_advertising_alone_does_not_suppress(node, advertise):
-    """B13"""
+    """A node that advertises as a connector and carries the tag of a matching app maps nothing for
+    that name (exact or wildcard). The tag alone, or advertising alone, does not suppress."""
     cfg = node_config(make([MATCHING]), node, advertise_connector=advertise)
     assert cfg.mapping_app("www.example.com").name == "Wide"
     assert cfg.mapping_app("example.com").name == "Wide"
@@ -245,7 +248,7 @@ def test_domain_index_exact_and_wildcard():
 
 
 def test_domain_index_keeps_apps_in_order_without_repeats():
-    """One domain may belong to several apps; B12: the order is kept."""
+    """One domain may belong to several apps; the order is kept."""
     idx = DomainIndex()
     for app in ["B", "A", "B"]:
         idx.add("github.com.", app)

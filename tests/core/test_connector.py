@@ -100,7 +100,7 @@ def test_register_returns_the_stored_mappings(table):
 
 
 def test_registering_again_replaces_the_destination(table):
-    """B42."""
+    """Registering a known transit IP again replaces its destination."""
     table.handle_request(LAPTOP, req(item(T4[0], D4[0])), 1.0)
     assert codes(table.handle_request(LAPTOP, req(item(T4[0], D4[1])), 2.0)) == [Code.OK]
     m = table.lookup(LAPTOP.address(4), T4[0])
@@ -138,7 +138,8 @@ def test_same_transit_from_two_peers_is_independent(table):
 
 
 def test_peer_without_address_of_the_family_gets_code_3(table):
-    """B45."""
+    """A peer with no address of the transit IP's family: code 3. Transit and destination of
+    different families: code 4."""
     resp = table.handle_request(PHONE, req(item(T6[0], D6[0]), item(T4[0], D4[0])), 1.0)
     assert codes(resp) == [Code.NO_PEER_FAMILY, Code.OK]
     assert "family" in resp.transit_ips[0].message
@@ -178,7 +179,8 @@ def test_without_permission_every_app_gets_code_6(table):
 
 
 def test_one_result_per_item_in_request_order(table):
-    """B47."""
+    """One result per item, in request order. Not configured: 503. Not POST: 405. Malformed JSON:
+    400. Body over 1 MiB: refused."""
     resp = table.handle_request(
         PHONE,
         req(
@@ -233,7 +235,8 @@ def test_http_adapter_round_trip(table):
 
 
 def test_mappings_live_an_hour_from_their_last_registration(table):
-    """B48."""
+    """Mappings live at least an hour from their last registration; empty per-peer tables are
+    pruned; a sweep removes a bounded number and leaves the rest for the next."""
     table.handle_request(LAPTOP, req(item(T4[0], D4[0]), item(T4[1], D4[1])), 100.0)
     table.handle_request(LAPTOP, req(item(T4[1], D4[1])), 1000.0)
     assert table.sweep(100.0 + MAPPING_LIFETIME, 10) == []
@@ -245,7 +248,8 @@ def test_mappings_live_an_hour_from_their_last_registration(table):
 
 
 def test_sweep_is_bounded_and_leaves_the_rest_for_next_time(table):
-    """B48."""
+    """Mappings live at least an hour from their last registration; empty per-peer tables are
+    pruned; a sweep removes a bounded number and leaves the rest for the next."""
     table.handle_request(LAPTOP, req(*(item(T4[i], D4[i]) for i in range(5))), 0.0)
     later = MAPPING_LIFETIME + 1
     assert [len(table.sweep(later, 2)) for _ in range(4)] == [2, 2, 1, 0]
@@ -363,7 +367,8 @@ def test_destination_not_resolved_here_gets_code_1():
 
 
 def test_resolution_counts_only_for_its_app_and_its_ttl():
-    """B49."""
+    """A destination that the app's domain does not resolve to from the connector, or a transit IP
+    outside the transit pools: code 1 with the reason. Per-peer rate limit."""
     t = ConnectorTable(node_config())
     assert t.note_resolution("GitLab", "gitlab.com.", [(D4[0], 60)], 0.0)
     assert codes(t.handle_request(LAPTOP, req(item(T4[0], D4[0], "GitHub")), 1.0)) == [Code.OTHER]
@@ -435,7 +440,8 @@ def test_needs_resolution_is_bounded_by_the_rate_limit():
 
 
 def test_transit_outside_the_pools_gets_code_1(table):
-    """B49."""
+    """A destination that the app's domain does not resolve to from the connector, or a transit IP
+    outside the transit pools: code 1 with the reason. Per-peer rate limit."""
     resp = table.handle_request(LAPTOP, req(item(ip("198.51.100.7"), D4[0])), 1.0)
     assert codes(resp) == [Code.OTHER]
     assert resp.transit_ips[0].message == (
@@ -515,7 +521,7 @@ def test_rate_limit_arguments_are_checked():
 
 
 def test_unmapped_transit_in_the_pools_is_rejected(table):
-    """B53 (table side): in a transit pool but not mapped for this peer."""
+    """(table side): in a transit pool but not mapped for this peer."""
     table.handle_request(LAPTOP, req(item(T4[0], D4[0])), 0.0)
     assert not table.is_unmapped_transit(LAPTOP.address(4), T4[0])
     assert table.is_unmapped_transit(PHONE.address(4), T4[0])

@@ -112,7 +112,7 @@ def out_addresses(rec):
     return [ip(repr(rr.rdata)) for rr in rec.rr if rr.rtype in (QTYPE.A, QTYPE.AAAA)]
 
 
-# -- B14: A and AAAA answers become magic IPs -----------------------------------------------------
+# -- A and AAAA answers become magic IPs -----------------------------------------------------
 
 
 def test_a_answers_become_magic_ips_in_pool_order_under_queried_name(env):
@@ -156,7 +156,7 @@ def test_answer_order_decides_pool_order(env):
         (ip("203.0.113.11"), ip("100.80.0.0")), (ip("203.0.113.10"), ip("100.80.0.1"))]
 
 
-# -- B15: case ------------------------------------------------------------------------------------
+# -- case ------------------------------------------------------------------------------------
 
 
 def test_query_name_matches_case_insensitively_and_question_keeps_askers_case(env):
@@ -177,13 +177,13 @@ def test_chain_names_compare_case_insensitively(env):
     assert [a.real for a in res.new] == [ip("203.0.113.7")]
 
 
-# -- B16, B17, B18: what passes untouched, what is dropped ----------------------------------------
+# -- what passes untouched, what is dropped ----------------------------------------
 
 
 def test_non_app_response_passes_byte_for_byte_with_additional_section(env):
     """Other names pass unchanged, additional section (EDNS, glue) included.
 
-    B26: and no assignment is made.
+    and no assignment is made.
     """
     wire = response("www.example.org", answers=zone("www.example.org. 60 IN A 198.51.100.1"),
                     ar=[EDNS0(udp_len=1232), *zone("ns.example.org. 60 IN A 198.51.100.2")])
@@ -389,7 +389,7 @@ def test_answer_addresses_refuses_an_odd_name():
         answer_addresses(wire)
 
 
-# -- B19: errors once it is ours give SERVFAIL ----------------------------------------------------
+# -- errors once it is ours give SERVFAIL ----------------------------------------------------
 
 
 def assert_servfail(res, qname, qtype=QTYPE.A):
@@ -459,7 +459,7 @@ def test_servfail_keeps_no_partial_answer(env):
     assert_servfail(res, "github.com.")
 
 
-# -- B20, B21, B22: the CNAME chain ---------------------------------------------------------------
+# -- the CNAME chain ---------------------------------------------------------------
 
 
 def test_records_of_other_class_name_or_family_are_dropped(env):
@@ -541,7 +541,7 @@ def test_several_names_pointing_at_one_target(env):
     assert [a.real for a in res.new] == [ip("203.0.113.5")]
 
 
-# -- B23: HTTPS -----------------------------------------------------------------------------------
+# -- HTTPS -----------------------------------------------------------------------------------
 
 
 def https_rdata(params, priority=1, target=()):
@@ -599,7 +599,7 @@ def test_https_malformed_mandatory_gives_servfail(env):
     assert "mandatory" in env.logs[0]
 
 
-# -- B24: other types -----------------------------------------------------------------------------
+# -- other types -----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("qtype", ["NS", "CNAME", "SOA", "PTR", "MX", "TXT", "SRV", "SVCB", "ANY",
@@ -622,7 +622,7 @@ def test_other_types_get_question_echoed_and_no_answer(env, qtype):
     assert ip("203.0.113.1").packed not in res.wire and len(env.store) == 0
 
 
-# -- B25: TTL -------------------------------------------------------------------------------------
+# -- TTL -------------------------------------------------------------------------------------
 
 
 def test_ttl_is_the_address_records_not_the_cnames(env):
@@ -644,7 +644,7 @@ def test_ttl_with_top_bit_set_counts_as_zero(env):
     assert DNSRecord.parse(res.wire).rr[0].ttl == 0
 
 
-# -- B26: assignments -----------------------------------------------------------------------------
+# -- assignments -----------------------------------------------------------------------------
 
 
 def test_one_assignment_per_domain_and_real_address(env):
@@ -672,7 +672,7 @@ def test_each_domain_gets_its_own_assignment_with_its_app(env):
 
 
 def test_name_this_node_serves_as_connector_passes_unchanged():
-    """B26: a connector for the app maps nothing for its names, and creates nothing."""
+    """A connector for the app maps nothing for its names, and creates nothing."""
     env = Env(tags=("tag:github-connector",), advertise=True)
     wire = response("www.github.com", answers=zone("www.github.com. 60 IN A 203.0.113.1"))
     res = env.map(wire)
@@ -682,7 +682,7 @@ def test_name_this_node_serves_as_connector_passes_unchanged():
     assert env.map(response("example.com", answers=zone("example.com. 60 IN A 203.0.113.1"))).ours
 
 
-# -- B27 ------------------------------------------------------------------------------------------
+# -- a CNAME-only answer to AAAA gives an empty answer, never the real address ----------------
 
 
 def test_cname_only_aaaa_answer_gives_empty_answer_never_the_real_address(env):
@@ -702,7 +702,7 @@ SOA_RR = RR("github.com", QTYPE.SOA, ttl=900, rdata=SOA("ns1.github.com", "hostm
 
 
 def test_empty_answer_keeps_soa_and_rcode_drops_other_authority(env):
-    """B24 (design): an empty answer keeps the SOA (negative caching) and the rcode; NS goes."""
+    """(design): an empty answer keeps the SOA (negative caching) and the rcode; NS goes."""
     wire = response("nope.github.com", answers=(), rcode=RCODE.NXDOMAIN,
                     auth=[SOA_RR, *zone("github.com. 900 IN NS ns1.github.com.")])
     out = DNSRecord.parse(env.map(wire).wire)
@@ -711,14 +711,14 @@ def test_empty_answer_keeps_soa_and_rcode_drops_other_authority(env):
 
 
 def test_nonempty_answer_drops_authority(env):
-    """B17 (design): with answers, the authority section goes too."""
+    """(design): with answers, the authority section goes too."""
     wire = response("github.com", answers=zone("github.com. 60 IN A 203.0.113.1"), auth=[SOA_RR])
     out = DNSRecord.parse(env.map(wire).wire)
     assert out.auth == [] and len(out.rr) == 1
 
 
 def test_rewrite_clears_ad_keeps_other_flags(env):
-    """B14 (design): AD is cleared on our records; id, RD, RA, AA stay as upstream sent them."""
+    """(design): AD is cleared on our records; id, RD, RA, AA stay as upstream sent them."""
     r = DNSRecord(DNSHeader(id=99, qr=1, aa=1, rd=1, ra=1, ad=1), q=DNSQuestion("github.com"),
                   rr=zone("github.com. 60 IN A 203.0.113.1"))
     out = DNSRecord.parse(env.map(r.pack()).wire)
@@ -748,7 +748,8 @@ def test_app_for_query(env):
 
 
 def test_servfail_answers_a_query_echoing_its_question():
-    """B28's building block: SERVFAIL for the query, question and id kept."""
+    """SERVFAIL for the query (what the client answers when the connector does not ack in
+    time): question and id kept."""
     out = DNSRecord.parse(servfail(query("GitHub.com", "AAAA")))
     assert out.header.id == 0x5151 and out.header.qr == 1 and out.header.rd == 1
     assert out.header.rcode == RCODE.SERVFAIL

@@ -30,7 +30,8 @@ def test_order_across_ranges_then_exhausted_repeatedly():
 
 
 def test_returned_addresses_are_handed_out_again():
-    """B8."""
+    """Returned addresses are handed out again; returning one twice, or one that is not the pool's,
+    is an error (two different errors)."""
     p = pool("169.254.128.0-169.254.128.2")
     a, b, c = p.next(), p.next(), p.next()
     p.release(b)
@@ -61,7 +62,9 @@ def test_release_errors_are_distinct():
 
 
 def test_reconfigure_same_set_keeps_position():
-    """B9."""
+    """Reconfiguring with an equal set keeps the position; with a different set, only addresses of
+    the new set are handed out, and addresses in use from the old set stay in use until returned
+    and are never handed out again."""
     p = pool("100.80.0.0/29")
     p.next()
     p.next()
@@ -70,7 +73,9 @@ def test_reconfigure_same_set_keeps_position():
 
 
 def test_reconfigure_new_set_hands_out_only_new_addresses_and_keeps_old_in_use():
-    """B9."""
+    """Reconfiguring with an equal set keeps the position; with a different set, only addresses of
+    the new set are handed out, and addresses in use from the old set stay in use until returned
+    and are never handed out again."""
     p = pool("100.80.0.0/30")
     old = [p.next(), p.next()]
     p.reconfigure(IPSet.of([IPRange.parse("100.80.0.1-100.80.0.2")]))
@@ -88,7 +93,8 @@ def test_reconfigure_new_set_hands_out_only_new_addresses_and_keeps_old_in_use()
 
 
 def test_capacity_saturates_and_unconfigured_is_zero():
-    """B10."""
+    """Capacity saturates at the largest integer for huge IPv6 pools; an unconfigured pool reports
+    zero capacity and zero in use."""
     huge = pool("fd7a:115c::/32")
     assert huge.capacity == MAX_CAPACITY
     assert pool("100.80.0.0/24").capacity == 256

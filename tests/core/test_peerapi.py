@@ -92,7 +92,7 @@ def test_bad_requests_say_what_and_where(raw, needle):
 
 @given(st.binary(max_size=200) | st.from_regex(rb'\A\{"transitIPs": \[\{.{0,80}', fullmatch=True))
 def test_any_body_decodes_or_raises_bad_request(raw):
-    """Arbitrary bytes never escape as anything but BadRequest (B47: 400, not a crash)."""
+    """Arbitrary bytes never escape as anything but BadRequest (400, not a crash)."""
     try:
         peerapi.decode_transit_request(raw)
     except BadRequest as e:

@@ -82,7 +82,7 @@ def test_example_file_loads():
 
 
 def test_example_addresses_come_from_documentation_ranges():
-    """DESIGN §7: only documentation and reserved addresses."""
+    """Only documentation and reserved addresses."""
     allowed = [ipaddress.ip_network(n) for n in (
         "192.0.2.0/24", "203.0.113.0/24", "198.51.100.0/24", "2001:db8::/32",
         "100.64.0.0/10", "fd7a:115c:a1e0::/48", "169.254.0.0/16")]
@@ -212,7 +212,7 @@ def test_wildcard_connector_is_rejected_with_the_upstream_message():
 
 @pytest.mark.parametrize("connector", ["group:admins", "alice@example.com", "laptop"])
 def test_any_connector_that_is_not_a_tag_is_rejected(connector):
-    """B3"""
+    """An app's connectors must be tags; `"*"` gives `connector ("*") must be a tag`."""
     doc = base()
     doc["nodeAttrs"][0]["app"][APPS][0]["connectors"] = ["tag:conn", connector]
     expected = f"{APP0}.connectors[1]: connector ({json.dumps(connector)}) must be a tag"
@@ -220,7 +220,8 @@ def test_any_connector_that_is_not_a_tag_is_rejected(connector):
 
 
 def test_domains_are_normalised_and_deduplicated_within_an_app():
-    """B2"""
+    """Domains are lower-cased, made fully qualified and de-duplicated within an app; `*.x` goes to
+    the wildcard index, `x` to the exact index; one domain may belong to several apps."""
     doc = base()
     doc["nodeAttrs"][0]["app"][APPS][0]["domains"] = [
         "GitHub.com", "github.com.", "*.GITHUB.com", "*.github.com", "api.github.com"]
@@ -229,7 +230,8 @@ def test_domains_are_normalised_and_deduplicated_within_an_app():
 
 
 def test_one_domain_may_belong_to_several_apps():
-    """B2"""
+    """Domains are lower-cased, made fully qualified and de-duplicated within an app; `*.x` goes to
+    the wildcard index, `x` to the exact index; one domain may belong to several apps."""
     doc = base()
     doc["nodeAttrs"][0]["app"][APPS].append(
         {"name": "Other", "connectors": ["tag:other"], "domains": ["GITHUB.com"]})
@@ -273,7 +275,8 @@ def test_a_domain_that_is_not_a_valid_name_is_an_error(domain):
     ("GitHub", f"{APP0}: expected an object, got a string"),
 ])
 def test_bad_app_json_is_an_error(app, message):
-    """B1"""
+    """Bad app or pool JSON, or two pool attributes for one node, is an error and leaves the node
+    unconfigured (the previous configuration stays in a running daemon)."""
     doc = base()
     doc["nodeAttrs"][0]["app"][APPS][0] = app
     assert the_error(doc) == message
@@ -322,14 +325,16 @@ def test_same_app_name_with_an_equal_definition_is_one_app():
 
 
 def test_connector_tag_without_tag_owner_is_an_error():
-    """B6"""
+    """Pools must not overlap each other or any node address; a tag must have a `tagOwners` entry;
+    node names and addresses are unique. All errors are reported at once, each with its place."""
     doc = base()
     doc["nodeAttrs"][0]["app"][APPS][0]["connectors"] = ["tag:nobody"]
     assert the_error(doc) == f'{APP0}.connectors[0]: tag "tag:nobody" has no tagOwners entry'
 
 
 def test_node_tag_without_tag_owner_is_an_error():
-    """B6"""
+    """Pools must not overlap each other or any node address; a tag must have a `tagOwners` entry;
+    node names and addresses are unique. All errors are reported at once, each with its place."""
     doc = base()
     doc["nodes"][1]["tags"] = ["tag:conn", "tag:nobody"]
     assert the_error(doc) == 'nodes[1] ("conn-1").tags[1]: tag "tag:nobody" has no tagOwners entry'
@@ -341,7 +346,8 @@ def test_node_tag_without_tag_owner_is_an_error():
     (lambda d: d["tagOwners"]["tag:other"], 'tagOwners["tag:other"][1]'),
 ])
 def test_selector_tag_without_tag_owner_is_an_error(where, place):
-    """B6"""
+    """Pools must not overlap each other or any node address; a tag must have a `tagOwners` entry;
+    node names and addresses are unique. All errors are reported at once, each with its place."""
     doc = base()
     where(doc).append("tag:nobody")
     assert the_error(doc) == f'{place}: tag "tag:nobody" has no tagOwners entry'
@@ -469,7 +475,8 @@ def test_grants_load_with_their_extra_fields_ignored():
 
 
 def test_duplicate_node_name_is_an_error():
-    """B6"""
+    """Pools must not overlap each other or any node address; a tag must have a `tagOwners` entry;
+    node names and addresses are unique. All errors are reported at once, each with its place."""
     doc = base()
     doc["nodes"].append({"name": "laptop", "addresses": ["100.64.0.9"], "endpoint": "192.0.2.9"})
     assert the_error(doc) == ('nodes[2] ("laptop").name: duplicate node name "laptop" '
@@ -477,7 +484,8 @@ def test_duplicate_node_name_is_an_error():
 
 
 def test_duplicate_address_across_nodes_is_an_error():
-    """B6"""
+    """Pools must not overlap each other or any node address; a tag must have a `tagOwners` entry;
+    node names and addresses are unique. All errors are reported at once, each with its place."""
     doc = base()
     doc["nodes"][1]["addresses"] = ["100.64.0.2", "fd7a:115c:a1e0::1"]
     assert the_error(doc) == ('nodes[1] ("conn-1").addresses[1]: duplicate address '
@@ -565,7 +573,8 @@ def test_duplicate_endpoint_is_an_error():
     ("fd7a:115c:a1e0:ab14::/112", "is IPv6; v4MagicIPPool takes IPv4 ranges"),
 ])
 def test_malformed_range_is_an_error(text, reason):
-    """B1"""
+    """Bad app or pool JSON, or two pool attributes for one node, is an error and leaves the node
+    unconfigured (the previous configuration stays in a running daemon)."""
     doc = base()
     doc["nodeAttrs"][1]["app"][POOL_ATTR][0]["v4MagicIPPool"].append(text)
     error = the_error(doc)
@@ -578,14 +587,16 @@ def test_malformed_range_is_an_error(text, reason):
     ({"v4MagicIPPool": []}, "expected a list, got an object"),
 ])
 def test_pool_attribute_must_be_a_list_with_one_object(pools, message):
-    """B1"""
+    """Bad app or pool JSON, or two pool attributes for one node, is an error and leaves the node
+    unconfigured (the previous configuration stays in a running daemon)."""
     doc = base()
     doc["nodeAttrs"][1]["app"][POOL_ATTR] = pools
     assert the_error(doc) == f'nodeAttrs[1].app["{POOL_ATTR}"]: {message}'
 
 
 def test_bad_pool_json_is_an_error():
-    """B1"""
+    """Bad app or pool JSON, or two pool attributes for one node, is an error and leaves the node
+    unconfigured (the previous configuration stays in a running daemon)."""
     doc = base()
     pools = doc["nodeAttrs"][1]["app"][POOL_ATTR][0]
     pools["v4MagicIPPool"] = "100.80.0.0/16"
@@ -618,7 +629,8 @@ def test_ipv4_only_pools_are_allowed():
 
 
 def test_overlapping_magic_and_transit_pools_are_an_error():
-    """B6"""
+    """Pools must not overlap each other or any node address; a tag must have a `tagOwners` entry;
+    node names and addresses are unique. All errors are reported at once, each with its place."""
     doc = base()
     doc["nodeAttrs"][1]["app"][POOL_ATTR][0]["v4TransitIPPool"] = ["100.80.255.0-100.81.0.5"]
     assert the_error(doc) == (
@@ -649,7 +661,8 @@ def test_magic_pools_of_different_nodes_may_be_the_same():
 
 
 def test_pool_holding_a_node_address_is_an_error():
-    """B6"""
+    """Pools must not overlap each other or any node address; a tag must have a `tagOwners` entry;
+    node names and addresses are unique. All errors are reported at once, each with its place."""
     doc = base()
     doc["nodeAttrs"][1]["app"][POOL_ATTR][0]["v6MagicIPPool"] = ["fd7a:115c:a1e0::/120"]
     assert the_error(doc) == (
@@ -705,7 +718,8 @@ def test_pool_attributes_for_disjoint_targets_are_fine():
 
 
 def test_all_errors_are_reported_at_once_each_with_its_place():
-    """B6"""
+    """Pools must not overlap each other or any node address; a tag must have a `tagOwners` entry;
+    node names and addresses are unique. All errors are reported at once, each with its place."""
     doc = base()
     doc["nodeAttrs"][0]["app"][APPS][0]["connectors"] = ["*", "tag:ghost"]
     doc["nodeAttrs"][0]["app"][APPS][0]["domains"] = ["ok.com", "bad..com"]

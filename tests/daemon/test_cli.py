@@ -1,4 +1,4 @@
-"""The `conn25d` command line: `check`, --help, --version (DESIGN §6; B3, B6)."""
+"""The `conn25d` command line: `check`, --help, --version."""
 
 from __future__ import annotations
 

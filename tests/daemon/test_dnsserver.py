@@ -230,11 +230,11 @@ def run(fn, *args):
     return trio.run(fn, *args)
 
 
-# -- upstream configuration (DESIGN §6) ------------------------------------------------------------
+# -- upstream configuration ------------------------------------------------------------
 
 
 def test_resolv_conf_nameservers_in_order_without_the_listen_address(tmp_path):
-    """DESIGN §6: default upstreams are resolv.conf's nameservers other than the listen address."""
+    """Default upstreams are resolv.conf's nameservers other than the listen address."""
     path = tmp_path / "resolv.conf"
     path.write_text(
         "# generated\n"
@@ -312,7 +312,7 @@ def test_forwarder_returns_the_upstream_answer_unchanged(dnsmasq):
 
 
 def test_forwarder_retries_a_truncated_answer_over_tcp_at_dnsmasq(dnsmasq):
-    """DESIGN §4: UDP, with TCP fallback on truncation (dnsmasq truncates 40 A records)."""
+    """UDP, with TCP fallback on truncation (dnsmasq truncates 40 A records)."""
     async def main():
         fwd = Forwarder([dnsmasq])
         return await fwd.forward(query("big.test")), fwd.counters()
@@ -432,7 +432,7 @@ def test_forwarder_passes_nxdomain_without_trying_further(dnsmasq):
 
 
 def test_no_upstream_gives_servfail_and_logs_the_reason_once(caplog):
-    """DESIGN §6: with no upstream left, non-app queries get SERVFAIL and a logged reason."""
+    """With no upstream left, non-app queries get SERVFAIL and a logged reason."""
     async def main():
         fwd = Forwarder([])
         return [await fwd.forward(query("x.test", qid=i)) for i in (1, 2, 3)], fwd.counters()
@@ -822,7 +822,8 @@ def test_app_query_is_answered_with_magic_ip_after_the_ack(dnsmasq):
 
 
 def test_cname_chain_is_collapsed_and_repeat_query_needs_no_new_registration(dnsmasq):
-    """B21 through the shell; an acknowledged assignment is not registered again."""
+    """CNAME chains collapsed through the shell; an acknowledged assignment is not
+    registered again."""
     res, conn, _ = resolver(dnsmasq)
 
     async def main():
@@ -1026,7 +1027,8 @@ def test_after_the_ttl_the_connector_is_asked_again(dnsmasq):
 
 @pytest.mark.parametrize("change", ["unregistered", "reclaimed", "reloaded"])
 def test_a_cached_answer_is_not_used_once_its_mapping_is_not_the_live_one(dnsmasq, change):
-    """B28 holds for cached answers too: every magic IP in one is registered and live."""
+    """Answering only after the connector's ack holds for cached answers too: every magic
+    IP in one is registered and live."""
     res, conn, store, clock = cached_resolver(dnsmasq)
 
     async def main():

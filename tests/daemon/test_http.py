@@ -1,4 +1,4 @@
-"""The h11-over-trio HTTP server and client (the transport of the peer API, B47).
+"""The h11-over-trio HTTP server and client (the transport of the peer API).
 
 Timeouts are tested on trio's MockClock (autojump), so they cost no real time.
 """
@@ -177,7 +177,7 @@ def test_head_gets_headers_without_body():
     trio.run(main)
 
 
-# -- body limit (B47: over 1 MiB is refused) ------------------------------------
+# -- body limit (over 1 MiB is refused) ------------------------------------
 
 
 def test_body_of_exactly_the_limit_is_accepted():
@@ -190,7 +190,8 @@ def test_body_of_exactly_the_limit_is_accepted():
 
 
 def test_body_one_byte_over_the_limit_gets_413_and_the_handler_never_runs():
-    """B47."""
+    """One result per item, in request order. Not configured: 503. Not POST: 405. Malformed JSON:
+    400. Body over 1 MiB: refused."""
     rec = Recorder()
 
     async def main():

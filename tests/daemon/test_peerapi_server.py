@@ -205,7 +205,8 @@ def test_per_item_codes_pass_through():
     ("POST", b" " * (MAX_BODY + 1), 413),
 ])
 def test_http_status_of_the_registration_passes_through(method, body, status):
-    """B47."""
+    """One result per item, in request order. Not configured: 503. Not POST: 405. Malformed JSON:
+    400. Body over 1 MiB: refused."""
     node = FakeNode()
     resp = call(node, request(method, TRANSIT_IP_PATH, body))
     assert resp.status == status

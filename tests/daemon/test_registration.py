@@ -264,7 +264,9 @@ def test_items_queued_while_a_request_is_out_go_together_in_one_request():
 
 
 def test_one_call_with_several_assignments_is_one_request():
-    """B39."""
+    """All pending assignments for one connector go in one request; failures retry with backoff;
+    the chosen connector is health-checked and a failed one is replaced by the next, with
+    mappings moved."""
     node, peers, reg = setup()
     items = [node.reserve("github.com.", "203.0.113.1"), node.reserve("github.com.", "2001:db8::1"),
              node.reserve("gist.github.com.", "203.0.113.2")]

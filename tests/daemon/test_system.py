@@ -1,7 +1,7 @@
 """System set-up (conn25.daemon.system): the TUN device, addresses, MTU, routes, the
 connector's forwarding sysctls and nftables table, their removal, and crash
-leftovers not blocking a restart (issue 4 "System set-up", e2e item 12; B5 for
-the routes into the TUN).
+leftovers not blocking a restart; the routes into the TUN are exactly the magic
+pools and the peers.
 
 The code under test runs in a driver process inside a namespace that each test
 creates (pyroute2, nft and /proc/sys act on the caller's namespace); the test

@@ -1,6 +1,6 @@
 """The datapath's per-packet decisions, end to end through the C code, without devices.
 
-B50-B54, B56, B57: each case feeds a packet to Datapath.process_from_tun or
+each case feeds a packet to Datapath.process_from_tun or
 process_datagram (exactly what the pumps call) and checks the verdict and
 the bytes against scapy's independent rebuild.
 """

@@ -45,7 +45,8 @@ nat_translate = _fastpath._test_nat_translate
 parse_status = _fastpath._test_parse_status
 FragTracker = _fastpath._TestFragTracker
 
-# DESIGN §7 addresses: client overlay, magic, transit, real server, a router on the path.
+# Documentation and reserved addresses: client overlay, magic, transit, real server, a router
+# On the path.
 C4, C6 = "100.64.0.1", "fd7a:115c:a1e0::1"
 M4, M6 = "100.80.0.5", "fd7a:115c:a1e0:ab12::5"
 T4, T6 = "169.254.128.7", "fd7a:115c:a1e0:ab13::7"

@@ -92,8 +92,9 @@ def assert_translated(dg: bytes, transit: str, seq: int, payload: int) -> None:
 
 
 def test_a_batch_leaves_in_gso_messages_and_each_peer_gets_its_datagrams_in_order(rig):
-    """B51 through GSO: runs of same-size datagrams to one peer go as one message (a
-    shorter one ends the run); every datagram still arrives alone, translated, in order."""
+    """Magic to transit and back through GSO: runs of same-size datagrams to one peer go as
+    one message (a shorter one ends the run); every datagram still arrives alone,
+    translated, in order."""
     plan = ([(MAGIC, 200)] * 3 + [(MAGIC2, 200)] + [(MAGIC, 200)] * 3 + [(MAGIC, 100)]
             + [(MAGIC, 200)] * 2)
     for seq, (dst, size) in enumerate(plan):
@@ -132,7 +133,7 @@ def test_gso_refused_by_the_kernel_sends_the_datagrams_one_by_one(rig):
 
 def test_coalesced_datagrams_from_a_peer_are_split_and_each_is_checked(rig):
     """A peer's GSO message reaches our GRO socket whole; each datagram in it is
-    checked on its own (B57: the spoofed one is dropped) and translated back."""
+    checked on its own (the spoofed one is dropped) and translated back."""
     rig.start()
     rig.app.send(out(MAGIC, 0))
     recv(rig.peers[2])  # the flow exists now

@@ -437,7 +437,7 @@ KEYS = [(UDP, CLIENT, p, magic(1), 53) for p in range(4)] + [
 
 
 class Model:
-    """The B55 rules written out the slow, obvious way."""
+    """The flow table's rules written out the slow, obvious way."""
 
     def __init__(self, capacity: int, idle: int) -> None:
         self.capacity, self.idle, self.clock = capacity, idle, 0

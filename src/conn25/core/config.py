@@ -115,9 +115,6 @@ class Tailnet(msgspec.Struct, frozen=True):
     def node_by_address(self, addr: IPAddress) -> Member | None:
         return next((n for n in self.nodes if addr in n.addresses), None)
 
-    def node_by_endpoint(self, endpoint: tuple[str, int]) -> Member | None:
-        return next((n for n in self.nodes if n.endpoint == endpoint), None)
-
 
 class NodeConfig:
     """One node's conn25 configuration: its apps, pools and the policy's answers, as data."""

@@ -83,9 +83,6 @@ class IPPool:
             self._in_use.add(key)
             self._in_set += self._contains(*key)
 
-    def is_in_use(self, addr: IPAddress) -> bool:
-        return (addr.version, int(addr)) in self._in_use
-
     def release(self, addr: IPAddress) -> None:
         """Return ``addr``; PoolError if it is not the pool's or not in use."""
         key = (addr.version, int(addr))
