@@ -8,9 +8,12 @@ that overlap checks, membership and pool walks are cheap and exact.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
 
 import msgspec
+
+_T = TypeVar("_T")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -133,3 +136,18 @@ class IPSet(msgspec.Struct, frozen=True):
 
     def __str__(self) -> str:
         return ",".join(str(r) for r in self.ranges)
+
+
+def parse_list(text: str, option: str, what: str, parse: Callable[[str], _T]) -> list[_T]:
+    """The items of a comma-separated option value, each through ``parse``; ValueError
+    names the option and the empty or bad item."""
+    out: list[_T] = []
+    for i, item in enumerate(text.split(",")):
+        item = item.strip()
+        if not item:
+            raise ValueError(f"{option} {text!r}: {what} {i + 1} is empty")
+        try:
+            out.append(parse(item))
+        except ValueError as e:
+            raise ValueError(f"{option}: {e}") from None
+    return out

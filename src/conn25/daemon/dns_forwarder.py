@@ -20,7 +20,7 @@ import trio
 from dnslib import RCODE
 
 from ..core.dnsquery import MAX_MESSAGE, DNSMapError, Query, answers, parse, servfail_to
-from ..core.iprange import IPAddress, parse_address
+from ..core.iprange import IPAddress, parse_address, parse_list
 from ..core.tailnet import parse_endpoint
 from .dns_transport import DNS_PORT, Framer, Upstream, family, show
 
@@ -52,16 +52,8 @@ def parse_upstreams(text: str) -> list[Upstream]:
     ADDR is ``1.2.3.4``, ``1.2.3.4:5353``, ``2001:db8::1`` or
     ``[2001:db8::1]:53``. ValueError names the bad item.
     """
-    out: list[Upstream] = []
-    for i, item in enumerate(text.split(",")):
-        item = item.strip()
-        if not item:
-            raise ValueError(f"--upstream-dns {text!r}: address {i + 1} is empty")
-        try:
-            out.append(parse_endpoint(item, default_port=DNS_PORT))
-        except ValueError as e:
-            raise ValueError(f"--upstream-dns: {e}") from None
-    return out
+    return parse_list(text, "--upstream-dns", "address",
+                      lambda item: parse_endpoint(item, default_port=DNS_PORT))
 
 
 def upstreams_from_resolv_conf(

@@ -25,7 +25,7 @@ import trio
 from dnslib import DNSRecord
 
 from ..core.dnsquery import MAX_MESSAGE, UDP_LIMIT, fit_udp, parse, screen, servfail_to
-from ..core.iprange import IPAddress, IPNetwork
+from ..core.iprange import IPAddress, IPNetwork, parse_list
 from .dns_transport import Framer, Upstream, family, show
 from .refusals import RefusalLog
 
@@ -54,22 +54,18 @@ SERVER_COUNTERS = (
 
 def parse_dns_allow(text: str) -> tuple[IPNetwork, ...]:
     """The value of ``--dns-allow CIDR[,CIDR]``; ValueError names the bad item."""
-    out: list[IPNetwork] = []
-    for i, item in enumerate(text.split(",")):
-        item = item.strip()
-        if not item:
-            raise ValueError(f"--dns-allow {text!r}: network {i + 1} is empty")
+    def network(item: str) -> IPNetwork:
         try:
-            out.append(ipaddress.ip_network(item))
+            return ipaddress.ip_network(item)
         except ValueError:
             try:
                 loose = ipaddress.ip_network(item, strict=False)
             except ValueError:
-                raise ValueError(f"--dns-allow: {item!r} is not a network (CIDR such as "
-                                 f"192.0.2.0/24 or 2001:db8::/32, or one address)") from None
-            raise ValueError(f"--dns-allow: {item!r} has host bits set; did you mean "
-                             f"{loose}?") from None
-    return tuple(out)
+                raise ValueError(f"{item!r} is not a network (CIDR such as 192.0.2.0/24 or "
+                                 "2001:db8::/32, or one address)") from None
+            raise ValueError(f"{item!r} has host bits set; did you mean {loose}?") from None
+
+    return tuple(parse_list(text, "--dns-allow", "network", network))
 
 
 def kernel_says_local(addr: IPAddress) -> bool:

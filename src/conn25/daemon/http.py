@@ -535,18 +535,10 @@ class _Connection:
 # -- client -------------------------------------------------------------------
 
 
-async def request(
-    host: str,
-    port: int,
-    method: str,
-    target: str,
-    body: bytes = b"",
-    *,
-    timeout: float,
-    content_type: str = "application/json",
-    max_response: int = MAX_RESPONSE,
-    local_address: str | None = None,
-) -> tuple[int, bytes]:
+async def request(host: str, port: int, method: str, target: str, body: bytes = b"", *,
+                  timeout: float, content_type: str = "application/json",
+                  max_response: int = MAX_RESPONSE, local_address: str | None = None,
+                  ) -> tuple[int, bytes]:
     """One request over a new TCP connection (from ``local_address`` when given); (status, body).
 
     Raises HTTPError for a malformed or incomplete response, OSError when
@@ -684,18 +676,9 @@ class ClientPool:
     def idle(self) -> int:
         return sum(len(v) for v in self._idle.values())
 
-    async def request(
-        self,
-        host: str,
-        port: int,
-        method: str,
-        target: str,
-        body: bytes = b"",
-        *,
-        timeout: float,
-        content_type: str = "application/json",
-        max_response: int = MAX_RESPONSE,
-    ) -> tuple[int, bytes]:
+    async def request(self, host: str, port: int, method: str, target: str, body: bytes = b"",
+                      *, timeout: float, content_type: str = "application/json",
+                      max_response: int = MAX_RESPONSE) -> tuple[int, bytes]:
         """As :func:`request`, on a pooled connection."""
         authority = _authority(host, port)
         where = f"http://{authority}{target}"

@@ -80,17 +80,8 @@ class RegistrarNode(Protocol):
 class Transport(Protocol):
     """The shape of :func:`conn25.daemon.http.request`."""
 
-    def __call__(
-        self,
-        host: str,
-        port: int,
-        method: str,
-        target: str,
-        body: bytes = b"",
-        *,
-        timeout: float,
-        content_type: str = ...,
-    ) -> Awaitable[tuple[int, bytes]]: ...
+    def __call__(self, host: str, port: int, method: str, target: str, body: bytes = b"", *,
+                 timeout: float, content_type: str = ...) -> Awaitable[tuple[int, bytes]]: ...
 
 
 class ResolveError(Exception):

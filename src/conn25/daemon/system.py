@@ -64,7 +64,7 @@ import socket
 import subprocess
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pyroute2 import IPRoute, NetlinkError
 
@@ -72,6 +72,7 @@ from ..core.iprange import IPAddress, IPNetwork
 from .tun import open_tun
 
 log = logging.getLogger("conn25d.system")
+_T = TypeVar("_T")
 
 RT_PROTO = 25
 """Route protocol number of conn25d's routes."""
@@ -497,23 +498,22 @@ class SystemSetup:
 
     @staticmethod
     def _addresses(items: Iterable[IPAddress]) -> list[IPAddress]:
-        out: list[IPAddress] = []
-        for a in items:
-            if not isinstance(a, ipaddress.IPv4Address | ipaddress.IPv6Address):
-                raise ValueError(f"{a!r} is not an IP address")
-            if a not in out:
-                out.append(a)
-        return out
+        return _unique(items, (ipaddress.IPv4Address, ipaddress.IPv6Address), "an IP address")
 
     @staticmethod
     def _networks(items: Iterable[IPNetwork]) -> list[IPNetwork]:
-        out: list[IPNetwork] = []
-        for n in items:
-            if not isinstance(n, ipaddress.IPv4Network | ipaddress.IPv6Network):
-                raise ValueError(f"{n!r} is not an IP network")
-            if n not in out:
-                out.append(n)
-        return out
+        return _unique(items, (ipaddress.IPv4Network, ipaddress.IPv6Network), "an IP network")
+
+
+def _unique(items: Iterable[_T], types: tuple[type, ...], what: str) -> list[_T]:
+    """``items`` in order without repeats; ValueError for one that is not ``what``."""
+    out: list[_T] = []
+    for x in items:
+        if not isinstance(x, types):
+            raise ValueError(f"{x!r} is not {what}")
+        if x not in out:
+            out.append(x)
+    return out
 
 
 def leftovers(tun_name: str, *, nft: str = "nft") -> list[str]:
