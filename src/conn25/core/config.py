@@ -10,6 +10,7 @@ reach what): those are ``acl``'s and ``policy``'s, which import this one.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import msgspec
 
@@ -116,28 +117,23 @@ class Tailnet(msgspec.Struct, frozen=True):
         return next((n for n in self.nodes if addr in n.addresses), None)
 
 
+@dataclass(kw_only=True, eq=False, repr=False)  # equal only to itself, as before
 class NodeConfig:
     """One node's conn25 configuration: its apps, pools and the policy's answers, as data."""
 
-    def __init__(
-        self,
-        *,
-        tailnet: Tailnet,
-        node: Member,
-        advertise_connector: bool,
-        apps: tuple[App, ...],
-        pools: Pools,
-        app_users: frozenset[str],
-    ) -> None:
-        self.tailnet = tailnet
-        self.node = node
-        self.advertise_connector = advertise_connector
-        self.apps = apps
-        self.pools = pools
-        self.app_users = app_users  # names of the nodes the policy lets use apps
-        self._apps_by_name = {a.name: a for a in apps}
+    tailnet: Tailnet
+    node: Member
+    advertise_connector: bool
+    apps: tuple[App, ...]
+    pools: Pools
+    app_users: frozenset[str]  # names of the nodes the policy lets use apps
+    _apps_by_name: dict[str, App] = field(init=False)
+    _index: DomainIndex = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._apps_by_name = {a.name: a for a in self.apps}
         self._index = DomainIndex()
-        for app in apps:
+        for app in self.apps:
             for d in app.domains:
                 self._index.add(d, app.name)
 

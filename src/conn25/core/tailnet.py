@@ -26,7 +26,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import json5
@@ -179,6 +179,13 @@ class _Loader:
         if nonempty and not value:
             self.error(place, "must not be empty")
         return value
+
+    def objects(self, value: object, place: str) -> Iterator[tuple[dict[str, Any], str]]:
+        """Each object of the list ``value`` with its place; anything else is reported."""
+        for i, item in enumerate(self.lst(value, place) or []):
+            item_place = _idx(place, i)
+            if (obj := self.obj(item, item_place)) is not None:
+                yield obj, item_place
 
     def string(self, value: object, place: str) -> str | None:
         if isinstance(value, str):
@@ -438,10 +445,7 @@ class _Loader:
 
     def load_acls(self, value: object) -> list[Rule]:
         out: list[Rule] = []
-        for i, item in enumerate(self.lst(value, "acls") or []):
-            place = _idx("acls", i)
-            if (obj := self.obj(item, place)) is None:
-                continue
+        for obj, place in self.objects(value, "acls"):
             self.fields(obj, place, ("action", "src", "dst"), ignored=("proto",))
             action = obj.get("action", "accept")
             if self.string(action, _key(place, "action")) is not None and action != "accept":
@@ -475,10 +479,7 @@ class _Loader:
 
     def load_grants(self, value: object) -> list[Rule]:
         out: list[Rule] = []
-        for i, item in enumerate(self.lst(value, "grants") or []):
-            place = _idx("grants", i)
-            if (obj := self.obj(item, place)) is None:
-                continue
+        for obj, place in self.objects(value, "grants"):
             self.fields(obj, place, ("src", "dst"), ignored=("ip", "app", "srcPosture", "via"))
             src = self.selectors(obj, "src", place)
             dst = self.selectors(obj, "dst", place, destination=True)
@@ -498,10 +499,7 @@ class _Loader:
     def load_node_attrs(self, value: object) -> list[NodeAttr]:
         apps: dict[str, tuple[App, str]] = {}  # by name: first definition and its place
         out: list[NodeAttr] = []
-        for i, item in enumerate(self.lst(value, "nodeAttrs") or []):
-            place = _idx("nodeAttrs", i)
-            if (obj := self.obj(item, place)) is None:
-                continue
+        for obj, place in self.objects(value, "nodeAttrs"):
             self.fields(obj, place, ("target",), ("app",), ignored=("attr",))
             target = self.selectors(obj, "target", place)
             attr_apps: list[App] = []

@@ -25,7 +25,9 @@ def _plural(n: int, word: str) -> str:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    """Validate a tailnet file without starting anything."""
+    """Validate a tailnet file (HuJSON policy plus nodes) without starting anything.
+    Exit status: 0 when valid, 1 when invalid (every error is printed to stderr, one a
+    line, with its place in the file), 2 when the file cannot be read."""
     path: str = args.file
     try:
         t = load_file(path)
@@ -42,16 +44,22 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _command(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+    func: Callable[[argparse.Namespace], int],
+    summary: str,
+) -> argparse.ArgumentParser:
+    """The subcommand that runs ``func``: named after it (``cmd_up`` is "up"), with
+    ``summary`` in the list of commands and its docstring as its --help description."""
+    p = subparsers.add_parser(func.__name__.removeprefix("cmd_"), help=summary,
+                              description=" ".join((func.__doc__ or "").split()))
+    p.set_defaults(func=func)
+    return p
+
+
 def _add_check(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = subparsers.add_parser(
-        "check",
-        help="validate a tailnet file",
-        description="Validate a tailnet file (HuJSON policy plus nodes) without starting "
-        "anything. Exit status: 0 when valid, 1 when invalid (every error is printed to "
-        "stderr, one a line, with its place in the file), 2 when the file cannot be read.",
-    )
+    p = _command(subparsers, cmd_check, "validate a tailnet file")
     p.add_argument("file", metavar="FILE", help="the tailnet file, e.g. tailnet.hujson")
-    p.set_defaults(func=cmd_check)
 
 
 def _host_port(text: str, default_port: int) -> tuple[str, int]:
@@ -96,7 +104,9 @@ def _dns_allow(text: str) -> tuple[str, ...]:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    """Run a node in the foreground until SIGINT/SIGTERM."""
+    """Run this node of the tailnet in the foreground until SIGINT or SIGTERM, then
+    remove everything it set up and exit 0. SIGHUP (or a change of the file) re-reads
+    the tailnet file; a bad file is logged and the running configuration stays."""
     import logging
 
     import trio
@@ -136,12 +146,7 @@ def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
 
 
 def _add_up(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = subparsers.add_parser(
-        "up", help="run a node in the foreground",
-        description="Run this node of the tailnet in the foreground until SIGINT or SIGTERM, "
-        "then remove everything it set up and exit 0. SIGHUP (or a change of the file) "
-        "re-reads the tailnet file; a bad file is logged and the running configuration stays.",
-    )
+    p = _command(subparsers, cmd_up, "run a node in the foreground")
     p.add_argument("--tailnet", required=True, metavar="FILE", help="the tailnet file")
     p.add_argument("--hostname", required=True, metavar="NAME",
                    help="this node's name in the tailnet file")
@@ -163,7 +168,6 @@ def _add_up(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
                    "(default: none; never other nodes unless named here)")
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"], help="(default info)")
-    p.set_defaults(func=cmd_up)
 
 
 def _socket_path(args: argparse.Namespace) -> str | None:
@@ -180,7 +184,8 @@ def _socket_path(args: argparse.Namespace) -> str | None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    """Print the running node's state."""
+    """Show the running node's apps, domains and assignments (magic, transit, real,
+    expiry, active flows), pool use, connector peers and mappings, and counters."""
     import json
 
     import trio
@@ -207,32 +212,23 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _add_status(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = subparsers.add_parser(
-        "status", help="show a running node's state",
-        description="Show the running node's apps, domains and assignments (magic, transit, "
-        "real, expiry, active flows), pool use, connector peers and mappings, and counters.",
-    )
+    p = _command(subparsers, cmd_status, "show a running node's state")
     p.add_argument("--json", action="store_true", help="print the JSON document")
     p.add_argument("--state-dir", metavar="DIR", help="the node's --state-dir")
     p.add_argument("--hostname", metavar="NAME", help="find the node by name instead")
-    p.set_defaults(func=cmd_status)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Build a throwaway tailnet in namespaces and show a connection through a connector."""
+    """As root: build a client, a connector and an 'internet' (DNS and web server) in
+    network namespaces, start the nodes, resolve an app domain on the client, fetch a
+    page through the connector, print what happened, and remove everything."""
     from ..lab.demo import run_demo
 
     return run_demo()
 
 
 def _add_demo(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = subparsers.add_parser(
-        "demo", help="show conn25d working, in throwaway network namespaces (root)",
-        description="As root: build a client, a connector and an 'internet' (DNS and web "
-        "server) in network namespaces, start the nodes, resolve an app domain on the client, "
-        "fetch a page through the connector, print what happened, and remove everything.",
-    )
-    p.set_defaults(func=cmd_demo)
+    _command(subparsers, cmd_demo, "show conn25d working, in throwaway network namespaces (root)")
 
 
 def build_parser() -> argparse.ArgumentParser:

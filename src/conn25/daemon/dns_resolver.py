@@ -14,6 +14,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from dataclasses import KW_ONLY, dataclass, field
 
 import trio
 from dnslib import QTYPE
@@ -48,6 +49,7 @@ class _Registration:
         self.ok = False
 
 
+@dataclass(eq=False, repr=False)  # equal only to itself, as before
 class ClientResolver:
     """The client's ``answer``: non-app queries go upstream unchanged; app queries are
     resolved at a connector, mapped onto magic IPs and answered once the
@@ -67,29 +69,20 @@ class ClientResolver:
     every assignment it names is still the live one and registered.
     """
 
-    def __init__(
-        self,
-        mapper: DNSMapper,
-        forwarder: Forwarder,
-        resolve_at_connector: Callable[[App, bytes], Awaitable[bytes]],
-        register: Callable[[list[Assignment]], Awaitable[bool]],
-        ack_timeout: float = 3.0,
-        now: Callable[[], float] = time.time,
-        *,
-        resolve_timeout: float = 5.0,
-        assignments_changed: Callable[[], None] | None = None,
-    ) -> None:
-        self.mapper = mapper
-        self.forwarder = forwarder
-        self.resolve_at_connector = resolve_at_connector
-        self.register = register
-        self.ack_timeout = ack_timeout
-        self.resolve_timeout = resolve_timeout
-        self._now = now
-        self._assignments_changed = assignments_changed or (lambda: None)
-        self._pending: dict[IPAddress, _Registration] = {}  # by transit IP
-        self._counters = Counter(dict.fromkeys(RESOLVER_COUNTERS, 0))
-        self.cache = AnswerCache()
+    mapper: DNSMapper
+    forwarder: Forwarder
+    resolve_at_connector: Callable[[App, bytes], Awaitable[bytes]]
+    register: Callable[[list[Assignment]], Awaitable[bool]]
+    ack_timeout: float = 3.0
+    now: Callable[[], float] = time.time
+    _: KW_ONLY
+    resolve_timeout: float = 5.0
+    assignments_changed: Callable[[], None] | None = None
+    cache: AnswerCache = field(init=False, default_factory=AnswerCache)
+    # Registrations under way, by transit IP.
+    _pending: dict[IPAddress, _Registration] = field(init=False, default_factory=dict)
+    _counters: Counter[str] = field(
+        init=False, default_factory=lambda: Counter(dict.fromkeys(RESOLVER_COUNTERS, 0)))
 
     def counters(self) -> dict[str, int]:
         return dict(self._counters)
@@ -108,7 +101,7 @@ class ClientResolver:
         return self._cached(query)
 
     def _cached(self, query: Query) -> bytes | None:
-        hit = self.cache.get(query, self._now())
+        hit = self.cache.get(query, self.now())
         if hit is None:
             return None
         reply, assignments = hit
@@ -154,10 +147,11 @@ class ClientResolver:
         if len(resp) < 12 or answers(query, with_id(resp, wire)) is None:
             return self._servfail(query, "servfail_connector",
                                   f"{what}: the connector's answer is not for this question")
-        result = self.mapper.map_response(resp, self._now())
+        result = self.mapper.map_response(resp, self.now())
         self._counters["assignments_new"] += len(result.new)
-        if result.assignments:  # made, or their expiry refreshed: worth persisting
-            self._assignments_changed()
+        # Made, or their expiry refreshed: worth persisting.
+        if result.assignments and self.assignments_changed is not None:
+            self.assignments_changed()
         if result.servfail:
             self._counters["servfail_mapping"] += 1
         ok = await self._registered(result.assignments, what)
@@ -165,7 +159,7 @@ class ClientResolver:
             return servfail_to(query)
         if result.ours and not result.servfail:
             self._counters["answered_mapped"] += 1
-            self.cache.put(query, result.wire, result.assignments, self._now())
+            self.cache.put(query, result.wire, result.assignments, self.now())
             log.info("%s: answered %s", what, ", ".join(
                 f"{a.magic} (real {a.real}, transit {a.transit})" for a in result.assignments
             ) or "with no address")

@@ -357,25 +357,20 @@ async def _close(stream: trio.SocketStream, *, linger_bytes: int) -> None:
         await trio.aclose_forcefully(stream)  # closes before its checkpoint, even when cancelled
 
 
+@dataclass(eq=False, repr=False)
 class _Connection:
     """One server connection: read a request, answer it, repeat while keep-alive holds."""
 
-    def __init__(
-        self,
-        stream: trio.SocketStream,
-        handler: Handler,
-        peer: tuple[str, int] | None,
-        max_body: int,
-        limits: Limits,
-        guard: _Guard,
-    ) -> None:
-        self.stream = stream
-        self.handler = handler
-        self.peer = peer
-        self.max_body = max_body
-        self.limits = limits
-        self.guard = guard
-        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header)
+    stream: trio.SocketStream
+    handler: Handler
+    peer: tuple[str, int] | None
+    max_body: int
+    limits: Limits
+    guard: _Guard
+
+    def __post_init__(self) -> None:
+        # Not a declared field: a class-level name h11 would shadow the module in annotations.
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_header)
 
     async def serve(self) -> None:
         answered = False

@@ -56,21 +56,10 @@ _LEVELS = {"info": logging.INFO, "warning": logging.WARNING}
 class RegistrarNode(Protocol):
     """What the registrar needs of the node."""
 
-    @property
-    def config(self) -> NodeConfig: ...
-
-    @property
-    def assignments(self) -> Assignments: ...
-
-    @property
-    def dataplane(self) -> Dataplane:
-        """Where an acknowledged registration points the datapath at its connector."""
-        ...
-
-    @property
-    def peerapi_port(self) -> int:
-        """Every node serves the peer API on this port of its overlay addresses."""
-        ...
+    config: NodeConfig
+    assignments: Assignments
+    dataplane: Dataplane  # where an acknowledged registration points the datapath at its connector
+    peerapi_port: int  # every node serves the peer API on this port of its overlay addresses
 
     def assignments_changed(self) -> None:
         """Assignments were made or changed: persist them (debounced by the node)."""

@@ -62,15 +62,11 @@ class Counted(Protocol):
 class StatusSource(Protocol):
     """What the status document reads of the node."""
 
-    @property
-    def config(self) -> NodeConfig: ...
+    config: NodeConfig
+    assignments: Assignments
+    connector: ConnectorTable | None
 
-    @property
-    def assignments(self) -> Assignments: ...
-
-    @property
-    def connector(self) -> ConnectorTable | None: ...
-
+    # Read-only (properties), so the node's richer Registrar and Datapath fit these.
     @property
     def registrar(self) -> ConnectorChoice: ...
 

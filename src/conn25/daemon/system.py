@@ -62,7 +62,7 @@ import os
 import re
 import socket
 import subprocess
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -130,6 +130,20 @@ def _step(what: str, hints: dict[int, str] | None = None) -> Iterator[None]:
         hint = (hints or {}).get(getattr(e, "code", None) or getattr(e, "errno", None) or 0)
         raise SystemSetupError(f"{what} failed: {_reason(e)}"
                                + (f" ({hint})" if hint else "")) from e
+
+
+@contextlib.contextmanager
+def _undone_on_failure(undo: Callable[[], None]) -> Iterator[None]:
+    """On any failure (cancellation too) call ``undo``, so nothing half set up remains;
+    a failing undo is logged, not raised, so the original error is the one reported."""
+    try:
+        yield
+    except BaseException:
+        try:
+            undo()
+        except SystemSetupError as e:
+            log.error("%s", e)
+        raise
 
 
 def _sysctl_path(key: str) -> Path:
@@ -257,7 +271,7 @@ class SystemSetup:
         if self.mtu < IPV6_MIN_MTU and any(a.version == 6 for a in [*addrs, *nets]):
             raise ValueError(f"MTU {self.mtu} is below IPv6's minimum {IPV6_MIN_MTU}")
         self._opened = True
-        try:
+        with _undone_on_failure(self.close):
             self._remove_stale_device()
             _remove_table(self.nft, self.table, "leftover ")
             with _step(f"creating TUN device {self.tun_name}"):
@@ -270,12 +284,6 @@ class SystemSetup:
                 self._configure_link(ipr, addrs)
                 for net in nets:
                     self._add_route(ipr, net)
-        except BaseException:
-            try:
-                self.close()
-            except SystemSetupError as e:
-                log.error("%s", e)
-            raise
         log.info("TUN %s up: mtu %d, addresses %s, %d routes", self.tun_name, self.mtu,
                  " ".join(map(str, addrs)), len(nets))
         return self.fd
@@ -379,18 +387,12 @@ class SystemSetup:
         self._need_open()
         if self.connector_enabled:
             return
-        try:
+        with _undone_on_failure(self._disable_connector):
             self._nft_touched = True
             with _step(f"installing nftables table inet {self.table}"):
                 _run_nft(self.nft, _ruleset(self.tun_name, self.table, self.masq_mark))
             self._enable_forwarding()
             self.connector_enabled = True
-        except BaseException:
-            try:
-                self._disable_connector()
-            except SystemSetupError as e:
-                log.error("%s", e)
-            raise
         for b in self.forward_blockers():
             log.warning("forwarded traffic from %s may be dropped: %s", self.tun_name, b)
         log.info("connector: forwarding on, masquerade via table inet %s", self.table)
