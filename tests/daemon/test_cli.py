@@ -1,7 +1,9 @@
-"""The `conn25d` command line: `check`, --help, --version."""
+"""The `conn25d` command line: `check`, `genkey`, `pubkey`, --help, --version."""
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import shutil
 import subprocess
@@ -11,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from conn25 import __version__
+from conn25.core import wgkeys
 from conn25.daemon.cli import main
 
 ROOT = Path(__file__).parents[2]
@@ -164,3 +167,108 @@ def test_up_passes_dns_allow_to_the_node(monkeypatch, tmp_path):
                "--state-dir", str(tmp_path), "--dns-allow", "192.0.2.0/24, 2001:db8::/32"])
     assert rc == 0
     assert seen[0].dns_allow == ("192.0.2.0/24", "2001:db8::/32")
+
+
+# -- genkey and pubkey ------------------------------------------------------------
+
+# RFC 7748 section 6.1: Alice's private key and the public key X25519 gives for it.
+RFC_PRIVATE = base64.b64encode(bytes.fromhex(
+    "77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a")).decode()
+RFC_PUBLIC = base64.b64encode(bytes.fromhex(
+    "8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a")).decode()
+CONN25D = [sys.executable, "-m", "conn25"]
+WG = shutil.which("wg")
+needs_wg = pytest.mark.skipif(WG is None, reason="wg not installed (install.sh --dev)")
+
+
+def pubkey(stdin: bytes, monkeypatch, capsys) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin)))
+    status = main(["pubkey"])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_genkey_prints_a_new_clamped_key_each_time(capsys):
+    keys = []
+    for _ in range(8):
+        assert main(["genkey"]) == 0
+        out, err = capsys.readouterr()
+        assert err == "" and out.endswith("\n") and len(out) == 45
+        keys.append(wgkeys.decode(out.strip()))
+    assert len(set(keys)) == 8
+    assert all(k[0] & 7 == 0 and k[31] & 0xC0 == 0x40 for k in keys)
+
+
+def test_pubkey_prints_the_public_key_of_the_key_on_stdin(monkeypatch, capsys):
+    assert pubkey(f"{RFC_PRIVATE}\n".encode(), monkeypatch, capsys) == (0, RFC_PUBLIC + "\n", "")
+
+
+@pytest.mark.parametrize("tail", [b"", b"\n", b"\r\n", b"  \n\n", b"\t\0"])
+def test_pubkey_allows_trailing_space_as_wg_does(tail, monkeypatch, capsys):
+    status, out, _ = pubkey(RFC_PRIVATE.encode() + tail, monkeypatch, capsys)
+    assert (status, out) == (0, RFC_PUBLIC + "\n")
+
+
+@pytest.mark.parametrize(("stdin", "reason"), [
+    (b"", "0 characters"),
+    (b" " + RFC_PRIVATE.encode(), "45 characters"),  # wg reads no leading space either
+    (RFC_PRIVATE.encode() + b" x\n", "46 characters"),
+    (RFC_PRIVATE[:-1].encode() + b"\n", "43 characters"),
+    (RFC_PRIVATE[:-2].encode() + b"==", "exactly one"),
+    (RFC_PRIVATE[:-2].encode() + b"!=", "not base64"),
+    (RFC_PRIVATE[:-2].encode() + b"\xc3=", "not base64"),
+    (RFC_PRIVATE.replace("=", "A").encode() + b"\n", "exactly one"),
+])
+def test_pubkey_rejects_a_malformed_key_in_one_line_that_does_not_show_it(
+        stdin, reason, monkeypatch, capsys):
+    status, out, err = pubkey(stdin, monkeypatch, capsys)
+    assert status == 1 and out == ""
+    assert err.startswith("conn25d: stdin: ") and reason in err
+    assert len(err.splitlines()) == 1
+    assert RFC_PRIVATE[:8] not in err
+
+
+def test_help_lists_genkey_and_pubkey(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "print a new private key" in out
+    assert "print the public key of a private key read on stdin" in out
+    assert main(["pubkey", "--help"]) == 0
+    help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "on stdin and print its public key, like 'wg pubkey'" in help_text
+
+
+def run(argv: list[str], stdin: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=60)
+
+
+@needs_wg
+def test_a_key_from_wg_genkey_gives_the_same_public_key_in_both_tools():
+    private = run([WG, "genkey"]).stdout
+    theirs, ours = run([WG, "pubkey"], private), run([*CONN25D, "pubkey"], private)
+    assert theirs.returncode == 0 and ours.returncode == 0, ours.stderr
+    assert ours.stdout == theirs.stdout and len(ours.stdout) == 45
+
+
+@needs_wg
+def test_a_key_from_conn25d_genkey_works_in_wg_pubkey():
+    private = run([*CONN25D, "genkey"]).stdout
+    theirs, ours = run([WG, "pubkey"], private), run([*CONN25D, "pubkey"], private)
+    assert theirs.returncode == 0, theirs.stderr
+    assert theirs.stdout == ours.stdout and len(theirs.stdout) == 45
+
+
+@needs_wg
+def test_both_tools_clamp_an_unclamped_key_the_same_way():
+    private = base64.b64encode(b"\xff" * 32).decode() + "\n"
+    theirs, ours = run([WG, "pubkey"], private), run([*CONN25D, "pubkey"], private)
+    assert theirs.returncode == 0 and ours.stdout == theirs.stdout
+
+
+@needs_wg
+@pytest.mark.parametrize("stdin", ["", RFC_PRIVATE[:-1], RFC_PRIVATE[:-2] + "B=",
+                                   RFC_PRIVATE[:-2] + "==", RFC_PRIVATE + " x"])
+def test_both_tools_reject_the_same_malformed_keys(stdin):
+    theirs, ours = run([WG, "pubkey"], stdin), run([*CONN25D, "pubkey"], stdin)
+    assert theirs.returncode == 1 and ours.returncode == 1
+    assert ours.stdout == "" and len(ours.stderr.splitlines()) == 1

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 
 from .. import __version__
-from ..core import tailnet
+from ..core import tailnet, wgkeys
 from .tailnetfile import load_file
 
 EXIT_OK = 0
@@ -60,6 +60,43 @@ def _command(
 def _add_check(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = _command(subparsers, cmd_check, "validate a tailnet file")
     p.add_argument("file", metavar="FILE", help="the tailnet file, e.g. tailnet.hujson")
+
+
+def cmd_genkey(args: argparse.Namespace) -> int:
+    """Print a new random private key (X25519, base64), like 'wg genkey'. Keep it secret:
+    e.g. 'umask 077; conn25d genkey > private.key'. 'conn25d pubkey' gives its public key
+    for the tailnet file's nodes[].publicKey."""
+    print(wgkeys.encode(wgkeys.generate_private()))
+    return EXIT_OK
+
+
+def _add_genkey(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    _command(subparsers, cmd_genkey, "print a new private key")
+
+
+# What ``wg pubkey`` lets follow the key: whitespace and NULs (as when read from a file).
+_TRAILING = " \t\n\v\f\r\0"
+
+
+def cmd_pubkey(args: argparse.Namespace) -> int:
+    """Read a private key (base64) on stdin and print its public key, like 'wg pubkey':
+    e.g. 'conn25d pubkey < private.key'. Exit status 1, with one line on stderr that
+    never shows the input, when it is not a key."""
+    data = sys.stdin.buffer.read()
+    try:
+        # Only trailing space is allowed, as wg allows it, so both tools accept the same input.
+        text = data.rstrip(_TRAILING.encode()).decode("ascii")
+        public = wgkeys.public_from_private(wgkeys.decode(text))
+    except ValueError as e:  # UnicodeDecodeError too; its message shows no input either
+        reason = str(e) if not isinstance(e, UnicodeDecodeError) else "not base64 text"
+        print(f"conn25d: stdin: {reason}", file=sys.stderr)
+        return EXIT_INVALID
+    print(wgkeys.encode(public))
+    return EXIT_OK
+
+
+def _add_pubkey(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    _command(subparsers, cmd_pubkey, "print the public key of a private key read on stdin")
 
 
 def _host_port(text: str, default_port: int) -> tuple[str, int]:
@@ -245,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_up(subparsers)
     _add_status(subparsers)
     _add_check(subparsers)
+    _add_genkey(subparsers)
+    _add_pubkey(subparsers)
     return parser
 
 
