@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import copy
 import ipaddress
 import json
@@ -529,6 +530,80 @@ def test_missing_node_fields_are_errors():
     doc["nodes"][0] = {"user": "alice@example.com"}
     assert errors_of(doc) == ['nodes[0]: missing "name"', 'nodes[0]: missing "addresses"',
                               'nodes[0]: missing "endpoint"']
+
+
+# -- nodes[].publicKey ----------------------------------------------------------------
+
+# RFC 7748 section 6.1: Alice's and Bob's X25519 public keys, in WireGuard's base64.
+KEY_A = bytes.fromhex("8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a")
+KEY_B = bytes.fromhex("de9edb7d7b7dc1b4d35b61c2ece435373f8343c85b78674dadfc7e146f882b4f")
+TEXT_A = "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo="
+TEXT_B = "3p7bfXt9wbTTW2HC7OQ1Nz+DQ8hbeGdNrfx+FG+IK08="
+
+
+def test_public_keys_are_read_as_32_bytes():
+    assert base64.b64decode(TEXT_A) == KEY_A and base64.b64decode(TEXT_B) == KEY_B
+    doc = base()
+    doc["nodes"][0]["publicKey"] = TEXT_A
+    doc["nodes"][1]["publicKey"] = TEXT_B
+    t = load(json.dumps(doc))
+    assert [n.public_key for n in t.nodes] == [KEY_A, KEY_B]
+
+
+def test_a_node_without_a_public_key_is_valid_for_now():
+    """The overlay does not use keys yet; a later step makes publicKey required."""
+    doc = base()
+    doc["nodes"][1]["publicKey"] = TEXT_B
+    t = load(json.dumps(doc))
+    assert [n.public_key for n in t.nodes] == [None, KEY_B]
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    (TEXT_A[:-1], "not a WireGuard key: 43 characters, a key is 44 characters of base64"),
+    (TEXT_A + "A", "not a WireGuard key: 45 characters"),
+    (TEXT_A[:-2] + "==", 'ends in exactly one "="'),  # 31 bytes
+    (TEXT_A[:-2] + "_=", "not base64"),  # the URL-safe alphabet is not WireGuard's
+    (TEXT_A[:-2] + "n=", "not the canonical base64 of a key"),  # sets bits past the 256th
+    (KEY_A.hex(), "64 characters"),
+    ("", "0 characters"),
+])
+def test_a_malformed_public_key_is_an_error_that_does_not_quote_it(value, message):
+    doc = base()
+    doc["nodes"][1]["publicKey"] = value
+    error = the_error(doc)
+    assert error.startswith('nodes[1] ("conn-1").publicKey: ')
+    assert message in error
+    assert TEXT_A[:8] not in error and KEY_A.hex()[:8] not in error
+
+
+def test_a_public_key_that_is_not_a_string_is_an_error():
+    doc = base()
+    doc["nodes"][0]["publicKey"] = list(KEY_A)
+    assert the_error(doc) == 'nodes[0] ("laptop").publicKey: expected a string, got a list'
+
+
+def test_duplicate_public_keys_are_errors_each_naming_the_first():
+    doc = base()
+    doc["nodes"].append({"name": "other", "user": "alice@example.com",
+                         "addresses": ["100.64.0.9"], "endpoint": "192.0.2.9"})
+    for node in doc["nodes"]:
+        node["publicKey"] = TEXT_A
+    assert errors_of(doc) == [
+        f'nodes[{i}] ("{name}").publicKey: the same public key as nodes[0] ("laptop").publicKey;'
+        " every node needs a key pair of its own"
+        for i, name in ((1, "conn-1"), (2, "other"))
+    ]
+
+
+def test_public_key_errors_come_with_the_files_other_errors():
+    doc = base()
+    doc["nodes"][0]["publicKey"] = "nope"
+    doc["nodes"][1]["publicKey"] = TEXT_B
+    doc["nodes"][1]["addresses"] = ["100.64.0.1"]
+    errors = errors_of(doc)
+    assert len(errors) == 2
+    assert errors[0].startswith('nodes[0] ("laptop").publicKey: not a WireGuard key')
+    assert errors[1].startswith('nodes[1] ("conn-1").addresses[0]: duplicate address')
 
 
 @pytest.mark.parametrize(("text", "endpoint"), [

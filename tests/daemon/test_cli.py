@@ -272,3 +272,20 @@ def test_both_tools_reject_the_same_malformed_keys(stdin):
     theirs, ours = run([WG, "pubkey"], stdin), run([*CONN25D, "pubkey"], stdin)
     assert theirs.returncode == 1 and ours.returncode == 1
     assert ours.stdout == "" and len(ours.stderr.splitlines()) == 1
+
+
+def test_check_reports_bad_and_duplicate_public_keys_with_their_places(tmp_path, capsys):
+    key = wgkeys.encode(wgkeys.public_from_private(wgkeys.generate_private()))
+    path = tmp_path / "keys.hujson"
+    path.write_text(json.dumps({"nodes": [
+        {"name": "a", "addresses": ["100.64.0.1"], "endpoint": "192.0.2.1", "publicKey": key},
+        {"name": "b", "addresses": ["100.64.0.2"], "endpoint": "192.0.2.2", "publicKey": key},
+        {"name": "c", "addresses": ["100.64.0.3"], "endpoint": "192.0.2.3",
+         "publicKey": key[:-2] + "=="},
+    ]}))
+    assert main(["check", str(path)]) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.partition(": ")[2].partition(": ")[0] for line in lines] == [
+        'nodes[1] ("b").publicKey', 'nodes[2] ("c").publicKey']
+    assert "the same public key as nodes[0] (\"a\").publicKey" in lines[0]
+    assert "not a WireGuard key" in lines[1] and key[:8] not in lines[1]

@@ -78,6 +78,9 @@ class Member(msgspec.Struct, frozen=True):
     user: str | None = None
     tags: tuple[str, ...] = ()
     egress_ips: tuple[IPAddress, ...] = ()
+    # The WireGuard public key (32 bytes) from ``publicKey``. Optional until the
+    # overlay authenticates peers by it; then every node must have one.
+    public_key: bytes | None = None
 
     def address(self, version: int) -> IPAddress | None:
         """The node's first overlay address of that family."""

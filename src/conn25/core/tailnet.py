@@ -31,7 +31,7 @@ from typing import Any
 
 import json5
 
-from . import acl, dnsname
+from . import acl, dnsname, wgkeys
 from .config import (
     APP_ATTRS,
     DEFAULT_POOLS,
@@ -349,6 +349,7 @@ class _Loader:
         items = self.lst(value, "nodes") or []
         names: dict[str, str] = {}
         endpoints: dict[tuple[str, int], str] = {}
+        public_keys: dict[bytes, str] = {}
         # Names first: selectors anywhere may name any node.
         for item in items:
             if isinstance(item, dict) and isinstance(item.get("name"), str):
@@ -361,7 +362,7 @@ class _Loader:
             if (obj := self.obj(item, place)) is None:
                 continue
             self.fields(obj, place, ("name", "addresses", "endpoint"),
-                        ("user", "tags", "egressIPs"))
+                        ("user", "tags", "egressIPs", "publicKey"))
             name = self.node_name(obj["name"], _key(place, "name"), names) \
                 if "name" in obj else None
             user = self.node_user(obj["user"], _key(place, "user")) if "user" in obj else None
@@ -380,11 +381,13 @@ class _Loader:
                     egress.append(parse_address(text))
                 except ValueError as e:
                     self.error(p, str(e))
+            public_key = self.public_key(obj["publicKey"], _key(place, "publicKey"),
+                                         public_keys) if "publicKey" in obj else None
             # Kept even when broken (the file is rejected anyway) so that the
             # whole-file checks still see its name, tags and addresses.
             out.append((place, Member(name=name or "", addresses=tuple(addrs),
                                     endpoint=endpoint or ("", 0), user=user, tags=tuple(tags),
-                                    egress_ips=tuple(egress))))
+                                    egress_ips=tuple(egress), public_key=public_key)))
         return out
 
     def node_name(self, value: object, place: str, seen: dict[str, str]) -> str | None:
@@ -442,6 +445,23 @@ class _Loader:
             return None
         seen[endpoint] = place
         return endpoint
+
+    def public_key(self, value: object, place: str, seen: dict[bytes, str]) -> bytes | None:
+        """A node's WireGuard public key. Messages never quote the value: a private key
+        pasted here by mistake must not reach a log or a terminal."""
+        if (text := self.string(value, place)) is None:
+            return None
+        try:
+            key = wgkeys.decode(text)
+        except ValueError as e:
+            self.error(place, f"{e} (\"conn25d pubkey < private.key\" prints a node's key)")
+            return None
+        if key in seen:
+            self.error(place, f"the same public key as {seen[key]}; every node needs a key "
+                       "pair of its own")
+            return None
+        seen[key] = place
+        return key
 
     def load_acls(self, value: object) -> list[Rule]:
         out: list[Rule] = []
