@@ -79,6 +79,7 @@ def test_example_file_loads():
     assert apps == [App("GitHub", ("github.com.", "*.github.com."), ("tag:github-app-connector",))]
     assert t.nodes[2].endpoint == ("2001:db8::3", 41641)
     assert t.node_attrs[1].pools is not None
+    assert all(n.public_key is not None and len(n.public_key) == 32 for n in t.nodes)
     assert t.node_attrs[1].pools.v4_transit == IPSet.of([IPRange.parse("169.254.128.0/17")])
 
 
