@@ -87,9 +87,11 @@ def cmd_pubkey(args: argparse.Namespace) -> int:
         # Only trailing space is allowed, as wg allows it, so both tools accept the same input.
         text = data.rstrip(_TRAILING.encode()).decode("ascii")
         public = wgkeys.public_from_private(wgkeys.decode(text))
-    except ValueError as e:  # UnicodeDecodeError too; its message shows no input either
-        reason = str(e) if not isinstance(e, UnicodeDecodeError) else "not base64 text"
-        print(f"conn25d: stdin: {reason}", file=sys.stderr)
+    except UnicodeDecodeError:  # its message would show a byte of the input
+        print("conn25d: stdin: not a WireGuard key: not base64 text", file=sys.stderr)
+        return EXIT_INVALID
+    except ValueError as e:  # wgkeys' messages never quote the key
+        print(f"conn25d: stdin: {e}", file=sys.stderr)
         return EXIT_INVALID
     print(wgkeys.encode(public))
     return EXIT_OK
