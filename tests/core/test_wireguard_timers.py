@@ -149,3 +149,21 @@ def test_data_that_gets_no_answer_starts_a_new_handshake():
     due = 1 + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + JITTER
     assert sends(p.pa.tick(due - 0.01, WALL0 + due), "initiation") == []
     assert len(sends(p.pa.tick(due, WALL0 + due), "initiation")) == 1
+
+
+def test_the_initiator_rekeys_when_receiving_on_an_old_session():
+    p = pair()
+    p.handshake(0)
+    t = REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT
+    p.a.receive(p.pb.encrypt(b"x", t - 1), SRC_B, t - 1)
+    assert sends(p.pa.tick(t - 1, WALL0 + t), "initiation") == []
+    p.a.receive(p.pb.encrypt(b"x", t), SRC_B, t)
+    assert len(sends(p.pa.tick(t, WALL0 + t), "initiation")) == 1
+
+
+def test_the_index_table_holds_only_live_indices():
+    p = pair()
+    for i in range(20):
+        p.handshake(i * 200.0)  # each handshake outlives the last session
+        p.pa.tick(i * 200.0 + 1, WALL0)
+    assert len(p.a.indices) <= 3

@@ -53,6 +53,11 @@ class Device:
 
     def _allocate(self, peer: Peer) -> int:
         # Indices are random (they say nothing about the node) and unique among live ones.
+        # The peer's indices it no longer uses are forgotten first, so the table stays as
+        # large as the live sessions and handshakes.
+        live = peer.local_indices()
+        for stale in [i for i, p in self._by_index.items() if p is peer and i not in live]:
+            del self._by_index[stale]
         for _ in range(64):
             index = self._rand.index() & 0xFFFFFFFF
             owner = self._by_index.get(index)
@@ -60,6 +65,11 @@ class Device:
                 self._by_index[index] = peer
                 return index
         raise RuntimeError("no free session index")
+
+    @property
+    def indices(self) -> frozenset[int]:
+        """The session indices the table holds (live ones, and stale ones not yet pruned)."""
+        return frozenset(self._by_index)
 
     def peer_by_index(self, index: int) -> Peer:
         peer = self._by_index.get(index)

@@ -25,7 +25,7 @@ from .handshake import (
 )
 from .messages import CookieReply, Response, Transport
 from .noise import tai64n
-from .transport import REKEY_AFTER_MESSAGES, Session
+from .transport import REJECT_AFTER_MESSAGES, REKEY_AFTER_MESSAGES, Session
 
 REKEY_AFTER_TIME = 120.0
 REJECT_AFTER_TIME = 180.0
@@ -159,7 +159,8 @@ class Peer:
         """`payload` sealed under the current session, or None when there is no usable one
         (then `tick` starts a handshake; the caller keeps the packet until it completes)."""
         session = self.current
-        if session is None or not _usable(session, now):
+        if (session is None or not _usable(session, now)
+                or session.send_counter >= REJECT_AFTER_MESSAGES):
             self._handshake_wanted = True
             return None
         data = session.encrypt(payload)
