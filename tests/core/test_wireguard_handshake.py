@@ -180,3 +180,25 @@ def test_a_cookie_stops_being_used_after_two_minutes():
                 SRC_B, 0)
     assert p.pa.begin_handshake(119, WALL0 + 119)[-16:] != bytes(16)
     assert p.pa.begin_handshake(121, WALL0 + 121)[-16:] == bytes(16)
+
+
+def test_under_load_handshakes_are_rate_limited_per_address():
+    p = pair()
+    p.a.receive(p.b.receive(p.pa.begin_handshake(0, WALL0), SRC_A, 0, under_load=True).reply,
+                SRC_B, 0)
+    accepted = refused = 0
+    # Ten valid initiations, each newer and spaced just past the per-peer limit (21 ms):
+    # the address's bucket starts at 5 tokens and refills 0.42 per 21 ms.
+    for i in range(10):
+        now = 1 + i * 0.021
+        init = p.pa.begin_handshake(now, WALL0 + now)
+        try:
+            p.b.receive(init, SRC_A, now, under_load=True)
+            accepted += 1
+        except Rejected as e:
+            assert "too many handshakes" in str(e)
+            refused += 1
+    assert (accepted, refused) == (8, 2)
+    # Not under load, the address is not limited.
+    init = p.pa.begin_handshake(2, WALL0 + 2)
+    assert p.b.receive(init, SRC_A, 2).keypair is not None

@@ -22,6 +22,7 @@ from .messages import (
     message_type,
 )
 from .peer import Peer, Randomness
+from .ratelimit import HandshakeRateLimiter
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class Device:
         self.identity = Identity.from_private(private)
         self._rand = rand or Randomness()
         self.cookies = CookieChecker(self.identity.public, self._rand.token)
+        self.ratelimit = HandshakeRateLimiter()
         self.peers: dict[bytes, Peer] = {}
         self._by_index: dict[int, Peer] = {}
 
@@ -80,8 +82,9 @@ class Device:
 
     def receive(self, data: bytes, source: bytes, now: float,
                 under_load: bool = False) -> Received:
-        """Handle one datagram from `source` (the address bytes a cookie is bound to);
-        Rejected, saying why, for anything that is not accepted."""
+        """Handle one datagram from `source` (the packed IP address, then the port as two
+        bytes: a cookie is bound to both, the rate limit to the address); Rejected, saying
+        why, for anything that is not accepted."""
         kind = message_type(data)
         if kind in (INITIATION, RESPONSE):
             return self._handshake(kind, data, source, now, under_load)
@@ -104,6 +107,8 @@ class Device:
         if under_load and not self.cookies.mac2_ok(data, source, now):
             # Prove the source can receive before spending a Diffie-Hellman on it.
             return Received(reply=self.cookies.reply(data, msg.sender, source, now))
+        if under_load and not self.ratelimit.allow(source[:-2], now):
+            raise Rejected("too many handshakes from this address")
         if isinstance(msg, Initiation):
             init = consume_initiation(self.identity, msg)
             peer = self.peers.get(init.remote_static)
