@@ -33,6 +33,7 @@ REKEY_ATTEMPT_TIME = 90.0
 REKEY_TIMEOUT = 5.0
 KEEPALIVE_TIMEOUT = 10.0
 JITTER_MAX = 0.333
+REKEY_ON_RECEIVE_AGE = REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT
 INITIATION_MIN_INTERVAL = 1 / 50  # a peer's initiations are consumed at most 50 per second
 
 
@@ -190,9 +191,11 @@ class Peer:
         self._authenticated_received()
         if payload and self._keepalive_at is None:
             self._keepalive_at = now + KEEPALIVE_TIMEOUT
+        # The initiator renews a session nearing rejection when it hears on it, so the peer
+        # is not left talking into a session about to die.
         current = self.current
-        if (current is not None and current.keypair.is_initiator and now
-                - current.keypair.created >= REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT):
+        if (current is not None and current.keypair.is_initiator
+                and now - current.keypair.created >= REKEY_ON_RECEIVE_AGE):
             self._handshake_wanted = True
         return payload
 
