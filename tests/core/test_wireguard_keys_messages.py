@@ -35,6 +35,7 @@ def test_keys_round_trip_through_base64():
     assert keys.decode(text) == private
     assert keys.decode(text + "\n") == private  # as `wg genkey` writes it
     assert keys.public_from_private(private) != private
+    assert private[0] & 7 == 0 and private[31] & 0xC0 == 0x40  # clamped, as `wg genkey`
 
 
 @pytest.mark.parametrize("text", [

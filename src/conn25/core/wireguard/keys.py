@@ -20,9 +20,13 @@ KEY_LEN = 32
 
 
 def generate_private() -> bytes:
-    """A fresh private key (clamping is applied by X25519 itself, as `wg genkey` does)."""
-    return X25519PrivateKey.generate().private_bytes(
-        Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+    """A fresh private key, clamped as `wg genkey` writes it (X25519 clamps on use anyway;
+    clamping here only makes our keys look like wg's)."""
+    key = bytearray(X25519PrivateKey.generate().private_bytes(
+        Encoding.Raw, PrivateFormat.Raw, NoEncryption()))
+    key[0] &= 248
+    key[31] = (key[31] & 127) | 64
+    return bytes(key)
 
 
 def public_from_private(private: bytes) -> bytes:
