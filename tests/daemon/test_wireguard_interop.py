@@ -185,3 +185,18 @@ def test_wireguard_go_initiates_and_we_answer_its_ping(lab: Lab):
     lab.sock.sendto(data, src)
     out, _ = ping.communicate(timeout=15)
     assert ping.returncode == 0, out
+
+
+def test_keys_are_interchangeable_with_wg_genkey_and_pubkey():
+    if shutil.which("wg") is None:
+        pytest.fail("wg not on PATH: `install.sh --dev` installs Debian's wireguard-tools")
+
+    def wg(*args: str, stdin: str = "") -> str:
+        r = subprocess.run(["wg", *args], input=stdin, capture_output=True, text=True,
+                           timeout=10, check=True)
+        return r.stdout.strip()
+
+    ours = keys.generate_private()
+    assert wg("pubkey", stdin=keys.encode(ours)) == keys.encode(keys.public_from_private(ours))
+    theirs = keys.decode(wg("genkey"))
+    assert keys.encode(keys.public_from_private(theirs)) == wg("pubkey", stdin=keys.encode(theirs))
