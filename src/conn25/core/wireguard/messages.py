@@ -1,0 +1,126 @@
+"""The four WireGuard messages, encoded and decoded with `struct`.
+
+Every decoder fails closed with MessageError on anything malformed: a wrong length, a wrong
+type, non-zero reserved bytes. Integers on the wire are little-endian.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from .errors import Rejected
+
+INITIATION, RESPONSE, COOKIE_REPLY, TRANSPORT = 1, 2, 3, 4
+
+INITIATION_LEN = 148
+RESPONSE_LEN = 92
+COOKIE_REPLY_LEN = 64
+TRANSPORT_HEADER_LEN = 16
+TAG_LEN = 16  # a ChaCha20-Poly1305 tag, also the length of mac1 and mac2
+MIN_TRANSPORT_LEN = TRANSPORT_HEADER_LEN + TAG_LEN  # a keepalive: nothing but the tag
+
+# type (1 byte) + 3 reserved zero bytes read as one little-endian u32.
+_INITIATION = struct.Struct("<II32s48s28s16s16s")
+_RESPONSE = struct.Struct("<III32s16s16s16s")
+_COOKIE_REPLY = struct.Struct("<II24s32s")
+_TRANSPORT = struct.Struct("<IIQ")
+
+
+class MessageError(Rejected):
+    """A datagram that is not a well-formed WireGuard message."""
+
+
+@dataclass(frozen=True, slots=True)
+class Initiation:
+    sender: int
+    ephemeral: bytes
+    encrypted_static: bytes
+    encrypted_timestamp: bytes
+    mac1: bytes = bytes(16)
+    mac2: bytes = bytes(16)
+
+    def encode(self) -> bytes:
+        return _INITIATION.pack(INITIATION, self.sender, self.ephemeral, self.encrypted_static,
+                                self.encrypted_timestamp, self.mac1, self.mac2)
+
+    @classmethod
+    def decode(cls, data: bytes) -> Initiation:
+        _check(data, INITIATION, INITIATION_LEN)
+        _, *fields = _INITIATION.unpack(data)
+        return cls(*fields)
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    sender: int
+    receiver: int
+    ephemeral: bytes
+    encrypted_nothing: bytes
+    mac1: bytes = bytes(16)
+    mac2: bytes = bytes(16)
+
+    def encode(self) -> bytes:
+        return _RESPONSE.pack(RESPONSE, self.sender, self.receiver, self.ephemeral,
+                              self.encrypted_nothing, self.mac1, self.mac2)
+
+    @classmethod
+    def decode(cls, data: bytes) -> Response:
+        _check(data, RESPONSE, RESPONSE_LEN)
+        _, *fields = _RESPONSE.unpack(data)
+        return cls(*fields)
+
+
+@dataclass(frozen=True, slots=True)
+class CookieReply:
+    receiver: int
+    nonce: bytes
+    encrypted_cookie: bytes
+
+    def encode(self) -> bytes:
+        return _COOKIE_REPLY.pack(COOKIE_REPLY, self.receiver, self.nonce, self.encrypted_cookie)
+
+    @classmethod
+    def decode(cls, data: bytes) -> CookieReply:
+        _check(data, COOKIE_REPLY, COOKIE_REPLY_LEN)
+        _, *fields = _COOKIE_REPLY.unpack(data)
+        return cls(*fields)
+
+
+@dataclass(frozen=True, slots=True)
+class Transport:
+    receiver: int
+    counter: int
+    encrypted: bytes
+
+    def encode(self) -> bytes:
+        return _TRANSPORT.pack(TRANSPORT, self.receiver, self.counter) + self.encrypted
+
+    @classmethod
+    def decode(cls, data: bytes) -> Transport:
+        if len(data) < MIN_TRANSPORT_LEN:
+            raise MessageError(f"a transport message is at least {MIN_TRANSPORT_LEN} bytes, "
+                               f"got {len(data)}")
+        _check(data, TRANSPORT, None)
+        _, receiver, counter = _TRANSPORT.unpack_from(data)
+        return cls(receiver, counter, bytes(data[TRANSPORT_HEADER_LEN:]))
+
+
+def message_type(data: bytes) -> int:
+    """The type of a datagram whose first four bytes are well formed; MessageError if not."""
+    if len(data) < 4:
+        raise MessageError(f"a message is at least 4 bytes, got {len(data)}")
+    kind = data[0]
+    if kind not in (INITIATION, RESPONSE, COOKIE_REPLY, TRANSPORT):
+        raise MessageError(f"unknown message type {kind}")
+    if any(data[1:4]):
+        raise MessageError("reserved bytes are not zero")
+    return kind
+
+
+def _check(data: bytes, kind: int, length: int | None) -> None:
+    if length is not None and len(data) != length:
+        raise MessageError(f"message type {kind} is {length} bytes, got {len(data)}")
+    got = message_type(data)
+    if got != kind:
+        raise MessageError(f"expected message type {kind}, got {got}")
