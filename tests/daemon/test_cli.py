@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conn25 import __version__
-from conn25.core import wgkeys
+from conn25.core.wireguard import keys as wgkeys
 from conn25.daemon.cli import main
 
 ROOT = Path(__file__).parents[2]

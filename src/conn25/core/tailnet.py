@@ -31,7 +31,7 @@ from typing import Any
 
 import json5
 
-from . import acl, dnsname, wgkeys
+from . import acl, dnsname
 from .config import (
     APP_ATTRS,
     DEFAULT_POOLS,
@@ -45,6 +45,7 @@ from .config import (
     Tailnet,
 )
 from .iprange import IPAddress, IPRange, IPSet, parse_address
+from .wireguard import keys as wgkeys
 
 SECTIONS = ("tagOwners", "groups", "hosts", "acls", "grants", "nodeAttrs", "nodes")
 # Tailscale policy sections that mean nothing to conn25d.

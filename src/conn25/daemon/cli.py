@@ -12,7 +12,8 @@ import sys
 from collections.abc import Callable
 
 from .. import __version__
-from ..core import tailnet, wgkeys
+from ..core import tailnet
+from ..core.wireguard import keys as wgkeys
 from .tailnetfile import load_file
 
 EXIT_OK = 0

@@ -1,61 +1,73 @@
-"""X25519 keys in WireGuard's format: 32 raw bytes, written as standard base64 (44 chars).
+"""WireGuard keys: X25519 key pairs in WireGuard's base64 text form.
 
-Keys made here and by `wg genkey` / `wg pubkey` are interchangeable.
+The same formats as ``wg genkey`` / ``wg pubkey``, so keys made by either tool
+work in both. Nothing here puts a key's value into an exception message:
+a malformed private key must not end up in a log or on a terminal.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import secrets
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.serialization import (
-    Encoding,
-    NoEncryption,
-    PrivateFormat,
-    PublicFormat,
-)
 
 KEY_LEN = 32
+KEY_LEN_BASE64 = 44  # 32 bytes in padded base64: 43 characters and one "="
+
+
+def _clamp(key: bytes) -> bytes:
+    """The scalar as X25519 uses it (clear the low 3 bits and the top bit, set bit 254),
+    applied to a new private key as ``wg genkey`` does, so the file holds that scalar."""
+    k = bytearray(key)
+    k[0] &= 248
+    k[31] = (k[31] & 127) | 64
+    return bytes(k)
 
 
 def generate_private() -> bytes:
-    """A fresh private key, clamped as `wg genkey` writes it (X25519 clamps on use anyway;
-    clamping here only makes our keys look like wg's)."""
-    key = bytearray(X25519PrivateKey.generate().private_bytes(
-        Encoding.Raw, PrivateFormat.Raw, NoEncryption()))
-    key[0] &= 248
-    key[31] = (key[31] & 127) | 64
-    return bytes(key)
+    """A new random private key (32 bytes, clamped)."""
+    return _clamp(secrets.token_bytes(KEY_LEN))
 
 
 def public_from_private(private: bytes) -> bytes:
+    """The public key (32 bytes) of a 32-byte private key. X25519 clamps the scalar
+    itself, so an unclamped key gives the same public key as in ``wg pubkey``."""
     if len(private) != KEY_LEN:
         raise ValueError(f"a private key is {KEY_LEN} bytes, got {len(private)}")
-    return X25519PrivateKey.from_private_bytes(private).public_key().public_bytes(
-        Encoding.Raw, PublicFormat.Raw)
+    return X25519PrivateKey.from_private_bytes(private).public_key().public_bytes_raw()
 
 
 def encode(key: bytes) -> str:
+    """A 32-byte key as WireGuard's base64 text (44 characters)."""
     if len(key) != KEY_LEN:
         raise ValueError(f"a key is {KEY_LEN} bytes, got {len(key)}")
     return base64.b64encode(key).decode("ascii")
 
 
 def decode(text: str) -> bytes:
-    """The 32 bytes of a base64 key; ValueError saying what is wrong (never echoing the text,
-    which may be a private key)."""
-    text = text.strip()
-    if len(text) != 44 or not text.endswith("="):
-        raise ValueError(f"a WireGuard key is 44 base64 characters ending in '=', "
-                         f"got {len(text)} characters")
+    """WireGuard's base64 text of a key as its 32 bytes.
+
+    As strict as ``wg``: standard base64 alphabet, exactly 44 characters ending in
+    one "=", and the unused low bits of the last character zero (one key, one
+    spelling, so comparing texts compares keys). ValueError says what is wrong
+    without quoting the text, which may be a private key.
+    """
+    if len(text) != KEY_LEN_BASE64:
+        raise ValueError(f"not a WireGuard key: {len(text)} characters, a key is "
+                         f"{KEY_LEN_BASE64} characters of base64")
+    if not text.endswith("=") or text.endswith("=="):
+        raise ValueError("not a WireGuard key: a key's base64 ends in exactly one \"=\"")
     try:
-        raw = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError("a WireGuard key must be standard base64 (A-Z a-z 0-9 + /)") from None
-    if len(raw) != KEY_LEN:
-        raise ValueError(f"a WireGuard key decodes to {KEY_LEN} bytes, got {len(raw)}")
-    return raw
+        key = base64.b64decode(text.encode("ascii"), validate=True)
+    except (UnicodeEncodeError, binascii.Error):
+        raise ValueError("not a WireGuard key: not base64 (A-Z, a-z, 0-9, \"+\" and "
+                         "\"/\")") from None
+    if base64.b64encode(key).decode("ascii") != text:
+        raise ValueError("not a WireGuard key: the character before \"=\" carries bits "
+                         "beyond 32 bytes (not the canonical base64 of a key)")
+    return key
 
 
 def dh(private: bytes, public: bytes) -> bytes:

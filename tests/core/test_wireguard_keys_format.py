@@ -6,7 +6,7 @@ import base64
 
 import pytest
 
-from conn25.core import wgkeys
+from conn25.core.wireguard import keys as wgkeys
 
 # RFC 7748 section 6.1: Alice's private key and the public key X25519 gives for it.
 RFC_PRIVATE = bytes.fromhex("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a")
