@@ -97,6 +97,11 @@ class SourceAccounting:
     def connections(self, source: Hashable) -> int:
         return self._open.get(source, 0)
 
+    @property
+    def tracked(self) -> int:
+        """Sources with a request budget kept (at most ``max_sources``, plus the shared one)."""
+        return len(self._buckets)
+
     def request(self, source: Hashable, now: float) -> bool:
         """A request from ``source``: whether its budget allows it."""
         bucket = self._buckets.get(source)

@@ -7,7 +7,8 @@ type, non-zero reserved bytes. Integers on the wire are little-endian.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import ClassVar, Self
 
 from .errors import Rejected
 
@@ -31,8 +32,26 @@ class MessageError(Rejected):
     """A datagram that is not a well-formed WireGuard message."""
 
 
+class _Fixed:
+    """A fixed-size message: its fields, in order, are the struct's after the type word."""
+
+    KIND: ClassVar[int]
+    LAYOUT: ClassVar[struct.Struct]
+
+    def encode(self) -> bytes:
+        return self.LAYOUT.pack(self.KIND, *(getattr(self, f.name) for f in fields(self)))  # type: ignore[arg-type]
+
+    @classmethod
+    def decode(cls, data: bytes) -> Self:
+        _check(data, cls.KIND, cls.LAYOUT.size)
+        _, *values = cls.LAYOUT.unpack(data)
+        return cls(*values)
+
+
 @dataclass(frozen=True, slots=True)
-class Initiation:
+class Initiation(_Fixed):
+    KIND: ClassVar[int] = INITIATION
+    LAYOUT: ClassVar[struct.Struct] = _INITIATION
     sender: int
     ephemeral: bytes
     encrypted_static: bytes
@@ -40,19 +59,11 @@ class Initiation:
     mac1: bytes = bytes(16)
     mac2: bytes = bytes(16)
 
-    def encode(self) -> bytes:
-        return _INITIATION.pack(INITIATION, self.sender, self.ephemeral, self.encrypted_static,
-                                self.encrypted_timestamp, self.mac1, self.mac2)
-
-    @classmethod
-    def decode(cls, data: bytes) -> Initiation:
-        _check(data, INITIATION, INITIATION_LEN)
-        _, *fields = _INITIATION.unpack(data)
-        return cls(*fields)
-
 
 @dataclass(frozen=True, slots=True)
-class Response:
+class Response(_Fixed):
+    KIND: ClassVar[int] = RESPONSE
+    LAYOUT: ClassVar[struct.Struct] = _RESPONSE
     sender: int
     receiver: int
     ephemeral: bytes
@@ -60,31 +71,14 @@ class Response:
     mac1: bytes = bytes(16)
     mac2: bytes = bytes(16)
 
-    def encode(self) -> bytes:
-        return _RESPONSE.pack(RESPONSE, self.sender, self.receiver, self.ephemeral,
-                              self.encrypted_nothing, self.mac1, self.mac2)
-
-    @classmethod
-    def decode(cls, data: bytes) -> Response:
-        _check(data, RESPONSE, RESPONSE_LEN)
-        _, *fields = _RESPONSE.unpack(data)
-        return cls(*fields)
-
 
 @dataclass(frozen=True, slots=True)
-class CookieReply:
+class CookieReply(_Fixed):
+    KIND: ClassVar[int] = COOKIE_REPLY
+    LAYOUT: ClassVar[struct.Struct] = _COOKIE_REPLY
     receiver: int
     nonce: bytes
     encrypted_cookie: bytes
-
-    def encode(self) -> bytes:
-        return _COOKIE_REPLY.pack(COOKIE_REPLY, self.receiver, self.nonce, self.encrypted_cookie)
-
-    @classmethod
-    def decode(cls, data: bytes) -> CookieReply:
-        _check(data, COOKIE_REPLY, COOKIE_REPLY_LEN)
-        _, *fields = _COOKIE_REPLY.unpack(data)
-        return cls(*fields)
 
 
 @dataclass(frozen=True, slots=True)
