@@ -102,6 +102,11 @@ cdef bint fs_restore_one(DpCore *d, const SavedFlow *f, uint64_t now) noexcept n
 
 cdef bytes fs_save(DpCore *d, uint32_t cap):
     """fs_export as a blob (empty without flows to save); cap: the flow table's capacity."""
+    cdef bint any_ambiguous
+    with nogil:
+        any_ambiguous = tb_any_ambiguous(d.tables)
+    if not any_ambiguous:  # the common case, every sweep: no buffer, no scan
+        return b""
     cdef SavedFlow *buf = <SavedFlow *>malloc(<size_t>cap * sizeof(SavedFlow))
     cdef uint32_t n
     if buf == NULL:

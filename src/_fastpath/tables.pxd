@@ -119,7 +119,7 @@ cdef struct TablesC:
     uint8_t local_family[<int>TB_MAX_LOCAL]
     uint8_t local_addr[<int>TB_MAX_LOCAL][16]
     uint32_t n_local
-
+    uint32_t rev_ambiguous      # real_rev entries that name no single transit IP
 
 cdef TablesC *tb_new(uint64_t seed) noexcept nogil
 cdef void tb_free(TablesC *t) noexcept nogil
@@ -129,6 +129,7 @@ cdef int tb_magic(TablesC *t, uint8_t family, const uint8_t *addr,
 cdef int tb_transit(TablesC *t, uint8_t family, const uint8_t *peer_addr,
                     const uint8_t *transit, uint8_t *real_out, uint32_t *app_out) noexcept nogil
 cdef bint tb_is_local(TablesC *t, uint8_t family, const uint8_t *addr) noexcept nogil
+cdef bint tb_any_ambiguous(TablesC *t) noexcept nogil
 cdef bint tb_magic_for_transit(TablesC *t, uint8_t family, const uint8_t *transit,
                                uint8_t *magic_out) noexcept nogil
 cdef int tb_return_transit(TablesC *t, uint8_t family, const uint8_t *peer_addr,

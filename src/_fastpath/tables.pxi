@@ -193,6 +193,14 @@ cdef bint _tb_local_locked(TablesC *t, uint8_t family, const uint8_t *addr) noex
     return False
 
 
+cdef inline void _tb_rev_set(TablesC *t, TbSlot *s, uint32_t value) noexcept nogil:
+    """Set a real_rev entry's count word, keeping the count of ambiguous entries
+    (anything but exactly one known transit IP), which saving flows asks first."""
+    t.rev_ambiguous -= s.val.u32 != 1
+    t.rev_ambiguous += value != 1
+    s.val.u32 = value
+
+
 cdef void _tb_rev_add(TablesC *t, uint8_t family, const uint8_t *peer_addr,
                       const uint8_t *real, const uint8_t *transit) noexcept nogil:
     """real_rev: one more transit IP of peer_addr maps to `real` (room reserved)."""
@@ -203,7 +211,7 @@ cdef void _tb_rev_add(TablesC *t, uint8_t family, const uint8_t *peer_addr,
     if s != NULL:
         # The newest transit IP is remembered; with two or more the entry is
         # ambiguous anyway, and it stays so until the count is back to one.
-        s.val.u32 = (s.val.u32 & TB_REV_COUNT) + 1
+        _tb_rev_set(t, s, (s.val.u32 & TB_REV_COUNT) + 1)
         memcpy(s.val.addr, transit, 16)
         return
     memset(&v, 0, sizeof(TbVal))
@@ -222,13 +230,13 @@ cdef void _tb_rev_drop(TablesC *t, uint8_t family, const uint8_t *peer_addr,
         return
     cdef uint32_t n = s.val.u32 & TB_REV_COUNT
     if n <= 1:
+        _tb_rev_set(t, s, 1)  # no longer counted as ambiguous
         _tb_erase_at(&t.real_rev, <uint32_t>(s - t.real_rev.slots))
         return
     # Which transit IP remains is not known without a scan of the transit
     # map: the entry says "stale" and return packets are not matched by it.
-    s.val.u32 = (n - 1) | (s.val.u32 & TB_REV_STALE)
-    if memcmp(s.val.addr, transit, 16) == 0:
-        s.val.u32 |= TB_REV_STALE
+    cdef uint32_t stale = TB_REV_STALE if memcmp(s.val.addr, transit, 16) == 0 else 0
+    _tb_rev_set(t, s, (n - 1) | (s.val.u32 & TB_REV_STALE) | stale)
 
 
 # ---- C API ------------------------------------------------------------------
@@ -334,6 +342,15 @@ cdef bint tb_magic_for_transit(TablesC *t, uint8_t family, const uint8_t *transi
         memcpy(magic_out, s.val.addr, 16)
     pthread_mutex_unlock(&t.lock)
     return s != NULL
+
+
+cdef bint tb_any_ambiguous(TablesC *t) noexcept nogil:
+    """Whether any (client, real address) pair names several transit IPs: the
+    only case in which connector flows need saving."""
+    pthread_mutex_lock(&t.lock)
+    cdef bint r = t.rev_ambiguous != 0
+    pthread_mutex_unlock(&t.lock)
+    return r
 
 
 cdef int tb_return_transit(TablesC *t, uint8_t family, const uint8_t *peer_addr,

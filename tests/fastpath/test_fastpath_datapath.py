@@ -414,3 +414,16 @@ def test_flows_a_return_packet_cannot_recreate_are_saved_and_restored(connector)
     assert Datapath(client=True).save_flows() == b""
     connector.connector_flows.clear()  # removed flows are not saved
     assert connector.save_flows() == b""
+
+
+def test_ambiguity_is_counted_as_mappings_come_and_go(connector):
+    """save_flows looks at flows only while some (client, real) pair is ambiguous."""
+    pkt = IP(src=CLIENT, dst=TRANSIT) / TCP(sport=40000, dport=443, flags="S")
+    assert connector.process_datagram(dg(pkt), CLIENT_EP, NOW)[0] == "tun"
+    assert connector.save_flows() == b""  # one flow, unambiguous: nothing to scan or save
+    other = packed("169.254.128.6")
+    connector.tables.set_transit(packed(CLIENT), other, packed(REAL), 3)
+    assert len(connector.save_flows()) == 8 + 64  # now its return cannot name it
+    # the older one goes: the newer one is known to remain, so the pair is plain again
+    connector.tables.del_transit(packed(CLIENT), packed(TRANSIT))
+    assert connector.save_flows() == b""

@@ -2,7 +2,7 @@
 
 Each target runs ``max_examples`` of the "conn25-fuzz" profile: small enough that all of them
 together take under a minute in CI; CONN25_FUZZ_EXAMPLES raises it for a longer local run
-(e.g. ``CONN25_FUZZ_EXAMPLES=20000 pytest tests/test_fuzz.py``). Inputs that once failed
+(e.g. ``CONN25_FUZZ_EXAMPLES=20000 pytest tests/fuzz/test_fuzz.py``). Inputs that once failed
 stay as ``@example`` cases.
 """
 
