@@ -139,10 +139,15 @@ class DNSMapper:
         except DNSMapError:
             return None
 
-    def map_response(self, wire: bytes, now: float) -> MapResult:
-        """Rewrite an upstream response for an app domain (see the module docstring)."""
+    def map_response(self, wire: bytes, now: float, head: Query | None = None) -> MapResult:
+        """Rewrite an upstream response for an app domain (see the module docstring).
+
+        ``head`` is :func:`conn25.core.dnsquery.parse` of ``wire`` when the caller
+        read it already (to check that it answers the query), so that it is not
+        read twice.
+        """
         try:
-            buf, header, questions, complete = _read_head(wire)
+            buf, header, questions, complete = _read_head(wire, head)
         except Exception:
             return MapResult(wire)  # not even a header: not ours
         found = self._app(questions)
@@ -282,17 +287,21 @@ def servfail(wire: bytes) -> bytes:
 # -- internals ------------------------------------------------------------------
 
 
-def _read_head(wire: bytes) -> tuple[DNSBuffer, DNSHeader, list[DNSQuestion], bool]:
+def _read_head(
+    wire: bytes, query: Query | None = None
+) -> tuple[DNSBuffer, DNSHeader, list[DNSQuestion], bool]:
     """Header and the questions up to the first that cannot be read; True when all could be.
 
     The questions are :func:`conn25.core.dnsquery.parse`'s (any byte in a
     label, at most MAX_QUESTIONS), so that the DNS path has one question
     reader; a name longer than MAX_NAME is unreadable here as well, as for
-    :meth:`DNSMapper.app_for`. Raises only when the header cannot be read.
+    :meth:`DNSMapper.app_for`. ``query`` is that parse when the caller has it.
+    Raises only when the header cannot be read.
     """
     buf = DNSBuffer(wire)
     header = DNSHeader.parse(buf)
-    query = dnsquery.parse(wire)
+    if query is None:
+        query = dnsquery.parse(wire)
     questions = []
     for q in query.questions:
         if q.size > MAX_NAME:
