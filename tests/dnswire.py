@@ -87,3 +87,25 @@ def address_data(wire: bytes) -> list[bytes]:
                 j += 4 + length
         i += rdlen
     return out
+
+
+def frame(wire: bytes) -> bytes:
+    """``wire`` with the 2-byte length prefix of DNS over TCP."""
+    return len(wire).to_bytes(2, "big") + wire
+
+
+async def read_frame(stream) -> bytes | None:
+    """One length-prefixed message, or None at end of stream.
+
+    Written apart from the module's framer, so that a test does not check the server's
+    framing with that same framing.
+    """
+    buf = b""
+    while len(buf) < 2 or len(buf) < 2 + int.from_bytes(buf[:2], "big"):
+        data = await stream.receive_some(65537)
+        if not data:
+            return None
+        buf += data
+    n = int.from_bytes(buf[:2], "big")
+    assert len(buf) == 2 + n, "one message at a time in these tests"
+    return buf[2:]

@@ -83,6 +83,10 @@ class Env:
     def map(self, wire, now=T0):
         return self.mapper.map_response(wire, now)
 
+    def map_zone(self, text, now=T0):
+        """Map an A response for github.com whose answer section is the zone ``text``."""
+        return self.map(response("github.com", answers=zone(text)), now)
+
 
 @pytest.fixture
 def env():
@@ -500,8 +504,7 @@ def test_cname_chain_followed_over_several_hops_and_collapsed(env, qtype, rtype,
 
 def test_broken_chain_gives_empty_answer(env):
     """The chain ends at a name with no address; addresses of other names are not used."""
-    answers = zone("github.com. 60 IN CNAME x.example.net.\ny.example.net. 60 IN A 203.0.113.1")
-    res = env.map(response("github.com", answers=answers))
+    res = env.map_zone("github.com. 60 IN CNAME x.example.net.\ny.example.net. 60 IN A 203.0.113.1")
     out = DNSRecord.parse(res.wire)
     assert not res.servfail and out.rr == [] and out.header.rcode == RCODE.NOERROR
     assert len(env.store) == 0
@@ -514,7 +517,7 @@ def test_cname_loop_gives_empty_answer_quickly(env, ring):
     text = "".join(f"{n} 60 IN CNAME {names[(i + 1) % ring]}\n" for i, n in enumerate(names))
     text += "".join(f"{n} 60 IN A 203.0.113.{i + 1}\n" for i, n in enumerate(names[:50]))
     start = time.perf_counter()
-    res = env.map(response("github.com", answers=zone(text)))
+    res = env.map_zone(text)
     assert time.perf_counter() - start < 2.0
     assert DNSRecord.parse(res.wire).rr == [] and not res.servfail and len(env.store) == 0
 
@@ -532,12 +535,11 @@ def test_chain_longer_than_max_hops_counts_as_broken(env):
 
 def test_several_names_pointing_at_one_target(env):
     """Two names CNAME'd to one target: the queried one's chain still resolves."""
-    answers = zone(
+    res = env.map_zone(
         "other.example.net. 60 IN CNAME edge.example.net.\n"
         "github.com. 60 IN CNAME edge.example.net.\n"
         "edge.example.net. 60 IN A 203.0.113.5\n"
     )
-    res = env.map(response("github.com", answers=answers))
     assert [a.real for a in res.new] == [ip("203.0.113.5")]
 
 
@@ -627,12 +629,11 @@ def test_other_types_get_question_echoed_and_no_answer(env, qtype):
 
 def test_ttl_is_the_address_records_not_the_cnames(env):
     """Each answer carries its own address record's TTL; the expiry follows it."""
-    answers = zone(
+    res = env.map_zone(
         "github.com. 3600 IN CNAME edge.example.net.\n"
         "edge.example.net. 42 IN A 203.0.113.1\n"
         "edge.example.net. 900 IN A 203.0.113.2\n"
     )
-    res = env.map(response("github.com", answers=answers))
     assert [rr.ttl for rr in DNSRecord.parse(res.wire).rr] == [42, 900]
     assert [a.expiry for a in res.new] == [T0 + 60, T0 + 900]  # 42 clamps to the 1-minute floor
 

@@ -33,6 +33,7 @@ from conn25.daemon import dns_resolver
 from conn25.daemon.dns_forwarder import Forwarder, parse_upstreams, upstreams_from_resolv_conf
 from conn25.daemon.dns_resolver import ClientResolver
 from conn25.daemon.dns_server import DNSServer
+from dnswire import frame, read_frame
 
 DNSMASQ = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
 LOOP = "127.0.0.1"
@@ -156,23 +157,6 @@ async def ask_udp(addr, wire, timeout=2.0):
         with trio.move_on_after(timeout):
             return await s.recv(65535)
     return None
-
-
-async def read_frame(stream):
-    """One length-prefixed message, or None at end of stream (independent of the module's)."""
-    buf = b""
-    while len(buf) < 2 or len(buf) < 2 + int.from_bytes(buf[:2], "big"):
-        data = await stream.receive_some(65537)
-        if not data:
-            return None
-        buf += data
-    n = int.from_bytes(buf[:2], "big")
-    assert len(buf) == 2 + n, "one message at a time in these tests"
-    return buf[2:]
-
-
-def frame(wire):
-    return len(wire).to_bytes(2, "big") + wire
 
 
 @asynccontextmanager

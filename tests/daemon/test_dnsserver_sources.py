@@ -19,6 +19,7 @@ from dnslib import RR, A, DNSRecord
 from conn25.core.iprange import IPAddress
 from conn25.daemon.dns_server import DNSServer, SourcePolicy, kernel_says_local, parse_dns_allow
 from conn25.daemon.refusals import RefusalLog
+from dnswire import frame, read_frame
 
 LOOP = "127.0.0.1"
 HOST_ITSELF = ipaddress.ip_address(LOOP)
@@ -40,20 +41,6 @@ async def answer(wire: bytes) -> bytes:
     r = q.reply()
     r.add_answer(RR(q.q.qname, rdata=A("192.0.2.1"), ttl=60))
     return bytes(r.pack())
-
-
-def frame(wire: bytes) -> bytes:
-    return len(wire).to_bytes(2, "big") + wire
-
-
-async def read_frame(stream: trio.SocketStream) -> bytes | None:
-    buf = b""
-    while len(buf) < 2 or len(buf) < 2 + int.from_bytes(buf[:2], "big"):
-        data = await stream.receive_some(65537)
-        if not data:
-            return None
-        buf += data
-    return buf[2:]
 
 
 @asynccontextmanager

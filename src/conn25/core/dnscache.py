@@ -27,43 +27,29 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .assignments import Assignment
-from .dnsquery import HEADER, Query
+from .dnsquery import HEADER, Query, read_name
 
 __all__ = ["AnswerCache", "ttl_offsets"]
 
 DEFAULT_ENTRIES = 4096
 _RD = 0x01  # in the high byte of the flags
-_MAX_LABEL = 63
-
-
-def _skip_name(wire: bytes, i: int) -> int:
-    """The offset just past the (possibly compressed) name at ``i``; ValueError if broken."""
-    n = len(wire)
-    while i < n:
-        length = wire[i]
-        if length == 0:
-            return i + 1
-        if length & 0xC0 == 0xC0:  # a pointer ends the name
-            if i + 2 > n:
-                break
-            return i + 2
-        if length > _MAX_LABEL:
-            break
-        i += 1 + length
-    raise ValueError("name runs past the message or has a reserved label type")
 
 
 def ttl_offsets(wire: bytes) -> list[int]:
-    """Offsets of the TTL field of every resource record in ``wire``; ValueError if malformed."""
+    """Offsets of the TTL field of every resource record in ``wire``; ValueError if malformed.
+
+    Names are stepped over with the one name reader of the DNS path
+    (:func:`conn25.core.dnsquery.read_name`), whose DNSMapError is a ValueError.
+    """
     if len(wire) < HEADER:
         raise ValueError("shorter than a DNS header")
     qd, an, ns, ar = struct.unpack_from("!HHHH", wire, 4)
     i = HEADER
     for _ in range(qd):
-        i = _skip_name(wire, i) + 4
+        i = read_name(wire, i)[1] + 4
     out = []
     for _ in range(an + ns + ar):
-        i = _skip_name(wire, i)
+        i = read_name(wire, i)[1]
         if i + 10 > len(wire):
             raise ValueError("record header runs past the message")
         out.append(i + 4)

@@ -139,10 +139,15 @@ class DNSMapper:
         except DNSMapError:
             return None
 
-    def map_response(self, wire: bytes, now: float) -> MapResult:
-        """Rewrite an upstream response for an app domain (see the module docstring)."""
+    def map_response(self, wire: bytes, now: float, head: Query | None = None) -> MapResult:
+        """Rewrite an upstream response for an app domain (see the module docstring).
+
+        ``head`` is :func:`conn25.core.dnsquery.parse` of ``wire`` when the caller
+        read it already (to check that it answers the query), so that it is not
+        read twice.
+        """
         try:
-            buf, header, questions, complete = _read_head(wire)
+            buf, header, questions, complete = _read_head(wire, head)
         except Exception:
             return MapResult(wire)  # not even a header: not ours
         found = self._app(questions)
@@ -282,37 +287,28 @@ def servfail(wire: bytes) -> bytes:
 # -- internals ------------------------------------------------------------------
 
 
-def _read_head(wire: bytes) -> tuple[DNSBuffer, DNSHeader, list[DNSQuestion], bool]:
+def _read_head(
+    wire: bytes, query: Query | None = None
+) -> tuple[DNSBuffer, DNSHeader, list[DNSQuestion], bool]:
     """Header and the questions up to the first that cannot be read; True when all could be.
 
-    Questions are read here rather than by dnslib, which refuses a label
-    that is not UTF-8: DNS allows any byte in a label, and such a name under
-    an app domain is still the app's. Questions after the first
-    MAX_QUESTIONS count as unreadable. Raises only when the header cannot be
-    read.
+    The questions are :func:`conn25.core.dnsquery.parse`'s (any byte in a
+    label, at most MAX_QUESTIONS), so that the DNS path has one question
+    reader; a name longer than MAX_NAME is unreadable here as well, as for
+    :meth:`DNSMapper.app_for`. ``query`` is that parse when the caller has it.
+    Raises only when the header cannot be read.
     """
     buf = DNSBuffer(wire)
     header = DNSHeader.parse(buf)
+    if query is None:
+        query = dnsquery.parse(wire)
     questions = []
-    for _ in range(min(header.q, MAX_QUESTIONS)):
-        try:
-            labels, end = _read_name(buf.data, buf.offset)
-            if end + 4 > len(buf.data):
-                raise DNSMapError("question runs past the message")
-        except DNSMapError:
+    for q in query.questions:
+        if q.size > MAX_NAME:
             return buf, header, questions, False
-        qtype, qclass = struct.unpack_from("!HH", buf.data, end)
-        questions.append(DNSQuestion(DNSLabel(labels), qtype, qclass))
-        buf.offset = end + 4
-    return buf, header, questions, header.q <= MAX_QUESTIONS
-
-
-def _read_name(data: bytes, offset: int) -> tuple[tuple[bytes, ...], int]:
-    """:func:`conn25.core.dnsquery.read_name`, refusing names longer than MAX_NAME."""
-    labels, end, _ = dnsquery.read_name(data, offset)
-    if 1 + sum(1 + len(label) for label in labels) > MAX_NAME:
-        raise DNSMapError(f"name longer than {MAX_NAME} octets")
-    return labels, end
+        questions.append(DNSQuestion(DNSLabel(q.labels), q.qtype, q.qclass))
+    buf.offset = query.end
+    return buf, header, questions, query.complete
 
 
 def _parse_records(buf: DNSBuffer, count: int, wanted: frozenset[int], section: str) -> list[RR]:

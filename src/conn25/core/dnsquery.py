@@ -120,7 +120,9 @@ class Query(NamedTuple):
     it are in ``questions``) or the message has more than MAX_QUESTIONS.
     ``key`` is the exact bytes of the only question of a plain query (opcode
     QUERY, one question, no answer or authority section, no compression in
-    the name), the answer cache's key; None for anything else.
+    the name), the answer cache's key; None for anything else. ``end`` is the
+    offset just past the last question in ``questions``, where the answer
+    section starts when ``complete``.
     """
 
     id: int
@@ -130,6 +132,7 @@ class Query(NamedTuple):
     complete: bool
     key: bytes | None
     wire: bytes
+    end: int
 
     @property
     def qr(self) -> bool:
@@ -188,7 +191,7 @@ def parse(wire: bytes) -> Query:
     plain = not flags & 0xF800 and qd == 1 and not an and not ns
     key = bytes(wire[HEADER:offset]) if plain and complete and not compressed else None
     return Query(ident, flags, qd, tuple(questions), complete, key,
-                 wire if type(wire) is bytes else bytes(wire))
+                 wire if type(wire) is bytes else bytes(wire), offset)
 
 
 def question_key(wire: bytes) -> bytes | None:

@@ -144,10 +144,12 @@ class ClientResolver:
                                   f"{what}: connector resolution failed: {type(e).__name__}: {e}")
         # The connector echoes our query; DoH-style channels may zero the id, so only
         # the question must match (a different name would be mapped for the wrong query).
-        if len(resp) < 12 or answers(query, with_id(resp, wire)) is None:
+        rhead = answers(query, with_id(resp, wire)) if len(resp) >= 12 else None
+        if rhead is None:
             return self._servfail(query, "servfail_connector",
                                   f"{what}: the connector's answer is not for this question")
-        result = self.mapper.map_response(resp, self.now())
+        # The answer as checked (our id in it), with its head: the mapper reads it no more.
+        result = self.mapper.map_response(rhead.wire, self.now(), rhead)
         self._counters["assignments_new"] += len(result.new)
         # Made, or their expiry refreshed: worth persisting.
         if result.assignments and self.assignments_changed is not None:
