@@ -3,6 +3,8 @@ messages answer it, and the SERVFAIL built from it."""
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 from dnslib import CLASS, EDNS0, QTYPE, RCODE, RR, A, DNSHeader, DNSQuestion, DNSRecord
 from hypothesis import given
@@ -115,6 +117,18 @@ def test_screen_says_what_a_server_does_with_what_arrives(data, verdict):
     else:
         rcode = RCODE.NOTIMP if verdict == "notimp" else RCODE.FORMERR
         assert DNSRecord.parse(out).header.rcode == rcode and out[:2] == data[:2]
+
+
+def test_screen_refuses_a_question_name_longer_than_a_name_may_be():
+    """Under an app's domain or not, it is no one's name: never forwarded upstream."""
+    def asking(first: int) -> bytes:
+        name = b"".join(bytes([n]) + b"a" * n for n in (63, 63, 63, first))
+        return (struct.pack("!HHHHHH", 7, 0x0100, 1, 0, 0, 0) + name
+                + b"\x06github\x03com\x00\x00\x01\x00\x01")
+
+    verdict, out = screen(asking(51))  # 256 octets
+    assert verdict == "formerr" and DNSRecord.parse(out).header.rcode == RCODE.FORMERR
+    assert screen(asking(50))[0] == "query"  # 255 octets: a name
 
 
 def test_fit_udp_truncates_past_512_bytes_or_the_edns_size():

@@ -46,7 +46,7 @@ from dnslib.label import DNSBuffer, DNSLabel
 from . import dnsname, dnsquery
 from .assignments import Assignment, Assignments
 from .config import App, NodeConfig
-from .dnsquery import MAX_POINTERS, MAX_QUESTIONS, DNSMapError, Query, servfail_from
+from .dnsquery import MAX_NAME, MAX_POINTERS, MAX_QUESTIONS, DNSMapError, Query, servfail_from
 from .iprange import IPAddress
 
 __all__ = [
@@ -70,7 +70,6 @@ TYPE_HTTPS = QTYPE.HTTPS  # 65
 CLASS_IN = CLASS.IN
 
 MAX_CHAIN = 16  # CNAME hops followed; a longer chain counts as broken
-MAX_NAME = 255  # octets of a name on the wire (RFC 1035 §2.3.4); stub resolvers refuse longer
 SVC_MANDATORY, SVC_IPV4HINT, SVC_IPV6HINT = 0, 4, 6
 _HINTS = frozenset((SVC_IPV4HINT, SVC_IPV6HINT))
 _MAX_TTL = 2**31 - 1  # RFC 2181 §8: a TTL with the top bit set means zero

@@ -48,6 +48,7 @@ HEADER = 12
 UDP_LIMIT = 512  # what a client that sent no EDNS0 OPT record accepts over UDP
 MAX_MESSAGE = 65535  # the TCP length prefix is 16 bits
 EDNS_PAYLOAD = 1232  # what a truncated answer advertises (DNS flag day 2020)
+MAX_NAME = 255  # octets of a name on the wire (RFC 1035 §2.3.4); stub resolvers refuse longer
 MAX_POINTERS = 127  # compression pointers followed in one name; more is a loop
 # Questions looked at in one message: reading thousands would cost seconds per message. An
 # answer to a query has one, and the client's resolver and the connector insist on that.
@@ -263,14 +264,18 @@ def screen(data: bytes) -> Screened:
     flags = struct.unpack_from("!H", data, 2)[0]
     if flags & _QR:
         return "response", None
+    head = parse(data)
     if (flags >> 11) & 0xF != 0:
-        return "notimp", with_rcode(servfail_to(parse(data)), RCODE.NOTIMP)
+        return "notimp", with_rcode(servfail_to(head), RCODE.NOTIMP)
     try:
         rec = DNSRecord.parse(data)
     except Exception:  # dnslib raises several types for a malformed message
         rec = None
-    if rec is None or len(rec.questions) != 1:
-        return "formerr", with_rcode(servfail_to(parse(data)), RCODE.FORMERR)
+    # A name longer than a name may be is no app's and no one's (the mapper lets its
+    # answer pass): forwarded, an odd upstream's answer would carry real addresses under
+    # an app's domain. Fail closed, before anything is asked upstream.
+    if rec is None or len(rec.questions) != 1 or any(q.size > MAX_NAME for q in head.questions):
+        return "formerr", with_rcode(servfail_to(head), RCODE.FORMERR)
     return "query", rec
 
 
