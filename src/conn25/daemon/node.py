@@ -59,6 +59,7 @@ REFUSAL_FLUSH_INTERVAL = 5.0
 # (``refusals_<reason>`` in metrics, present from the start) and logged as summaries.
 REFUSAL_REASONS = (
     "reject_received", "unmapped_transit", "dns_source", "dns_tcp_per_source",
+    "resolution_failed",
     *(f"transit_ip_code_{code}" for code in range(1, 7)),
     *(f"peerapi_{r}" for r in ("not_peer", "connections_per_source", "rate_limited", "busy",
                                 "bad_requests")),

@@ -244,20 +244,11 @@ class PeerAPI:
         async with limiter:
             try:
                 answer = await self._node.forwarder.forward(bytes(query))
-                name, _, addrs = answer_addresses(answer)
             except Exception as e:  # the item then fails its check, with a reason
-                log.warning(
-                    "peerapi: transit-ip from %s: resolving %s %s for app %s failed: %s",
-                    peer.name, domain, qtype, app, e,
-                )
+                self._resolution_failed(peer, "transit-ip", domain, qtype,
+                                        f"resolving for app {app} failed: {e}")
                 return
-        if name != domain:
-            log.warning(
-                "peerapi: transit-ip from %s: upstream answered %s when asked for %s %s",
-                peer.name, name, domain, qtype,
-            )
-            return
-        connector.note_resolution(app, domain, addrs, self._node.now())
+        self._note_answer(peer, "transit-ip", connector, app, domain, qtype, answer)
 
     # -- dns-query ----------------------------------------------------------------
 
@@ -299,28 +290,30 @@ class PeerAPI:
         except ValueError:
             # No text form, so no client can register a destination under it: nothing to note.
             domain = None
-        qtype = QTYPE.get(question.qtype)
         if domain is not None:
-            self._note_answer(peer, app.name, domain, qtype, answer)
+            self._note_answer(peer, "dns-query", connector, app.name, domain,
+                              QTYPE.get(question.qtype), answer)
         return Response(200, answer, DNS_MESSAGE)
 
-    def _note_answer(self, peer: Member, app: str, name: str, qtype: str, answer: bytes) -> None:
+    def _note_answer(self, peer: Member, route: str, connector: ConnectorTable, app: str,
+                     name: str, qtype: str, answer: bytes) -> None:
         """Make the answer's addresses acceptable destinations for ``app``."""
-        connector = self._node.connector
-        if connector is None:
-            return
         try:
             answered, _, addrs = answer_addresses(answer)
         except DNSMapError as e:
-            log.warning("peerapi: dns-query from %s: %s %s: upstream answer: %s",
-                        peer.name, name, qtype, e)
+            self._resolution_failed(peer, route, name, qtype, f"upstream answer: {e}")
             return
         if answered != name:
-            log.warning("peerapi: dns-query from %s: upstream answered %s when asked for %s %s",
-                        peer.name, answered, name, qtype)
+            self._resolution_failed(peer, route, name, qtype, f"upstream answered {answered}")
             return
         if addrs:
             connector.note_resolution(app, name, addrs, self._node.now())
+
+    def _resolution_failed(self, peer: Member, route: str, name: str, qtype: str,
+                           why: str) -> None:
+        # A peer picks the names, one per item: a summary per peer, not a line per name.
+        self.refusals.refuse(peer.name, "resolution_failed", f"{route}: {name} {qtype}: {why}",
+                             level=logging.WARNING)
 
     # -- health ---------------------------------------------------------------------
 
