@@ -43,7 +43,7 @@ from .peerapi_server import PEERAPI_LIMITS, PeerAPI
 from .refusals import RefusalLog
 from .registration import Registrar
 from .status import status_document
-from .system import SystemSetup
+from .system import SystemSetup, replace_file
 from .tailnetfile import load_file
 
 log = logging.getLogger("conn25d")
@@ -229,7 +229,7 @@ class Node:
             with trio.CancelScope(shield=True):
                 self.datapath.stop()
                 if flows_restored:
-                    self._save_flows(self.datapath.save_flows())
+                    self._save_flows()
                 if sock is not None:
                     sock.close()
                 system.close()  # closes the TUN fd too
@@ -363,7 +363,8 @@ class Node:
             self.datapath.sweep(monotonic_ms(), 1000)
             if self.connector is not None:
                 # A connector crash loses at most this interval's flows of this kind.
-                self._save_flows(await trio.to_thread.run_sync(self.datapath.save_flows))
+                # In a thread, the file write included: the event loop must not wait on a disk.
+                await trio.to_thread.run_sync(self._save_flows)
 
     def _forget(self, a: Assignment) -> None:
         """A reclaimed assignment: its magic IP is unassigned again from now on."""
@@ -473,15 +474,14 @@ class Node:
         self._load_state(CONNECTOR_FILE, "connector mappings", mappings)
         self._load_state(FLOWS_FILE, "connector flows", flows)
 
-    def _save_flows(self, data: bytes) -> None:
+    def _save_flows(self) -> None:
+        data = self.datapath.save_flows()
         if data == self._saved_flows:
             return
         path = self.options.state_path / FLOWS_FILE
         try:
             if data:
-                tmp = path.with_suffix(".tmp")
-                tmp.write_bytes(data)
-                tmp.replace(path)
+                replace_file(path, data)
             else:
                 path.unlink(missing_ok=True)
             self._saved_flows = data
@@ -497,10 +497,8 @@ class Node:
             files.append((CONNECTOR_FILE, self.connector.snapshot))
         for name, snapshot in files:
             path = self.options.state_path / name
-            tmp = path.with_suffix(".tmp")
             try:
-                tmp.write_bytes(snapshot())
-                tmp.replace(path)
+                replace_file(path, snapshot())
             except OSError as e:
                 log.error("cannot save %s: %s", path, e)
 
