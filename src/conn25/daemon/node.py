@@ -335,15 +335,12 @@ class Node:
                 elif ev.kind is EventKind.REJECT:
                     # Forgeable per packet: a summary per peer, not a line each. The
                     # registrar de-duplicates the re-registrations itself.
-                    self.refusals.refuse(self._peer_name(ev.peer), "reject_received",
+                    self.refusals.refuse(self.ids.peer_name(ev.peer), "reject_received",
                                          f"connector rejected transit={transit}: re-registering")
                     self.registrar.rejected(transit)
                 elif ev.kind is EventKind.UNMAPPED_TRANSIT:
-                    self.refusals.refuse(self._peer_name(ev.peer), "unmapped_transit",
+                    self.refusals.refuse(self.ids.peer_name(ev.peer), "unmapped_transit",
                                          f"rejected unmapped transit={transit}")
-
-    def _peer_name(self, peer_id: int | None) -> str:
-        return self.ids.peer_name(peer_id)
 
     async def _flush_refusals(self) -> None:
         """Report the tail of each burst of refusals once it is over."""
