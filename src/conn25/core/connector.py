@@ -215,6 +215,16 @@ class ConnectorTable:
     def _set_config(self, cfg: config.NodeConfig) -> None:
         self._cfg = cfg
         self._own = {a.name: a for a in cfg.own_apps}
+        # A peer's pools come from the node attributes that target it: one answer
+        # for every item and mapping of that peer until the next configuration,
+        # not a walk over the attributes' selectors per item.
+        self._peer_pools: dict[config.Member, config.Pools] = {}
+
+    def _pools_of(self, peer: config.Member) -> config.Pools:
+        pools = self._peer_pools.get(peer)
+        if pools is None:
+            pools = self._peer_pools[peer] = policy.pools_for(self._cfg.tailnet, peer)
+        return pools
 
     @property
     def configured(self) -> bool:
@@ -286,7 +296,7 @@ class ConnectorTable:
         if app is None:
             return Code.UNKNOWN_APP, f"{UNKNOWN_APP_MESSAGE} ({item.app!r})"
         # The client allocates from its own pools, which may differ from ours.
-        if not policy.pools_for(self._cfg.tailnet, peer).is_transit(transit):
+        if not self._pools_of(peer).is_transit(transit):
             return Code.OTHER, f"transit IP {transit} is outside {peer.name}'s transit IP pools"
         if (why := self._unusable(dest)) is not None:
             return Code.OTHER, why
@@ -430,7 +440,7 @@ class ConnectorTable:
         if not self.configured or self.lookup(peer_addr, transit) is not None:
             return False
         peer = self._cfg.peer_by_address(peer_addr)
-        return peer is not None and policy.pools_for(self._cfg.tailnet, peer).is_transit(transit)
+        return peer is not None and self._pools_of(peer).is_transit(transit)
 
     # -- maintenance ------------------------------------------------------------
 
@@ -510,7 +520,7 @@ class ConnectorTable:
             return f"app {m.app!r} is not served here"
         if node is None or node.name != m.peer_name or node.address(m.peer.version) != m.peer:
             return f"peer {m.peer_name} does not have the address {m.peer}"
-        if not policy.pools_for(cfg.tailnet, node).is_transit(m.transit):
+        if not self._pools_of(node).is_transit(m.transit):
             return f"transit IP {m.transit} is outside {node.name}'s transit IP pools"
         if node.name not in allowed:
             allowed[node.name] = cfg.may_use_apps(node)
