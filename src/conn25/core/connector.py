@@ -499,21 +499,19 @@ class ConnectorTable:
         pools. Rate-limit state stays.
         """
         self._set_config(cfg)
-        allowed: dict[str, bool] = {}
         gone = [
             (table, transit)
             for table in self._peers.values()
             for transit, value in table.maps.items()
-            if self._refusal(self._mapping(table, transit, value), allowed) is not None
+            if self._refusal(self._mapping(table, transit, value)) is not None
         ]
         removed = [self._remove(table, transit) for table, transit in gone]
         for app in [a for a in self._resolved if a not in self._own]:
             del self._resolved[app], self._resolved_heaps[app]
         return removed
 
-    def _refusal(self, m: Mapping, allowed: dict[str, bool]) -> str | None:
-        """Why the current configuration no longer allows mapping ``m``, or None.
-        ``allowed`` caches the permission per peer name across calls."""
+    def _refusal(self, m: Mapping) -> str | None:
+        """Why the current configuration no longer allows mapping ``m``, or None."""
         cfg = self._cfg
         node = cfg.peer_by_address(m.peer)
         if m.app not in self._own:
@@ -522,9 +520,7 @@ class ConnectorTable:
             return f"peer {m.peer_name} does not have the address {m.peer}"
         if not self._pools_of(node).is_transit(m.transit):
             return f"transit IP {m.transit} is outside {node.name}'s transit IP pools"
-        if node.name not in allowed:
-            allowed[node.name] = cfg.may_use_apps(node)
-        if not allowed[node.name]:
+        if not cfg.may_use_apps(node):
             return MISSING_PERMISSION_MESSAGE
         return self._unusable(m.destination)
 
@@ -558,14 +554,13 @@ class ConnectorTable:
             ]
         except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as e:
             raise ValueError(f"bad connector snapshot: {e}") from None
-        allowed: dict[str, bool] = {}
         out: list[Mapping] = []
         for m in sorted(rows, key=lambda m: m.registered):  # each peer's oldest first
             if now - m.registered > MAPPING_LIFETIME:
                 continue
             why = (FAMILY_MISMATCH_MESSAGE
                    if not m.peer.version == m.transit.version == m.destination.version
-                   else self._refusal(m, allowed))
+                   else self._refusal(m))
             if why is None and self.lookup(m.peer, m.transit) is not None:
                 why = "transit IP saved twice for this peer"
             if why is not None:
