@@ -175,6 +175,11 @@ class NodeConfig:
             return None
         return apps[0]
 
+    @property
+    def peers(self) -> list[Member]:
+        """The other nodes of the tailnet."""
+        return [n for n in self.tailnet.nodes if n.name != self.node.name]
+
     def connector_candidates(self, app: App) -> list[Member]:
         """Peers carrying one of the app's connector tags, in a stable order (by name).
 
@@ -182,8 +187,7 @@ class NodeConfig:
         (their health endpoint); this is the order to try them in.
         """
         return sorted(
-            (n for n in self.tailnet.nodes
-             if n.name != self.node.name and any(t in n.tags for t in app.connectors)),
+            (n for n in self.peers if any(t in n.tags for t in app.connectors)),
             key=lambda n: n.name,
         )
 

@@ -268,12 +268,9 @@ class Node:
             return None
         return (st.st_mtime, st.st_size)
 
-    def _peers(self) -> list:
-        return [n for n in self.config.tailnet.nodes if n.name != self.config.node.name]
-
     def _routes(self) -> list[IPNetwork]:
         """Into the TUN: every peer's overlay addresses and, on a client, the magic pools."""
-        routes: list[IPNetwork] = [ipaddress.ip_network(a) for n in self._peers()
+        routes: list[IPNetwork] = [ipaddress.ip_network(a) for n in self.config.peers
                                    for a in n.addresses]
         if self.config.apps:
             routes += self.config.pools.magic_routes()
