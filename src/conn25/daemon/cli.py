@@ -197,13 +197,13 @@ def _add_up(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
 def _socket_path(args: argparse.Namespace) -> str | None:
     from pathlib import Path
 
-    from .node import SOCKET_NAME
+    from .node import SOCKET_NAME, STATE_ROOT
 
     if args.state_dir:
         return str(Path(args.state_dir) / SOCKET_NAME)
     if args.hostname:
-        return f"/var/lib/conn25d/{args.hostname}/{SOCKET_NAME}"
-    found = sorted(Path("/var/lib/conn25d").glob(f"*/{SOCKET_NAME}"))
+        return str(STATE_ROOT / args.hostname / SOCKET_NAME)
+    found = sorted(STATE_ROOT.glob(f"*/{SOCKET_NAME}"))
     return str(found[0]) if len(found) == 1 else None
 
 

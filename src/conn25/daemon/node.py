@@ -49,6 +49,7 @@ from .tailnetfile import load_file
 log = logging.getLogger("conn25d")
 
 PEERAPI_PORT = 41642
+STATE_ROOT = Path("/var/lib/conn25d")  # a node's state dir is STATE_ROOT/HOSTNAME by default
 SOCKET_NAME = "conn25d.sock"
 ASSIGNMENTS_FILE = "assignments.json"
 CONNECTOR_FILE = "connector.json"
@@ -82,7 +83,7 @@ class NodeOptions(msgspec.Struct, kw_only=True):
     hostname: str
     advertise_connector: bool = False
     advertise_tags: tuple[str, ...] | None = None
-    state_dir: str | None = None  # default /var/lib/conn25d/HOSTNAME
+    state_dir: str | None = None  # default STATE_ROOT/HOSTNAME
     tun_name: str = "conn25"
     mtu: int = 1420
     dns_listen: tuple[str, int] = ("100.100.100.100", 53)
@@ -92,7 +93,7 @@ class NodeOptions(msgspec.Struct, kw_only=True):
 
     @property
     def state_path(self) -> Path:
-        return Path(self.state_dir or f"/var/lib/conn25d/{self.hostname}")
+        return Path(self.state_dir) if self.state_dir else STATE_ROOT / self.hostname
 
 
 class Node:
