@@ -303,8 +303,10 @@ class Node:
     def _install_tables(self) -> None:
         """Peers, ranges and restored assignments into the datapath's tables."""
         self.dataplane.install_config(self.config)
+        # A set: Tailnet.node scans every node, once per assignment it would be.
+        names = {n.name for n in self.config.tailnet.nodes}
         for a in self.assignments:
-            if a.connector is not None and self.config.tailnet.node(a.connector) is not None:
+            if a.connector in names:
                 self.dataplane.client_registered(a, a.connector)
 
     async def _serve_peerapi(self, host: str, *,
