@@ -270,7 +270,7 @@ class PeerAPI:
         if connector is None or not connector.configured:
             return self._error(req, peer, 503, NOT_CONNECTOR_MESSAGE)
         app = cfg.app(app_name)
-        if app is None or app not in cfg.own_apps:
+        if app is None or not cfg.serves(app):
             return self._error(req, peer, 404, f"app {app_name!r} is not served by this connector")
         try:
             question = query_question(req.body)
