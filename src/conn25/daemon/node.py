@@ -40,6 +40,7 @@ from .dns_resolver import ClientResolver
 from .dns_server import DNSServer, SourcePolicy, parse_dns_allow
 from .localapi import LocalAPI
 from .peerapi_server import PEERAPI_LIMITS, PeerAPI
+from .peerapi_server import REFUSAL_REASONS as PEERAPI_REFUSAL_REASONS
 from .refusals import RefusalLog
 from .registration import Registrar
 from .status import status_document
@@ -60,8 +61,7 @@ REFUSAL_FLUSH_INTERVAL = 5.0
 # (``refusals_<reason>`` in metrics, present from the start) and logged as summaries.
 REFUSAL_REASONS = (
     "reject_received", "unmapped_transit", "dns_source", "dns_tcp_per_source",
-    "resolution_failed",
-    *(f"transit_ip_code_{code}" for code in range(1, 7)),
+    *PEERAPI_REFUSAL_REASONS,
     *(f"peerapi_{r}" for r in ("not_peer", "connections_per_source", "rate_limited", "busy",
                                 "bad_requests")),
 )

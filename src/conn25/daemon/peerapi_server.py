@@ -40,6 +40,7 @@ from ..core.peerapi import (
     HEALTH_PATH,
     TRANSIT_IP_PATH,
     BadRequest,
+    Code,
     ConnectorTransitIPRequest,
     ConnectorTransitIPResponse,
     HealthResponse,
@@ -69,6 +70,16 @@ PEERAPI_LIMITS = Limits(
     max_connections=1024,
     per_source=SourceLimits(max_connections=16, rate=400.0, burst=1000.0),
 )
+
+
+
+def _item_reason(code: int) -> str:
+    return f"transit_ip_code_{int(code)}"
+
+
+# The refusals the routes count (besides peerapi_http_STATUS), for metrics that
+# list them from the start.
+REFUSAL_REASONS = ("resolution_failed", *(_item_reason(c) for c in Code if c is not Code.OK))
 
 
 class Upstream(Protocol):
@@ -209,7 +220,7 @@ class PeerAPI:
                            f"domain {item.domain}): {result.message}")
             refused[result.code] = (n + 1, example)
         for code, (n, example) in sorted(refused.items()):
-            self.refusals.refuse(peer.name, f"transit_ip_code_{code}",
+            self.refusals.refuse(peer.name, _item_reason(code),
                                  f"transit-ip item refused, code {code}: {example}", count=n)
 
     async def _resolve_fresh(
