@@ -182,10 +182,10 @@ class PeerAPI:
         if req.method == "POST" and connector is not None:
             try:
                 body = peerapi.decode_transit_request(req.body)
-            except BadRequest:
-                pass  # transit_ip_http below answers it
-            else:
-                await self._resolve_fresh(connector, peer, body)
+            except BadRequest as e:
+                # Answered as transit_ip_http would, without decoding the body a second time.
+                return self._error(req, peer, e.status, str(e).strip())
+            await self._resolve_fresh(connector, peer, body)
 
         stored: list[Mapping] = []
         now = self._node.now()
