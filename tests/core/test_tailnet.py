@@ -63,6 +63,12 @@ def errors_of(doc: Any, source: str = "t") -> list[str]:
     return [e[len(prefix):] for e in info.value.errors]
 
 
+def add_pool_attr(doc: dict[str, Any], target: str, pools: dict[str, Any] | None = None) -> None:
+    """Another pool attribute, for ``target``: ``pools``, or a copy of the base one's."""
+    app = {POOL_ATTR: [pools]} if pools is not None else copy.deepcopy(doc["nodeAttrs"][1]["app"])
+    doc["nodeAttrs"].append({"target": [target], "app": app})
+
+
 def the_error(doc: Any) -> str:
     errors = errors_of(doc)
     assert len(errors) == 1, errors
@@ -718,8 +724,8 @@ def test_pools_of_different_attributes_must_not_overlap_magic_with_transit():
     """Transit IPs travel between nodes, so one node's magic pool must not hold another's."""
     doc = base()
     doc["nodeAttrs"][1]["target"] = ["laptop"]
-    doc["nodeAttrs"].append({"target": ["conn-1"], "app": {POOL_ATTR: [{
-        "v4MagicIPPool": ["169.254.1.0/24"], "v4TransitIPPool": ["169.254.2.0/24"]}]}})
+    add_pool_attr(doc, "conn-1", {"v4MagicIPPool": ["169.254.1.0/24"],
+                                  "v4TransitIPPool": ["169.254.2.0/24"]})
     assert the_error(doc) == (
         f"{POOL0}.v4TransitIPPool[0]: v4TransitIPPool 169.254.0.0-169.254.255.255 overlaps "
         f'v4MagicIPPool 169.254.1.0-169.254.1.255 at nodeAttrs[2].app["{POOL_ATTR}"]'
@@ -730,8 +736,7 @@ def test_magic_pools_of_different_nodes_may_be_the_same():
     """Magic IPs are per client, so two clients may use the same range."""
     doc = base()
     doc["nodeAttrs"][1]["target"] = ["laptop"]
-    doc["nodeAttrs"].append({"target": ["conn-1"],
-                             "app": copy.deepcopy(doc["nodeAttrs"][1]["app"])})
+    add_pool_attr(doc, "conn-1")
     t = load(json.dumps(doc))
     assert node_config(t, "laptop").pools == node_config(t, "conn-1").pools
 
@@ -773,8 +778,7 @@ def test_default_pools_must_not_overlap_a_pool_attribute():
 def test_two_pool_attributes_for_one_node_is_an_error():
     """The error names the node and both places."""
     doc = base()
-    doc["nodeAttrs"].append({"target": ["tag:conn"],
-                             "app": copy.deepcopy(doc["nodeAttrs"][1]["app"])})
+    add_pool_attr(doc, "tag:conn")
     assert the_error(doc) == (
         f'nodes[1] ("conn-1"): 2 pool attributes apply to this node: '
         f'nodeAttrs[1].app["{POOL_ATTR}"] and nodeAttrs[2].app["{POOL_ATTR}"]')
@@ -783,8 +787,8 @@ def test_two_pool_attributes_for_one_node_is_an_error():
 def test_pool_attributes_for_disjoint_targets_are_fine():
     doc = base()
     doc["nodeAttrs"][1]["target"] = ["autogroup:member"]
-    doc["nodeAttrs"].append({"target": ["tag:conn"], "app": {POOL_ATTR: [{
-        "v4MagicIPPool": ["100.81.0.0/24"], "v4TransitIPPool": ["169.254.0.0/16"]}]}})
+    add_pool_attr(doc, "tag:conn", {"v4MagicIPPool": ["100.81.0.0/24"],
+                                    "v4TransitIPPool": ["169.254.0.0/16"]})
     t = load(json.dumps(doc))
     assert node_config(t, "conn-1").pools.v4_magic == IPSet.of([IPRange.parse("100.81.0.0/24")])
     assert node_config(t, "laptop").pools.v4_magic == IPSet.of([IPRange.parse("100.80.0.0/16")])

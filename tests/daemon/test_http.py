@@ -101,6 +101,13 @@ class Client:
         return await self.stream.receive_some(1) == b""
 
 
+@contextlib.asynccontextmanager
+async def connected(handler, **kw):
+    """A server of ``handler`` (``serving``'s options) and one client connection to it."""
+    async with serving(handler, **kw) as port:
+        yield await Client.connect(port)
+
+
 async def raw(port: int, data: bytes) -> tuple[int, dict[bytes, bytes], bytes]:
     client = await Client.connect(port)
     client.pretend_sent()
@@ -132,8 +139,7 @@ def test_keep_alive_serves_several_requests_on_one_connection():
     rec = Recorder()
 
     async def main():
-        async with serving(rec) as port:
-            client = await Client.connect(port)
+        async with connected(rec) as client:
             for i in range(3):
                 await client.request("POST", f"/n{i}", b"x" * i)
                 status, headers, body = await client.response()
@@ -147,8 +153,7 @@ def test_keep_alive_serves_several_requests_on_one_connection():
 
 def test_pipelined_requests_are_answered_in_order():
     async def main():
-        async with serving(Recorder()) as port:
-            client = await Client.connect(port)
+        async with connected(Recorder()) as client:
             second = h11.Connection(h11.CLIENT)  # renders the pipelined request
             data = b"".join(
                 c.send(e) or b""
@@ -167,8 +172,7 @@ def test_pipelined_requests_are_answered_in_order():
 
 def test_head_gets_headers_without_body():
     async def main():
-        async with serving(Recorder()) as port:
-            client = await Client.connect(port)
+        async with connected(Recorder()) as client:
             await client.request("HEAD", "/x")
             status, headers, body = await client.response()
             assert status == 200 and body == b""
@@ -211,8 +215,7 @@ def test_declared_length_over_the_limit_is_refused_before_the_body_is_sent():
     rec = Recorder()
 
     async def main():
-        async with serving(rec) as port:
-            client = await Client.connect(port)
+        async with connected(rec) as client:
             await client.send(h11.Request(method="POST", target="/", headers=[
                 ("Host", "t"), ("Content-Length", str(10**12))]))
             status, headers, _ = await client.response()
@@ -227,8 +230,7 @@ def test_chunked_body_over_the_limit_is_counted_and_refused():
     rec = Recorder()
 
     async def main():
-        async with serving(rec, max_body=1000) as port:
-            client = await Client.connect(port)
+        async with connected(rec, max_body=1000) as client:
             await client.send(h11.Request(method="POST", target="/", headers=[
                 ("Host", "t"), ("Transfer-Encoding", "chunked")]))
             for _ in range(3):
@@ -241,8 +243,7 @@ def test_chunked_body_over_the_limit_is_counted_and_refused():
 
 def test_chunked_body_under_the_limit_is_assembled():
     async def main():
-        async with serving(Recorder(), max_body=1000) as port:
-            client = await Client.connect(port)
+        async with connected(Recorder(), max_body=1000) as client:
             await client.send(
                 h11.Request(method="POST", target="/c",
                             headers=[("Host", "t"), ("Transfer-Encoding", "chunked")]),
@@ -255,8 +256,7 @@ def test_chunked_body_under_the_limit_is_assembled():
 
 def test_expect_100_continue_is_answered_before_the_body():
     async def main():
-        async with serving(Recorder()) as port:
-            client = await Client.connect(port)
+        async with connected(Recorder()) as client:
             await client.send(h11.Request(method="POST", target="/e", headers=[
                 ("Host", "t"), ("Content-Length", "3"), ("Expect", "100-continue")]))
             event = await client.next_event()
@@ -308,8 +308,7 @@ def test_slow_client_is_cut_off_after_the_request_timeout():
     limits = Limits(idle_timeout=100, request_timeout=5)
 
     async def main():
-        async with serving(Recorder(), limits=limits) as port:
-            client = await Client.connect(port)
+        async with connected(Recorder(), limits=limits) as client:
             client.pretend_sent()
             start = trio.current_time()
 
@@ -332,8 +331,7 @@ def test_slow_client_is_cut_off_after_the_request_timeout():
 
 def test_idle_connection_is_closed_after_the_idle_timeout():
     async def main():
-        async with serving(Recorder(), limits=Limits(idle_timeout=30)) as port:
-            client = await Client.connect(port)
+        async with connected(Recorder(), limits=Limits(idle_timeout=30)) as client:
             start = trio.current_time()
             assert await client.at_eof()  # closed without an answer
             assert 30 <= trio.current_time() - start < 31
@@ -343,8 +341,7 @@ def test_idle_connection_is_closed_after_the_idle_timeout():
 
 def test_idle_keep_alive_connection_is_closed_after_the_idle_timeout():
     async def main():
-        async with serving(Recorder(), limits=Limits(idle_timeout=30)) as port:
-            client = await Client.connect(port)
+        async with connected(Recorder(), limits=Limits(idle_timeout=30)) as client:
             await client.request("GET", "/")
             assert (await client.response())[0] == 200
             start = trio.current_time()
@@ -370,8 +367,7 @@ def test_handler_exception_gives_500_is_logged_and_the_server_keeps_serving(capl
     caplog.set_level(logging.ERROR, logger="conn25.daemon.http")
 
     async def main():
-        async with serving(Recorder()) as port:
-            client = await Client.connect(port)
+        async with connected(Recorder()) as client:
             await client.request("GET", "/boom")
             status, _, body = await client.response()
             assert (status, body) == (500, b"internal error\n")
@@ -501,8 +497,7 @@ def test_a_head_that_does_not_arrive_within_the_header_timeout_gets_408():
     limits = Limits(idle_timeout=100, request_timeout=30, header_timeout=3)
 
     async def main():
-        async with serving(Recorder(), limits=limits) as port:
-            client = await Client.connect(port)
+        async with connected(Recorder(), limits=limits) as client:
             client.pretend_sent()
             start = trio.current_time()
             await client.stream.send_all(b"GET / HTTP/1.1\r\nHost: a\r\n")  # no blank line

@@ -116,9 +116,6 @@ class Tailnet(msgspec.Struct, frozen=True):
     def node(self, name: str) -> Member | None:
         return next((n for n in self.nodes if n.name == name), None)
 
-    def node_by_address(self, addr: IPAddress) -> Member | None:
-        return next((n for n in self.nodes if addr in n.addresses), None)
-
 
 @dataclass(kw_only=True, eq=False, repr=False)  # equal only to itself, as before
 class NodeConfig:
@@ -132,9 +129,14 @@ class NodeConfig:
     app_users: frozenset[str]  # names of the nodes the policy lets use apps
     _apps_by_name: dict[str, App] = field(init=False)
     _index: DomainIndex = field(init=False)
+    _by_address: dict[IPAddress, Member] = field(init=False)
 
     def __post_init__(self) -> None:
         self._apps_by_name = {a.name: a for a in self.apps}
+        # peer_by_address runs per peer API connection and request and per registered
+        # item: a dict, not a scan of every node. (The loader refuses an address on two
+        # nodes; reversed, the first would win anyway.)
+        self._by_address = {a: n for n in reversed(self.tailnet.nodes) for a in n.addresses}
         self._index = DomainIndex()
         for app in self.apps:
             for d in app.domains:
@@ -175,6 +177,11 @@ class NodeConfig:
             return None
         return apps[0]
 
+    @property
+    def peers(self) -> list[Member]:
+        """The other nodes of the tailnet."""
+        return [n for n in self.tailnet.nodes if n.name != self.node.name]
+
     def connector_candidates(self, app: App) -> list[Member]:
         """Peers carrying one of the app's connector tags, in a stable order (by name).
 
@@ -182,8 +189,7 @@ class NodeConfig:
         (their health endpoint); this is the order to try them in.
         """
         return sorted(
-            (n for n in self.tailnet.nodes
-             if n.name != self.node.name and any(t in n.tags for t in app.connectors)),
+            (n for n in self.peers if any(t in n.tags for t in app.connectors)),
             key=lambda n: n.name,
         )
 
@@ -192,6 +198,6 @@ class NodeConfig:
         return peer.name in self.app_users
 
     def peer_by_address(self, addr: IPAddress) -> Member | None:
-        return self.tailnet.node_by_address(addr)
+        return self._by_address.get(addr)
 
 

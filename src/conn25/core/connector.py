@@ -215,6 +215,16 @@ class ConnectorTable:
     def _set_config(self, cfg: config.NodeConfig) -> None:
         self._cfg = cfg
         self._own = {a.name: a for a in cfg.own_apps}
+        # A peer's pools come from the node attributes that target it: one answer
+        # for every item and mapping of that peer until the next configuration,
+        # not a walk over the attributes' selectors per item.
+        self._peer_pools: dict[config.Member, config.Pools] = {}
+
+    def _pools_of(self, peer: config.Member) -> config.Pools:
+        pools = self._peer_pools.get(peer)
+        if pools is None:
+            pools = self._peer_pools[peer] = policy.pools_for(self._cfg.tailnet, peer)
+        return pools
 
     @property
     def configured(self) -> bool:
@@ -286,7 +296,7 @@ class ConnectorTable:
         if app is None:
             return Code.UNKNOWN_APP, f"{UNKNOWN_APP_MESSAGE} ({item.app!r})"
         # The client allocates from its own pools, which may differ from ours.
-        if not policy.pools_for(self._cfg.tailnet, peer).is_transit(transit):
+        if not self._pools_of(peer).is_transit(transit):
             return Code.OTHER, f"transit IP {transit} is outside {peer.name}'s transit IP pools"
         if (why := self._unusable(dest)) is not None:
             return Code.OTHER, why
@@ -430,7 +440,7 @@ class ConnectorTable:
         if not self.configured or self.lookup(peer_addr, transit) is not None:
             return False
         peer = self._cfg.peer_by_address(peer_addr)
-        return peer is not None and policy.pools_for(self._cfg.tailnet, peer).is_transit(transit)
+        return peer is not None and self._pools_of(peer).is_transit(transit)
 
     # -- maintenance ------------------------------------------------------------
 
@@ -489,32 +499,28 @@ class ConnectorTable:
         pools. Rate-limit state stays.
         """
         self._set_config(cfg)
-        allowed: dict[str, bool] = {}
         gone = [
             (table, transit)
             for table in self._peers.values()
             for transit, value in table.maps.items()
-            if self._refusal(self._mapping(table, transit, value), allowed) is not None
+            if self._refusal(self._mapping(table, transit, value)) is not None
         ]
         removed = [self._remove(table, transit) for table, transit in gone]
         for app in [a for a in self._resolved if a not in self._own]:
             del self._resolved[app], self._resolved_heaps[app]
         return removed
 
-    def _refusal(self, m: Mapping, allowed: dict[str, bool]) -> str | None:
-        """Why the current configuration no longer allows mapping ``m``, or None.
-        ``allowed`` caches the permission per peer name across calls."""
+    def _refusal(self, m: Mapping) -> str | None:
+        """Why the current configuration no longer allows mapping ``m``, or None."""
         cfg = self._cfg
         node = cfg.peer_by_address(m.peer)
         if m.app not in self._own:
             return f"app {m.app!r} is not served here"
         if node is None or node.name != m.peer_name or node.address(m.peer.version) != m.peer:
             return f"peer {m.peer_name} does not have the address {m.peer}"
-        if not policy.pools_for(cfg.tailnet, node).is_transit(m.transit):
+        if not self._pools_of(node).is_transit(m.transit):
             return f"transit IP {m.transit} is outside {node.name}'s transit IP pools"
-        if node.name not in allowed:
-            allowed[node.name] = cfg.may_use_apps(node)
-        if not allowed[node.name]:
+        if not cfg.may_use_apps(node):
             return MISSING_PERMISSION_MESSAGE
         return self._unusable(m.destination)
 
@@ -548,14 +554,13 @@ class ConnectorTable:
             ]
         except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as e:
             raise ValueError(f"bad connector snapshot: {e}") from None
-        allowed: dict[str, bool] = {}
         out: list[Mapping] = []
         for m in sorted(rows, key=lambda m: m.registered):  # each peer's oldest first
             if now - m.registered > MAPPING_LIFETIME:
                 continue
             why = (FAMILY_MISMATCH_MESSAGE
                    if not m.peer.version == m.transit.version == m.destination.version
-                   else self._refusal(m, allowed))
+                   else self._refusal(m))
             if why is None and self.lookup(m.peer, m.transit) is not None:
                 why = "transit IP saved twice for this peer"
             if why is not None:

@@ -82,9 +82,8 @@ class SourceAccounting:
 
     def open(self, source: Hashable) -> bool:
         """A new connection from ``source``: whether it may be served (then call :meth:`close`)."""
+        # (A Counter's missing key reads as 0 without being stored.)
         if self._open[source] >= self.limits.max_connections:
-            if not self._open[source]:
-                del self._open[source]
             return False
         self._open[source] += 1
         return True

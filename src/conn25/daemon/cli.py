@@ -102,28 +102,12 @@ def _add_pubkey(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
     _command(subparsers, cmd_pubkey, "print the public key of a private key read on stdin")
 
 
-def _host_port(text: str, default_port: int) -> tuple[str, int]:
-    """ "ip", "ip:port" or "[v6]:port" for an argparse option."""
-    import ipaddress
-
-    host, port = text, default_port
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        if rest:
-            port = int(rest.removeprefix(":"))
-    elif text.count(":") == 1:
-        host, _, p = text.partition(":")
-        port = int(p)
-    ipaddress.ip_address(host)
-    if not 0 < port < 65536:
-        raise ValueError(f"port {port} out of range")
-    return host, port
-
-
 def _address_option(default_port: int) -> Callable[[str], tuple[str, int]]:
     def parse(text: str) -> tuple[str, int]:
+        from ..core.tailnet import parse_endpoint
+
         try:
-            return _host_port(text.strip(), default_port)
+            return parse_endpoint(text.strip(), default_port)
         except ValueError:
             raise argparse.ArgumentTypeError(
                 f"{text!r} is not an address (IP, IP:PORT or [IPv6]:PORT)") from None
@@ -213,13 +197,13 @@ def _add_up(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
 def _socket_path(args: argparse.Namespace) -> str | None:
     from pathlib import Path
 
-    from .node import SOCKET_NAME
+    from .node import SOCKET_NAME, STATE_ROOT
 
     if args.state_dir:
         return str(Path(args.state_dir) / SOCKET_NAME)
     if args.hostname:
-        return f"/var/lib/conn25d/{args.hostname}/{SOCKET_NAME}"
-    found = sorted(Path("/var/lib/conn25d").glob(f"*/{SOCKET_NAME}"))
+        return str(STATE_ROOT / args.hostname / SOCKET_NAME)
+    found = sorted(STATE_ROOT.glob(f"*/{SOCKET_NAME}"))
     return str(found[0]) if len(found) == 1 else None
 
 

@@ -60,7 +60,7 @@ class Dataplane:
         Again after a reload: every entry is replaced in place.
         """
         tables = self._tables
-        peers = [n for n in cfg.tailnet.nodes if n.name != cfg.node.name]
+        peers = cfg.peers
         for name in self._peers - {n.name for n in peers}:
             tables.del_peer(self.ids.peer(name))
         self._peers = {n.name for n in peers}

@@ -260,6 +260,11 @@ async def _serve(
         nonlocal active
         peer = _peer_of(stream)
         source = peer[0] if peer is not None else None
+
+        async def send_busy() -> None:
+            with trio.move_on_after(limits.request_timeout):
+                with contextlib.suppress(trio.BrokenResourceError, OSError):
+                    await stream.send_all(busy)
         if source is not None and guard.accept_source is not None \
                 and not guard.accept_source(source):
             # Not one of those this server is for: no answer tells it what runs here.
@@ -271,17 +276,13 @@ async def _serve(
             guard.refuse(peer, "connections_per_source",
                          f"over {sources.limits.max_connections} connections from one source")
             # No linger: a source at its limit must not hold more of our time per attempt.
-            with trio.move_on_after(limits.request_timeout):
-                with contextlib.suppress(trio.BrokenResourceError, OSError):
-                    await stream.send_all(busy)
+            await send_busy()
             await trio.aclose_forcefully(stream)
             return
         try:
             if active >= limits.max_connections:
                 guard.refuse(peer, "busy", f"{active} connections open")
-                with trio.move_on_after(limits.request_timeout):
-                    with contextlib.suppress(trio.BrokenResourceError, OSError):
-                        await stream.send_all(busy)
+                await send_busy()
                 await _close(stream, linger_bytes=limits.max_header)
                 return
             active += 1
@@ -310,10 +311,7 @@ def _peer_of(stream: trio.SocketStream) -> tuple[str, int] | None:
 
 
 def _where(peer: tuple[str, int] | None) -> str:
-    if peer is None:
-        return "unix socket peer"
-    host, port = peer
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return "unix socket peer" if peer is None else _authority(*peer)
 
 
 def _standalone(resp: Response) -> bytes:

@@ -40,15 +40,17 @@ from .dns_resolver import ClientResolver
 from .dns_server import DNSServer, SourcePolicy, parse_dns_allow
 from .localapi import LocalAPI
 from .peerapi_server import PEERAPI_LIMITS, PeerAPI
+from .peerapi_server import REFUSAL_REASONS as PEERAPI_REFUSAL_REASONS
 from .refusals import RefusalLog
 from .registration import Registrar
 from .status import status_document
-from .system import SystemSetup
+from .system import SystemSetup, replace_file
 from .tailnetfile import load_file
 
 log = logging.getLogger("conn25d")
 
 PEERAPI_PORT = 41642
+STATE_ROOT = Path("/var/lib/conn25d")  # a node's state dir is STATE_ROOT/HOSTNAME by default
 SOCKET_NAME = "conn25d.sock"
 ASSIGNMENTS_FILE = "assignments.json"
 CONNECTOR_FILE = "connector.json"
@@ -59,7 +61,7 @@ REFUSAL_FLUSH_INTERVAL = 5.0
 # (``refusals_<reason>`` in metrics, present from the start) and logged as summaries.
 REFUSAL_REASONS = (
     "reject_received", "unmapped_transit", "dns_source", "dns_tcp_per_source",
-    *(f"transit_ip_code_{code}" for code in range(1, 7)),
+    *PEERAPI_REFUSAL_REASONS,
     *(f"peerapi_{r}" for r in ("not_peer", "connections_per_source", "rate_limited", "busy",
                                 "bad_requests")),
 )
@@ -81,7 +83,7 @@ class NodeOptions(msgspec.Struct, kw_only=True):
     hostname: str
     advertise_connector: bool = False
     advertise_tags: tuple[str, ...] | None = None
-    state_dir: str | None = None  # default /var/lib/conn25d/HOSTNAME
+    state_dir: str | None = None  # default STATE_ROOT/HOSTNAME
     tun_name: str = "conn25"
     mtu: int = 1420
     dns_listen: tuple[str, int] = ("100.100.100.100", 53)
@@ -91,7 +93,7 @@ class NodeOptions(msgspec.Struct, kw_only=True):
 
     @property
     def state_path(self) -> Path:
-        return Path(self.state_dir or f"/var/lib/conn25d/{self.hostname}")
+        return Path(self.state_dir) if self.state_dir else STATE_ROOT / self.hostname
 
 
 class Node:
@@ -228,7 +230,7 @@ class Node:
             with trio.CancelScope(shield=True):
                 self.datapath.stop()
                 if flows_restored:
-                    self._save_flows(self.datapath.save_flows())
+                    self._save_flows()
                 if sock is not None:
                     sock.close()
                 system.close()  # closes the TUN fd too
@@ -267,12 +269,9 @@ class Node:
             return None
         return (st.st_mtime, st.st_size)
 
-    def _peers(self) -> list:
-        return [n for n in self.config.tailnet.nodes if n.name != self.config.node.name]
-
     def _routes(self) -> list[IPNetwork]:
         """Into the TUN: every peer's overlay addresses and, on a client, the magic pools."""
-        routes: list[IPNetwork] = [ipaddress.ip_network(a) for n in self._peers()
+        routes: list[IPNetwork] = [ipaddress.ip_network(a) for n in self.config.peers
                                    for a in n.addresses]
         if self.config.apps:
             routes += self.config.pools.magic_routes()
@@ -304,8 +303,10 @@ class Node:
     def _install_tables(self) -> None:
         """Peers, ranges and restored assignments into the datapath's tables."""
         self.dataplane.install_config(self.config)
+        # A set: Tailnet.node scans every node, once per assignment it would be.
+        names = {n.name for n in self.config.tailnet.nodes}
         for a in self.assignments:
-            if a.connector is not None and self.config.tailnet.node(a.connector) is not None:
+            if a.connector in names:
                 self.dataplane.client_registered(a, a.connector)
 
     async def _serve_peerapi(self, host: str, *,
@@ -334,15 +335,12 @@ class Node:
                 elif ev.kind is EventKind.REJECT:
                     # Forgeable per packet: a summary per peer, not a line each. The
                     # registrar de-duplicates the re-registrations itself.
-                    self.refusals.refuse(self._peer_name(ev.peer), "reject_received",
+                    self.refusals.refuse(self.ids.peer_name(ev.peer), "reject_received",
                                          f"connector rejected transit={transit}: re-registering")
                     self.registrar.rejected(transit)
                 elif ev.kind is EventKind.UNMAPPED_TRANSIT:
-                    self.refusals.refuse(self._peer_name(ev.peer), "unmapped_transit",
+                    self.refusals.refuse(self.ids.peer_name(ev.peer), "unmapped_transit",
                                          f"rejected unmapped transit={transit}")
-
-    def _peer_name(self, peer_id: int | None) -> str:
-        return self.ids.peer_name(peer_id)
 
     async def _flush_refusals(self) -> None:
         """Report the tail of each burst of refusals once it is over."""
@@ -362,7 +360,8 @@ class Node:
             self.datapath.sweep(monotonic_ms(), 1000)
             if self.connector is not None:
                 # A connector crash loses at most this interval's flows of this kind.
-                self._save_flows(await trio.to_thread.run_sync(self.datapath.save_flows))
+                # In a thread, the file write included: the event loop must not wait on a disk.
+                await trio.to_thread.run_sync(self._save_flows)
 
     def _forget(self, a: Assignment) -> None:
         """A reclaimed assignment: its magic IP is unassigned again from now on."""
@@ -472,15 +471,14 @@ class Node:
         self._load_state(CONNECTOR_FILE, "connector mappings", mappings)
         self._load_state(FLOWS_FILE, "connector flows", flows)
 
-    def _save_flows(self, data: bytes) -> None:
+    def _save_flows(self) -> None:
+        data = self.datapath.save_flows()
         if data == self._saved_flows:
             return
         path = self.options.state_path / FLOWS_FILE
         try:
             if data:
-                tmp = path.with_suffix(".tmp")
-                tmp.write_bytes(data)
-                tmp.replace(path)
+                replace_file(path, data)
             else:
                 path.unlink(missing_ok=True)
             self._saved_flows = data
@@ -496,10 +494,8 @@ class Node:
             files.append((CONNECTOR_FILE, self.connector.snapshot))
         for name, snapshot in files:
             path = self.options.state_path / name
-            tmp = path.with_suffix(".tmp")
             try:
-                tmp.write_bytes(snapshot())
-                tmp.replace(path)
+                replace_file(path, snapshot())
             except OSError as e:
                 log.error("cannot save %s: %s", path, e)
 

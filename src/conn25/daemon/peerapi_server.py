@@ -40,6 +40,7 @@ from ..core.peerapi import (
     HEALTH_PATH,
     TRANSIT_IP_PATH,
     BadRequest,
+    Code,
     ConnectorTransitIPRequest,
     ConnectorTransitIPResponse,
     HealthResponse,
@@ -69,6 +70,16 @@ PEERAPI_LIMITS = Limits(
     max_connections=1024,
     per_source=SourceLimits(max_connections=16, rate=400.0, burst=1000.0),
 )
+
+
+
+def _item_reason(code: int) -> str:
+    return f"transit_ip_code_{int(code)}"
+
+
+# The refusals the routes count (besides peerapi_http_STATUS), for metrics that
+# list them from the start.
+REFUSAL_REASONS = ("resolution_failed", *(_item_reason(c) for c in Code if c is not Code.OK))
 
 
 class Upstream(Protocol):
@@ -171,10 +182,10 @@ class PeerAPI:
         if req.method == "POST" and connector is not None:
             try:
                 body = peerapi.decode_transit_request(req.body)
-            except BadRequest:
-                pass  # transit_ip_http below answers it
-            else:
-                await self._resolve_fresh(connector, peer, body)
+            except BadRequest as e:
+                # Answered as transit_ip_http would, without decoding the body a second time.
+                return self._error(req, peer, e.status, str(e).strip())
+            await self._resolve_fresh(connector, peer, body)
 
         stored: list[Mapping] = []
         now = self._node.now()
@@ -209,7 +220,7 @@ class PeerAPI:
                            f"domain {item.domain}): {result.message}")
             refused[result.code] = (n + 1, example)
         for code, (n, example) in sorted(refused.items()):
-            self.refusals.refuse(peer.name, f"transit_ip_code_{code}",
+            self.refusals.refuse(peer.name, _item_reason(code),
                                  f"transit-ip item refused, code {code}: {example}", count=n)
 
     async def _resolve_fresh(
@@ -244,20 +255,11 @@ class PeerAPI:
         async with limiter:
             try:
                 answer = await self._node.forwarder.forward(bytes(query))
-                name, _, addrs = answer_addresses(answer)
             except Exception as e:  # the item then fails its check, with a reason
-                log.warning(
-                    "peerapi: transit-ip from %s: resolving %s %s for app %s failed: %s",
-                    peer.name, domain, qtype, app, e,
-                )
+                self._resolution_failed(peer, "transit-ip", domain, qtype,
+                                        f"resolving for app {app} failed: {e}")
                 return
-        if name != domain:
-            log.warning(
-                "peerapi: transit-ip from %s: upstream answered %s when asked for %s %s",
-                peer.name, name, domain, qtype,
-            )
-            return
-        connector.note_resolution(app, domain, addrs, self._node.now())
+        self._note_answer(peer, "transit-ip", connector, app, domain, qtype, answer)
 
     # -- dns-query ----------------------------------------------------------------
 
@@ -279,7 +281,7 @@ class PeerAPI:
         if connector is None or not connector.configured:
             return self._error(req, peer, 503, NOT_CONNECTOR_MESSAGE)
         app = cfg.app(app_name)
-        if app is None or app not in cfg.own_apps:
+        if app is None or not cfg.serves(app):
             return self._error(req, peer, 404, f"app {app_name!r} is not served by this connector")
         try:
             question = query_question(req.body)
@@ -299,28 +301,30 @@ class PeerAPI:
         except ValueError:
             # No text form, so no client can register a destination under it: nothing to note.
             domain = None
-        qtype = QTYPE.get(question.qtype)
         if domain is not None:
-            self._note_answer(peer, app.name, domain, qtype, answer)
+            self._note_answer(peer, "dns-query", connector, app.name, domain,
+                              QTYPE.get(question.qtype), answer)
         return Response(200, answer, DNS_MESSAGE)
 
-    def _note_answer(self, peer: Member, app: str, name: str, qtype: str, answer: bytes) -> None:
+    def _note_answer(self, peer: Member, route: str, connector: ConnectorTable, app: str,
+                     name: str, qtype: str, answer: bytes) -> None:
         """Make the answer's addresses acceptable destinations for ``app``."""
-        connector = self._node.connector
-        if connector is None:
-            return
         try:
             answered, _, addrs = answer_addresses(answer)
         except DNSMapError as e:
-            log.warning("peerapi: dns-query from %s: %s %s: upstream answer: %s",
-                        peer.name, name, qtype, e)
+            self._resolution_failed(peer, route, name, qtype, f"upstream answer: {e}")
             return
         if answered != name:
-            log.warning("peerapi: dns-query from %s: upstream answered %s when asked for %s %s",
-                        peer.name, answered, name, qtype)
+            self._resolution_failed(peer, route, name, qtype, f"upstream answered {answered}")
             return
         if addrs:
             connector.note_resolution(app, name, addrs, self._node.now())
+
+    def _resolution_failed(self, peer: Member, route: str, name: str, qtype: str,
+                           why: str) -> None:
+        # A peer picks the names, one per item: a summary per peer, not a line per name.
+        self.refusals.refuse(peer.name, "resolution_failed", f"{route}: {name} {qtype}: {why}",
+                             level=logging.WARNING)
 
     # -- health ---------------------------------------------------------------------
 

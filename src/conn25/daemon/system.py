@@ -146,6 +146,14 @@ def _undone_on_failure(undo: Callable[[], None]) -> Iterator[None]:
         raise
 
 
+def replace_file(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file, so that a crash
+    leaves either the old content or the new one, never half of it."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
 def _sysctl_path(key: str) -> Path:
     return Path("/proc/sys") / key
 
@@ -412,9 +420,7 @@ class SystemSetup:
             if self._state_file is not None:
                 with _step(f"writing {self._state_file}"):
                     self._state_file.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = self._state_file.with_suffix(".tmp")
-                    tmp.write_text(json.dumps(saved))
-                    tmp.replace(self._state_file)
+                    replace_file(self._state_file, json.dumps(saved).encode())
         self._saved_sysctls = saved
         for k in keys:
             with _step(f"setting {k.replace('/', '.')}=1"):
