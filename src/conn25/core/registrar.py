@@ -423,8 +423,8 @@ class RegistrarMachine:
             return
         try:
             answer = peerapi.decode_health(body)
-        except Exception as e:  # msgspec's and peerapi's refusals of a bad body
-            self.health_failed(name, str(e) or type(e).__name__)
+        except peerapi.BadRequest as e:  # the decoder's one refusal of a bad body, as in answered()
+            self.health_failed(name, str(e))
             return
         h = self._health.setdefault(name, _Health())
         if h.reachable is not True:
