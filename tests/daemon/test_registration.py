@@ -280,10 +280,7 @@ def test_one_call_with_several_assignments_is_one_request():
     items = [node.reserve("github.com.", "203.0.113.1"), node.reserve("github.com.", "2001:db8::1"),
              node.reserve("gist.github.com.", "203.0.113.2")]
 
-    async def main():
-        assert await reg.register(items + items[:1])  # a repeat is sent once
-
-    run_with_registrar(reg, main)
+    assert register_with_running(reg, items + items[:1])  # a repeat is sent once
     assert peers.posted() == [[str(a.transit) for a in items]]
     assert all(installed_with(node, a, C1) for a in items)
 
@@ -391,10 +388,7 @@ def test_a_malformed_or_short_answer_is_a_failed_send():
 
     reg._post = post
 
-    async def main():
-        assert await reg.register([a]) is False
-
-    run_with_registrar(reg, main)
+    assert register_with_running(reg, [a]) is False
     assert len(peers.posts) == 2 and a.connector is None
     assert reg.counters()["request_failures"] == 2 and reg.counters()["gave_up"] == 1
 
