@@ -78,3 +78,30 @@ def test_keys_of_the_wrong_size_are_rejected(n):
 def test_encoding_is_standard_base64():
     key = bytes(range(32))
     assert wgkeys.encode(key) == base64.b64encode(key).decode()
+
+
+def test_keys_round_trip_through_base64():
+    private = wgkeys.generate_private()
+    text = wgkeys.encode(private)
+    assert len(text) == 44 and text.endswith("=")
+    assert wgkeys.decode(text) == private
+    with pytest.raises(ValueError):  # as strict as wg: readers of key files strip the newline
+        wgkeys.decode(text + "\n")
+    assert wgkeys.public_from_private(private) != private
+    assert private[0] & 7 == 0 and private[31] & 0xC0 == 0x40  # clamped, as `wg genkey`
+
+
+@pytest.mark.parametrize("text", [
+    "", "abc", base64.b64encode(bytes(31)).decode(), base64.b64encode(bytes(33)).decode(),
+    "!" * 43 + "=", base64.urlsafe_b64encode(b"\xff" * 32).decode(),
+])
+def test_malformed_keys_are_refused_without_echoing_them(text):
+    with pytest.raises(ValueError) as e:
+        wgkeys.decode(text)
+    if len(text) > 8:
+        assert text not in str(e.value)
+
+
+def test_low_order_points_are_refused():
+    with pytest.raises(ValueError):
+        wgkeys.dh(RFC_PRIVATE, bytes(32))

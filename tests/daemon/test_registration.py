@@ -172,17 +172,26 @@ def run(fn: Callable[[], Awaitable[None]]) -> None:
     trio.run(bounded, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
+def run_with_registrar(reg: Registrar, fn: Callable[[], Awaitable[None]]) -> None:
+    """:func:`run` ``fn`` with ``reg`` running (started first, cancelled when ``fn`` returns)."""
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(reg.run)
+            await fn()
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
 def register_with_running(reg: Registrar, items: list[Assignment]) -> bool:
     """Start the registrar, register ``items``, stop it; what register() returned."""
     result: list[bool] = []
 
     async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(reg.run)
-            result.append(await reg.register(items))
-            nursery.cancel_scope.cancel()
+        result.append(await reg.register(items))
 
-    run(main)
+    run_with_registrar(reg, main)
     return result[0]
 
 
@@ -271,13 +280,7 @@ def test_one_call_with_several_assignments_is_one_request():
     items = [node.reserve("github.com.", "203.0.113.1"), node.reserve("github.com.", "2001:db8::1"),
              node.reserve("gist.github.com.", "203.0.113.2")]
 
-    async def main():
-        async with trio.open_nursery() as nursery:
-            await nursery.start(reg.run)
-            assert await reg.register(items + items[:1])  # a repeat is sent once
-            nursery.cancel_scope.cancel()
-
-    run(main)
+    assert register_with_running(reg, items + items[:1])  # a repeat is sent once
     assert peers.posted() == [[str(a.transit) for a in items]]
     assert all(installed_with(node, a, C1) for a in items)
 
@@ -292,13 +295,10 @@ def test_permanent_error_codes_fail_without_retry(code):
     peers.code = lambda host, item: code
 
     async def main():
-        async with trio.open_nursery() as nursery:
-            await nursery.start(reg.run)
-            assert await reg.register([a]) is False
-            await trio.sleep(60)
-            nursery.cancel_scope.cancel()
+        assert await reg.register([a]) is False
+        await trio.sleep(60)
 
-    run(main)
+    run_with_registrar(reg, main)
     assert len(peers.posts) == 1
     assert node.datapath.tables.lookup_route(a.transit) is None
     assert node.datapath.tables.lookup_magic(a.magic) == ("not_ours", None)
@@ -337,13 +337,10 @@ def test_code_1_is_retried_once_then_fails():
     peers.code = lambda host, item: Code.OTHER
 
     async def main():
-        async with trio.open_nursery() as nursery:
-            await nursery.start(reg.run)
-            assert await reg.register([a]) is False
-            await trio.sleep(60)
-            nursery.cancel_scope.cancel()
+        assert await reg.register([a]) is False
+        await trio.sleep(60)
 
-    run(main)
+    run_with_registrar(reg, main)
     assert len(peers.posts) == 2
     assert reg.counters()["retried_other"] == 1 and reg.counters()["refused"] == 1
 
@@ -391,13 +388,7 @@ def test_a_malformed_or_short_answer_is_a_failed_send():
 
     reg._post = post
 
-    async def main():
-        async with trio.open_nursery() as nursery:
-            await nursery.start(reg.run)
-            assert await reg.register([a]) is False
-            nursery.cancel_scope.cancel()
-
-    run(main)
+    assert register_with_running(reg, [a]) is False
     assert len(peers.posts) == 2 and a.connector is None
     assert reg.counters()["request_failures"] == 2 and reg.counters()["gave_up"] == 1
 
@@ -408,13 +399,10 @@ def test_retries_are_bounded():
     peers.failures[H1] = peers.failures[H2] = 100  # both answer health, neither takes posts
 
     async def main():
-        async with trio.open_nursery() as nursery:
-            await nursery.start(reg.run)
-            assert await reg.register([a]) is False
-            await trio.sleep(120)
-            nursery.cancel_scope.cancel()
+        assert await reg.register([a]) is False
+        await trio.sleep(120)
 
-    run(main)
+    run_with_registrar(reg, main)
     assert len(peers.posts) == 3
     assert reg.counters()["gave_up"] == 1 and reg.counters()["queue_full"] == 0
 
@@ -426,16 +414,13 @@ def test_a_caller_that_stops_waiting_still_gets_the_mapping_registered():
     peers.failures[H1] = 2
 
     async def main():
-        async with trio.open_nursery() as nursery:
-            await nursery.start(reg.run)
-            with trio.move_on_after(0.5) as waited:
-                await reg.register([a])
-            assert waited.cancelled_caught
-            assert a.connector is None
-            await trio.sleep(10)
-            nursery.cancel_scope.cancel()
+        with trio.move_on_after(0.5) as waited:
+            await reg.register([a])
+        assert waited.cancelled_caught
+        assert a.connector is None
+        await trio.sleep(10)
 
-    run(main)
+    run_with_registrar(reg, main)
     assert installed_with(node, a, C1)
 
 
@@ -458,13 +443,10 @@ def test_an_app_without_connector_candidates_fails_at_once():
     a = node.reserve("lonely.example.", "203.0.113.1", app="Lonely")
 
     async def main():
-        async with trio.open_nursery() as nursery:
-            await nursery.start(reg.run)
-            with trio.fail_after(1):
-                assert await reg.register([a]) is False
-            nursery.cancel_scope.cancel()
+        with trio.fail_after(1):
+            assert await reg.register([a]) is False
 
-    run(main)
+    run_with_registrar(reg, main)
     assert peers.posts == []
 
 
@@ -511,22 +493,19 @@ def test_several_rejects_cause_exactly_one_reregistration():
     a = node.reserve("github.com.", "203.0.113.1")
 
     async def main():
-        async with trio.open_nursery() as nursery:
-            await nursery.start(reg.run)
-            assert await reg.register([a])
-            for _ in range(5):
-                reg.rejected(a.transit)  # pending: de-duplicated
-            await trio.sleep(0.1)
-            for _ in range(5):
-                reg.rejected(a.transit)  # acked within the interval: rate limited
-            await trio.sleep(0.1)
-            assert len(peers.posts) == 2
-            await trio.sleep(1)
-            reg.rejected(a.transit)  # a second later: allowed again
-            await trio.sleep(0.1)
-            nursery.cancel_scope.cancel()
+        assert await reg.register([a])
+        for _ in range(5):
+            reg.rejected(a.transit)  # pending: de-duplicated
+        await trio.sleep(0.1)
+        for _ in range(5):
+            reg.rejected(a.transit)  # acked within the interval: rate limited
+        await trio.sleep(0.1)
+        assert len(peers.posts) == 2
+        await trio.sleep(1)
+        reg.rejected(a.transit)  # a second later: allowed again
+        await trio.sleep(0.1)
 
-    run(main)
+    run_with_registrar(reg, main)
     assert peers.posted() == [[str(a.transit)]] * 3
     c = reg.counters()
     assert (c["rejects"], c["reregistrations"], c["rejects_deduplicated"],
@@ -538,13 +517,10 @@ def test_a_reject_for_an_unknown_transit_ip_is_ignored():
     _, peers, reg = setup()
 
     async def main():
-        async with trio.open_nursery() as nursery:
-            await nursery.start(reg.run)
-            reg.rejected(ip("169.254.200.1"))
-            await trio.sleep(1)
-            nursery.cancel_scope.cancel()
+        reg.rejected(ip("169.254.200.1"))
+        await trio.sleep(1)
 
-    run(main)
+    run_with_registrar(reg, main)
     assert peers.posts == [] and reg.counters()["rejects_unknown"] == 1
 
 
@@ -554,17 +530,14 @@ def test_a_reject_resends_to_the_connector_healthy_now():
     a = node.reserve("github.com.", "203.0.113.1")
 
     async def main():
-        async with trio.open_nursery() as nursery:
-            await nursery.start(reg.run)
-            assert await reg.register([a])
-            peers.health[H1] = HealthResponse(True, ["Other"], C1.name)  # dropped the app
-            await reg.check_health()
-            await trio.sleep(1)
-            reg.rejected(a.transit)
-            await trio.sleep(1)
-            nursery.cancel_scope.cancel()
+        assert await reg.register([a])
+        peers.health[H1] = HealthResponse(True, ["Other"], C1.name)  # dropped the app
+        await reg.check_health()
+        await trio.sleep(1)
+        reg.rejected(a.transit)
+        await trio.sleep(1)
 
-    run(main)
+    run_with_registrar(reg, main)
     assert peers.posted(H2)[-1] == [str(a.transit)]
     assert installed_with(node, a, C2)
 
@@ -632,15 +605,12 @@ def test_health_failover_moves_mappings_to_the_next_connector_in_one_request():
     items = [node.reserve("github.com.", f"203.0.113.{i}") for i in (1, 2, 3)]
 
     async def main():
-        async with trio.open_nursery() as nursery:
-            await nursery.start(reg.run)
-            assert await reg.register(items)
-            assert all(installed_with(node, a, C1) for a in items)
-            peers.down.add(H1)
-            await trio.sleep(15)
-            nursery.cancel_scope.cancel()
+        assert await reg.register(items)
+        assert all(installed_with(node, a, C1) for a in items)
+        peers.down.add(H1)
+        await trio.sleep(15)
 
-    run(main)
+    run_with_registrar(reg, main)
     assert peers.posted(H2) == [[str(a.transit) for a in items]]
     assert all(installed_with(node, a, C2) for a in items)
     assert reg.connector_for(GITHUB) == C2
@@ -654,19 +624,16 @@ def test_mappings_stay_when_the_first_connector_comes_back():
     old = node.reserve("github.com.", "203.0.113.1")
 
     async def main():
-        async with trio.open_nursery() as nursery:
-            await nursery.start(reg.run)
-            peers.down.add(H1)
-            await reg.check_health()
-            assert await reg.register([old])
-            peers.down.clear()
-            await reg.check_health()
-            new = node.reserve("github.com.", "203.0.113.2")
-            assert await reg.register([new])
-            assert installed_with(node, new, C1)
-            nursery.cancel_scope.cancel()
+        peers.down.add(H1)
+        await reg.check_health()
+        assert await reg.register([old])
+        peers.down.clear()
+        await reg.check_health()
+        new = node.reserve("github.com.", "203.0.113.2")
+        assert await reg.register([new])
+        assert installed_with(node, new, C1)
 
-    run(main)
+    run_with_registrar(reg, main)
     assert installed_with(node, old, C2)
 
 
@@ -677,12 +644,9 @@ def test_restored_mappings_of_a_dead_connector_move_after_the_first_health_round
     peers.down.add(H1)
 
     async def main():
-        async with trio.open_nursery() as nursery:
-            await nursery.start(reg.run)
-            await trio.sleep(5)
-            nursery.cancel_scope.cancel()
+        await trio.sleep(5)
 
-    run(main)
+    run_with_registrar(reg, main)
     assert installed_with(node, a, C2)
 
 
@@ -753,17 +717,14 @@ def test_health_is_checked_every_interval_and_at_once_after_a_failure():
     _, peers, reg = setup(health_interval=2.0)
 
     async def main():
-        async with trio.open_nursery() as nursery:
-            await nursery.start(reg.run)
-            await trio.sleep(9)  # rounds at 0, 2, 4, 6, 8
-            assert peers.gets.count(H1) == peers.gets.count(H2) == 5
-            peers.down.add(H1)
-            await reg.resolve(GITHUB, b"q")  # C1 fails: check without waiting for the round
-            await trio.sleep(0.5)
-            assert peers.gets.count(H1) == 6
-            nursery.cancel_scope.cancel()
+        await trio.sleep(9)  # rounds at 0, 2, 4, 6, 8
+        assert peers.gets.count(H1) == peers.gets.count(H2) == 5
+        peers.down.add(H1)
+        await reg.resolve(GITHUB, b"q")  # C1 fails: check without waiting for the round
+        await trio.sleep(0.5)
+        assert peers.gets.count(H1) == 6
 
-    run(main)
+    run_with_registrar(reg, main)
 
 
 def test_resolve_skips_a_connector_known_to_be_down_unless_all_are():
@@ -791,15 +752,12 @@ def test_a_move_that_failed_is_tried_again_at_the_next_health_round():
     peers.code = lambda host, item: next(refusals, Code.OK) if host == H2 else Code.OK
 
     async def main():
-        async with trio.open_nursery() as nursery:
-            await nursery.start(reg.run)
-            assert await reg.register([a])
-            peers.down.add(H1)
-            await trio.sleep(3.5)  # the round at 2 s moves it; C2 refuses
-            assert peers.posted(H2) == [[str(a.transit)]] and installed_with(node, a, C1)
-            await trio.sleep(3)  # the next round tries again
-            nursery.cancel_scope.cancel()
+        assert await reg.register([a])
+        peers.down.add(H1)
+        await trio.sleep(3.5)  # the round at 2 s moves it; C2 refuses
+        assert peers.posted(H2) == [[str(a.transit)]] and installed_with(node, a, C1)
+        await trio.sleep(3)  # the next round tries again
 
-    run(main)
+    run_with_registrar(reg, main)
     assert peers.posted(H2) == [[str(a.transit)]] * 2
     assert installed_with(node, a, C2)

@@ -423,8 +423,8 @@ class RegistrarMachine:
             return
         try:
             answer = peerapi.decode_health(body)
-        except Exception as e:  # msgspec's and peerapi's refusals of a bad body
-            self.health_failed(name, str(e) or type(e).__name__)
+        except peerapi.BadRequest as e:  # the decoder's one refusal of a bad body, as in answered()
+            self.health_failed(name, str(e))
             return
         h = self._health.setdefault(name, _Health())
         if h.reachable is not True:
@@ -504,9 +504,7 @@ class RegistrarMachine:
 
     def chosen_connector(self, app: App, config: NodeConfig) -> Member | None:
         """The first healthy candidate, else the first not known to be down; no side effects."""
-        states = [(c, self.health_of(c.name, app)) for c in self._candidates(app, config)]
-        return (next((c for c, s in states if s is True), None)
-                or next((c for c, s in states if s is None), None))
+        return next(iter(self._preferred(self._candidates(app, config), app)), None)
 
     def connector_for(self, app: App, config: NodeConfig) -> Member | None:
         """The connector to use for ``app`` now; asks for a health check when unsure."""
@@ -518,10 +516,13 @@ class RegistrarMachine:
     def resolve_order(self, app: App, config: NodeConfig) -> list[Member]:
         """The candidates to ask to resolve a name of ``app``, best first."""
         candidates = self._candidates(app, config)
-        good = [c for c in candidates if self.health_of(c.name, app) is True]
-        unknown = [c for c in candidates if self.health_of(c.name, app) is None]
         # With every candidate known to be down, the knowledge may be stale: try them all.
-        return good + unknown or candidates
+        return self._preferred(candidates, app) or candidates
+
+    def _preferred(self, candidates: list[Member], app: App) -> list[Member]:
+        """The healthy candidates, then those not checked yet (each group in its order)."""
+        states = [(c, self.health_of(c.name, app)) for c in candidates]
+        return [c for c, s in states if s is True] + [c for c, s in states if s is None]
 
     @staticmethod
     def host_of(peer: Member, config: NodeConfig) -> str:

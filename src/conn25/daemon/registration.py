@@ -30,7 +30,6 @@ from ..core.config import App, Member, NodeConfig
 from ..core.iprange import IPAddress
 from ..core.peerapi import DNS_QUERY_PATH, HEALTH_PATH, TRANSIT_IP_PATH
 from ..core.registrar import (
-    COUNTERS,
     Batch,
     CheckHealth,
     Install,
@@ -44,7 +43,7 @@ from ..core.registrar import (
 from . import http
 from .dataplane import Dataplane
 
-__all__ = ["COUNTERS", "Registrar", "ResolveError", "Transport"]
+__all__ = ["Registrar", "ResolveError", "Transport"]
 
 log = logging.getLogger("conn25.daemon.registration")
 

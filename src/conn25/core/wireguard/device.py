@@ -43,6 +43,7 @@ class Device:
         self.ratelimit = HandshakeRateLimiter()
         self.peers: dict[bytes, Peer] = {}
         self._by_index: dict[int, Peer] = {}
+        self._given: dict[Peer, set[int]] = {}  # the indices each peer was given
 
     def __repr__(self) -> str:
         return f"Device({keys.encode(self.identity.public)}, {len(self.peers)} peers)"
@@ -56,15 +57,19 @@ class Device:
     def _allocate(self, peer: Peer) -> int:
         # Indices are random (they say nothing about the node) and unique among live ones.
         # The peer's indices it no longer uses are forgotten first, so the table stays as
-        # large as the live sessions and handshakes.
-        live = peer.local_indices()
-        for stale in [i for i, p in self._by_index.items() if p is peer and i not in live]:
-            del self._by_index[stale]
+        # large as the live sessions and handshakes. Only this peer's own indices are
+        # looked at: a handshake costs the same with ten peers or ten thousand.
+        given = self._given.setdefault(peer, set())
+        for stale in given - peer.local_indices():
+            given.discard(stale)
+            if self._by_index.get(stale) is peer:  # not since given to another peer
+                del self._by_index[stale]
         for _ in range(64):
             index = self._rand.index() & 0xFFFFFFFF
             owner = self._by_index.get(index)
             if owner is None or index not in owner.local_indices():
                 self._by_index[index] = peer
+                given.add(index)
                 return index
         raise RuntimeError("no free session index")
 

@@ -206,10 +206,9 @@ class Peer:
 
     def tick(self, now: float, wall: float) -> list[Action]:
         actions: list[Action] = []
-        for name in ("current", "previous", "next"):
-            session = getattr(self, name)
-            if session is not None and now - session.keypair.created >= REJECT_AFTER_TIME:
-                setattr(self, name, None)
+        self.current, self.previous, self.next = (
+            s if s is not None and _usable(s, now) else None
+            for s in (self.current, self.previous, self.next))
         if self._retransmit_at is not None and now >= self._retransmit_at:
             if now - self._attempt_started >= REKEY_ATTEMPT_TIME:
                 self._pending = self._retransmit_at = None
