@@ -12,6 +12,8 @@ extensions = [
         "conn25._fastpath",
         sources=["src/_fastpath/_fastpath.pyx"],
         extra_compile_args=["-O3"],
+        # Transport encryption: OpenSSL's libcrypto (EVP ChaCha20-Poly1305).
+        libraries=["crypto"],
     ),
 ]
 

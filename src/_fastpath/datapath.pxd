@@ -45,6 +45,7 @@ cdef enum:  # verdicts
     DP_TO_TUN = 2       # write the (rewritten) packet to the TUN device
     DP_REPLY = 3        # drop; write DpCtx.reply (an ICMP error) to the TUN device
     DP_REJECT = 4       # drop; send a reject naming DpCtx.transit to peer DpCtx.peer
+    DP_HANDSHAKE = 5    # a handshake message, queued for the control plane
 
 cdef enum:  # counters, one array per side, TUN and UDP (summed when read)
     C_TUN_RX = 0
@@ -57,9 +58,9 @@ cdef enum:  # counters, one array per side, TUN and UDP (summed when read)
     C_DROP_MALFORMED
     C_DROP_UNSUPPORTED
     C_DROP_NO_ROUTE
-    C_DROP_UNKNOWN_PEER
-    C_DROP_SPOOFED
-    C_DROP_BAD_HEADER
+    C_DROP_UNKNOWN_INDEX    # transport data under no session of ours
+    C_DROP_SPOOFED          # inner source not one of the sending peer's allowed addresses
+    C_DROP_BAD_HEADER       # not a WireGuard message of a valid size
     C_DROP_NOT_TRANSLATABLE  # e.g. an ICMP error or a stray fragment towards a magic IP
     C_UNMAPPED_MAGIC
     C_UNMAPPED_TRANSIT
@@ -79,6 +80,14 @@ cdef enum:  # counters, one array per side, TUN and UDP (summed when read)
     C_DROP_SRC_NOT_ALLOWED  # from the TUN, untranslated and not from one of our addresses
     C_DROP_RETURN_AMBIGUOUS # a return packet without flow that maps to several transit IPs
     C_FLOWS_FROM_RETURN     # flows re-created from a return packet (also in flows_created)
+    C_DROP_REPLAY           # a counter seen before or behind the replay window
+    C_DROP_AUTH             # did not decrypt under the keypair its index names
+    C_DROP_EXPIRED          # under a keypair older than REJECT_AFTER_TIME
+    C_DROP_NO_ENDPOINT      # to a peer whose endpoint is not known yet
+    C_STAGED                # packets kept for a peer until its handshake completes
+    C_HANDSHAKES_RECEIVED   # handshake messages queued for the control plane
+    C_HANDSHAKES_DROPPED    # ... and dropped because that queue was full
+    C_CRYPTO_ERRORS         # the crypto library failed (never expected)
     C_NCOUNTERS
 
 
@@ -86,10 +95,14 @@ cdef enum:
     REJECT_MEMO = 64        # recent rejects remembered per thread, to send one per transit per
     REJECT_GAP_MS = 500     # ... REJECT_GAP_MS rather than one per dropped packet
     DP_EV_CAP = 4096        # datapath events waiting for the control plane
+    DP_HS_CAP = 1024        # handshake messages waiting for it (wireguard-go's queue);
+                            # an eighth of it waiting means "under load"
 
 cdef enum:  # datapath events (flow events live in the flow tables' rings)
     DP_EV_REJECT = 1        # a peer rejected our transit IP: re-register it
     DP_EV_UNMAPPED = 2      # we rejected a peer's unmapped transit IP
+    DP_EV_HANDSHAKE = 3     # a peer needs a handshake (no session, or one due for rekey)
+    DP_EV_CONFIRMED = 4     # a peer's next keypair was confirmed and is current now
 
 
 cdef struct RejectMemo:
@@ -107,8 +120,11 @@ cdef struct DpCtx:          # one per side (TUN reader, UDP reader); no locking 
     uint8_t reply[<int>UNREACH_BUF_SIZE]
     Py_ssize_t reply_len
     uint8_t transit[16]     # DP_REJECT: the transit IP to name
-    uint8_t family          # DP_REJECT: its family
+    uint8_t reject_to[16]   # DP_REJECT: the peer's overlay address the reject goes to
+    uint8_t family          # DP_REJECT: their family
     uint32_t peer           # DP_TO_PEER / DP_REJECT
+    Py_ssize_t inner_len    # DP_TO_TUN / DP_REJECT from dp_datagram: the inner packet's length
+    AeadCtx *aead           # this side's cipher context
 
 
 cdef struct DpEvent:
@@ -116,6 +132,12 @@ cdef struct DpEvent:
     uint8_t family
     uint32_t peer
     uint8_t transit[16]
+
+
+cdef struct HsMsg:          # a handshake message and where it came from
+    TbEndpoint sender
+    uint16_t len
+    uint8_t data[<int>WG_HANDSHAKE_MAX]
 
 
 cdef struct DpCore:         # what the per-packet code needs, as raw pointers
@@ -127,17 +149,17 @@ cdef struct DpCore:         # what the per-packet code needs, as raw pointers
     uint32_t ev_start
     uint32_t ev_len
     uint64_t ev_dropped
-    uint64_t ev_pushed          # events ever queued (dp_event_seq)
+    uint64_t ev_pushed          # events ever queued (dp_event_seq), handshakes included
+    HsMsg *hs                   # handshake messages, under ev_lock
+    uint32_t hs_start
+    uint32_t hs_len
 
 
 cdef struct InboundMemo:    # the last anti-spoofing verdict of a receive batch
-    uint8_t addr[16]
     uint8_t src[16]
-    uint16_t port
-    uint8_t family
-    uint8_t src_family
-    int result              # TB_IN_*, or -1: nothing remembered
     uint32_t peer
+    uint8_t src_family
+    int result              # 1 allowed, 0 not, -1: nothing remembered
 
 
 cdef inline uint64_t dp_event_seq(DpCore *d) noexcept nogil:
@@ -167,4 +189,8 @@ cdef int dp_from_overlay(DpCore *d, DpCtx *c, uint8_t *p, Py_ssize_t n, uint32_t
                          Parsed *pk, uint64_t now) noexcept nogil
 cdef int dp_datagram(DpCore *d, DpCtx *c, uint8_t *dg, Py_ssize_t n, const TbEndpoint *sender,
                      uint64_t now, uint32_t *peer, InboundMemo *memo) noexcept nogil
+cdef Py_ssize_t dp_seal(DpCore *d, DpCtx *c, uint8_t *dg, Py_ssize_t n, uint64_t now,
+                        TbEndpoint *ep) noexcept nogil
+cdef Py_ssize_t dp_seal_reject(DpCore *d, DpCtx *c, uint8_t *dg, uint64_t now,
+                               TbEndpoint *ep) noexcept nogil
 cdef bint dp_reject_due(DpCore *d, DpCtx *c, uint64_t now) noexcept nogil

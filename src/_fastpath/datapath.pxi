@@ -6,6 +6,7 @@ from libc.string cimport memcmp, memcpy, memset
 from includes.pthread cimport pthread_mutex_lock, pthread_mutex_unlock
 
 
+
 cdef void dp_push_event(DpCore *d, uint8_t kind, uint8_t family, uint32_t peer,
                         const uint8_t *transit) noexcept nogil:
     pthread_mutex_lock(&d.ev_lock)
@@ -235,6 +236,7 @@ cdef int dp_from_overlay(DpCore *d, DpCtx *c, uint8_t *p, Py_ssize_t n, uint32_t
             c.peer = peer
             c.family = pk.key.family
             memcpy(c.transit, pk.key.dst, 16)
+            memcpy(c.reject_to, pk.key.src, 16)
             return DP_REJECT
     if not tb_is_local(d.tables, pk.key.family, pk.key.dst):
         c.counters[C_DROP_DST_NOT_ALLOWED] += 1
@@ -270,81 +272,165 @@ cdef bint dp_reject_due(DpCore *d, DpCtx *c, uint64_t now) noexcept nogil:
     return True
 
 
-cdef inline int _check_inbound(TablesC *t, InboundMemo *memo, uint8_t family,
-                               const uint8_t *addr, uint16_t port, uint8_t src_family,
-                               const uint8_t *src, uint32_t *peer) noexcept nogil:
-    """tb_check_inbound, remembered for one receive batch: the datagrams of a
-    batch mostly share sender and inner source (all of them do within a GRO
-    message), and each is then checked against the tables as they were for
-    the first of them, a copy taken under the lock, never a torn entry."""
+cdef inline bint _source_ok(TablesC *t, InboundMemo *memo, uint32_t peer, uint8_t family,
+                            const uint8_t *src) noexcept nogil:
+    """tb_source_ok, remembered for one receive batch: its datagrams mostly
+    share peer and inner source (all of them do within a GRO message), and
+    each is then checked against the tables as they were for the first of
+    them, a copy taken under the lock, never a torn entry."""
     if memo == NULL:
-        return tb_check_inbound(t, family, addr, port, src_family, src, peer)
-    if (memo.result >= 0 and memo.port == port and memo.family == family
-            and memo.src_family == src_family and memcmp(memo.addr, addr, 16) == 0
+        return tb_source_ok(t, peer, family, src)
+    if (memo.result >= 0 and memo.peer == peer and memo.src_family == family
             and memcmp(memo.src, src, 16) == 0):
-        peer[0] = memo.peer
-        return memo.result
-    memo.peer = 0
-    memo.result = tb_check_inbound(t, family, addr, port, src_family, src, &memo.peer)
-    memcpy(memo.addr, addr, 16)
+        return memo.result == 1
+    memo.result = 1 if tb_source_ok(t, peer, family, src) else 0
+    memo.peer = peer
+    memo.src_family = family
     memcpy(memo.src, src, 16)
-    memo.port = port
-    memo.family = family
-    memo.src_family = src_family
-    peer[0] = memo.peer
-    return memo.result
+    return memo.result == 1
 
 
-cdef int _check_datagram(DpCore *d, DpCtx *c, uint8_t *dg, Py_ssize_t n,
-                         const TbEndpoint *sender, Parsed *pk, uint32_t *peer,
-                         InboundMemo *memo) noexcept nogil:
-    """Header and sender checks for one datagram; for data, the inner packet is
-    parsed into pk and its source checked (through `memo` when not NULL).
-    Returns the datagram type to act on, or 0 to drop (counted). A datagram
-    from an unknown sender counts as that whatever else is wrong with it."""
-    cdef int t = wire_type(dg, n)
-    cdef int st = PARSE_OK
-    cdef int r
-    c.counters[C_UDP_RX] += 1
-    if sender.family == 0:
-        c.counters[C_DROP_UNKNOWN_PEER] += 1
-        return 0
-    if t == DG_DATA:
-        st = pk_parse(dg + DG_HDR, n - DG_HDR, pk)
-        if st == PARSE_OK:
-            # The common case: sender and inner source in one table lookup.
-            r = _check_inbound(d.tables, memo, sender.family, sender.addr, sender.port,
-                               pk.key.family, pk.key.src, peer)
-            if r == TB_IN_OK:
-                return DG_DATA
-            c.counters[C_DROP_SPOOFED if r == TB_IN_SPOOFED else C_DROP_UNKNOWN_PEER] += 1
-            return 0
-    if not tb_peer_by_endpoint(d.tables, sender.family, sender.addr, sender.port, peer):
-        c.counters[C_DROP_UNKNOWN_PEER] += 1
-        return 0
-    if t == 0:
-        c.counters[C_DROP_BAD_HEADER] += 1
-    elif t == DG_DATA:
-        dp_count_parse(c, st)
-    elif t == DG_KEEPALIVE:
-        c.counters[C_KEEPALIVES_RECEIVED] += 1
+cdef void _push_handshake(DpCore *d, DpCtx *c, const uint8_t *dg, Py_ssize_t n,
+                          const TbEndpoint *sender) noexcept nogil:
+    cdef HsMsg *m
+    pthread_mutex_lock(&d.ev_lock)
+    if d.hs_len == DP_HS_CAP:
+        c.counters[C_HANDSHAKES_DROPPED] += 1
     else:
-        c.counters[C_REJECTS_RECEIVED] += 1
-    return 0 if t == DG_DATA else t
+        m = &d.hs[(d.hs_start + d.hs_len) % DP_HS_CAP]
+        m.sender = sender[0]
+        m.len = <uint16_t>n
+        memcpy(m.data, dg, n)
+        d.hs_len += 1
+        d.ev_pushed += 1
+        c.counters[C_HANDSHAKES_RECEIVED] += 1
+    pthread_mutex_unlock(&d.ev_lock)
+
+
+cdef inline void _session_events(DpCore *d, uint32_t peer, int flags) noexcept nogil:
+    cdef uint8_t none[16]
+    if flags & (SS_F_CONFIRMED | SS_F_WANT_HANDSHAKE):
+        memset(none, 0, 16)
+        if flags & SS_F_CONFIRMED:
+            dp_push_event(d, DP_EV_CONFIRMED, 0, peer, none)
+        if flags & SS_F_WANT_HANDSHAKE:
+            dp_push_event(d, DP_EV_HANDSHAKE, 0, peer, none)
+
+
+cdef int _open(DpCore *d, DpCtx *c, uint8_t *dg, Py_ssize_t n, const TbEndpoint *sender,
+               uint64_t now, uint32_t *peer) noexcept nogil:
+    """Authenticate and decrypt one transport message in place; the payload's
+    length (0: a keepalive), or -1 to drop it (counted)."""
+    cdef SsRecv rx
+    cdef uint32_t index = wire_le32(dg + 4)
+    cdef uint64_t counter = wire_le64(dg + 8)
+    cdef Py_ssize_t plen
+    cdef int r = ss_recv_begin(d.tables, index, counter, now, &rx)
+    if r != SS_RX_OK:
+        c.counters[C_DROP_UNKNOWN_INDEX if r == SS_RX_UNKNOWN_INDEX else
+                   C_DROP_EXPIRED if r == SS_RX_EXPIRED else C_DROP_REPLAY] += 1
+        return -1
+    peer[0] = rx.peer
+    plen = aead_open(c.aead, rx.key, counter, dg + WG_HDR, n - WG_HDR)
+    memset(rx.key, 0, 32)
+    if plen < 0:
+        c.counters[C_DROP_AUTH] += 1
+        ss_count_drop(d.tables, rx.peer, SS_D_AUTH)
+        return -1
+    r = ss_recv_done(d.tables, rx.peer, index, counter, sender, plen, now)
+    if r & (SS_F_REPLAY | SS_F_GONE):
+        c.counters[C_DROP_REPLAY if r & SS_F_REPLAY else C_DROP_UNKNOWN_INDEX] += 1
+        return -1
+    _session_events(d, rx.peer, r)
+    return plen
 
 
 cdef int dp_datagram(DpCore *d, DpCtx *c, uint8_t *dg, Py_ssize_t n, const TbEndpoint *sender,
                      uint64_t now, uint32_t *peer, InboundMemo *memo) noexcept nogil:
-    """One datagram from the overlay, sent from `sender` (family 0: an address
-    of no family we know): the verdict for its inner packet (DP_TO_TUN,
-    DP_REJECT or DP_DROP); rejects received become events."""
+    """One datagram from the overlay, sent from `sender`: the verdict for its
+    inner packet (DP_TO_TUN or DP_REJECT, the packet at dg + WG_HDR and
+    c.inner_len bytes long; DP_HANDSHAKE; DP_DROP). Rejects received become
+    events."""
     cdef Parsed pk
     cdef uint8_t transit[16]
     cdef uint8_t family
-    cdef int t = _check_datagram(d, c, dg, n, sender, &pk, peer, memo)
-    if t == DG_DATA:
-        return dp_from_overlay(d, c, dg + DG_HDR, n - DG_HDR, peer[0], &pk, now)
-    if t == DG_REJECT:
-        family = wire_reject_transit(dg, n, transit)
-        dp_push_event(d, DP_EV_REJECT, family, peer[0], transit)
-    return DP_DROP
+    cdef Py_ssize_t plen
+    cdef uint8_t *p = dg + WG_HDR
+    cdef int t = wire_type(dg, n)
+    c.counters[C_UDP_RX] += 1
+    if t == 0 or sender.family == 0:
+        c.counters[C_DROP_BAD_HEADER] += 1
+        return DP_DROP
+    if t != WG_TRANSPORT:
+        _push_handshake(d, c, dg, n, sender)
+        return DP_HANDSHAKE
+    plen = _open(d, c, dg, n, sender, now, peer)
+    if plen < 0:
+        return DP_DROP
+    if plen == 0:
+        c.counters[C_KEEPALIVES_RECEIVED] += 1
+        return DP_DROP
+    # The plaintext is padded to 16 bytes; the IP header says where it ends.
+    plen = wire_ip_len(p, plen)
+    if plen < 0 or _parse_counted(c, p, plen, &pk) != PARSE_OK:
+        if plen < 0:
+            c.counters[C_DROP_MALFORMED] += 1
+        return DP_DROP
+    # Cryptokey routing: the inner source must be one of the sending peer's
+    # allowed addresses (its overlay addresses, transit IPs routed to it).
+    if not _source_ok(d.tables, memo, peer[0], pk.key.family, pk.key.src):
+        c.counters[C_DROP_SPOOFED] += 1
+        ss_count_drop(d.tables, peer[0], SS_D_SPOOFED)
+        return DP_DROP
+    c.inner_len = plen
+    if pk.kind == PKT_OTHER and pk.key.proto == WIRE_REJECT_PROTO \
+            and tb_is_local(d.tables, pk.key.family, pk.key.dst):
+        family = wire_reject_transit(p, plen, pk.key.family, transit)
+        if family == 0:
+            c.counters[C_DROP_MALFORMED] += 1
+        else:
+            c.counters[C_REJECTS_RECEIVED] += 1
+            dp_push_event(d, DP_EV_REJECT, family, peer[0], transit)
+        return DP_DROP
+    return dp_from_overlay(d, c, p, plen, peer[0], &pk, now)
+
+
+cdef Py_ssize_t dp_seal(DpCore *d, DpCtx *c, uint8_t *dg, Py_ssize_t n, uint64_t now,
+                        TbEndpoint *ep) noexcept nogil:
+    """Seal the packet at dg + WG_HDR (n bytes; 0: a keepalive; WG_PAD +
+    AEAD_TAG bytes of room after it) in place into a transport message to
+    peer c.peer, and say where it goes (*ep). Its length, or 0 when it is not
+    sent now: staged until a handshake completes, or dropped (counted)."""
+    cdef SsSend tx
+    cdef int flags
+    cdef Py_ssize_t padded = wire_padded(n)
+    cdef int r = ss_send_begin(d.tables, c.peer, n, now, &tx, &flags)
+    _session_events(d, c.peer, flags)
+    if r != SS_OK:
+        if r == SS_NO_SESSION:
+            if n and ss_stage(d.tables, c.peer, dg + WG_HDR, n):
+                c.counters[C_STAGED] += 1
+        else:
+            c.counters[C_DROP_NO_ENDPOINT if r == SS_NO_ENDPOINT else C_DROP_NO_ROUTE] += 1
+        return 0
+    memset(dg + WG_HDR + n, 0, padded - n)
+    r = aead_seal(c.aead, tx.key, tx.counter, dg + WG_HDR, padded)
+    memset(tx.key, 0, 32)
+    if r < 0:
+        c.counters[C_CRYPTO_ERRORS] += 1
+        return 0
+    wire_transport_header(dg, tx.remote_index, tx.counter)
+    ep[0] = tx.ep
+    return WG_HDR + padded + AEAD_TAG
+
+
+cdef Py_ssize_t dp_seal_reject(DpCore *d, DpCtx *c, uint8_t *dg, uint64_t now,
+                               TbEndpoint *ep) noexcept nogil:
+    """The reject that c names (DP_REJECT), sealed at dg (WG_HDR +
+    WIRE_REJECT_MAX + WG_PAD + AEAD_TAG bytes) for peer c.peer; 0 if none
+    can go (no overlay address of ours of that family; or see dp_seal)."""
+    cdef uint8_t src[16]
+    if not tb_local_of(d.tables, c.family, src):
+        return 0
+    n = wire_reject(dg + WG_HDR, c.family, src, c.reject_to, c.transit)
+    return dp_seal(d, c, dg, n, now, ep)

@@ -32,6 +32,8 @@ class EventKind(enum.Enum):
     FLOW_REMOVED = "flow_removed"           # ... ended (reason as in FlowTable events)
     REJECT = "reject"                       # a connector rejected our transit IP: re-register it
     UNMAPPED_TRANSIT = "unmapped_transit"   # we rejected a peer's unmapped transit IP
+    HANDSHAKE_WANTED = "handshake_wanted"   # a peer needs a handshake (none, or a rekey is due)
+    SESSION_CONFIRMED = "session_confirmed" # a peer's next keypair became current
 
 
 class Role(enum.Enum):
@@ -49,24 +51,39 @@ DatapathEvent.__new__.__defaults__ = (None, None)
 DatapathEvent.__doc__ = """An event for the control plane.
 
 kind: an EventKind; role: a Role (a reject concerns the client side, an
-unmapped transit IP the connector side); transit: the packed transit IP;
+unmapped transit IP the connector side; session events say CLIENT);
+transit: the packed transit IP (empty for session events);
 peer: the peer id; for flow events, reason as in FlowTable events and flow
 the FlowEvent itself (None otherwise).
 """
 
 _COUNTER_NAMES = (  # in the order of the C_* counters (datapath.pxd)
     "tun_rx", "tun_tx", "udp_rx", "udp_tx", "forwarded", "translated", "flows_created",
-    "drop_malformed", "drop_unsupported", "drop_no_route", "drop_unknown_peer",
+    "drop_malformed", "drop_unsupported", "drop_no_route", "drop_unknown_index",
     "drop_spoofed", "drop_bad_header", "drop_not_translatable", "unmapped_magic",
     "unmapped_transit", "rejects_sent", "rejects_received", "keepalives_received",
     "tun_write_errors", "udp_send_errors", "flow_insert_failed", "events_dropped",
     "udp_tx_gso", "udp_gso_refused", "udp_rx_gro", "tun_rx_after_write",
     "drop_dst_not_allowed", "drop_src_not_allowed", "drop_return_ambiguous",
-    "flows_from_return",
+    "flows_from_return", "drop_replay", "drop_auth", "drop_expired", "drop_no_endpoint",
+    "staged", "handshakes_received", "handshakes_dropped", "crypto_errors",
 )
+_PEER_DROPS = ("replay", "auth", "expired", "spoofed", "no_endpoint", "staged_overflow")
 
 _VERDICTS = {DP_DROP: "drop", DP_TO_PEER: "peer", DP_TO_TUN: "tun", DP_REPLY: "reply",
-             DP_REJECT: "reject"}
+             DP_REJECT: "reject", DP_HANDSHAKE: "handshake"}
+
+
+cdef object _endpoint_out(const TbEndpoint *ep):
+    return (str(ipaddress.ip_address(cv_addr_out(ep.addr, ep.family))), ep.port) \
+        if ep.family else None
+
+
+cdef bytes _key_in(object key, str what):
+    key = bytes(key)
+    if len(key) != 32:
+        raise ValueError(f"{what}: a key is 32 bytes")
+    return key
 
 
 cdef int _endpoint_in(object sender, TbEndpoint *out) except -1:
@@ -96,6 +113,7 @@ cdef class Datapath:
     cdef DpCore core
     cdef DpCtx *ctx_tun
     cdef DpCtx *ctx_udp
+    cdef AeadCtx *aead_ctl    # the control plane's (seal()), used with the GIL held
     cdef PumpBufs *bufs_tun
     cdef PumpBufs *bufs_udp
     cdef readonly Tables tables
@@ -123,10 +141,17 @@ cdef class Datapath:
         self.core.client_flows = self.client_flows.table if client else NULL
         self.core.connector_flows = self.connector_flows.table if connector else NULL
         self.core.events = <DpEvent *>calloc(DP_EV_CAP, sizeof(DpEvent))
+        self.core.hs = <HsMsg *>calloc(DP_HS_CAP, sizeof(HsMsg))
         self.ctx_tun = <DpCtx *>calloc(1, sizeof(DpCtx))
         self.ctx_udp = <DpCtx *>calloc(1, sizeof(DpCtx))
-        if self.core.events == NULL or self.ctx_tun == NULL or self.ctx_udp == NULL:
+        if self.core.events == NULL or self.core.hs == NULL or self.ctx_tun == NULL \
+                or self.ctx_udp == NULL:
             raise MemoryError("Datapath: cannot allocate")
+        self.ctx_tun.aead = aead_new()
+        self.ctx_udp.aead = aead_new()
+        self.aead_ctl = aead_new()
+        if self.ctx_tun.aead == NULL or self.ctx_udp.aead == NULL or self.aead_ctl == NULL:
+            raise MemoryError("Datapath: cannot allocate cipher contexts")
         nat_frag_init(&self.ctx_tun.frags, 30_000)
         nat_frag_init(&self.ctx_udp.frags, 30_000)
         self.efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
@@ -139,6 +164,12 @@ cdef class Datapath:
         if self.threads:
             self.stop()
         free(self.core.events)
+        free(self.core.hs)
+        if self.ctx_tun != NULL:
+            aead_free(self.ctx_tun.aead)
+        if self.ctx_udp != NULL:
+            aead_free(self.ctx_udp.aead)
+        aead_free(self.aead_ctl)
         free(self.ctx_tun)
         free(self.ctx_udp)
         if self.efd >= 0:
@@ -202,29 +233,136 @@ cdef class Datapath:
             v = dp_datagram(&self.core, self.ctx_udp, &mv[0], n, &ep, now, &peer, NULL)
             if v == DP_REJECT:
                 dp_reject_due(&self.core, self.ctx_udp, now)
-        inner = bytes(buf[DG_HDR:]) if v in (DP_TO_TUN, DP_REJECT) else b""
+        inner = bytes(buf[WG_HDR:WG_HDR + self.ctx_udp.inner_len]) \
+            if v in (DP_TO_TUN, DP_REJECT) else b""
         return (_VERDICTS[v], inner, peer if v == DP_REJECT else None)
 
-    # -- datagrams the control plane sends itself -----------------------------
+    # -- WireGuard sessions ----------------------------------------------------
 
-    @staticmethod
-    def data_datagram(packet: bytes) -> bytes:
-        cdef uint8_t h[DG_HDR]
-        wire_header(h, DG_DATA)
-        return h[:DG_HDR] + bytes(packet)
+    def install_keypair(self, peer: int, *, local_index: int, remote_index: int,
+                        send_key: bytes, receive_key: bytes, initiator: bool,
+                        created_ms: int, as_next: bool) -> None:
+        """Install a keypair a handshake with `peer` produced: as its current
+        one (we initiated: usable at once) or as its next one (we responded:
+        confirmed by the first datagram under it). KeyError if no such peer."""
+        cdef SsKeypair kp
+        cdef uint32_t p = cv_u32_in(peer, "peer")
+        cdef bytes sk = _key_in(send_key, "send_key")
+        cdef bytes rk = _key_in(receive_key, "receive_key")
+        cdef int r
+        memset(&kp, 0, sizeof(SsKeypair))
+        memcpy(kp.send_key, <const uint8_t *>sk, 32)
+        memcpy(kp.recv_key, <const uint8_t *>rk, 32)
+        kp.local_index = cv_u32_in(local_index, "local_index")
+        kp.remote_index = cv_u32_in(remote_index, "remote_index")
+        kp.created_ms = cv_ms_in(created_ms, "created_ms")
+        kp.initiator = 1 if initiator else 0
+        rw_init(&kp.window)
+        with nogil:
+            r = ss_install(self.core.tables, p, &kp, as_next)
+            memset(&kp, 0, sizeof(SsKeypair))
+        if r == -2:
+            raise KeyError(f"install_keypair: no peer {peer}")
+        if r < 0:
+            raise MemoryError("install_keypair")
 
-    @staticmethod
-    def keepalive_datagram() -> bytes:
-        cdef uint8_t h[DG_HDR]
-        wire_header(h, DG_KEEPALIVE)
-        return h[:DG_HDR]
+    def seal(self, peer: int, packet: bytes, now_ms: int) -> tuple | None:
+        """`packet` (b"": a keepalive) sealed for `peer` under its current
+        keypair: (datagram, (ip, port) to send it to); or None when it cannot
+        go now (counted; a packet is then staged until a handshake completes,
+        and the handshake is asked for with an event)."""
+        cdef bytes src = bytes(packet)
+        cdef Py_ssize_t n = len(src)
+        cdef uint64_t now = cv_ms_in(now_ms, "now_ms")
+        cdef uint32_t p = cv_u32_in(peer, "peer")
+        cdef bytearray buf = bytearray(WG_HDR + wire_padded(n) + AEAD_TAG)
+        cdef uint8_t *b = buf
+        cdef TbEndpoint ep
+        cdef Py_ssize_t out
+        cdef DpCtx ctx
+        memcpy(b + WG_HDR, <const uint8_t *>src, n)
+        memset(&ctx, 0, sizeof(DpCtx))
+        ctx.aead = self.aead_ctl
+        ctx.peer = p
+        with nogil:
+            out = dp_seal(&self.core, &ctx, b, n, now, &ep)
+        if out == 0:
+            return None
+        return (bytes(buf[:out]), _endpoint_out(&ep))
 
-    @staticmethod
-    def reject_datagram(transit: object) -> bytes:
-        cdef uint8_t a[16]
-        cdef uint8_t dg[DG_REJECT_MAX]
-        cdef uint8_t fam = cv_addr_in(transit, a, "transit")
-        return dg[:wire_reject(dg, fam, a)]
+    def take_staged(self, peer: int) -> list:
+        """The packets staged for `peer`, oldest first (they leave the stage)."""
+        cdef SsStaged st
+        cdef uint32_t p = cv_u32_in(peer, "peer")
+        cdef uint32_t i
+        with nogil:
+            ss_take_staged(self.core.tables, p, &st)
+        try:
+            return [bytes(st.pkts[(st.start + i) % SS_STAGED][:st.lens[(st.start + i) % SS_STAGED]])
+                    for i in range(st.count)]
+        finally:
+            ss_free_staged(&st)
+
+    def read_handshakes(self) -> tuple:
+        """([(message, (ip, port)), ...], how many were waiting): the handshake
+        messages the pumps queued, oldest first. The count tells the control
+        plane whether it is under load."""
+        cdef HsMsg *msgs = <HsMsg *>calloc(DP_HS_CAP, sizeof(HsMsg))
+        cdef uint32_t n, i
+        if msgs == NULL:
+            raise MemoryError
+        try:
+            with nogil:
+                pthread_mutex_lock(&self.core.ev_lock)
+                n = self.core.hs_len
+                for i in range(n):
+                    msgs[i] = self.core.hs[(self.core.hs_start + i) % DP_HS_CAP]
+                self.core.hs_start = (self.core.hs_start + n) % DP_HS_CAP
+                self.core.hs_len = 0
+                pthread_mutex_unlock(&self.core.ev_lock)
+            return ([(bytes(msgs[i].data[:msgs[i].len]), _endpoint_out(&msgs[i].sender))
+                     for i in range(n)], n)
+        finally:
+            free(msgs)
+
+    def peer_state(self, peer: int) -> dict | None:
+        """What the datapath knows of `peer`'s WireGuard side (None: no such
+        peer): endpoint (ip, port) or None, endpoint_learned_ms (0:
+        configured), bytes and activity stamps (ms, 0: never), drops by
+        reason, the sessions' local indices, staged packets. No key material."""
+        cdef uint32_t p = cv_u32_in(peer, "peer")
+        cdef SsPeer s
+        cdef TbPeer *rec
+        cdef bint found = False
+        cdef int i
+        with nogil:
+            pthread_mutex_lock(&self.core.tables.lock)
+            rec = tb_peer_locked(self.core.tables, p)
+            if rec != NULL:
+                found = True
+                memcpy(&s, &rec.wg, sizeof(SsPeer))
+            pthread_mutex_unlock(&self.core.tables.lock)
+        if not found:
+            return None
+        sessions = {}
+        for i, name in enumerate(("current", "previous", "next")):
+            if s.kp[i].used:
+                sessions[name] = {"local_index": s.kp[i].local_index,
+                                  "created_ms": s.kp[i].created_ms,
+                                  "initiator": bool(s.kp[i].initiator),
+                                  "sent": s.kp[i].send_counter}
+        out = {
+            "endpoint": _endpoint_out(&s.ep),
+            "endpoint_learned_ms": s.ep_learned_ms,
+            "rx_bytes": s.rx_bytes, "tx_bytes": s.tx_bytes,
+            "last_rx_ms": s.last_rx_ms, "last_tx_ms": s.last_tx_ms,
+            "tx_unanswered_ms": s.tx_unanswered_ms, "rx_unanswered_ms": s.rx_unanswered_ms,
+            "drops": {name: s.drops[i] for i, name in enumerate(_PEER_DROPS)},
+            "sessions": sessions,
+            "staged": s.staged.count,
+        }
+        memset(&s, 0, sizeof(SsPeer))
+        return out
 
     # -- events, counters, maintenance ----------------------------------------
 
@@ -257,14 +395,32 @@ cdef class Datapath:
                 self.core.ev_len = 0
                 pthread_mutex_unlock(&self.core.ev_lock)
             for i in range(n):
-                reject = evs[i].kind == DP_EV_REJECT
-                out.append(DatapathEvent(
-                    EventKind.REJECT if reject else EventKind.UNMAPPED_TRANSIT,
-                    Role.CLIENT if reject else Role.CONNECTOR,
-                    cv_addr_out(evs[i].transit, evs[i].family), evs[i].peer))
+                if evs[i].kind == DP_EV_HANDSHAKE:
+                    self._handshake_taken(evs[i].peer)
+                    out.append(DatapathEvent(EventKind.HANDSHAKE_WANTED, Role.CLIENT, b"",
+                                             evs[i].peer))
+                elif evs[i].kind == DP_EV_CONFIRMED:
+                    out.append(DatapathEvent(EventKind.SESSION_CONFIRMED, Role.CLIENT, b"",
+                                             evs[i].peer))
+                else:
+                    reject = evs[i].kind == DP_EV_REJECT
+                    out.append(DatapathEvent(
+                        EventKind.REJECT if reject else EventKind.UNMAPPED_TRANSIT,
+                        Role.CLIENT if reject else Role.CONNECTOR,
+                        cv_addr_out(evs[i].transit, evs[i].family), evs[i].peer))
         finally:
             free(evs)
         return out
+
+    cdef void _handshake_taken(self, uint32_t peer) noexcept:
+        # The next packet that finds no session raises a new event.
+        cdef TbPeer *rec
+        with nogil:
+            pthread_mutex_lock(&self.core.tables.lock)
+            rec = tb_peer_locked(self.core.tables, peer)
+            if rec != NULL:
+                rec.wg.want_handshake = 0
+            pthread_mutex_unlock(&self.core.tables.lock)
 
     def counters(self) -> dict:
         """Per-reason packet counters of both pumps, summed (racy reads of
@@ -410,37 +566,45 @@ cdef inline uint64_t _ns() noexcept nogil:
 
 
 def bench_loop(Datapath dp, packet: bytes, iterations: int, what: str,
-               sender: tuple | None = None) -> int:
+               peer: int | None = None) -> int:
     """Time `iterations` rounds of copying `packet` into a buffer and then:
     "copy" nothing more (the baseline), "parse" parsing it, "tun" the whole
-    TUN-side decision (dp_from_tun), "overlay" the whole overlay-side one
-    (dp_datagram on a data datagram from `sender`, checks included)."""
+    TUN-side decision (dp_from_tun), "seal" sealing it for `peer` (dp_seal:
+    counter, padding, ChaCha20-Poly1305), "overlay" sealing it for `peer` and
+    receiving the datagram (dp_datagram: index, replay window, decryption,
+    source check, decision). "seal" needs a current keypair for `peer`;
+    "overlay" one whose local and remote index, send and receive key are the
+    same, so that the node receives what it sealed."""
     cdef bytes src = bytes(packet)
     cdef Py_ssize_t n = len(src)
     cdef const uint8_t *s = src
-    cdef uint8_t *buf = <uint8_t *>calloc(1, n + DG_HDR)
+    cdef uint8_t *buf = <uint8_t *>calloc(1, n + WG_HDR + WG_PAD + AEAD_TAG)
     cdef uint64_t i, t0, t1, iters = iterations
     cdef uint64_t now = _ns() // 1000000
-    cdef int mode = {"copy": 0, "parse": 1, "tun": 2, "overlay": 3}[what]
+    cdef int mode = {"copy": 0, "parse": 1, "tun": 2, "seal": 3, "overlay": 4}[what]
     cdef Parsed pk
     cdef TbEndpoint ep
-    cdef uint32_t peer
+    cdef uint32_t from_peer
+    cdef Py_ssize_t dlen
     if buf == NULL:
         raise MemoryError
-    if mode == 3:
-        _endpoint_in(sender, &ep)
-        wire_header(buf, DG_DATA)
+    if mode >= 3:
+        if peer is None:
+            raise ValueError(f"bench_loop {what!r} needs a peer")
+        dp.ctx_tun.peer = cv_u32_in(peer, "peer")
     try:
         with nogil:
             t0 = _ns()
             for i in range(iters):
-                memcpy(buf + DG_HDR, s, n)
+                memcpy(buf + WG_HDR, s, n)
                 if mode == 1:
-                    pk_parse(buf + DG_HDR, n, &pk)
+                    pk_parse(buf + WG_HDR, n, &pk)
                 elif mode == 2:
-                    dp_from_tun(&dp.core, dp.ctx_tun, buf + DG_HDR, n, now)
-                elif mode == 3:
-                    dp_datagram(&dp.core, dp.ctx_udp, buf, n + DG_HDR, &ep, now, &peer, NULL)
+                    dp_from_tun(&dp.core, dp.ctx_tun, buf + WG_HDR, n, now)
+                elif mode >= 3:
+                    dlen = dp_seal(&dp.core, dp.ctx_tun, buf, n, now, &ep)
+                    if mode == 4 and dlen:
+                        dp_datagram(&dp.core, dp.ctx_udp, buf, dlen, &ep, now, &from_peer, NULL)
             t1 = _ns()
     finally:
         free(buf)

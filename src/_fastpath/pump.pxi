@@ -106,18 +106,20 @@ cdef inline uint8_t _sockaddr_in(const SockAddr *a, uint8_t *addr16, uint16_t *p
 
 cdef void _send_reject(DpCore *d, DpCtx *c, int udp_fd, int sock_family,
                        uint64_t now) noexcept nogil:
-    cdef uint8_t msg[DG_REJECT_MAX]
+    cdef uint8_t dg[WG_HDR + WIRE_REJECT_MAX + WG_PAD + AEAD_TAG]
     cdef TbEndpoint ep
     cdef SockAddr sa
     cdef socklen_t alen
     cdef Py_ssize_t n
-    if not dp_reject_due(d, c, now) or not tb_peer_endpoint(d.tables, c.peer, &ep):
+    if not dp_reject_due(d, c, now):
+        return
+    n = dp_seal_reject(d, c, dg, now, &ep)
+    if n == 0:
         return
     alen = _sockaddr_out(&sa, sock_family, &ep)
     if alen == 0:
         return
-    n = wire_reject(msg, c.family, c.transit)
-    if sendto(udp_fd, msg, n, MSG_DONTWAIT, <const sockaddr *>&sa, alen) < 0:
+    if sendto(udp_fd, dg, n, MSG_DONTWAIT, <const sockaddr *>&sa, alen) < 0:
         c.counters[C_UDP_SEND_ERRORS] += 1
     else:
         c.counters[C_REJECTS_SENT] += 1
@@ -223,16 +225,15 @@ cdef int _tun_batch(DpCore *d, DpCtx *c, PumpBufs *b, int tun_fd, int udp_fd,
     cdef uint8_t *slot
     cdef int verdict, i, nread = 0
     cdef TbEndpoint ep
-    cdef SockAddr sa        # the endpoint of peer sa_peer, looked up once per batch
     cdef socklen_t alen = 0
-    cdef uint32_t sa_peer = 0, msg_peer = 0
+    cdef uint32_t msg_peer = 0
     cdef bint grow = False  # whether the last message may take the next datagram
     cdef uint64_t now = _now_ms()
     cdef msghdr *h
     dry[0] = False
     for i in range(PUMP_BATCH):
         slot = b.data + <Py_ssize_t>i * PUMP_SLOT
-        r = read(tun_fd, slot + DG_HDR, PUMP_SLOT - DG_HDR)
+        r = read(tun_fd, slot + WG_HDR, PUMP_SLOT - WG_HDR - WG_PAD - AEAD_TAG)
         if r <= 0:
             if r < 0 and errno == EINTR:
                 continue
@@ -240,7 +241,7 @@ cdef int _tun_batch(DpCore *d, DpCtx *c, PumpBufs *b, int tun_fd, int udp_fd,
             break
         nread += 1
         c.counters[C_TUN_RX] += 1
-        verdict = dp_from_tun(d, c, slot + DG_HDR, r, now)
+        verdict = dp_from_tun(d, c, slot + WG_HDR, r, now)
         if verdict == DP_REPLY:
             if write(tun_fd, c.reply, c.reply_len) < 0:
                 c.counters[C_TUN_WRITE_ERRORS] += 1
@@ -249,33 +250,30 @@ cdef int _tun_batch(DpCore *d, DpCtx *c, PumpBufs *b, int tun_fd, int udp_fd,
             continue
         if verdict != DP_TO_PEER:
             continue
-        if alen == 0 or c.peer != sa_peer:
-            sa_peer = c.peer
-            alen = 0
-            if tb_peer_endpoint(d.tables, c.peer, &ep):
-                alen = _sockaddr_out(&sa, sock_family, &ep)
-            if alen == 0:
-                c.counters[C_DROP_NO_ROUTE] += 1
-                continue
-        wire_header(slot, DG_DATA)
-        dlen = <size_t>r + DG_HDR
+        # Sealed in place: the header goes into the slot's headroom.
+        dlen = <size_t>dp_seal(d, c, slot, r, now, &ep)
+        if dlen == 0:
+            continue
         b.iovs[npkt].iov_base = slot
         b.iovs[npkt].iov_len = dlen
-        if (grow and msg_peer == sa_peer and dlen <= seg and nseg < GSO_MAX_SEGS
+        if (grow and msg_peer == c.peer and dlen <= seg and nseg < GSO_MAX_SEGS
                 and total + dlen <= GSO_MAX_BYTES):
             b.msgs[nmsg - 1].msg_hdr.msg_iovlen += 1
             nseg += 1
             total += dlen
             grow = dlen == seg  # a shorter datagram ends a GSO message
         else:
-            memcpy(&b.addrs[nmsg], &sa, sizeof(SockAddr))
+            alen = _sockaddr_out(&b.addrs[nmsg], sock_family, &ep)
+            if alen == 0:
+                c.counters[C_DROP_NO_ROUTE] += 1
+                continue
             h = &b.msgs[nmsg].msg_hdr
             h.msg_name = &b.addrs[nmsg]
             h.msg_namelen = alen
             h.msg_iov = &b.iovs[npkt]
             h.msg_iovlen = 1
             nmsg += 1
-            msg_peer = sa_peer
+            msg_peer = c.peer
             seg = dlen
             nseg = 1
             total = dlen
@@ -359,7 +357,7 @@ cdef inline void _deliver(DpCore *d, DpCtx *c, uint8_t *dg, Py_ssize_t n, const 
     cdef uint32_t peer
     cdef int verdict = dp_datagram(d, c, dg, n, sender, now, &peer, memo)
     if verdict == DP_TO_TUN:
-        if write(tun_fd, dg + DG_HDR, n - DG_HDR) < 0:
+        if write(tun_fd, dg + WG_HDR, c.inner_len) < 0:
             c.counters[C_TUN_WRITE_ERRORS] += 1
         else:
             c.counters[C_TUN_TX] += 1

@@ -13,8 +13,8 @@
 #   each is kept in step with its forward map under the same lock.
 # - local:     this node's own overlay addresses: what the overlay may reach
 #   without translation, and the only untranslated sources sent to it.
-# - peers:     peer id                    -> endpoint + overlay addresses
-# - endpoints: (family, endpoint, port)   -> peer id  (who sent this datagram?)
+# - peers:     peer id                    -> overlay addresses + WireGuard state
+# - indices:   receiver index             -> peer id  (whose session is this datagram's?)
 # - magic / transit ranges: tell "ours but unmapped" from "not our traffic".
 #
 # Storage is C only: open addressing with linear probing and backward-shift
@@ -40,11 +40,6 @@ cdef enum:
     TB_HIT = 1                  # mapped; result copied out
     TB_UNMAPPED = 2             # inside a magic / transit range but not mapped
     TB_AMBIGUOUS = 3            # tb_return_transit: several transit IPs map to that address
-
-cdef enum:
-    TB_IN_OK = 0                # tb_check_inbound: known peer, inner source is its
-    TB_IN_UNKNOWN_PEER = 1      # datagram from an endpoint that is no peer's
-    TB_IN_SPOOFED = 2           # inner source does not route to the sending peer
 
 cdef enum:  # tb_del: which map
     TB_MAP_ROUTES = 0
@@ -91,13 +86,8 @@ cdef struct TbRange:
     uint8_t last[16]
     uint8_t family
 
-cdef struct TbEndpoint:
-    uint8_t addr[16]
-    uint16_t port
-    uint8_t family
-
 cdef struct TbPeer:
-    TbEndpoint ep
+    SsPeer wg                   # its WireGuard sessions and endpoint (session.pxd)
     uint32_t n_overlay
     uint8_t ov_family[8]
     uint8_t ov_addr[8][16]
@@ -111,7 +101,7 @@ cdef struct TablesC:
     TbMap magic_rev
     TbMap real_rev
     TbMap peers
-    TbMap endpoints
+    TbMap indices               # WireGuard receiver index -> peer id (session.pxd)
     TbRange *magic_ranges
     uint32_t n_magic_ranges
     TbRange *transit_ranges
@@ -129,20 +119,16 @@ cdef int tb_magic(TablesC *t, uint8_t family, const uint8_t *addr,
 cdef int tb_transit(TablesC *t, uint8_t family, const uint8_t *peer_addr,
                     const uint8_t *transit, uint8_t *real_out, uint32_t *app_out) noexcept nogil
 cdef bint tb_is_local(TablesC *t, uint8_t family, const uint8_t *addr) noexcept nogil
+cdef bint tb_local_of(TablesC *t, uint8_t family, uint8_t *out) noexcept nogil
 cdef bint tb_any_ambiguous(TablesC *t) noexcept nogil
 cdef bint tb_magic_for_transit(TablesC *t, uint8_t family, const uint8_t *transit,
                                uint8_t *magic_out) noexcept nogil
 cdef int tb_return_transit(TablesC *t, uint8_t family, const uint8_t *peer_addr,
                            const uint8_t *real, uint8_t *transit_out,
                            uint32_t *app_out) noexcept nogil
-cdef bint tb_peer_by_endpoint(TablesC *t, uint8_t family, const uint8_t *addr,
-                              uint16_t port, uint32_t *peer) noexcept nogil
-cdef bint tb_peer_endpoint(TablesC *t, uint32_t peer, TbEndpoint *out) noexcept nogil
+cdef TbPeer *tb_peer_locked(TablesC *t, uint32_t peer) noexcept nogil
 cdef bint tb_source_ok(TablesC *t, uint32_t peer, uint8_t family,
                        const uint8_t *src) noexcept nogil
-cdef int tb_check_inbound(TablesC *t, uint8_t family, const uint8_t *addr, uint16_t port,
-                          uint8_t inner_family, const uint8_t *inner_src,
-                          uint32_t *peer) noexcept nogil
 cdef int tb_set_route(TablesC *t, uint8_t family, const uint8_t *dst, uint32_t peer) noexcept nogil
 cdef int tb_set_magic(TablesC *t, uint8_t family, const uint8_t *magic,
                       const uint8_t *transit) noexcept nogil

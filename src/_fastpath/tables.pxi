@@ -1,7 +1,7 @@
 # The mapping tables; what they hold and their types are in tables.pxd.
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
-from libc.stdlib cimport free, malloc
+from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcmp, memcpy, memset
 
 from includes.pthread cimport (
@@ -181,7 +181,7 @@ cdef void _tb_free_maps(TablesC *t) noexcept nogil:
     _tb_map_free(&t.magic_rev)
     _tb_map_free(&t.real_rev)
     _tb_map_free(&t.peers)
-    _tb_map_free(&t.endpoints)
+    _tb_map_free(&t.indices)
 
 
 cdef bint _tb_local_locked(TablesC *t, uint8_t family, const uint8_t *addr) noexcept nogil:
@@ -251,7 +251,7 @@ cdef TablesC *tb_new(uint64_t seed) noexcept nogil:
     if (_tb_map_init(&t.routes, 64) < 0 or _tb_map_init(&t.magic, 64) < 0
             or _tb_map_init(&t.transit, 64) < 0 or _tb_map_init(&t.magic_rev, 64) < 0
             or _tb_map_init(&t.real_rev, 64) < 0 or _tb_map_init(&t.peers, 16) < 0
-            or _tb_map_init(&t.endpoints, 16) < 0):
+            or _tb_map_init(&t.indices, 16) < 0):
         _tb_free_maps(t)
         free(t)
         return NULL
@@ -266,6 +266,7 @@ cdef void tb_free(TablesC *t) noexcept nogil:
     cdef uint32_t i
     for i in range(t.peers.mask + 1):
         if t.peers.slots[i].hash:
+            ss_free_staged(&(<TbPeer *>_tb_val_ptr(&t.peers.slots[i].val)).wg.staged)
             free(_tb_val_ptr(&t.peers.slots[i].val))
     pthread_mutex_destroy(&t.lock)
     _tb_free_maps(t)
@@ -331,6 +332,20 @@ cdef bint tb_is_local(TablesC *t, uint8_t family, const uint8_t *addr) noexcept 
     return r
 
 
+cdef bint tb_local_of(TablesC *t, uint8_t family, uint8_t *out) noexcept nogil:
+    """This node's first overlay address of `family` (16-byte form), if any."""
+    cdef uint32_t i
+    cdef bint found = False
+    pthread_mutex_lock(&t.lock)
+    for i in range(t.n_local):
+        if t.local_family[i] == family:
+            c25_addr16(out, t.local_addr[i], family)
+            found = True
+            break
+    pthread_mutex_unlock(&t.lock)
+    return found
+
+
 cdef bint tb_magic_for_transit(TablesC *t, uint8_t family, const uint8_t *transit,
                                uint8_t *magic_out) noexcept nogil:
     """Client: the magic IP whose transit IP is `transit` (16 bytes out)."""
@@ -382,29 +397,12 @@ cdef int tb_return_transit(TablesC *t, uint8_t family, const uint8_t *peer_addr,
     return r
 
 
-cdef bint tb_peer_by_endpoint(TablesC *t, uint8_t family, const uint8_t *addr,
-                              uint16_t port, uint32_t *peer) noexcept nogil:
-    """Peer id whose underlay endpoint is addr:port."""
-    cdef TbKey k
-    _tb_key(&k, family, addr, NULL, port)
-    pthread_mutex_lock(&t.lock)
-    cdef TbSlot *s = _tb_find(&t.endpoints, &k, t.seed)
-    if s != NULL:
-        peer[0] = s.val.u32
-    pthread_mutex_unlock(&t.lock)
-    return s != NULL
-
-
-cdef bint tb_peer_endpoint(TablesC *t, uint32_t peer, TbEndpoint *out) noexcept nogil:
-    """The underlay endpoint to send `peer`'s datagrams to."""
+cdef TbPeer *tb_peer_locked(TablesC *t, uint32_t peer) noexcept nogil:
+    """The record of `peer` (NULL if none); the caller holds t.lock."""
     cdef TbKey k
     _tb_key(&k, 0, NULL, NULL, peer)
-    pthread_mutex_lock(&t.lock)
     cdef TbSlot *s = _tb_find(&t.peers, &k, t.seed)
-    if s != NULL:
-        memcpy(out, &(<TbPeer *>_tb_val_ptr(&s.val)).ep, sizeof(TbEndpoint))
-    pthread_mutex_unlock(&t.lock)
-    return s != NULL
+    return NULL if s == NULL else <TbPeer *>_tb_val_ptr(&s.val)
 
 
 cdef bint tb_source_ok(TablesC *t, uint32_t peer, uint8_t family,
@@ -417,30 +415,6 @@ cdef bint tb_source_ok(TablesC *t, uint32_t peer, uint8_t family,
     cdef bint ok = _tb_route_locked(t, family, src, &owner) and owner == peer
     pthread_mutex_unlock(&t.lock)
     return ok
-
-
-cdef int tb_check_inbound(TablesC *t, uint8_t family, const uint8_t *addr, uint16_t port,
-                          uint8_t inner_family, const uint8_t *inner_src,
-                          uint32_t *peer) noexcept nogil:
-    """The anti-spoofing checks for one datagram (a known sender; an inner
-    source that routes to that sender), under one lock: TB_IN_OK (sending
-    peer in *peer), TB_IN_UNKNOWN_PEER, or TB_IN_SPOOFED (*peer is still set)."""
-    cdef TbKey k
-    cdef uint32_t owner
-    cdef int r
-    _tb_key(&k, family, addr, NULL, port)
-    pthread_mutex_lock(&t.lock)
-    cdef TbSlot *s = _tb_find(&t.endpoints, &k, t.seed)
-    if s == NULL:
-        r = TB_IN_UNKNOWN_PEER
-    else:
-        peer[0] = s.val.u32
-        if _tb_route_locked(t, inner_family, inner_src, &owner) and owner == s.val.u32:
-            r = TB_IN_OK
-        else:
-            r = TB_IN_SPOOFED
-    pthread_mutex_unlock(&t.lock)
-    return r
 
 
 # Updates (the control plane's side). Each is atomic under the lock; those
@@ -567,46 +541,42 @@ cdef TbRange *tb_swap_ranges(TablesC *t, bint transit, TbRange *ranges, uint32_t
 
 
 cdef int tb_set_peer(TablesC *t, uint32_t peer, TbPeer *rec, TbPeer **old) noexcept nogil:
-    """Install or replace a peer: its endpoint and a route to `peer` for each of
-    its overlay addresses (routes of a replaced record's overlay addresses that
-    still point to this peer are removed). `rec` is malloc'd; on success the
-    tables own it and *old is the replaced record (or NULL) for the caller to
-    free after the lock is released. Returns 0, -1 if out of memory, or -2 if
-    another peer already has this endpoint; on failure nothing changed."""
-    cdef TbKey kp, ke, kr
+    """Install or replace a peer: its configured endpoint (rec.wg.configured)
+    and a route to `peer` for each of its overlay addresses (routes of a
+    replaced record's overlay addresses that still point to this peer are
+    removed). A replaced record's sessions, learned endpoint, counts and
+    staged packets move to the new one: a reload keeps the peer's traffic.
+    `rec` is malloc'd; on success the tables own it and *old is the replaced
+    record (or NULL) for the caller to free after the lock is released.
+    Returns 0, or -1 if out of memory; on failure nothing changed."""
+    cdef TbKey kp, kr
     cdef TbVal v
     cdef TbSlot *s
     cdef TbPeer *prev = NULL
     cdef uint32_t i
     old[0] = NULL
     _tb_key(&kp, 0, NULL, NULL, peer)
-    _tb_key(&ke, rec.ep.family, rec.ep.addr, NULL, rec.ep.port)
     pthread_mutex_lock(&t.lock)
-    s = _tb_find(&t.endpoints, &ke, t.seed)
-    if s != NULL and s.val.u32 != peer:
-        pthread_mutex_unlock(&t.lock)
-        return -2
-    if (_tb_reserve(&t.peers, 1) < 0 or _tb_reserve(&t.endpoints, 1) < 0
-            or _tb_reserve(&t.routes, rec.n_overlay) < 0):
+    if _tb_reserve(&t.peers, 1) < 0 or _tb_reserve(&t.routes, rec.n_overlay) < 0:
         pthread_mutex_unlock(&t.lock)
         return -1
     # From here on nothing allocates, so the update cannot fail half-way.
     s = _tb_find(&t.peers, &kp, t.seed)
     if s != NULL:
         prev = <TbPeer *>_tb_val_ptr(&s.val)
-        _tb_key(&kr, prev.ep.family, prev.ep.addr, NULL, prev.ep.port)
-        _tb_del(&t.endpoints, &kr, t.seed, NULL)
+        ss_carry(&rec.wg, &prev.wg)
         for i in range(prev.n_overlay):
             _tb_key(&kr, prev.ov_family[i], prev.ov_addr[i], NULL, 0)
             s = _tb_find(&t.routes, &kr, t.seed)
             if s != NULL and s.val.u32 == peer:
                 _tb_erase_at(&t.routes, <uint32_t>(s - t.routes.slots))
+    else:
+        memcpy(&rec.wg.ep, &rec.wg.configured, sizeof(TbEndpoint))
     memset(&v, 0, sizeof(TbVal))
     _tb_val_set_ptr(&v, rec)
     _tb_put(&t.peers, &kp, &v, t.seed, NULL)
     memset(&v, 0, sizeof(TbVal))
     v.u32 = peer
-    _tb_put(&t.endpoints, &ke, &v, t.seed, NULL)
     for i in range(rec.n_overlay):
         _tb_key(&kr, rec.ov_family[i], rec.ov_addr[i], NULL, 0)
         _tb_put(&t.routes, &kr, &v, t.seed, NULL)
@@ -616,9 +586,9 @@ cdef int tb_set_peer(TablesC *t, uint32_t peer, TbPeer *rec, TbPeer **old) noexc
 
 
 cdef TbPeer *tb_del_peer(TablesC *t, uint32_t peer) noexcept nogil:
-    """Remove a peer, its endpoint and every route to it (overlay addresses and
-    transit IPs alike). Returns its record for the caller to free, or NULL if
-    there was no such peer."""
+    """Remove a peer, its session indices and every route to it (overlay
+    addresses and transit IPs alike). Returns its record for the caller to
+    free (staged packets included), or NULL if there was no such peer."""
     cdef TbKey k
     cdef TbVal old
     cdef TbPeer *rec = NULL
@@ -626,8 +596,7 @@ cdef TbPeer *tb_del_peer(TablesC *t, uint32_t peer) noexcept nogil:
     pthread_mutex_lock(&t.lock)
     if _tb_del(&t.peers, &k, t.seed, &old):
         rec = <TbPeer *>_tb_val_ptr(&old)
-        _tb_key(&k, rec.ep.family, rec.ep.addr, NULL, rec.ep.port)
-        _tb_del(&t.endpoints, &k, t.seed, NULL)
+        ss_unindex(t, &rec.wg)
         _tb_del_routes_to(t, peer)
     pthread_mutex_unlock(&t.lock)
     return rec
@@ -886,9 +855,11 @@ cdef class Tables:
     # peers and anti-spoofing
 
     def set_peer(self, peer: int, endpoint: object, port: int, overlay: object) -> None:
-        """Install or replace peer `peer`: underlay endpoint:port, and its overlay
-        addresses (each gets a route to the peer). ValueError if another peer
-        already has this endpoint."""
+        """Install or replace peer `peer`: its configured underlay endpoint:port
+        (None: it has none; it is reachable once it made contact) and its
+        overlay addresses (each gets a route to the peer). A replaced peer
+        keeps its sessions and learned endpoint, unless the configured
+        endpoint changed: then that is where its datagrams go."""
         cdef uint32_t p = cv_u32_in(peer, "peer")
         if not 0 <= port <= 65535:
             raise ValueError(f"set_peer: port {port!r} not in 0..65535")
@@ -896,16 +867,17 @@ cdef class Tables:
         if len(ovs) > TB_MAX_OVERLAY:
             raise ValueError(f"set_peer: at most {TB_MAX_OVERLAY} overlay addresses, "
                              f"got {len(ovs)}")
-        cdef TbPeer *rec = <TbPeer *>malloc(sizeof(TbPeer))
+        cdef TbPeer *rec = <TbPeer *>calloc(1, sizeof(TbPeer))
         if rec == NULL:
             raise MemoryError("Tables.set_peer")
         cdef TbPeer *old
         cdef int r
         cdef uint32_t i
         try:
-            memset(rec, 0, sizeof(TbPeer))
-            rec.ep.family = cv_addr_in(endpoint, rec.ep.addr, "peer endpoint")
-            rec.ep.port = port
+            if endpoint is not None:
+                rec.wg.configured.family = cv_addr_in(endpoint, rec.wg.configured.addr,
+                                                      "peer endpoint")
+                rec.wg.configured.port = port
             for i in range(len(ovs)):
                 rec.ov_family[i] = cv_addr_in(ovs[i], rec.ov_addr[i], "peer overlay address")
             rec.n_overlay = len(ovs)
@@ -916,53 +888,44 @@ cdef class Tables:
             r = tb_set_peer(self.tables, p, rec, &old)
         if r < 0:
             free(rec)
-            if r == -2:
-                raise ValueError(f"set_peer: endpoint already belongs to another peer "
-                                 f"(peer {peer})")
             raise MemoryError("Tables.set_peer")
         free(old)
 
     def del_peer(self, peer: int) -> bool:
-        """Remove a peer, its endpoint and every route to it."""
+        """Remove a peer, its sessions and every route to it."""
         cdef uint32_t p = cv_u32_in(peer, "peer")
         cdef TbPeer *rec
         with nogil:
             rec = tb_del_peer(self.tables, p)
+            if rec != NULL:
+                ss_free_staged(&rec.wg.staged)
         free(rec)
         return rec != NULL
 
     def lookup_peer(self, peer: int) -> tuple | None:
-        """(endpoint, port, [overlay addresses]) of `peer`, or None."""
+        """(endpoint, port, [overlay addresses]) of `peer`, or None; endpoint
+        is where its datagrams go now (None while unknown)."""
         cdef uint32_t p = cv_u32_in(peer, "peer")
-        cdef TbKey k
-        cdef TbPeer rec
-        cdef TbSlot *s
+        cdef TbPeer *rec
+        cdef TbEndpoint ep
+        cdef uint8_t fams[8]
+        cdef uint8_t addrs[8][16]
+        cdef uint32_t n = 0
         cdef bint found = False
-        _tb_key(&k, 0, NULL, NULL, p)
         with nogil:
             pthread_mutex_lock(&self.tables.lock)
-            s = _tb_find(&self.tables.peers, &k, self.tables.seed)
-            if s != NULL:
-                memcpy(&rec, _tb_val_ptr(&s.val), sizeof(TbPeer))
+            rec = tb_peer_locked(self.tables, p)
+            if rec != NULL:
                 found = True
+                ep = rec.wg.ep
+                n = rec.n_overlay
+                memcpy(fams, rec.ov_family, sizeof(fams))
+                memcpy(addrs, rec.ov_addr, sizeof(addrs))
             pthread_mutex_unlock(&self.tables.lock)
         if not found:
             return None
-        return (cv_addr_out(rec.ep.addr, rec.ep.family), rec.ep.port,
-                [cv_addr_out(rec.ov_addr[i], rec.ov_family[i]) for i in range(rec.n_overlay)])
-
-    def peer_by_endpoint(self, endpoint: object, port: int) -> int | None:
-        """Peer id whose underlay endpoint is endpoint:port, or None."""
-        cdef uint8_t a[16]
-        cdef uint8_t fam = cv_addr_in(endpoint, a, "endpoint")
-        if not 0 <= port <= 65535:
-            raise ValueError(f"peer_by_endpoint: port {port!r} not in 0..65535")
-        cdef uint16_t pt = port
-        cdef uint32_t p
-        cdef bint found
-        with nogil:
-            found = tb_peer_by_endpoint(self.tables, fam, a, pt, &p)
-        return p if found else None
+        return (cv_addr_out(ep.addr, ep.family) if ep.family else None, ep.port,
+                [cv_addr_out(addrs[i], fams[i]) for i in range(n)])
 
     def source_ok(self, peer: int, src: object) -> bool:
         """Whether inner source `src` may arrive from `peer` (routes to it)."""
@@ -974,22 +937,6 @@ cdef class Tables:
             ok = tb_source_ok(self.tables, p, fam, a)
         return ok
 
-    def check_inbound(self, endpoint: object, port: int, inner_src: object) -> tuple:
-        """Anti-spoofing for one datagram: ('ok', peer) |
-        ('unknown_peer', None) | ('spoofed', peer)."""
-        cdef uint8_t a[16]
-        cdef uint8_t s[16]
-        cdef uint8_t fam = cv_addr_in(endpoint, a, "endpoint")
-        cdef uint8_t ifam = cv_addr_in(inner_src, s, "inner source")
-        if not 0 <= port <= 65535:
-            raise ValueError(f"check_inbound: port {port!r} not in 0..65535")
-        cdef uint16_t pt = port
-        cdef uint32_t p
-        cdef int r
-        with nogil:
-            r = tb_check_inbound(self.tables, fam, a, pt, ifam, s, &p)
-        return (_TB_INBOUND_STATUS[r], None if r == TB_IN_UNKNOWN_PEER else p)
-
     def stats(self) -> dict:
         """Entry counts per table."""
         cdef TablesC *t = self.tables
@@ -1000,7 +947,7 @@ cdef class Tables:
             c[1] = t.magic.count
             c[2] = t.transit.count
             c[3] = t.peers.count
-            c[4] = t.endpoints.count
+            c[4] = t.indices.count
             c[5] = t.n_magic_ranges
             c[6] = t.n_transit_ranges
             c[7] = t.magic_rev.count
@@ -1008,7 +955,7 @@ cdef class Tables:
             c[9] = t.n_local
             pthread_mutex_unlock(&t.lock)
         return {"routes": c[0], "magic": c[1], "transit": c[2], "peers": c[3],
-                "endpoints": c[4], "magic_ranges": c[5], "transit_ranges": c[6],
+                "indices": c[4], "magic_ranges": c[5], "transit_ranges": c[6],
                 "magic_rev": c[7], "real_rev": c[8], "local": c[9]}
 
     def memory(self) -> dict:
@@ -1022,10 +969,10 @@ cdef class Tables:
             c[1] = t.magic.mask + 1
             c[2] = t.transit.mask + 1
             c[3] = t.peers.mask + 1
-            c[4] = t.endpoints.mask + 1
+            c[4] = t.indices.mask + 1
             c[5] = t.magic_rev.mask + 1
             c[6] = t.real_rev.mask + 1
             pthread_mutex_unlock(&t.lock)
         return {"slot_bytes": sizeof(TbSlot), "routes_slots": c[0], "magic_slots": c[1],
-                "transit_slots": c[2], "peers_slots": c[3], "endpoints_slots": c[4],
+                "transit_slots": c[2], "peers_slots": c[3], "indices_slots": c[4],
                 "magic_rev_slots": c[5], "real_rev_slots": c[6]}

@@ -19,6 +19,12 @@ cdef struct FlowKey:
     uint8_t _pad[2]     # zeroed, so memcmp/hash over the struct is stable
 
 
+cdef struct TbEndpoint:         # an underlay address (16-byte form) and UDP port
+    uint8_t addr[16]
+    uint16_t port
+    uint8_t family              # 4 or 6; 0: none
+
+
 cdef inline void c25_addr16(uint8_t *out, const uint8_t *a, uint8_t family) noexcept nogil:
     """An address of `family` as the 16-byte form above."""
     memset(out, 0, 16)

@@ -5,18 +5,22 @@
 #
 # Prefixes: c25_ shared types (types.pxd), cs_ checksums, pk_ parsing, nat_
 # NAT and fragment tracking, icmp_ ICMP replies, ft_ the flow table, tb_ the
-# mapping tables, wire_ the overlay's datagram format, dp_ the per-packet
+# mapping tables, ss_ WireGuard sessions, aead_/rw_ transport crypto and
+# replay windows, wire_ the overlay's WireGuard messages, dp_ the per-packet
 # decisions, fs_ saved flows, pump_ the pump threads, cv_ Python-argument
 # converters. A name with a leading underscore is private to its file.
 #
 # Order: a file's types come after those it uses.
 
 include "types.pxd"
+include "aead.pxd"
 include "checksum.pxd"
 include "packet.pxd"
 include "nat.pxd"
 include "icmp.pxd"
 include "flowtable.pxd"
+cdef struct TablesC         # forward: session.pxd names it, tables.pxd defines it
+include "session.pxd"
 include "tables.pxd"
 include "wire.pxd"
 include "datapath.pxd"
