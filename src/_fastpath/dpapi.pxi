@@ -5,7 +5,7 @@
 from libc.errno cimport errno
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free
-from libc.string cimport memcpy, memset
+from libc.string cimport memcmp, memcpy, memset
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from posix.unistd cimport close, read
 
@@ -289,6 +289,25 @@ cdef class Datapath:
         if out == 0:
             return None
         return (bytes(buf[:out]), _endpoint_out(&ep))
+
+    def set_endpoint(self, peer: int, endpoint: tuple, now_ms: int) -> bool:
+        """`peer` was heard from `endpoint` (ip, port) in an authenticated
+        handshake message: its datagrams go there from now on. False if
+        there is no such peer."""
+        cdef uint32_t p = cv_u32_in(peer, "peer")
+        cdef TbEndpoint ep
+        cdef uint64_t now = cv_ms_in(now_ms, "now_ms")
+        cdef TbPeer *rec
+        _endpoint_in(endpoint, &ep)
+        with nogil:
+            pthread_mutex_lock(&self.core.tables.lock)
+            rec = tb_peer_locked(self.core.tables, p)
+            if rec != NULL and (rec.wg.ep.family != ep.family or rec.wg.ep.port != ep.port
+                                or memcmp(rec.wg.ep.addr, ep.addr, 16) != 0):
+                rec.wg.ep = ep
+                rec.wg.ep_learned_ms = now
+            pthread_mutex_unlock(&self.core.tables.lock)
+        return rec != NULL
 
     def take_staged(self, peer: int) -> list:
         """The packets staged for `peer`, oldest first (they leave the stage)."""

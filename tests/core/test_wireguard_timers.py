@@ -15,12 +15,13 @@ from conn25.core.wireguard.peer import (
     REKEY_ATTEMPT_TIME,
     REKEY_TIMEOUT,
     GaveUp,
+    Keepalive,
     Send,
 )
 
 
-def sends(actions: list, what: str) -> list[Send]:
-    return [a for a in actions if isinstance(a, Send) and a.what == what]
+def sends(actions: list, what: str) -> list[Send | Keepalive]:
+    return [a for a in actions if isinstance(a, Send | Keepalive) and a.what == what]
 
 
 def test_an_unanswered_initiation_is_retransmitted_then_given_up():
@@ -53,8 +54,8 @@ def test_an_answered_handshake_stops_retransmitting_and_confirms_with_a_keepaliv
     init = p.pa.begin_handshake(0, WALL0)
     p.a.receive(p.b.receive(init, SRC_A, 0).reply, SRC_B, 1)
     [keepalive] = p.pa.tick(1, WALL0 + 1)
-    assert keepalive.what == "keepalive"
-    assert p.b.receive(keepalive.data, SRC_A, 1).payload == b""
+    assert isinstance(keepalive, Keepalive)
+    assert p.b.receive(p.pa.keepalive(1), SRC_A, 1).payload == b""
     assert p.pb.current is not None and p.pb.next is None
     assert p.pa.tick(REKEY_TIMEOUT + 1, WALL0 + 6) == []
 
@@ -72,8 +73,8 @@ def test_a_keepalive_follows_received_data_when_nothing_is_sent():
     p.b.receive(p.pa.encrypt(b"ping", 1), SRC_A, 1)
     assert p.pb.tick(1 + KEEPALIVE_TIMEOUT - 0.1, WALL0) == []
     [keepalive] = p.pb.tick(1 + KEEPALIVE_TIMEOUT, WALL0)
-    assert keepalive.what == "keepalive"
-    assert p.a.receive(keepalive.data, SRC_B, 11).payload == b""
+    assert isinstance(keepalive, Keepalive)
+    assert p.a.receive(p.pb.keepalive(1 + KEEPALIVE_TIMEOUT), SRC_B, 11).payload == b""
     # A keepalive received does not call for one back.
     assert sends(p.pa.tick(30, WALL0 + 30), "keepalive") == []
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from conn25.core.wireguard import keys
 from conn25.core.wireguard.device import Device
-from conn25.core.wireguard.peer import Peer, Randomness
+from conn25.core.wireguard.peer import Keepalive, Peer, Randomness
 
 JITTER = 0.2
 WALL0 = 1_800_000_000.0  # wall clock at now == 0
@@ -34,7 +34,9 @@ class Pair:
         assert r.reply is not None
         assert self.a.receive(r.reply, SRC_B, now).keypair is not None
         [keepalive] = self.pa.tick(now, WALL0 + now)
-        assert self.b.receive(keepalive.data, SRC_A, now).payload == b""
+        assert isinstance(keepalive, Keepalive)
+        data = self.pa.keepalive(now)
+        assert data is not None and self.b.receive(data, SRC_A, now).payload == b""
 
 
 def pair() -> Pair:

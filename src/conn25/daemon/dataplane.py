@@ -66,8 +66,10 @@ class Dataplane:
         self._peers = {n.name for n in peers}
         tables.set_local(list(cfg.node.addresses))
         for peer in peers:
-            host, port = peer.endpoint
-            tables.set_peer(self.ids.peer(peer.name), ipaddress.ip_address(host), port,
+            # Without an endpoint, the peer is reachable once it made contact.
+            host, port = peer.endpoint or (None, 0)
+            tables.set_peer(self.ids.peer(peer.name),
+                            None if host is None else ipaddress.ip_address(host), port,
                             list(peer.addresses))
         tables.set_magic_ranges(list(cfg.pools.v4_magic) + list(cfg.pools.v6_magic))
         if cfg.advertise_connector:

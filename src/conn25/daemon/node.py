@@ -29,7 +29,7 @@ import trio
 from ..core import policy
 from ..core import tailnet as tailnet_mod
 from ..core.assignments import Assignment, Assignments
-from ..core.config import NodeConfig, Tailnet
+from ..core.config import DEFAULT_PORT, NodeConfig, Tailnet
 from ..core.connector import ConnectorTable, Mapping
 from ..core.dnsmap import DNSMapper
 from ..core.iprange import IPAddress, IPNetwork
@@ -38,7 +38,9 @@ from .dataplane import Dataplane, Ids
 from .dns_forwarder import Forwarder, upstreams_from_resolv_conf
 from .dns_resolver import ClientResolver
 from .dns_server import DNSServer, SourcePolicy, parse_dns_allow
+from . import keyfile
 from .localapi import LocalAPI
+from .overlay import Overlay
 from .peerapi_server import PEERAPI_LIMITS, PeerAPI
 from .peerapi_server import REFUSAL_REASONS as PEERAPI_REFUSAL_REASONS
 from .refusals import RefusalLog
@@ -61,6 +63,7 @@ REFUSAL_FLUSH_INTERVAL = 5.0
 # (``refusals_<reason>`` in metrics, present from the start) and logged as summaries.
 REFUSAL_REASONS = (
     "reject_received", "unmapped_transit", "dns_source", "dns_tcp_per_source",
+    "handshake_rejected",
     *PEERAPI_REFUSAL_REASONS,
     *(f"peerapi_{r}" for r in ("not_peer", "connections_per_source", "rate_limited", "busy",
                                 "bad_requests")),
@@ -113,6 +116,7 @@ class Node:
         self.connector: ConnectorTable | None = None
         self.datapath: Datapath
         self.dataplane: Dataplane  # every write to the datapath's tables goes through it
+        self.overlay: Overlay  # the WireGuard handshakes and timers
         self.forwarder: Forwarder
         self.registrar: Registrar
         self.resolver: ClientResolver | None = None
@@ -147,6 +151,7 @@ class Node:
         if self.dns_server is not None:
             out.update({f"dns_server_{k}": v for k, v in self.dns_server.counters().items()})
         out.update({f"registration_{k}": v for k, v in self.registrar.counters().items()})
+        out.update({f"wireguard_{k}": v for k, v in self.overlay.counters.items()})
         refusals = dict.fromkeys(REFUSAL_REASONS, 0) | dict(self.refusals.counters)
         out.update({f"refusals_{k}": v for k, v in refusals.items()})
         return out
@@ -196,6 +201,8 @@ class Node:
                     log.warning("forwarded traffic may be dropped by %s: allow traffic from %s",
                                 blocker, opts.tun_name)
             sock = self._bind_underlay()
+            self.overlay = Overlay(self.datapath, sock, self._private_key(), self.ids.peer,
+                                   self.refusals)
             self._install_tables()
             self._restore_connector()
             flows_restored = True
@@ -203,6 +210,7 @@ class Node:
             async with trio.open_nursery() as nursery:
                 for addr in node.addresses:
                     await nursery.start(self._serve_peerapi, str(addr))
+                await nursery.start(self.overlay.run)
                 await nursery.start(self.registrar.run)
                 if self.config.apps:
                     self.resolver = ClientResolver(
@@ -288,10 +296,14 @@ class Node:
         return [ipaddress.ip_address(self.options.dns_listen[0])] if self.config.apps else []
 
     def _bind_underlay(self) -> socket.socket:
-        host, port = self.config.node.endpoint
+        # Without an endpoint of its own (behind a NAT) the node listens on every address,
+        # both families, and reaches its peers from there.
+        host, port = self.config.node.endpoint or ("::", DEFAULT_PORT)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
+            if self.config.node.endpoint is None:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             sock.bind((host, port))
         except OSError as e:
             sock.close()
@@ -300,9 +312,23 @@ class Node:
                             f"{e.strerror}{hint}") from None
         return sock
 
+    def _private_key(self) -> bytes:
+        """This node's WireGuard private key (created when missing); NodeError when the
+        tailnet file does not hold its public key."""
+        path = self.options.private_key_path
+        try:
+            private, _ = keyfile.load_or_create(path)
+        except keyfile.KeyFileError as e:
+            raise NodeError(str(e)) from None
+        if (msg := keyfile.mismatch(self.config.node, private, self.options.tailnet,
+                                    path)) is not None:
+            raise NodeError(msg)
+        return private
+
     def _install_tables(self) -> None:
         """Peers, ranges and restored assignments into the datapath's tables."""
         self.dataplane.install_config(self.config)
+        self.overlay.configure(self.config)
         # A set: Tailnet.node scans every node, once per assignment it would be.
         names = {n.name for n in self.config.tailnet.nodes}
         for a in self.assignments:
@@ -326,7 +352,14 @@ class Node:
         while True:
             await trio.lowlevel.wait_readable(dp.event_fd)
             now = self.now()
+            self.overlay.handle_handshakes()
             for ev in dp.read_events():
+                if ev.kind is EventKind.HANDSHAKE_WANTED:
+                    self.overlay.handshake_wanted(ev.peer)
+                    continue
+                if ev.kind is EventKind.SESSION_CONFIRMED:
+                    self.overlay.confirmed(ev.peer)
+                    continue
                 transit = ipaddress.ip_address(ev.transit)
                 if ev.kind is EventKind.FLOW_CREATED and ev.role is Role.CLIENT:
                     self.assignments.flow_started(transit, now)

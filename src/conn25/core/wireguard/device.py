@@ -48,11 +48,22 @@ class Device:
     def __repr__(self) -> str:
         return f"Device({keys.encode(self.identity.public)}, {len(self.peers)} peers)"
 
-    def add_peer(self, public: bytes, psk: bytes = ZERO_PSK) -> Peer:
+    def add_peer(self, public: bytes, psk: bytes = ZERO_PSK,
+                 persistent_keepalive: float = 0.0) -> Peer:
         peer = Peer(self.identity, public, psk=psk, rand=self._rand,
-                    new_index=lambda: self._allocate(peer))
+                    new_index=lambda: self._allocate(peer),
+                    persistent_keepalive=persistent_keepalive)
         self.peers[public] = peer
         return peer
+
+    def remove_peer(self, public: bytes) -> None:
+        """Forget a peer (no longer in the configuration) and the indices it was given."""
+        peer = self.peers.pop(public, None)
+        if peer is None:
+            return
+        for index in self._given.pop(peer, set()):
+            if self._by_index.get(index) is peer:
+                del self._by_index[index]
 
     def _allocate(self, peer: Peer) -> int:
         # Indices are random (they say nothing about the node) and unique among live ones.

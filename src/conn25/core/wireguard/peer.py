@@ -2,6 +2,10 @@
 sessions, and the timers. Every call takes `now` (monotonic seconds; `wall`, Unix seconds,
 where a TAI64N timestamp is made) and returns bytes to send; `tick` returns what the timers
 want done, `deadline` when to call it next.
+
+Transport data runs here (`encrypt`/`decrypt`: the reference, and what the tests drive) or in
+a datapath that holds the sessions' counters itself; such a driver tells the peer what the
+datapath saw (`observe`, `confirmed`, `want_handshake`) and the timers run on that.
 """
 
 from __future__ import annotations
@@ -62,17 +66,34 @@ class Send:
 
 
 @dataclass(frozen=True)
+class Keepalive:
+    """Send a keepalive (an empty transport message) under the current session: `encrypt(b"")`
+    here, or the datapath's own sealing where it holds the sessions."""
+    what: str = "keepalive"
+
+
+@dataclass(frozen=True)
 class GaveUp:
     """No handshake completed within REKEY_ATTEMPT_TIME: drop what waits for this peer."""
 
 
-Action = Send | GaveUp
+Action = Send | Keepalive | GaveUp
+
+
+@dataclass(frozen=True)
+class Activity:
+    """What a datapath that holds the sessions saw of the peer (monotonic seconds; None:
+    never, or not since): the timers' inputs when `encrypt`/`decrypt` do not run here."""
+    sent: float | None = None              # the last transport message sent
+    data_unanswered: float | None = None   # first data sent since the last one received
+    received_unanswered: float | None = None  # first data received since the last one sent
 
 
 class Peer:
     def __init__(self, local: Identity, remote_static: bytes, *, psk: bytes = ZERO_PSK,
                  rand: Randomness | None = None,
-                 new_index: Callable[[], int] | None = None) -> None:
+                 new_index: Callable[[], int] | None = None,
+                 persistent_keepalive: float = 0.0) -> None:
         self.local = local
         self.remote_static = remote_static
         self._psk = psk
@@ -91,6 +112,11 @@ class Peer:
         self._new_handshake_at: float | None = None
         self._last_timestamp = b""
         self._last_initiation_consumed: float | None = None
+        # A keepalive whenever nothing was sent for this long (0: off), so that the NATs on
+        # the way keep their mapping; the first one goes out at once.
+        self.persistent_keepalive = persistent_keepalive
+        self._last_sent: float | None = None
+        self._unanswered: tuple[float, float] | None = None  # (observed stamp, its deadline)
 
     def __repr__(self) -> str:
         return f"Peer({keys.encode(self.remote_static)})"
@@ -166,6 +192,7 @@ class Peer:
             return None
         data = session.encrypt(payload)
         self._keepalive_at = None
+        self._last_sent = now
         if payload and self._new_handshake_at is None:
             # If nothing authenticated comes back, the peer may have lost our session.
             self._new_handshake_at = now + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + self._rand.jitter()
@@ -186,8 +213,7 @@ class Peer:
             raise Rejected("session expired")
         payload = session.decrypt(msg)
         if session is self.next:
-            # The initiator used the new session: it is confirmed.
-            self.previous, self.current, self.next = self.current, session, None
+            self.confirmed(session.keypair.local_index)
         self._authenticated_received()
         if payload and self._keepalive_at is None:
             self._keepalive_at = now + KEEPALIVE_TIMEOUT
@@ -201,6 +227,30 @@ class Peer:
 
     def _authenticated_received(self) -> None:
         self._new_handshake_at = None
+
+    # -- a datapath that holds the sessions ------------------------------------------------
+
+    def confirmed(self, local_index: int) -> None:
+        """The initiator used our `next` session (its first message authenticated under it):
+        it becomes current."""
+        if self.next is not None and self.next.keypair.local_index == local_index:
+            self.previous, self.current, self.next = self.current, self.next, None
+
+    def want_handshake(self) -> None:
+        """A packet found no usable session, or the current one is due for a rekey."""
+        self._handshake_wanted = True
+
+    def observe(self, act: Activity) -> None:
+        """The timers' inputs as the datapath saw them (instead of encrypt/decrypt)."""
+        self._last_sent = act.sent
+        self._keepalive_at = (None if act.received_unanswered is None
+                              else act.received_unanswered + KEEPALIVE_TIMEOUT)
+        if act.data_unanswered is None:
+            self._unanswered = self._new_handshake_at = None
+        elif self._unanswered is None or self._unanswered[0] != act.data_unanswered:
+            self._unanswered = (act.data_unanswered, act.data_unanswered + KEEPALIVE_TIMEOUT
+                                + REKEY_TIMEOUT + self._rand.jitter())
+            self._new_handshake_at = self._unanswered[1]
 
     # -- timers -------------------------------------------------------------------------
 
@@ -222,17 +272,26 @@ class Peer:
             self._handshake_wanted = True
         if self._handshake_wanted and self._pending is None:
             actions.append(Send(self.begin_handshake(now, wall), "initiation"))
-        if self._keepalive_at is not None and now >= self._keepalive_at:
+        persistent_due = self.persistent_keepalive > 0 and (
+            self._last_sent is None or now >= self._last_sent + self.persistent_keepalive)
+        if persistent_due or (self._keepalive_at is not None and now >= self._keepalive_at):
             self._keepalive_at = None
-            data = self.encrypt(b"", now)
-            if data is not None:
-                actions.append(Send(data, "keepalive"))
+            self._last_sent = now  # asked for once, whether or not a session can carry it
+            actions.append(Keepalive())
         return actions
+
+    def keepalive(self, now: float) -> bytes | None:
+        """A keepalive sealed here (a Keepalive action, when transport runs in this object);
+        None without a usable session (then a handshake is wanted)."""
+        return self.encrypt(b"", now)
 
     def deadline(self) -> float | None:
         """When `tick` has something to do next (None: nothing until an event)."""
         times = [t for t in (self._retransmit_at, self._keepalive_at, self._new_handshake_at)
                  if t is not None]
+        if self.persistent_keepalive > 0:
+            times.append(-1.0 if self._last_sent is None
+                         else self._last_sent + self.persistent_keepalive)
         times += [s.keypair.created + REJECT_AFTER_TIME
                   for s in (self.current, self.previous, self.next) if s is not None]
         return min(times, default=None)
