@@ -103,6 +103,9 @@ cdef enum:  # datapath events (flow events live in the flow tables' rings)
     DP_EV_UNMAPPED = 2      # we rejected a peer's unmapped transit IP
     DP_EV_HANDSHAKE = 3     # a peer needs a handshake (no session, or one due for rekey)
     DP_EV_CONFIRMED = 4     # a peer's next keypair was confirmed and is current now
+    DP_EV_UNKNOWN_INDEX = 5 # transport data under no session of ours, from an endpoint (at
+                            # most one per UNKNOWN_GAP_MS per thread): a peer that restarted?
+    UNKNOWN_GAP_MS = 100
 
 
 cdef struct RejectMemo:
@@ -125,6 +128,7 @@ cdef struct DpCtx:          # one per side (TUN reader, UDP reader); no locking 
     uint32_t peer           # DP_TO_PEER / DP_REJECT
     Py_ssize_t inner_len    # DP_TO_TUN / DP_REJECT from dp_datagram: the inner packet's length
     AeadCtx *aead           # this side's cipher context
+    uint64_t unknown_at     # when the last DP_EV_UNKNOWN_INDEX was pushed
 
 
 cdef struct DpEvent:

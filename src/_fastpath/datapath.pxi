@@ -326,6 +326,10 @@ cdef int _open(DpCore *d, DpCtx *c, uint8_t *dg, Py_ssize_t n, const TbEndpoint 
     cdef uint64_t counter = wire_le64(dg + 8)
     cdef Py_ssize_t plen
     cdef int r = ss_recv_begin(d.tables, index, counter, now, &rx)
+    if r == SS_RX_UNKNOWN_INDEX and now - c.unknown_at >= UNKNOWN_GAP_MS:
+        # The control plane may start a handshake with the peer at that endpoint.
+        c.unknown_at = now
+        dp_push_event(d, DP_EV_UNKNOWN_INDEX, sender.family, sender.port, sender.addr)
     if r != SS_RX_OK:
         c.counters[C_DROP_UNKNOWN_INDEX if r == SS_RX_UNKNOWN_INDEX else
                    C_DROP_EXPIRED if r == SS_RX_EXPIRED else C_DROP_REPLAY] += 1

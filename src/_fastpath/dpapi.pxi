@@ -34,6 +34,8 @@ class EventKind(enum.Enum):
     UNMAPPED_TRANSIT = "unmapped_transit"   # we rejected a peer's unmapped transit IP
     HANDSHAKE_WANTED = "handshake_wanted"   # a peer needs a handshake (none, or a rekey is due)
     SESSION_CONFIRMED = "session_confirmed" # a peer's next keypair became current
+    UNKNOWN_SESSION = "unknown_session"     # data under no session of ours came from the
+                                            # endpoint (transit: its address, peer: its port)
 
 
 class Role(enum.Enum):
@@ -417,6 +419,10 @@ cdef class Datapath:
                 if evs[i].kind == DP_EV_HANDSHAKE:
                     self._handshake_taken(evs[i].peer)
                     out.append(DatapathEvent(EventKind.HANDSHAKE_WANTED, Role.CLIENT, b"",
+                                             evs[i].peer))
+                elif evs[i].kind == DP_EV_UNKNOWN_INDEX:
+                    out.append(DatapathEvent(EventKind.UNKNOWN_SESSION, Role.CLIENT,
+                                             cv_addr_out(evs[i].transit, evs[i].family),
                                              evs[i].peer))
                 elif evs[i].kind == DP_EV_CONFIRMED:
                     out.append(DatapathEvent(EventKind.SESSION_CONFIRMED, Role.CLIENT, b"",

@@ -14,6 +14,7 @@ from conn25.core.wireguard.peer import (
     REKEY_AFTER_TIME,
     REKEY_ATTEMPT_TIME,
     REKEY_TIMEOUT,
+    Activity,
     GaveUp,
     Keepalive,
     Send,
@@ -168,3 +169,78 @@ def test_the_index_table_holds_only_live_indices():
         p.handshake(i * 200.0)  # each handshake outlives the last session
         p.pa.tick(i * 200.0 + 1, WALL0)
     assert len(p.a.indices) <= 3
+
+
+# -- a datapath that holds the sessions: the timers run on what it observed ---------------
+
+def test_observed_data_received_and_unanswered_calls_for_a_keepalive():
+    p = pair()
+    p.handshake(0)
+    p.pb.observe(Activity(sent=None, data_unanswered=None, received_unanswered=3.0))
+    assert p.pb.deadline() == 3.0 + KEEPALIVE_TIMEOUT
+    assert sends(p.pb.tick(3.0 + KEEPALIVE_TIMEOUT - 0.01, WALL0), "keepalive") == []
+    assert len(sends(p.pb.tick(3.0 + KEEPALIVE_TIMEOUT, WALL0), "keepalive")) == 1
+    # Once something was sent (the stamp is gone), nothing more is due.
+    p.pb.observe(Activity(sent=13.0))
+    assert sends(p.pb.tick(40.0, WALL0), "keepalive") == []
+
+
+def test_observed_data_sent_without_answer_starts_a_handshake_after_15s_plus_jitter():
+    p = pair()
+    p.handshake(0)
+    p.pa.observe(Activity(sent=2.0, data_unanswered=2.0))
+    due = 2.0 + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + JITTER
+    assert p.pa.deadline() == pytest.approx(due)
+    # Observing the same stamp again does not move the deadline (the jitter is drawn once).
+    p.pa.observe(Activity(sent=5.0, data_unanswered=2.0))
+    assert sends(p.pa.tick(due - 0.01, WALL0 + due), "initiation") == []
+    assert len(sends(p.pa.tick(due, WALL0 + due), "initiation")) == 1
+
+
+def test_an_answer_observed_in_time_cancels_the_new_handshake():
+    p = pair()
+    p.handshake(0)
+    p.pa.observe(Activity(sent=2.0, data_unanswered=2.0))
+    p.pa.observe(Activity(sent=2.0, data_unanswered=None))
+    assert sends(p.pa.tick(60.0, WALL0 + 60), "initiation") == []
+
+
+def test_want_handshake_from_the_datapath_starts_one_at_the_next_tick():
+    p = pair()
+    p.pa.want_handshake()
+    assert len(sends(p.pa.tick(0, WALL0), "initiation")) == 1
+    assert p.pa.handshaking
+
+
+def test_confirmed_moves_the_responders_next_session_to_current():
+    p = pair()
+    init = p.pa.begin_handshake(0, WALL0)
+    p.b.receive(init, SRC_A, 0)
+    assert p.pb.current is None and p.pb.next is not None
+    index = p.pb.next.keypair.local_index
+    p.pb.confirmed(index + 1)  # another index: nothing moves
+    assert p.pb.current is None
+    p.pb.confirmed(index)
+    assert p.pb.current is not None and p.pb.current.keypair.local_index == index
+    assert p.pb.next is None
+
+
+def test_a_persistent_keepalive_goes_at_once_then_after_each_quiet_interval():
+    p = pair()
+    p.handshake(0)
+    p.pa.persistent_keepalive = 25.0
+    p.pa.observe(Activity(sent=None))
+    assert p.pa.deadline() is not None and p.pa.deadline() <= 0
+    assert len(sends(p.pa.tick(0.5, WALL0), "keepalive")) == 1
+    p.pa.observe(Activity(sent=10.0))
+    assert sends(p.pa.tick(34.9, WALL0), "keepalive") == []
+    assert len(sends(p.pa.tick(35.0, WALL0), "keepalive")) == 1
+
+
+def test_without_a_session_a_persistent_keepalive_becomes_a_handshake():
+    p = pair()
+    p.pa.persistent_keepalive = 25.0
+    [ka] = p.pa.tick(0, WALL0)
+    assert isinstance(ka, Keepalive)
+    assert p.pa.keepalive(0) is None  # no session to carry it: a handshake is wanted
+    assert len(sends(p.pa.tick(0.01, WALL0), "initiation")) == 1

@@ -360,6 +360,9 @@ class Node:
                 if ev.kind is EventKind.SESSION_CONFIRMED:
                     self.overlay.confirmed(ev.peer)
                     continue
+                if ev.kind is EventKind.UNKNOWN_SESSION:
+                    self.overlay.unknown_session(ev.transit, ev.peer)
+                    continue
                 transit = ipaddress.ip_address(ev.transit)
                 if ev.kind is EventKind.FLOW_CREATED and ev.role is Role.CLIENT:
                     self.assignments.flow_started(transit, now)

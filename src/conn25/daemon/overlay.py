@@ -134,6 +134,20 @@ class Overlay:
             known.peer.want_handshake()
             self._wake.set()
 
+    def unknown_session(self, address: bytes, port: int) -> None:
+        """Data under no session of ours came from address:port. If that is where a peer we
+        have no session with is, it probably restarted (and keeps sending under the session
+        it had): a handshake now, rather than after its own 15 s without an answer. Forgeable,
+        but it costs at most one initiation per peer per REKEY_TIMEOUT."""
+        endpoint = (str(ipaddress.ip_address(address)), port)
+        for pid, known in self._known.items():
+            state = self._dp.peer_state(pid)
+            if (state is not None and state["endpoint"] == endpoint
+                    and "current" not in state["sessions"] and not known.peer.handshaking):
+                self.counters["handshakes_for_unknown_session"] += 1
+                known.peer.want_handshake()
+                self._wake.set()
+
     def confirmed(self, pid: int) -> None:
         known = self._known.get(pid)
         state = self._dp.peer_state(pid)
