@@ -34,11 +34,11 @@ from ..core.connector import ConnectorTable, Mapping
 from ..core.dnsmap import DNSMapper
 from ..core.iprange import IPAddress, IPNetwork
 from ..fastpath import Datapath, EventKind, Role, monotonic_ms
+from . import keyfile
 from .dataplane import Dataplane, Ids
 from .dns_forwarder import Forwarder, upstreams_from_resolv_conf
 from .dns_resolver import ClientResolver
 from .dns_server import DNSServer, SourcePolicy, parse_dns_allow
-from . import keyfile
 from .localapi import LocalAPI
 from .overlay import Overlay
 from .peerapi_server import PEERAPI_LIMITS, PeerAPI
