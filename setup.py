@@ -12,6 +12,8 @@ extensions = [
         "conn25._fastpath",
         sources=["src/_fastpath/_fastpath.pyx"],
         extra_compile_args=["-O3"],
+        # OpenSSL's libcrypto: ChaCha20-Poly1305 for WireGuard's transport messages (aead.pxi).
+        libraries=["crypto"],
     ),
 ]
 

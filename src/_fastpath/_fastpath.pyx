@@ -28,6 +28,7 @@ is documented in ``conn25.fastpath`` and typed in ``conn25/_fastpath.pyi``.
 include "types.pxi"
 include "convert.pxi"
 include "checksum.pxi"
+include "aead.pxi"
 include "packet.pxi"
 include "nat.pxi"
 include "icmp.pxi"

@@ -5,7 +5,8 @@
 #
 # Prefixes: c25_ shared types (types.pxd), cs_ checksums, pk_ parsing, nat_
 # NAT and fragment tracking, icmp_ ICMP replies, ft_ the flow table, tb_ the
-# mapping tables, wire_ the overlay's datagram format, dp_ the per-packet
+# mapping tables, wire_ the overlay's datagram format, aead_ and rw_ WireGuard's
+# transport encryption and replay window, dp_ the per-packet
 # decisions, fs_ saved flows, pump_ the pump threads, cv_ Python-argument
 # converters. A name with a leading underscore is private to its file.
 #
@@ -19,6 +20,7 @@ include "icmp.pxd"
 include "flowtable.pxd"
 include "tables.pxd"
 include "wire.pxd"
+include "aead.pxd"
 include "datapath.pxd"
 include "flowsave.pxd"
 include "pump.pxd"
