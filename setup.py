@@ -12,7 +12,7 @@ extensions = [
         "conn25._fastpath",
         sources=["src/_fastpath/_fastpath.pyx"],
         extra_compile_args=["-O3"],
-        # Transport encryption: OpenSSL's libcrypto (EVP ChaCha20-Poly1305).
+        # OpenSSL's libcrypto: ChaCha20-Poly1305 for WireGuard's transport messages (aead.pxi).
         libraries=["crypto"],
     ),
 ]

@@ -7,7 +7,6 @@ from libc.string cimport memcmp, memcpy, memset
 from includes.pthread cimport pthread_mutex_lock, pthread_mutex_unlock
 
 cdef uint64_t SS_REKEY_AFTER_MESSAGES = (<uint64_t>1) << 60
-cdef uint64_t SS_REJECT_AFTER_MESSAGES = 0xFFFFFFFFFFFFDFFF  # 2^64 - 2^13 - 1
 
 
 cdef inline bint _ss_live(const SsKeypair *kp, uint64_t now) noexcept nogil:
@@ -55,7 +54,7 @@ cdef int ss_send_begin(TablesC *t, uint32_t peer, Py_ssize_t n, uint64_t now,
         return SS_NO_PEER
     s = &rec.wg
     kp = &s.kp[SS_CURRENT]
-    if not _ss_live(kp, now) or kp.send_counter >= SS_REJECT_AFTER_MESSAGES:
+    if not _ss_live(kp, now) or kp.send_counter >= REJECT_AFTER_MESSAGES:
         if s.ep.family == 0:
             s.drops[SS_D_NO_ENDPOINT] += 1
             r = SS_NO_ENDPOINT

@@ -13,12 +13,12 @@
 # Order: a file's types come after those it uses.
 
 include "types.pxd"
-include "aead.pxd"
 include "checksum.pxd"
 include "packet.pxd"
 include "nat.pxd"
 include "icmp.pxd"
 include "flowtable.pxd"
+include "aead.pxd"
 cdef struct TablesC         # forward: session.pxd names it, tables.pxd defines it
 include "session.pxd"
 include "tables.pxd"
