@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conn25.core.connector import ConnectorState
 from conn25.daemon import http
-from conn25.daemon.localapi import LocalAPI, metric_name, render_metrics
+from conn25.daemon.localapi import Labelled, LocalAPI, metric_name, peer_metrics, render_metrics
 
 DOC = {
     "configured": True,
@@ -33,9 +33,9 @@ async def serving(api: LocalAPI, path):
 
 
 def fetch(tmp_path, method: str, target: str, *, doc=lambda: DOC, metrics=lambda: METRICS,
-          gauges=("flows.active",)) -> tuple[int, bytes]:
+          gauges=("flows.active",), labelled=None) -> tuple[int, bytes]:
     path = tmp_path / "conn25d.sock"
-    api = LocalAPI(doc, metrics, gauges=gauges)
+    api = LocalAPI(doc, metrics, gauges=gauges, labelled=labelled)
 
     async def main():
         async with serving(api, path):
@@ -127,3 +127,88 @@ def test_prometheus_client_is_imported_only_when_metrics_are_asked_for():
             " l.render_metrics({'x': 1}); print(a, 'prometheus_client' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "True"]
+
+
+# -- labelled metrics: the WireGuard peers -------------------------------------------------
+
+PRIVATE_KEY = "cGx1bXMgYW5kIHBlYWNoZXMgYXJlIG5vdCBhIGtleSE="  # looks like one, is in no output
+PEERS = [
+    {"name": "gh-connector-1", "publicKey": "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=",
+     "endpoint": "198.51.100.20:41641", "endpointLearned": 1_700_000_000.5,
+     "latestHandshake": 1_700_000_100.25, "handshaking": False, "rxBytes": 1234,
+     "txBytes": 5678, "staged": 0, "privateKey": PRIVATE_KEY,
+     "drops": {"replay": 3, "auth": 0, "expired": 0, "spoofed": 1, "no_endpoint": 0,
+               "staged_overflow": 0}},
+    {"name": 'odd "name"\\', "publicKey": "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=",
+     "endpoint": None, "endpointLearned": None, "latestHandshake": None, "handshaking": True,
+     "rxBytes": 0, "txBytes": 0, "staged": 4,
+     "drops": {"replay": 0, "auth": 0, "expired": 0, "spoofed": 0, "no_endpoint": 2,
+               "staged_overflow": 5}},
+]
+
+
+def samples(text: str) -> dict[tuple[str, frozenset], tuple[str, float]]:
+    """Every sample of the text format, parsed back: (name, labels) -> (family type, value)."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            key = (s.name, frozenset(s.labels.items()))
+            assert key not in out, key
+            out[key] = (family.type, s.value)
+    return out
+
+
+def test_the_peers_are_metrics_labelled_by_name(tmp_path):
+    status, body = fetch(tmp_path, "GET", "/metrics", labelled=lambda: peer_metrics(PEERS))
+    assert status == 200
+    got = samples(body.decode())
+    c1, odd = "gh-connector-1", 'odd "name"\\'
+
+    def peer(name: str, metric: str, **labels: str) -> tuple[str, float]:
+        return got[(f"conn25d_wireguard_peer_{metric}",
+                    frozenset({"peer": name, **labels}.items()))]
+
+    assert peer(c1, "rx_bytes_total") == ("counter", 1234)
+    assert peer(c1, "tx_bytes_total") == ("counter", 5678)
+    assert peer(c1, "latest_handshake_seconds") == ("gauge", 1_700_000_100.25)
+    assert peer(odd, "latest_handshake_seconds") == ("gauge", 0)  # never
+    assert peer(c1, "staged") == ("gauge", 0) and peer(odd, "staged") == ("gauge", 4)
+    assert peer(c1, "drops_total", reason="replay") == ("counter", 3)
+    assert peer(c1, "drops_total", reason="spoofed") == ("counter", 1)
+    assert peer(odd, "drops_total", reason="staged_overflow") == ("counter", 5)
+    # Zeros too, every reason of every peer: rate() sees the first drop.
+    drops = {k for k in got if k[0] == "conn25d_wireguard_peer_drops_total"}
+    assert len(drops) == 2 * 6 and peer(c1, "drops_total", reason="auth") == ("counter", 0)
+    # The flat metrics are still there beside them.
+    assert got[("conn25d_dns_queries_total", frozenset())] == ("counter", 7)
+
+
+def test_peer_labels_are_the_name_only_never_key_material(tmp_path):
+    """The label set stays small (names, reasons): no public key, and no private key at all."""
+    _, body = fetch(tmp_path, "GET", "/metrics", labelled=lambda: peer_metrics(PEERS))
+    text = body.decode()
+    for family in text_string_to_metric_families(text):
+        if family.name.startswith("conn25d_wireguard_peer_"):
+            for s in family.samples:
+                assert set(s.labels) <= {"peer", "reason"}, s
+    assert "publicKey" not in text and PRIVATE_KEY not in text
+    assert not any(p["publicKey"] in text for p in PEERS)
+
+
+def test_no_peers_give_families_without_samples():
+    got = samples(render_metrics({}, labelled=peer_metrics([])).decode())
+    assert got == {}
+
+
+def test_labelled_metrics_that_clash_with_a_flat_one_are_left_out_and_logged(caplog):
+    caplog.set_level(logging.WARNING, logger="conn25.daemon.localapi")
+    clash = Labelled("x", "a labelled x", ("peer",), [(("a",), 9)], gauge=True)
+    got = samples(render_metrics({"x": 1}, gauges={"x"}, labelled=[clash]).decode())
+    assert got == {("conn25d_x", frozenset()): ("gauge", 1)}
+    assert "clashes" in caplog.text
+
+
+def test_without_a_labelled_callable_metrics_are_the_flat_ones(tmp_path):
+    _, body = fetch(tmp_path, "GET", "/metrics")
+    assert "wireguard_peer" not in body.decode()
+    assert ("conn25d_dns_queries_total", frozenset()) in samples(body.decode())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 
 import msgspec
+import pytest
 import trio
 from test_registration import (
     C1,
@@ -19,9 +20,10 @@ from test_registration import (
     run,
 )
 
-from conn25.core.config import App
+from conn25.core.config import App, NodeConfig
 from conn25.core.connector import ConnectorTable
 from conn25.core.peerapi import ConnectorTransitIPRequest, HealthResponse, TransitIPRequest
+from conn25.core.wireguard import keys
 from conn25.daemon.registration import Registrar
 from conn25.daemon.status import domain_order, render_table, status_document
 
@@ -34,8 +36,44 @@ def ip(text: str):
     return ipaddress.ip_address(text)
 
 
-def client_node(apps: tuple[App, ...] = (WIDE, ALPHA)) -> FakeNode:
-    node = FakeNode(client_config(apps=apps))
+def key_pair() -> tuple[bytes, bytes]:
+    private = keys.generate_private()
+    return private, keys.public_from_private(private)
+
+
+class FakeOverlay:
+    """``status.OverlayPeers``: this node's key pair (the private key only so tests can
+    look for it in the output) and ``peers()`` as ``Overlay.peers`` gives them."""
+
+    def __init__(self, peers: list[dict] | None = None) -> None:
+        self.private_key, self.public_key = key_pair()
+        self.peer_list = peers or []
+
+    def peers(self) -> list[dict]:
+        return [dict(p) for p in self.peer_list]
+
+
+def overlay_peer(name: str, **fields) -> dict:
+    """One entry of ``Overlay.peers()``: a fresh peer unless ``fields`` say otherwise."""
+    return {
+        "name": name, "publicKey": keys.encode(key_pair()[1]), "endpoint": None,
+        "endpointLearned": None, "latestHandshake": None, "handshaking": False,
+        "rxBytes": 0, "txBytes": 0, "staged": 0,
+        "drops": dict.fromkeys(("replay", "auth", "expired", "spoofed", "no_endpoint",
+                                "staged_overflow"), 0),
+    } | fields
+
+
+class StatusNode(FakeNode):
+    """FakeNode as a ``status.StatusSource``: with an overlay."""
+
+    def __init__(self, cfg: NodeConfig | None = None) -> None:
+        super().__init__(cfg)
+        self.overlay = FakeOverlay()
+
+
+def client_node(apps: tuple[App, ...] = (WIDE, ALPHA)) -> StatusNode:
+    node = StatusNode(client_config(apps=apps))
     peers = FakePeers()
     node.registrar = Registrar(node, post=peers.post, get=peers.get)
     node.peers = peers  # type: ignore[attr-defined]
@@ -48,12 +86,18 @@ def addresses(doc: dict, app: str, domain: str) -> list[dict]:
     return d["addresses"]
 
 
-def test_not_configured_is_just_that():
-    """{configured: false}."""
+def test_not_configured_is_just_that_and_the_overlay():
+    """{configured: false} and the overlay: a node without apps still has peers."""
     node = client_node(apps=())
+    node.overlay.peer_list = [overlay_peer(C1.name)]
     doc = status_document(node)
-    assert doc == {"configured": False}
-    assert "not configured" in render_table(doc)
+    assert doc == {"configured": False, "now": T0,
+                   "publicKey": keys.encode(node.overlay.public_key),
+                   "peers": node.overlay.peers()}
+    text = render_table(doc)
+    assert text.startswith("not configured")
+    assert keys.encode(node.overlay.public_key) in text
+    assert C1.name in text and node.overlay.peer_list[0]["publicKey"] in text
 
 
 def test_apps_by_name_domains_parents_first_addresses_by_flows_then_real():
@@ -129,7 +173,7 @@ def test_apps_without_assignments_and_the_chosen_connector_are_listed():
 def test_the_connector_view_lists_peers_and_their_mappings():
     """Connector view: peers, their apps and transit -> destination."""
     cfg = client_config(apps=(GITHUB, SERVED), node=C1, advertise=True)
-    node = FakeNode(cfg)
+    node = StatusNode(cfg)
     node.registrar = Registrar(node)
     table = node.connector = ConnectorTable(cfg)
     # C1 carries the GitHub tag: it serves GitHub, and maps only Served as a client.
@@ -211,3 +255,109 @@ def test_status_reflects_registrations_made_by_the_registrar():
     [entry] = addresses(status_document(node), "GitHub", "github.com.")
     assert entry["connector"] == C1.name
     assert status_document(node)["metrics"]["registration_acked"] == 1
+
+
+# -- the overlay's peers ------------------------------------------------------------------
+
+
+MiB, KiB = 1024 * 1024, 1024
+
+
+def peered_node() -> StatusNode:
+    """A client with three peers: one busy and roaming, one configured and never reached,
+    one without an endpoint."""
+    node = client_node()
+    node.overlay.peer_list = [
+        overlay_peer(C2.name, endpoint="192.0.2.7:41641"),
+        overlay_peer(C1.name, endpoint="198.51.100.20:5555", endpointLearned=T0 - 95,
+                     latestHandshake=T0 - 12, handshaking=True,
+                     rxBytes=int(1.2 * MiB), txBytes=340 * KiB, staged=2,
+                     drops={"replay": 3, "auth": 0, "spoofed": 1}),
+        overlay_peer("phone"),
+    ]
+    return node
+
+
+def test_the_document_has_this_nodes_public_key_and_the_peers_by_name():
+    node = peered_node()
+    doc = status_document(node)
+    assert doc["publicKey"] == keys.encode(node.overlay.public_key)
+    assert [p["name"] for p in doc["peers"]] == [C1.name, C2.name, "phone"]
+    by_name = {p["name"]: p for p in node.overlay.peers()}
+    assert doc["peers"] == [by_name[p["name"]] for p in doc["peers"]]
+    [c1, _, _] = doc["peers"]
+    assert c1["endpointLearned"] == T0 - 95 and c1["latestHandshake"] == T0 - 12
+    assert c1["drops"] == {"replay": 3, "auth": 0, "spoofed": 1}
+
+
+def test_only_the_known_peer_fields_reach_the_document():
+    """Whatever else the overlay might put in a peer (key material above all) is left out."""
+    node = client_node()
+    private = keys.encode(node.overlay.private_key)
+    node.overlay.peer_list = [overlay_peer(C1.name, privateKey=private, presharedKey=private)]
+    [peer] = status_document(node)["peers"]
+    assert set(peer) == {"name", "publicKey", "endpoint", "endpointLearned",
+                         "latestHandshake", "handshaking", "rxBytes", "txBytes", "staged",
+                         "drops"}
+
+
+def test_the_private_key_is_nowhere_in_the_json_or_the_table():
+    for node in (peered_node(), client_node(apps=())):
+        private = keys.encode(node.overlay.private_key)
+        node.overlay.peer_list.append(overlay_peer("leaky", privateKey=private))
+        doc = status_document(node)
+        public = keys.encode(node.overlay.public_key)
+        json_text = msgspec.json.encode(doc).decode()
+        table = render_table(doc)
+        # The public key is there: the check for the private one looks in the right place.
+        assert public in json_text and public in table
+        assert private not in json_text and private not in table
+        # Nor its raw bytes in another spelling.
+        assert node.overlay.private_key.hex() not in json_text + table
+
+
+def test_the_table_has_a_line_per_peer_like_wg_show():
+    node = peered_node()
+    text = render_table(status_document(node))
+    lines = text.splitlines()
+    header = lines.index(f"peers (this node's public key: {keys.encode(node.overlay.public_key)})")
+    assert "PUBLIC KEY" in lines[header + 1] and "LATEST HANDSHAKE" in lines[header + 1]
+    c1, c2, phone = lines[header + 2:header + 5]
+    assert c1.split()[0] == C1.name and c2.split()[0] == C2.name and phone.split()[0] == "phone"
+    for line, peer in zip((c1, c2, phone), status_document(node)["peers"], strict=True):
+        assert peer["publicKey"] in line
+    assert "198.51.100.20:5555 (learned 1m35s ago)" in c1
+    assert "12s ago" in c1
+    assert "1.2 MiB received, 340 KiB sent" in c1
+    # Drops by name, zeros (auth) left out; then the handshake under way.
+    assert c1.endswith("340 KiB sent  drops: replay 3, spoofed 1; handshaking")
+    assert "192.0.2.7:41641 (configured)" in c2 and " never " in c2
+    assert c2.endswith(" 0 B received, 0 B sent")  # no drops, not handshaking
+    assert "(none)" in phone
+    # Between the connector/pools sections and the counters.
+    assert lines.index("pools") < header < lines.index("datapath")
+
+
+def test_a_node_without_peers_says_so():
+    text = render_table(status_document(client_node()))
+    assert "peers (this node's public key: " in text and "  no peers" in text
+
+
+def test_a_handshake_a_little_in_the_future_is_now():
+    """The overlay and ``now`` read the wall clock at different moments."""
+    node = client_node()
+    node.overlay.peer_list = [overlay_peer(C1.name, latestHandshake=T0 + 0.4)]
+    [row] = [line for line in render_table(status_document(node)).splitlines()
+             if line.startswith(f"  {C1.name} ")]
+    assert " 0s ago " in row
+
+
+@pytest.mark.parametrize(("n", "text"), [
+    (0, "0 B"), (1023, "1023 B"), (1024, "1.0 KiB"), (1536, "1.5 KiB"), (10 * KiB, "10 KiB"),
+    (340 * KiB, "340 KiB"), (int(1.2 * MiB), "1.2 MiB"), (5 * 1024**3, "5.0 GiB"),
+    (2000 * 1024**5, "2000 PiB"),
+])
+def test_transfer_is_in_binary_units(n, text):
+    node = client_node()
+    node.overlay.peer_list = [overlay_peer(C1.name, rxBytes=n)]
+    assert f" {text} received, 0 B sent" in render_table(status_document(node))

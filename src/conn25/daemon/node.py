@@ -39,7 +39,7 @@ from .dataplane import Dataplane, Ids
 from .dns_forwarder import Forwarder, upstreams_from_resolv_conf
 from .dns_resolver import ClientResolver
 from .dns_server import DNSServer, SourcePolicy, parse_dns_allow
-from .localapi import LocalAPI
+from .localapi import LocalAPI, peer_metrics
 from .overlay import Overlay
 from .peerapi_server import PEERAPI_LIMITS, PeerAPI
 from .peerapi_server import REFUSAL_REASONS as PEERAPI_REFUSAL_REASONS
@@ -223,7 +223,8 @@ class Node:
                         sources=SourcePolicy(dns_allow), refusals=self.refusals)
                     await nursery.start(self.dns_server.run)
                 local = LocalAPI(lambda: status_document(self), self._exported_metrics,
-                                 gauges=GAUGES)
+                                 gauges=GAUGES,
+                                 labelled=lambda: peer_metrics(self.overlay.peers()))
                 await nursery.start(local.run, str(state / SOCKET_NAME))
                 nursery.start_soon(self._read_events)
                 nursery.start_soon(self._flush_refusals)

@@ -66,6 +66,10 @@ class _Known:
     latest_handshake: float | None = None  # Unix time of the latest completed handshake
 
 
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _seconds(ms: int) -> float | None:
     return ms / 1000 if ms else None
 
@@ -283,7 +287,7 @@ class Overlay:
             out.append({
                 "name": known.name,
                 "publicKey": keys.encode(known.peer.remote_static),
-                "endpoint": None if endpoint is None else f"{endpoint[0]}:{endpoint[1]}",
+                "endpoint": None if endpoint is None else _hostport(*endpoint),
                 "endpointLearned": (None if not learned
                                     else round(wall - (now_ms - learned) / 1000, 3)),
                 "latestHandshake": known.latest_handshake,

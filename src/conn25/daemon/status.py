@@ -2,9 +2,15 @@
 
 :func:`status_document` is a pure function of the node's state, read through
 :class:`StatusSource` (nothing else of the node), and returns plain JSON types.
-A node without apps gives ``{"configured": false}``; otherwise::
+A node without apps gives only the overlay (a node without apps of its own still
+has peers, e.g. a connector)::
+
+    {"configured": false, "now": SECONDS, "publicKey": KEY, "peers": [PEER, ...]}
+
+otherwise::
 
     {"configured": true, "node": NAME, "now": SECONDS, "advertiseConnector": BOOL,
+     "publicKey": KEY, "peers": [PEER, ...],
      "client": {
         "apps": [{"name", "connector": NAME|null, "candidates": [{"name", "healthy"}],
                   "domains": [{"domain", "addresses": [ADDRESS, ...]}, ...]}, ...],
@@ -16,17 +22,30 @@ A node without apps gives ``{"configured": false}``; otherwise::
      "datapath": {COUNTER: INT}, "metrics": {COUNTER: INT}}
 
 where ADDRESS is ``{"magic", "transit", "real", "app", "domain", "expiry",
-"activeFlows", "connector"}``. Times (``now``, ``expiry``, ``expires``) are
-wall-clock seconds since the epoch (floats), the time base of assignments
-and connector mappings; ``expiry - now`` is what is left, negative for an
-expired assignment that is still in use.
+"activeFlows", "connector"}``, KEY is a WireGuard public key in its base64
+text form, and PEER is the overlay's view of one WireGuard peer, like a peer
+of ``wg show``::
+
+    {"name", "publicKey": KEY, "endpoint": "IP:PORT"|null,
+     "endpointLearned": SECONDS|null (null: the configured endpoint),
+     "latestHandshake": SECONDS|null (null: never), "handshaking": BOOL,
+     "rxBytes", "txBytes", "staged", "drops": {REASON: INT}}
+
+Only these fields are copied from the overlay, so nothing it might add later
+(key material above all: the private key never appears in status) reaches the
+document unreviewed.
+
+Times (``now``, ``expiry``, ``expires``, ``endpointLearned``,
+``latestHandshake``) are wall-clock seconds since the epoch (floats), the time
+base of assignments and connector mappings; ``expiry - now`` is what is left,
+negative for an expired assignment that is still in use.
 
 Order: apps by name; domains parents before children (compared label
 by label from the top: ``github.com.`` < ``api.github.com.`` <
 ``gist.github.com.``); addresses by active flows, most first, then by real
-address (IPv4 before IPv6). The client view lists the apps this node maps
-(not those it serves as a connector), plus any app that still has
-assignments after a reload removed it.
+address (IPv4 before IPv6); peers by name. The client view lists the apps
+this node maps (not those it serves as a connector), plus any app that still
+has assignments after a reload removed it.
 """
 
 from __future__ import annotations
@@ -39,8 +58,9 @@ import msgspec
 from ..core.assignments import Assignment, Assignments
 from ..core.config import App, Member, NodeConfig
 from ..core.connector import ConnectorTable
+from ..core.wireguard import keys
 
-__all__ = ["StatusSource", "domain_order", "render_table", "status_document"]
+__all__ = ["OverlayPeers", "StatusSource", "domain_order", "render_table", "status_document"]
 
 
 class ConnectorChoice(Protocol):
@@ -59,6 +79,16 @@ class Counted(Protocol):
     def counters(self) -> Mapping[str, int]: ...
 
 
+class OverlayPeers(Protocol):
+    """What status shows of the WireGuard overlay: this node's public key and its peers
+    (``conn25.daemon.overlay.Overlay``; see PEER in the module docstring)."""
+
+    @property
+    def public_key(self) -> bytes: ...
+
+    def peers(self) -> list[dict[str, Any]]: ...
+
+
 class StatusSource(Protocol):
     """What the status document reads of the node."""
 
@@ -72,6 +102,9 @@ class StatusSource(Protocol):
 
     @property
     def datapath(self) -> Counted: ...
+
+    @property
+    def overlay(self) -> OverlayPeers: ...
 
     def now(self) -> float: ...
 
@@ -136,17 +169,42 @@ def _client_view(node: StatusSource) -> dict[str, Any]:
     return {"apps": apps, "pools": node.assignments.pool_usage()}
 
 
+def _peer(p: Mapping[str, Any]) -> dict[str, Any]:
+    # A whitelist, not a copy: see the module docstring.
+    return {
+        "name": p["name"],
+        "publicKey": p["publicKey"],
+        "endpoint": p.get("endpoint"),
+        "endpointLearned": p.get("endpointLearned"),
+        "latestHandshake": p.get("latestHandshake"),
+        "handshaking": bool(p.get("handshaking", False)),
+        "rxBytes": int(p.get("rxBytes", 0)),
+        "txBytes": int(p.get("txBytes", 0)),
+        "staged": int(p.get("staged", 0)),
+        "drops": {str(k): int(v) for k, v in p.get("drops", {}).items()},
+    }
+
+
+def _overlay_view(node: StatusSource) -> dict[str, Any]:
+    overlay = node.overlay
+    return {
+        "publicKey": keys.encode(overlay.public_key),
+        "peers": sorted((_peer(p) for p in overlay.peers()), key=lambda p: p["name"]),
+    }
+
+
 def status_document(node: StatusSource) -> dict[str, Any]:
     """The node's state as plain JSON types (see the module docstring)."""
     cfg = node.config
     if not cfg.configured:
-        return {"configured": False}
+        return {"configured": False, "now": node.now(), **_overlay_view(node)}
     connector = node.connector
     return {
         "configured": True,
         "node": cfg.node.name,
         "now": node.now(),
         "advertiseConnector": cfg.advertise_connector,
+        **_overlay_view(node),
         "client": _client_view(node),
         "connector": msgspec.to_builtins(connector.state()) if connector is not None
         else {"configured": False},
@@ -159,12 +217,74 @@ def status_document(node: StatusSource) -> dict[str, Any]:
 # -- the text table -------------------------------------------------------------------
 
 
-def _duration(seconds: float) -> str:
+def _span(seconds: float) -> str:
     s = int(abs(seconds))
     h, rest = divmod(s, 3600)
     m, s = divmod(rest, 60)
-    text = f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def _duration(seconds: float) -> str:
+    text = _span(seconds)
     return f"in {text}" if seconds >= 0 else f"expired {text} ago"
+
+
+def _ago(then: float, now: float) -> str:
+    # A time a little ahead of ``now`` (the two clocks were read at different moments)
+    # is "0s ago", not a time in the future.
+    return f"{_span(max(0.0, now - then))} ago"
+
+
+_UNITS = ("KiB", "MiB", "GiB", "TiB", "PiB")
+
+
+def _bytes(n: int) -> str:
+    """Binary units as ``wg show`` uses them, to about three significant digits."""
+    if n < 1024:
+        return f"{n} B"
+    value = float(n)
+    for unit in _UNITS:
+        value /= 1024
+        if value < 1024 or unit == _UNITS[-1]:
+            break
+    return f"{value:.1f} {unit}" if value < 10 else f"{value:.0f} {unit}"
+
+
+def _peer_row(p: dict[str, Any], now: float) -> list[str]:
+    endpoint = p.get("endpoint")
+    learned = p.get("endpointLearned")
+    if endpoint is None:
+        where = "(none)"
+    elif learned is None:
+        where = f"{endpoint} (configured)"
+    else:
+        where = f"{endpoint} (learned {_ago(learned, now)})"
+    handshake = p.get("latestHandshake")
+    notes = []
+    drops = {k: v for k, v in sorted(p.get("drops", {}).items()) if v}
+    if drops:
+        notes.append("drops: " + ", ".join(f"{k} {v}" for k, v in drops.items()))
+    if p.get("handshaking"):
+        notes.append("handshaking")
+    return [
+        p.get("name", "?"), p.get("publicKey", "?"), where,
+        "never" if handshake is None else _ago(handshake, now),
+        f"{_bytes(p.get('rxBytes', 0))} received, {_bytes(p.get('txBytes', 0))} sent",
+        "; ".join(notes),
+    ]
+
+
+def _peers(doc: dict[str, Any], now: float) -> list[str]:
+    if "peers" not in doc:  # a document from before the overlay was WireGuard
+        return []
+    out = [f"peers (this node's public key: {doc.get('publicKey', '?')})"]
+    rows = [_peer_row(p, now) for p in doc["peers"]]
+    if rows:
+        out += _table(["PEER", "PUBLIC KEY", "ENDPOINT", "LATEST HANDSHAKE", "TRANSFER", "NOTES"],
+                      rows)
+    else:
+        out.append("  no peers")
+    return [*out, ""]
 
 
 def _table(headers: list[str], rows: list[list[str]], indent: str = "  ") -> list[str]:
@@ -184,9 +304,11 @@ def _counters(title: str, counters: dict[str, Any]) -> list[str]:
 
 def render_table(doc: dict[str, Any]) -> str:
     """``doc`` (from :func:`status_document`) as readable text for a terminal."""
-    if not doc.get("configured"):
-        return "not configured: this node has no apps in the tailnet file\n"
     now = float(doc.get("now", 0.0))
+    if not doc.get("configured"):
+        out = ["not configured: this node has no apps in the tailnet file", "",
+               *_peers(doc, now)]
+        return "\n".join(out).rstrip("\n") + "\n"
     role = "client and connector" if doc.get("advertiseConnector") else "client"
     out = [f"node {doc.get('node', '?')} ({role})", ""]
     client = doc.get("client", {})
@@ -226,6 +348,7 @@ def render_table(doc: dict[str, Any]) -> str:
         else:
             out.append("  no mappings")
         out.append("")
+    out += _peers(doc, now)
     out += _counters("datapath", doc.get("datapath", {}))
     metrics = doc.get("metrics", {})
     if metrics:
