@@ -15,6 +15,7 @@ import pytest
 from conn25 import __version__
 from conn25.core.wireguard import keys as wgkeys
 from conn25.daemon.cli import main
+from nodekeys import with_keys
 
 ROOT = Path(__file__).parents[2]
 EXAMPLE = ROOT / "examples" / "tailnet.hujson"
@@ -30,8 +31,8 @@ def test_check_valid_file_exits_0_and_says_so(capsys):
 
 def test_check_counts_in_the_singular_and_plural(tmp_path, capsys):
     path = tmp_path / "one.hujson"
-    path.write_text(json.dumps({"nodes": [
-        {"name": "a", "addresses": ["100.64.0.1"], "endpoint": "192.0.2.1"}]}))
+    path.write_text(json.dumps(with_keys({"nodes": [
+        {"name": "a", "addresses": ["100.64.0.1"], "endpoint": "192.0.2.1"}]})))
     assert main(["check", str(path)]) == 0
     assert capsys.readouterr().out == f"{path}: valid (1 node, 0 apps)\n"
 

@@ -66,7 +66,7 @@ class Dataplane:
         self._peers = {n.name for n in peers}
         tables.set_local(list(cfg.node.addresses))
         for peer in peers:
-            host, port = peer.endpoint
+            host, port = peer.endpoint  # TODO(wg): endpoint may be None
             tables.set_peer(self.ids.peer(peer.name), ipaddress.ip_address(host), port,
                             list(peer.addresses))
         tables.set_magic_ranges(list(cfg.pools.v4_magic) + list(cfg.pools.v6_magic))

@@ -288,7 +288,7 @@ class Node:
         return [ipaddress.ip_address(self.options.dns_listen[0])] if self.config.apps else []
 
     def _bind_underlay(self) -> socket.socket:
-        host, port = self.config.node.endpoint
+        host, port = self.config.node.endpoint  # TODO(wg): endpoint may be None
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
