@@ -106,6 +106,25 @@ def load(text: str, source: str = "<tailnet>") -> Tailnet:
     return tailnet
 
 
+def find_node(text: str, name: str) -> tuple[str, object] | None:
+    """The place of the node named ``name`` in a tailnet file's text (as in error messages,
+    e.g. ``nodes[1] ("laptop")``) and the value of its ``publicKey`` (None when absent),
+    checking nothing else; None when the text does not parse or has no such node.
+
+    For ``conn25d up`` telling a new node which key to put where while the file may
+    still be incomplete (the node's own ``publicKey`` missing makes it invalid).
+    """
+    try:
+        doc = json5.loads(text)
+    except ValueError:
+        return None
+    nodes = doc.get("nodes") if isinstance(doc, dict) else None
+    for i, node in enumerate(nodes if isinstance(nodes, list) else ()):
+        if isinstance(node, dict) and node.get("name") == name:
+            return f"{_idx('nodes', i)} ({_q(name)})", node.get("publicKey")
+    return None
+
+
 def _syntax_error(message: str) -> str:
     """json5's "<string>:LINE MSG at column COL" as "LINE:COL: syntax error: MSG"."""
     if m := _JSON5_ERROR.match(message):

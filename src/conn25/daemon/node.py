@@ -90,10 +90,15 @@ class NodeOptions(msgspec.Struct, kw_only=True):
     upstream_dns: tuple[tuple[str, int], ...] | None = None  # default: from /etc/resolv.conf
     dns_allow: tuple[str, ...] = ()  # CIDRs besides this host whose DNS queries are answered
     peerapi_port: int = PEERAPI_PORT
+    private_key: str | None = None  # the WireGuard private key file; default STATE_DIR/private.key
 
     @property
     def state_path(self) -> Path:
         return Path(self.state_dir) if self.state_dir else STATE_ROOT / self.hostname
+
+    @property
+    def private_key_path(self) -> Path:
+        return Path(self.private_key) if self.private_key else self.state_path / "private.key"
 
 
 class Node:
