@@ -249,8 +249,8 @@ class _Loader:
         known = required + tuple(optional) + tuple(ignored)
         for k in required:
             if k not in obj:
-                hint = f" ({hints[k]})" if hints and k in hints else ""
-                self.error(place, f"missing {_q(k)}{hint}")
+                why = f" ({hints[k]})" if hints and k in hints else ""
+                self.error(place, f"missing {_q(k)}{why}")
         for k in obj:
             if k not in known:
                 hint = difflib.get_close_matches(k, known, n=1)
