@@ -455,6 +455,7 @@ def memory_figures() -> dict[str, Any]:
     peers = [n for n in cfg.tailnet.nodes if n.name != cfg.node.name and cfg.may_use_apps(n)]
     assert len(peers) == 2, [p.name for p in peers]
     for pid, p in enumerate(peers, 1):
+        assert p.endpoint is not None  # every testbed node has one
         dp.tables.set_peer(pid, ipaddress.ip_address(p.endpoint[0]), p.endpoint[1],
                            list(p.addresses))
     pools = cfg.pools
@@ -515,6 +516,7 @@ def memory_figures() -> dict[str, Any]:
     now_ms = monotonic_ms()
     n = 0
     for p in peers:
+        assert p.endpoint is not None
         src, sender = str(p.address(4)), (p.endpoint[0], p.endpoint[1])
         for sport in range(40000, 40000 + ITEMS // len(peers) // per_family):
             for i in range(per_family):

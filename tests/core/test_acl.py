@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from conn25.core import acl
 from conn25.core.config import Tailnet
 from conn25.core.tailnet import load
+from nodekeys import with_keys
 
-TAILNET = """
-{
+TAILNET = json.dumps(with_keys({
   "tagOwners": {"tag:conn": ["group:admins"], "tag:web": ["group:admins"]},
   "groups": {"group:admins": ["alice@example.com"], "group:empty": []},
   "hosts": {"office": "100.64.1.0/24", "printer": "100.64.2.9"},
@@ -24,8 +26,7 @@ TAILNET = """
      "endpoint": "192.0.2.4"},
     {"name": "nobody", "addresses": ["100.64.2.9"], "endpoint": "192.0.2.5"},
   ],
-}
-"""
+}))
 NAMES = ["laptop", "desktop", "conn", "web", "nobody"]
 
 

@@ -12,6 +12,7 @@ from conn25.core.dnsname import DomainIndex
 from conn25.core.iprange import IPRange, IPSet
 from conn25.core.policy import node_config
 from conn25.core.tailnet import load
+from nodekeys import with_keys
 
 TAGS = ["tag:a", "tag:b", "tag:c"]
 
@@ -24,7 +25,7 @@ def make(node_attrs: list[dict], nodes: list[dict] | None = None) -> Tailnet:
         "nodeAttrs": node_attrs,
         "nodes": nodes if nodes is not None else NODES,
     }
-    return load(json.dumps(doc))
+    return load(json.dumps(with_keys(doc)))
 
 
 NODES = [

@@ -9,6 +9,7 @@ from conn25.core import config, peerapi
 from conn25.core.config import App, Member, NodeConfig, Tailnet
 from conn25.core.connector import MAPPING_LIFETIME, ConnectorTable, Mapping
 from conn25.core.peerapi import Code, ConnectorTransitIPRequest, NotConfigured, TransitIPRequest
+from nodekeys import public_key
 
 
 def ip(text: str):
@@ -21,13 +22,15 @@ OTHER = App("Other", ("example.com.",), ("tag:other",))
 GITLAB = App("GitLab", ("gitlab.com.",), (TAG,))
 
 LAPTOP = Member("laptop", (ip("100.64.0.1"), ip("fd7a:115c:a1e0::1")), ("192.0.2.1", 41641),
-              user="alice@example.com")
-PHONE = Member("phone", (ip("100.64.0.3"),), ("192.0.2.3", 41641), user="bob@example.com")
-V6ONLY = Member("v6only", (ip("fd7a:115c:a1e0::5"),), ("192.0.2.5", 41641), user="bob@example.com")
+                public_key("laptop"), user="alice@example.com")
+PHONE = Member("phone", (ip("100.64.0.3"),), ("192.0.2.3", 41641),
+               public_key("phone"), user="bob@example.com")
+V6ONLY = Member("v6only", (ip("fd7a:115c:a1e0::5"),), ("192.0.2.5", 41641),
+                public_key("v6only"), user="bob@example.com")
 INTRUDER = Member("intruder", (ip("100.64.0.4"), ip("fd7a:115c:a1e0::4")), ("192.0.2.4", 41641),
-                user="eve@example.com")
+                  public_key("intruder"), user="eve@example.com")
 CONNECTOR = Member("gh-connector-1", (ip("100.64.0.2"), ip("fd7a:115c:a1e0::2")),
-                 ("192.0.2.2", 41641), tags=(TAG,))
+                 ("192.0.2.2", 41641), public_key("gh-connector-1"), tags=(TAG,))
 TAILNET = Tailnet(nodes=(LAPTOP, PHONE, V6ONLY, INTRUDER, CONNECTOR),
                   tag_owners={TAG: ("alice@example.com",)})
 
@@ -552,7 +555,7 @@ def test_reconfigure_drops_mappings_the_new_config_does_not_allow(table):
 def test_reconfigure_drops_mappings_of_peers_that_left_or_moved(table):
     table.handle_request(LAPTOP, req(item(T4[0], D4[0])), 0.0)
     table.handle_request(PHONE, req(item(T4[0], D4[0])), 0.0)
-    moved = Member("phone", (ip("100.64.0.9"),), PHONE.endpoint, user=PHONE.user)
+    moved = Member("phone", (ip("100.64.0.9"),), PHONE.endpoint, PHONE.public_key, user=PHONE.user)
     tn = Tailnet(nodes=(moved, CONNECTOR), tag_owners=TAILNET.tag_owners)
     removed = table.reconfigure(node_config(tailnet=tn))
     assert {m.peer_name for m in removed} == {"laptop", "phone"}

@@ -40,6 +40,7 @@ from conn25.core.dnsmap import (
 from conn25.core.dnsname import DomainIndex
 from conn25.core.dnsquery import parse
 from conn25.core.iprange import IPRange, IPSet
+from nodekeys import public_key
 
 T0 = 1_700_000_000.0
 GITHUB = App("GitHub", ("github.com.", "*.github.com."), ("tag:github-connector",))
@@ -66,7 +67,7 @@ def make_pools(v4_magic="100.80.0.0-100.80.3.255",
 
 def make_config(pools=None, tags=(), advertise=False, apps=(GITHUB, EXAMPLE)):
     node = Member("laptop", (ip("100.64.0.1"), ip("fd7a:115c:a1e0::1")), ("192.0.2.1", 41641),
-                tags=tuple(tags))
+                  public_key("laptop"), tags=tuple(tags))
     return NodeConfig(
         tailnet=Tailnet(nodes=(node,)), node=node, advertise_connector=advertise,
         apps=tuple(apps), pools=pools or make_pools(), app_users=frozenset({node.name}),

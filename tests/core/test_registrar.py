@@ -31,6 +31,7 @@ from conn25.core.registrar import (
     Wake,
     brief,
 )
+from nodekeys import public_key
 
 
 def ip(text: str):
@@ -40,10 +41,12 @@ def ip(text: str):
 T0 = 1_700_000_000.0  # assignment time
 TAG = "tag:github-app-connector"
 GITHUB = App("GitHub", ("github.com.", "*.github.com."), (TAG,))
-LAPTOP = Member("laptop", (ip("100.64.0.1"),), ("192.0.2.1", 41641), user="alice@example.com")
+LAPTOP = Member("laptop", (ip("100.64.0.1"),), ("192.0.2.1", 41641),
+                public_key("laptop"), user="alice@example.com")
 C1 = Member("gh-connector-1", (ip("100.64.0.2"), ip("fd7a:115c:a1e0::2")), ("192.0.2.2", 41641),
-          tags=(TAG,))
-C2 = Member("gh-connector-2", (ip("100.64.0.3"),), ("192.0.2.3", 41641), tags=(TAG,))
+            public_key("gh-connector-1"), tags=(TAG,))
+C2 = Member("gh-connector-2", (ip("100.64.0.3"),), ("192.0.2.3", 41641),
+            public_key("gh-connector-2"), tags=(TAG,))
 # C2 comes first in the file: the choice is still by name.
 CFG = NodeConfig(tailnet=Tailnet(nodes=(LAPTOP, C2, C1), tag_owners={TAG: ("alice@example.com",)}),
                  node=LAPTOP, advertise_connector=False, apps=(GITHUB,),

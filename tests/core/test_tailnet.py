@@ -14,10 +14,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conn25.core import tailnet
-from conn25.core.config import APP_ATTRS, DEFAULT_POOLS, DEFAULT_PORT, POOL_ATTR, App
+from conn25.core.config import (
+    APP_ATTRS,
+    DEFAULT_KEEPALIVE,
+    DEFAULT_POOLS,
+    DEFAULT_PORT,
+    POOL_ATTR,
+    App,
+)
 from conn25.core.iprange import IPRange, IPSet
 from conn25.core.policy import node_config
 from conn25.core.tailnet import TailnetError, load, load_bytes, parse_endpoint
+from nodekeys import public_key_text
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "tailnet.hujson"
 APPS = APP_ATTRS[0]
@@ -42,9 +50,11 @@ BASE: dict[str, Any] = {
     ],
     "nodes": [
         {"name": "laptop", "user": "alice@example.com",
-         "addresses": ["100.64.0.1", "fd7a:115c:a1e0::1"], "endpoint": "192.0.2.1:41641"},
+         "addresses": ["100.64.0.1", "fd7a:115c:a1e0::1"], "endpoint": "192.0.2.1:41641",
+         "publicKey": public_key_text("laptop")},
         {"name": "conn-1", "tags": ["tag:conn"], "addresses": ["100.64.0.2"],
-         "endpoint": "192.0.2.2:41641", "egressIPs": ["203.0.113.1"]},
+         "endpoint": "192.0.2.2:41641", "egressIPs": ["203.0.113.1"],
+         "publicKey": public_key_text("conn-1")},
     ],
 }
 
@@ -85,7 +95,8 @@ def test_example_file_loads():
     assert apps == [App("GitHub", ("github.com.", "*.github.com."), ("tag:github-app-connector",))]
     assert t.nodes[2].endpoint == ("2001:db8::3", 41641)
     assert t.node_attrs[1].pools is not None
-    assert all(n.public_key is not None and len(n.public_key) == 32 for n in t.nodes)
+    assert len({n.public_key for n in t.nodes}) == 3
+    assert all(len(n.public_key) == 32 for n in t.nodes)
     assert t.node_attrs[1].pools.v4_transit == IPSet.of([IPRange.parse("169.254.128.0/17")])
 
 
@@ -96,7 +107,7 @@ def test_example_addresses_come_from_documentation_ranges():
         "100.64.0.0/10", "fd7a:115c:a1e0::/48", "169.254.0.0/16")]
     t = load_bytes(EXAMPLE.read_bytes(), str(EXAMPLE))
     used = [ipaddress.ip_network(a) for n in t.nodes
-            for a in (*n.addresses, *n.egress_ips, n.endpoint[0])]
+            for a in (*n.addresses, *n.egress_ips, *(n.endpoint or ())[:1])]
     used += [p for attr in t.node_attrs if attr.pools
              for _, pool in attr.pools.named() for p in pool.prefixes()]
     assert len(used) > 10
@@ -119,11 +130,12 @@ def test_hujson_comments_and_trailing_commas():
          comment */
       "tagOwners": {"tag:conn": ["alice@example.com",],},  // trailing commas
       "nodes": [
-        {"name": "a", "addresses": ["100.64.0.1",], "endpoint": "192.0.2.1",},
+        {"name": "a", "addresses": ["100.64.0.1",], "endpoint": "192.0.2.1",
+         "publicKey": "KEY",},
       ],
     }
     """
-    t = load(text)
+    t = load(text.replace("KEY", public_key_text("a")))
     assert t.node("a").endpoint == ("192.0.2.1", DEFAULT_PORT)
     assert t.tag_owners == {"tag:conn": ("alice@example.com",)}
 
@@ -139,7 +151,8 @@ def test_sections_of_the_policy_syntax_that_conn25d_does_not_use_are_ignored():
 
 
 def test_missing_optional_sections_give_defaults():
-    t = load('{"nodes": [{"name": "a", "addresses": ["100.64.0.1"], "endpoint": "192.0.2.1"}]}')
+    t = load(json.dumps({"nodes": [{"name": "a", "addresses": ["100.64.0.1"],
+                                    "publicKey": public_key_text("a")}]}))
     assert t.node_attrs == () and t.acls == () and t.hosts == {}
     assert node_config(t, "a").pools == DEFAULT_POOLS
 
@@ -486,7 +499,8 @@ def test_duplicate_node_name_is_an_error():
     """Pools must not overlap each other or any node address; a tag must have a `tagOwners` entry;
     node names and addresses are unique. All errors are reported at once, each with its place."""
     doc = base()
-    doc["nodes"].append({"name": "laptop", "addresses": ["100.64.0.9"], "endpoint": "192.0.2.9"})
+    doc["nodes"].append({"name": "laptop", "addresses": ["100.64.0.9"], "endpoint": "192.0.2.9",
+                         "publicKey": public_key_text("laptop-2")})
     assert the_error(doc) == ('nodes[2] ("laptop").name: duplicate node name "laptop" '
                               '(also nodes[0] ("laptop").name)')
 
@@ -536,7 +550,7 @@ def test_missing_node_fields_are_errors():
     doc = base()
     doc["nodes"][0] = {"user": "alice@example.com"}
     assert errors_of(doc) == ['nodes[0]: missing "name"', 'nodes[0]: missing "addresses"',
-                              'nodes[0]: missing "endpoint"']
+                              f'nodes[0]: missing "publicKey" ({PUBLIC_KEY_HINT})']
 
 
 # -- nodes[].publicKey ----------------------------------------------------------------
@@ -557,12 +571,15 @@ def test_public_keys_are_read_as_32_bytes():
     assert [n.public_key for n in t.nodes] == [KEY_A, KEY_B]
 
 
-def test_a_node_without_a_public_key_is_valid_for_now():
-    """The overlay does not use keys yet; a later step makes publicKey required."""
+PUBLIC_KEY_HINT = ('the node\'s WireGuard public key; on the node, "conn25d up" creates its '
+                   'key and prints the value to put here')
+
+
+def test_a_node_without_a_public_key_is_an_error_naming_the_node():
+    """Every node must have a key: the overlay authenticates peers by it."""
     doc = base()
-    doc["nodes"][1]["publicKey"] = TEXT_B
-    t = load(json.dumps(doc))
-    assert [n.public_key for n in t.nodes] == [None, KEY_B]
+    del doc["nodes"][1]["publicKey"]
+    assert the_error(doc) == f'nodes[1] ("conn-1"): missing "publicKey" ({PUBLIC_KEY_HINT})'
 
 
 @pytest.mark.parametrize(("value", "message"), [
@@ -592,7 +609,7 @@ def test_a_public_key_that_is_not_a_string_is_an_error():
 def test_duplicate_public_keys_are_errors_each_naming_the_first():
     doc = base()
     doc["nodes"].append({"name": "other", "user": "alice@example.com",
-                         "addresses": ["100.64.0.9"], "endpoint": "192.0.2.9"})
+                         "addresses": ["100.64.0.9"]})
     for node in doc["nodes"]:
         node["publicKey"] = TEXT_A
     assert errors_of(doc) == [
@@ -641,6 +658,50 @@ def test_duplicate_endpoint_is_an_error():
     doc["nodes"][1]["endpoint"] = "192.0.2.1"
     assert the_error(doc) == ('nodes[1] ("conn-1").endpoint: duplicate endpoint "192.0.2.1" '
                               '(also nodes[0] ("laptop").endpoint)')
+
+
+def test_the_endpoint_is_optional_and_nodes_without_one_are_not_duplicates():
+    """A node behind a NAT has no endpoint of its own; two such nodes do not clash."""
+    doc = base()
+    del doc["nodes"][0]["endpoint"]
+    doc["nodes"].append({"name": "phone", "user": "alice@example.com",
+                         "addresses": ["100.64.0.9"], "publicKey": public_key_text("phone")})
+    t = load(json.dumps(doc))
+    assert [n.endpoint for n in t.nodes] == [None, ("192.0.2.2", 41641), None]
+
+
+# -- nodes[].persistentKeepalive ---------------------------------------------------------
+
+
+def test_keepalive_defaults_to_25_s_without_an_endpoint_and_off_with_one():
+    doc = base()
+    del doc["nodes"][0]["endpoint"]
+    t = load(json.dumps(doc))
+    assert DEFAULT_KEEPALIVE == 25
+    assert [n.persistent_keepalive for n in t.nodes] == [25, 0]
+
+
+def test_a_given_keepalive_overrides_either_default():
+    doc = base()
+    del doc["nodes"][0]["endpoint"]
+    doc["nodes"][0]["persistentKeepalive"] = 0
+    doc["nodes"][1]["persistentKeepalive"] = 65535
+    t = load(json.dumps(doc))
+    assert [n.persistent_keepalive for n in t.nodes] == [0, 65535]
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    (-1, "-1 is out of range: 0 to 65535 seconds (0 = off)"),
+    (65536, "65536 is out of range: 0 to 65535 seconds (0 = off)"),
+    (2.5, "expected whole seconds (0 to 65535, 0 = off), got 2.5"),
+    ("25", "expected whole seconds (0 to 65535, 0 = off), got a string"),
+    (True, "expected whole seconds (0 to 65535, 0 = off), got a boolean"),
+    (None, "expected whole seconds (0 to 65535, 0 = off), got null"),
+])
+def test_a_bad_keepalive_is_an_error_with_its_place(value, message):
+    doc = base()
+    doc["nodes"][1]["persistentKeepalive"] = value
+    assert the_error(doc) == f'nodes[1] ("conn-1").persistentKeepalive: {message}'
 
 
 # -- pools -----------------------------------------------------------------------
@@ -754,7 +815,8 @@ def test_pool_holding_a_node_address_is_an_error():
 def test_default_pools_count_when_a_node_has_no_pool_attribute():
     """A node address in the default magic pool is an error once the defaults apply."""
     doc = base()
-    doc["nodes"].append({"name": "odd", "addresses": ["100.80.0.7"], "endpoint": "192.0.2.7"})
+    doc["nodes"].append({"name": "odd", "addresses": ["100.80.0.7"],
+                         "publicKey": public_key_text("odd")})
     # The pool attribute covers every node: the defaults are not used, but the
     # address is still in that attribute's (equal) magic pool.
     assert "lies in v4MagicIPPool" in the_error(doc)
@@ -805,7 +867,8 @@ def test_all_errors_are_reported_at_once_each_with_its_place():
     doc["nodeAttrs"][0]["app"][APPS][0]["domains"] = ["ok.com", "bad..com"]
     doc["nodeAttrs"][1]["app"][POOL_ATTR][0]["v4TransitIPPool"] = ["100.80.0.0/24", "1-2"]
     doc["nodes"][1]["addresses"] = ["100.64.0.1"]
-    doc["nodes"].append({"name": "laptop", "addresses": ["100.64.0.5"], "endpoint": "192.0.2.5"})
+    doc["nodes"].append({"name": "laptop", "addresses": ["100.64.0.5"], "endpoint": "192.0.2.5",
+                         "publicKey": public_key_text("laptop-2")})
     errors = errors_of(doc)
     places = [e.split(": ")[0] for e in errors]
     assert places == [
@@ -842,7 +905,8 @@ json_values = st.recursive(
 
 
 @settings(max_examples=75, deadline=None)
-@given(field=st.sampled_from(["name", "user", "tags", "addresses", "endpoint", "egressIPs"]),
+@given(field=st.sampled_from(["name", "user", "tags", "addresses", "endpoint", "egressIPs",
+                              "publicKey", "persistentKeepalive"]),
        value=json_values, where=st.sampled_from(["node", "app", "pools", "acl", "top"]))
 def test_any_json_gives_a_tailnet_or_a_tailnet_error(field, value, where):
     """Whatever the shape of a value, load never fails with anything but TailnetError."""

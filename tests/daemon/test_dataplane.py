@@ -10,15 +10,17 @@ from conn25.core.connector import Mapping
 from conn25.core.policy import node_config
 from conn25.daemon.dataplane import Dataplane, Ids
 from conn25.fastpath import Tables
+from nodekeys import public_key
 
 
 def ip(text: str):
     return ipaddress.ip_address(text)
 
 
-LAPTOP = Member("laptop", (ip("100.64.0.1"), ip("fd7a:115c:a1e0::1")), ("192.0.2.1", 41641))
-C1 = Member("conn-1", (ip("100.64.0.2"),), ("192.0.2.2", 41642))
-C2 = Member("conn-2", (ip("100.64.0.3"),), ("192.0.2.3", 41643))
+LAPTOP = Member("laptop", (ip("100.64.0.1"), ip("fd7a:115c:a1e0::1")), ("192.0.2.1", 41641),
+                public_key("laptop"))
+C1 = Member("conn-1", (ip("100.64.0.2"),), ("192.0.2.2", 41642), public_key("conn-1"))
+C2 = Member("conn-2", (ip("100.64.0.3"),), ("192.0.2.3", 41643), public_key("conn-2"))
 TAILNET = Tailnet(nodes=(LAPTOP, C1, C2))
 MAGIC = ip("100.80.0.9")
 TRANSIT = ip("169.254.128.9")

@@ -34,6 +34,7 @@ from conn25.daemon.dns_forwarder import Forwarder, parse_upstreams, upstreams_fr
 from conn25.daemon.dns_resolver import ClientResolver
 from conn25.daemon.dns_server import DNSServer
 from dnswire import frame, read_frame
+from nodekeys import public_key
 
 DNSMASQ = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
 LOOP = "127.0.0.1"
@@ -710,7 +711,7 @@ def make_mapper(v4_magic="100.80.0.0-100.80.0.255"):
         v4_transit=IPSet.of([IPRange.parse("169.254.128.0-169.254.128.255")]),
         v6_transit=IPSet.of([IPRange.parse("fd7a:115c:a1e0:ab13::-fd7a:115c:a1e0:ab13::ff")]),
     )
-    node = Member("laptop", (ip("100.64.0.1"),), ("192.0.2.1", 41641))
+    node = Member("laptop", (ip("100.64.0.1"),), ("192.0.2.1", 41641), public_key("laptop"))
     config = NodeConfig(tailnet=Tailnet(nodes=(node,)), node=node, advertise_connector=False,
                         apps=(APP,), pools=pools, app_users=frozenset({node.name}))
     store = Assignments(pools)

@@ -262,6 +262,7 @@ def test_embedded_node_serves_and_leaves_nothing_behind(bed, tmp_path):
         async def main():
             node = Node(NodeOptions(tailnet={str(bed.tailnet_path)!r}, hostname="peer",
                                     state_dir={str(tmp_path)!r},
+                                    private_key={str(bed.private_key_path("peer"))!r},
                                     upstream_dns=(("198.51.100.53", 53),)))
             async with trio.open_nursery() as nursery:
                 await nursery.start(node.run)

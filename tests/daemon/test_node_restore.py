@@ -12,6 +12,7 @@ from conn25.core.assignments import Assignments
 from conn25.core.config import DEFAULT_POOLS, Member
 from conn25.daemon.node import ASSIGNMENTS_FILE
 from conn25.daemon.node import Node as DaemonNode
+from nodekeys import public_key
 
 T0 = 1_700_000_000.0
 
@@ -24,7 +25,8 @@ def row(magic: str, transit: str, domain: str) -> dict:
 def test_restore_drops_an_assignment_on_a_peers_address_with_one_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture,
 ) -> None:
-    peer = Member("gh-connector-1", (ipaddress.ip_address("100.80.0.9"),), ("192.0.2.2", 41641))
+    peer = Member("gh-connector-1", (ipaddress.ip_address("100.80.0.9"),), ("192.0.2.2", 41641),
+                  public_key("gh-connector-1"))
     (tmp_path / ASSIGNMENTS_FILE).write_text(json.dumps([
         row("100.80.0.1", "169.254.128.1", "good."),
         row("100.80.0.9", "169.254.128.2", "bad."),  # the peer's overlay address

@@ -18,6 +18,7 @@ from conn25.core.peerapi import DNS_QUERY_PATH, HEALTH_PATH, MAX_BODY, TRANSIT_I
 from conn25.daemon import http
 from conn25.daemon.http import Request
 from conn25.daemon.peerapi_server import PEERAPI_LIMITS, PeerAPI
+from nodekeys import public_key
 
 
 def ip(text: str):
@@ -29,11 +30,13 @@ GITHUB = App("GitHub", ("github.com.", "*.github.com."), (TAG,))
 GITLAB = App("GitLab", ("gitlab.com.",), ("tag:gitlab-connector",))  # known, not served here
 
 LAPTOP = Member("laptop", (ip("100.64.0.1"), ip("fd7a:115c:a1e0::1")), ("192.0.2.1", 41641),
-              user="alice@example.com")
-INTRUDER = Member("intruder", (ip("100.64.0.4"),), ("192.0.2.4", 41641), user="eve@example.com")
+                public_key("laptop"), user="alice@example.com")
+INTRUDER = Member("intruder", (ip("100.64.0.4"),), ("192.0.2.4", 41641),
+                  public_key("intruder"), user="eve@example.com")
 CONNECTOR = Member("gh-connector-1", (ip("100.64.0.2"), ip("fd7a:115c:a1e0::2")),
-                 ("192.0.2.2", 41641), tags=(TAG,))
-LOOPBACK = Member("local-tester", (ip("127.0.0.1"),), ("192.0.2.9", 41641), user="bob@example.com")
+                 ("192.0.2.2", 41641), public_key("gh-connector-1"), tags=(TAG,))
+LOOPBACK = Member("local-tester", (ip("127.0.0.1"),), ("192.0.2.9", 41641),
+                  public_key("local-tester"), user="bob@example.com")
 TAILNET = Tailnet(nodes=(LAPTOP, INTRUDER, CONNECTOR, LOOPBACK),
                   tag_owners={TAG: ("alice@example.com",)})
 
@@ -424,7 +427,7 @@ def test_over_http_the_source_address_is_the_identity():
 # -- per-peer limits and refusal summaries (one peer cannot starve the others) ----------------
 
 OTHER_PEER = Member("other-tester", (ip("127.0.0.2"),), ("192.0.2.10", 41641),
-                  user="alice@example.com")
+                    public_key("other-tester"), user="alice@example.com")
 
 
 class LineCounter(logging.Handler):

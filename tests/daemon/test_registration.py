@@ -32,6 +32,7 @@ from conn25.core.peerapi import (
 from conn25.daemon.dataplane import Dataplane, Ids
 from conn25.daemon.registration import Registrar, ResolveError
 from conn25.fastpath import Datapath
+from nodekeys import public_key
 
 
 def ip(text: str):
@@ -43,10 +44,11 @@ PORT = 41642
 TAG = "tag:github-app-connector"
 GITHUB = App("GitHub", ("github.com.", "*.github.com."), (TAG,))
 LAPTOP = Member("laptop", (ip("100.64.0.1"), ip("fd7a:115c:a1e0::1")), ("192.0.2.1", 41641),
-              user="alice@example.com")
+                public_key("laptop"), user="alice@example.com")
 C1 = Member("gh-connector-1", (ip("100.64.0.2"), ip("fd7a:115c:a1e0::2")), ("192.0.2.2", 41641),
-          tags=(TAG,))
-C2 = Member("gh-connector-2", (ip("100.64.0.3"),), ("192.0.2.3", 41641), tags=(TAG,))
+            public_key("gh-connector-1"), tags=(TAG,))
+C2 = Member("gh-connector-2", (ip("100.64.0.3"),), ("192.0.2.3", 41641),
+            public_key("gh-connector-2"), tags=(TAG,))
 H1, H2 = "100.64.0.2", "100.64.0.3"  # where the registrar reaches them
 # C2 comes first in the file: the choice must still be by name.
 TAILNET = Tailnet(nodes=(LAPTOP, C2, C1), tag_owners={TAG: ("alice@example.com",)})

@@ -26,6 +26,7 @@ from conn25.core.config import App, Member, NodeConfig, Pools, Tailnet
 from conn25.core.dnsmap import DNSMapError, DNSMapper, answer_addresses, query_question, servfail
 from conn25.core.iprange import IPRange, IPSet
 from conn25.fastpath import Datapath
+from nodekeys import public_key
 
 settings.register_profile(
     "conn25-fuzz",
@@ -421,7 +422,7 @@ ODD_LABEL = st.lists(ODD_BYTES | st.binary(min_size=1, max_size=3), min_size=1,
 
 
 def dns_mapper() -> DNSMapper:
-    node = Member("laptop", (ip("100.64.0.1"),), ("192.0.2.1", 41641))
+    node = Member("laptop", (ip("100.64.0.1"),), ("192.0.2.1", 41641), public_key("laptop"))
     config = NodeConfig(tailnet=Tailnet(nodes=(node,)), node=node, advertise_connector=False,
                         apps=(WILD,), pools=DNS_POOLS, app_users=frozenset({node.name}))
     return DNSMapper(config, Assignments(DNS_POOLS))

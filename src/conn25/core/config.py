@@ -21,6 +21,9 @@ from .iprange import IPAddress, IPNetwork, IPRange, IPSet
 APP_ATTRS = ("tailscale.com/app-connectors", "tailscale.com/app-connectors-experimental")
 POOL_ATTR = "tailscale.com/app-connectors-experimental-ippools"
 DEFAULT_PORT = 41641
+# Persistent keepalive (seconds) of a node without an endpoint of its own: it is the
+# one that must keep the NAT mappings on its way open. 25 s as wg(8) suggests.
+DEFAULT_KEEPALIVE = 25
 
 
 class App(msgspec.Struct, frozen=True):
@@ -74,13 +77,16 @@ class Member(msgspec.Struct, frozen=True):
 
     name: str
     addresses: tuple[IPAddress, ...]
-    endpoint: tuple[str, int]  # underlay (ip, port)
+    # Underlay (ip, port); None for a node that others cannot reach first (behind a
+    # NAT): its endpoint is learnt from its authenticated datagrams.
+    endpoint: tuple[str, int] | None
+    public_key: bytes  # the WireGuard public key (32 bytes), ``publicKey``
     user: str | None = None
     tags: tuple[str, ...] = ()
     egress_ips: tuple[IPAddress, ...] = ()
-    # The WireGuard public key (32 bytes) from ``publicKey``. Optional until the
-    # overlay authenticates peers by it; then every node must have one.
-    public_key: bytes | None = None
+    # Seconds between keepalives this node sends to each peer, 0 = off. The loader
+    # fills in the file's default (DEFAULT_KEEPALIVE without an endpoint, else 0).
+    persistent_keepalive: int = 0
 
     def address(self, version: int) -> IPAddress | None:
         """The node's first overlay address of that family."""

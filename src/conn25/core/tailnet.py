@@ -12,6 +12,10 @@ Decisions beyond upstream:
   A node may have neither (an untagged node that no user owns).
 * A node has at most one overlay address per family: the peer API and the
   connector's tables key a peer by "its address of the transit IP's family".
+* Every node has a WireGuard public key of its own (``publicKey``, required,
+  unique); ``endpoint`` is optional (a node behind a NAT has none), and
+  ``persistentKeepalive`` defaults to 25 s for a node without one, else off.
+  No message quotes a key: a private key pasted by mistake stays off terminals.
 * Pools: within one node's view a magic and a transit pool must not
   overlap, and since transit IPs travel between nodes, no magic pool of any
   attribute may overlap a transit pool of any other; no pool may hold a node
@@ -34,6 +38,7 @@ import json5
 from . import acl, dnsname
 from .config import (
     APP_ATTRS,
+    DEFAULT_KEEPALIVE,
     DEFAULT_POOLS,
     DEFAULT_PORT,
     POOL_ATTR,
@@ -59,6 +64,11 @@ _TAG = re.compile(r"^tag:[A-Za-z0-9][A-Za-z0-9_-]*$")
 _NODE_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _JSON5_ERROR = re.compile(r"^<string>:(\d+) (.*) at column (\d+)$")
+KEEPALIVE_MAX = 65535  # WireGuard's persistent keepalive is a 16-bit number of seconds
+_MISSING_HINTS = {
+    "publicKey": "the node's WireGuard public key; on the node, \"conn25d up\" creates "
+                 "its key and prints the value to put here",
+}
 
 
 class TailnetError(Exception):
@@ -94,6 +104,25 @@ def load(text: str, source: str = "<tailnet>") -> Tailnet:
         raise TailnetError([f"{source}: {e}" for e in loader.errors])
     assert tailnet is not None
     return tailnet
+
+
+def find_node(text: str, name: str) -> tuple[str, object] | None:
+    """The place of the node named ``name`` in a tailnet file's text (as in error messages,
+    e.g. ``nodes[1] ("laptop")``) and the value of its ``publicKey`` (None when absent),
+    checking nothing else; None when the text does not parse or has no such node.
+
+    For ``conn25d up`` telling a new node which key to put where while the file may
+    still be incomplete (the node's own ``publicKey`` missing makes it invalid).
+    """
+    try:
+        doc = json5.loads(text)
+    except ValueError:
+        return None
+    nodes = doc.get("nodes") if isinstance(doc, dict) else None
+    for i, node in enumerate(nodes if isinstance(nodes, list) else ()):
+        if isinstance(node, dict) and node.get("name") == name:
+            return f"{_idx('nodes', i)} ({_q(name)})", node.get("publicKey")
+    return None
 
 
 def _syntax_error(message: str) -> str:
@@ -212,13 +241,16 @@ class _Loader:
         required: Iterable[str],
         optional: Iterable[str] = (),
         ignored: Iterable[str] = (),
+        hints: dict[str, str] | None = None,
     ) -> None:
-        """Missing required keys and unknown keys are errors."""
+        """Missing required keys (with ``hints[key]`` when given) and unknown keys are
+        errors."""
         required = tuple(required)
         known = required + tuple(optional) + tuple(ignored)
         for k in required:
             if k not in obj:
-                self.error(place, f"missing {_q(k)}")
+                why = f" ({hints[k]})" if hints and k in hints else ""
+                self.error(place, f"missing {_q(k)}{why}")
         for k in obj:
             if k not in known:
                 hint = difflib.get_close_matches(k, known, n=1)
@@ -362,8 +394,9 @@ class _Loader:
                 place += f" ({_q(item['name'])})"
             if (obj := self.obj(item, place)) is None:
                 continue
-            self.fields(obj, place, ("name", "addresses", "endpoint"),
-                        ("user", "tags", "egressIPs", "publicKey"))
+            self.fields(obj, place, ("name", "addresses", "publicKey"),
+                        ("endpoint", "persistentKeepalive", "user", "tags", "egressIPs"),
+                        hints=_MISSING_HINTS)
             name = self.node_name(obj["name"], _key(place, "name"), names) \
                 if "name" in obj else None
             user = self.node_user(obj["user"], _key(place, "user")) if "user" in obj else None
@@ -384,11 +417,19 @@ class _Loader:
                     self.error(p, str(e))
             public_key = self.public_key(obj["publicKey"], _key(place, "publicKey"),
                                          public_keys) if "publicKey" in obj else None
+            keepalive = self.keepalive(obj["persistentKeepalive"],
+                                       _key(place, "persistentKeepalive")) \
+                if "persistentKeepalive" in obj else None
+            if keepalive is None:
+                # Without an endpoint of its own the node must make contact and keep
+                # its NAT open; a node others can reach needs no keepalives.
+                keepalive = DEFAULT_KEEPALIVE if "endpoint" not in obj else 0
             # Kept even when broken (the file is rejected anyway) so that the
             # whole-file checks still see its name, tags and addresses.
             out.append((place, Member(name=name or "", addresses=tuple(addrs),
-                                    endpoint=endpoint or ("", 0), user=user, tags=tuple(tags),
-                                    egress_ips=tuple(egress), public_key=public_key)))
+                                    endpoint=endpoint, public_key=public_key or b"",
+                                    user=user, tags=tuple(tags), egress_ips=tuple(egress),
+                                    persistent_keepalive=keepalive)))
         return out
 
     def node_name(self, value: object, place: str, seen: dict[str, str]) -> str | None:
@@ -463,6 +504,18 @@ class _Loader:
             return None
         seen[key] = place
         return key
+
+    def keepalive(self, value: object, place: str) -> int | None:
+        """``persistentKeepalive``: whole seconds, 0 (off) to 65535 as in WireGuard."""
+        if isinstance(value, bool) or not isinstance(value, int):
+            got = repr(value) if isinstance(value, float) else _what(value)
+            self.error(place, f"expected whole seconds (0 to {KEEPALIVE_MAX}, 0 = off), "
+                       f"got {got}")
+            return None
+        if not 0 <= value <= KEEPALIVE_MAX:
+            self.error(place, f"{value} is out of range: 0 to {KEEPALIVE_MAX} seconds (0 = off)")
+            return None
+        return value
 
     def load_acls(self, value: object) -> list[Rule]:
         out: list[Rule] = []

@@ -10,11 +10,16 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .. import __version__
 from ..core import tailnet
 from ..core.wireguard import keys as wgkeys
 from .tailnetfile import load_file
+
+if TYPE_CHECKING:
+    from .node import NodeOptions
 
 EXIT_OK = 0
 EXIT_INVALID = 1  # the input was read but is wrong
@@ -75,10 +80,6 @@ def _add_genkey(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
     _command(subparsers, cmd_genkey, "print a new private key")
 
 
-# What ``wg pubkey`` lets follow the key: whitespace and NULs (as when read from a file).
-_TRAILING = " \t\n\v\f\r\0"
-
-
 def cmd_pubkey(args: argparse.Namespace) -> int:
     """Read a private key (base64) on stdin and print its public key, like 'wg pubkey':
     e.g. 'conn25d pubkey < private.key'. Exit status 1, with one line on stderr that
@@ -86,11 +87,7 @@ def cmd_pubkey(args: argparse.Namespace) -> int:
     data = sys.stdin.buffer.read()
     try:
         # Only trailing space is allowed, as wg allows it, so both tools accept the same input.
-        text = data.rstrip(_TRAILING.encode()).decode("ascii")
-        public = wgkeys.public_from_private(wgkeys.decode(text))
-    except UnicodeDecodeError:  # its message would show a byte of the input
-        print("conn25d: stdin: not a WireGuard key: not base64 text", file=sys.stderr)
-        return EXIT_INVALID
+        public = wgkeys.public_from_private(wgkeys.decode_file(data))
     except ValueError as e:  # wgkeys' messages never quote the key
         print(f"conn25d: stdin: {e}", file=sys.stderr)
         return EXIT_INVALID
@@ -130,7 +127,9 @@ def _dns_allow(text: str) -> tuple[str, ...]:
 def cmd_up(args: argparse.Namespace) -> int:
     """Run this node of the tailnet in the foreground until SIGINT or SIGTERM, then
     remove everything it set up and exit 0. SIGHUP (or a change of the file) re-reads
-    the tailnet file; a bad file is logged and the running configuration stays."""
+    the tailnet file; a bad file is logged and the running configuration stays. The
+    node's private key is made on the first start; until the tailnet file holds its
+    public key, up exits 1 saying which key to put where."""
     import logging
 
     import trio
@@ -149,17 +148,43 @@ def cmd_up(args: argparse.Namespace) -> int:
         advertise_connector=args.advertise_connector, advertise_tags=tags,
         state_dir=args.state_dir, tun_name=args.tun_name, mtu=args.mtu,
         dns_listen=args.dns_listen, upstream_dns=args.upstream_dns,
-        dns_allow=args.dns_allow,
+        dns_allow=args.dns_allow, private_key=args.private_key,
     )
+    if (status := _check_private_key(options)) is not None:
+        return status
     failures: list[BaseException] = []
     try:
         trio.run(serve, options)
     except* (NodeError, SystemSetupError, OSError) as group:
         failures = _leaves(group)
     for e in failures:
-        hint = " (conn25d up needs root)" if os.geteuid() != 0 else ""
+        hint = " (conn25d up needs root)" if os.geteuid() != 0 and str(e).startswith(
+            "cannot") else ""
         print(f"conn25d: {e}{hint}", file=sys.stderr)
     return EXIT_INVALID if failures else EXIT_OK
+
+
+def _check_private_key(options: NodeOptions) -> int | None:
+    """Read (or make) the node's private key and hold its public key against the tailnet
+    file's entry for this node; the exit status when up must stop there, else None.
+    Prints at most one line, and never the private key."""
+    import logging
+
+    from . import keyfile
+
+    path = options.private_key_path
+    try:
+        private, created = keyfile.node_key(path, options.tailnet, options.hostname)
+    except keyfile.KeyFileError as e:
+        hint = " (conn25d up needs root)" if os.geteuid() != 0 and str(e).startswith(
+            "cannot") else ""
+        print(f"conn25d: {e}{hint}", file=sys.stderr)
+        return EXIT_INVALID
+    public = wgkeys.encode(wgkeys.public_from_private(private))
+    if created:
+        logging.getLogger("conn25d").info("made a new private key %s (public key %s)",
+                                          path, public)
+    return None
 
 
 def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
@@ -180,6 +205,9 @@ def _add_up(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
                    help="comma-separated tags; must match the node's tags in the file")
     p.add_argument("--state-dir", metavar="DIR",
                    help="assignments and the local API socket (default /var/lib/conn25d/NAME)")
+    p.add_argument("--private-key", metavar="FILE",
+                   help="this node's WireGuard private key, as 'wg genkey' writes it (default "
+                   "STATE_DIR/private.key, made mode 0600 when missing)")
     p.add_argument("--tun-name", default="conn25", metavar="IFNAME",
                    help="the TUN device (default conn25)")
     p.add_argument("--mtu", type=int, default=1420, help="MTU of the TUN device (default 1420)")
@@ -195,8 +223,6 @@ def _add_up(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
 
 
 def _socket_path(args: argparse.Namespace) -> str | None:
-    from pathlib import Path
-
     from .node import SOCKET_NAME, STATE_ROOT
 
     if args.state_dir:

@@ -93,10 +93,15 @@ class NodeOptions(msgspec.Struct, kw_only=True):
     upstream_dns: tuple[tuple[str, int], ...] | None = None  # default: from /etc/resolv.conf
     dns_allow: tuple[str, ...] = ()  # CIDRs besides this host whose DNS queries are answered
     peerapi_port: int = PEERAPI_PORT
+    private_key: str | None = None  # the WireGuard private key file; default STATE_DIR/private.key
 
     @property
     def state_path(self) -> Path:
         return Path(self.state_dir) if self.state_dir else STATE_ROOT / self.hostname
+
+    @property
+    def private_key_path(self) -> Path:
+        return Path(self.private_key) if self.private_key else self.state_path / "private.key"
 
 
 class Node:
@@ -316,14 +321,11 @@ class Node:
     def _private_key(self) -> bytes:
         """This node's WireGuard private key (created when missing); NodeError when the
         tailnet file does not hold its public key."""
-        path = self.options.private_key_path
         try:
-            private, _ = keyfile.load_or_create(path)
+            private, _ = keyfile.node_key(self.options.private_key_path, self.options.tailnet,
+                                          self.options.hostname)
         except keyfile.KeyFileError as e:
             raise NodeError(str(e)) from None
-        if (msg := keyfile.mismatch(self.config.node, private, self.options.tailnet,
-                                    path)) is not None:
-            raise NodeError(msg)
         return private
 
     def _install_tables(self) -> None:
@@ -435,11 +437,13 @@ class Node:
             log.error("tailnet file %s rejected, keeping the running configuration:\n%s",
                       opts.tailnet, e)
             return
-        if cfg.node.addresses != self.config.node.addresses or \
-                cfg.node.endpoint != self.config.node.endpoint:
+        own, new = self.config.node, cfg.node
+        if (new.addresses, new.endpoint, new.public_key) != \
+                (own.addresses, own.endpoint, own.public_key):
             self.counters["reload_errors"] += 1
-            log.error("tailnet file %s changes this node's own addresses or endpoint; restart "
-                      "conn25d to apply that (keeping the running configuration)", opts.tailnet)
+            log.error("tailnet file %s changes this node's own addresses, endpoint or public "
+                      "key; restart conn25d to apply that (keeping the running configuration)",
+                      opts.tailnet)
             return
         self.tailnet, self.config = tn, cfg
         self.assignments.reconfigure(cfg.pools)

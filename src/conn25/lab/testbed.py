@@ -4,7 +4,9 @@
              a web server on 198.51.100.10 / 2001:db8:100::10 that answers with the
              address it sees the request from, iperf3.
     one ns per node: a veth to inet (203.0.113.4i+2/30, 2001:db8:i::2/64, default
-             route via inet), its underlay endpoint 192.0.2.i on lo, conn25d.
+             route via inet), its underlay endpoint 192.0.2.i on lo, conn25d, and
+             a key pair of its own (the private key where `up` looks by default,
+             STATE_DIR/private.key, mode 0600, under the testbed's workdir).
 
 Only documentation, reserved and overlay addresses; the namespaces reach nothing
 but each other. Everything is removed by close(), also after a failure.
@@ -21,6 +23,8 @@ import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from ..core.wireguard import keys as wgkeys
+from ..daemon import keyfile
 from .netns import Netns, sh, terminate, wait_for
 
 WEB4, WEB6, DNS4 = "198.51.100.10", "2001:db8:100::10", "198.51.100.53"
@@ -102,6 +106,9 @@ class NodeSpec:
         self.gw4 = f"203.0.113.{4 * index + 1}"
         self.link6 = f"2001:db8:{index}::2"
         self.gw6 = f"2001:db8:{index}::1"
+        # A fresh pair per spec: keys of a throwaway tailnet, known to no other run.
+        self.private_key = wgkeys.generate_private()
+        self.public_key = wgkeys.public_from_private(self.private_key)
 
 
 DEFAULT_NODES = (
@@ -125,7 +132,7 @@ def tailnet_file(nodes: tuple[NodeSpec, ...]) -> str:
              "domains": ["example.com", "*.example.com"]}]}}],
         "nodes": [
             {"name": n.name, "addresses": [n.overlay4, n.overlay6],
-             "endpoint": f"{n.endpoint}:41641",
+             "endpoint": f"{n.endpoint}:41641", "publicKey": wgkeys.encode(n.public_key),
              **({"user": n.user} if n.user else {}), **({"tags": list(n.tags)} if n.tags else {}),
              **({"egressIPs": [n.link4]} if n.connector else {})}
             for n in nodes
@@ -188,8 +195,13 @@ class Testbed:
     def state_dir(self, name: str) -> Path:
         return self.workdir / "state" / name
 
+    def private_key_path(self, name: str) -> Path:
+        return self.state_dir(name) / "private.key"
+
     def start(self, name: str, *extra: str, wait: bool = True) -> subprocess.Popen:
         spec = self.specs[name]
+        if not self.private_key_path(name).exists():
+            keyfile.create(self.private_key_path(name), spec.private_key)
         args = [sys.executable, "-m", "conn25", "up", "--tailnet", str(self.tailnet_path),
                 "--hostname", name, "--state-dir", str(self.state_dir(name)),
                 "--upstream-dns", DNS4, "--log-level", "debug", *extra]

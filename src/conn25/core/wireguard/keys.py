@@ -70,6 +70,20 @@ def decode(text: str) -> bytes:
     return key
 
 
+# What ``wg`` lets follow a key it reads from a file or stdin: whitespace and NULs.
+TRAILING_SPACE = b" \t\n\v\f\r\0"
+
+
+def decode_file(data: bytes) -> bytes:
+    """A key as ``wg`` reads it from a file or stdin (``wg genkey``'s output): its base64
+    text, then nothing but whitespace. ValueError, as :func:`decode`, never quotes it."""
+    try:
+        text = data.rstrip(TRAILING_SPACE).decode("ascii")
+    except UnicodeDecodeError:  # its message would show a byte of the key
+        raise ValueError("not a WireGuard key: not base64 text") from None
+    return decode(text)
+
+
 def dh(private: bytes, public: bytes) -> bytes:
     """X25519(private, public). An all-zero result (a low-order public key) is refused, as
     WireGuard refuses it: it would make the shared secret known to anyone."""
