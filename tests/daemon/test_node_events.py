@@ -37,6 +37,15 @@ class FakeDatapath:
             os.close(fd)
 
 
+class FakeOverlay:
+    """The WireGuard driver's part of the event loop: no handshakes waiting."""
+
+    counters: dict[str, int] = {}
+
+    def handle_handshakes(self) -> None:
+        pass
+
+
 class FakeRegistrar:
     def __init__(self) -> None:
         self.rejected_transits: list[object] = []
@@ -64,6 +73,7 @@ def run_events(events: list[DatapathEvent]) -> tuple[Node, FakeRegistrar, list[s
     registrar = FakeRegistrar()
     node.datapath = dp  # type: ignore[assignment]
     node.registrar = registrar  # type: ignore[assignment]
+    node.overlay = FakeOverlay()  # type: ignore[assignment]
     handler = Lines()
     root = logging.getLogger()
     old_level = root.level

@@ -156,7 +156,9 @@ class Node:
         if self.dns_server is not None:
             out.update({f"dns_server_{k}": v for k, v in self.dns_server.counters().items()})
         out.update({f"registration_{k}": v for k, v in self.registrar.counters().items()})
-        out.update({f"wireguard_{k}": v for k, v in self.overlay.counters.items()})
+        overlay = getattr(self, "overlay", None)  # made once run() bound the overlay's socket
+        if overlay is not None:
+            out.update({f"wireguard_{k}": v for k, v in overlay.counters.items()})
         refusals = dict.fromkeys(REFUSAL_REASONS, 0) | dict(self.refusals.counters)
         out.update({f"refusals_{k}": v for k, v in refusals.items()})
         return out
