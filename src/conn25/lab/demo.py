@@ -62,6 +62,12 @@ def run_demo() -> int:
             if a is not None:
                 _say(f"[2] before answering, it agreed transit IP {a['transit']} -> real "
                      f"{a['real']} with connector {a['connector']}")
+            peer = next((p for p in doc.get("peers", []) if p["name"] == conn.name), None)
+            if peer is not None and peer.get("latestHandshake"):
+                ago = max(0.0, float(doc.get("now", 0.0)) - peer["latestHandshake"])
+                _say(f"    over WireGuard: {client.name} and {peer['name']} (public key "
+                     f"{peer['publicKey'][:10]}...) handshook {ago:.1f}s ago; endpoint "
+                     f"{peer['endpoint']}, {peer['rxBytes']} bytes in, {peer['txBytes']} out")
             page = bed.curl(client.name, "http://example.com/")
             if page.returncode != 0:
                 _say(f"fetching http://example.com/ failed: {page.stderr}")
