@@ -2,11 +2,12 @@
 
 Opens a TUN device, gives it addresses and routes (pyroute2), binds the UDP
 socket, installs the tables and each peer's WireGuard keypair (the test made
-both ends: tests/fastpath/wgsessions.py) from a JSON description (argv[1]),
-starts the pumps, prints "ready", and runs until stdin closes, printing its counters as
-JSON for each "counters" line it reads meanwhile (a test waits on them
-rather than sleeping); then prints its counters and events as JSON and exits, removing nothing but what dies with it (the TUN device
-goes with its fd).
+both ends: tests/wgsessions.py) from a JSON description (argv[1]),
+starts the pumps, prints "ready", and runs until stdin closes, printing its
+counters as JSON for each "counters" line it reads meanwhile (a test waits
+on them rather than sleeping); then prints its counters and events as JSON
+and exits, removing nothing but what dies with it (the TUN device goes with
+its fd).
 """
 
 import ipaddress

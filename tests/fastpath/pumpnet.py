@@ -20,7 +20,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import wgsessions
-
 from conn25.lab.netns import Netns, link
 
 NODE = str(Path(__file__).with_name("fastpath_node.py"))

@@ -10,10 +10,10 @@ each fixture installs.
 import ipaddress
 
 import pytest
-import wgsessions
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror, UDPerror
 from scapy.layers.inet6 import IPv6
 
+import wgsessions
 from conn25.core.iprange import IPRange
 from conn25.fastpath import Datapath, EventKind, Role
 

@@ -9,10 +9,10 @@ import threading
 
 import pytest
 import trio
-import wgsessions
 from pumpnet import ip, recv
 from scapy.layers.inet import IP, TCP
 
+import wgsessions
 from conn25.core.iprange import IPRange
 from conn25.fastpath import Datapath, EventKind, monotonic_ms
 

@@ -15,10 +15,10 @@ import select
 import socket
 
 import pytest
-import wgsessions
 from pumpnet import ip, recv
 from scapy.layers.inet import ICMP, IP
 
+import wgsessions
 from conn25.core.iprange import IPRange
 from conn25.fastpath import Datapath, monotonic_ms
 

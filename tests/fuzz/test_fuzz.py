@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import dnswire
+import wgsessions
 from conn25.core import peerapi
 from conn25.core.assignments import Assignments
 from conn25.core.config import App, Member, NodeConfig, Pools, Tailnet
@@ -211,6 +212,24 @@ LEGS: list[tuple[str | tuple[str, int], str, str]] = [
 ]
 
 
+# A session with each peer, told apart by index and keys; the fuzzer plays the peers.
+# A datagram "from" an underlay address that is neither comes under no session of ours.
+_SESSIONS = {
+    CONN_PEER: wgsessions.pair(local_index=CONN_PEER, remote_index=100 + CONN_PEER,
+                               key_out=bytes([CONN_PEER]) * 32),
+    CLIENT_PEER: wgsessions.pair(local_index=CLIENT_PEER, remote_index=100 + CLIENT_PEER,
+                                 key_out=bytes([CLIENT_PEER]) * 32),
+}
+_STRANGER = wgsessions.Remote(wgsessions.pair(local_index=0xDEAD, remote_index=0xBEEF)[1])
+REMOTES = {CONN_EP: wgsessions.Remote(_SESSIONS[CONN_PEER][1]),
+           CLIENT_EP: wgsessions.Remote(_SESSIONS[CLIENT_PEER][1])}
+
+
+def sealed(pkt: bytes, ingress: tuple[str, int]) -> bytes:
+    """`pkt` as the peer at `ingress` sends it, under its session with the datapath."""
+    return REMOTES.get(ingress, _STRANGER).seal(pkt)
+
+
 def make_datapath() -> Datapath:
     dp = Datapath(client=True, connector=True, client_flows=256, connector_flows=256)
     t = dp.tables
@@ -230,6 +249,8 @@ def make_datapath() -> Datapath:
     set_local = getattr(t, "set_local", None)  # the node's own addresses, where supported
     if set_local is not None:
         set_local([ADDR[4]["self"], ADDR[6]["self"]])
+    for peer, (ours, _) in _SESSIONS.items():
+        wgsessions.install(dp, peer, ours, NOW_MS)
     return dp
 
 
@@ -241,7 +262,7 @@ def run_packet(dp: Datapath, ingress: str | tuple[str, int], pkt: bytes) -> tupl
         if translated:
             assert peer in (CONN_PEER, CLIENT_PEER)
     else:
-        verdict, out, peer = dp.process_datagram(Datapath.data_datagram(pkt), ingress, NOW_MS)
+        verdict, out, peer = dp.process_datagram(sealed(pkt, ingress), ingress, NOW_MS)
         translated = verdict == "tun"
     assert verdict in VERDICTS
     assert isinstance(out, bytes)
@@ -395,7 +416,8 @@ def test_datapath_translates_the_fuzzed_flows() -> None:
 @example(b"\x60" + b"\0" * 39, CLIENT_EP, True)
 @example(b"", CONN_EP, False)
 def test_datapath_survives_raw_bytes(data: bytes, ingress: Ingress, framed: bool) -> None:
-    """Arbitrary bytes, raw or as a data datagram: a documented verdict, never a crash."""
+    """Arbitrary bytes, raw or sealed in a transport message: a documented verdict,
+    never a crash."""
     dp = make_datapath()
     if ingress == "tun" or framed:
         run_packet(dp, ingress, data)

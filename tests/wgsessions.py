@@ -82,7 +82,7 @@ def connect(dp, peer: int, now_ms: int, *, initiator: bool = True,
 
 
 def node_keypair(keypair: Keypair) -> dict:
-    """A keypair as JSON, for the namespace nodes (tests/fastpath/fastpath_node.py)."""
+    """A keypair as JSON, for the namespace nodes (fastpath/fastpath_node.py)."""
     return {"local_index": keypair.local_index, "remote_index": keypair.remote_index,
             "send_key": keypair.send_key.hex(), "receive_key": keypair.receive_key.hex(),
             "initiator": keypair.is_initiator}
