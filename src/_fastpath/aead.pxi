@@ -75,7 +75,11 @@ cdef bint rw_accept(ReplayWin *w, uint64_t counter) noexcept nogil:
     if not rw_fresh(w, counter):
         return False
     if counter >= w.next:
-        cur = w.next >> 6 if w.next else 0
+        # `cur` is the word of the highest counter accepted so far (next - 1): the
+        # words after it, up to the new highest's, stand for newer counters now and
+        # lose their old bits. (From `next` itself, a new word that begins exactly at
+        # next kept the bits of counters a ring below and refused them as replays.)
+        cur = (w.next - 1) >> 6 if w.next else 0
         top = counter >> 6
         if w.next == 0:
             memset(w.bits, 0, sizeof(w.bits))

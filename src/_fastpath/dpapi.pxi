@@ -114,6 +114,7 @@ cdef class Datapath:
     cdef DpCtx *ctx_tun
     cdef DpCtx *ctx_udp
     cdef AeadCtx *aead_ctl    # the control plane's (seal()), used with the GIL held
+    cdef uint64_t ctl_counters[<int>C_NCOUNTERS]  # what seal() counted (GIL held)
     cdef PumpBufs *bufs_tun
     cdef PumpBufs *bufs_udp
     cdef readonly Tables tables
@@ -136,6 +137,7 @@ cdef class Datapath:
         self.client_flows = FlowTable(client_flows, idle_timeout_ms) if client else None
         self.connector_flows = FlowTable(connector_flows, idle_timeout_ms) if connector else None
         memset(&self.core, 0, sizeof(DpCore))
+        memset(self.ctl_counters, 0, sizeof(self.ctl_counters))
         pthread_mutex_init(&self.core.ev_lock, NULL)
         self.core.tables = self.tables.tables
         self.core.client_flows = self.client_flows.table if client else NULL
@@ -280,12 +282,17 @@ cdef class Datapath:
         cdef TbEndpoint ep
         cdef Py_ssize_t out
         cdef DpCtx ctx
+        cdef int i
         memcpy(b + WG_HDR, <const uint8_t *>src, n)
         memset(&ctx, 0, sizeof(DpCtx))
         ctx.aead = self.aead_ctl
         ctx.peer = p
         with nogil:
             out = dp_seal(&self.core, &ctx, b, n, now, &ep)
+        # The context is this call's own (the pumps' have no lock); what it counted
+        # (staged, no endpoint, crypto errors) joins counters() here, with the GIL.
+        for i in range(C_NCOUNTERS):
+            self.ctl_counters[i] += ctx.counters[i]
         if out == 0:
             return None
         return (bytes(buf[:out]), _endpoint_out(&ep))
@@ -446,7 +453,8 @@ cdef class Datapath:
         monotonic counters: good for monitoring, not for exact accounting)."""
         d = {}
         for i in range(C_NCOUNTERS):
-            d[_COUNTER_NAMES[i]] = self.ctx_tun.counters[i] + self.ctx_udp.counters[i]
+            d[_COUNTER_NAMES[i]] = (self.ctx_tun.counters[i] + self.ctx_udp.counters[i]
+                                    + self.ctl_counters[i])
         d["events_dropped"] += self.core.ev_dropped
         for role, table in (("client", self.client_flows), ("connector", self.connector_flows)):
             if table is not None:
