@@ -287,8 +287,10 @@ cdef class Datapath:
         memset(&ctx, 0, sizeof(DpCtx))
         ctx.aead = self.aead_ctl
         ctx.peer = p
-        with nogil:
-            out = dp_seal(&self.core, &ctx, b, n, now, &ep)
+        # With the GIL held: aead_ctl is one cipher context for every caller, and two
+        # threads in it at once corrupt each other's datagrams (or crash OpenSSL).
+        # The tables' lock taken inside is never held by a thread that waits for the GIL.
+        out = dp_seal(&self.core, &ctx, b, n, now, &ep)
         # The context is this call's own (the pumps' have no lock); what it counted
         # (staged, no endpoint, crypto errors) joins counters() here, with the GIL.
         for i in range(C_NCOUNTERS):

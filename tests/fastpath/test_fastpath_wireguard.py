@@ -11,6 +11,7 @@ roaming, the handshake queue, and the connector's reject inside the tunnel.
 
 import ipaddress
 import socket
+import threading
 
 import pytest
 from hypothesis import given, settings
@@ -32,7 +33,8 @@ US, US6 = "100.64.0.2", "fd7a:115c:a1e0::2"          # the datapath's node
 THEM, THEM6 = "100.64.0.1", "fd7a:115c:a1e0::1"      # the peer the test plays
 EP = ("192.0.2.1", 41641)
 REKEY_AFTER_MS, REJECT_AFTER_MS = 120_000, 180_000    # WireGuard's REKEY/REJECT_AFTER_TIME
-STAGED_MAX, HANDSHAKE_QUEUE = 128, 1024
+REKEY_ON_RECEIVE_MS = 165_000                        # REJECT_AFTER - KEEPALIVE - REKEY_TIMEOUT
+STAGED_MAX, STAGED_BYTES, HANDSHAKE_QUEUE = 128, 1 << 20, 1024
 
 
 def node(endpoint=EP, connector=False) -> Datapath:
@@ -277,6 +279,41 @@ def test_an_initiators_keypair_due_for_rekey_asks_for_a_handshake_once():
     assert kinds(dp) == []
 
 
+def test_an_initiators_old_keypair_asks_for_a_rekey_when_receiving():
+    """A peer that only receives rekeys before its keypair expires, once."""
+    dp = node()
+    remote = wgsessions.connect(dp, PEER, NOW)
+    assert dp.process_datagram(remote.seal(to_us()), EP, NOW + REKEY_ON_RECEIVE_MS - 1)[0] == "tun"
+    assert kinds(dp) == []
+    for t in range(2):
+        assert dp.process_datagram(remote.seal(to_us()), EP,
+                                   NOW + REKEY_ON_RECEIVE_MS + t)[0] == "tun"
+    assert kinds(dp) == [(EventKind.HANDSHAKE_WANTED, PEER)]
+
+
+def test_threads_sealing_for_one_peer_never_share_a_counter():
+    """seal() from several threads at once: every datagram has its own counter
+    (reserved under the tables' lock) and opens (the control plane's one cipher
+    context is never used by two threads at once)."""
+    dp = node()
+    remote = wgsessions.connect(dp, PEER, NOW)
+    packet = from_us(200, False)
+    out: list[list[bytes]] = [[] for _ in range(8)]
+
+    def worker(mine: list[bytes]) -> None:
+        for _ in range(1000):
+            mine.append(dp.seal(PEER, packet, NOW)[0])
+
+    threads = [threading.Thread(target=worker, args=(o,)) for o in out]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    sent = [dg for o in out for dg in o]
+    assert sorted(wgsessions.Remote.counter(dg) for dg in sent) == list(range(len(sent)))
+    assert all(remote.open(dg) == packet for dg in sent)
+
+
 def test_a_responders_keypair_does_not_ask_for_a_rekey_when_sending():
     """Only the initiator rekeys by age on send (the other side would race it)."""
     dp = node()
@@ -306,6 +343,18 @@ def test_packets_without_a_session_are_staged_boundedly_in_order():
     remote = wgsessions.connect(dp, PEER, NOW)
     sent = [dp.seal(PEER, pkt, NOW)[0] for pkt in dp.take_staged(PEER)]
     assert [remote.open(dg) for dg in sent] == packets[:3]
+
+
+def test_staged_packets_are_bounded_in_bytes_too():
+    """Large packets: the oldest go once a megabyte waits, before 128 do."""
+    dp = node()
+    big = [from_us(9000, False)[:-1] + bytes([i]) for i in range(STAGED_MAX)]
+    for pkt in big:
+        dp.seal(PEER, pkt, NOW)
+    kept = STAGED_BYTES // 9000
+    state = dp.peer_state(PEER)
+    assert (state["staged"], state["drops"]["staged_overflow"]) == (kept, STAGED_MAX - kept)
+    assert dp.take_staged(PEER) == big[-kept:]
 
 
 # -- endpoints and roaming -----------------------------------------------------------------------
