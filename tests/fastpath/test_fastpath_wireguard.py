@@ -398,6 +398,27 @@ def test_roaming_follows_the_latest_authenticated_datagram():
     assert not dp.set_endpoint(99, ("192.0.2.77", 41641), NOW + 7)
 
 
+def test_a_reload_keeps_sessions_and_the_learned_endpoint_until_the_config_moves_it():
+    """set_peer again (the tailnet file re-read): the session goes on (its counter too)
+    and the roamed endpoint stays; a changed configured endpoint wins; del_peer
+    forgets the session, whose datagrams then name no session of ours."""
+    dp = node()
+    remote = wgsessions.connect(dp, PEER, NOW)
+    assert dp.process_datagram(remote.seal(to_us()), ("192.0.2.50", 4000), NOW)[0] == "tun"
+    dp.seal(PEER, b"", NOW)
+    overlay = [ip(THEM), ip(THEM6)]
+    dp.tables.set_peer(PEER, ip(EP[0]), EP[1], overlay)  # the same configuration
+    dg, endpoint = dp.seal(PEER, b"", NOW)
+    assert (remote.counter(dg), endpoint) == (1, ("192.0.2.50", 4000))
+    dp.tables.set_peer(PEER, ip("192.0.2.60"), 41641, overlay)
+    assert dp.seal(PEER, b"", NOW)[1] == ("192.0.2.60", 41641)
+    assert dp.process_datagram(remote.seal(to_us()), EP, NOW)[0] == "tun"
+    assert dp.tables.del_peer(PEER)
+    assert dp.process_datagram(remote.seal(to_us()), EP, NOW)[0] == "drop"
+    assert dp.counters()["drop_unknown_index"] == 1
+    assert dp.tables.stats()["indices"] == 0
+
+
 # -- handshake messages --------------------------------------------------------------------------
 
 
