@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import msgspec
 from dnslib import AAAA, CLASS, CNAME, HTTPS, QTYPE, RR, TXT, A, DNSHeader, DNSQuestion, DNSRecord
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 import dnswire
@@ -181,7 +181,7 @@ def assert_translation_keeps_checksums(before: bytes, after: bytes) -> None:
 
 # -- target a: the datapath's parser and NAT -------------------------------------------------------
 
-VERDICTS = {"drop", "peer", "tun", "reply", "reject"}
+VERDICTS = {"drop", "peer", "tun", "reply", "reject", "handshake"}
 CONN_PEER, CLIENT_PEER = 2, 1
 CONN_EP, CLIENT_EP = ("192.0.2.2", 41641), ("192.0.2.1", 41641)
 NOW_MS = 5_000_000
@@ -424,6 +424,33 @@ def test_datapath_survives_raw_bytes(data: bytes, ingress: Ingress, framed: bool
     else:
         verdict, out, _ = dp.process_datagram(data, ingress, NOW_MS)
         assert verdict in VERDICTS and isinstance(out, bytes)
+
+
+@FUZZ
+@given(st.binary(min_size=1, max_size=120),
+       st.lists(st.tuples(st.integers(0, 10**6), st.integers(1, 255)), min_size=1, max_size=4),
+       st.integers(0, 200))
+def test_a_mutated_datagram_is_dropped_and_changes_no_session(payload: bytes,
+                                                               flips: list[tuple[int, int]],
+                                                               cut: int) -> None:
+    """A genuine transport message with bytes changed or cut off: never delivered,
+    and the session is as before (window, endpoint, byte counts): the genuine
+    message still opens afterwards."""
+    dp = make_datapath()
+    genuine = REMOTES[CLIENT_EP].seal(ip_packet(ADDR[4]["client"], ADDR[4]["transit_b"], 17,
+                                                l4(17, ADDR[4]["client"], ADDR[4]["transit_b"],
+                                                   40000, 443, payload)))
+    bad = bytearray(genuine)
+    for pos, mask in flips:
+        bad[pos % len(bad)] ^= mask
+    bad = bad[:len(bad) - cut % len(bad)] if cut % 3 == 0 else bad
+    assume(bytes(bad) != genuine)  # flips that cancel out leave the genuine message
+    before = dp.peer_state(CLIENT_PEER)
+    verdict, out, _ = dp.process_datagram(bytes(bad), ("198.51.100.1", 9), NOW_MS)
+    assert verdict in {"drop", "handshake"} and out == b""
+    assert dp.peer_state(CLIENT_PEER)["endpoint"] == before["endpoint"]
+    assert dp.peer_state(CLIENT_PEER)["rx_bytes"] == before["rx_bytes"] == 0
+    assert dp.process_datagram(genuine, CLIENT_EP, NOW_MS)[0] == "tun"
 
 
 # -- target b: the DNS mapper ---------------------------------------------------------------------
