@@ -271,8 +271,9 @@ cdef class Datapath:
     def seal(self, peer: int, packet: bytes, now_ms: int) -> tuple | None:
         """`packet` (b"": a keepalive) sealed for `peer` under its current
         keypair: (datagram, (ip, port) to send it to); or None when it cannot
-        go now (counted; a packet is then staged until a handshake completes,
-        and the handshake is asked for with an event)."""
+        go now (counted): without a session a packet is staged until a
+        handshake completes, and the handshake is asked for with an event;
+        to a peer whose endpoint is not known yet it is dropped."""
         cdef bytes src = bytes(packet)
         cdef Py_ssize_t n = len(src)
         cdef uint64_t now = cv_ms_in(now_ms, "now_ms")
