@@ -21,6 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+# The pump tests' topology (pumpnet) and the session keys it gives the nodes (wgsessions).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "fastpath"))
 
 from pumpnet import MAGIC, REAL, pump_topology, stop_node

@@ -116,6 +116,7 @@ cdef class Datapath:
     cdef DpCtx *ctx_tun
     cdef DpCtx *ctx_udp
     cdef AeadCtx *aead_ctl    # the control plane's (seal()), used with the GIL held
+    cdef uint64_t ctl_counters[<int>C_NCOUNTERS]  # what seal() counted (GIL held)
     cdef PumpBufs *bufs_tun
     cdef PumpBufs *bufs_udp
     cdef readonly Tables tables
@@ -138,6 +139,7 @@ cdef class Datapath:
         self.client_flows = FlowTable(client_flows, idle_timeout_ms) if client else None
         self.connector_flows = FlowTable(connector_flows, idle_timeout_ms) if connector else None
         memset(&self.core, 0, sizeof(DpCore))
+        memset(self.ctl_counters, 0, sizeof(self.ctl_counters))
         pthread_mutex_init(&self.core.ev_lock, NULL)
         self.core.tables = self.tables.tables
         self.core.client_flows = self.client_flows.table if client else NULL
@@ -271,8 +273,9 @@ cdef class Datapath:
     def seal(self, peer: int, packet: bytes, now_ms: int) -> tuple | None:
         """`packet` (b"": a keepalive) sealed for `peer` under its current
         keypair: (datagram, (ip, port) to send it to); or None when it cannot
-        go now (counted; a packet is then staged until a handshake completes,
-        and the handshake is asked for with an event)."""
+        go now (counted): without a session a packet is staged until a
+        handshake completes, and the handshake is asked for with an event;
+        to a peer whose endpoint is not known yet it is dropped."""
         cdef bytes src = bytes(packet)
         cdef Py_ssize_t n = len(src)
         cdef uint64_t now = cv_ms_in(now_ms, "now_ms")
@@ -282,12 +285,19 @@ cdef class Datapath:
         cdef TbEndpoint ep
         cdef Py_ssize_t out
         cdef DpCtx ctx
+        cdef int i
         memcpy(b + WG_HDR, <const uint8_t *>src, n)
         memset(&ctx, 0, sizeof(DpCtx))
         ctx.aead = self.aead_ctl
         ctx.peer = p
-        with nogil:
-            out = dp_seal(&self.core, &ctx, b, n, now, &ep)
+        # With the GIL held: aead_ctl is one cipher context for every caller, and two
+        # threads in it at once corrupt each other's datagrams (or crash OpenSSL).
+        # The tables' lock taken inside is never held by a thread that waits for the GIL.
+        out = dp_seal(&self.core, &ctx, b, n, now, &ep)
+        # The context is this call's own (the pumps' have no lock); what it counted
+        # (staged, no endpoint, crypto errors) joins counters() here, with the GIL.
+        for i in range(C_NCOUNTERS):
+            self.ctl_counters[i] += ctx.counters[i]
         if out == 0:
             return None
         return (bytes(buf[:out]), _endpoint_out(&ep))
@@ -452,7 +462,8 @@ cdef class Datapath:
         monotonic counters: good for monitoring, not for exact accounting)."""
         d = {}
         for i in range(C_NCOUNTERS):
-            d[_COUNTER_NAMES[i]] = self.ctx_tun.counters[i] + self.ctx_udp.counters[i]
+            d[_COUNTER_NAMES[i]] = (self.ctx_tun.counters[i] + self.ctx_udp.counters[i]
+                                    + self.ctl_counters[i])
         d["events_dropped"] += self.core.ev_dropped
         for role, table in (("client", self.client_flows), ("connector", self.connector_flows)):
             if table is not None:

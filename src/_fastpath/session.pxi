@@ -45,7 +45,6 @@ cdef int ss_send_begin(TablesC *t, uint32_t peer, Py_ssize_t n, uint64_t now,
     cdef TbPeer *rec
     cdef SsPeer *s
     cdef SsKeypair *kp
-    cdef int r = SS_OK
     flags[0] = 0
     pthread_mutex_lock(&t.lock)
     rec = tb_peer_locked(t, peer)
@@ -54,15 +53,16 @@ cdef int ss_send_begin(TablesC *t, uint32_t peer, Py_ssize_t n, uint64_t now,
         return SS_NO_PEER
     s = &rec.wg
     kp = &s.kp[SS_CURRENT]
-    if not _ss_live(kp, now) or kp.send_counter >= REJECT_AFTER_MESSAGES:
-        if s.ep.family == 0:
-            s.drops[SS_D_NO_ENDPOINT] += 1
-            r = SS_NO_ENDPOINT
-        else:
-            _ss_want(s, flags)
-            r = SS_NO_SESSION
+    if s.ep.family == 0:
+        # Nowhere to send it, session or not (a keypair installed before the peer's
+        # address was known); nor a handshake to ask for, which needs one too.
+        s.drops[SS_D_NO_ENDPOINT] += 1
         pthread_mutex_unlock(&t.lock)
-        return r
+        return SS_NO_ENDPOINT
+    if not _ss_live(kp, now) or kp.send_counter >= REJECT_AFTER_MESSAGES:
+        _ss_want(s, flags)
+        pthread_mutex_unlock(&t.lock)
+        return SS_NO_SESSION
     memcpy(out.key, kp.send_key, 32)
     out.counter = kp.send_counter
     kp.send_counter += 1
@@ -73,7 +73,8 @@ cdef int ss_send_begin(TablesC *t, uint32_t peer, Py_ssize_t n, uint64_t now,
             or kp.send_counter >= SS_REKEY_AFTER_MESSAGES):
         kp.rekey_asked = 1
         _ss_want(s, flags)
-    s.tx_bytes += <uint64_t>n + 32
+    # The bytes on the wire, as rx_bytes counts them (and wg show): padding included.
+    s.tx_bytes += <uint64_t>wire_padded(n) + WG_OVERHEAD
     s.last_tx_ms = now
     s.rx_unanswered_ms = 0
     if n and s.tx_unanswered_ms == 0:

@@ -13,13 +13,25 @@ objects; every update is atomic per entry)::
 
     dp.tables.set_local([own overlay addresses])   # the only untranslated sources and
                                                    # destinations; everything else is dropped
-    dp.tables.set_peer(peer_id, endpoint_ip, port, [overlay addresses])  # also routes them
+    dp.tables.set_peer(peer_id, endpoint_ip_or_None, port, [overlay addresses])  # also
+                                                   # routes them; None: known on contact
     dp.tables.del_peer(peer_id)
     dp.tables.set_route(addr, peer_id) / del_route(addr)      # e.g. a transit IP -> its connector
     dp.tables.set_magic(magic, transit) / del_magic(magic)    # client
     dp.tables.set_magic_ranges([IPRange, ...])                # client: "magic without assignment"
     dp.tables.set_transit(peer_addr, transit, real, app_id) / del_transit(peer_addr, transit)
     dp.tables.set_transit_ranges([IPRange, ...])              # connector: "unmapped -> reject"
+
+WireGuard sessions (the handshake runs in the control plane; the datapath
+seals and opens transport data and keeps counters, replay windows, the
+endpoint it learned by roaming, and packets staged while there is no session)::
+
+    dp.install_keypair(peer_id, local_index=..., remote_index=..., send_key=..., receive_key=...,
+                       initiator=..., created_ms=..., as_next=...)
+    dp.seal(peer_id, packet, now_ms) -> (datagram, (ip, port)) | None  # None: staged or dropped
+    dp.take_staged(peer_id) / dp.set_endpoint(peer_id, (ip, port), now_ms)
+    dp.read_handshakes() -> ([(message, (ip, port))], waiting)  # types 1-3, for the core
+    dp.peer_state(peer_id) -> {"endpoint", "rx_bytes", "drops", "sessions", ...}
 
 Run the pumps (two threads, GIL released; the caller owns the fds)::
 
@@ -30,7 +42,8 @@ Read what happened (wait until ``dp.event_fd`` is readable)::
     dp.read_events() -> [DatapathEvent(kind, role, transit, peer, reason, flow)]
         kind: EventKind.FLOW_CREATED / FLOW_REMOVED (role Role.CLIENT: keep the
               assignment alive), REJECT (re-register that transit IP),
-              UNMAPPED_TRANSIT (we rejected a peer's)
+              UNMAPPED_TRANSIT (we rejected a peer's), HANDSHAKE_WANTED (no
+              session, or a rekey is due), SESSION_CONFIRMED
     dp.counters() -> {"translated": ..., "drop_spoofed": ..., ...}
     dp.sweep(now_ms, limit)   # idle flows; a bounded number per call
 
@@ -43,8 +56,9 @@ Times are milliseconds of the monotonic clock (:func:`monotonic_ms`).
 ``process_from_tun`` / ``process_datagram`` run the exact per-packet code
 on one packet without any device, for tests and benchmarks.
 
-Overlay datagrams carry a 4-byte header (version 1; type data, reject or
-keepalive; two reserved bytes); ``Datapath.*_datagram`` build them.
+Overlay datagrams are WireGuard messages (wire.pxd): transport data, which the
+datapath seals and opens, and handshake messages, which it queues. A
+connector's reject travels inside the tunnel as an IP packet of protocol 253.
 """
 
 from __future__ import annotations

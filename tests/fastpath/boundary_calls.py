@@ -57,9 +57,36 @@ def run(tun_fd: int, sock: socket.socket, saved: bytes) -> tuple[int, bytes]:
     return restored, dp.save_flows()
 
 
+def session(dp: Datapath, peer_id: int, keys: tuple[bytes, bytes], now: int) -> list[str]:
+    """What the WireGuard driver (daemon/overlay.py) calls."""
+    dp.set_endpoint(peer_id, ("192.0.2.1", 41641), now)
+    dp.install_keypair(peer_id, local_index=1, remote_index=2, send_key=keys[0],
+                       receive_key=keys[1], initiator=True, created_ms=now, as_next=False)
+    out = []
+    for packet in dp.take_staged(peer_id):
+        sealed = dp.seal(peer_id, packet, now)
+        if sealed is not None:
+            datagram, (host, port) = sealed
+            out.append(f"{len(datagram)} bytes to {host}:{port}")
+    messages, waiting = dp.read_handshakes()
+    out.extend(f"{len(m)} bytes from {host}:{port} ({waiting} waiting)"
+               for m, (host, port) in messages)
+    state = dp.peer_state(peer_id)
+    if state is not None:
+        out.append(f"endpoint {state['endpoint']}")
+    endpoint = dp.tables.lookup_peer(peer_id)
+    if endpoint is not None and endpoint[0] is None:
+        out.append("no endpoint yet")
+    dp.tables.set_peer(peer_id, None, 0, [])
+    return out
+
+
 def read_events(dp: Datapath) -> list[str]:
     out = []
     for ev in dp.read_events():
+        if ev.kind is EventKind.HANDSHAKE_WANTED:  # session events name no transit IP
+            out.append(f"handshake with peer {ev.peer}")
+            continue
         transit = ipaddress.ip_address(ev.transit)
         if ev.kind is EventKind.FLOW_CREATED and ev.role is Role.CLIENT:
             out.append(f"started {transit}")

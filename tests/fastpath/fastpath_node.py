@@ -1,10 +1,13 @@
 """A bare datapath node for the pump tests: run inside a namespace by the test.
 
 Opens a TUN device, gives it addresses and routes (pyroute2), binds the UDP
-socket, installs the tables from a JSON description (argv[1]), starts the
-pumps, prints "ready", and runs until stdin closes; then prints its counters
-as JSON and exits, removing nothing but what dies with it (the TUN device
-goes with its fd).
+socket, installs the tables and each peer's WireGuard keypair (the test made
+both ends: tests/wgsessions.py) from a JSON description (argv[1]),
+starts the pumps, prints "ready", and runs until stdin closes, printing its
+counters as JSON for each "counters" line it reads meanwhile (a test waits
+on them rather than sleeping); then prints its counters and events as JSON
+and exits, removing nothing but what dies with it (the TUN device goes with
+its fd).
 """
 
 import ipaddress
@@ -16,7 +19,7 @@ from pyroute2 import IPRoute
 
 from conn25.core.iprange import IPRange
 from conn25.daemon.tun import open_tun
-from conn25.fastpath import Datapath
+from conn25.fastpath import Datapath, monotonic_ms
 
 
 def main() -> None:
@@ -33,8 +36,18 @@ def main() -> None:
     dp = Datapath(client=cfg.get("client", False), connector=cfg.get("connector", False))
     dp.tables.set_local([ipaddress.ip_address(a) for a in cfg["addresses"]])
     for peer in cfg["peers"]:
-        dp.tables.set_peer(peer["id"], ipaddress.ip_address(peer["endpoint"]), peer["port"],
+        endpoint = peer.get("endpoint")
+        dp.tables.set_peer(peer["id"], endpoint and ipaddress.ip_address(endpoint), peer["port"],
                            [ipaddress.ip_address(a) for a in peer["overlay"]])
+        if "keypair" in peer:
+            kp = peer["keypair"]
+            # Created now: the node's clock is the pumps' (a keypair's age is checked).
+            dp.install_keypair(peer["id"], local_index=kp["local_index"],
+                               remote_index=kp["remote_index"],
+                               send_key=bytes.fromhex(kp["send_key"]),
+                               receive_key=bytes.fromhex(kp["receive_key"]),
+                               initiator=kp["initiator"], created_ms=monotonic_ms(),
+                               as_next=False)
     for magic, transit, peer in cfg.get("magic", []):
         dp.tables.set_magic(ipaddress.ip_address(magic), ipaddress.ip_address(transit))
         dp.tables.set_route(ipaddress.ip_address(transit), peer)
@@ -46,7 +59,9 @@ def main() -> None:
     sock.bind((cfg["listen"], cfg["port"]))
     dp.start(fd, sock)
     print("ready", flush=True)
-    sys.stdin.read()
+    for line in sys.stdin:
+        if line.strip() == "counters":
+            print(json.dumps(dp.counters()), flush=True)
     dp.stop()
     events = [(e.kind.value, e.role.value) for e in dp.read_events()]
     print(json.dumps({"counters": dp.counters(), "events": events}), flush=True)

@@ -3,6 +3,8 @@
 
 client ns (192.0.2.1) ==veth== connector ns (192.0.2.2; "server" 203.0.113.10 on its lo)
 The client maps MAGIC -> TRANSIT with the connector, which maps it to REAL.
+The two hold the ends of one WireGuard session (wgsessions.pair), as after a
+handshake the client initiated.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import wgsessions
 from conn25.lab.netns import Netns, link
 
 NODE = str(Path(__file__).with_name("fastpath_node.py"))
@@ -45,6 +48,15 @@ def start_node(ns: Netns, cfg: dict) -> subprocess.Popen:
     return p
 
 
+def node_counters(p: subprocess.Popen) -> dict:
+    """A running node's counters (it answers a "counters" line with one JSON line)."""
+    p.stdin.write("counters\n")
+    p.stdin.flush()
+    ready, _, _ = select.select([p.stdout], [], [], 10)
+    assert ready, "the node did not answer"
+    return json.loads(p.stdout.readline())
+
+
 def stop_node(p: subprocess.Popen) -> dict:
     """Stop a node (close its stdin); its counters and events."""
     out, err = p.communicate("", timeout=20)
@@ -57,19 +69,22 @@ def stop_node(p: subprocess.Popen) -> dict:
 def pump_topology() -> Iterator[tuple[Netns, Netns, subprocess.Popen, subprocess.Popen]]:
     """(client ns, connector ns, client node, connector node); all removed on exit."""
     client, connector = Netns("client"), Netns("conn")
+    client_kp, connector_kp = wgsessions.pair()
     try:
         link(client, "192.0.2.1/24", connector, "192.0.2.2/24")
         connector.run("ip", "addr", "add", f"{REAL}/32", "dev", "lo")
         c = start_node(client, {
             "tun": "c25", "addresses": ["100.64.0.1"], "routes": ["100.80.0.0/16", "100.64.0.2/32"],
             "client": True, "listen": "192.0.2.1", "port": 41641,
-            "peers": [{"id": 2, "endpoint": "192.0.2.2", "port": 41641, "overlay": ["100.64.0.2"]}],
+            "peers": [{"id": 2, "endpoint": "192.0.2.2", "port": 41641, "overlay": ["100.64.0.2"],
+                       "keypair": wgsessions.node_keypair(client_kp)}],
             "magic": [[MAGIC, TRANSIT, 2]], "magic_ranges": ["100.80.0.0/16"],
         })
         k = start_node(connector, {
             "tun": "c25", "addresses": ["100.64.0.2"], "routes": ["100.64.0.1/32"],
             "connector": True, "listen": "192.0.2.2", "port": 41641,
-            "peers": [{"id": 1, "endpoint": "192.0.2.1", "port": 41641, "overlay": ["100.64.0.1"]}],
+            "peers": [{"id": 1, "endpoint": "192.0.2.1", "port": 41641, "overlay": ["100.64.0.1"],
+                       "keypair": wgsessions.node_keypair(connector_kp)}],
             "transit": [["100.64.0.1", TRANSIT, REAL]], "transit_ranges": ["169.254.128.0/17"],
         })
         yield client, connector, c, k

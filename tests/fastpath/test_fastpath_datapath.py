@@ -2,7 +2,9 @@
 
 each case feeds a packet to Datapath.process_from_tun or
 process_datagram (exactly what the pumps call) and checks the verdict and
-the bytes against scapy's independent rebuild.
+the bytes against scapy's independent rebuild. Datagrams from the peer are
+sealed by the reference WireGuard transport (wgsessions) under the session
+each fixture installs.
 """
 
 import ipaddress
@@ -11,6 +13,7 @@ import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror, UDPerror
 from scapy.layers.inet6 import IPv6
 
+import wgsessions
 from conn25.core.iprange import IPRange
 from conn25.fastpath import Datapath, EventKind, Role
 
@@ -21,6 +24,9 @@ MAGIC, TRANSIT, REAL = "100.80.0.5", "169.254.128.5", "203.0.113.10"
 MAGIC6, TRANSIT6, REAL6 = "fd7a:115c:a1e0:ab12::5", "fd7a:115c:a1e0:ab13::5", "2001:db8::10"
 CLIENT6, CONNECTOR6 = "fd7a:115c:a1e0::1", "fd7a:115c:a1e0::2"
 CONN_PEER, CLIENT_PEER = 2, 1
+# Each fixture's datapath holds `OURS` for its peer; the test plays that peer.
+OURS, THEIRS = wgsessions.pair()
+PEER = wgsessions.Remote(THEIRS)
 
 
 def packed(a):
@@ -46,6 +52,7 @@ def client():
     dp.tables.set_magic_ranges([IRange("100.80.0.0/16"), IRange("fd7a:115c:a1e0:ab12::/64")])
     dp.tables.set_magic(packed(MAGIC), packed(TRANSIT))
     dp.tables.set_route(packed(TRANSIT), CONN_PEER)
+    wgsessions.install(dp, CONN_PEER, OURS, NOW)
     return dp
 
 
@@ -58,6 +65,7 @@ def connector():
     dp.tables.set_transit_ranges([IRange("169.254.128.0/17"), IRange("fd7a:115c:a1e0:ab13::/64")])
     dp.tables.set_transit(packed(CLIENT), packed(TRANSIT), packed(REAL), 3)
     dp.tables.set_transit(packed(CLIENT6), packed(TRANSIT6), packed(REAL6), 3)
+    wgsessions.install(dp, CLIENT_PEER, OURS, NOW)
     return dp
 
 
@@ -66,7 +74,8 @@ def IRange(text):
 
 
 def dg(pkt):
-    return Datapath.data_datagram(bytes(pkt))
+    """`pkt` as the fixture's peer sends it (a fresh counter each time)."""
+    return PEER.seal(bytes(pkt))
 
 
 def syn(src=CLIENT, dst=MAGIC, sport=40000, dport=443):
@@ -189,36 +198,80 @@ def test_unmapped_transit_is_dropped_and_rejected_once(connector):
     assert verdict == "drop" and connector.counters()["drop_dst_not_allowed"] == 1
 
 
-def test_reject_received_becomes_an_event(client):
-    """A reject for T is reported to the control plane."""
-    verdict, _, _ = client.process_datagram(
-        Datapath.reject_datagram(packed(TRANSIT)), CONNECTOR_EP, NOW)
+def reject_packet(transit, src=CONNECTOR, dst=CLIENT):
+    """A connector's reject as it travels inside the tunnel (wire.pxd): an IP packet of
+    protocol 253 whose payload is the family byte and the transit IP, built here
+    with scapy rather than by the datapath."""
+    addr = ipaddress.ip_address(transit)
+    payload = bytes([addr.version]) + addr.packed
+    if ":" in src:
+        return bytes(IPv6(src=src, dst=dst, nh=253, hlim=64) / payload)
+    return bytes(IP(src=src, dst=dst, proto=253, ttl=64) / payload)
+
+
+@pytest.mark.parametrize(("transit", "src", "dst"), [(TRANSIT, CONNECTOR, CLIENT),
+                                                      (TRANSIT6, CONNECTOR6, CLIENT6)])
+def test_reject_received_becomes_an_event(client, transit, src, dst):
+    """A reject for T, from the connector's overlay address inside the tunnel, is
+    reported to the control plane and goes no further."""
+    client.tables.set_peer(CONN_PEER, packed(CONNECTOR_EP[0]), CONNECTOR_EP[1],
+                           [packed(CONNECTOR), packed(CONNECTOR6)])
+    verdict, _, _ = client.process_datagram(dg(reject_packet(transit, src, dst)),
+                                            CONNECTOR_EP, NOW)
     assert verdict == "drop"
     [ev] = client.read_events()
-    assert (ev.kind, ev.transit, ev.peer) == (EventKind.REJECT, packed(TRANSIT), CONN_PEER)
-    assert client.counters()["rejects_received"] == 1
+    assert (ev.kind, ev.role, ev.transit, ev.peer) == (
+        EventKind.REJECT, Role.CLIENT, packed(transit), CONN_PEER)
+    c = client.counters()
+    assert (c["rejects_received"], c["tun_tx"], c["forwarded"]) == (1, 0, 0)
+
+
+def test_a_malformed_or_misaddressed_reject_is_no_event(client):
+    """Truncated, of an unknown family, or to an address not ours: no re-registration."""
+    good = reject_packet(TRANSIT)
+    truncated = bytes(IP(src=CONNECTOR, dst=CLIENT, proto=253) / bytes([4, 169, 254]))
+    bad_family = bytes(IP(src=CONNECTOR, dst=CLIENT, proto=253) / (bytes([5]) + good[21:]))
+    for pkt in (truncated, bad_family):
+        assert client.process_datagram(dg(pkt), CONNECTOR_EP, NOW)[0] == "drop"
+    assert client.counters()["drop_malformed"] == 2
+    elsewhere = reject_packet(TRANSIT, dst="100.64.0.77")
+    assert client.process_datagram(dg(elsewhere), CONNECTOR_EP, NOW)[0] == "drop"
+    assert client.read_events() == []
+    assert client.counters()["rejects_received"] == 0
 
 
 def test_anti_spoofing(connector):
-    """Unknown underlay endpoint, or an inner source not the peer's: dropped and counted."""
+    """Cryptokey routing: a datagram under no session of ours, one that does not
+    authenticate, and one whose inner source is not the peer's are dropped and
+    counted; where it came from on the underlay does not matter (roaming)."""
     pkt = IP(src=CLIENT, dst=TRANSIT) / UDP(sport=5000, dport=53)
-    assert connector.process_datagram(dg(pkt), ("192.0.2.66", 41641), NOW)[0] == "drop"
-    assert connector.process_datagram(dg(pkt), (CLIENT_EP[0], 9999), NOW)[0] == "drop"
+    _, stranger = wgsessions.pair(local_index=0x5555, remote_index=0x6666)
+    assert connector.process_datagram(
+        wgsessions.Remote(stranger).seal(bytes(pkt)), CLIENT_EP, NOW)[0] == "drop"
+    _, forger = wgsessions.pair(key_in=bytes(32))  # our index, another key
+    assert connector.process_datagram(
+        wgsessions.Remote(forger).seal(bytes(pkt), counter=10**6), CLIENT_EP, NOW)[0] == "drop"
     spoofed = IP(src=CONNECTOR, dst=TRANSIT) / UDP(sport=5000, dport=53)
     assert connector.process_datagram(dg(spoofed), CLIENT_EP, NOW)[0] == "drop"
     c = connector.counters()
-    assert (c["drop_unknown_peer"], c["drop_spoofed"], c["translated"]) == (2, 1, 0)
+    assert (c["drop_unknown_index"], c["drop_auth"], c["drop_spoofed"], c["translated"]) == (
+        1, 1, 1, 0)
     assert connector.read_events() == []
+    # the same packet, sealed right, from an address never seen: accepted
+    assert connector.process_datagram(dg(pkt), ("192.0.2.66", 9999), NOW)[0] == "tun"
 
 
-@pytest.mark.parametrize("datagram", [b"", b"\x01", b"\x02\x01\x00\x00" + bytes(20),
-                                      b"\x01\x09\x00\x00", b"\x01\x02\x00\x00\x05" + bytes(4),
-                                      b"\x01\x01\x00\x00" + b"\x45" + bytes(10)])
+@pytest.mark.parametrize("datagram", [
+    b"", b"\x04", b"\x04\x00\x00\x00" + bytes(27),         # too short for transport data
+    b"\x04\x01\x00\x00" + bytes(40),                        # reserved bytes not zero
+    b"\x05\x00\x00\x00" + bytes(40), b"\x00" * 48,          # no such type
+    b"\x01\x00\x00\x00" + bytes(143), b"\x02\x00\x00\x00" + bytes(89),  # wrong sizes
+    b"\x03\x00\x00\x00" + bytes(61)])
 def test_bad_datagrams_are_dropped_and_counted(connector, datagram):
     verdict, _, _ = connector.process_datagram(datagram, CLIENT_EP, NOW)
     assert verdict == "drop"
     c = connector.counters()
-    assert c["drop_bad_header"] + c["drop_malformed"] == 1
+    assert (c["drop_bad_header"], c["udp_rx"], c["handshakes_received"]) == (1, 1, 0)
 
 
 def test_icmp_frag_needed_from_a_router_reaches_the_client_as_from_the_transit_ip(connector):
@@ -245,8 +298,11 @@ def test_garbage_never_crashes(client, connector):
         junk = bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 80)))
         junk = bytes([0x45 if rng.random() < 0.5 else 0x60]) + junk
         client.process_from_tun(junk, NOW)
-        connector.process_datagram(Datapath.data_datagram(junk), CLIENT_EP, NOW)
+        connector.process_datagram(dg(junk), CLIENT_EP, NOW)
     assert client.counters()["tun_rx"] == 0  # process_* are not pump reads
+    # every one of them opened (the bytes were junk, the crypto was not)
+    c = connector.counters()
+    assert (c["drop_auth"], c["drop_replay"], c["drop_unknown_index"]) == (0, 0, 0)
 
 
 # -- a node is not a router and flows come back after a restart --

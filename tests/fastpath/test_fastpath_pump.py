@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from pumpnet import MAGIC, REAL, UNASSIGNED, pump_topology, stop_node
+from pumpnet import MAGIC, REAL, UNASSIGNED, node_counters, pump_topology, stop_node
 
 from conn25.lab.netns import wait_for
 
@@ -39,16 +39,22 @@ def test_ping_curl_and_unreachable_through_the_pumps(topology):
     r = client.run("ping", "-c", "1", "-W", "5", UNASSIGNED, check=False, timeout=30)
     assert r.returncode != 0 and "Unreachable" in r.stdout, r.stdout
 
-    # A datagram from an unknown underlay endpoint (right address, wrong port) is dropped.
+    # Transport data under an index of no session is dropped; a handshake-sized
+    # initiation is queued for the control plane (nobody reads it here).
     client.run(sys.executable, "-c",
                "import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM);"
                "s.bind(('192.0.2.1', 41999));"
-               "s.sendto(b'\\x01\\x01\\x00\\x00' + bytes(40), ('192.0.2.2', 41641))")
+               "s.sendto(b'\\x04\\x00\\x00\\x00\\x99' + bytes(43), ('192.0.2.2', 41641));"
+               "s.sendto(b'\\x01\\x00\\x00\\x00' + bytes(144), ('192.0.2.2', 41641))")
+    wait_for(lambda: node_counters(k)["handshakes_received"] == 1, 10,
+             "the initiation to be queued")
 
     cstats, kstats = stop_node(c), stop_node(k)
     cc, kc = cstats["counters"], kstats["counters"]
     assert cc["translated"] >= 6 and cc["unmapped_magic"] == 1 and cc["udp_tx"] >= 6
     assert kc["translated"] >= 6 and kc["flows_created"] >= 2
-    assert kc["drop_unknown_peer"] == 1
+    assert (kc["drop_unknown_index"], kc["handshakes_received"]) == (1, 1)
+    assert kc["drop_auth"] == kc["drop_replay"] == kc["drop_spoofed"] == 0
+    assert cc["drop_auth"] == cc["drop_replay"] == cc["drop_spoofed"] == 0
     assert ["flow_created", "client"] in cstats["events"]
     assert ["flow_created", "connector"] in kstats["events"]

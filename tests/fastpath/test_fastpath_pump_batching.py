@@ -17,8 +17,9 @@ import pytest
 from pumpnet import ip, recv
 from scapy.layers.inet import IP, TCP
 
+import wgsessions
 from conn25.core.iprange import IPRange
-from conn25.fastpath import Datapath, EventKind
+from conn25.fastpath import Datapath, EventKind, monotonic_ms
 
 CLIENT, CONNECTOR, CONNECTOR2 = "100.64.0.1", "100.64.0.2", "100.64.0.3"
 MAGIC, MAGIC2, T1, T2 = "100.80.0.5", "100.80.0.6", "169.254.128.5", "169.254.128.6"
@@ -61,6 +62,11 @@ class Rig:
         t.set_magic(ip(MAGIC2), ip(T2))
         t.set_route(ip(T1), 2)
         t.set_route(ip(T2), 3)
+        # A session with each connector, which the test plays (distinct indices and keys).
+        self.remotes = {
+            pid: wgsessions.connect(self.dp, pid, monotonic_ms(), local_index=pid,
+                                    remote_index=100 + pid, key_out=bytes([pid]) * 32)
+            for pid in (2, 3)}
 
     def start(self) -> None:
         self.dp.start(self.tun.fileno(), self.overlay)
@@ -80,11 +86,11 @@ def rig(request):
         r.close()
 
 
-def assert_translated(dg: bytes, transit: str, seq: int, payload: int) -> None:
-    """One datagram: data header, then the packet with its destination translated
-    and a valid TCP checksum."""
-    assert dg[:4] == bytes((1, 1, 0, 0))
-    pkt = IP(dg[4:])
+def assert_translated(remote: wgsessions.Remote, dg: bytes, transit: str, seq: int,
+                      payload: int) -> None:
+    """One datagram: a transport message of the peer's session that holds the
+    packet with its destination translated and a valid TCP checksum."""
+    pkt = IP(remote.open(dg))
     assert (pkt.dst, pkt[TCP].seq, len(pkt[TCP].payload)) == (transit, seq, payload)
     sent = pkt[TCP].chksum
     del pkt[TCP].chksum
@@ -101,8 +107,9 @@ def test_a_batch_leaves_in_gso_messages_and_each_peer_gets_its_datagrams_in_orde
         rig.app.send(out(dst, seq, size, sport=40000 if dst == MAGIC else 40001))
     rig.start()
     for seq, (dst, size) in enumerate(plan):
-        peer = rig.peers[2 if dst == MAGIC else 3]
-        assert_translated(recv(peer), T1 if dst == MAGIC else T2, seq, size)
+        pid = 2 if dst == MAGIC else 3
+        assert_translated(rig.remotes[pid], recv(rig.peers[pid]), T1 if dst == MAGIC else T2,
+                          seq, size)
     c = rig.dp.counters()
     # Messages: [3 x 200 to peer 2], [1 to peer 3], [3 x 200 + 100], [2 x 200].
     assert (c["udp_tx"], c["udp_tx_gso"], c["udp_gso_refused"]) == (10, 9, 0)
@@ -121,11 +128,11 @@ def test_gso_refused_by_the_kernel_sends_the_datagrams_one_by_one(rig):
         rig.app.send(out(MAGIC, seq))
     rig.start()
     for seq in range(6):
-        assert_translated(recv(rig.peers[2]), T1, seq, 200)
+        assert_translated(rig.remotes[2], recv(rig.peers[2]), T1, seq, 200)
     for seq in range(6, 9):
         rig.app.send(out(MAGIC, seq))
     for seq in range(6, 9):
-        assert_translated(recv(rig.peers[2]), T1, seq, 200)
+        assert_translated(rig.remotes[2], recv(rig.peers[2]), T1, seq, 200)
     c = rig.dp.counters()
     assert (c["udp_tx"], c["udp_tx_gso"], c["udp_gso_refused"]) == (9, 0, 1)
     assert c["udp_send_errors"] == 0
@@ -139,7 +146,7 @@ def test_coalesced_datagrams_from_a_peer_are_split_and_each_is_checked(rig):
     recv(rig.peers[2])  # the flow exists now
 
     def reply(src, seq):
-        return Datapath.data_datagram(bytes(
+        return rig.remotes[2].seal(bytes(
             IP(src=src, dst=CLIENT) / TCP(sport=443, dport=40000, seq=seq, flags="A")
             / (b"y" * 100)))
 

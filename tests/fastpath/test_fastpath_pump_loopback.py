@@ -12,8 +12,9 @@ import trio
 from pumpnet import ip, recv
 from scapy.layers.inet import IP, TCP
 
+import wgsessions
 from conn25.core.iprange import IPRange
-from conn25.fastpath import Datapath, EventKind
+from conn25.fastpath import Datapath, EventKind, monotonic_ms
 
 CLIENT, CONNECTOR = "100.64.0.1", "100.64.0.2"
 MAGIC, T1, T2 = "100.80.0.5", "169.254.128.5", "169.254.128.6"
@@ -35,9 +36,10 @@ def rig():
     dp.tables.set_magic(ip(MAGIC), ip(T1))
     dp.tables.set_route(ip(T1), 2)
     dp.tables.set_route(ip(T2), 2)
+    remote = wgsessions.connect(dp, 2, monotonic_ms())
     dp.start(tun.fileno(), overlay)
     try:
-        yield dp, app, overlay, peer
+        yield dp, app, overlay, peer, remote
     finally:
         dp.stop()
         for s in (app, tun, overlay, peer):
@@ -49,15 +51,14 @@ def syn(sport=40000):
 
 
 def test_packets_flow_both_ways_and_events_wake_trio(rig):
-    dp, app, overlay, peer = rig
+    dp, app, overlay, peer, remote = rig
     app.send(syn())
     dg = recv(peer)
-    assert dg[:4] == bytes((1, 1, 0, 0))  # version 1, data
-    out = IP(dg[4:])
+    out = IP(remote.open(dg))
     assert (out.dst, out[TCP].dport) == (T1, 443)
 
     reply = IP(src=T1, dst=CLIENT) / TCP(sport=443, dport=40000, flags="SA")
-    peer.sendto(Datapath.data_datagram(bytes(reply)), overlay.getsockname())
+    peer.sendto(remote.seal(bytes(reply)), overlay.getsockname())
     back = IP(recv(app))
     assert (back.src, back.dst) == (MAGIC, CLIENT)
 
@@ -70,7 +71,8 @@ def test_packets_flow_both_ways_and_events_wake_trio(rig):
     assert [(e.kind, e.transit) for e in events] == [(EventKind.FLOW_CREATED, ip(T1).packed)]
 
     # A reject from the connector becomes an event too.
-    peer.sendto(Datapath.reject_datagram(ip(T1)), overlay.getsockname())
+    reject = IP(src=CONNECTOR, dst=CLIENT, proto=253) / (b"\x04" + ip(T1).packed)
+    peer.sendto(remote.seal(bytes(reject)), overlay.getsockname())
     events = trio.run(wait_for_events)
     assert [(e.kind, e.transit, e.peer) for e in events] == [(EventKind.REJECT, ip(T1).packed, 2)]
     c = dp.counters()
@@ -78,7 +80,7 @@ def test_packets_flow_both_ways_and_events_wake_trio(rig):
 
 
 def test_unassigned_magic_gets_an_icmp_error_through_the_tun(rig):
-    dp, app, _, _ = rig
+    dp, app, _, _, _ = rig
     app.send(bytes(IP(src=CLIENT, dst="100.80.0.99") / TCP(sport=1, dport=443, flags="S")))
     err = IP(recv(app))
     assert (err.src, err.dst, err.proto) == ("100.80.0.99", CLIENT, 1)
@@ -88,7 +90,7 @@ def test_unassigned_magic_gets_an_icmp_error_through_the_tun(rig):
 def test_mapping_changes_while_packets_flow_never_tear(rig):
     """Table updates from the control plane during traffic: every packet goes to
     exactly one of the two transit IPs, with a valid checksum."""
-    dp, app, _, peer = rig
+    dp, app, _, peer, remote = rig
     stop = threading.Event()
 
     def flip():
@@ -103,7 +105,7 @@ def test_mapping_changes_while_packets_flow_never_tear(rig):
     try:
         for sport in range(20000, 20300):  # a new flow per packet: each consults the table
             app.send(syn(sport))
-            pkt = IP(recv(peer)[4:])
+            pkt = IP(remote.open(recv(peer)))
             assert pkt.dst in (T1, T2)
             assert pkt[TCP].sport == sport
             sent_sum = pkt[TCP].chksum

@@ -18,17 +18,17 @@ import pytest
 from pumpnet import ip, recv
 from scapy.layers.inet import ICMP, IP
 
+import wgsessions
 from conn25.core.iprange import IPRange
-from conn25.fastpath import Datapath
+from conn25.fastpath import Datapath, monotonic_ms
 
 CLIENT, TRANSIT, REAL = "100.64.0.1", "169.254.128.5", "203.0.113.10"
 ECHO_ID = 7
 
 
 def request(seq: int) -> bytes:
-    """A datagram from the client: an echo request to the transit IP."""
-    return Datapath.data_datagram(bytes(
-        IP(src=CLIENT, dst=TRANSIT) / ICMP(type=8, id=ECHO_ID, seq=seq) / b"ping"))
+    """An echo request from the client to the transit IP (sealed by Rig.send)."""
+    return bytes(IP(src=CLIENT, dst=TRANSIT) / ICMP(type=8, id=ECHO_ID, seq=seq) / b"ping")
 
 
 def reply(seq: int) -> bytes:
@@ -50,9 +50,11 @@ class Rig:
         t.set_peer(1, ip("127.0.0.1"), self.peer.getsockname()[1], [ip(CLIENT)])
         t.set_transit(ip(CLIENT), ip(TRANSIT), ip(REAL))
         t.set_transit_ranges([IPRange.parse("169.254.128.0/17")])
+        self.remote = wgsessions.connect(self.dp, 1, monotonic_ms())
 
-    def send(self, datagram: bytes) -> None:
-        self.peer.sendto(datagram, self.overlay.getsockname())
+    def send(self, packet: bytes) -> None:
+        """`packet` (b"": a keepalive) from the client, sealed under its session."""
+        self.peer.sendto(self.remote.seal(packet), self.overlay.getsockname())
 
     def close(self) -> None:
         self.dp.stop()
@@ -69,10 +71,10 @@ def rig():
         r.close()
 
 
-def assert_reply(dg: bytes, seq: int) -> None:
-    """A reply on its way back to the client: SNAT real -> transit, checksum intact."""
-    assert dg[:4] == bytes((1, 1, 0, 0))
-    pkt = IP(dg[4:])
+def assert_reply(remote: wgsessions.Remote, dg: bytes, seq: int) -> None:
+    """A reply on its way back to the client, sealed for it: SNAT real -> transit,
+    checksum intact."""
+    pkt = IP(remote.open(dg))
     assert (pkt.src, pkt.dst, pkt[ICMP].type, pkt[ICMP].seq) == (TRANSIT, CLIENT, 0, seq)
     sent = pkt[ICMP].chksum
     del pkt[ICMP].chksum
@@ -89,14 +91,14 @@ def test_an_answer_in_the_tun_after_a_write_is_forwarded_without_the_tun_thread(
     rig.send(request(1))
     req = IP(recv(rig.kernel))
     assert (req.src, req.dst, req[ICMP].seq) == (CLIENT, REAL, 1)  # DNAT transit -> real
-    assert_reply(recv(rig.peer), 1)
+    assert_reply(rig.remote, recv(rig.peer), 1)
 
     rig.kernel.send(reply(2))
-    rig.send(Datapath.keepalive_datagram())
+    rig.send(b"")
     assert not select.select([rig.peer], [], [], 0.3)[0]  # no write: the TUN is not read
     rig.send(request(3))
     assert IP(recv(rig.kernel))[ICMP].seq == 3
-    assert_reply(recv(rig.peer), 2)
+    assert_reply(rig.remote, recv(rig.peer), 2)
 
     c = rig.dp.counters()
     assert (c["tun_rx"], c["tun_rx_after_write"], c["udp_tx"], c["tun_tx"]) == (2, 2, 2, 2)

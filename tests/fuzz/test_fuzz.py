@@ -16,10 +16,11 @@ from collections.abc import Callable
 
 import msgspec
 from dnslib import AAAA, CLASS, CNAME, HTTPS, QTYPE, RR, TXT, A, DNSHeader, DNSQuestion, DNSRecord
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 import dnswire
+import wgsessions
 from conn25.core import peerapi
 from conn25.core.assignments import Assignments
 from conn25.core.config import App, Member, NodeConfig, Pools, Tailnet
@@ -181,7 +182,7 @@ def assert_translation_keeps_checksums(before: bytes, after: bytes) -> None:
 
 # -- target a: the datapath's parser and NAT -------------------------------------------------------
 
-VERDICTS = {"drop", "peer", "tun", "reply", "reject"}
+VERDICTS = {"drop", "peer", "tun", "reply", "reject", "handshake"}
 CONN_PEER, CLIENT_PEER = 2, 1
 CONN_EP, CLIENT_EP = ("192.0.2.2", 41641), ("192.0.2.1", 41641)
 NOW_MS = 5_000_000
@@ -212,6 +213,24 @@ LEGS: list[tuple[str | tuple[str, int], str, str]] = [
 ]
 
 
+# A session with each peer, told apart by index and keys; the fuzzer plays the peers.
+# A datagram "from" an underlay address that is neither comes under no session of ours.
+_SESSIONS = {
+    CONN_PEER: wgsessions.pair(local_index=CONN_PEER, remote_index=100 + CONN_PEER,
+                               key_out=bytes([CONN_PEER]) * 32),
+    CLIENT_PEER: wgsessions.pair(local_index=CLIENT_PEER, remote_index=100 + CLIENT_PEER,
+                                 key_out=bytes([CLIENT_PEER]) * 32),
+}
+_STRANGER = wgsessions.Remote(wgsessions.pair(local_index=0xDEAD, remote_index=0xBEEF)[1])
+REMOTES = {CONN_EP: wgsessions.Remote(_SESSIONS[CONN_PEER][1]),
+           CLIENT_EP: wgsessions.Remote(_SESSIONS[CLIENT_PEER][1])}
+
+
+def sealed(pkt: bytes, ingress: tuple[str, int]) -> bytes:
+    """`pkt` as the peer at `ingress` sends it, under its session with the datapath."""
+    return REMOTES.get(ingress, _STRANGER).seal(pkt)
+
+
 def make_datapath() -> Datapath:
     dp = Datapath(client=True, connector=True, client_flows=256, connector_flows=256)
     t = dp.tables
@@ -231,6 +250,8 @@ def make_datapath() -> Datapath:
     set_local = getattr(t, "set_local", None)  # the node's own addresses, where supported
     if set_local is not None:
         set_local([ADDR[4]["self"], ADDR[6]["self"]])
+    for peer, (ours, _) in _SESSIONS.items():
+        wgsessions.install(dp, peer, ours, NOW_MS)
     return dp
 
 
@@ -242,7 +263,7 @@ def run_packet(dp: Datapath, ingress: str | tuple[str, int], pkt: bytes) -> tupl
         if translated:
             assert peer in (CONN_PEER, CLIENT_PEER)
     else:
-        verdict, out, peer = dp.process_datagram(Datapath.data_datagram(pkt), ingress, NOW_MS)
+        verdict, out, peer = dp.process_datagram(sealed(pkt, ingress), ingress, NOW_MS)
         translated = verdict == "tun"
     assert verdict in VERDICTS
     assert isinstance(out, bytes)
@@ -396,13 +417,41 @@ def test_datapath_translates_the_fuzzed_flows() -> None:
 @example(b"\x60" + b"\0" * 39, CLIENT_EP, True)
 @example(b"", CONN_EP, False)
 def test_datapath_survives_raw_bytes(data: bytes, ingress: Ingress, framed: bool) -> None:
-    """Arbitrary bytes, raw or as a data datagram: a documented verdict, never a crash."""
+    """Arbitrary bytes, raw or sealed in a transport message: a documented verdict,
+    never a crash."""
     dp = make_datapath()
     if ingress == "tun" or framed:
         run_packet(dp, ingress, data)
     else:
         verdict, out, _ = dp.process_datagram(data, ingress, NOW_MS)
         assert verdict in VERDICTS and isinstance(out, bytes)
+
+
+@FUZZ
+@given(st.binary(min_size=1, max_size=120),
+       st.lists(st.tuples(st.integers(0, 10**6), st.integers(1, 255)), min_size=1, max_size=4),
+       st.integers(0, 200))
+def test_a_mutated_datagram_is_dropped_and_changes_no_session(payload: bytes,
+                                                               flips: list[tuple[int, int]],
+                                                               cut: int) -> None:
+    """A genuine transport message with bytes changed or cut off: never delivered,
+    and the session is as before (window, endpoint, byte counts): the genuine
+    message still opens afterwards."""
+    dp = make_datapath()
+    genuine = REMOTES[CLIENT_EP].seal(ip_packet(ADDR[4]["client"], ADDR[4]["transit_b"], 17,
+                                                l4(17, ADDR[4]["client"], ADDR[4]["transit_b"],
+                                                   40000, 443, payload)))
+    bad = bytearray(genuine)
+    for pos, mask in flips:
+        bad[pos % len(bad)] ^= mask
+    bad = bad[:len(bad) - cut % len(bad)] if cut % 3 == 0 else bad
+    assume(bytes(bad) != genuine)  # flips that cancel out leave the genuine message
+    before = dp.peer_state(CLIENT_PEER)
+    verdict, out, _ = dp.process_datagram(bytes(bad), ("198.51.100.1", 9), NOW_MS)
+    assert verdict in {"drop", "handshake"} and out == b""
+    assert dp.peer_state(CLIENT_PEER)["endpoint"] == before["endpoint"]
+    assert dp.peer_state(CLIENT_PEER)["rx_bytes"] == before["rx_bytes"] == 0
+    assert dp.process_datagram(genuine, CLIENT_EP, NOW_MS)[0] == "tun"
 
 
 # -- target b: the DNS mapper ---------------------------------------------------------------------
