@@ -6,7 +6,7 @@
 #
 #   ./install.sh          the daemon and its runtime tools
 #   ./install.sh --dev    also the test and benchmark tools (pytest, hypothesis, scapy, ruff, mypy,
-#                         wireguard-go, wg, dnsperf)
+#                         wireguard-go, wg, dnsperf, libsodium)
 set -euo pipefail
 
 usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; }
@@ -25,13 +25,16 @@ prefix=${CONN25D_PREFIX:-/opt/conn25d}
 python=${PYTHON:-python3}
 
 # dnsmasq-base: the binary without a system service; iperf3, curl, iputils-ping for
-# the end-to-end tests and the benchmarks; nftables and iproute2 for the connector.
-packages=(python3 python3-venv python3-dev gcc iproute2 nftables dnsmasq-base
+# the end-to-end tests and the benchmarks; nftables and iproute2 for the connector;
+# libssl-dev: OpenSSL's headers and libcrypto to link against, which the Cython
+# datapath uses for WireGuard's per-packet encryption (ChaCha20-Poly1305).
+packages=(python3 python3-venv python3-dev gcc libssl-dev iproute2 nftables dnsmasq-base
           iperf3 curl iputils-ping procps ca-certificates)
 # --dev: wireguard-go and wg, the userspace-tunnel reference of bench/net.py (without
 # --no-install-recommends, wireguard-tools would pull in a kernel image); dnsperf, the
-# DNS load generator of bench/control.py.
-[ "$dev" = 1 ] && packages+=(wireguard-go wireguard-tools dnsperf)
+# DNS load generator of bench/control.py; libsodium-dev, the other library that
+# bench/aead_cost.c measures the per-packet encryption of.
+[ "$dev" = 1 ] && packages+=(wireguard-go wireguard-tools dnsperf libsodium-dev)
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null

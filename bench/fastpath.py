@@ -5,7 +5,8 @@ copy a packet into a buffer, then run one stage on it. The baseline is the copy
 alone, measured in the same run; the table shows ns per packet, packets per
 second, and the ratio to that baseline. "python call" is the same TUN-side
 decision made through Datapath.process_from_tun once per packet from Python,
-to show what staying out of the interpreter buys.
+to show what staying out of the interpreter buys. The seal/open rows are WireGuard's
+per-packet encryption alone (the _test_bench_aead probe, also a C loop).
 
 The WireGuard rows show what encryption costs per packet: "seal" is the send
 side's whole transport step (counter, padding, ChaCha20-Poly1305 through
@@ -27,7 +28,7 @@ import time
 
 from scapy.layers.inet import IP, TCP
 
-from conn25._fastpath import bench_loop
+from conn25._fastpath import _test_bench_aead, bench_loop
 from conn25.core.iprange import IPRange
 from conn25.fastpath import Datapath, monotonic_ms
 
@@ -116,6 +117,13 @@ def main() -> None:
              per_packet_ns(loop(connector, ret, "tun"), args.seconds)),
             ("python call per packet (client, same work)",
              per_packet_ns(python_calls, args.seconds / 4)),
+            # WireGuard's transport encryption of the same payload size (aead.pxd), which
+            # every packet will pay on top of the stages above.
+            ("seal (ChaCha20-Poly1305, OpenSSL)",
+             per_packet_ns(lambda n, size=size: _test_bench_aead(size, n), args.seconds)),
+            ("open (ChaCha20-Poly1305, OpenSSL, copy included)",
+             per_packet_ns(lambda n, size=size: _test_bench_aead(size, n, True),
+                           args.seconds)),
         ]
         for name, ns in cases:
             rows.append((size, name, ns, 1e9 / ns / 1e6, ns / base))

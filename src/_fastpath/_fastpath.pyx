@@ -9,7 +9,8 @@ is documented in ``conn25.fastpath`` and typed in ``conn25/_fastpath.pyi``.
 # How the files fit (uvloop's layout):
 #
 # * includes/*.pxd: C headers (pthread, sockets, poll/epoll/eventfd, atomics)
-#   that Cython's libc/posix packages lack; cimported where used.
+#   that Cython's libc/posix packages lack, and OpenSSL's EVP cipher calls;
+#   cimported where used.
 # * <concern>.pxd: the declarations of one concern (prefix per concern, see
 #   the module's .pxd). They are `include`d into src/conn25/_fastpath.pxd,
 #   this module's own .pxd, not cimported one by one: a cimported .pxd names

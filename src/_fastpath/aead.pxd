@@ -36,7 +36,7 @@ cdef extern from *:
 
 ctypedef struct AeadCtx:
     # Opaque to callers. The cipher is set once in aead_new: giving it on every call costs
-    # about 370 ns more per message with OpenSSL 3 (bench/aead_cost.c).
+    # 400 to 500 ns more per message with OpenSSL 3 (bench/aead_cost.c).
     EVP_CIPHER_CTX *evp
 
 

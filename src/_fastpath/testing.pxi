@@ -8,6 +8,8 @@
 
 from libc.stdint cimport uint8_t, uint64_t
 from libc.stdlib cimport calloc, free
+from libc.string cimport memcpy, memset
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 
 def _test_parse_status(const uint8_t[::1] data not None) -> str:
@@ -120,3 +122,130 @@ cdef class _TestFragTracker:
             return None
         nat_rewrite_addr(&mv[0], &pk, w, addr)
         return bytes(buf)
+
+
+# WireGuard transport crypto (aead.pxd): the probes take and return bytes and copy them into
+# a buffer of their own, with room for the tag, as the pumps' buffers have.
+
+cdef const uint8_t *_aead_key(const uint8_t[::1] key) except NULL:
+    if key.shape[0] != AEAD_KEY:
+        raise ValueError(f"a key is {AEAD_KEY} bytes, got {key.shape[0]}")
+    return &key[0]
+
+
+cdef class _TestAead:
+    """One AeadCtx, as one pump thread holds it: seal and open with any key, in any order."""
+
+    cdef AeadCtx *c
+
+    def __cinit__(self) -> None:
+        self.c = aead_new()
+        if self.c == NULL:
+            raise MemoryError("_TestAead: aead_new failed")
+
+    def __dealloc__(self) -> None:
+        aead_free(self.c)
+
+    def seal(self, const uint8_t[::1] key not None, uint64_t counter,
+             const uint8_t[::1] plaintext not None) -> bytes:
+        """ciphertext || tag, as aead_seal writes it in place."""
+        cdef const uint8_t *k = _aead_key(key)
+        cdef Py_ssize_t n = plaintext.shape[0]
+        cdef bytearray out = bytearray(n + AEAD_TAG)
+        cdef uint8_t[::1] mv = out
+        cdef int rc
+        if n:
+            memcpy(&mv[0], &plaintext[0], n)
+        with nogil:
+            rc = aead_seal(self.c, k, counter, &mv[0], n)
+        if rc != 0:
+            raise RuntimeError("aead_seal failed")
+        return bytes(out)
+
+    def open(self, const uint8_t[::1] key not None, uint64_t counter,
+             const uint8_t[::1] message not None) -> bytes | None:
+        """The plaintext of ciphertext || tag, or None if aead_open refuses it."""
+        cdef const uint8_t *k = _aead_key(key)
+        cdef Py_ssize_t n = message.shape[0], m
+        # One spare byte, so that even an empty message has an address to pass.
+        cdef bytearray out = bytearray(n + 1)
+        cdef uint8_t[::1] mv = out
+        if n:
+            memcpy(&mv[0], &message[0], n)
+        with nogil:
+            m = aead_open(self.c, k, counter, &mv[0], n)
+        return None if m < 0 else bytes(out[:m])
+
+
+def _test_aead_seal(key, uint64_t counter, plaintext) -> bytes:
+    """aead_seal on a context of its own."""
+    return _TestAead().seal(key, counter, plaintext)
+
+
+def _test_aead_open(key, uint64_t counter, message) -> bytes | None:
+    """aead_open on a context of its own."""
+    return _TestAead().open(key, counter, message)
+
+
+def _test_bench_aead(Py_ssize_t size, uint64_t iterations, bint opening=False) -> int:
+    """ns that `iterations` seals (or opens) of a `size`-byte payload take, GIL released.
+
+    One context and one key, a new counter per seal as a sender has; each open first copies
+    in the one sealed message (memcpy of the buffer is part of the figure).
+    """
+    if size < 0 or size > 65535:
+        raise ValueError(f"size must be 0..65535, got {size}")
+    cdef uint8_t key[AEAD_KEY]
+    cdef bytearray buf_ = bytearray(size + AEAD_TAG)
+    cdef bytearray sealed_ = bytearray(size + AEAD_TAG)
+    cdef uint8_t[::1] buf = buf_, sealed = sealed_
+    cdef AeadCtx *c = aead_new()
+    cdef timespec t0, t1
+    cdef uint64_t i
+    cdef bint ok = True
+    if c == NULL:
+        raise MemoryError("aead_new failed")
+    memset(key, 7, AEAD_KEY)
+    with nogil:
+        if opening:
+            ok = aead_seal(c, key, 1, &sealed[0], size) == 0
+        clock_gettime(CLOCK_MONOTONIC, &t0)
+        i = 0
+        while ok and i < iterations:
+            if opening:
+                memcpy(&buf[0], &sealed[0], size + AEAD_TAG)
+                ok = aead_open(c, key, 1, &buf[0], size + AEAD_TAG) == size
+            else:
+                ok = aead_seal(c, key, i, &buf[0], size) == 0
+            i += 1
+        clock_gettime(CLOCK_MONOTONIC, &t1)
+    aead_free(c)
+    if not ok:
+        raise RuntimeError("aead_seal/aead_open failed")
+    return (t1.tv_sec - t0.tv_sec) * 1_000_000_000 + (t1.tv_nsec - t0.tv_nsec)
+
+
+cdef class _TestReplayWin:
+    """One ReplayWin: fresh(counter) and accept(counter) as rw_fresh and rw_accept."""
+
+    cdef ReplayWin *w
+
+    def __cinit__(self) -> None:
+        self.w = <ReplayWin *>calloc(1, sizeof(ReplayWin))
+        if self.w == NULL:
+            raise MemoryError("_TestReplayWin: cannot allocate its window")
+        rw_init(self.w)
+
+    def __dealloc__(self) -> None:
+        free(self.w)
+
+    def fresh(self, uint64_t counter) -> bool:
+        return rw_fresh(self.w, counter)
+
+    def accept(self, uint64_t counter) -> bool:
+        return rw_accept(self.w, counter)
+
+    @property
+    def next(self) -> int:
+        """One more than the highest counter accepted (0: none yet)."""
+        return self.w.next
