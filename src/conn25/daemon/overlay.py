@@ -158,6 +158,8 @@ class Overlay:
         if known is None or state is None or "current" not in state["sessions"]:
             return
         known.peer.confirmed(state["sessions"]["current"]["local_index"])
+        # What waited for a session (we had asked for one too) can go on this one.
+        self._flush(pid, int(self._clock() * 1000))
         self._wake.set()
 
     def _receive(self, data: bytes, sender: tuple[str, int], under_load: bool) -> None:
@@ -193,16 +195,20 @@ class Overlay:
         (log.info if known.handshakes == 1 else log.debug)(
             "handshake with %s (%s) complete, endpoint %s:%d", known.name,
             keys.encode(r.peer.remote_static), *sender)
-        if kp.is_initiator:
-            # What waited for this session goes now; a keepalive confirms it otherwise.
-            staged = self._dp.take_staged(pid)
-            for packet in staged:
-                self._seal_and_send(pid, packet, now_ms, "staged_sent")
-            if not staged:
-                self._seal_and_send(pid, b"", now_ms, "keepalives_sent")
+        # What waited for this session goes now; the initiator confirms it with a keepalive
+        # otherwise. (A responder sends on it once the initiator's first message came.)
+        if kp.is_initiator and not self._flush(pid, now_ms):
+            self._seal_and_send(pid, b"", now_ms, "keepalives_sent")
         self._wake.set()
 
     # -- sending ------------------------------------------------------------------------
+
+    def _flush(self, pid: int, now_ms: int) -> int:
+        """Send the packets staged for ``pid``; how many there were."""
+        staged = self._dp.take_staged(pid)
+        for packet in staged:
+            self._seal_and_send(pid, packet, now_ms, "staged_sent")
+        return len(staged)
 
     def _send(self, data: bytes, endpoint: tuple[str, int], what: str) -> None:
         try:
