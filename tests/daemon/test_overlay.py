@@ -175,3 +175,37 @@ def test_the_driver_runs_in_a_nursery_until_cancelled(sides):
 
     trio.run(main)
     assert len(ran) == 1 and ran[0] > 0
+
+
+def test_under_a_handshake_flood_cookies_are_demanded_and_sessions_keep_flowing(sides):
+    a, b = sides["a"], sides["b"]
+    # A session first, the way test_a_packet_waits... makes one.
+    peer = a.dp.tables.lookup_route(ipaddress.ip_address(B4))
+    a.overlay.handshake_wanted(peer)
+    a.overlay.tick()
+    b.deliver()
+    a.deliver()
+    assert a.overlay.counters["keepalives_sent"] == 1  # confirms the session
+    assert b.deliver() == [("drop", b"")]  # the keepalive: nothing for the TUN
+    # A flood: one valid-looking initiation (mac1 right; anyone who knows b's public key
+    # can make one) queued far more often than a node under no load ever sees.
+    a.overlay.handshake_wanted(peer)  # a rekey
+    b.overlay.counters.clear()
+    a.overlay.tick()
+    init, sender = b.sock.recvfrom(2048)
+    now = monotonic_ms()
+    for _ in range(200):
+        assert b.dp.process_datagram(init, sender, now)[0] == "handshake"
+    b.overlay.handle_handshakes()
+    assert b.overlay.counters["under_load"] == 1
+    # Every one of them was answered with a cookie reply (cheap: no Diffie-Hellman), none
+    # with a response; the datapath's queue kept none of them.
+    assert b.overlay.counters["cookie_replies"] == 200
+    assert b.overlay.counters["responses"] == 0
+    assert b.dp.read_handshakes() == ([], 0)
+    # Meanwhile the established session carries data as before.
+    pkt = ping(A4, B4)
+    sealed = a.dp.seal(peer, a.dp.process_from_tun(pkt, monotonic_ms())[1], monotonic_ms())
+    assert sealed is not None
+    a.sock.sendto(sealed[0], b.sock.getsockname())
+    assert [v for v, _ in b.deliver()] == ["tun"]
