@@ -22,6 +22,7 @@ PACKET_STATISTICS = 6
 PACKET_OUTGOING = 4
 MAX_FRAME = 1 << 18  # a GSO/GRO frame on a veth can be far larger than the MTU
 RCVBUF = 16 << 20
+SO_RCVBUFFORCE = 33  # (Linux; not in the socket module) root may exceed rmem_max
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class Capture:
             # link; binding with ETH_P_ALL then takes that link's frames only.
             s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
             try:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUFFORCE, RCVBUF)
+                s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
                 s.bind((ifname, ETH_P_ALL))
             except BaseException:
                 s.close()
