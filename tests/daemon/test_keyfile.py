@@ -164,3 +164,18 @@ def test_create_writes_a_given_key_and_never_overwrites(tmp_path):
     with pytest.raises(FileExistsError):
         keyfile.create(path)
     assert load_or_create(path) == (key, False)
+
+
+def test_read_takes_an_existing_key_and_never_makes_one(tmp_path):
+    """keyfile.read (what conn25.lab.wgmember uses): the key in the file, held to the
+    rules of the start; no file is an error, and nothing is made in its place."""
+    path = tmp_path / "private.key"
+    with pytest.raises(KeyFileError, match="there is no private key"):
+        keyfile.read(path)
+    assert not path.exists()
+    key = keyfile.create(path)
+    assert keyfile.read(path) == key
+    path.chmod(0o640)
+    with pytest.raises(KeyFileError) as info:
+        keyfile.read(path)
+    assert wgkeys.encode(key)[:8] not in str(info.value)

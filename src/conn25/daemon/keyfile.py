@@ -65,6 +65,14 @@ def load_or_create(path: Path) -> tuple[bytes, bool]:
     return key, False
 
 
+def read(path: Path) -> bytes:
+    """The private key in ``path``, held to the same rules as at start (a regular file, the
+    owner's alone); KeyFileError when there is none (nothing is made)."""
+    if (key := _read(path)) is None:
+        raise KeyFileError(f"there is no private key {path}")
+    return key
+
+
 def _read(path: Path) -> bytes | None:
     """The key in ``path``; None when there is no such file."""
     try:

@@ -7,15 +7,20 @@ veth pairs between each other).
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import os
 import shlex
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 _seq = itertools.count()
+_T = TypeVar("_T")
+CLONE_NEWNET = 0x40000000
 
 
 def need_root() -> str | None:
@@ -46,6 +51,37 @@ class Netns:
         p = subprocess.Popen(["ip", "netns", "exec", self.name, *args], **kw)  # type: ignore[call-overload]
         self.procs.append(p)
         return p
+
+    def call(self, fn: Callable[[], _T], timeout: float = 10) -> _T:
+        """fn() run inside this namespace, by a short-lived thread that enters it: setns
+        changes only the calling thread, and a socket fn makes keeps the namespace it was
+        made in after the thread is gone. fn's exception is raised here."""
+        done: list[tuple[bool, object]] = []
+
+        def enter() -> None:
+            try:
+                libc = ctypes.CDLL(None, use_errno=True)
+                fd = os.open(f"/var/run/netns/{self.name}", os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    if libc.setns(fd, CLONE_NEWNET) != 0:
+                        errno = ctypes.get_errno()
+                        raise OSError(errno, f"setns: {os.strerror(errno)}")
+                finally:
+                    os.close(fd)
+                done.append((True, fn()))
+            except BaseException as e:
+                done.append((False, e))
+
+        t = threading.Thread(target=enter, name=f"in {self.name}")
+        t.start()
+        t.join(timeout)
+        if not done:
+            raise TimeoutError(f"the call in {self} did not finish within {timeout}s")
+        ok, value = done[0]
+        if not ok:
+            assert isinstance(value, BaseException)
+            raise value
+        return value  # type: ignore[return-value]
 
     def close(self) -> None:
         for p in self.procs:

@@ -2,7 +2,8 @@
 
     inet ns: the "internet" — a router between the nodes, dnsmasq on 198.51.100.53,
              a web server on 198.51.100.10 / 2001:db8:100::10 that answers with the
-             address it sees the request from, iperf3.
+             address it sees the request from (/bytes/N: N zero bytes, /pattern/N: N
+             bytes of PAGE_PATTERN repeated), iperf3.
     one ns per node: a veth to inet (203.0.113.4i+2/30, 2001:db8:i::2/64, default
              route via inet), its underlay endpoint 192.0.2.i on lo, conn25d, and
              a key pair of its own (the private key where `up` looks by default,
@@ -32,11 +33,23 @@ WEB4, WEB6, DNS4 = "198.51.100.10", "2001:db8:100::10", "198.51.100.53"
 # maps it to one transit IP per client, so its return packets name their flow.
 SOLO4 = "198.51.100.11"
 APP_TAG = "tag:example-connector"
+# What /pattern/N repeats: bytes no other traffic holds, so a capture can tell whether a
+# page crossed a link in clear (every 32-byte window of such a page is one of its rotations).
+PAGE_PATTERN = b"conn25d test page: on the underlay only inside WireGuard|"
 
 WEB_SERVER = r"""
 import http.server, socket, sys, time
+PATTERN = @PAGE_PATTERN@
 class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
+        if self.path.startswith("/pattern/"):  # /pattern/N: N bytes of PATTERN, repeated
+            n = int(self.path[9:])
+            body = (PATTERN * (n // len(PATTERN) + 1))[:n]
+            self.send_response(200)
+            self.send_header("Content-Length", str(n))
+            self.end_headers()
+            self.wfile.write(body)
+            return
         if self.path.startswith("/bytes/"):  # /bytes/N[?pace=BYTES_PER_SECOND]
             path, _, query = self.path.partition("?")
             n, pace = int(path[7:]), int(query.removeprefix("pace=") or 0)
@@ -61,7 +74,12 @@ class S(http.server.ThreadingHTTPServer):
         self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         super().server_bind()
 S(("::", 80), H).serve_forever()
-"""
+""".replace("@PAGE_PATTERN@", repr(PAGE_PATTERN))
+
+
+def pattern_page(n: int) -> bytes:
+    """What the web server answers to /pattern/N."""
+    return (PAGE_PATTERN * (n // len(PAGE_PATTERN) + 1))[:n]
 
 
 # dnsmasq records of the test internet: an app name with A and AAAA, a CNAME chain
@@ -198,10 +216,17 @@ class Testbed:
     def private_key_path(self, name: str) -> Path:
         return self.state_dir(name) / "private.key"
 
+    def key_file(self, name: str) -> Path:
+        """The node's private key file (made from its spec, 0600, if it is not there yet:
+        a node never started has none), for `up` and for conn25.lab.wgmember."""
+        path = self.private_key_path(name)
+        if not path.exists():
+            keyfile.create(path, self.specs[name].private_key)
+        return path
+
     def start(self, name: str, *extra: str, wait: bool = True) -> subprocess.Popen:
         spec = self.specs[name]
-        if not self.private_key_path(name).exists():
-            keyfile.create(self.private_key_path(name), spec.private_key)
+        self.key_file(name)
         args = [sys.executable, "-m", "conn25", "up", "--tailnet", str(self.tailnet_path),
                 "--hostname", name, "--state-dir", str(self.state_dir(name)),
                 "--upstream-dns", DNS4, "--log-level", "debug", *extra]
