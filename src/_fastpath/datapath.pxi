@@ -392,6 +392,11 @@ cdef int dp_datagram(DpCore *d, DpCtx *c, uint8_t *dg, Py_ssize_t n, const TbEnd
         family = wire_reject_transit(p, plen, pk.key.family, transit)
         if family == 0:
             c.counters[C_DROP_MALFORMED] += 1
+        elif not tb_source_ok(d.tables, peer[0], family, transit):
+            # Believed only from the connector the transit IP is registered with: another
+            # member could otherwise make us re-register our mappings.
+            c.counters[C_DROP_SPOOFED] += 1
+            ss_count_drop(d.tables, peer[0], SS_D_SPOOFED)
         else:
             c.counters[C_REJECTS_RECEIVED] += 1
             dp_push_event(d, DP_EV_REJECT, family, peer[0], transit)
