@@ -259,10 +259,11 @@ class Testbed:
 
     @classmethod
     @contextlib.contextmanager
-    def serving(cls, workdir: Path, names: Iterable[str]) -> Iterator[Testbed]:
-        """A testbed with conn25d running on `names`; on exit everything is removed
-        (checked), and the tail of every node's log is printed for the test report."""
-        tb = cls(workdir)
+    def serving(cls, workdir: Path, names: Iterable[str],
+                nodes: tuple[NodeSpec, ...] = DEFAULT_NODES) -> Iterator[Testbed]:
+        """A testbed of `nodes` with conn25d running on `names`; on exit everything is
+        removed (checked), and the tail of every node's log is printed for the test report."""
+        tb = cls(workdir, nodes)
         try:
             for name in names:
                 tb.start(name)
