@@ -208,6 +208,11 @@ class Overlay:
     # -- sending ------------------------------------------------------------------------
 
     def _send(self, data: bytes, endpoint: tuple[str, int], what: str) -> None:
+        host, port = endpoint
+        if self._sock.family == socket.AF_INET6 and ":" not in host:
+            # A node without an endpoint of its own has one dual-stack socket ([::]), on
+            # which an IPv4 peer is a v4-mapped address (the datapath sends so too).
+            endpoint = (f"::ffff:{host}", port)
         try:
             self._sock.sendto(data, endpoint)
         except OSError:
