@@ -10,6 +10,7 @@ addresses, endpoint). Every wait has a deadline; every process is ours and stopp
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 from collections.abc import Callable, Iterator
@@ -64,6 +65,7 @@ def wireguard(bed: Testbed, tmp_path: Path) -> Iterator[WgFactory]:
     bed.stop("alpha")
     bed.start("alpha")
     made: list[WireguardGo] = []
+    serial = itertools.count()
 
     def make(*, endpoint: bool = True) -> WireguardGo:
         # Only one device at a time holds wgpeer's port and addresses.
@@ -71,7 +73,7 @@ def wireguard(bed: Testbed, tmp_path: Path) -> Iterator[WgFactory]:
             made.pop().close()
         me, alpha = member(bed, "wgpeer"), member(bed, "alpha")
         assert me.endpoint is not None and alpha.endpoint is not None
-        wg = WireguardGo(bed.ns["wgpeer"], tmp_path / f"wireguard-go-{len(made)}.log",
+        wg = WireguardGo(bed.ns["wgpeer"], tmp_path / f"wireguard-go-{next(serial)}.log",
                          bed.private_key_path("wgpeer"), bed.specs["wgpeer"].private_key)
         made.append(wg)
         # The key file holds the private key of the tailnet file's publicKey.
@@ -90,7 +92,7 @@ def wireguard(bed: Testbed, tmp_path: Path) -> Iterator[WgFactory]:
     finally:
         for wg in made:
             wg.close()
-        # The last device's log, for the report of a failed test.
+        # The devices' logs, for the report of a failed test.
         for log in sorted(tmp_path.glob("wireguard-go-*.log")):
             print(f"--- {log.name}\n{log.read_text(errors='replace')[-3000:]}")
 
