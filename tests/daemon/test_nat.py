@@ -42,14 +42,6 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Testbed]:
         yield tb
 
 
-def peer_status(bed: Testbed, node: str, peer: str) -> dict:
-    doc = bed.status(node)
-    assert doc is not None, f"{node} does not answer"
-    found = [p for p in doc["peers"] if p["name"] == peer]
-    assert len(found) == 1, doc["peers"]
-    return found[0]
-
-
 def split(endpoint: str) -> tuple[str, int]:
     host, _, port = endpoint.rpartition(":")
     return host, int(port)
@@ -73,7 +65,7 @@ def test_the_connector_learns_the_endpoint_of_a_client_behind_nat(bed):
     # The client makes contact (the app's DNS answer needs the connector): after that
     # the connector knows where it is: the NAT's outside address, learnt.
     assert came_from(bed.curl("client", "http://example.com/")) == CONN1.link4
-    st = peer_status(bed, "conn1", "client")
+    st = bed.peer_status("conn1", "client")
     assert st["endpointLearned"] is not None and st["latestHandshake"] is not None
     assert split(st["endpoint"])[0] == CLIENT.link4
 
@@ -85,7 +77,7 @@ def test_a_download_survives_a_new_nat_mapping(bed, tmp_path: Path):
     size, pace = 2_000_000, 400_000  # about 5 s, paced by the server
     magic = resolve(bed, "client", "nat.wild.example.com")
     assert came_from(bed.curl("client", f"http://{magic}/")) == CONN1.link4
-    before = peer_status(bed, "conn1", "client")
+    before = bed.peer_status("conn1", "client")
     assert split(before["endpoint"])[0] == CLIENT.link4, before
 
     out = tmp_path / "download"
@@ -99,7 +91,7 @@ def test_a_download_survives_a_new_nat_mapping(bed, tmp_path: Path):
         at_remap = out.stat().st_size
         assert at_remap < size and curl.poll() is None, "the download ended before the remap"
         after = wait_for(lambda: (lambda st: st if st["endpoint"] != before["endpoint"]
-                                  else None)(peer_status(bed, "conn1", "client")), 10,
+                                  else None)(bed.peer_status("conn1", "client")), 10,
                          "the connector to learn the client's new endpoint")
         host, port = split(after["endpoint"])
         assert host == CLIENT.endpoint and 20000 <= port <= 20999, after
@@ -111,22 +103,22 @@ def test_a_download_survives_a_new_nat_mapping(bed, tmp_path: Path):
     data = out.read_bytes()
     # The server sends `size` zero bytes.
     assert len(data) == size and data == bytes(size)
-    assert peer_status(bed, "conn1", "client")["endpoint"] == after["endpoint"]
+    assert bed.peer_status("conn1", "client")["endpoint"] == after["endpoint"]
 
 
 def test_the_client_sends_persistent_keepalives_while_idle(bed):
     """Nothing goes from the client to "peer" but keepalives, every KEEPALIVE seconds
     (which also made the session: the first keepalive had none to go under). peer sees
     them as transport messages of 32 bytes each."""
-    wait_for(lambda: peer_status(bed, "peer", "client")["latestHandshake"], 15,
+    wait_for(lambda: bed.peer_status("peer", "client")["latestHandshake"], 15,
              "a handshake the client's keepalives started with peer")
-    first = peer_status(bed, "peer", "client")
+    first = bed.peer_status("peer", "client")
     assert first["endpointLearned"] is not None  # peer learnt where the client is
     sent0 = bed.status("client")["metrics"].get("wireguard_keepalives_sent", 0)
     start = time.monotonic()
     later = wait_for(lambda: (lambda st: st if st["rxBytes"] >= first["rxBytes"]
                               + 2 * KEEPALIVE_SIZE else None)(
-        peer_status(bed, "peer", "client")), 4 * KEEPALIVE + 10,
+        bed.peer_status("peer", "client")), 4 * KEEPALIVE + 10,
         "two more keepalives at peer")
     elapsed = time.monotonic() - start
     grown = later["rxBytes"] - first["rxBytes"]

@@ -97,14 +97,6 @@ def wireguard(bed: Testbed, tmp_path: Path) -> Iterator[WgFactory]:
             print(f"--- {log.name}\n{log.read_text(errors='replace')[-3000:]}")
 
 
-def peer_status(bed: Testbed, node: str, peer: str) -> dict:
-    doc = bed.status(node)
-    assert doc is not None, f"{node} does not answer"
-    found = [p for p in doc["peers"] if p["name"] == peer]
-    assert len(found) == 1, doc["peers"]
-    return found[0]
-
-
 def metric(bed: Testbed, node: str, name: str) -> int:
     doc = bed.status(node)
     assert doc is not None
@@ -145,7 +137,7 @@ def test_conn25d_initiates_when_it_has_a_packet_for_the_wireguard_peer(bed, wire
     assert wg_latest_handshake(wg) > 0
     log = wg.log_text()
     assert "Received handshake initiation" in log and "Sending handshake initiation" not in log
-    st = peer_status(bed, "alpha", "wgpeer")
+    st = bed.peer_status("alpha", "wgpeer")
     assert st["latestHandshake"] is not None and st["publicKey"] == keys.encode(me.public_key)
 
 
@@ -161,7 +153,7 @@ def test_wireguard_go_initiates_with_its_first_packet(bed, wireguard):
     # One handshake: its first data was not lost to a keypair not yet installed (which
     # made alpha start a second handshake, and lost the ping).
     assert metric(bed, "alpha", "wireguard_handshakes_completed") == 1
-    st = peer_status(bed, "alpha", "wgpeer")
+    st = bed.peer_status("alpha", "wgpeer")
     assert st["latestHandshake"] is not None
     # The endpoint is where the initiation came from, which alpha learnt.
     assert st["endpointLearned"] is not None and st["endpoint"] is not None
@@ -185,7 +177,7 @@ def test_ping_both_ways_and_iperf3_through_the_tunnel(bed, wireguard):
                  f"{me.address(4)}:5201 " in bed.run("wgpeer", "ss", "-Hltn").stdout, 10,
                  "the iperf3 server in wgpeer")
         assert server.poll() is None, f"iperf3 -s exited with {server.returncode}"
-        before = peer_status(bed, "alpha", "wgpeer")
+        before = bed.peer_status("alpha", "wgpeer")
         client = bed.ns["alpha"].popen("iperf3", "-c", str(me.address(4)), "-t", "5", "-J",
                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                        text=True)
@@ -199,7 +191,7 @@ def test_ping_both_ways_and_iperf3_through_the_tunnel(bed, wireguard):
             terminate(client)
         terminate(server)
 
-    after = peer_status(bed, "alpha", "wgpeer")
+    after = bed.peer_status("alpha", "wgpeer")
     assert after["latestHandshake"] is not None
     # Every byte iperf3 received crossed the tunnel from alpha, in transport messages.
     assert after["txBytes"] - before["txBytes"] > received

@@ -291,6 +291,16 @@ class Testbed:
                            capture_output=True, text=True, timeout=15)
         return json.loads(r.stdout) if r.returncode == 0 else None
 
+    def peer_status(self, name: str, peer: str) -> dict:
+        """Node `name`'s view of its WireGuard peer `peer` (an entry of status `peers`)."""
+        doc = self.status(name)
+        if doc is None:
+            raise AssertionError(f"conn25d on {name} does not answer")
+        found = [p for p in doc["peers"] if p["name"] == peer]
+        if len(found) != 1:
+            raise AssertionError(f"{name} has not one peer {peer}: {doc['peers']}")
+        return found[0]
+
     def log(self, name: str) -> str:
         try:
             return (self.workdir / f"{name}.log").read_text()
