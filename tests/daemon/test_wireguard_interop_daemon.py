@@ -200,3 +200,21 @@ def test_ping_both_ways_and_iperf3_through_the_tunnel(bed, wireguard):
     rx, tx = wg_transfer(wg)
     assert rx > received and tx > 0, (rx, tx)
     assert wg_latest_handshake(wg) > 0
+
+
+def test_a_restarted_conn25d_starts_a_handshake_when_wireguard_go_sends_under_the_old_one(
+        bed, wireguard):
+    """After conn25d restarts, wireguard-go keeps sending under the session it had; alpha
+    knows no such session but knows the endpoint it comes from, so it starts a handshake
+    at once, and wgpeer's pings get through within seconds (wireguard-go on its own
+    would start one only after 15 s without an answer)."""
+    wireguard()
+    alpha, me = member(bed, "alpha"), member(bed, "wgpeer")
+    ping(bed, "alpha", str(me.address(4)))
+    bed.stop("alpha")
+    bed.start("alpha")
+    r = bed.run("wgpeer", "ping", "-n", "-c", "1", "-i", "0.5", "-w", "8", str(alpha.address(4)),
+                timeout=20)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert metric(bed, "alpha", "wireguard_handshakes_for_unknown_session") >= 1
+    assert metric(bed, "alpha", "wireguard_initiations") >= 1
