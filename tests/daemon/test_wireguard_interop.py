@@ -9,9 +9,7 @@ Every wait has a deadline and a bounded count.
 from __future__ import annotations
 
 import ctypes
-import itertools
 import os
-import shutil
 import socket
 import subprocess
 import threading
@@ -27,7 +25,8 @@ from conn25.core.wireguard import keys
 from conn25.core.wireguard.device import Device, Received
 from conn25.core.wireguard.peer import Peer
 from conn25.core.wireguard.transport import pad
-from conn25.lab.netns import Netns, link, wait_for
+from conn25.lab.netns import Netns, link
+from conn25.lab.wggo import WireguardGo, wireguard_missing
 
 pytestmark = pytest.mark.root
 
@@ -35,7 +34,6 @@ WG_UNDERLAY, PY_UNDERLAY = "192.0.2.1", "192.0.2.2"
 WG_PORT = 51820
 WG_TUNNEL, PY_TUNNEL = "100.64.0.2", "100.64.0.1"
 CLONE_NEWNET = 0x40000000
-_seq = itertools.count()
 
 
 def udp_socket_in(ns: Netns, addr: tuple[str, int]) -> socket.socket:
@@ -106,39 +104,28 @@ class Lab:
 
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[Lab]:
-    missing = [t for t in ("wireguard-go", "wg") if shutil.which(t) is None]
-    if missing:
-        pytest.fail(f"{' and '.join(missing)} not on PATH: `install.sh --dev` installs "
-                    "Debian's wireguard-go and wireguard-tools")
+    if (why := wireguard_missing()) is not None:
+        pytest.fail(why)
     wg, py = Netns("wg"), Netns("py")
     sock: socket.socket | None = None
+    wgo: WireguardGo | None = None
     try:
         link(wg, f"{WG_UNDERLAY}/24", py, f"{PY_UNDERLAY}/24")
         sock = udp_socket_in(py, (PY_UNDERLAY, 0))
-        ifname = f"c25wg{os.getpid() % 10000}x{next(_seq)}"
-        log = tmp_path / "wireguard-go.log"
-        with log.open("wb") as out:
-            # -f: foreground, so the test owns the process (Netns.close stops it by PID).
-            wg.popen("wireguard-go", "-f", ifname, stdout=out, stderr=subprocess.STDOUT,
-                     env={**os.environ, "WG_PROCESS_FOREGROUND": "1", "LOG_LEVEL": "debug"})
-        wait_for(lambda: wg.run("wg", "show", ifname, check=False).returncode == 0, 10,
-                 f"wireguard-go to create {ifname}")
         wg_private = keys.generate_private()
-        key_file = tmp_path / "wg.key"
-        key_file.touch(mode=0o600)
-        key_file.write_text(keys.encode(wg_private) + "\n")
+        wgo = WireguardGo(wg, tmp_path / "wireguard-go.log", tmp_path / "wg.key", wg_private)
         device = Device(keys.generate_private())
-        wg.run("wg", "set", ifname, "private-key", str(key_file), "listen-port", str(WG_PORT),
-               "peer", keys.encode(device.identity.public), "allowed-ips", f"{PY_TUNNEL}/32",
-               "endpoint", "{}:{}".format(*sock.getsockname()))
-        wg.run("ip", "addr", "add", f"{WG_TUNNEL}/32", "dev", ifname)
-        wg.run("ip", "link", "set", ifname, "up")
-        wg.run("ip", "route", "add", f"{PY_TUNNEL}/32", "dev", ifname)
+        wgo.set("listen-port", str(WG_PORT), "peer", keys.encode(device.identity.public),
+                "allowed-ips", f"{PY_TUNNEL}/32",
+                "endpoint", "{}:{}".format(*sock.getsockname()))
+        wgo.up(f"{WG_TUNNEL}/32", f"{PY_TUNNEL}/32")
         peer = device.add_peer(keys.public_from_private(wg_private))
-        yield Lab(wg, sock, device, peer, log)
+        yield Lab(wg, sock, device, peer, wgo.log)
     finally:
         if sock is not None:
             sock.close()
+        if wgo is not None:
+            wgo.close()
         wg.close()
         py.close()
 
@@ -188,8 +175,8 @@ def test_wireguard_go_initiates_and_we_answer_its_ping(lab: Lab):
 
 
 def test_keys_are_interchangeable_with_wg_genkey_and_pubkey():
-    if shutil.which("wg") is None:
-        pytest.fail("wg not on PATH: `install.sh --dev` installs Debian's wireguard-tools")
+    if (why := wireguard_missing()) is not None:
+        pytest.fail(why)
 
     def wg(*args: str, stdin: str = "") -> str:
         r = subprocess.run(["wg", *args], input=stdin, capture_output=True, text=True,

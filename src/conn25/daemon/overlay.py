@@ -172,10 +172,13 @@ class Overlay:
             self.counters["handshakes_rejected"] += 1
             self._refusals.refuse(host, "handshake_rejected", str(e))
             return
-        if r.reply is not None:
-            self._send(r.reply, sender, "cookie_replies" if r.keypair is None else "responses")
+        # The keypair goes into the datapath before the response leaves: the initiator
+        # sends data the moment the response reaches it, and data that arrives before its
+        # keypair is dropped as under an unknown index.
         if r.keypair is not None and r.peer is not None:
             self._established(r, sender, now)
+        if r.reply is not None:
+            self._send(r.reply, sender, "cookie_replies" if r.keypair is None else "responses")
 
     def _established(self, r: Received, sender: tuple[str, int], now: float) -> None:
         assert r.keypair is not None and r.peer is not None
@@ -211,6 +214,11 @@ class Overlay:
         return len(staged)
 
     def _send(self, data: bytes, endpoint: tuple[str, int], what: str) -> None:
+        host, port = endpoint
+        if self._sock.family == socket.AF_INET6 and ":" not in host:
+            # A node without an endpoint of its own has one dual-stack socket ([::]), on
+            # which an IPv4 peer is a v4-mapped address (the datapath sends so too).
+            endpoint = (f"::ffff:{host}", port)
         try:
             self._sock.sendto(data, endpoint)
         except OSError:

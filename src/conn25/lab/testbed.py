@@ -8,6 +8,12 @@
              route via inet), its underlay endpoint 192.0.2.i on lo, conn25d, and
              a key pair of its own (the private key where `up` looks by default,
              STATE_DIR/private.key, mode 0600, under the testbed's workdir).
+    a node behind a NAT (NodeSpec(behind_nat=True), in no default testbed): the veth to
+             inet and the addresses above go to a "nat" namespace in front of it, which
+             masquerades (nftables) what the node sends from its LAN (192.0.2.128+4i+2/30,
+             IPv4 only) to inet; the tailnet file gives the node no endpoint. 192.0.2.i,
+             which inet routes to the NAT, is the NAT's second outside address, the one
+             remap_nat() moves the node's mappings to.
 
 Only documentation, reserved and overlay addresses; the namespaces reach nothing
 but each other. Everything is removed by close(), also after a failure.
@@ -36,6 +42,9 @@ APP_TAG = "tag:example-connector"
 # What /pattern/N repeats: bytes no other traffic holds, so a capture can tell whether a
 # page crossed a link in clear (every 32-byte window of such a page is one of its rotations).
 PAGE_PATTERN = b"conn25d test page: on the underlay only inside WireGuard|"
+NAT_TABLE = "conn25lab_nat"  # the nftables table of a NAT namespace
+FLUSH_CONNTRACK = ("from pyroute2 import NFCTSocket\n"
+                   "with NFCTSocket() as s:\n    s.flush()\n")
 
 WEB_SERVER = r"""
 import http.server, socket, sys, time
@@ -114,9 +123,15 @@ def start_servers(ns: Netns, workdir: Path, dns_records: Iterable[str]) -> None:
 
 class NodeSpec:
     def __init__(self, name: str, index: int, *, user: str | None = None,
-                 tags: tuple[str, ...] = (), connector: bool = False) -> None:
+                 tags: tuple[str, ...] = (), connector: bool = False,
+                 behind_nat: bool = False, keepalive: int | None = None) -> None:
         self.name, self.index, self.user, self.tags = name, index, user, tags
         self.connector = connector
+        self.behind_nat = behind_nat
+        self.keepalive = keepalive  # the file's persistentKeepalive (None: not given)
+        # Behind a NAT: the node's LAN, between it and the NAT.
+        self.lan4 = f"192.0.2.{128 + 4 * index + 2}"
+        self.lan_gw4 = f"192.0.2.{128 + 4 * index + 1}"
         self.overlay4 = f"100.64.0.{index}"
         self.overlay6 = f"fd7a:115c:a1e0::{index}"
         self.endpoint = f"192.0.2.{index}"
@@ -150,7 +165,9 @@ def tailnet_file(nodes: tuple[NodeSpec, ...]) -> str:
              "domains": ["example.com", "*.example.com"]}]}}],
         "nodes": [
             {"name": n.name, "addresses": [n.overlay4, n.overlay6],
-             "endpoint": f"{n.endpoint}:41641", "publicKey": wgkeys.encode(n.public_key),
+             **({} if n.behind_nat else {"endpoint": f"{n.endpoint}:41641"}),
+             **({} if n.keepalive is None else {"persistentKeepalive": n.keepalive}),
+             "publicKey": wgkeys.encode(n.public_key),
              **({"user": n.user} if n.user else {}), **({"tags": list(n.tags)} if n.tags else {}),
              **({"egressIPs": [n.link4]} if n.connector else {})}
             for n in nodes
@@ -186,24 +203,67 @@ class Testbed:
             inet.run("ip", "addr", "add", addr, "dev", "lo")
         for spec in self.specs.values():
             ns = self.ns[spec.name] = Netns(spec.name)
+            # What faces inet: the node itself, or the NAT in front of it.
+            edge = ns
+            if spec.behind_nat:
+                edge = self.ns[self._nat_key(spec.name)] = Netns("nat")
             a, b = f"i{spec.index}", "up0"
             sh("ip", "link", "add", a, "netns", inet.name, "type", "veth", "peer", "name", b,
-               "netns", ns.name)
+               "netns", edge.name)
             inet.run("ip", "addr", "add", f"{spec.gw4}/30", "dev", a)
             inet.run("ip", "addr", "add", f"{spec.gw6}/64", "dev", a, "nodad")
             inet.run("ip", "link", "set", a, "up")
             inet.run("ip", "route", "add", f"{spec.endpoint}/32", "via", spec.link4)
-            ns.run("ip", "addr", "add", f"{spec.link4}/30", "dev", b)
-            ns.run("ip", "addr", "add", f"{spec.link6}/64", "dev", b, "nodad")
-            ns.run("ip", "link", "set", b, "up")
-            ns.run("ip", "addr", "add", f"{spec.endpoint}/32", "dev", "lo")
-            ns.run("ip", "route", "add", "default", "via", spec.gw4)
-            ns.run("ip", "-6", "route", "add", "default", "via", spec.gw6)
+            edge.run("ip", "addr", "add", f"{spec.link4}/30", "dev", b)
+            edge.run("ip", "addr", "add", f"{spec.link6}/64", "dev", b, "nodad")
+            edge.run("ip", "link", "set", b, "up")
+            edge.run("ip", "addr", "add", f"{spec.endpoint}/32", "dev", "lo")
+            edge.run("ip", "route", "add", "default", "via", spec.gw4)
+            edge.run("ip", "-6", "route", "add", "default", "via", spec.gw6)
+            if spec.behind_nat:
+                self._nat(spec, edge, ns)
             etc = Path("/etc/netns") / ns.name
             etc.mkdir(parents=True, exist_ok=True)
             self._etc.append(etc)
             (etc / "resolv.conf").write_text("nameserver 100.100.100.100\n")
         self._start_servers()
+
+    @staticmethod
+    def _nat_key(name: str) -> str:
+        return f"{name}.nat"
+
+    def _nat(self, spec: NodeSpec, nat: Netns, ns: Netns) -> None:
+        """`nat` in front of node `ns`: their LAN, and a masquerade of the LAN to inet."""
+        sh("ip", "link", "add", "lan0", "netns", nat.name, "type", "veth", "peer", "name",
+           "up0", "netns", ns.name)
+        nat.run("ip", "addr", "add", f"{spec.lan_gw4}/30", "dev", "lan0")
+        nat.run("ip", "link", "set", "lan0", "up")
+        nat.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
+        nat.run("nft", "add", "table", "ip", NAT_TABLE)
+        nat.run("nft", "add", "chain", "ip", NAT_TABLE, "post",
+                "{ type nat hook postrouting priority srcnat; }")
+        nat.run("nft", "add", "rule", "ip", NAT_TABLE, "post", "oifname", "up0", "masquerade")
+        ns.run("ip", "addr", "add", f"{spec.lan4}/30", "dev", "up0")
+        ns.run("ip", "link", "set", "up0", "up")
+        ns.run("ip", "route", "add", "default", "via", spec.lan_gw4)
+
+    def nat(self, name: str) -> Netns:
+        """The NAT namespace in front of node `name` (a NodeSpec with behind_nat)."""
+        return self.ns[self._nat_key(name)]
+
+    def remap_nat(self, name: str, ports: str = "20000-20999") -> None:
+        """From now on the NAT in front of `name` maps what it sends to its second outside
+        address (and TCP/UDP to a port in `ports`), and it forgets the mappings it had
+        (its conntrack table flushed), as a NAT does when it restarts or when the node
+        moves to another network: every flow gets a new outside address and port."""
+        spec, nat = self.specs[name], self.nat(name)
+        nat.run("nft", "flush", "chain", "ip", NAT_TABLE, "post")
+        nat.run("nft", "add", "rule", "ip", NAT_TABLE, "post", "oifname", "up0",
+                "meta", "l4proto", "{ tcp, udp }", "snat", "to", f"{spec.endpoint}:{ports}")
+        nat.run("nft", "add", "rule", "ip", NAT_TABLE, "post", "oifname", "up0",
+                "snat", "to", spec.endpoint)
+        # Without the flush, flows that have a mapping keep it whatever the rules say.
+        nat.run(sys.executable, "-c", FLUSH_CONNTRACK)
 
     def _start_servers(self) -> None:
         start_servers(self.ns["inet"], self.workdir, DNS_RECORDS)
@@ -256,6 +316,16 @@ class Testbed:
                            capture_output=True, text=True, timeout=15)
         return json.loads(r.stdout) if r.returncode == 0 else None
 
+    def peer_status(self, name: str, peer: str) -> dict:
+        """Node `name`'s view of its WireGuard peer `peer` (an entry of status `peers`)."""
+        doc = self.status(name)
+        if doc is None:
+            raise AssertionError(f"conn25d on {name} does not answer")
+        found = [p for p in doc["peers"] if p["name"] == peer]
+        if len(found) != 1:
+            raise AssertionError(f"{name} has not one peer {peer}: {doc['peers']}")
+        return found[0]
+
     def log(self, name: str) -> str:
         try:
             return (self.workdir / f"{name}.log").read_text()
@@ -284,10 +354,11 @@ class Testbed:
 
     @classmethod
     @contextlib.contextmanager
-    def serving(cls, workdir: Path, names: Iterable[str]) -> Iterator[Testbed]:
-        """A testbed with conn25d running on `names`; on exit everything is removed
-        (checked), and the tail of every node's log is printed for the test report."""
-        tb = cls(workdir)
+    def serving(cls, workdir: Path, names: Iterable[str],
+                nodes: tuple[NodeSpec, ...] = DEFAULT_NODES) -> Iterator[Testbed]:
+        """A testbed of `nodes` with conn25d running on `names`; on exit everything is
+        removed (checked), and the tail of every node's log is printed for the test report."""
+        tb = cls(workdir, nodes)
         try:
             for name in names:
                 tb.start(name)
