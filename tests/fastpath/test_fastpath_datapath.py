@@ -216,6 +216,7 @@ def test_reject_received_becomes_an_event(client, transit, src, dst):
     reported to the control plane and goes no further."""
     client.tables.set_peer(CONN_PEER, packed(CONNECTOR_EP[0]), CONNECTOR_EP[1],
                            [packed(CONNECTOR), packed(CONNECTOR6)])
+    client.tables.set_route(packed(transit), CONN_PEER)  # registered with that connector
     verdict, _, _ = client.process_datagram(dg(reject_packet(transit, src, dst)),
                                             CONNECTOR_EP, NOW)
     assert verdict == "drop"
@@ -224,6 +225,20 @@ def test_reject_received_becomes_an_event(client, transit, src, dst):
         EventKind.REJECT, Role.CLIENT, packed(transit), CONN_PEER)
     c = client.counters()
     assert (c["rejects_received"], c["tun_tx"], c["forwarded"]) == (1, 0, 0)
+
+
+def test_a_reject_naming_a_transit_ip_of_another_connector_is_not_believed(client):
+    """Only the connector a transit IP is registered with may reject it: from any other
+    peer the reject is dropped as spoofed (else a member could make us re-register)."""
+    client.tables.set_peer(CONN_PEER, packed(CONNECTOR_EP[0]), CONNECTOR_EP[1],
+                           [packed(CONNECTOR), packed(CONNECTOR6)])
+    client.tables.del_route(packed(TRANSIT6))
+    assert client.process_datagram(dg(reject_packet(TRANSIT6, CONNECTOR6, CLIENT6)),
+                                   CONNECTOR_EP, NOW)[0] == "drop"
+    assert client.read_events() == []
+    c = client.counters()
+    assert (c["rejects_received"], c["drop_spoofed"]) == (0, 1)
+    assert client.peer_state(CONN_PEER)["drops"]["spoofed"] == 1
 
 
 def test_a_malformed_or_misaddressed_reject_is_no_event(client):

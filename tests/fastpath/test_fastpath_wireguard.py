@@ -479,6 +479,7 @@ def test_the_pumps_reject_an_unmapped_transit_ip_inside_the_tunnel(src, dst, tra
         client_sock.bind((lo, 0))
         overlay.bind((lo, 0))
         client.tables.set_peer(2, ip(lo), overlay.getsockname()[1], [ip(US), ip(US6)])
+        client.tables.set_route(ip(transit), 2)  # registered with that connector
         now = monotonic_ms()
         theirs, ours = wgsessions.pair()  # the client initiated
         wgsessions.install(client, 2, theirs, now)
