@@ -133,6 +133,7 @@ class EventKind(enum.Enum):
     UNMAPPED_TRANSIT = "unmapped_transit"
     HANDSHAKE_WANTED = "handshake_wanted"
     SESSION_CONFIRMED = "session_confirmed"
+    UNKNOWN_SESSION = "unknown_session"
 
 
 class Role(enum.Enum):

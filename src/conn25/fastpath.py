@@ -43,7 +43,9 @@ Read what happened (wait until ``dp.event_fd`` is readable)::
         kind: EventKind.FLOW_CREATED / FLOW_REMOVED (role Role.CLIENT: keep the
               assignment alive), REJECT (re-register that transit IP),
               UNMAPPED_TRANSIT (we rejected a peer's), HANDSHAKE_WANTED (no
-              session, or a rekey is due), SESSION_CONFIRMED
+              session, or a rekey is due), SESSION_CONFIRMED, UNKNOWN_SESSION
+              (data under no session of ours from an endpoint: transit holds its
+              address, peer its port)
     dp.counters() -> {"translated": ..., "drop_spoofed": ..., ...}
     dp.sweep(now_ms, limit)   # idle flows; a bounded number per call
 

@@ -262,7 +262,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _add_status(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = _command(subparsers, cmd_status, "show a running node's state")
+    p = _command(subparsers, cmd_status,
+                 "show a running node's state: apps, assignments, WireGuard peers, counters")
     p.add_argument("--json", action="store_true", help="print the JSON document")
     p.add_argument("--state-dir", metavar="DIR", help="the node's --state-dir")
     p.add_argument("--hostname", metavar="NAME", help="find the node by name instead")
