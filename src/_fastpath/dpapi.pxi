@@ -321,6 +321,19 @@ cdef class Datapath:
             pthread_mutex_unlock(&self.core.tables.lock)
         return rec != NULL
 
+    def clear_sessions(self, peer: int) -> bool:
+        """Forget every keypair of `peer` at once (its key changed: nothing sealed under
+        the old one may be accepted any more); False if there is no such peer."""
+        cdef uint32_t p = cv_u32_in(peer, "peer")
+        cdef TbPeer *rec
+        with nogil:
+            pthread_mutex_lock(&self.core.tables.lock)
+            rec = tb_peer_locked(self.core.tables, p)
+            if rec != NULL:
+                ss_unindex(self.core.tables, &rec.wg)
+            pthread_mutex_unlock(&self.core.tables.lock)
+        return rec != NULL
+
     def take_staged(self, peer: int) -> list:
         """The packets staged for `peer`, oldest first (they leave the stage)."""
         cdef SsStaged st

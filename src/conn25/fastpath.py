@@ -30,6 +30,7 @@ endpoint it learned by roaming, and packets staged while there is no session)::
                        initiator=..., created_ms=..., as_next=...)
     dp.seal(peer_id, packet, now_ms) -> (datagram, (ip, port)) | None  # None: staged or dropped
     dp.take_staged(peer_id) / dp.set_endpoint(peer_id, (ip, port), now_ms)
+    dp.clear_sessions(peer_id)                  # its key changed: the old sessions end now
     dp.read_handshakes() -> ([(message, (ip, port))], waiting)  # types 1-3, for the core
     dp.peer_state(peer_id) -> {"endpoint", "rx_bytes", "drops", "sessions", ...}
 

@@ -209,3 +209,24 @@ def test_under_a_handshake_flood_cookies_are_demanded_and_sessions_keep_flowing(
     assert sealed is not None
     a.sock.sendto(sealed[0], b.sock.getsockname())
     assert [v for v, _ in b.deliver()] == ["tun"]
+
+
+def test_a_peer_whose_key_changed_loses_its_sessions_at_once(sides):
+    a, b = sides["a"], sides["b"]
+    peer = a.dp.tables.lookup_route(ipaddress.ip_address(B4))
+    a.overlay.handshake_wanted(peer)
+    a.overlay.tick()
+    b.deliver()
+    a.deliver()
+    b.deliver()  # the confirming keepalive: both sides have a current session
+    b_to_a = b.dp.tables.lookup_route(ipaddress.ip_address(A4))
+    sealed = b.dp.seal(b_to_a, ping(B4, A4), monotonic_ms())
+    assert sealed is not None and "current" in a.dp.peer_state(peer)["sessions"]
+    # b's key is replaced in the file (stolen laptop): a must not accept the old sessions.
+    doc = tailnet({"a": 1, "b": 2}).replace(public_key_text("b").encode(),
+                                             public_key_text("b, new").encode())
+    a.overlay.configure(policy.node_config(load_bytes(doc), "a", False))
+    assert a.dp.peer_state(peer)["sessions"] == {}
+    before = a.dp.counters()["drop_unknown_index"]
+    assert a.dp.process_datagram(sealed[0], b.sock.getsockname(), monotonic_ms())[0] == "drop"
+    assert a.dp.counters()["drop_unknown_index"] == before + 1
