@@ -88,6 +88,8 @@ cdef enum:  # counters, one array per side, TUN and UDP (summed when read)
     C_HANDSHAKES_RECEIVED   # handshake messages queued for the control plane
     C_HANDSHAKES_DROPPED    # ... and dropped because that queue was full
     C_CRYPTO_ERRORS         # the crypto library failed (never expected)
+    C_TUN_TX_COALESCED      # packets written inside super-packets (also in tun_tx)
+    C_TUN_SUPER_PACKETS     # super-packets written (coalesce.pxd)
     C_NCOUNTERS
 
 

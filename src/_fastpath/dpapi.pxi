@@ -69,6 +69,7 @@ _COUNTER_NAMES = (  # in the order of the C_* counters (datapath.pxd)
     "drop_dst_not_allowed", "drop_src_not_allowed", "drop_return_ambiguous",
     "flows_from_return", "drop_replay", "drop_auth", "drop_expired", "drop_no_endpoint",
     "staged", "handshakes_received", "handshakes_dropped", "crypto_errors",
+    "tun_tx_coalesced", "tun_super_packets",
 )
 _PEER_DROPS = ("replay", "auth", "expired", "spoofed", "no_endpoint", "staged_overflow")
 
@@ -509,7 +510,7 @@ cdef class Datapath:
     # -- pumps ----------------------------------------------------------------
 
     def start(self, tun_fd: int, udp_sock: socket.socket, *, sockbuf: int = 4 << 20,
-              _tun_thread: bool = True) -> None:
+              vnet_hdr: bool = False, _tun_thread: bool = True) -> None:
         """Start both pump threads on a TUN fd (IFF_TUN|IFF_NO_PI) and a bound UDP socket.
 
         Both are made non-blocking, and the socket's buffers are raised to
@@ -518,7 +519,10 @@ cdef class Datapath:
         datagram dropped there is a retransmission. UDP_GRO is turned on
         on the socket (where the kernel has it), so the pumps must be its
         only reader. The caller keeps ownership of both (and closes them
-        after stop()). `_tun_thread=False` is for tests: only the UDP -> TUN
+        after stop()). `vnet_hdr`: the TUN was opened with IFF_VNET_HDR (and no
+        offloads): packets read carry a virtio-net header, and consecutive TCP
+        segments of a flow are written as one GSO super-packet (coalesce.pxd).
+        `_tun_thread=False` is for tests: only the UDP -> TUN
         thread runs, which reads the TUN only right after its own writes.
         """
         if self.threads:
@@ -551,6 +555,10 @@ cdef class Datapath:
             self._free_pumps()
             raise MemoryError("Datapath: cannot allocate pump buffers")
         self.bufs_tun.gso_max = PUMP_SLOT
+        self.bufs_tun.vnet = self.bufs_udp.vnet = 1 if vnet_hdr else 0
+        if vnet_hdr and co_init(&self.bufs_udp.co) < 0:
+            self._free_pumps()
+            raise MemoryError("Datapath: cannot allocate the coalescing buffer")
         if pump_tun_init(self.bufs_tun, tun_fd, self.stop_fd) < 0:
             err = errno
             self._free_pumps()
@@ -592,6 +600,7 @@ cdef class Datapath:
             free(self.bufs_tun)
             self.bufs_tun = NULL
         if self.bufs_udp != NULL:
+            co_free(&self.bufs_udp.co)
             free(self.bufs_udp.data)
             free(self.bufs_udp)
             self.bufs_udp = NULL

@@ -78,6 +78,8 @@ cdef struct PumpBufs:
     int stop                # set by Datapath.stop() (then stop_fd is written)
     pthread_mutex_t tun_lock  # TUN side's only: held by the thread reading the TUN
     int epfd                # TUN side's only: the TUN -> UDP thread waits here (TUN, stop fd)
+    int vnet                # the TUN has IFF_VNET_HDR: a virtio-net header on every packet
+    CoBuf co                # UDP side's only, with vnet: the super-packet being joined
 
 
 cdef inline void pump_wake(int efd) noexcept nogil:

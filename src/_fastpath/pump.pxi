@@ -230,20 +230,32 @@ cdef int _tun_batch(DpCore *d, DpCtx *c, PumpBufs *b, int tun_fd, int udp_fd,
     cdef bint grow = False  # whether the last message may take the next datagram
     cdef uint64_t now = _now_ms()
     cdef msghdr *h
+    cdef int vnet = VNET_HDR if b.vnet else 0
     dry[0] = False
     for i in range(PUMP_BATCH):
         slot = b.data + <Py_ssize_t>i * PUMP_SLOT
-        r = read(tun_fd, slot + WG_HDR, PUMP_SLOT - WG_HDR - WG_PAD - AEAD_TAG)
+        # With a virtio-net header, it lands in the datagram's header room.
+        r = read(tun_fd, slot + WG_HDR - vnet, PUMP_SLOT - WG_HDR - WG_PAD - AEAD_TAG + vnet)
         if r <= 0:
             if r < 0 and errno == EINTR:
                 continue
             dry[0] = True  # EAGAIN: nothing more is ready (an error: poll says so)
             break
+        if vnet:
+            r -= vnet
+            # No offloads were asked for: a GSO packet or one short of its header is not ours.
+            if r <= 0 or slot[WG_HDR - vnet + 1] != 0:
+                c.counters[C_DROP_UNSUPPORTED] += 1
+                continue
         nread += 1
         c.counters[C_TUN_RX] += 1
         verdict = dp_from_tun(d, c, slot + WG_HDR, r, now)
         if verdict == DP_REPLY:
-            if write(tun_fd, c.reply, c.reply_len) < 0:
+            # The slot's packet is done with: the reply goes there, behind the header room.
+            memcpy(slot + WG_HDR, c.reply, c.reply_len)
+            if vnet:
+                co_write_plain(tun_fd, c.counters, slot + WG_HDR, c.reply_len)
+            elif write(tun_fd, slot + WG_HDR, c.reply_len) < 0:
                 c.counters[C_TUN_WRITE_ERRORS] += 1
             else:
                 c.counters[C_TUN_TX] += 1
@@ -351,12 +363,14 @@ cdef inline int _gro_size(msghdr *h) noexcept nogil:
     return 0
 
 
-cdef inline void _deliver(DpCore *d, DpCtx *c, uint8_t *dg, Py_ssize_t n, const TbEndpoint *sender,
-                          int tun_fd, int udp_fd, int sock_family, uint64_t now,
-                          InboundMemo *memo) noexcept nogil:
+cdef inline void _deliver(DpCore *d, DpCtx *c, PumpBufs *b, uint8_t *dg, Py_ssize_t n,
+                          const TbEndpoint *sender, int tun_fd, int udp_fd, int sock_family,
+                          uint64_t now, InboundMemo *memo) noexcept nogil:
     cdef uint32_t peer
     cdef int verdict = dp_datagram(d, c, dg, n, sender, now, &peer, memo)
-    if verdict == DP_TO_TUN:
+    if verdict == DP_TO_TUN and b.vnet:
+        co_push(&b.co, tun_fd, c.counters, dg + WG_HDR, c.inner_len)
+    elif verdict == DP_TO_TUN:
         if write(tun_fd, dg + WG_HDR, c.inner_len) < 0:
             c.counters[C_TUN_WRITE_ERRORS] += 1
         else:
@@ -424,14 +438,16 @@ cdef void pump_udp_to_tun(DpCore *d, DpCtx *c, PumpBufs *b, int tun_fd, int udp_
             seg = _gro_size(&b.msgs[i].msg_hdr)
             sender.family = _sockaddr_in(&b.addrs[i], sender.addr, &sender.port)
             if seg <= 0 or seg >= n:
-                _deliver(d, c, slot, n, &sender, tun_fd, udp_fd, sock_family, now, &memo)
+                _deliver(d, c, b, slot, n, &sender, tun_fd, udp_fd, sock_family, now, &memo)
                 continue
             c.counters[C_UDP_RX_GRO] += (n + seg - 1) // seg
             off = 0
             while off < n:
-                _deliver(d, c, slot + off, min(<Py_ssize_t>seg, n - off), &sender,
+                _deliver(d, c, b, slot + off, min(<Py_ssize_t>seg, n - off), &sender,
                          tun_fd, udp_fd, sock_family, now, &memo)
                 off += seg
+        if b.vnet:
+            co_flush(&b.co, tun_fd, c.counters)
         # What the local stack answered inside those writes is in the TUN now.
         if c.counters[C_TUN_TX] != tun_tx and pthread_mutex_trylock(&tb.tun_lock) == 0:
             tc.counters[C_TUN_RX_AFTER_WRITE] += _tun_batch(d, tc, tb, tun_fd, udp_fd,

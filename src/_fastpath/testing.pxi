@@ -249,3 +249,23 @@ cdef class _TestReplayWin:
     def next(self) -> int:
         """One more than the highest counter accepted (0: none yet)."""
         return self.w.next
+
+
+def _test_coalesce(packets: list, int fd) -> None:
+    """Push `packets` (bytes) through the TUN-side coalescing as one receive batch, writing
+    to `fd` (a datagram socket in tests: one message per write); flush at the end."""
+    cdef CoBuf b
+    cdef uint64_t counters[<int>C_NCOUNTERS]
+    cdef bytearray buf
+    cdef uint8_t *p
+    if co_init(&b) < 0:
+        raise MemoryError
+    memset(counters, 0, sizeof(counters))
+    try:
+        for pkt in packets:
+            buf = bytearray(VNET_HDR) + bytearray(pkt)
+            p = buf
+            co_push(&b, fd, counters, p + VNET_HDR, len(pkt))
+        co_flush(&b, fd, counters)
+    finally:
+        co_free(&b)

@@ -64,14 +64,15 @@ for line in sys.stdin:
         elif op == "leftovers":
             value = leftovers(cmd["tun"])
         elif op == "echo":
-            # Write one packet into the TUN (as the datapath would) and return the
-            # first UDP packet the kernel routes back into it.
-            os.write(s.fd, bytes.fromhex(cmd["packet"]))
+            # Write one packet into the TUN (as the datapath would: behind a zero
+            # virtio-net header) and return the first UDP packet the kernel routes back.
+            hdr = bytes(10 if s.vnet_hdr else 0)
+            os.write(s.fd, hdr + bytes.fromhex(cmd["packet"]))
             value = None
             while value is None:
                 if not select.select([s.fd], [], [], 10)[0]:
                     raise TimeoutError("no UDP packet came back through the TUN")
-                p = os.read(s.fd, 65535)
+                p = os.read(s.fd, 65535)[len(hdr):]
                 if (p[0] >> 4 == 4 and p[9] == 17) or (p[0] >> 4 == 6 and p[6] == 17):
                     value = p.hex()
         elif op == "pending":
@@ -79,7 +80,7 @@ for line in sys.stdin:
             # the kernel's own IPv6 neighbour discovery is not counted).
             value = 0
             while select.select([s.fd], [], [], 0)[0]:
-                p = os.read(s.fd, 65535)
+                p = os.read(s.fd, 65535)[10 if s.vnet_hdr else 0:]
                 value += (p[0] >> 4 == 4 and p[9] == 17) or (p[0] >> 4 == 6 and p[6] == 17)
         reply = {"ok": True, "value": value}
     except Exception as e:

@@ -213,7 +213,7 @@ class Node:
             self._install_tables()
             self._restore_connector()
             flows_restored = True
-            self.datapath.start(tun_fd, sock)
+            self.datapath.start(tun_fd, sock, vnet_hdr=system.vnet_hdr)
             async with trio.open_nursery() as nursery:
                 for addr in node.addresses:
                     await nursery.start(self._serve_peerapi, str(addr))

@@ -244,8 +244,11 @@ class SystemSetup:
 
     def __init__(self, tun_name: str = "conn25", mtu: int = 1420, *, nft: str = "nft",
                  state_dir: str | os.PathLike[str] | None = None,
-                 masq_mark: int = MASQ_MARK) -> None:
+                 masq_mark: int = MASQ_MARK, vnet_hdr: bool = True) -> None:
         self.tun_name = _check_tun_name(tun_name)
+        # The TUN's packets carry a virtio-net header, so the datapath can write
+        # super-packets (Datapath.start(vnet_hdr=True) must match).
+        self.vnet_hdr = vnet_hdr
         if not isinstance(mtu, int) or not 576 <= mtu <= 65535:
             raise ValueError(f"bad MTU {mtu!r} (576-65535)")
         if not isinstance(masq_mark, int) or masq_mark <= 0 or masq_mark.bit_count() != 1 \
@@ -283,7 +286,7 @@ class SystemSetup:
             self._remove_stale_device()
             _remove_table(self.nft, self.table, "leftover ")
             with _step(f"creating TUN device {self.tun_name}"):
-                self.fd, _ = open_tun(self.tun_name)
+                self.fd, _ = open_tun(self.tun_name, vnet_hdr=self.vnet_hdr)
             with IPRoute() as ipr, _step(f"setting up TUN device {self.tun_name}"):
                 idxs = ipr.link_lookup(ifname=self.tun_name)
                 if not idxs:

@@ -13,20 +13,24 @@ import struct
 TUNSETIFF = 0x400454CA
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
 IFNAMSIZ = 16
 
 
-def open_tun(name: str) -> tuple[int, str]:
+def open_tun(name: str, vnet_hdr: bool = False) -> tuple[int, str]:
     """Create (or attach to) TUN device ``name``; returns (fd, actual name).
 
-    Raw IP packets, no packet-information header. The device disappears when
-    the last fd on it is closed (unless made persistent elsewhere).
+    Raw IP packets, no packet-information header; with ``vnet_hdr`` each behind
+    a 10-byte virtio-net header (IFF_VNET_HDR, no offloads asked for), which
+    lets the datapath write GSO super-packets. The device disappears when the
+    last fd on it is closed (unless made persistent elsewhere).
     """
     if not name or len(name.encode()) >= IFNAMSIZ or "/" in name or " " in name:
         raise ValueError(f"bad interface name {name!r} (1-15 characters, no '/' or spaces)")
     fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
     try:
-        ifr = struct.pack("16sH22x", name.encode(), IFF_TUN | IFF_NO_PI)
+        flags = IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if vnet_hdr else 0)
+        ifr = struct.pack("16sH22x", name.encode(), flags)
         res = fcntl.ioctl(fd, TUNSETIFF, ifr)
     except OSError as e:
         os.close(fd)
