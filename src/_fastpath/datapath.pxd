@@ -90,6 +90,8 @@ cdef enum:  # counters, one array per side, TUN and UDP (summed when read)
     C_CRYPTO_ERRORS         # the crypto library failed (never expected)
     C_TUN_TX_COALESCED      # packets written inside super-packets (also in tun_tx)
     C_TUN_SUPER_PACKETS     # super-packets written (coalesce.pxd)
+    C_SPINS                 # isolated packets after which the overlay socket was polled
+    C_SPIN_HITS             # ... and the answer came within the spin
     C_NCOUNTERS
 
 

@@ -69,7 +69,7 @@ _COUNTER_NAMES = (  # in the order of the C_* counters (datapath.pxd)
     "drop_dst_not_allowed", "drop_src_not_allowed", "drop_return_ambiguous",
     "flows_from_return", "drop_replay", "drop_auth", "drop_expired", "drop_no_endpoint",
     "staged", "handshakes_received", "handshakes_dropped", "crypto_errors",
-    "tun_tx_coalesced", "tun_super_packets",
+    "tun_tx_coalesced", "tun_super_packets", "spins", "spin_hits",
 )
 _PEER_DROPS = ("replay", "auth", "expired", "spoofed", "no_endpoint", "staged_overflow")
 
@@ -108,7 +108,7 @@ cdef class Datapath:
     Datapath(client=True, connector=False, client_flows=10_000,
              connector_flows=100_000, idle_timeout_ms=300_000)
 
-    Times are milliseconds of a monotonic clock (time.monotonic_ns() // 10**6,
+    Times are milliseconds of a monotonic clock (time.monotonic_now_ns() // 10**6,
     which is what the pumps read). The flow table of a role the node does
     not have is None, and no packet is translated for that role.
     """
@@ -510,7 +510,8 @@ cdef class Datapath:
     # -- pumps ----------------------------------------------------------------
 
     def start(self, tun_fd: int, udp_sock: socket.socket, *, sockbuf: int = 4 << 20,
-              vnet_hdr: bool = False, _tun_thread: bool = True) -> None:
+              vnet_hdr: bool = False, _tun_thread: bool = True,
+              _udp_thread: bool = True) -> None:
         """Start both pump threads on a TUN fd (IFF_TUN|IFF_NO_PI) and a bound UDP socket.
 
         Both are made non-blocking, and the socket's buffers are raised to
@@ -523,7 +524,9 @@ cdef class Datapath:
         offloads): packets read carry a virtio-net header, and consecutive TCP
         segments of a flow are written as one GSO super-packet (coalesce.pxd).
         `_tun_thread=False` is for tests: only the UDP -> TUN
-        thread runs, which reads the TUN only right after its own writes.
+        thread runs, which reads the TUN only right after its own writes;
+        `_udp_thread=False` too: only the TUN -> UDP thread runs, which reads the
+        overlay socket only while it waits for the answer to an isolated packet.
         """
         if self.threads:
             raise RuntimeError("Datapath is already running")
@@ -555,6 +558,10 @@ cdef class Datapath:
             self._free_pumps()
             raise MemoryError("Datapath: cannot allocate pump buffers")
         self.bufs_tun.gso_max = PUMP_SLOT
+        pthread_mutex_init(&self.bufs_udp.udp_lock, NULL)
+        for i in range(PUMP_BATCH):  # before either thread may read the socket
+            self.bufs_udp.iovs[i].iov_base = self.bufs_udp.data + <Py_ssize_t>i * PUMP_SLOT
+            self.bufs_udp.iovs[i].iov_len = PUMP_SLOT
         self.bufs_tun.vnet = self.bufs_udp.vnet = 1 if vnet_hdr else 0
         if vnet_hdr and co_init(&self.bufs_udp.co) < 0:
             self._free_pumps()
@@ -567,7 +574,7 @@ cdef class Datapath:
         self.threads = [
             threading.Thread(target=self._run, args=(0,), name="conn25-tun-to-udp", daemon=True),
             threading.Thread(target=self._run, args=(1,), name="conn25-udp-to-tun", daemon=True),
-        ][0 if _tun_thread else 1:]
+        ][0 if _tun_thread else 1:2 if _udp_thread else 1]
         for t in self.threads:
             t.start()
 
@@ -575,7 +582,8 @@ cdef class Datapath:
         with nogil:
             if which == 0:
                 pump_tun_to_udp(&self.core, self.ctx_tun, self.bufs_tun, self.tun_fd,
-                                self.udp_fd, self.sock_family, self.stop_fd, self.efd)
+                                self.udp_fd, self.sock_family, self.stop_fd, self.efd,
+                                self.ctx_udp, self.bufs_udp)
             else:
                 pump_udp_to_tun(&self.core, self.ctx_udp, self.bufs_udp, self.tun_fd,
                                 self.udp_fd, self.sock_family, self.stop_fd, self.efd,
@@ -600,6 +608,7 @@ cdef class Datapath:
             free(self.bufs_tun)
             self.bufs_tun = NULL
         if self.bufs_udp != NULL:
+            pthread_mutex_destroy(&self.bufs_udp.udp_lock)
             co_free(&self.bufs_udp.co)
             free(self.bufs_udp.data)
             free(self.bufs_udp)
@@ -617,12 +626,6 @@ cdef class Datapath:
 # -- micro-benchmark loops (bench/fastpath.py): the per-packet code on one core,
 # GIL released, no Python objects inside the loop. Each returns nanoseconds.
 
-cdef inline uint64_t _ns() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return <uint64_t>ts.tv_sec * 1000000000 + <uint64_t>ts.tv_nsec
-
-
 def bench_loop(Datapath dp, packet: bytes, iterations: int, what: str,
                peer: int | None = None) -> int:
     """Time `iterations` rounds of copying `packet` into a buffer and then:
@@ -638,7 +641,7 @@ def bench_loop(Datapath dp, packet: bytes, iterations: int, what: str,
     cdef const uint8_t *s = src
     cdef uint8_t *buf = <uint8_t *>calloc(1, n + WG_HDR + WG_PAD + AEAD_TAG)
     cdef uint64_t i, t0, t1, iters = iterations
-    cdef uint64_t now = _ns() // 1000000
+    cdef uint64_t now = _now_ns() // 1000000
     cdef int mode = {"copy": 0, "parse": 1, "tun": 2, "seal": 3, "overlay": 4}[what]
     cdef Parsed pk
     cdef TbEndpoint ep
@@ -652,7 +655,7 @@ def bench_loop(Datapath dp, packet: bytes, iterations: int, what: str,
         dp.ctx_tun.peer = cv_u32_in(peer, "peer")
     try:
         with nogil:
-            t0 = _ns()
+            t0 = _now_ns()
             for i in range(iters):
                 memcpy(buf + WG_HDR, s, n)
                 if mode == 1:
@@ -663,7 +666,7 @@ def bench_loop(Datapath dp, packet: bytes, iterations: int, what: str,
                     dlen = dp_seal(&dp.core, dp.ctx_tun, buf, n, now, &ep)
                     if mode == 4 and dlen:
                         dp_datagram(&dp.core, dp.ctx_udp, buf, dlen, &ep, now, &from_peer, NULL)
-            t1 = _ns()
+            t1 = _now_ns()
     finally:
         free(buf)
     return t1 - t0

@@ -33,13 +33,25 @@
 # and skips the read when the other holds it, so it never waits behind it.
 # Nothing is lost when it skips: poll on the TUN is level-triggered.
 #
-# Each batch slot is a PUMP_SLOT-byte buffer with DG_HDR bytes of headroom,
-# so the datagram header is written in front of a TUN packet without a copy,
+# Isolated packets. A ping or a keystroke after a quiet spell finds both
+# threads asleep, and every hop of its round trip pays a thread wake-up (~36 us
+# on a VM whose idle vCPU halts). So after a batch of at most SPIN_PACKETS read
+# from the TUN after SPIN_QUIET_NS of quiet, the TUN -> UDP thread polls the
+# overlay socket itself for up to SPIN_NS, taking the UDP side's lock
+# (PumpBufs.udp_lock, which the UDP -> TUN thread holds per batch) and its
+# context and buffers: the answer is delivered from there without waiting for
+# the other thread to wake. Bounded: at most 1/SPIN_SHARE of the thread's time
+# goes to it (a budget refilled as time passes), and a stream never spins (its
+# batches are not isolated). Counted: spins, spin_hits.
+#
+# Each batch slot is a PUMP_SLOT-byte buffer with WG_HDR bytes of headroom,
+# so the WireGuard header is written in front of a TUN packet without a copy
+# (with IFF_VNET_HDR, the virtio-net header is read into that room too),
 # and a GSO message is a list of slots (one iovec each), not a copy either.
-# Slots are large enough for a 64 KiB packet: TUN offloads (IFF_VNET_HDR with
-# TSO/GRO) can later hand the pumps super-packets without a change to the
-# Python API — they would add a virtio-net header in the headroom and a
-# segmentation step here.
+# Slots are large enough for a 64 KiB packet: TUN offloads on reads (TSO
+# super-packets from the kernel) can come without a change to the Python API;
+# they would add a segmentation step here. Writes into the TUN are already
+# joined into super-packets when the TUN has IFF_VNET_HDR (coalesce.pxd).
 #
 # GSO and GRO change nothing on the wire: every datagram is still one
 # header plus one packet; a peer whose socket has no UDP_GRO gets them one by
@@ -62,6 +74,15 @@ cdef enum:
     GSO_MAX_SEGS = 64       # UDP_MAX_SEGMENTS of older kernels
     GSO_MAX_BYTES = 65000   # under the largest UDP payload (65507 on IPv4)
     PUMP_CTRL = 4           # 8-byte words of control buffer per message (one int cmsg)
+    # Isolated packets (see the top): a batch of at most SPIN_PACKETS read after
+    # SPIN_QUIET_NS of quiet makes the TUN -> UDP thread poll the overlay socket for
+    # the answer for up to SPIN_NS, within a budget of 1/SPIN_SHARE of its time
+    # (at most SPIN_BUDGET_CAP_NS saved up).
+    SPIN_PACKETS = 2
+    SPIN_QUIET_NS = 2000000
+    SPIN_NS = 400000
+    SPIN_SHARE = 20
+    SPIN_BUDGET_CAP_NS = 20000000
 
 
 cdef struct SockAddr:       # big enough for either family
@@ -78,6 +99,7 @@ cdef struct PumpBufs:
     int stop                # set by Datapath.stop() (then stop_fd is written)
     pthread_mutex_t tun_lock  # TUN side's only: held by the thread reading the TUN
     int epfd                # TUN side's only: the TUN -> UDP thread waits here (TUN, stop fd)
+    pthread_mutex_t udp_lock  # UDP side's only: held by the thread reading the overlay socket
     int vnet                # the TUN has IFF_VNET_HDR: a virtio-net header on every packet
     CoBuf co                # UDP side's only, with vnet: the super-packet being joined
 
@@ -92,7 +114,8 @@ cdef int pump_tun_init(PumpBufs *b, int tun_fd, int stop_fd) noexcept nogil
 cdef void pump_tun_free(PumpBufs *b) noexcept nogil
 cdef int pump_enable_gro(int udp_fd) noexcept nogil
 cdef void pump_tun_to_udp(DpCore *d, DpCtx *c, PumpBufs *b, int tun_fd, int udp_fd,
-                          int sock_family, int stop_fd, int event_fd) noexcept nogil
+                          int sock_family, int stop_fd, int event_fd,
+                          DpCtx *uc, PumpBufs *ub) noexcept nogil
 cdef void pump_udp_to_tun(DpCore *d, DpCtx *c, PumpBufs *b, int tun_fd, int udp_fd,
                           int sock_family, int stop_fd, int event_fd,
                           DpCtx *tc, PumpBufs *tb) noexcept nogil

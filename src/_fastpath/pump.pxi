@@ -6,7 +6,7 @@ from libc.string cimport memcmp, memcpy, memset
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from posix.unistd cimport close, read, write
 
-from includes.atomic cimport c25_load_int
+from includes.atomic cimport c25_cpu_relax, c25_load_int
 from includes.linux cimport (
     EPOLL_CLOEXEC,
     EPOLL_CTL_ADD,
@@ -329,12 +329,37 @@ cdef inline void _tun_watch(PumpBufs *b, int tun_fd, uint32_t events) noexcept n
     epoll_ctl(b.epfd, EPOLL_CTL_MOD, tun_fd, &ev)
 
 
+cdef inline uint64_t _now_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <uint64_t>ts.tv_sec * 1000000000 + <uint64_t>ts.tv_nsec
+
+
+cdef void _spin_for_reply(DpCore *d, DpCtx *uc, PumpBufs *ub, DpCtx *c, PumpBufs *b,
+                          int tun_fd, int udp_fd, int sock_family,
+                          uint64_t until) noexcept nogil:
+    """Poll the overlay socket until `until` (ns) for the answer to what was
+    just sent, and deliver it from this thread (see pump.pxd, "isolated")."""
+    cdef int got
+    c.counters[C_SPINS] += 1
+    while _now_ns() < until and not c25_load_int(&b.stop):
+        if pthread_mutex_trylock(&ub.udp_lock) != 0:
+            return  # the UDP -> TUN thread is at it already
+        got = _udp_batch(d, uc, ub, tun_fd, udp_fd, sock_family, c, b)
+        pthread_mutex_unlock(&ub.udp_lock)
+        if got > 0:
+            c.counters[C_SPIN_HITS] += 1
+            return
+        c25_cpu_relax()
+
+
 cdef void pump_tun_to_udp(DpCore *d, DpCtx *c, PumpBufs *b, int tun_fd, int udp_fd,
-                          int sock_family, int stop_fd, int event_fd) noexcept nogil:
+                          int sock_family, int stop_fd, int event_fd,
+                          DpCtx *uc, PumpBufs *ub) noexcept nogil:
     cdef epoll_event evs[2]
     cdef bint wait = True
-    cdef int n, i
-    cdef uint64_t woken = 0
+    cdef int n, i, read_now
+    cdef uint64_t woken = 0, t, last = 0, budget = SPIN_BUDGET_CAP_NS
     while not c25_load_int(&b.stop):
         if wait:
             n = epoll_wait(b.epfd, evs, 2, -1)
@@ -346,9 +371,16 @@ cdef void pump_tun_to_udp(DpCore *d, DpCtx *c, PumpBufs *b, int tun_fd, int udp_
             if n <= 0:
                 continue
         pthread_mutex_lock(&b.tun_lock)
-        _tun_batch(d, c, b, tun_fd, udp_fd, sock_family, &wait)
+        read_now = _tun_batch(d, c, b, tun_fd, udp_fd, sock_family, &wait)
         pthread_mutex_unlock(&b.tun_lock)
         _wake_if_new(d, event_fd, &woken)
+        t = _now_ns()
+        budget = min(<uint64_t>SPIN_BUDGET_CAP_NS, budget + (t - last) // SPIN_SHARE)
+        if (0 < read_now <= SPIN_PACKETS and t - last > <uint64_t>SPIN_QUIET_NS
+                and budget >= <uint64_t>SPIN_NS):
+            _spin_for_reply(d, uc, ub, c, b, tun_fd, udp_fd, sock_family, t + SPIN_NS)
+            budget -= min(budget, _now_ns() - t)
+        last = t
 
 
 cdef inline int _gro_size(msghdr *h) noexcept nogil:
@@ -385,25 +417,73 @@ cdef int pump_enable_gro(int udp_fd) noexcept nogil:
     return setsockopt(udp_fd, SOL_UDP, UDP_GRO, &one, sizeof(int))
 
 
+cdef int _udp_batch(DpCore *d, DpCtx *c, PumpBufs *b, int tun_fd, int udp_fd,
+                    int sock_family, DpCtx *tc, PumpBufs *tb) noexcept nogil:
+    """Receive what is ready (up to PUMP_BATCH messages) and deliver it; then read
+    what the local stack answered into the TUN meanwhile. The caller holds
+    b.udp_lock. Returns how many messages recvmmsg gave (<= 0: none)."""
+    cdef int got, i, seg
+    cdef uint64_t tun_tx
+    cdef bint dry
+    cdef Py_ssize_t n, off
+    cdef uint8_t *slot
+    cdef uint64_t now
+    cdef msghdr *h
+    cdef InboundMemo memo
+    cdef TbEndpoint sender
+    for i in range(PUMP_BATCH):
+        h = &b.msgs[i].msg_hdr
+        h.msg_name = &b.addrs[i]
+        h.msg_namelen = sizeof(SockAddr)
+        h.msg_iov = &b.iovs[i]
+        h.msg_iovlen = 1
+        h.msg_control = b.ctrl[i]
+        h.msg_controllen = sizeof(b.ctrl[i])
+        h.msg_flags = 0
+    got = recvmmsg(udp_fd, b.msgs, PUMP_BATCH, MSG_DONTWAIT, NULL)
+    if got <= 0:
+        return got
+    now = _now_ms()
+    memo.result = -1
+    tun_tx = c.counters[C_TUN_TX]
+    # What our writes bring into the TUN, this thread reads: the TUN -> UDP
+    # thread is not woken for it meanwhile (a wake-up that would also take
+    # the core the next hop's thread is about to be woken on).
+    _tun_watch(tb, tun_fd, 0)
+    for i in range(got):
+        slot = b.data + <Py_ssize_t>i * PUMP_SLOT
+        n = b.msgs[i].msg_len
+        seg = _gro_size(&b.msgs[i].msg_hdr)
+        sender.family = _sockaddr_in(&b.addrs[i], sender.addr, &sender.port)
+        if seg <= 0 or seg >= n:
+            _deliver(d, c, b, slot, n, &sender, tun_fd, udp_fd, sock_family, now, &memo)
+            continue
+        c.counters[C_UDP_RX_GRO] += (n + seg - 1) // seg
+        off = 0
+        while off < n:
+            _deliver(d, c, b, slot + off, min(<Py_ssize_t>seg, n - off), &sender,
+                     tun_fd, udp_fd, sock_family, now, &memo)
+            off += seg
+    if b.vnet:
+        co_flush(&b.co, tun_fd, c.counters)
+    # What the local stack answered inside those writes is in the TUN now.
+    if c.counters[C_TUN_TX] != tun_tx and pthread_mutex_trylock(&tb.tun_lock) == 0:
+        tc.counters[C_TUN_RX_AFTER_WRITE] += _tun_batch(d, tc, tb, tun_fd, udp_fd,
+                                                        sock_family, &dry)
+        pthread_mutex_unlock(&tb.tun_lock)
+    _tun_watch(tb, tun_fd, EPOLLIN)
+    return got
+
+
 cdef void pump_udp_to_tun(DpCore *d, DpCtx *c, PumpBufs *b, int tun_fd, int udp_fd,
                           int sock_family, int stop_fd, int event_fd,
                           DpCtx *tc, PumpBufs *tb) noexcept nogil:
     """The UDP -> TUN thread; tc and tb are the TUN side's context and buffers,
     used under tb.tun_lock to read the TUN right after this thread wrote to it."""
     cdef pollfd fds[2]
-    cdef int got, i, seg
-    cdef uint64_t tun_tx
-    cdef bint dry
-    cdef Py_ssize_t n, off
-    cdef uint8_t *slot
+    cdef int got
     cdef bint wait = True
-    cdef uint64_t now, woken = 0
-    cdef msghdr *h
-    cdef InboundMemo memo
-    cdef TbEndpoint sender
-    for i in range(PUMP_BATCH):
-        b.iovs[i].iov_base = b.data + <Py_ssize_t>i * PUMP_SLOT
-        b.iovs[i].iov_len = PUMP_SLOT
+    cdef uint64_t woken = 0
     fds[0].fd = udp_fd
     fds[0].events = POLLIN
     fds[1].fd = stop_fd
@@ -411,47 +491,9 @@ cdef void pump_udp_to_tun(DpCore *d, DpCtx *c, PumpBufs *b, int tun_fd, int udp_
     while not c25_load_int(&b.stop):
         if wait and not _poll_in(fds):
             break
-        for i in range(PUMP_BATCH):
-            h = &b.msgs[i].msg_hdr
-            h.msg_name = &b.addrs[i]
-            h.msg_namelen = sizeof(SockAddr)
-            h.msg_iov = &b.iovs[i]
-            h.msg_iovlen = 1
-            h.msg_control = b.ctrl[i]
-            h.msg_controllen = sizeof(b.ctrl[i])
-            h.msg_flags = 0
-        got = recvmmsg(udp_fd, b.msgs, PUMP_BATCH, MSG_DONTWAIT, NULL)
+        pthread_mutex_lock(&b.udp_lock)
+        got = _udp_batch(d, c, b, tun_fd, udp_fd, sock_family, tc, tb)
+        pthread_mutex_unlock(&b.udp_lock)
         # A short batch means the socket ran dry: poll before the next one.
         wait = got < PUMP_BATCH
-        if got <= 0:
-            continue
-        now = _now_ms()
-        memo.result = -1
-        tun_tx = c.counters[C_TUN_TX]
-        # What our writes bring into the TUN, this thread reads: the TUN -> UDP
-        # thread is not woken for it meanwhile (a wake-up that would also take
-        # the core the next hop's thread is about to be woken on).
-        _tun_watch(tb, tun_fd, 0)
-        for i in range(got):
-            slot = b.data + <Py_ssize_t>i * PUMP_SLOT
-            n = b.msgs[i].msg_len
-            seg = _gro_size(&b.msgs[i].msg_hdr)
-            sender.family = _sockaddr_in(&b.addrs[i], sender.addr, &sender.port)
-            if seg <= 0 or seg >= n:
-                _deliver(d, c, b, slot, n, &sender, tun_fd, udp_fd, sock_family, now, &memo)
-                continue
-            c.counters[C_UDP_RX_GRO] += (n + seg - 1) // seg
-            off = 0
-            while off < n:
-                _deliver(d, c, b, slot + off, min(<Py_ssize_t>seg, n - off), &sender,
-                         tun_fd, udp_fd, sock_family, now, &memo)
-                off += seg
-        if b.vnet:
-            co_flush(&b.co, tun_fd, c.counters)
-        # What the local stack answered inside those writes is in the TUN now.
-        if c.counters[C_TUN_TX] != tun_tx and pthread_mutex_trylock(&tb.tun_lock) == 0:
-            tc.counters[C_TUN_RX_AFTER_WRITE] += _tun_batch(d, tc, tb, tun_fd, udp_fd,
-                                                            sock_family, &dry)
-            pthread_mutex_unlock(&tb.tun_lock)
-        _tun_watch(tb, tun_fd, EPOLLIN)
         _wake_if_new(d, event_fd, &woken)

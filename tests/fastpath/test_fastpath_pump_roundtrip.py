@@ -103,3 +103,47 @@ def test_an_answer_in_the_tun_after_a_write_is_forwarded_without_the_tun_thread(
     c = rig.dp.counters()
     assert (c["tun_rx"], c["tun_rx_after_write"], c["udp_tx"], c["tun_tx"]) == (2, 2, 2, 2)
     assert (c["translated"], c["flows_created"], c["keepalives_received"]) == (4, 1, 1)
+
+
+def wait_counter(dp: Datapath, name: str, at_least: int, seconds: float = 5.0) -> dict:
+    """The counters once `name` reached `at_least` (fails at the deadline)."""
+    import time
+    deadline = time.monotonic() + seconds
+    while (c := dp.counters())[name] < at_least:
+        assert time.monotonic() < deadline, f"{name} stayed at {c[name]}"
+        select.select([], [], [], 0.005)
+    return c
+
+
+def test_after_an_isolated_packet_the_tun_thread_takes_the_answer_itself(rig):
+    """A packet that comes alone after a quiet spell (a ping, a keystroke) makes the
+    TUN -> UDP thread poll the overlay socket for a moment for the answer, saving the
+    UDP -> TUN thread's wake-up on the way back. Here only the TUN -> UDP thread runs,
+    and the answer already waits in the socket: it is delivered all the same."""
+    # The flow first, through the datapath without pumps (the connector's DNAT).
+    rig.send(request(1))
+    dg, sender = rig.overlay.recvfrom(4096)
+    assert rig.dp.process_datagram(dg, sender, monotonic_ms())[0] == "tun"
+    rig.dp.start(rig.tun.fileno(), rig.overlay, _udp_thread=False)
+    rig.send(request(2))  # "the answer": waits in the overlay socket
+    select.select([rig.overlay], [], [], 5)
+    rig.kernel.send(reply(1))  # the isolated packet: the kernel's reply into the TUN
+    assert_reply(rig.remote, recv(rig.peer), 1)
+    req = IP(recv(rig.kernel))  # request 2 reached the TUN, delivered by the TUN thread
+    assert (req.src, req.dst, req[ICMP].seq) == (CLIENT, REAL, 2)
+    c = wait_counter(rig.dp, "spin_hits", 1)
+    assert (c["spins"], c["spin_hits"], c["tun_tx"]) == (1, 1, 1)
+
+
+def test_a_burst_does_not_make_the_tun_thread_poll_the_socket(rig):
+    """Only isolated packets do: three at once after a quiet spell, no spin."""
+    rig.send(request(1))
+    dg, sender = rig.overlay.recvfrom(4096)
+    assert rig.dp.process_datagram(dg, sender, monotonic_ms())[0] == "tun"
+    for seq in (1, 2, 3):
+        rig.kernel.send(reply(seq))
+    rig.dp.start(rig.tun.fileno(), rig.overlay, _udp_thread=False)
+    for seq in (1, 2, 3):
+        assert_reply(rig.remote, recv(rig.peer), seq)
+    c = wait_counter(rig.dp, "udp_tx", 3)
+    assert c["spins"] == 0
