@@ -99,6 +99,19 @@ def sides() -> Iterator[dict[str, Side]]:
         s.close()
 
 
+def establish(a: Side, b: Side) -> int:
+    """A session between a and b, a initiating and confirming it with a keepalive; a's
+    peer id of b."""
+    peer = a.dp.tables.lookup_route(ipaddress.ip_address(B4))
+    a.overlay.handshake_wanted(peer)
+    a.overlay.tick()
+    b.deliver()
+    a.deliver()
+    assert a.overlay.counters["keepalives_sent"] == 1
+    assert b.deliver() == [("drop", b"")]  # the keepalive: nothing for the TUN
+    return peer
+
+
 def ping(src: str, dst: str) -> bytes:
     return bytes(IP(src=src, dst=dst) / ICMP(id=7, seq=1) / b"overlay test")
 
@@ -179,14 +192,7 @@ def test_the_driver_runs_in_a_nursery_until_cancelled(sides):
 
 def test_under_a_handshake_flood_cookies_are_demanded_and_sessions_keep_flowing(sides):
     a, b = sides["a"], sides["b"]
-    # A session first, the way test_a_packet_waits... makes one.
-    peer = a.dp.tables.lookup_route(ipaddress.ip_address(B4))
-    a.overlay.handshake_wanted(peer)
-    a.overlay.tick()
-    b.deliver()
-    a.deliver()
-    assert a.overlay.counters["keepalives_sent"] == 1  # confirms the session
-    assert b.deliver() == [("drop", b"")]  # the keepalive: nothing for the TUN
+    peer = establish(a, b)
     # A flood: one valid-looking initiation (mac1 right; anyone who knows b's public key
     # can make one) queued far more often than a node under no load ever sees.
     a.overlay.handshake_wanted(peer)  # a rekey
@@ -213,12 +219,7 @@ def test_under_a_handshake_flood_cookies_are_demanded_and_sessions_keep_flowing(
 
 def test_a_peer_whose_key_changed_loses_its_sessions_at_once(sides):
     a, b = sides["a"], sides["b"]
-    peer = a.dp.tables.lookup_route(ipaddress.ip_address(B4))
-    a.overlay.handshake_wanted(peer)
-    a.overlay.tick()
-    b.deliver()
-    a.deliver()
-    b.deliver()  # the confirming keepalive: both sides have a current session
+    peer = establish(a, b)
     b_to_a = b.dp.tables.lookup_route(ipaddress.ip_address(A4))
     sealed = b.dp.seal(b_to_a, ping(B4, A4), monotonic_ms())
     assert sealed is not None and "current" in a.dp.peer_state(peer)["sessions"]
