@@ -2,7 +2,8 @@
 # overlay's UDP socket, with the GIL released for their whole loop.
 #
 #   TUN -> UDP: read every packet that is ready (up to PUMP_BATCH), decide
-#               each with dp_from_tun, send the batch with one sendmmsg.
+#               each with dp_from_tun, seal it in place into a WireGuard
+#               transport message (dp_seal), send the batch with one sendmmsg.
 #               Consecutive datagrams to the same peer of the same length
 #               (the last may be shorter) go as one UDP GSO message, so the
 #               kernel walks its IP/UDP output path (and, across a veth, the
@@ -10,9 +11,11 @@
 #               packet (bench/NOTES.md has the profile that showed this cost).
 #   UDP -> TUN: recvmmsg up to PUMP_BATCH messages (with UDP_GRO on, one
 #               message can hold several datagrams of the same sender, split
-#               here at the size the kernel reports), check the sender and
-#               the inner source, decide with dp_datagram, write each
-#               packet to the TUN device.
+#               here at the size the kernel reports), open each (its session,
+#               replay window and inner source checked), decide with
+#               dp_datagram, write the packets to the TUN device (TCP segments
+#               of a flow joined into super-packets, coalesce.pxd); handshake
+#               messages are queued for the control plane.
 #
 # Both poll only after their fd ran dry (EAGAIN, or a short recvmmsg): under
 # load they go from batch to batch without sleeping. They wake the control
@@ -54,7 +57,7 @@
 # joined into super-packets when the TUN has IFF_VNET_HDR (coalesce.pxd).
 #
 # GSO and GRO change nothing on the wire: every datagram is still one
-# header plus one packet; a peer whose socket has no UDP_GRO gets them one by
+# WireGuard message holding one packet; a peer whose socket has no UDP_GRO gets them one by
 # one from its kernel. A kernel that refuses a GSO message (no checksum
 # offload on the route's device, or a segment over the path MTU) has its
 # packets sent one by one, and GSO stops for that segment size and up.
