@@ -8,7 +8,7 @@ from dnslib import CNAME, EDNS0, QTYPE, RR, SOA, A, DNSHeader, DNSQuestion, DNSR
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conn25.core.dnscache import AnswerCache, ttl_offsets
+from conn25.core.dnscache import AnswerCache, ForwardCache, ttl_offsets
 from conn25.core.dnsquery import parse, question_key
 
 T0 = 1_700_000_000.0
@@ -159,3 +159,57 @@ def test_a_query_without_a_key_is_neither_stored_nor_found():
     cache = AnswerCache()
     assert not cache.put(parse(q), answer(), [], T0)
     assert cache.get(parse(q), T0) is None and len(cache) == 0
+
+
+# -- the forwarder's cache: every other name, negative answers too (RFC 2308) -----------------
+
+
+def negative(name="gone.test", rcode=3, soa_ttl=900, minimum=60, qid=0, with_soa=True):
+    r = DNSRecord(DNSHeader(id=qid, qr=1, rd=1, ra=1, rcode=rcode),
+                  q=DNSQuestion(name, QTYPE.A))
+    if with_soa:
+        r.add_auth(RR("test", QTYPE.SOA, ttl=soa_ttl, rdata=SOA(
+            "ns.test", "admin.test", (1, 3600, 600, 86400, minimum))))
+    return r.pack()
+
+
+@pytest.mark.parametrize(("soa_ttl", "minimum", "kept_for"), [(900, 60, 60), (30, 600, 30)])
+@pytest.mark.parametrize("rcode", [3, 0], ids=["NXDOMAIN", "NODATA"])
+def test_a_negative_answer_is_kept_for_the_soa_negative_ttl(rcode, soa_ttl, minimum, kept_for):
+    cache = ForwardCache()
+    q = parse(query("gone.test"))
+    assert cache.put(q, negative(rcode=rcode, soa_ttl=soa_ttl, minimum=minimum), T0)
+    hit = cache.get(parse(query("gone.test", qid=9)), T0 + kept_for - 1)
+    assert hit is not None and DNSRecord.parse(hit).header.rcode == rcode
+    assert DNSRecord.parse(hit).header.id == 9
+    assert cache.get(q, T0 + kept_for) is None
+
+
+def test_what_the_forwarder_cache_does_not_keep():
+    cache = ForwardCache()
+    q = parse(query("x.test"))
+    servfail = DNSRecord(DNSHeader(qr=1, rcode=2), q=DNSQuestion("x.test")).pack()
+    truncated = bytearray(answer("x.test"))
+    truncated[2] |= 0x02
+    for wire in (negative(with_soa=False), servfail, bytes(truncated), answer("x.test", (0,)),
+                 b"\x00" * 5):
+        assert not cache.put(q, wire, T0)
+    assert len(cache) == 0
+
+
+def test_the_forwarder_cache_is_bounded_in_entries_and_bytes():
+    cache = ForwardCache(entries=3, max_bytes=10_000)
+    for i in range(5):
+        assert cache.put(parse(query(f"n{i}.test")), answer(f"n{i}.test"), T0)
+    assert len(cache) == 3
+    assert cache.get(parse(query("n0.test")), T0) is None  # the oldest went first
+    assert cache.get(parse(query("n4.test")), T0) is not None
+    big = [answer(f"big{i}.test", ttls=(300,) * 60) for i in range(4)]  # about 1 KiB each
+    cap = len(big[0]) * 2 + 10
+    small = ForwardCache(entries=100, max_bytes=cap)
+    for i, wire in enumerate(big):
+        assert small.put(parse(query(f"big{i}.test")), wire, T0)
+        assert small.bytes <= cap
+    assert len(small) == 2  # two fit in the bytes; the oldest went
+    assert small.get(parse(query("big3.test")), T0) is not None
+    assert not ForwardCache(max_bytes=len(big[0]) - 1).put(parse(query("big0.test")), big[0], T0)

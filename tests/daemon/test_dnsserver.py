@@ -454,7 +454,8 @@ def test_forwarder_caps_queries_in_flight():
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(fwd.forward, query("x.test", qid=1))
                 await trio.testing.wait_all_tasks_blocked()
-                second = await fwd.forward(query("x.test", qid=2))
+                # Another question (the same one would wait for the first's answer).
+                second = await fwd.forward(query("y.test", qid=2))
                 nursery.cancel_scope.cancel()
             return second, fwd.counters()
 
@@ -462,6 +463,61 @@ def test_forwarder_caps_queries_in_flight():
     rec = DNSRecord.parse(second)
     assert rec.header.rcode == RCODE.SERVFAIL and rec.header.id == 2
     assert counters["upstream_overload"] == 1
+
+
+def test_the_same_question_in_flight_goes_upstream_once_and_answers_all():
+    answered = trio.Event()
+
+    def on_udp(data):
+        return [reply(data, RR("x.test", rdata=A("198.51.100.7"), ttl=300))]
+
+    async def main():
+        async with fake_upstream(on_udp) as (upstream, seen):
+            fwd = Forwarder([upstream], timeout=2)
+            results = {}
+
+            async def ask(qid):
+                results[qid] = await fwd.forward(query("x.test", qid=qid))
+                if len(results) == 3:
+                    answered.set()
+
+            async with trio.open_nursery() as nursery:
+                for qid in (1, 2, 3):
+                    nursery.start_soon(ask, qid)
+                with trio.fail_after(5):
+                    await answered.wait()
+            return results, seen, fwd.counters()
+
+    results, seen, counters = run(main)
+    assert len(seen) == 1  # one upstream query for three askers
+    for qid, wire in results.items():
+        rec = DNSRecord.parse(wire)
+        assert rec.header.id == qid and str(rec.a.rdata) == "198.51.100.7"
+    assert (counters["upstream_queries"], counters["coalesced"]) == (1, 2)
+
+
+def test_answers_are_cached_for_their_ttl_counted_down():
+    now = [1000.0]
+
+    def on_udp(data):
+        return [reply(data, RR("x.test", rdata=A("198.51.100.7"), ttl=60))]
+
+    async def main():
+        async with fake_upstream(on_udp) as (upstream, seen):
+            fwd = Forwarder([upstream], timeout=2, clock=lambda: now[0])
+            first = await fwd.forward(query("x.test", qid=1))
+            now[0] += 25
+            second = await fwd.forward(query("x.test", qid=2))
+            third = await fwd.forward(query("X.test", qid=3))  # another case: its own entry
+            now[0] += 60  # expired: upstream again
+            fourth = await fwd.forward(query("x.test", qid=4))
+            return [first, second, third, fourth], len(seen), fwd.counters()
+
+    answers, upstream_queries, counters = run(main)
+    recs = [DNSRecord.parse(a) for a in answers]
+    assert [r.header.id for r in recs] == [1, 2, 3, 4]
+    assert [r.a.ttl for r in recs] == [60, 35, 60, 60]
+    assert upstream_queries == 3 and counters["cache_hits"] == 1
 
 
 def test_forwarder_refuses_what_is_not_a_query():

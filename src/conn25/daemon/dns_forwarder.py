@@ -2,6 +2,11 @@
 UDP with TCP fallback on truncation, and where those upstreams come from
 (``--upstream-dns``, or the nameservers of resolv.conf).
 
+It is a caching forwarder: answers are kept for their TTL (negative ones as
+RFC 2308 says, :class:`conn25.core.dnscache.ForwardCache`, bounded in entries
+and bytes), and identical questions asked while one is on its way upstream
+wait for that one's answer instead of going upstream again.
+
 It takes a query as :func:`conn25.core.dnsquery.parse` read it and tells an
 upstream's answer from a spoofed or stale datagram with
 :meth:`conn25.core.dnsquery.Query.answered_by`. May touch: sockets, the trio
@@ -14,12 +19,22 @@ import ipaddress
 import logging
 import socket
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 import trio
 from dnslib import RCODE
 
-from ..core.dnsquery import MAX_MESSAGE, DNSMapError, Query, answers, parse, servfail_to
+from ..core.dnscache import ForwardCache
+from ..core.dnsquery import (
+    MAX_MESSAGE,
+    DNSMapError,
+    Query,
+    answers,
+    parse,
+    servfail_to,
+    with_id,
+)
 from ..core.iprange import IPAddress, parse_address, parse_list
 from ..core.tailnet import parse_endpoint
 from .dns_transport import DNS_PORT, Framer, Upstream, family, show
@@ -40,7 +55,7 @@ _MAX_LOGGED_REASONS = 1024
 FORWARDER_COUNTERS = (
     "upstream_queries", "upstream_answered", "upstream_servfail", "upstream_overload",
     "upstream_timeouts", "upstream_errors", "upstream_refusals", "upstream_mismatched",
-    "upstream_tcp_fallbacks",
+    "upstream_tcp_fallbacks", "cache_hits", "coalesced",
 )
 
 # -- upstream configuration ----------------------------------------------------------------------
@@ -100,6 +115,13 @@ class _UpstreamError(Exception):
     pass
 
 
+@dataclass
+class _InFlight:
+    """A question on its way upstream, and the answer the ones asking it again wait for."""
+    done: trio.Event = field(default_factory=trio.Event)
+    answer: bytes | None = None
+
+
 class Forwarder:
     """Sends queries to the upstream resolvers, in order, and returns the first good answer.
 
@@ -112,17 +134,22 @@ class Forwarder:
     SERVFAIL built from the query and a log line once per reason.
 
     At most ``max_inflight`` queries are forwarded at once; more get
-    SERVFAIL at once rather than queueing without bound.
+    SERVFAIL at once rather than queueing without bound. Answers are cached
+    (``cache``) and identical questions in flight share one upstream query.
     """
 
     def __init__(
-        self, upstreams: list[Upstream], timeout: float = 2.0, *, max_inflight: int = 512
+        self, upstreams: list[Upstream], timeout: float = 2.0, *, max_inflight: int = 512,
+        cache: ForwardCache | None = None, clock: Callable[[], float] = trio.current_time,
     ) -> None:
         self.upstreams = list(upstreams)
         self.timeout = timeout
+        self.cache = cache if cache is not None else ForwardCache()
+        self._clock = clock
         self._limiter = trio.CapacityLimiter(max_inflight)
         self._counters = Counter(dict.fromkeys(FORWARDER_COUNTERS, 0))
         self._logged: dict[Upstream | None, set[str]] = {}
+        self._inflight: dict[bytes, _InFlight] = {}
 
     def counters(self) -> dict[str, int]:
         return dict(self._counters)
@@ -139,6 +166,29 @@ class Forwarder:
             raise DNSMapError("DNS message is a response (QR set), not a query")
         if not query.complete:
             raise DNSMapError("unreadable DNS message: a question cannot be read")
+        if (hit := self.cache.get(query, self._clock())) is not None:
+            self._counters["cache_hits"] += 1
+            return hit
+        key = query.key
+        if key is not None and (pending := self._inflight.get(key)) is not None:
+            self._counters["coalesced"] += 1
+            with trio.move_on_after(self.timeout * (len(self.upstreams) + 1)):
+                await pending.done.wait()
+            if pending.answer is None:
+                return servfail_to(query)
+            return self.cache.get(query, self._clock()) or with_id(pending.answer, query.wire)
+        if key is None:
+            return await self._forward_limited(query)
+        pending = self._inflight[key] = _InFlight()
+        try:
+            pending.answer = await self._forward_limited(query)
+            self.cache.put(query, pending.answer, self._clock())
+            return pending.answer
+        finally:
+            del self._inflight[key]
+            pending.done.set()
+
+    async def _forward_limited(self, query: Query) -> bytes:
         self._counters["upstream_queries"] += 1
         if not self.upstreams:
             return self._fail(query, None, "no upstream DNS server configured (see --upstream-dns)")
