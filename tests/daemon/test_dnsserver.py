@@ -26,8 +26,9 @@ from hypothesis import strategies as st
 
 from conn25.core.assignments import Assignments
 from conn25.core.config import App, Member, NodeConfig, Pools, Tailnet
+from conn25.core.dnscache import ForwardCache
 from conn25.core.dnsmap import DNSMapError, DNSMapper
-from conn25.core.dnsquery import Query, servfail_to
+from conn25.core.dnsquery import Query, parse, servfail_to
 from conn25.core.iprange import IPRange, IPSet
 from conn25.daemon import dns_resolver
 from conn25.daemon.dns_forwarder import Forwarder, parse_upstreams, upstreams_from_resolv_conf
@@ -811,10 +812,17 @@ def resolver(dnsmasq, ack="attach", ack_timeout=0.2, **kw):
 
 
 class RecordingForwarder:
-    """Records what it is given to forward; answers SERVFAIL."""
+    """Records what it is given to forward; answers SERVFAIL; caches nothing."""
 
     def __init__(self):
         self.got = []
+        self.cache = ForwardCache()
+
+    def now(self):
+        return 0.0
+
+    def count_cache_hit(self):
+        raise AssertionError("nothing is cached here")
 
     async def forward(self, query):
         self.got.append(query)
@@ -838,6 +846,27 @@ def test_a_query_is_parsed_once_and_the_forwarder_takes_the_parsed_value(monkeyp
     assert len(fwd.got) == 1 and isinstance(fwd.got[0], Query) and fwd.got[0].wire == wire
     assert DNSRecord.parse(out).header.rcode == RCODE.SERVFAIL
     assert res.counters()["forwarded"] == 1
+
+
+def test_a_cached_forwarded_answer_is_served_for_other_names_never_for_an_app_name():
+    """The forwarder's cache may hold an app name's real answer (a connector on this node
+    resolved it): the client's fast path serves it for no app name, only for others."""
+    mapper, _ = make_mapper()
+    fwd = Forwarder([closed_port()], clock=lambda: 100.0)
+
+    async def never(*args):
+        raise AssertionError("no connector is asked here")
+
+    res = ClientResolver(mapper, fwd, never, never, now=lambda: 1_700_000_000.0)
+    for name in ("app.test", "plain.test"):
+        q = query(name, qid=1)
+        assert fwd.cache.put(parse(q), reply(q, RR(name, rdata=A("198.51.100.7"), ttl=60)),
+                             100.0)
+    assert res.cached(query("app.test", qid=2)) is None
+    hit = res.cached(query("plain.test", qid=3))
+    assert hit is not None and DNSRecord.parse(hit).header.id == 3
+    assert str(DNSRecord.parse(hit).a.rdata) == "198.51.100.7"
+    assert (res.counters()["forwarded"], fwd.counters()["cache_hits"]) == (1, 1)
 
 
 def test_app_query_is_answered_with_magic_ip_after_the_ack(dnsmasq):

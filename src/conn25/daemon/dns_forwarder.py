@@ -154,6 +154,14 @@ class Forwarder:
     def counters(self) -> dict[str, int]:
         return dict(self._counters)
 
+    def now(self) -> float:
+        """The clock the cache's lifetimes run on."""
+        return self._clock()
+
+    def count_cache_hit(self) -> None:
+        """A caller answered from ``cache`` itself (the DNS server's fast path)."""
+        self._counters["cache_hits"] += 1
+
     async def forward(self, query: Query | bytes) -> bytes:
         """The upstream answer to ``query`` (as parsed, or its wire form), else SERVFAIL.
 
@@ -167,7 +175,7 @@ class Forwarder:
         if not query.complete:
             raise DNSMapError("unreadable DNS message: a question cannot be read")
         if (hit := self.cache.get(query, self._clock())) is not None:
-            self._counters["cache_hits"] += 1
+            self.count_cache_hit()
             return hit
         key = query.key
         if key is not None and (pending := self._inflight.get(key)) is not None:

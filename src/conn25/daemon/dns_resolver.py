@@ -103,7 +103,7 @@ class ClientResolver:
     def _cached(self, query: Query) -> bytes | None:
         hit = self.cache.get(query, self.now())
         if hit is None:
-            return None
+            return self._forwarded_cached(query)
         reply, assignments = hit
         by_magic = self.mapper.assignments.by_magic
         if not all(a.connector is not None and by_magic(a.magic) is a for a in assignments):
@@ -112,6 +112,18 @@ class ClientResolver:
         self._counters["queries"] += 1
         self._counters["app_queries"] += 1
         self._counters["answered_cached"] += 1
+        return reply
+
+    def _forwarded_cached(self, query: Query) -> bytes | None:
+        """A cached forwarded answer, for a name that is no app's only: an app name must
+        never get an unmapped answer, whoever else (a connector on this node) asked it."""
+        if query.key is None or self.mapper.app_for(query) is not None:
+            return None
+        reply = self.forwarder.cache.get(query, self.forwarder.now())
+        if reply is not None:
+            self._counters["queries"] += 1
+            self._counters["forwarded"] += 1
+            self.forwarder.count_cache_hit()
         return reply
 
     async def answer(self, wire: bytes) -> bytes:
