@@ -51,4 +51,4 @@ cdef bint co_push(CoBuf *b, int tun_fd, uint64_t *counters, const uint8_t *p,
                   Py_ssize_t n) noexcept nogil
 cdef void co_flush(CoBuf *b, int tun_fd, uint64_t *counters) noexcept nogil
 cdef bint co_write_plain(int tun_fd, uint64_t *counters, const uint8_t *p,
-                         Py_ssize_t n) noexcept nogil
+                         Py_ssize_t n, bint vnet) noexcept nogil

@@ -35,12 +35,15 @@ cdef inline bint _co_write(int tun_fd, uint64_t *counters, const uint8_t *p,
 
 
 cdef bint co_write_plain(int tun_fd, uint64_t *counters, const uint8_t *p,
-                         Py_ssize_t n) noexcept nogil:
-    """Write packet p behind a zero virtio-net header; p must have VNET_HDR
-    writable bytes in front of it (the datagram's header room)."""
-    cdef uint8_t *h = <uint8_t *>p - VNET_HDR
-    memset(h, 0, VNET_HDR)
-    if not _co_write(tun_fd, counters, h, n + VNET_HDR):
+                         Py_ssize_t n, bint vnet) noexcept nogil:
+    """Write one packet p as it is: with `vnet`, behind a zero virtio-net header,
+    for which p must have VNET_HDR writable bytes in front of it (the datagram's
+    header room)."""
+    cdef uint8_t *h = <uint8_t *>p
+    if vnet:
+        h -= VNET_HDR
+        memset(h, 0, VNET_HDR)
+    if not _co_write(tun_fd, counters, h, n + (VNET_HDR if vnet else 0)):
         return False
     counters[C_TUN_TX] += 1
     return True
@@ -113,7 +116,7 @@ cdef bint co_push(CoBuf *b, int tun_fd, uint64_t *counters, const uint8_t *p,
     cdef bint psh
     if family == 0:
         co_flush(b, tun_fd, counters)
-        return co_write_plain(tun_fd, counters, p, n)
+        return co_write_plain(tun_fd, counters, p, n, True)
     psh = (p[l3 + 13] & 0x08) != 0
     if _co_joins(b, p, family, l3, l4, payload):
         memcpy(q + b.len, p + l3 + l4, payload)
@@ -126,7 +129,7 @@ cdef bint co_push(CoBuf *b, int tun_fd, uint64_t *counters, const uint8_t *p,
         return True
     co_flush(b, tun_fd, counters)
     if psh:  # it would end a super-packet of one at once
-        return co_write_plain(tun_fd, counters, p, n)
+        return co_write_plain(tun_fd, counters, p, n, True)
     memcpy(q, p, n)
     b.len = n
     b.nseg = 1

@@ -6,7 +6,6 @@ from libc.string cimport memcmp, memcpy, memset
 from includes.pthread cimport pthread_mutex_lock, pthread_mutex_unlock
 
 
-
 cdef void dp_push_event(DpCore *d, uint8_t kind, uint8_t family, uint32_t peer,
                         const uint8_t *transit) noexcept nogil:
     pthread_mutex_lock(&d.ev_lock)

@@ -5,7 +5,7 @@
 from libc.errno cimport errno
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free
-from libc.string cimport memcmp, memcpy, memset
+from libc.string cimport memcpy, memset
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from posix.unistd cimport close, read
 
@@ -315,10 +315,8 @@ cdef class Datapath:
         with nogil:
             pthread_mutex_lock(&self.core.tables.lock)
             rec = tb_peer_locked(self.core.tables, p)
-            if rec != NULL and (rec.wg.ep.family != ep.family or rec.wg.ep.port != ep.port
-                                or memcmp(rec.wg.ep.addr, ep.addr, 16) != 0):
-                rec.wg.ep = ep
-                rec.wg.ep_learned_ms = now
+            if rec != NULL:
+                ss_learn_endpoint(&rec.wg, &ep, now)
             pthread_mutex_unlock(&self.core.tables.lock)
         return rec != NULL
 

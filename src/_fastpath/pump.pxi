@@ -253,12 +253,7 @@ cdef int _tun_batch(DpCore *d, DpCtx *c, PumpBufs *b, int tun_fd, int udp_fd,
         if verdict == DP_REPLY:
             # The slot's packet is done with: the reply goes there, behind the header room.
             memcpy(slot + WG_HDR, c.reply, c.reply_len)
-            if vnet:
-                co_write_plain(tun_fd, c.counters, slot + WG_HDR, c.reply_len)
-            elif write(tun_fd, slot + WG_HDR, c.reply_len) < 0:
-                c.counters[C_TUN_WRITE_ERRORS] += 1
-            else:
-                c.counters[C_TUN_TX] += 1
+            co_write_plain(tun_fd, c.counters, slot + WG_HDR, c.reply_len, vnet != 0)
             continue
         if verdict != DP_TO_PEER:
             continue
@@ -403,10 +398,7 @@ cdef inline void _deliver(DpCore *d, DpCtx *c, PumpBufs *b, uint8_t *dg, Py_ssiz
     if verdict == DP_TO_TUN and b.vnet:
         co_push(&b.co, tun_fd, c.counters, dg + WG_HDR, c.inner_len)
     elif verdict == DP_TO_TUN:
-        if write(tun_fd, dg + WG_HDR, c.inner_len) < 0:
-            c.counters[C_TUN_WRITE_ERRORS] += 1
-        else:
-            c.counters[C_TUN_TX] += 1
+        co_write_plain(tun_fd, c.counters, dg + WG_HDR, c.inner_len, False)
     elif verdict == DP_REJECT:
         _send_reject(d, c, udp_fd, sock_family, now)
 

@@ -113,6 +113,7 @@ cdef int ss_recv_begin(TablesC *t, uint32_t index, uint64_t counter, uint64_t no
                        SsRecv *out) noexcept nogil
 cdef int ss_recv_done(TablesC *t, uint32_t peer, uint32_t index, uint64_t counter,
                       const TbEndpoint *sender, Py_ssize_t n, uint64_t now) noexcept nogil
+cdef void ss_learn_endpoint(SsPeer *s, const TbEndpoint *ep, uint64_t now) noexcept nogil
 cdef void ss_count_drop(TablesC *t, uint32_t peer, int reason) noexcept nogil
 cdef bint ss_stage(TablesC *t, uint32_t peer, const uint8_t *p, Py_ssize_t n) noexcept nogil
 cdef uint32_t ss_take_staged(TablesC *t, uint32_t peer, SsStaged *out) noexcept nogil

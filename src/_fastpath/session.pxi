@@ -31,6 +31,24 @@ cdef inline void _ss_drop(TablesC *t, SsKeypair *kp) noexcept nogil:
     memset(kp, 0, sizeof(SsKeypair))
 
 
+cdef inline SsKeypair *_ss_keypair(TbPeer *rec, uint32_t index) noexcept nogil:
+    """The keypair of `rec` that receiver index `index` names, or NULL."""
+    cdef int i
+    if rec != NULL:
+        for i in range(SS_SLOTS):
+            if rec.wg.kp[i].used and rec.wg.kp[i].local_index == index:
+                return &rec.wg.kp[i]
+    return NULL
+
+
+cdef void ss_learn_endpoint(SsPeer *s, const TbEndpoint *ep, uint64_t now) noexcept nogil:
+    """`ep` is where the peer's latest authenticated message came from (roaming)."""
+    if ep.family and (ep.family != s.ep.family or ep.port != s.ep.port
+                      or memcmp(ep.addr, s.ep.addr, 16) != 0):
+        s.ep = ep[0]
+        s.ep_learned_ms = now
+
+
 cdef inline void _ss_want(SsPeer *s, int *flags) noexcept nogil:
     if not s.want_handshake:
         s.want_handshake = 1
@@ -89,17 +107,13 @@ cdef int ss_recv_begin(TablesC *t, uint32_t index, uint64_t counter, uint64_t no
     cdef TbKey k
     cdef TbSlot *slot
     cdef TbPeer *rec
-    cdef SsKeypair *kp = NULL
-    cdef int i, r = SS_RX_UNKNOWN_INDEX
+    cdef SsKeypair *kp
+    cdef int r = SS_RX_UNKNOWN_INDEX
     _tb_key(&k, 0, NULL, NULL, index)
     pthread_mutex_lock(&t.lock)
     slot = _tb_find(&t.indices, &k, t.seed)
     rec = tb_peer_locked(t, slot.val.u32) if slot != NULL else NULL
-    if rec != NULL:
-        for i in range(SS_SLOTS):
-            if rec.wg.kp[i].used and rec.wg.kp[i].local_index == index:
-                kp = &rec.wg.kp[i]
-                break
+    kp = _ss_keypair(rec, index)
     if kp != NULL:
         out.peer = slot.val.u32
         if not _ss_live(kp, now):
@@ -121,15 +135,11 @@ cdef int ss_recv_done(TablesC *t, uint32_t peer, uint32_t index, uint64_t counte
     sender as the peer's endpoint, confirm a next keypair. SS_F_* flags."""
     cdef TbPeer *rec
     cdef SsPeer *s
-    cdef SsKeypair *kp = NULL
-    cdef int i, flags = 0
+    cdef SsKeypair *kp
+    cdef int flags = 0
     pthread_mutex_lock(&t.lock)
     rec = tb_peer_locked(t, peer)
-    if rec != NULL:
-        for i in range(SS_SLOTS):
-            if rec.wg.kp[i].used and rec.wg.kp[i].local_index == index:
-                kp = &rec.wg.kp[i]
-                break
+    kp = _ss_keypair(rec, index)
     if kp == NULL:
         pthread_mutex_unlock(&t.lock)
         return SS_F_GONE
@@ -146,10 +156,7 @@ cdef int ss_recv_done(TablesC *t, uint32_t peer, uint32_t index, uint64_t counte
         memset(&s.kp[SS_NEXT], 0, sizeof(SsKeypair))
         kp = &s.kp[SS_CURRENT]
         flags |= SS_F_CONFIRMED
-    if sender.family and (sender.family != s.ep.family or sender.port != s.ep.port
-                          or memcmp(sender.addr, s.ep.addr, 16) != 0):
-        s.ep = sender[0]
-        s.ep_learned_ms = now
+    ss_learn_endpoint(s, sender, now)
     s.rx_bytes += <uint64_t>n + 32
     s.last_rx_ms = now
     s.tx_unanswered_ms = 0
