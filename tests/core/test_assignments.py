@@ -318,3 +318,35 @@ def test_restore_without_a_reporter_still_drops():
     assert store.restore(f"[{saved_row('100.64.0.2', '169.254.128.2')}]".encode(), T0,
                          node_addresses=[NODE_V4]) == 0
     assert len(store) == 0
+
+
+# -- transit IPs offered to a connector ---------------------------------------------------------
+
+
+def test_taken_transits_are_out_of_the_pool_until_an_assignment_holds_them_or_they_return():
+    store = Assignments(pools(v4_transit="169.254.128.0-169.254.128.7"))
+    offers = store.take_transits(4, 8)
+    assert len(offers) == 4  # never more than half of what is free
+    a, created = store.reserve("GitHub", "github.com.", ip("203.0.113.10"), 300, T0,
+                               transit=offers[1])
+    assert created and a.transit == offers[1] and store.by_transit(offers[1]) is a
+    # An ordinary reservation gets none of the offers.
+    b, _ = store.reserve("GitHub", "github.com.", ip("203.0.113.11"), 300, T0)
+    assert b.transit not in offers
+    store.release_transits(offers)  # the one a holds stays
+    assert store.pool_usage()["v4Transit"]["inUse"] == 2
+    with pytest.raises(AssignmentError, match="cannot be given"):
+        store.reserve("GitHub", "github.com.", ip("203.0.113.12"), 300, T0, transit=offers[1])
+    with pytest.raises(AssignmentError, match="cannot be given"):
+        store.reserve("GitHub", "github.com.", ip("2001:db8::1"), 300, T0, transit=offers[0])
+
+
+def test_an_offer_for_a_pair_that_is_assigned_already_is_not_used():
+    store = Assignments(pools(v4_transit="169.254.128.0-169.254.128.7"))
+    a, _ = store.reserve("GitHub", "github.com.", ip("203.0.113.10"), 300, T0)
+    [offer] = store.take_transits(4, 1)
+    again, created = store.reserve("GitHub", "github.com.", ip("203.0.113.10"), 300, T0,
+                                   transit=offer)
+    assert again is a and not created and a.transit != offer
+    store.release_transits([offer])
+    assert store.pool_usage()["v4Transit"]["inUse"] == 1

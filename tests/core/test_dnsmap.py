@@ -140,6 +140,17 @@ def test_a_answers_become_magic_ips_in_pool_order_under_queried_name(env):
     assert res.assignments == res.new
 
 
+def test_new_assignments_take_the_transit_ips_a_connector_mapped(env):
+    """An offer the connector mapped for an address becomes that assignment's transit IP;
+    an address without one gets the pool's next."""
+    offers = env.store.take_transits(4, 2)
+    wire = response("github.com", answers=zone(
+        "github.com. 300 IN A 203.0.113.10\ngithub.com. 300 IN A 203.0.113.11"))
+    res = env.mapper.map_response(wire, T0, offered={ip("203.0.113.11"): offers[1]})
+    assert [a.transit for a in res.new][1] == offers[1]
+    assert res.new[0].transit not in offers
+
+
 def test_aaaa_answers_become_v6_magic_ips(env):
     """AAAA answers the same way, from the v6 magic pool."""
     wire = response("api.github.com", "AAAA", zone(

@@ -1,5 +1,6 @@
 """Peer API messages, the request decoder and the transit-ip HTTP mapping."""
 
+import ipaddress
 import json
 
 import pytest
@@ -201,3 +202,60 @@ def test_http_too_big_is_413():
 def test_http_not_configured_is_503():
     status, out = peerapi.transit_ip_http("POST", body(ITEM), Recorder(NotConfigured("x")))
     assert status == 503 and b"not a connector" in out
+
+
+# -- resolution with offers ---------------------------------------------------------------------
+
+
+def addrs(*texts: str) -> list:
+    return [ipaddress.ip_address(t) for t in texts]
+
+
+def test_resolve_request_round_trips_with_the_query_as_base64():
+    req = peerapi.ResolveRequest("GitHub", b"\x12\x34", ["169.254.128.1", "FD7A:115C:A1E0:AB13::1"])
+    wire = peerapi.encode(req)
+    assert json.loads(wire) == {"app": "GitHub", "query": "EjQ=",
+                                "transitIPs": ["169.254.128.1", "fd7a:115c:a1e0:ab13::1"]}
+    assert peerapi.decode_resolve_request(wire) == req
+    assert req.offers == addrs("169.254.128.1", "fd7a:115c:a1e0:ab13::1")
+
+
+@pytest.mark.parametrize(("offers", "message"), [
+    (["169.254.128.1", "169.254.128.01"], "not an IP address"),
+    (["169.254.128.1", "169.254.128.1"], "more than once"),
+    ([f"169.254.129.{i}" for i in range(peerapi.MAX_OFFERS + 1)], "at most 64"),
+])
+def test_resolve_request_refuses_bad_offers_saying_why(offers, message):
+    body = json.dumps({"app": "GitHub", "query": "", "transitIPs": offers}).encode()
+    with pytest.raises(BadRequest, match=message):
+        peerapi.decode_resolve_request(body)
+
+
+def test_offered_mappings_pair_each_address_with_the_next_offer_of_its_family():
+    req = peerapi.offered_mappings(
+        "GitHub", "github.com.", addrs("203.0.113.1", "2001:db8::1", "203.0.113.2", "203.0.113.3"),
+        addrs("169.254.128.1", "fd7a:115c:a1e0:ab13::1", "169.254.128.2"))
+    assert [(i.transit_ip, i.destination_ip, i.app, i.domain) for i in req.transit_ips] == [
+        ("169.254.128.1", "203.0.113.1", "GitHub", "github.com."),
+        ("fd7a:115c:a1e0:ab13::1", "2001:db8::1", "GitHub", "github.com."),
+        ("169.254.128.2", "203.0.113.2", "GitHub", "github.com."),
+    ]
+
+
+def test_acknowledged_takes_only_ok_results_for_our_offers_each_once():
+    M = peerapi.MappedTransitIP
+    offers = addrs("169.254.128.1", "169.254.128.2", "169.254.128.3", "fd7a:115c:a1e0:ab13::1")
+    resp = peerapi.ResolveResponse(b"", [
+        M("169.254.128.1", "203.0.113.1"),
+        M("169.254.128.2", "203.0.113.2", Code.OTHER, "not resolved here"),
+        M("169.254.128.9", "203.0.113.3"),  # not offered
+        M("169.254.128.1", "203.0.113.4"),  # an offer again
+        M("169.254.128.3", "203.0.113.1"),  # an address again
+        M("fd7a:115c:a1e0:ab13::1", "203.0.113.5"),  # families differ
+        M("bogus", "203.0.113.6"),
+        M("169.254.128.3", "203.0.113.7"),
+    ])
+    assert peerapi.acknowledged(resp, offers) == {
+        ipaddress.ip_address("203.0.113.1"): ipaddress.ip_address("169.254.128.1"),
+        ipaddress.ip_address("203.0.113.7"): ipaddress.ip_address("169.254.128.3"),
+    }

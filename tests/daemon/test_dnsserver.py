@@ -24,15 +24,17 @@ from dnslib import EDNS0, QTYPE, RCODE, RR, A, DNSHeader, DNSQuestion, DNSRecord
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conn25.core import peerapi
 from conn25.core.assignments import Assignments
 from conn25.core.config import App, Member, NodeConfig, Pools, Tailnet
 from conn25.core.dnscache import ForwardCache
-from conn25.core.dnsmap import DNSMapError, DNSMapper
+from conn25.core.dnsmap import DNSMapError, DNSMapper, answer_addresses
 from conn25.core.dnsquery import Query, parse, servfail_to
 from conn25.core.iprange import IPRange, IPSet
+from conn25.core.peerapi import Code, MappedTransitIP, ResolveResponse
 from conn25.daemon import dns_resolver
 from conn25.daemon.dns_forwarder import Forwarder, parse_upstreams, upstreams_from_resolv_conf
-from conn25.daemon.dns_resolver import ClientResolver
+from conn25.daemon.dns_resolver import DEFAULT_OFFERS, ClientResolver
 from conn25.daemon.dns_server import DNSServer
 from dnswire import frame, read_frame
 from nodekeys import public_key
@@ -41,6 +43,7 @@ DNSMASQ = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
 LOOP = "127.0.0.1"
 APP = App("App", ("app.test.", "*.app.test."), ("tag:app-connector",))
 BIG = [f"198.51.100.{i}" for i in range(1, 41)]  # 40 A records: over 512 bytes
+MULTI = ["203.0.113.21", "203.0.113.22", "203.0.113.23"]
 
 
 def ip(s):
@@ -115,6 +118,7 @@ def dnsmasq(tmp_path_factory):
         "--host-record=edge.app-cdn.test,203.0.113.10",
         "--cname=www.app.test,edge.app-cdn.test",
         *(f"--host-record=big.test,{a}" for a in BIG),
+        *(f"--host-record=multi.app.test,{a}" for a in MULTI),
     ]
     for _ in range(5):
         port = _free_port()
@@ -761,11 +765,11 @@ def test_server_query_check_never_raises(wire):
 # -- the client's resolver -------------------------------------------------------------------
 
 
-def make_mapper(v4_magic="100.80.0.0-100.80.0.255"):
+def make_mapper(v4_magic="100.80.0.0-100.80.0.255", v4_transit="169.254.128.0-169.254.128.255"):
     pools = Pools(
         v4_magic=IPSet.of([IPRange.parse(v4_magic)]),
         v6_magic=IPSet.of([IPRange.parse("fd7a:115c:a1e0:ab12::-fd7a:115c:a1e0:ab12::ff")]),
-        v4_transit=IPSet.of([IPRange.parse("169.254.128.0-169.254.128.255")]),
+        v4_transit=IPSet.of([IPRange.parse(v4_transit)]),
         v6_transit=IPSet.of([IPRange.parse("fd7a:115c:a1e0:ab13::-fd7a:115c:a1e0:ab13::ff")]),
     )
     node = Member("laptop", (ip("100.64.0.1"),), ("192.0.2.1", 41641), public_key("laptop"))
@@ -775,20 +779,49 @@ def make_mapper(v4_magic="100.80.0.0-100.80.0.255"):
     return DNSMapper(config, store), store
 
 
-class Connector:
-    """Fake resolve_at_connector + register: resolves at ``upstream``, acks by attaching."""
+def answers_only(resolve):
+    """A resolve_at_connector made of one that answers with DNS bytes and maps no offer."""
 
-    def __init__(self, store, upstream, ack="attach"):
+    async def with_offers(app, wire, offers):
+        return "connector-1", ResolveResponse(await resolve(app, wire))
+
+    return with_offers
+
+
+class Connector:
+    """Fake resolve_at_connector + register: resolves at ``upstream``, acks by attaching.
+
+    With ``maps_offers`` it maps the answer's addresses onto the offers as a
+    connector does (:func:`peerapi.offered_mappings`), refusing those in
+    ``refuse``; without, it maps none, so every new assignment is registered.
+    """
+
+    def __init__(self, store, upstream, ack="attach", maps_offers=False):
         self.store = store
         self.forwarder = Forwarder([upstream])
         self.ack = ack  # "attach", "never", "refuse"
+        self.maps_offers = maps_offers
+        self.refuse: set[str] = set()  # destinations whose mapping is refused
         self.resolved = []
+        self.offered = []
         self.registered = []
         self.ack_now = trio.Event()
 
-    async def resolve(self, app, wire):
+    async def resolve(self, app, wire, offers=()):
         self.resolved.append((app.name, DNSRecord.parse(wire).q.qname))
-        return await self.forwarder.forward(wire)
+        self.offered.append(list(offers))
+        answer = await self.forwarder.forward(wire)
+        if not self.maps_offers:
+            return "connector-1", ResolveResponse(answer)
+        domain, _, addrs = answer_addresses(answer)
+        req = peerapi.offered_mappings(app.name, domain, [a for a, _ in addrs], offers)
+        return "connector-1", ResolveResponse(answer, [
+            MappedTransitIP(i.transit_ip, i.destination_ip,
+                            Code.OTHER if i.destination_ip in self.refuse else Code.OK)
+            for i in req.transit_ips])
+
+    def mapped(self, a, connector):
+        self.store.attach(a.transit, connector)
 
     async def register(self, assignments):
         self.registered.append([(str(a.real), str(a.magic)) for a in assignments])
@@ -803,10 +836,10 @@ class Connector:
         return True
 
 
-def resolver(dnsmasq, ack="attach", ack_timeout=0.2, **kw):
+def resolver(dnsmasq, ack="attach", ack_timeout=0.2, maps_offers=False, **kw):
     mapper, store = make_mapper(**kw)
-    conn = Connector(store, dnsmasq, ack)
-    res = ClientResolver(mapper, Forwarder([dnsmasq]), conn.resolve, conn.register,
+    conn = Connector(store, dnsmasq, ack, maps_offers)
+    res = ClientResolver(mapper, Forwarder([dnsmasq]), conn.resolve, conn.register, conn.mapped,
                          ack_timeout=ack_timeout, now=lambda: 1_700_000_000.0)
     return res, conn, store
 
@@ -839,7 +872,7 @@ def test_a_query_is_parsed_once_and_the_forwarder_takes_the_parsed_value(monkeyp
     async def never(*args):
         raise AssertionError("a non-app query went to a connector")
 
-    res = ClientResolver(mapper, fwd, never, never, now=lambda: 1_700_000_000.0)
+    res = ClientResolver(mapper, fwd, never, never, never, now=lambda: 1_700_000_000.0)
     wire = query("plain.test")
     out = trio.run(res.answer, wire)
     assert parsed == [wire]
@@ -857,7 +890,7 @@ def test_a_cached_forwarded_answer_is_served_for_other_names_never_for_an_app_na
     async def never(*args):
         raise AssertionError("no connector is asked here")
 
-    res = ClientResolver(mapper, fwd, never, never, now=lambda: 1_700_000_000.0)
+    res = ClientResolver(mapper, fwd, never, never, never, now=lambda: 1_700_000_000.0)
     for name in ("app.test", "plain.test"):
         q = query(name, qid=1)
         assert fwd.cache.put(parse(q), reply(q, RR(name, rdata=A("198.51.100.7"), ttl=60)),
@@ -964,6 +997,118 @@ def test_concurrent_queries_for_one_name_all_wait_for_the_one_registration(dnsma
     assert len(conn.registered) == 1
 
 
+# -- a fresh name in one exchange -------------------------------------------------------------
+
+
+def transit_in_use(store, v):
+    return store.pool_usage()[f"v{v}Transit"]["inUse"]
+
+
+def test_a_fresh_name_costs_one_exchange_with_the_connector_and_no_registration(dnsmasq):
+    """The query carries transit offers of its family; the connector maps the answer onto
+    them; the answer goes out with no registration, and unused offers go back to the pool."""
+    res, conn, store = resolver(dnsmasq, maps_offers=True)
+
+    async def main():
+        return await res.answer(query("app.test", qid=1)), \
+            await res.answer(query("app.test", "AAAA", qid=2))
+
+    v4, v6 = run(main)
+    assert addresses(v4) == ["100.80.0.0"] and addresses(v6) == ["fd7a:115c:a1e0:ab12::"]
+    assert len(conn.resolved) == 2 and conn.registered == []
+    assert [len(o) for o in conn.offered] == [DEFAULT_OFFERS, DEFAULT_OFFERS]
+    assert [{o.version for o in offers} for offers in conn.offered] == [{4}, {6}]
+    a4, a6 = store.by_magic(ip("100.80.0.0")), store.by_magic(ip("fd7a:115c:a1e0:ab12::"))
+    # The assignment holds the offer the connector mapped, registered with that connector.
+    assert a4.transit == conn.offered[0][0] and a4.connector == "connector-1"
+    assert a6.transit == conn.offered[1][0] and a6.connector == "connector-1"
+    assert (transit_in_use(store, 4), transit_in_use(store, 6)) == (1, 1)
+    c = res.counters()
+    assert (c["mapped_in_resolution"], c["answered_mapped"], c["registrations"]) == (2, 2, 0)
+
+
+def test_addresses_beyond_the_offers_and_refused_offers_are_registered_separately(dnsmasq):
+    res, conn, store = resolver(dnsmasq, maps_offers=True)
+    res.offers = 2
+    conn.refuse = {MULTI[1]}
+    out = run(res.answer, query("multi.app.test"))
+    assert len(addresses(out)) == 3 and len(conn.resolved) == 1
+    # One mapped while resolving; the refused one and the one beyond the offers registered.
+    assert sorted(real for real, _ in conn.registered[0]) == MULTI[1:]
+    assert len(conn.registered) == 1 and res.counters()["mapped_in_resolution"] == 1
+    assert all(store.by_domain_real("multi.app.test.", ip(r)).connector == "connector-1"
+               for r in MULTI)
+    assert transit_in_use(store, 4) == 3
+
+
+def test_a_repeated_name_reuses_its_assignment_and_returns_the_offers(dnsmasq):
+    """Past the cached answer's TTL the name is asked again: the old assignment stays
+    (its magic IP may be cached by applications), so the new offers all go back."""
+    clock = [1_700_000_000.0]
+    mapper, store = make_mapper()
+    conn = Connector(store, dnsmasq, maps_offers=True)
+    res = ClientResolver(mapper, Forwarder([dnsmasq]), conn.resolve, conn.register, conn.mapped,
+                         now=lambda: clock[0])
+    first = run(res.answer, query("app.test"))
+    clock[0] += 301
+    again = run(res.answer, query("app.test"))
+    assert addresses(first) == addresses(again) == ["100.80.0.0"]
+    assert len(conn.resolved) == 2 and conn.registered == [] and transit_in_use(store, 4) == 1
+    assert store.by_magic(ip("100.80.0.0")).transit == conn.offered[0][0]
+
+
+@pytest.mark.parametrize("result", ["not offered", "other family", "twice", "garbage"])
+def test_a_connector_result_for_what_we_did_not_offer_is_not_taken(dnsmasq, result):
+    """What a connector says is input: an item naming a transit IP we did not offer (or
+    the same offer twice, or another family) is ignored and the address registered."""
+    mapper, store = make_mapper()
+    conn = Connector(store, dnsmasq)
+
+    async def hostile(app, wire, offers):
+        answer = await conn.forwarder.forward(wire)
+        transit = {"not offered": "169.254.128.250", "other family": "fd7a:115c:a1e0:ab13::9",
+                   "twice": str(offers[0]), "garbage": "not an address"}[result]
+        items = [MappedTransitIP(transit, "203.0.113.5")]
+        if result == "twice":
+            items.append(MappedTransitIP(transit, "203.0.113.5"))
+        return "connector-1", ResolveResponse(answer, items)
+
+    res = ClientResolver(mapper, Forwarder([dnsmasq]), hostile, conn.register, conn.mapped,
+                         now=lambda: 1_700_000_000.0)
+    out = run(res.answer, query("app.test"))
+    assert addresses(out) == ["100.80.0.0"]
+    a = store.by_magic(ip("100.80.0.0"))
+    if result == "twice":  # the first mention of an offer counts, once
+        assert conn.registered == [] and res.counters()["mapped_in_resolution"] == 1
+    else:
+        assert conn.registered == [[("203.0.113.5", "100.80.0.0")]]
+        assert str(a.transit) != "169.254.128.250"
+    assert transit_in_use(store, 4) == 1
+
+
+def test_offers_go_back_to_the_pool_when_the_connector_fails(dnsmasq):
+    mapper, store = make_mapper()
+    conn = Connector(store, dnsmasq)
+
+    async def fails(app, wire, offers):
+        assert len(offers) == DEFAULT_OFFERS and transit_in_use(store, 4) == DEFAULT_OFFERS
+        raise OSError("connection refused")
+
+    res = ClientResolver(mapper, Forwarder([dnsmasq]), fails, conn.register, conn.mapped)
+    out = run(res.answer, query("app.test"))
+    assert DNSRecord.parse(out).header.rcode == RCODE.SERVFAIL
+    assert transit_in_use(store, 4) == 0 and len(store) == 0
+
+
+def test_offers_never_take_more_than_half_of_a_small_pool(dnsmasq):
+    res, conn, store = resolver(dnsmasq, maps_offers=True,
+                                v4_transit="169.254.128.0-169.254.128.3")
+    out = run(res.answer, query("multi.app.test"))
+    assert len(addresses(out)) == 3
+    assert len(conn.offered[0]) == 2 and len(conn.registered[0]) == 1
+    assert transit_in_use(store, 4) == 3
+
+
 def test_servfail_from_mapping_still_registers_its_new_assignments(dnsmasq):
     """Pool runs out half-way (one magic IP for two addresses): SERVFAIL, first registered."""
     mapper, store = make_mapper(v4_magic="100.80.0.0")
@@ -972,7 +1117,8 @@ def test_servfail_from_mapping_still_registers_its_new_assignments(dnsmasq):
     async def two_addresses(app, wire):
         return reply(wire, *a_records("app.test", ["203.0.113.5", "203.0.113.6"]))
 
-    res = ClientResolver(mapper, Forwarder([dnsmasq]), two_addresses, conn.register,
+    res = ClientResolver(mapper, Forwarder([dnsmasq]), answers_only(two_addresses),
+                         conn.register, conn.mapped,
                          ack_timeout=1, now=lambda: 1_700_000_000.0)
     out = run(res.answer, query("app.test"))
     rec = DNSRecord.parse(out)
@@ -995,8 +1141,8 @@ def test_connector_failure_gives_servfail_counted(dnsmasq, failure):
             return reply(wire, *a_records("evil.test", ["192.0.2.66"]), name="evil.app.test")
         return b"\x00"
 
-    res = ClientResolver(mapper, Forwarder([dnsmasq]), resolve, conn.register,
-                         resolve_timeout=0.2)
+    res = ClientResolver(mapper, Forwarder([dnsmasq]), answers_only(resolve), conn.register,
+                         conn.mapped, resolve_timeout=0.2)
     out = run(res.answer, query("app.test", qid=5))
     h = DNSRecord.parse(out).header
     assert h.rcode == RCODE.SERVFAIL and h.id == 5
@@ -1012,7 +1158,8 @@ def test_connector_answer_with_zero_id_is_answered_with_the_query_id(dnsmasq):
     async def resolve(app, wire):
         return reply(wire, *a_records("app.test", ["203.0.113.5"]), qid=0)
 
-    res = ClientResolver(mapper, Forwarder([dnsmasq]), resolve, conn.register)
+    res = ClientResolver(mapper, Forwarder([dnsmasq]), answers_only(resolve), conn.register,
+                         conn.mapped)
     out = run(res.answer, query("app.test", qid=0x5555))
     assert DNSRecord.parse(out).header.id == 0x5555 and addresses(out) == ["100.80.0.0"]
 
@@ -1061,7 +1208,8 @@ def cached_resolver(dnsmasq):
     mapper, store = make_mapper()
     conn = Connector(store, dnsmasq)
     clock = Clock()
-    res = ClientResolver(mapper, Forwarder([dnsmasq]), conn.resolve, conn.register, now=clock)
+    res = ClientResolver(mapper, Forwarder([dnsmasq]), conn.resolve, conn.register, conn.mapped,
+                         now=clock)
     return res, conn, store, clock
 
 
@@ -1122,7 +1270,7 @@ def test_a_cached_answer_is_not_used_once_its_mapping_is_not_the_live_one(dnsmas
 def test_a_servfail_is_not_cached(dnsmasq):
     mapper, store = make_mapper()
     conn = Connector(store, dnsmasq, ack="refuse")
-    res = ClientResolver(mapper, Forwarder([dnsmasq]), conn.resolve, conn.register)
+    res = ClientResolver(mapper, Forwarder([dnsmasq]), conn.resolve, conn.register, conn.mapped)
 
     async def main():
         return [await res.answer(query("app.test")) for _ in range(2)]
@@ -1180,7 +1328,8 @@ def test_odd_name_under_an_app_wildcard_goes_to_the_connector_and_never_leaks(od
     async def register(_assignments):
         raise AssertionError("a name without text form is not registered")
 
-    res = ClientResolver(mapper, Forwarder([]), resolve, register, now=lambda: 1_700_000_000.0)
+    res = ClientResolver(mapper, Forwarder([]), answers_only(resolve), register, register,
+                         now=lambda: 1_700_000_000.0)
     q = DNSRecord(DNSHeader(id=0x77, rd=1), q=DNSQuestion("x.invalid"))
     q.q.qname = [odd, b"www", b"APP", b"test"]
 

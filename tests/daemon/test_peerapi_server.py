@@ -14,7 +14,16 @@ from dnslib import AAAA, QTYPE, RR, A, DNSLabel, DNSRecord
 from conn25.core import config, peerapi
 from conn25.core.config import App, Member, NodeConfig, Tailnet
 from conn25.core.connector import ConnectorTable, Mapping
-from conn25.core.peerapi import DNS_QUERY_PATH, HEALTH_PATH, MAX_BODY, TRANSIT_IP_PATH, Code
+from conn25.core.peerapi import (
+    DNS_QUERY_PATH,
+    HEALTH_PATH,
+    MAX_BODY,
+    MAX_OFFERS,
+    RESOLVE_PATH,
+    TRANSIT_IP_PATH,
+    Code,
+    ResolveRequest,
+)
 from conn25.daemon import http
 from conn25.daemon.http import Request
 from conn25.daemon.peerapi_server import PEERAPI_LIMITS, PeerAPI
@@ -226,7 +235,8 @@ def test_registration_at_a_node_that_is_no_connector_gets_503():
     assert resp.status == 503
 
 
-@pytest.mark.parametrize("path", [TRANSIT_IP_PATH, DNS_QUERY_PATH + "?app=GitHub", HEALTH_PATH])
+@pytest.mark.parametrize("path", [TRANSIT_IP_PATH, DNS_QUERY_PATH + "?app=GitHub", RESOLVE_PATH,
+                                  HEALTH_PATH])
 def test_address_of_no_node_gets_403_on_every_route(path, caplog):
     caplog.set_level(logging.WARNING, logger="conn25.core.peerapi")
     node = FakeNode()
@@ -367,6 +377,101 @@ def test_dns_query_upstream_failure_is_502_and_allows_nothing():
     node.forwarder.fail = OSError("no upstream")
     assert call(node, dns_request()).status == 502
     assert codes(register(node, (T4, REAL4, "GitHub"))) == [Code.OTHER]
+
+
+# -- resolve with offers ------------------------------------------------------------------------
+
+
+def resolve(node: FakeNode, name: str = "github.com", offers: tuple[str, ...] = (T4, T4B), *,
+            qtype: str = "A", app: str = "GitHub", peer: str = "100.64.0.1"
+            ) -> tuple[list[str], list[tuple[str, str, int]]]:
+    """(the answer's addresses, [(transit, destination, code)]) of a resolve request."""
+    body = peerapi.encode(ResolveRequest(app, dns_query(name, qtype), list(offers)))
+    resp = call(node, request("POST", RESOLVE_PATH, body, peer=peer))
+    assert resp.status == 200, resp.body
+    out = peerapi.decode_resolve_response(resp.body)
+    return ([str(rr.rdata) for rr in DNSRecord.parse(out.answer).rr],
+            [(r.transit_ip, r.destination_ip, r.code) for r in out.transit_ips])
+
+
+def test_resolve_maps_the_answer_onto_the_offers_in_the_same_exchange():
+    node = FakeNode()
+    assert resolve(node) == ([REAL4], [(T4, REAL4, Code.OK)])
+    [[m]] = node.installed
+    assert (str(m.peer), str(m.transit), str(m.destination)) == ("100.64.0.1", T4, REAL4)
+    # The mapping is the registration's: the same transit IP registered again is just refreshed.
+    assert codes(register(node, (T4, REAL4, "GitHub"))) == [Code.OK]
+    assert node.forwarder.queries == [("github.com.", "A")]
+
+
+def test_resolve_maps_no_more_addresses_than_offered_and_only_of_their_family():
+    node = FakeNode()
+    many = [(f"203.0.113.{i}", 60) for i in (31, 32, 33)]
+    node.forwarder.answers[("api.github.com.", "A")] = many
+    addrs, results = resolve(node, "api.github.com", (T4, T6, T4B))
+    assert addrs == [a for a, _ in many]
+    assert results == [(T4, "203.0.113.31", Code.OK), (T4B, "203.0.113.32", Code.OK)]
+    assert resolve(node, "github.com", (T6,))[1] == []  # an A answer: no v6 offer fits
+    v6 = resolve(node, "github.com", (T4, T6), qtype="AAAA")
+    assert v6 == ([REAL6], [(T6, REAL6, Code.OK)])
+    assert str(node.installed[-1][0].peer) == "fd7a:115c:a1e0::1"
+
+
+def test_resolve_without_offers_only_answers():
+    node = FakeNode()
+    assert resolve(node, offers=()) == ([REAL4], [])
+    assert node.installed == []
+    # ... and its answer allows the address, as the dns-query route does.
+    assert codes(register(node, (T4, REAL4, "GitHub"))) == [Code.OK]
+
+
+def test_an_offer_the_connector_may_not_map_is_refused_per_item_with_the_registrations_code():
+    node = FakeNode()
+    assert resolve(node, offers=("100.64.0.9",)) == ([REAL4], [("100.64.0.9", REAL4, Code.OTHER)])
+    assert node.installed == []
+    # Registrations and resolutions share the peer's rate limit.
+    many = [(f"203.0.113.{i}", 60) for i in range(40, 100)]
+    node.forwarder.answers[("api.github.com.", "A")] = many
+    limited = 0
+    for i in range(20):
+        offers = tuple(f"169.254.{130 + i}.{j}" for j in range(len(many)))
+        limited += sum(c == Code.OTHER for *_, c in resolve(node, "api.github.com", offers)[1])
+    assert limited > 0
+
+
+@pytest.mark.parametrize(("body", "status"), [
+    (b"{not json", 400),
+    (b'{"app": "GitHub"}', 400),  # no query
+    (b'{"app": "GitHub", "query": "%%%"}', 400),  # not base64
+    (peerapi.encode(ResolveRequest("GitHub", dns_query("github.com")))[:-1]
+     + b', "transitIPs": ["169.254.128.1", "169.254.128.1"]}', 400),  # an offer twice
+    (peerapi.encode(ResolveRequest("GitHub", dns_query("github.com")))[:-1]
+     + b', "transitIPs": ["not an address"]}', 400),
+    (peerapi.encode(ResolveRequest("GitHub", dns_query("github.com")))[:-1] + b', "transitIPs": '
+     + json.dumps([f"169.254.129.{i}" for i in range(MAX_OFFERS + 1)]).encode() + b"}", 400),
+    (peerapi.encode(ResolveRequest("GitHub", b"\x00\x01garbage")), 400),
+    (peerapi.encode(ResolveRequest("GitHub", dns_query("example.com"))), 400),
+    (peerapi.encode(ResolveRequest("GitLab", dns_query("gitlab.com"))), 404),
+    (b"x" * (MAX_BODY + 1), 413),
+])
+def test_bad_resolve_requests_are_refused_and_change_nothing(body, status):
+    node = FakeNode()
+    resp = call(node, request("POST", RESOLVE_PATH, body))
+    assert resp.status == status, resp.body
+    assert node.forwarder.queries == [] and node.installed == []
+
+
+def test_resolve_is_post_only_and_for_permitted_peers_only():
+    node = FakeNode()
+    body = peerapi.encode(ResolveRequest("GitHub", dns_query("github.com"), [T4]))
+    assert call(node, request("GET", RESOLVE_PATH)).status == 405
+    denied = call(node, request("POST", RESOLVE_PATH, body, peer="100.64.0.4"))
+    made_up = call(node, request("POST", RESOLVE_PATH,
+                                 peerapi.encode(ResolveRequest("NoSuchApp", b"", [T4])),
+                                 peer="100.64.0.4"))
+    assert denied.status == made_up.status == 403 and denied.body == made_up.body
+    assert call(FakeNode(connector=False), request("POST", RESOLVE_PATH, body)).status == 503
+    assert node.forwarder.queries == [] and node.installed == []
 
 
 # -- health ---------------------------------------------------------------------------------

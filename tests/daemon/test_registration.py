@@ -20,13 +20,15 @@ from conn25.core.assignments import Assignment, Assignments
 from conn25.core.config import App, Member, NodeConfig, Tailnet
 from conn25.core.connector import ConnectorTable
 from conn25.core.peerapi import (
-    DNS_QUERY_PATH,
     HEALTH_PATH,
+    RESOLVE_PATH,
     TRANSIT_IP_PATH,
     Code,
     ConnectorTransitIPRequest,
     ConnectorTransitIPResponse,
     HealthResponse,
+    ResolveRequest,
+    ResolveResponse,
     TransitIPResponse,
 )
 from conn25.daemon.dataplane import Dataplane, Ids
@@ -107,7 +109,7 @@ class FakePeers:
 
     def __init__(self) -> None:
         self.posts: list[tuple[float, str, ConnectorTransitIPRequest]] = []
-        self.dns: list[tuple[str, str, bytes, str]] = []
+        self.dns: list[tuple[str, ResolveRequest]] = []
         self.gets: list[str] = []
         self.down: set[str] = set()
         self.failures: dict[str, int] = {}
@@ -123,11 +125,11 @@ class FakePeers:
                    timeout: float, content_type: str = "application/json") -> tuple[int, bytes]:
         assert (port, method) == (PORT, "POST") and timeout > 0
         await trio.sleep(0)
-        if target.startswith(DNS_QUERY_PATH):
-            self.dns.append((host, target, body, content_type))
+        if target == RESOLVE_PATH:
+            self.dns.append((host, peerapi.decode_resolve_request(body)))
             if host in self.down:
                 raise OSError(f"connect to {host}: no route")
-            return 200, b"answer from " + host.encode()
+            return 200, peerapi.encode(ResolveResponse(b"answer from " + host.encode()))
         assert target == TRANSIT_IP_PATH
         req = peerapi.decode_transit_request(body)
         self.posts.append((trio.current_time(), host, req))
@@ -655,18 +657,21 @@ def test_restored_mappings_of_a_dead_connector_move_after_the_first_health_round
 # -- resolving at a connector -----------------------------------------------------------------
 
 
-def test_resolve_posts_the_wire_query_to_the_chosen_connector():
+def answer(resolved: tuple[str, ResolveResponse]) -> tuple[str, bytes]:
+    return resolved[0], resolved[1].answer
+
+
+def test_resolve_posts_the_wire_query_and_the_offers_to_the_chosen_connector():
     _, peers, reg = setup()
-    spaced = App("Git Hub/x", GITHUB.domains, GITHUB.connectors)
+    offers = [ip("169.254.128.1"), ip("169.254.128.2")]
 
     async def main():
-        assert await reg.resolve(GITHUB, b"\x12\x34query") == b"answer from " + H1.encode()
-        await reg.resolve(spaced, b"q")
+        assert answer(await reg.resolve(GITHUB, b"\x12\x34query", offers)) \
+            == (C1.name, b"answer from " + H1.encode())
 
     run(main)
-    assert peers.dns[0] == (H1, f"{DNS_QUERY_PATH}?app=GitHub", b"\x12\x34query",
-                            "application/dns-message")
-    assert peers.dns[1][1] == f"{DNS_QUERY_PATH}?app=Git%20Hub%2Fx"
+    assert peers.dns == [(H1, ResolveRequest("GitHub", b"\x12\x34query",
+                                             ["169.254.128.1", "169.254.128.2"]))]
 
 
 def test_resolve_fails_over_to_the_next_candidate_on_transport_errors():
@@ -674,15 +679,33 @@ def test_resolve_fails_over_to_the_next_candidate_on_transport_errors():
     peers.down.add(H1)
 
     async def main():
-        assert await reg.resolve(GITHUB, b"q") == b"answer from " + H2.encode()
+        assert answer(await reg.resolve(GITHUB, b"q")) == (C2.name, b"answer from " + H2.encode())
         peers.down.add(H2)
         with pytest.raises(ResolveError, match=r"no connector answered.*gh-connector-1.*OSError"):
             await reg.resolve(GITHUB, b"q")
 
     run(main)
-    assert [h for h, *_ in peers.dns] == [H1, H2, H1, H2]
+    assert [h for h, _ in peers.dns] == [H1, H2, H1, H2]
     c = reg.counters()
     assert (c["resolves"], c["resolve_failovers"], c["resolve_failures"]) == (2, 2, 1)
+
+
+@pytest.mark.parametrize("bad", [(503, b"busy\n"), (200, b"{not json"), (200, b'{"answer": 7}')])
+def test_resolve_moves_on_from_an_error_status_or_an_unreadable_answer(bad):
+    _, _, reg = setup()
+
+    async def first_bad(host, port, method, target, body=b"", *, timeout, content_type=""):
+        if host == H1:
+            return bad
+        return 200, peerapi.encode(ResolveResponse(b"from " + host.encode()))
+
+    reg._post = first_bad
+
+    async def main():
+        assert answer(await reg.resolve(GITHUB, b"q")) == (C2.name, b"from " + H2.encode())
+
+    run(main)
+    assert reg.counters()["resolve_failovers"] == 1
 
 
 def test_resolve_times_out_a_connector_that_does_not_answer():
@@ -691,13 +714,13 @@ def test_resolve_times_out_a_connector_that_does_not_answer():
     async def slow_then_fast(host, port, method, target, body=b"", *, timeout, content_type=""):
         if host == H1:
             await trio.sleep(3600)
-        return 200, b"from " + host.encode()
+        return 200, peerapi.encode(ResolveResponse(b"from " + host.encode()))
 
     reg._post = slow_then_fast
 
     async def main():
         start = trio.current_time()
-        assert await reg.resolve(GITHUB, b"q") == b"from " + H2.encode()
+        assert answer(await reg.resolve(GITHUB, b"q")) == (C2.name, b"from " + H2.encode())
         assert trio.current_time() - start == pytest.approx(2.0)
 
     run(main)
@@ -712,6 +735,16 @@ def test_resolve_without_candidates_says_so():
             await reg.resolve(lonely, b"q")
 
     run(main)
+
+
+def test_an_assignment_mapped_while_resolving_is_installed_with_that_connector():
+    node, _, reg = setup()
+    a = node.reserve("github.com.", "203.0.113.1")
+    reg.mapped_in_resolution(a, C2.name)
+    assert installed_with(node, a, C2) and node.changed == 1
+    assert reg.counters()["mapped_in_resolution"] == 1
+    with pytest.raises(ValueError, match="no node 'gone'"):
+        reg.mapped_in_resolution(a, "gone")
 
 
 def test_health_is_checked_every_interval_and_at_once_after_a_failure():
@@ -740,7 +773,7 @@ def test_resolve_skips_a_connector_known_to_be_down_unless_all_are():
         peers.down.add(H2)
         await reg.check_health()
         # Both known down: the knowledge may be stale, so both are tried, in order.
-        assert await reg.resolve(GITHUB, b"q") == b"answer from " + H1.encode()
+        assert answer(await reg.resolve(GITHUB, b"q")) == (C1.name, b"answer from " + H1.encode())
 
     run(main)
     assert [h for h, *_ in peers.dns] == [H2, H1]

@@ -125,28 +125,55 @@ class Assignments:
     # -- making and keeping assignments ----------------------------------------
 
     def reserve(
-        self, app: str, domain: str, real: IPAddress, ttl: int, now: float
+        self, app: str, domain: str, real: IPAddress, ttl: int, now: float,
+        transit: IPAddress | None = None,
     ) -> tuple[Assignment, bool]:
         """The assignment for (domain, real), made if needed; (assignment, created).
 
         A repeated answer reuses the assignment (expired or not) and moves
-        its expiry to now + TTL. Raises PoolExhausted when either pool of
-        the family is full even after reclaiming.
+        its expiry to now + TTL. A new one takes ``transit`` when given (one
+        of :meth:`take_transits`', which a connector mapped already), else
+        the pool's next. Raises PoolExhausted when either pool of the family
+        is full even after reclaiming.
         """
         existing = self._by_domain_real.get((domain, real))
         if existing is not None:
             self._set_expiry(existing, now + clamp_ttl(ttl))
             return existing, False
+        if transit is not None and (transit.version != real.version
+                                    or transit in self._by_transit):
+            raise AssignmentError(f"transit IP {transit} cannot be given to {real}")
         self.reclaim(now)
         magic = self._magic[real.version].next()
-        try:
-            transit = self._transit[real.version].next()
-        except PoolExhausted:
-            self._magic[real.version].release(magic)
-            raise
+        if transit is None:
+            try:
+                transit = self._transit[real.version].next()
+            except PoolExhausted:
+                self._magic[real.version].release(magic)
+                raise
         a = Assignment(magic, transit, real, app, domain, now + clamp_ttl(ttl))
         self.insert(a)
         return a, True
+
+    def take_transits(self, version: int, n: int) -> list[IPAddress]:
+        """Up to ``n`` free transit IPs of ``version``, taken from the pool but assigned to
+        nothing: offers for a connector to map an answer onto. Never more than half of
+        what is free, so that offers in flight do not starve ordinary reservations.
+        Give back what no assignment took with :meth:`release_transits`."""
+        pool = self._transit[version]
+        out: list[IPAddress] = []
+        for _ in range(min(n, (pool.capacity - pool.in_use) // 2)):
+            try:
+                out.append(pool.next())
+            except PoolExhausted:
+                break
+        return out
+
+    def release_transits(self, transits: Iterable[IPAddress]) -> None:
+        """Return taken transit IPs that no assignment holds to their pool."""
+        for t in transits:
+            if t not in self._by_transit:
+                self._transit[t.version].release(t)
 
     def insert(self, a: Assignment) -> None:
         """Add ``a``; AssignmentError if any of its keys is taken (even by an expired one)."""

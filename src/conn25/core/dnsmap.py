@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import msgspec
 from dnslib import AAAA, CLASS, HTTPS, QTYPE, RR, A, DNSHeader, DNSQuestion, DNSRecord
@@ -138,12 +138,14 @@ class DNSMapper:
         except DNSMapError:
             return None
 
-    def map_response(self, wire: bytes, now: float, head: Query | None = None) -> MapResult:
+    def map_response(self, wire: bytes, now: float, head: Query | None = None,
+                     offered: Mapping[IPAddress, IPAddress] | None = None) -> MapResult:
         """Rewrite an upstream response for an app domain (see the module docstring).
 
         ``head`` is :func:`conn25.core.dnsquery.parse` of ``wire`` when the caller
         read it already (to check that it answers the query), so that it is not
-        read twice.
+        read twice. ``offered`` (real address -> transit IP) names the transit IPs
+        a connector mapped already, for the assignments this answer creates.
         """
         try:
             buf, header, questions, complete = _read_head(wire, head)
@@ -164,7 +166,7 @@ class DNSMapper:
         try:
             answers = _parse_records(buf, header.a, _ANSWER_TYPES, "answer")
             authority = _parse_records(buf, header.auth, _AUTHORITY_TYPES, "authority")
-            records = self._answer(app, question, answers, now, new, used)
+            records = self._answer(app, question, answers, now, new, used, offered or {})
             soa = [] if records else [rr for rr in authority if rr.rclass == CLASS_IN]
             out_header = DNSHeader(id=header.id, bitmap=header.bitmap)
             out_header.ad = 0
@@ -192,6 +194,7 @@ class DNSMapper:
         now: float,
         new: list[Assignment],
         used: list[Assignment],
+        offered: Mapping[IPAddress, IPAddress],
     ) -> list[RR]:
         qname, qtype = question.qname, question.qtype
         if qtype == TYPE_HTTPS:
@@ -204,7 +207,8 @@ class DNSMapper:
         # ValueError for a name without text: SERVFAIL, never the real address.
         domain = dnsname.from_labels(qname.label) if addresses else ""
         for real, ttl in addresses:
-            assignment, created = self.assignments.reserve(app.name, domain, real, ttl, now)
+            assignment, created = self.assignments.reserve(app.name, domain, real, ttl, now,
+                                                           offered.get(real))
             used.append(assignment)
             if created:
                 new.append(assignment)

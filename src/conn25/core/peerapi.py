@@ -1,4 +1,4 @@
-"""Peer API messages: the transit-IP registration and the health answer.
+"""Peer API messages: the transit-IP registration, resolution with offers, the health answer.
 
 Wire names follow upstream conn25 (``transitIP``, ``destinationIP``, ...) so
 that the JSON is the same; ``domain`` is our extension, omitted when unset.
@@ -14,7 +14,7 @@ adapter.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import msgspec
@@ -23,11 +23,14 @@ from . import dnsname
 from .iprange import IPAddress, parse_address
 
 TRANSIT_IP_PATH = "/v0/connector/transit-ip"
+RESOLVE_PATH = "/v0/connector/resolve"
 DNS_QUERY_PATH = "/dns-query"
 HEALTH_PATH = "/v0/health"
 
 # Upstream refuses request bodies over 1 MiB.
 MAX_BODY = 1 << 20
+# Transit IPs one resolution may offer: more than a DNS answer's addresses need.
+MAX_OFFERS = 64
 
 
 class Code(enum.IntEnum):
@@ -100,6 +103,47 @@ class ConnectorTransitIPResponse(msgspec.Struct):
     transit_ips: list[TransitIPResponse] = msgspec.field(name="transitIPs", default_factory=list)
 
 
+class ResolveRequest(msgspec.Struct):
+    """A DNS query for ``app`` and the transit IPs the connector may map its answer onto.
+
+    The connector resolves ``query`` (DNS wire format), maps each address of
+    the answer, in answer order, onto the next offer of its family, and
+    answers with the DNS response and one result per mapping it tried: a
+    fresh name costs the client one round trip, and its first packet finds
+    the mapping in place. Offers the answer does not need stay unmapped.
+    """
+
+    app: str
+    query: bytes  # base64 in JSON
+    transit_ips: list[str] = msgspec.field(name="transitIPs", default_factory=list)
+
+    def __post_init__(self) -> None:
+        if len(self.transit_ips) > MAX_OFFERS:
+            raise ValueError(f"{len(self.transit_ips)} transit IPs offered, at most "
+                             f"{MAX_OFFERS} may be")
+        self.transit_ips = [str(parse_address(t)) for t in self.transit_ips]
+        if len(set(self.transit_ips)) != len(self.transit_ips):
+            raise ValueError("a transit IP is offered more than once")
+
+    @property
+    def offers(self) -> list[IPAddress]:
+        return [parse_address(t) for t in self.transit_ips]
+
+
+class MappedTransitIP(msgspec.Struct, omit_defaults=True):
+    """What became of one offer: mapped to ``destinationIP`` (code OK) or refused."""
+
+    transit_ip: str = msgspec.field(name="transitIP")
+    destination_ip: str = msgspec.field(name="destinationIP")
+    code: int = Code.OK
+    message: str = ""
+
+
+class ResolveResponse(msgspec.Struct):
+    answer: bytes  # the DNS response, wire format (base64 in JSON)
+    transit_ips: list[MappedTransitIP] = msgspec.field(name="transitIPs", default_factory=list)
+
+
 class HealthResponse(msgspec.Struct):
     """What ``GET /v0/health`` answers; clients pick connectors by it."""
 
@@ -113,6 +157,8 @@ Message = (
     | ConnectorTransitIPRequest
     | TransitIPResponse
     | ConnectorTransitIPResponse
+    | ResolveRequest
+    | ResolveResponse
     | HealthResponse
 )
 
@@ -121,6 +167,8 @@ _T = TypeVar("_T")
 _request_decoder = msgspec.json.Decoder(ConnectorTransitIPRequest)
 _response_decoder = msgspec.json.Decoder(ConnectorTransitIPResponse)
 _health_decoder = msgspec.json.Decoder(HealthResponse)
+_resolve_request_decoder = msgspec.json.Decoder(ResolveRequest)
+_resolve_response_decoder = msgspec.json.Decoder(ResolveResponse)
 _encoder = msgspec.json.Encoder()
 
 
@@ -154,6 +202,60 @@ def decode_transit_response(body: bytes) -> ConnectorTransitIPResponse:
 
 def decode_health(body: bytes) -> HealthResponse:
     return _decode(_health_decoder, body, "health response")
+
+
+def decode_resolve_request(body: bytes) -> ResolveRequest:
+    return _decode(_resolve_request_decoder, body, "resolve request")
+
+
+def decode_resolve_response(body: bytes) -> ResolveResponse:
+    return _decode(_resolve_response_decoder, body, "resolve response")
+
+
+def offered_mappings(app: str, domain: str, addresses: Sequence[IPAddress],
+                     offers: Sequence[IPAddress]) -> ConnectorTransitIPRequest:
+    """The registration a connector makes of its answer: each address, in answer order,
+    onto the next unused offer of its family; addresses beyond the offers stay unmapped
+    (the client registers those itself)."""
+    spare = {4: [o for o in offers if o.version == 4], 6: [o for o in offers if o.version == 6]}
+    items = []
+    for addr in addresses:
+        left = spare[addr.version]
+        if left:
+            items.append(TransitIPRequest(str(left.pop(0)), str(addr), app, domain))
+    return ConnectorTransitIPRequest(items)
+
+
+def mapped_results(req: ConnectorTransitIPRequest,
+                   resp: ConnectorTransitIPResponse) -> list[MappedTransitIP]:
+    """A registration's per-item results as a resolution answers them."""
+    return [MappedTransitIP(item.transit_ip, item.destination_ip, r.code, r.message)
+            for item, r in zip(req.transit_ips, resp.transit_ips, strict=True)]
+
+
+def acknowledged(resp: ResolveResponse, offers: Sequence[IPAddress]) -> dict[IPAddress, IPAddress]:
+    """real address -> transit IP, for each mapping the connector made of one of ``offers``.
+
+    A connector's answer is input like any other: results for transit IPs we
+    did not offer, of mixed families, or naming an offer or an address twice
+    are left out (so those addresses are registered the ordinary way).
+    """
+    offered = set(offers)
+    out: dict[IPAddress, IPAddress] = {}
+    used: set[IPAddress] = set()
+    for r in resp.transit_ips:
+        if r.code != Code.OK:
+            continue
+        try:
+            transit, real = parse_address(r.transit_ip), parse_address(r.destination_ip)
+        except ValueError:
+            continue
+        if (transit not in offered or transit in used or real in out
+                or transit.version != real.version):
+            continue
+        out[real] = transit
+        used.add(transit)
+    return out
 
 
 TransitHandler = Callable[[ConnectorTransitIPRequest], ConnectorTransitIPResponse]

@@ -97,6 +97,7 @@ COUNTERS = (
     "resolves",
     "resolve_failovers",  # a resolution moved on to the next candidate
     "resolve_failures",  # no candidate answered
+    "mapped_in_resolution",  # assignments a connector mapped while it resolved (no registration)
 )
 
 

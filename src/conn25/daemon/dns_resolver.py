@@ -4,7 +4,10 @@ A query is parsed once (:func:`conn25.core.dnsquery.parse`) and that value
 goes through the core: the answer cache, the mapper's choice of app, the
 forwarder for non-app queries. App-domain queries are resolved at a
 connector, mapped onto magic IPs, and answered only once the connector
-acknowledged every new mapping. May touch: the trio clock (its deadlines)
+acknowledged every new mapping. A fresh name costs one exchange: the query
+carries transit IPs that the connector maps the answer's addresses onto
+while it resolves; only addresses beyond those offers are registered
+separately. May touch: the trio clock (its deadlines)
 and the log; the sockets are the forwarder's and the registrar's.
 """
 
@@ -13,8 +16,9 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import KW_ONLY, dataclass, field
+from typing import Protocol
 
 import trio
 from dnslib import QTYPE
@@ -25,18 +29,33 @@ from ..core.dnscache import AnswerCache
 from ..core.dnsmap import DNSMapper
 from ..core.dnsquery import DNSMapError, Query, answers, parse, servfail_to, with_id
 from ..core.iprange import IPAddress
+from ..core.peerapi import ResolveResponse, acknowledged
 from .dns_forwarder import Forwarder
 
-__all__ = ["RESOLVER_COUNTERS", "ClientResolver"]
+__all__ = ["DEFAULT_OFFERS", "RESOLVER_COUNTERS", "ClientResolver", "Resolve"]
 
 log = logging.getLogger(__name__)
 
 RESOLVER_COUNTERS = (
     "queries", "forwarded", "app_queries", "answered_mapped", "answered_cached",
-    "assignments_new",
+    "assignments_new", "mapped_in_resolution",
     "registrations", "servfail_connector", "servfail_mapping", "servfail_ack_timeout",
     "servfail_register",
 )
+
+
+# Transit IPs offered with each A or AAAA question: most answers have fewer addresses;
+# those of a larger one beyond the offers are registered separately.
+DEFAULT_OFFERS = 8
+_FAMILY = {int(QTYPE.A): 4, int(QTYPE.AAAA): 6}
+
+
+class Resolve(Protocol):
+    """A connector's answer to a query, its addresses mapped onto our offers where it
+    could: (the connector's name, its answer)."""
+
+    def __call__(self, app: App, query: bytes,
+                 offers: Sequence[IPAddress]) -> Awaitable[tuple[str, ResolveResponse]]: ...
 
 
 class _Registration:
@@ -71,12 +90,15 @@ class ClientResolver:
 
     mapper: DNSMapper
     forwarder: Forwarder
-    resolve_at_connector: Callable[[App, bytes], Awaitable[bytes]]
+    resolve_at_connector: Resolve
     register: Callable[[list[Assignment]], Awaitable[bool]]
+    # The connector (by name) mapped the assignment's transit IP while it resolved.
+    mapped: Callable[[Assignment, str], None]
     ack_timeout: float = 3.0
     now: Callable[[], float] = time.time
     _: KW_ONLY
     resolve_timeout: float = 5.0
+    offers: int = DEFAULT_OFFERS
     assignments_changed: Callable[[], None] | None = None
     cache: AnswerCache = field(init=False, default_factory=AnswerCache)
     # Registrations under way, by transit IP.
@@ -145,9 +167,27 @@ class ClientResolver:
         if query.qr or not query.complete:
             raise DNSMapError("DNS message is a response or has a question that cannot be read")
         what = self._describe(query, app)
+        offers = self._offers(query)
+        try:
+            return await self._resolve_and_map(query, wire, app, what, offers)
+        finally:
+            # Those no new assignment took (the connector's mapping of them, if any,
+            # is replaced when the transit IP is registered for something else).
+            self.mapper.assignments.release_transits(offers)
+
+    def _offers(self, query: Query) -> list[IPAddress]:
+        """Transit IPs a connector may map this question's answer onto (see ResolveRequest)."""
+        version = _FAMILY.get(query.questions[0].qtype)
+        if version is None or not self.offers:
+            return []
+        return self.mapper.assignments.take_transits(version, self.offers)
+
+    async def _resolve_and_map(self, query: Query, wire: bytes, app: App, what: str,
+                               offers: list[IPAddress]) -> bytes:
         try:
             with trio.fail_after(self.resolve_timeout):
-                resp = await self.resolve_at_connector(app, wire)
+                connector, resolution = await self.resolve_at_connector(app, wire, offers)
+                resp = resolution.answer
         except trio.TooSlowError:
             return self._servfail(query, "servfail_connector",
                                   f"{what}: no answer from a connector in {self.resolve_timeout}s")
@@ -161,8 +201,14 @@ class ClientResolver:
             return self._servfail(query, "servfail_connector",
                                   f"{what}: the connector's answer is not for this question")
         # The answer as checked (our id in it), with its head: the mapper reads it no more.
-        result = self.mapper.map_response(rhead.wire, self.now(), rhead)
+        mapped = acknowledged(resolution, offers)
+        result = self.mapper.map_response(rhead.wire, self.now(), rhead, mapped)
         self._counters["assignments_new"] += len(result.new)
+        taken = set(mapped.values())
+        for a in result.new:
+            if a.transit in taken:  # no await since map_response: nobody saw it unmapped
+                self.mapped(a, connector)
+                self._counters["mapped_in_resolution"] += 1
         # Made, or their expiry refreshed: worth persisting.
         if result.assignments and self.assignments_changed is not None:
             self.assignments_changed()

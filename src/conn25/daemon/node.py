@@ -223,6 +223,7 @@ class Node:
                     self.resolver = ClientResolver(
                         DNSMapper(self.config, self.assignments, log.info), self.forwarder,
                         self.registrar.resolve, self.registrar.register,
+                        self.registrar.mapped_in_resolution,
                         assignments_changed=self.assignments_changed)
                     # Only this host and --dns-allow networks: never other nodes.
                     self.dns_server = DNSServer(

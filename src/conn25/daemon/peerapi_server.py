@@ -8,6 +8,10 @@
   names here (RFC 8484 style, DNS wire format both ways), so names that only
   resolve inside the connector's network work. The answer's addresses become
   acceptable destinations for the app.
+* ``POST RESOLVE_PATH``: the same resolution, with transit IPs the client
+  offers: the answer's addresses are mapped onto them (checked and limited
+  as registrations are) and the DNS answer comes back with a result per
+  mapping, so a fresh name costs one round trip.
 * ``GET HEALTH_PATH``: whether this node advertises as a connector, and for
   which apps.
 
@@ -38,6 +42,7 @@ from ..core.iprange import IPAddress
 from ..core.peerapi import (
     DNS_QUERY_PATH,
     HEALTH_PATH,
+    RESOLVE_PATH,
     TRANSIT_IP_PATH,
     BadRequest,
     Code,
@@ -122,6 +127,7 @@ class PeerAPI:
         self._routes = {
             TRANSIT_IP_PATH: self._transit_ip,
             DNS_QUERY_PATH: self._dns_query,
+            RESOLVE_PATH: self._resolve_offered,
             HEALTH_PATH: self._health,
         }
 
@@ -272,7 +278,40 @@ class PeerAPI:
         names = req.query.get("app", [])
         if len(names) != 1 or not names[0]:
             return self._error(req, peer, 400, "exactly one app=NAME parameter is required")
-        app_name = names[0]
+        resolved = await self._resolve_for(req, peer, names[0], req.body)
+        if isinstance(resolved, Response):
+            return resolved
+        return Response(200, resolved[1], DNS_MESSAGE)
+
+    async def _resolve_offered(self, req: Request, peer: Member) -> Response:
+        """Resolve and map the answer onto the client's offers, in one exchange."""
+        if req.method != "POST":
+            return self._error(req, peer, 405, "method must be POST", [("Allow", "POST")])
+        try:
+            body = peerapi.decode_resolve_request(req.body)
+        except BadRequest as e:
+            return self._error(req, peer, e.status, str(e).strip())
+        resolved = await self._resolve_for(req, peer, body.app, body.query)
+        if isinstance(resolved, Response):
+            return resolved
+        domain, answer, addresses = resolved
+        connector = self._node.connector
+        results: list[peerapi.MappedTransitIP] = []
+        if domain is not None and addresses and body.transit_ips and connector is not None:
+            mappings = peerapi.offered_mappings(body.app, domain, addresses, body.offers)
+            resp, stored = connector.register(peer, mappings, self._node.now())
+            self._note_refused_items(peer, mappings, resp)
+            if stored:
+                self._node.install_connector_mappings(stored)
+            results = peerapi.mapped_results(mappings, resp)
+        return Response(200, peerapi.encode(peerapi.ResolveResponse(answer, results)))
+
+    async def _resolve_for(
+        self, req: Request, peer: Member, app_name: str, query: bytes
+    ) -> tuple[str | None, bytes, list[IPAddress]] | Response:
+        """Resolve ``query`` for a peer allowed to ask it: (its domain, the upstream's
+        answer, the answer's addresses that are now acceptable destinations), or the
+        error response."""
         cfg = self._node.config
         # Before looking at the app, so that apps cannot be enumerated.
         if not cfg.may_use_apps(peer):
@@ -284,7 +323,7 @@ class PeerAPI:
         if app is None or not cfg.serves(app):
             return self._error(req, peer, 404, f"app {app_name!r} is not served by this connector")
         try:
-            question = query_question(req.body)
+            question = query_question(query)
         except DNSMapError as e:
             return self._error(req, peer, 400, f"malformed DNS query: {e}")
         # The labels decide, as on the client: a name under the app's domain whose
@@ -293,32 +332,32 @@ class PeerAPI:
         if app not in cfg.apps_for_name(question.qname.label):
             return self._error(req, peer, 400, f"{name} is not a domain of app {app.name!r}")
         try:
-            answer = await self._node.forwarder.forward(req.body)
+            answer = await self._node.forwarder.forward(query)
         except Exception as e:
             return self._error(req, peer, 502, f"upstream DNS failed for {name}: {e}")
         try:
             domain = dnsname.from_labels(question.qname.label)
         except ValueError:
             # No text form, so no client can register a destination under it: nothing to note.
-            domain = None
-        if domain is not None:
-            self._note_answer(peer, "dns-query", connector, app.name, domain,
-                              QTYPE.get(question.qtype), answer)
-        return Response(200, answer, DNS_MESSAGE)
+            return None, answer, []
+        addresses = self._note_answer(peer, "dns-query", connector, app.name, domain,
+                                      QTYPE.get(question.qtype), answer)
+        return domain, answer, addresses
 
     def _note_answer(self, peer: Member, route: str, connector: ConnectorTable, app: str,
-                     name: str, qtype: str, answer: bytes) -> None:
-        """Make the answer's addresses acceptable destinations for ``app``."""
+                     name: str, qtype: str, answer: bytes) -> list[IPAddress]:
+        """Make the answer's addresses acceptable destinations for ``app``; returns them."""
         try:
             answered, _, addrs = answer_addresses(answer)
         except DNSMapError as e:
             self._resolution_failed(peer, route, name, qtype, f"upstream answer: {e}")
-            return
+            return []
         if answered != name:
             self._resolution_failed(peer, route, name, qtype, f"upstream answered {answered}")
-            return
+            return []
         if addrs:
             connector.note_resolution(app, name, addrs, self._node.now())
+        return [a for a, _ in addrs]
 
     def _resolution_failed(self, peer: Member, route: str, name: str, qtype: str,
                            why: str) -> None:

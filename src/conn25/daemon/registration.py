@@ -18,9 +18,8 @@ times come from ``node.now()``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from typing import Any, Protocol
-from urllib.parse import quote
 
 import trio
 
@@ -28,7 +27,7 @@ from ..core import peerapi
 from ..core.assignments import Assignment, Assignments
 from ..core.config import App, Member, NodeConfig
 from ..core.iprange import IPAddress
-from ..core.peerapi import DNS_QUERY_PATH, HEALTH_PATH, TRANSIT_IP_PATH
+from ..core.peerapi import HEALTH_PATH, RESOLVE_PATH, TRANSIT_IP_PATH
 from ..core.registrar import (
     Batch,
     CheckHealth,
@@ -251,14 +250,18 @@ class Registrar:
 
     # -- resolving at a connector ----------------------------------------------------------
 
-    async def resolve(self, app: App, query: bytes) -> bytes:
-        """The wire answer of a connector for ``app`` to the wire ``query``.
+    async def resolve(self, app: App, query: bytes,
+                      offers: Sequence[IPAddress] = ()) -> tuple[str, peerapi.ResolveResponse]:
+        """A connector for ``app``'s answer to the wire ``query``: (its name, its answer).
 
-        Tries the candidates in order of preference, moving on after a
-        transport failure or a non-200 answer; ResolveError when none answered.
+        The connector maps the answer's addresses onto ``offers`` (transit IPs
+        of ours) in the same exchange; see :func:`conn25.core.peerapi.acknowledged`
+        for what the caller may take from it. Tries the candidates in order of
+        preference, moving on after a transport failure, a non-200 answer or an
+        unreadable body; ResolveError when none answered.
         """
         self.core.count("resolves")
-        target = f"{DNS_QUERY_PATH}?app={quote(app.name, safe='')}"
+        body = peerapi.encode(peerapi.ResolveRequest(app.name, query, [str(o) for o in offers]))
         errors: list[str] = []
         timeout = self.settings.resolve_timeout
         for i, conn in enumerate(self.core.resolve_order(app, self._config)):
@@ -266,20 +269,33 @@ class Registrar:
                 self.core.count("resolve_failovers")
             try:
                 with trio.fail_after(timeout):
-                    status, body = await self._post(
+                    status, answer = await self._post(
                         self.core.host_of(conn, self._config), self._node.peerapi_port, "POST",
-                        target, query, timeout=timeout, content_type=DNS_MESSAGE,
+                        RESOLVE_PATH, body, timeout=timeout,
                     )
             except Exception as e:  # transport failures and TooSlowError
                 errors.append(f"{conn.name}: {type(e).__name__}: {e}")
                 self._check_now.set()
                 continue
-            if status == 200:
-                return body
-            errors.append(f"{conn.name}: HTTP {status}: {brief(body)}")
+            if status != 200:
+                errors.append(f"{conn.name}: HTTP {status}: {brief(answer)}")
+                continue
+            try:
+                return conn.name, peerapi.decode_resolve_response(answer)
+            except peerapi.BadRequest as e:
+                errors.append(f"{conn.name}: {e}")
         self.core.count("resolve_failures")
         raise ResolveError(f"app {app.name!r}: no connector answered the query: "
                            + ("; ".join(errors) or "no connector candidates"))
+
+    def mapped_in_resolution(self, a: Assignment, connector: str) -> None:
+        """``connector`` mapped ``a``'s transit IP while it resolved: install it as if
+        a registration had been acknowledged."""
+        conn = self._config.tailnet.node(connector)
+        if conn is None:
+            raise ValueError(f"no node {connector!r} in the tailnet")
+        self.core.count("mapped_in_resolution")
+        self._install(a, conn)
 
     # -- running -----------------------------------------------------------------------------
 
