@@ -105,6 +105,22 @@ def test_first_connection_after_the_answer_needs_no_retransmission(bed):
     assert retrans(bed) == before
 
 
+def test_a_fresh_name_costs_one_request_to_the_connector(bed):
+    """The resolution carries transit offers and the connector maps the answer onto them:
+    no registration follows, and the first connection to the answer still gets through
+    without a retransmission."""
+    before, r0 = bed.status("client")["metrics"], retrans(bed)
+    names = [f"once{i}.wild.example.com" for i in range(5)]
+    magics = [resolve(bed, "client", name) for name in names]
+    after = bed.status("client")["metrics"]
+    for key, per_name in (("registration_resolves", 1), ("registration_requests", 0),
+                          ("dns_mapped_in_resolution", 1)):
+        assert after[key] - before[key] == per_name * len(names), key
+    for magic in magics:
+        assert came_from(bed.curl("client", f"http://{magic}/")) == CONN1.link4
+    assert retrans(bed) == r0
+
+
 def test_status_shows_the_assignment_while_a_connection_is_open(bed):
     """10 and 13: status --json during a 5 s iperf3 stream, which ends without error."""
     magic = resolve(bed, "client", "iperf.wild.example.com")

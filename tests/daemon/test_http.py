@@ -752,6 +752,34 @@ def test_pool_opens_a_connection_per_concurrent_request_and_keeps_at_most_max_id
     assert len({req.peer for req in rec.seen}) == 3
 
 
+def test_pool_sends_at_most_max_per_host_requests_at_once_and_the_rest_wait_their_turn():
+    rec = Recorder()
+    inside = [0, 0]  # now, most
+
+    async def handler(req):
+        inside[0] += 1
+        inside[1] = max(inside[1], inside[0])
+        await trio.sleep(0.01)
+        inside[0] -= 1
+        return await rec(req)
+
+    async def main():
+        pool = http.ClientPool(max_per_host=2)
+        got = []
+        async with serving(handler) as port:
+            async with trio.open_nursery() as nursery:
+                for i in range(7):
+                    async def one(i=i):
+                        got.append(await pool.request(HOST, port, "GET", f"/{i}", timeout=5))
+                    nursery.start_soon(one)
+            pool.close()
+        return got, pool.counters
+
+    got, counters = trio.run(main)
+    assert sorted(got) == sorted((200, f"GET /{i} ".encode()) for i in range(7))
+    assert inside[1] == 2 and counters["connections"] == 2 and counters["reused"] == 5
+
+
 def test_pool_sends_again_on_a_new_connection_when_the_server_closed_the_idle_one():
     rec = Recorder()
     out = {}

@@ -54,8 +54,10 @@ from .throttle import TokenBucket
 # Upstream keeps a mapping at least an hour after its last registration;
 # clients re-register on a reject, so an expired mapping costs one round trip.
 MAPPING_LIFETIME = 3600.0
+# Per peer: a browser starting up asks for a couple of thousand fresh names, an A and an
+# AAAA each, at once, and all of that fits the burst; a flood gets the sustained rate.
 DEFAULT_RATE = 50.0  # registrations per second per peer, sustained
-DEFAULT_BURST = 500  # one large DNS answer's worth of items at once
+DEFAULT_BURST = 4096
 
 DUPLICATE_MESSAGE = "transit IP appears more than once in the request"
 NO_PEER_FAMILY_MESSAGE = "peer has no overlay address of the transit IP's family"

@@ -211,7 +211,7 @@ class DNSServer:
         answer: Answer,
         *,
         cached: Cached | None = None,
-        max_queries: int = 256,
+        max_queries: int = 4096,
         max_tcp_connections: int = 64,
         tcp_queries_per_connection: int = 16,
         tcp_idle_timeout: float = 10.0,
@@ -263,6 +263,7 @@ class DNSServer:
             tcp = trio.socket.socket(fam, socket.SOCK_STREAM)
             try:
                 tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                _receive_buffer(udp)
                 await udp.bind((host, port))
                 bound = udp.getsockname()[1]
                 await tcp.bind((host, bound))
@@ -504,3 +505,16 @@ class DNSServer:
                           type(e).__name__, e)
         return servfail_to(parse(query))
 
+
+# Room for a burst of queries (a browser starting up asks thousands at once): the
+# default buffer holds a few hundred small datagrams, and what does not fit is lost
+# before the server sees it, costing the asker a retry seconds later.
+UDP_RECEIVE_BUFFER = 4 << 20
+_SO_RCVBUFFORCE = 33  # Linux's; Python's socket module does not name it
+
+
+def _receive_buffer(sock: trio.socket.SocketType) -> None:
+    try:  # beyond net.core.rmem_max, which root may exceed
+        sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, UDP_RECEIVE_BUFFER)
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RECEIVE_BUFFER)

@@ -656,11 +656,19 @@ class ClientPool:
     just as it is reused; a request that gets no byte of a response back on
     a reused connection is therefore sent once more on a new one, which is
     why only idempotent requests belong here.
+
+    At most ``max_per_host`` requests are out to one server at once; more
+    wait their turn (within their timeout) instead of opening connections
+    the server's per-source limit would refuse: a burst of requests then
+    shares a few connections.
     """
 
-    def __init__(self, *, max_idle: int = 4, idle_seconds: float = 10.0) -> None:
+    def __init__(self, *, max_idle: int = 8, idle_seconds: float = 10.0,
+                 max_per_host: int = 8) -> None:
         self.max_idle = max_idle
         self.idle_seconds = idle_seconds
+        self.max_per_host = max_per_host
+        self._turns: dict[tuple[str, int], trio.Semaphore] = {}
         # Per server, most recently used last: (stream, h11 state, idle since).
         self._idle: dict[tuple[str, int], list[tuple[trio.SocketStream, h11.Connection, float]]] \
             = {}
@@ -676,19 +684,28 @@ class ClientPool:
         authority = _authority(host, port)
         where = f"http://{authority}{target}"
         args = (authority, method, target, body, content_type, max_response, where)
+        key = (host, port)
+        turn = self._turns.get(key)
+        if turn is None:
+            turn = self._turns[key] = trio.Semaphore(self.max_per_host)
         with trio.fail_after(timeout):
-            reused = self._take((host, port))
-            if reused is not None:
-                self.counters["reused"] += 1
-                try:
-                    return await self._exchange((host, port), *reused, *args)
-                except _Unanswered as e:
-                    self.counters["retried"] += 1
-                    log.debug("http: %s on a kept-alive connection: %s; once more on a new one",
-                              where, e)
-            stream = await trio.open_tcp_stream(host, port)
-            self.counters["connections"] += 1
-            return await self._exchange((host, port), stream, h11.Connection(h11.CLIENT), *args)
+            async with turn:
+                return await self._request(key, args)
+
+    async def _request(self, key: tuple[str, int],
+                       args: tuple[str, str, str, bytes, str, int, str]) -> tuple[int, bytes]:
+        reused = self._take(key)
+        if reused is not None:
+            self.counters["reused"] += 1
+            try:
+                return await self._exchange(key, *reused, *args)
+            except _Unanswered as e:
+                self.counters["retried"] += 1
+                log.debug("http: %s on a kept-alive connection: %s; once more on a new one",
+                          args[-1], e)
+        stream = await trio.open_tcp_stream(*key)
+        self.counters["connections"] += 1
+        return await self._exchange(key, stream, h11.Connection(h11.CLIENT), *args)
 
     def close(self) -> None:
         """Close every idle connection."""

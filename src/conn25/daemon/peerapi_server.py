@@ -63,17 +63,18 @@ RESOLVE_CONCURRENCY = 8
 NOT_CONNECTOR_MESSAGE = "this node is not a connector for any app"
 # What the peer API allows each peer (overlay source address) on its own, so that
 # one peer at its maximum leaves the others' health checks, resolutions and
-# registrations unaffected. A client keeps at most a few idle connections per
-# connector (http.ClientPool), so 16 is ample; the total only guards memory. A
-# fresh name costs a client two requests, so the rate lets a burst of 500 fresh
-# names through while one peer still gets only a share of the connector's time.
+# registrations unaffected. A client sends at most 8 requests at once to a
+# connector and keeps at most 8 idle connections (http.ClientPool), so 24 is
+# ample; the total only guards memory. A fresh name costs a client one request,
+# so the burst lets a browser's start-up (2,000 fresh names, an A and an AAAA
+# each) through while one peer still gets only a share of the connector's time.
 PEERAPI_LIMITS = Limits(
     idle_timeout=30.0,
     header_timeout=5.0,
     request_timeout=10.0,
     handler_timeout=30.0,
     max_connections=1024,
-    per_source=SourceLimits(max_connections=16, rate=400.0, burst=1000.0),
+    per_source=SourceLimits(max_connections=24, rate=400.0, burst=4096.0),
 )
 
 
