@@ -20,8 +20,10 @@ import json
 import os
 import platform
 import select
+import signal
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +34,7 @@ from dnslib import QTYPE, DNSRecord
 
 from conn25.lab.netns import need_root, wait_for
 from conn25.lab.testbed import DEFAULT_NODES, DNS4, Testbed
+from control import cpu_seconds
 
 HERE = Path(__file__).resolve()
 SPECS = {n.name: n for n in DEFAULT_NODES}
@@ -115,6 +118,8 @@ def main() -> int:
                     help="seconds before an unanswered query is sent again (default 1)")
     ap.add_argument("--json", metavar="OUT", help="also write the figures here")
     ap.add_argument("--log-level", default="info", help="the daemons' --log-level")
+    ap.add_argument("--py-spy", metavar="DIR",
+                    help="profile both daemons during the conn25d burst (py-spy, raw stacks)")
     ap.add_argument("--_burst", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._burst:
@@ -138,9 +143,20 @@ def main() -> int:
 
             wait_for(warm, 60, "the client's DNS server to answer an app name", step=0.5)
             rows = []
+            pids = {n: bed.procs[n].pid for n in (CLIENT.name, CONNECTOR.name)}
             for label, server in (("dnsmasq direct (baseline)", DNS4), ("conn25d", CLIENT_DNS)):
                 names = [f"b{i}-{label[:4]}-{tag}.wild.example.com" for i in range(args.names)]
+                cpu = {n: cpu_seconds(p) for n, p in pids.items()}
+                spies = [] if not args.py_spy or server != CLIENT_DNS else [
+                    subprocess.Popen(["py-spy", "record", "--nonblocking", "--format", "raw",
+                                      "-r", "500", "-o", f"{args.py_spy}/{n}.txt", "-p", str(p)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    for n, p in pids.items()]
                 rows.append((label, run_burst(bed, server, names, args.retry)))
+                for spy in spies:
+                    spy.send_signal(signal.SIGINT)
+                    spy.wait(timeout=30)
+                rows[-1][1]["cpu_s"] = {n: cpu_seconds(p) - cpu[n] for n, p in pids.items()}
             metrics = (bed.status(CLIENT.name) or {}).get("metrics", {})
         except BaseException:
             for name in (CLIENT.name, CONNECTOR.name):
@@ -161,8 +177,12 @@ def main() -> int:
               f"{fmt(r['all_s'], ' s')} | {fmt(r['p50_ms'], ' ms')} | {fmt(r['p99_ms'], ' ms')} "
               f"| {ratio} |")
     keys = ("registration_resolves", "registration_requests", "dns_mapped_in_resolution",
+            "dns_coalesced",
             "dns_servfail_connector", "dns_servfail_register", "dns_servfail_ack_timeout")
-    print("\nclient counters after the run: "
+    cpu = rows[1][1]["cpu_s"]
+    print(f"\nCPU seconds of the daemons during the conn25d burst: client "
+          f"{cpu[CLIENT.name]:.2f}, connector {cpu[CONNECTOR.name]:.2f}")
+    print("client counters after the run: "
           + ", ".join(f"{k} {metrics.get(k, 0)}" for k in keys))
     if args.json:
         Path(args.json).write_text(json.dumps({label: r for label, r in rows}, indent=2) + "\n")

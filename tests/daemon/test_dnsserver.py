@@ -971,14 +971,15 @@ def test_app_query_gets_servfail_when_the_connector_refuses(dnsmasq):
 
 
 def test_concurrent_queries_for_one_name_all_wait_for_the_one_registration(dnsmasq):
-    """The second query reuses the assignment but still waits for its ack."""
+    """The second query reuses the assignment but still waits for its ack. (Spelt in
+    another case, so that it is no retry of the first: both are resolved.)"""
     res, conn, _ = resolver(dnsmasq, ack="wait", ack_timeout=5)
 
     async def main():
         outs = {}
 
         async def ask(qid):
-            outs[qid] = await res.answer(query("app.test", qid=qid))
+            outs[qid] = await res.answer(query("app.test" if qid == 1 else "App.Test", qid=qid))
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(ask, 1)
@@ -1107,6 +1108,38 @@ def test_offers_never_take_more_than_half_of_a_small_pool(dnsmasq):
     assert len(addresses(out)) == 3
     assert len(conn.offered[0]) == 2 and len(conn.registered[0]) == 1
     assert transit_in_use(store, 4) == 3
+
+
+def test_the_same_app_question_again_while_it_is_answered_waits_for_that_answer(dnsmasq):
+    """A stub resolver's retry costs the connector nothing more: one resolution, one set
+    of offers, and each asker gets the answer under its own id."""
+    res, conn, _ = resolver(dnsmasq, maps_offers=True)
+    gate = trio.Event()
+    resolve = conn.resolve
+
+    async def slow(app, wire, offers):
+        await gate.wait()
+        return await resolve(app, wire, offers)
+
+    res.resolve_at_connector = slow
+
+    async def main():
+        outs = {}
+
+        async def ask(qid):
+            outs[qid] = await res.answer(query("app.test", qid=qid))
+
+        async with trio.open_nursery() as nursery:
+            for qid in (1, 2, 3):
+                nursery.start_soon(ask, qid)
+            await trio.testing.wait_all_tasks_blocked()
+            gate.set()
+        return outs
+
+    outs = run(main)
+    assert {qid: (DNSRecord.parse(o).header.id, addresses(o)) for qid, o in outs.items()} == {
+        1: (1, ["100.80.0.0"]), 2: (2, ["100.80.0.0"]), 3: (3, ["100.80.0.0"])}
+    assert len(conn.resolved) == 1 and res.counters()["coalesced"] == 2
 
 
 def test_servfail_from_mapping_still_registers_its_new_assignments(dnsmasq):

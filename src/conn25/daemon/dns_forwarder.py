@@ -20,7 +20,6 @@ import logging
 import socket
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 
 import trio
 from dnslib import RCODE
@@ -38,6 +37,7 @@ from ..core.dnsquery import (
 from ..core.iprange import IPAddress, parse_address, parse_list
 from ..core.tailnet import parse_endpoint
 from .dns_transport import DNS_PORT, Framer, Upstream, family, show
+from .inflight import Coalescer
 
 __all__ = [
     "FORWARDER_COUNTERS",
@@ -115,13 +115,6 @@ class _UpstreamError(Exception):
     pass
 
 
-@dataclass
-class _InFlight:
-    """A question on its way upstream, and the answer the ones asking it again wait for."""
-    done: trio.Event = field(default_factory=trio.Event)
-    answer: bytes | None = None
-
-
 class Forwarder:
     """Sends queries to the upstream resolvers, in order, and returns the first good answer.
 
@@ -149,7 +142,7 @@ class Forwarder:
         self._limiter = trio.CapacityLimiter(max_inflight)
         self._counters = Counter(dict.fromkeys(FORWARDER_COUNTERS, 0))
         self._logged: dict[Upstream | None, set[str]] = {}
-        self._inflight: dict[bytes, _InFlight] = {}
+        self._inflight = Coalescer()
 
     def counters(self) -> dict[str, int]:
         return dict(self._counters)
@@ -177,24 +170,22 @@ class Forwarder:
         if (hit := self.cache.get(query, self._clock())) is not None:
             self.count_cache_hit()
             return hit
-        key = query.key
-        if key is not None and (pending := self._inflight.get(key)) is not None:
+        answer, shared = await self._inflight.answer(
+            query.key, lambda: self._forward_cached(query),
+            self.timeout * (len(self.upstreams) + 1))
+        if shared:
             self._counters["coalesced"] += 1
-            with trio.move_on_after(self.timeout * (len(self.upstreams) + 1)):
-                await pending.done.wait()
-            if pending.answer is None:
-                return servfail_to(query)
-            return self.cache.get(query, self._clock()) or with_id(pending.answer, query.wire)
-        if key is None:
-            return await self._forward_limited(query)
-        pending = self._inflight[key] = _InFlight()
-        try:
-            pending.answer = await self._forward_limited(query)
-            self.cache.put(query, pending.answer, self._clock())
-            return pending.answer
-        finally:
-            del self._inflight[key]
-            pending.done.set()
+        if answer is None:
+            return servfail_to(query)
+        if shared:  # the cache counts its TTLs down for the later asker
+            return self.cache.get(query, self._clock()) or with_id(answer, query.wire)
+        return answer
+
+    async def _forward_cached(self, query: Query) -> bytes:
+        answer = await self._forward_limited(query)
+        if query.key is not None:
+            self.cache.put(query, answer, self._clock())
+        return answer
 
     async def _forward_limited(self, query: Query) -> bytes:
         self._counters["upstream_queries"] += 1

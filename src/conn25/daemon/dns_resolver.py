@@ -31,6 +31,7 @@ from ..core.dnsquery import DNSMapError, Query, answers, parse, servfail_to, wit
 from ..core.iprange import IPAddress
 from ..core.peerapi import ResolveResponse, acknowledged
 from .dns_forwarder import Forwarder
+from .inflight import Coalescer
 
 __all__ = ["DEFAULT_OFFERS", "RESOLVER_COUNTERS", "ClientResolver", "Resolve"]
 
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 
 RESOLVER_COUNTERS = (
     "queries", "forwarded", "app_queries", "answered_mapped", "answered_cached",
-    "assignments_new", "mapped_in_resolution",
+    "assignments_new", "mapped_in_resolution", "coalesced",
     "registrations", "servfail_connector", "servfail_mapping", "servfail_ack_timeout",
     "servfail_register",
 )
@@ -101,6 +102,8 @@ class ClientResolver:
     offers: int = DEFAULT_OFFERS
     assignments_changed: Callable[[], None] | None = None
     cache: AnswerCache = field(init=False, default_factory=AnswerCache)
+    # The same question again while it is answered (a stub resolver's retry) waits for it.
+    _inflight: Coalescer = field(init=False, default_factory=Coalescer)
     # Registrations under way, by transit IP.
     _pending: dict[IPAddress, _Registration] = field(init=False, default_factory=dict)
     _counters: Counter[str] = field(
@@ -166,6 +169,16 @@ class ClientResolver:
         self._counters["app_queries"] += 1
         if query.qr or not query.complete:
             raise DNSMapError("DNS message is a response or has a question that cannot be read")
+        answer, shared = await self._inflight.answer(
+            query.key, lambda: self._answer_app(query, wire, app),
+            self.resolve_timeout + self.ack_timeout)
+        if shared:
+            self._counters["coalesced"] += 1
+        if answer is None:
+            return servfail_to(query)
+        return with_id(answer, wire) if shared else answer
+
+    async def _answer_app(self, query: Query, wire: bytes, app: App) -> bytes:
         what = self._describe(query, app)
         offers = self._offers(query)
         try:
