@@ -212,12 +212,21 @@ def addrs(*texts: str) -> list:
 
 
 def test_resolve_request_round_trips_with_the_query_as_base64():
-    req = peerapi.ResolveRequest("GitHub", b"\x12\x34", ["169.254.128.1", "FD7A:115C:A1E0:AB13::1"])
-    wire = peerapi.encode(req)
-    assert json.loads(wire) == {"app": "GitHub", "query": "EjQ=",
-                                "transitIPs": ["169.254.128.1", "fd7a:115c:a1e0:ab13::1"]}
-    assert peerapi.decode_resolve_request(wire) == req
-    assert req.offers == addrs("169.254.128.1", "fd7a:115c:a1e0:ab13::1")
+    q = peerapi.ResolveQuery("GitHub", b"\x12\x34", ["169.254.128.1", "FD7A:115C:A1E0:AB13::1"])
+    wire = peerapi.encode(peerapi.ResolveRequest([q]))
+    assert json.loads(wire) == {"queries": [{
+        "app": "GitHub", "query": "EjQ=",
+        "transitIPs": ["169.254.128.1", "fd7a:115c:a1e0:ab13::1"]}]}
+    assert peerapi.decode_resolve_request(wire).queries == [q]
+    assert q.offers == addrs("169.254.128.1", "fd7a:115c:a1e0:ab13::1")
+    answer = peerapi.ResolveAnswer(answer=b"\x01", transit_ips=[
+        peerapi.MappedTransitIP("169.254.128.1", "203.0.113.1")])
+    wire = peerapi.encode(peerapi.ResolveResponse([answer, peerapi.ResolveAnswer(404, "no")]))
+    assert json.loads(wire) == {"answers": [
+        {"answer": "AQ==", "transitIPs": [{"transitIP": "169.254.128.1",
+                                          "destinationIP": "203.0.113.1"}]},
+        {"status": 404, "message": "no"}]}
+    assert peerapi.decode_resolve_response(wire).answers[0] == answer
 
 
 @pytest.mark.parametrize(("offers", "message"), [
@@ -226,7 +235,7 @@ def test_resolve_request_round_trips_with_the_query_as_base64():
     ([f"169.254.129.{i}" for i in range(peerapi.MAX_OFFERS + 1)], "at most 64"),
 ])
 def test_resolve_request_refuses_bad_offers_saying_why(offers, message):
-    body = json.dumps({"app": "GitHub", "query": "", "transitIPs": offers}).encode()
+    body = json.dumps({"queries": [{"app": "GitHub", "query": "", "transitIPs": offers}]}).encode()
     with pytest.raises(BadRequest, match=message):
         peerapi.decode_resolve_request(body)
 
@@ -245,7 +254,7 @@ def test_offered_mappings_pair_each_address_with_the_next_offer_of_its_family():
 def test_acknowledged_takes_only_ok_results_for_our_offers_each_once():
     M = peerapi.MappedTransitIP
     offers = addrs("169.254.128.1", "169.254.128.2", "169.254.128.3", "fd7a:115c:a1e0:ab13::1")
-    resp = peerapi.ResolveResponse(b"", [
+    resp = peerapi.ResolveAnswer(answer=b"", transit_ips=[
         M("169.254.128.1", "203.0.113.1"),
         M("169.254.128.2", "203.0.113.2", Code.OTHER, "not resolved here"),
         M("169.254.128.9", "203.0.113.3"),  # not offered

@@ -31,7 +31,7 @@ from conn25.core.dnscache import ForwardCache
 from conn25.core.dnsmap import DNSMapError, DNSMapper, answer_addresses
 from conn25.core.dnsquery import Query, parse, servfail_to
 from conn25.core.iprange import IPRange, IPSet
-from conn25.core.peerapi import Code, MappedTransitIP, ResolveResponse
+from conn25.core.peerapi import Code, MappedTransitIP, ResolveAnswer
 from conn25.daemon import dns_resolver
 from conn25.daemon.dns_forwarder import Forwarder, parse_upstreams, upstreams_from_resolv_conf
 from conn25.daemon.dns_resolver import DEFAULT_OFFERS, ClientResolver
@@ -783,7 +783,7 @@ def answers_only(resolve):
     """A resolve_at_connector made of one that answers with DNS bytes and maps no offer."""
 
     async def with_offers(app, wire, offers):
-        return "connector-1", ResolveResponse(await resolve(app, wire))
+        return "connector-1", ResolveAnswer(answer=await resolve(app, wire))
 
     return with_offers
 
@@ -812,10 +812,10 @@ class Connector:
         self.offered.append(list(offers))
         answer = await self.forwarder.forward(wire)
         if not self.maps_offers:
-            return "connector-1", ResolveResponse(answer)
+            return "connector-1", ResolveAnswer(answer=answer)
         domain, _, addrs = answer_addresses(answer)
         req = peerapi.offered_mappings(app.name, domain, [a for a, _ in addrs], offers)
-        return "connector-1", ResolveResponse(answer, [
+        return "connector-1", ResolveAnswer(answer=answer, transit_ips=[
             MappedTransitIP(i.transit_ip, i.destination_ip,
                             Code.OTHER if i.destination_ip in self.refuse else Code.OK)
             for i in req.transit_ips])
@@ -1072,7 +1072,7 @@ def test_a_connector_result_for_what_we_did_not_offer_is_not_taken(dnsmasq, resu
         items = [MappedTransitIP(transit, "203.0.113.5")]
         if result == "twice":
             items.append(MappedTransitIP(transit, "203.0.113.5"))
-        return "connector-1", ResolveResponse(answer, items)
+        return "connector-1", ResolveAnswer(answer=answer, transit_ips=items)
 
     res = ClientResolver(mapper, Forwarder([dnsmasq]), hostile, conn.register, conn.mapped,
                          now=lambda: 1_700_000_000.0)

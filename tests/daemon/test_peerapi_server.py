@@ -1,5 +1,6 @@
 """The peer API routes on a node stand-in made of the real core objects."""
 
+import base64
 import contextlib
 import functools
 import ipaddress
@@ -19,9 +20,11 @@ from conn25.core.peerapi import (
     HEALTH_PATH,
     MAX_BODY,
     MAX_OFFERS,
+    MAX_QUERIES,
     RESOLVE_PATH,
     TRANSIT_IP_PATH,
     Code,
+    ResolveQuery,
     ResolveRequest,
 )
 from conn25.daemon import http
@@ -386,12 +389,20 @@ def resolve(node: FakeNode, name: str = "github.com", offers: tuple[str, ...] = 
             qtype: str = "A", app: str = "GitHub", peer: str = "100.64.0.1"
             ) -> tuple[list[str], list[tuple[str, str, int]]]:
     """(the answer's addresses, [(transit, destination, code)]) of a resolve request."""
-    body = peerapi.encode(ResolveRequest(app, dns_query(name, qtype), list(offers)))
-    resp = call(node, request("POST", RESOLVE_PATH, body, peer=peer))
-    assert resp.status == 200, resp.body
-    out = peerapi.decode_resolve_response(resp.body)
+    [out] = resolve_all(node, [ResolveQuery(app, dns_query(name, qtype), list(offers))], peer)
+    assert out.status == 200, out.message
     return ([str(rr.rdata) for rr in DNSRecord.parse(out.answer).rr],
             [(r.transit_ip, r.destination_ip, r.code) for r in out.transit_ips])
+
+
+def resolve_all(node: FakeNode, queries: list[ResolveQuery], peer: str = "100.64.0.1"
+                ) -> list[peerapi.ResolveAnswer]:
+    resp = call(node, request("POST", RESOLVE_PATH, peerapi.encode(ResolveRequest(queries)),
+                              peer=peer))
+    assert resp.status == 200, resp.body
+    answers = peerapi.decode_resolve_response(resp.body).answers
+    assert len(answers) == len(queries)
+    return answers
 
 
 def test_resolve_maps_the_answer_onto_the_offers_in_the_same_exchange():
@@ -443,19 +454,23 @@ def test_an_offer_the_connector_may_not_map_is_refused_per_item_with_the_registr
     assert ok == DEFAULT_BURST - 1 and limited > 0  # the refused offer above took one too
 
 
+def query_body(*queries: dict) -> bytes:
+    return json.dumps({"queries": list(queries)}).encode()
+
+
+GOOD = {"app": "GitHub", "query": base64.b64encode(dns_query("github.com")).decode()}
+
+
 @pytest.mark.parametrize(("body", "status"), [
     (b"{not json", 400),
-    (b'{"app": "GitHub"}', 400),  # no query
-    (b'{"app": "GitHub", "query": "%%%"}', 400),  # not base64
-    (peerapi.encode(ResolveRequest("GitHub", dns_query("github.com")))[:-1]
-     + b', "transitIPs": ["169.254.128.1", "169.254.128.1"]}', 400),  # an offer twice
-    (peerapi.encode(ResolveRequest("GitHub", dns_query("github.com")))[:-1]
-     + b', "transitIPs": ["not an address"]}', 400),
-    (peerapi.encode(ResolveRequest("GitHub", dns_query("github.com")))[:-1] + b', "transitIPs": '
-     + json.dumps([f"169.254.129.{i}" for i in range(MAX_OFFERS + 1)]).encode() + b"}", 400),
-    (peerapi.encode(ResolveRequest("GitHub", b"\x00\x01garbage")), 400),
-    (peerapi.encode(ResolveRequest("GitHub", dns_query("example.com"))), 400),
-    (peerapi.encode(ResolveRequest("GitLab", dns_query("gitlab.com"))), 404),
+    (b'{"queries": 7}', 400),
+    (query_body({"app": "GitHub"}), 400),  # no query
+    (query_body({"app": "GitHub", "query": "%%%"}), 400),  # not base64
+    (query_body({**GOOD, "transitIPs": ["169.254.128.1", "169.254.128.1"]}), 400),  # twice
+    (query_body({**GOOD, "transitIPs": ["not an address"]}), 400),
+    (query_body({**GOOD, "transitIPs": [f"169.254.129.{i}" for i in range(MAX_OFFERS + 1)]}),
+     400),
+    (query_body(*[GOOD] * (MAX_QUERIES + 1)), 400),
     (b"x" * (MAX_BODY + 1), 413),
 ])
 def test_bad_resolve_requests_are_refused_and_change_nothing(body, status):
@@ -465,16 +480,33 @@ def test_bad_resolve_requests_are_refused_and_change_nothing(body, status):
     assert node.forwarder.queries == [] and node.installed == []
 
 
+def test_each_query_of_a_request_is_answered_on_its_own_and_in_order():
+    """A bad query of a batch gets the status the dns-query route would give it; the
+    others are answered and mapped."""
+    node = FakeNode()
+    answers = resolve_all(node, [
+        ResolveQuery("GitHub", dns_query("github.com"), [T4]),
+        ResolveQuery("GitHub", b"\x00\x01garbage", [T4B]),
+        ResolveQuery("GitHub", dns_query("example.com"), []),
+        ResolveQuery("GitLab", dns_query("gitlab.com"), []),
+        ResolveQuery("GitHub", dns_query("github.com", "AAAA"), [T6]),
+    ])
+    assert [a.status for a in answers] == [200, 400, 400, 404, 200]
+    assert "not a domain of app" in answers[2].message
+    assert [[(r.transit_ip, r.destination_ip) for r in a.transit_ips] for a in answers] == [
+        [(T4, REAL4)], [], [], [], [(T6, REAL6)]]
+    assert sorted(node.forwarder.queries) == [("github.com.", "A"), ("github.com.", "AAAA")]
+
+
 def test_resolve_is_post_only_and_for_permitted_peers_only():
     node = FakeNode()
-    body = peerapi.encode(ResolveRequest("GitHub", dns_query("github.com"), [T4]))
+    q = ResolveQuery("GitHub", dns_query("github.com"), [T4])
     assert call(node, request("GET", RESOLVE_PATH)).status == 405
-    denied = call(node, request("POST", RESOLVE_PATH, body, peer="100.64.0.4"))
-    made_up = call(node, request("POST", RESOLVE_PATH,
-                                 peerapi.encode(ResolveRequest("NoSuchApp", b"", [T4])),
-                                 peer="100.64.0.4"))
-    assert denied.status == made_up.status == 403 and denied.body == made_up.body
-    assert call(FakeNode(connector=False), request("POST", RESOLVE_PATH, body)).status == 503
+    denied, made_up = resolve_all(node, [q, ResolveQuery("NoSuchApp", b"", [T4])],
+                                  peer="100.64.0.4")
+    assert denied.status == made_up.status == 403 and denied.message == made_up.message
+    [unserved] = resolve_all(FakeNode(connector=False), [q])
+    assert unserved.status == 503
     assert node.forwarder.queries == [] and node.installed == []
 
 

@@ -27,12 +27,13 @@ from conn25.core.peerapi import (
     ConnectorTransitIPRequest,
     ConnectorTransitIPResponse,
     HealthResponse,
-    ResolveRequest,
+    ResolveAnswer,
+    ResolveQuery,
     ResolveResponse,
     TransitIPResponse,
 )
 from conn25.daemon.dataplane import Dataplane, Ids
-from conn25.daemon.registration import Registrar, ResolveError
+from conn25.daemon.registration import RESOLVES_IN_FLIGHT, Registrar, ResolveError
 from conn25.fastpath import Datapath
 from nodekeys import public_key
 
@@ -109,7 +110,8 @@ class FakePeers:
 
     def __init__(self) -> None:
         self.posts: list[tuple[float, str, ConnectorTransitIPRequest]] = []
-        self.dns: list[tuple[str, ResolveRequest]] = []
+        self.dns: list[tuple[str, ResolveQuery]] = []
+        self.exchanges: list[tuple[str, int]] = []  # resolve requests: (host, queries)
         self.gets: list[str] = []
         self.down: set[str] = set()
         self.failures: dict[str, int] = {}
@@ -126,10 +128,16 @@ class FakePeers:
         assert (port, method) == (PORT, "POST") and timeout > 0
         await trio.sleep(0)
         if target == RESOLVE_PATH:
-            self.dns.append((host, peerapi.decode_resolve_request(body)))
+            queries = peerapi.decode_resolve_request(body).queries
+            self.dns.extend((host, q) for q in queries)
+            self.exchanges.append((host, len(queries)))
+            if self.gate is not None:
+                await self.gate.wait()
             if host in self.down:
                 raise OSError(f"connect to {host}: no route")
-            return 200, peerapi.encode(ResolveResponse(b"answer from " + host.encode()))
+            return 200, peerapi.encode(ResolveResponse(
+                [ResolveAnswer(answer=b"answer from " + host.encode() + b" to " + q.query)
+                 for q in queries]))
         assert target == TRANSIT_IP_PATH
         req = peerapi.decode_transit_request(body)
         self.posts.append((trio.current_time(), host, req))
@@ -657,7 +665,7 @@ def test_restored_mappings_of_a_dead_connector_move_after_the_first_health_round
 # -- resolving at a connector -----------------------------------------------------------------
 
 
-def answer(resolved: tuple[str, ResolveResponse]) -> tuple[str, bytes]:
+def answer(resolved: tuple[str, ResolveAnswer]) -> tuple[str, bytes]:
     return resolved[0], resolved[1].answer
 
 
@@ -667,11 +675,34 @@ def test_resolve_posts_the_wire_query_and_the_offers_to_the_chosen_connector():
 
     async def main():
         assert answer(await reg.resolve(GITHUB, b"\x12\x34query", offers)) \
-            == (C1.name, b"answer from " + H1.encode())
+            == (C1.name, b"answer from " + H1.encode() + b" to \x12\x34query")
 
     run(main)
-    assert peers.dns == [(H1, ResolveRequest("GitHub", b"\x12\x34query",
-                                             ["169.254.128.1", "169.254.128.2"]))]
+    assert peers.dns == [(H1, ResolveQuery("GitHub", b"\x12\x34query",
+                                           ["169.254.128.1", "169.254.128.2"]))]
+
+
+def test_queries_waiting_at_once_share_a_few_exchanges_and_each_gets_its_own_answer():
+    _, peers, reg = setup()
+    peers.gate = trio.Event()
+    got = {}
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            for i in range(300):
+                async def one(i=i):
+                    got[i] = answer(await reg.resolve(GITHUB, b"q%d" % i))
+                nursery.start_soon(one)
+            await trio.testing.wait_all_tasks_blocked()
+            peers.gate.set()
+
+    run(main)
+    assert got == {i: (C1.name, b"answer from " + H1.encode() + b" to q%d" % i)
+                   for i in range(300)}
+    # The first exchanges leave at once, one query each; the rest wait and share.
+    sizes = [n for _, n in peers.exchanges]
+    assert sum(sizes) == 300 and max(sizes) == peerapi.MAX_QUERIES
+    assert len(sizes) <= RESOLVES_IN_FLIGHT + -(-300 // peerapi.MAX_QUERIES), sizes
 
 
 def test_resolve_fails_over_to_the_next_candidate_on_transport_errors():
@@ -679,7 +710,8 @@ def test_resolve_fails_over_to_the_next_candidate_on_transport_errors():
     peers.down.add(H1)
 
     async def main():
-        assert answer(await reg.resolve(GITHUB, b"q")) == (C2.name, b"answer from " + H2.encode())
+        assert answer(await reg.resolve(GITHUB, b"q")) == (C2.name, b"answer from "
+                                                           + H2.encode() + b" to q")
         peers.down.add(H2)
         with pytest.raises(ResolveError, match=r"no connector answered.*gh-connector-1.*OSError"):
             await reg.resolve(GITHUB, b"q")
@@ -690,19 +722,22 @@ def test_resolve_fails_over_to_the_next_candidate_on_transport_errors():
     assert (c["resolves"], c["resolve_failovers"], c["resolve_failures"]) == (2, 2, 1)
 
 
-@pytest.mark.parametrize("bad", [(503, b"busy\n"), (200, b"{not json"), (200, b'{"answer": 7}')])
+@pytest.mark.parametrize("bad", [
+    (503, b"busy\n"), (200, b"{not json"), (200, b'{"answers": 7}'), (200, b'{"answers": []}'),
+    (200, peerapi.encode(ResolveResponse([ResolveAnswer(404, "app not served here")]))),
+])
 def test_resolve_moves_on_from_an_error_status_or_an_unreadable_answer(bad):
     _, _, reg = setup()
 
     async def first_bad(host, port, method, target, body=b"", *, timeout, content_type=""):
         if host == H1:
             return bad
-        return 200, peerapi.encode(ResolveResponse(b"from " + host.encode()))
+        return 200, peerapi.encode(ResolveResponse([ResolveAnswer(answer=b"from H2")]))
 
     reg._post = first_bad
 
     async def main():
-        assert answer(await reg.resolve(GITHUB, b"q")) == (C2.name, b"from " + H2.encode())
+        assert answer(await reg.resolve(GITHUB, b"q")) == (C2.name, b"from H2")
 
     run(main)
     assert reg.counters()["resolve_failovers"] == 1
@@ -714,13 +749,13 @@ def test_resolve_times_out_a_connector_that_does_not_answer():
     async def slow_then_fast(host, port, method, target, body=b"", *, timeout, content_type=""):
         if host == H1:
             await trio.sleep(3600)
-        return 200, peerapi.encode(ResolveResponse(b"from " + host.encode()))
+        return 200, peerapi.encode(ResolveResponse([ResolveAnswer(answer=b"from H2")]))
 
     reg._post = slow_then_fast
 
     async def main():
         start = trio.current_time()
-        assert answer(await reg.resolve(GITHUB, b"q")) == (C2.name, b"from " + H2.encode())
+        assert answer(await reg.resolve(GITHUB, b"q")) == (C2.name, b"from H2")
         assert trio.current_time() - start == pytest.approx(2.0)
 
     run(main)
@@ -773,7 +808,8 @@ def test_resolve_skips_a_connector_known_to_be_down_unless_all_are():
         peers.down.add(H2)
         await reg.check_health()
         # Both known down: the knowledge may be stale, so both are tried, in order.
-        assert answer(await reg.resolve(GITHUB, b"q")) == (C1.name, b"answer from " + H1.encode())
+        assert answer(await reg.resolve(GITHUB, b"q")) == (C1.name, b"answer from "
+                                                           + H1.encode() + b" to q")
 
     run(main)
     assert [h for h, *_ in peers.dns] == [H2, H1]

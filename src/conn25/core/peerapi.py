@@ -31,6 +31,8 @@ HEALTH_PATH = "/v0/health"
 MAX_BODY = 1 << 20
 # Transit IPs one resolution may offer: more than a DNS answer's addresses need.
 MAX_OFFERS = 64
+# Queries in one resolve request (a burst of fresh names shares requests).
+MAX_QUERIES = 64
 
 
 class Code(enum.IntEnum):
@@ -103,7 +105,7 @@ class ConnectorTransitIPResponse(msgspec.Struct):
     transit_ips: list[TransitIPResponse] = msgspec.field(name="transitIPs", default_factory=list)
 
 
-class ResolveRequest(msgspec.Struct):
+class ResolveQuery(msgspec.Struct):
     """A DNS query for ``app`` and the transit IPs the connector may map its answer onto.
 
     The connector resolves ``query`` (DNS wire format), maps each address of
@@ -130,6 +132,16 @@ class ResolveRequest(msgspec.Struct):
         return [parse_address(t) for t in self.transit_ips]
 
 
+class ResolveRequest(msgspec.Struct):
+    """Queries that were waiting for the same connector, answered in one exchange."""
+
+    queries: list[ResolveQuery]
+
+    def __post_init__(self) -> None:
+        if len(self.queries) > MAX_QUERIES:
+            raise ValueError(f"{len(self.queries)} queries, at most {MAX_QUERIES} may be")
+
+
 class MappedTransitIP(msgspec.Struct, omit_defaults=True):
     """What became of one offer: mapped to ``destinationIP`` (code OK) or refused."""
 
@@ -139,9 +151,20 @@ class MappedTransitIP(msgspec.Struct, omit_defaults=True):
     message: str = ""
 
 
-class ResolveResponse(msgspec.Struct):
-    answer: bytes  # the DNS response, wire format (base64 in JSON)
+class ResolveAnswer(msgspec.Struct, omit_defaults=True):
+    """The outcome of one query: ``status`` as the dns-query endpoint would answer it
+    (200, or 400, 403, 404, 502, 503 with ``message``), the DNS response, the mappings."""
+
+    status: int = 200
+    message: str = ""
+    answer: bytes = b""  # the DNS response, wire format (base64 in JSON)
     transit_ips: list[MappedTransitIP] = msgspec.field(name="transitIPs", default_factory=list)
+
+
+class ResolveResponse(msgspec.Struct):
+    """One answer per query, in request order."""
+
+    answers: list[ResolveAnswer]
 
 
 class HealthResponse(msgspec.Struct):
@@ -157,7 +180,9 @@ Message = (
     | ConnectorTransitIPRequest
     | TransitIPResponse
     | ConnectorTransitIPResponse
+    | ResolveQuery
     | ResolveRequest
+    | ResolveAnswer
     | ResolveResponse
     | HealthResponse
 )
@@ -233,7 +258,7 @@ def mapped_results(req: ConnectorTransitIPRequest,
             for item, r in zip(req.transit_ips, resp.transit_ips, strict=True)]
 
 
-def acknowledged(resp: ResolveResponse, offers: Sequence[IPAddress]) -> dict[IPAddress, IPAddress]:
+def acknowledged(resp: ResolveAnswer, offers: Sequence[IPAddress]) -> dict[IPAddress, IPAddress]:
     """real address -> transit IP, for each mapping the connector made of one of ``offers``.
 
     A connector's answer is input like any other: results for transit IPs we

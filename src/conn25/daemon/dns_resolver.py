@@ -29,7 +29,7 @@ from ..core.dnscache import AnswerCache
 from ..core.dnsmap import DNSMapper
 from ..core.dnsquery import DNSMapError, Query, answers, parse, servfail_to, with_id
 from ..core.iprange import IPAddress
-from ..core.peerapi import ResolveResponse, acknowledged
+from ..core.peerapi import ResolveAnswer, acknowledged
 from .dns_forwarder import Forwarder
 from .inflight import Coalescer
 
@@ -56,7 +56,7 @@ class Resolve(Protocol):
     could: (the connector's name, its answer)."""
 
     def __call__(self, app: App, query: bytes,
-                 offers: Sequence[IPAddress]) -> Awaitable[tuple[str, ResolveResponse]]: ...
+                 offers: Sequence[IPAddress]) -> Awaitable[tuple[str, ResolveAnswer]]: ...
 
 
 class _Registration:

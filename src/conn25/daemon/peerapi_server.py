@@ -29,7 +29,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 from collections.abc import Iterable
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import trio
 from dnslib import QTYPE, DNSRecord
@@ -86,6 +86,13 @@ def _item_reason(code: int) -> str:
 # The refusals the routes count (besides peerapi_http_STATUS), for metrics that
 # list them from the start.
 REFUSAL_REASONS = ("resolution_failed", *(_item_reason(c) for c in Code if c is not Code.OK))
+
+
+class _Refusal(NamedTuple):
+    """Why a query is not answered: the HTTP status the dns-query route gives it."""
+
+    status: int
+    reason: str
 
 
 class Upstream(Protocol):
@@ -174,12 +181,15 @@ class PeerAPI:
         reason: str,
         headers: list[tuple[str, str]] | None = None,
     ) -> Response:
+        self._count_refusal(req, peer, status, reason)
+        return Response.text(status, reason, headers)
+
+    def _count_refusal(self, req: Request, peer: Member | None, status: int, reason: str) -> None:
         who = peer.name if peer is not None else (req.peer[0] if req.peer else "local")
         # A peer can send bad requests as fast as it likes: a summary, not a line each.
         self.refusals.refuse(who, f"peerapi_http_{status}",
                              f"{req.method} {req.path}: {status} {reason}",
                              level=logging.WARNING)
-        return Response.text(status, reason, headers)
 
     # -- transit-ip ---------------------------------------------------------------
 
@@ -279,63 +289,75 @@ class PeerAPI:
         names = req.query.get("app", [])
         if len(names) != 1 or not names[0]:
             return self._error(req, peer, 400, "exactly one app=NAME parameter is required")
-        resolved = await self._resolve_for(req, peer, names[0], req.body)
-        if isinstance(resolved, Response):
-            return resolved
+        resolved = await self._resolve_for(peer, names[0], req.body)
+        if isinstance(resolved, _Refusal):
+            return self._error(req, peer, resolved.status, resolved.reason)
         return Response(200, resolved[1], DNS_MESSAGE)
 
     async def _resolve_offered(self, req: Request, peer: Member) -> Response:
-        """Resolve and map the answer onto the client's offers, in one exchange."""
+        """Resolve each query and map its answer onto its offers, all in one exchange."""
         if req.method != "POST":
             return self._error(req, peer, 405, "method must be POST", [("Allow", "POST")])
         try:
             body = peerapi.decode_resolve_request(req.body)
         except BadRequest as e:
             return self._error(req, peer, e.status, str(e).strip())
-        resolved = await self._resolve_for(req, peer, body.app, body.query)
-        if isinstance(resolved, Response):
-            return resolved
+        answers: list[peerapi.ResolveAnswer] = [peerapi.ResolveAnswer()] * len(body.queries)
+
+        async def one(i: int, q: peerapi.ResolveQuery) -> None:
+            answers[i] = await self._resolve_and_map(req, peer, q)
+
+        async with trio.open_nursery() as nursery:
+            for i, q in enumerate(body.queries):
+                nursery.start_soon(one, i, q)
+        return Response(200, peerapi.encode(peerapi.ResolveResponse(answers)))
+
+    async def _resolve_and_map(self, req: Request, peer: Member,
+                               q: peerapi.ResolveQuery) -> peerapi.ResolveAnswer:
+        resolved = await self._resolve_for(peer, q.app, q.query)
+        if isinstance(resolved, _Refusal):
+            self._count_refusal(req, peer, resolved.status, resolved.reason)
+            return peerapi.ResolveAnswer(resolved.status, resolved.reason)
         domain, answer, addresses = resolved
         connector = self._node.connector
-        results: list[peerapi.MappedTransitIP] = []
-        if domain is not None and addresses and body.transit_ips and connector is not None:
-            mappings = peerapi.offered_mappings(body.app, domain, addresses, body.offers)
-            resp, stored = connector.register(peer, mappings, self._node.now())
-            self._note_refused_items(peer, mappings, resp)
-            if stored:
-                self._node.install_connector_mappings(stored)
-            results = peerapi.mapped_results(mappings, resp)
-        return Response(200, peerapi.encode(peerapi.ResolveResponse(answer, results)))
+        if domain is None or not addresses or not q.transit_ips or connector is None:
+            return peerapi.ResolveAnswer(answer=answer)
+        mappings = peerapi.offered_mappings(q.app, domain, addresses, q.offers)
+        resp, stored = connector.register(peer, mappings, self._node.now())
+        self._note_refused_items(peer, mappings, resp)
+        if stored:
+            self._node.install_connector_mappings(stored)
+        return peerapi.ResolveAnswer(answer=answer,
+                                     transit_ips=peerapi.mapped_results(mappings, resp))
 
     async def _resolve_for(
-        self, req: Request, peer: Member, app_name: str, query: bytes
-    ) -> tuple[str | None, bytes, list[IPAddress]] | Response:
+        self, peer: Member, app_name: str, query: bytes
+    ) -> tuple[str | None, bytes, list[IPAddress]] | _Refusal:
         """Resolve ``query`` for a peer allowed to ask it: (its domain, the upstream's
-        answer, the answer's addresses that are now acceptable destinations), or the
-        error response."""
+        answer, the answer's addresses that are now acceptable destinations), or why not."""
         cfg = self._node.config
         # Before looking at the app, so that apps cannot be enumerated.
         if not cfg.may_use_apps(peer):
-            return self._error(req, peer, 403, "peer is not allowed to use apps")
+            return _Refusal(403, "peer is not allowed to use apps")
         connector = self._node.connector
         if connector is None or not connector.configured:
-            return self._error(req, peer, 503, NOT_CONNECTOR_MESSAGE)
+            return _Refusal(503, NOT_CONNECTOR_MESSAGE)
         app = cfg.app(app_name)
         if app is None or not cfg.serves(app):
-            return self._error(req, peer, 404, f"app {app_name!r} is not served by this connector")
+            return _Refusal(404, f"app {app_name!r} is not served by this connector")
         try:
             question = query_question(query)
         except DNSMapError as e:
-            return self._error(req, peer, 400, f"malformed DNS query: {e}")
+            return _Refusal(400, f"malformed DNS query: {e}")
         # The labels decide, as on the client: a name under the app's domain whose
         # other labels hold odd bytes is still the app's, and one label "a.b" is not two.
         name = str(question.qname)
         if app not in cfg.apps_for_name(question.qname.label):
-            return self._error(req, peer, 400, f"{name} is not a domain of app {app.name!r}")
+            return _Refusal(400, f"{name} is not a domain of app {app.name!r}")
         try:
             answer = await self._node.forwarder.forward(query)
         except Exception as e:
-            return self._error(req, peer, 502, f"upstream DNS failed for {name}: {e}")
+            return _Refusal(502, f"upstream DNS failed for {name}: {e}")
         try:
             domain = dnsname.from_labels(question.qname.label)
         except ValueError:

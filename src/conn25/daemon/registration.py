@@ -40,6 +40,7 @@ from ..core.registrar import (
     brief,
 )
 from . import http
+from .batcher import Batcher
 from .dataplane import Dataplane
 
 __all__ = ["Registrar", "ResolveError", "Transport"]
@@ -48,6 +49,9 @@ log = logging.getLogger("conn25.daemon.registration")
 
 DNS_MESSAGE = "application/dns-message"
 MIN_CHECK_GAP = 0.25  # seconds between health rounds, however often one is asked for
+# Resolve exchanges out to one connector at once (each of up to MAX_QUERIES queries),
+# within what http.ClientPool sends to one host at once.
+RESOLVES_IN_FLIGHT = 4
 _LEVELS = {"info": logging.INFO, "warning": logging.WARNING}
 
 
@@ -98,6 +102,7 @@ class Registrar:
         self._wake = trio.Event()
         self._check_now = trio.Event()
         self._waiting: dict[Waiter, trio.Event] = {}  # register() calls still waiting
+        self._resolvers: dict[str, Batcher[peerapi.ResolveQuery, peerapi.ResolveAnswer]] = {}
 
     @property
     def _config(self) -> NodeConfig:
@@ -251,42 +256,53 @@ class Registrar:
     # -- resolving at a connector ----------------------------------------------------------
 
     async def resolve(self, app: App, query: bytes,
-                      offers: Sequence[IPAddress] = ()) -> tuple[str, peerapi.ResolveResponse]:
+                      offers: Sequence[IPAddress] = ()) -> tuple[str, peerapi.ResolveAnswer]:
         """A connector for ``app``'s answer to the wire ``query``: (its name, its answer).
 
         The connector maps the answer's addresses onto ``offers`` (transit IPs
         of ours) in the same exchange; see :func:`conn25.core.peerapi.acknowledged`
-        for what the caller may take from it. Tries the candidates in order of
-        preference, moving on after a transport failure, a non-200 answer or an
-        unreadable body; ResolveError when none answered.
+        for what the caller may take from it. Queries for one connector that
+        wait at the same time share exchanges (:class:`~conn25.daemon.batcher.Batcher`).
+        Tries the candidates in order of preference, moving on after a
+        transport failure, a non-200 answer or an unreadable body; ResolveError
+        when none answered.
         """
         self.core.count("resolves")
-        body = peerapi.encode(peerapi.ResolveRequest(app.name, query, [str(o) for o in offers]))
+        item = peerapi.ResolveQuery(app.name, query, [str(o) for o in offers])
         errors: list[str] = []
-        timeout = self.settings.resolve_timeout
         for i, conn in enumerate(self.core.resolve_order(app, self._config)):
             if i:
                 self.core.count("resolve_failovers")
             try:
-                with trio.fail_after(timeout):
-                    status, answer = await self._post(
-                        self.core.host_of(conn, self._config), self._node.peerapi_port, "POST",
-                        RESOLVE_PATH, body, timeout=timeout,
-                    )
-            except Exception as e:  # transport failures and TooSlowError
+                answer = await self._resolver_of(conn).submit(item)
+            except Exception as e:  # transport failures, TooSlowError, unreadable answers
                 errors.append(f"{conn.name}: {type(e).__name__}: {e}")
                 self._check_now.set()
                 continue
-            if status != 200:
-                errors.append(f"{conn.name}: HTTP {status}: {brief(answer)}")
-                continue
-            try:
-                return conn.name, peerapi.decode_resolve_response(answer)
-            except peerapi.BadRequest as e:
-                errors.append(f"{conn.name}: {e}")
+            if answer.status == 200:
+                return conn.name, answer
+            errors.append(f"{conn.name}: HTTP {answer.status}: {answer.message}")
         self.core.count("resolve_failures")
         raise ResolveError(f"app {app.name!r}: no connector answered the query: "
                            + ("; ".join(errors) or "no connector candidates"))
+
+    def _resolver_of(self, conn: Member) -> Batcher[peerapi.ResolveQuery, peerapi.ResolveAnswer]:
+        host = self.core.host_of(conn, self._config)
+        batcher = self._resolvers.get(host)
+        if batcher is None:
+            async def send(items: list[peerapi.ResolveQuery]) -> list[peerapi.ResolveAnswer]:
+                timeout = self.settings.resolve_timeout
+                with trio.fail_after(timeout):
+                    status, body = await self._post(
+                        host, self._node.peerapi_port, "POST", RESOLVE_PATH,
+                        peerapi.encode(peerapi.ResolveRequest(items)), timeout=timeout)
+                if status != 200:
+                    raise http.HTTPError(f"HTTP {status}: {brief(body)}")
+                return peerapi.decode_resolve_response(body).answers
+
+            batcher = self._resolvers[host] = Batcher(
+                send, max_batch=peerapi.MAX_QUERIES, max_inflight=RESOLVES_IN_FLIGHT)
+        return batcher
 
     def mapped_in_resolution(self, a: Assignment, connector: str) -> None:
         """``connector`` mapped ``a``'s transit IP while it resolved: install it as if
