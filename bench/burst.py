@@ -36,6 +36,12 @@ from conn25.lab.netns import need_root, wait_for
 from conn25.lab.testbed import DEFAULT_NODES, DNS4, Testbed
 from control import cpu_seconds
 
+
+def sys_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return int(fields[12]) / os.sysconf("SC_CLK_TCK")
+
 HERE = Path(__file__).resolve()
 SPECS = {n.name: n for n in DEFAULT_NODES}
 CLIENT, CONNECTOR = SPECS["client"], SPECS["conn1"]
@@ -147,6 +153,7 @@ def main() -> int:
             for label, server in (("dnsmasq direct (baseline)", DNS4), ("conn25d", CLIENT_DNS)):
                 names = [f"b{i}-{label[:4]}-{tag}.wild.example.com" for i in range(args.names)]
                 cpu = {n: cpu_seconds(p) for n, p in pids.items()}
+                sys0 = {n: sys_seconds(p) for n, p in pids.items()}
                 spies = [] if not args.py_spy or server != CLIENT_DNS else [
                     subprocess.Popen(["py-spy", "record", "--nonblocking", "--format", "raw",
                                       "-r", "500", "-o", f"{args.py_spy}/{n}.txt", "-p", str(p)],
@@ -157,7 +164,9 @@ def main() -> int:
                     spy.send_signal(signal.SIGINT)
                     spy.wait(timeout=30)
                 rows[-1][1]["cpu_s"] = {n: cpu_seconds(p) - cpu[n] for n, p in pids.items()}
+                rows[-1][1]["sys_s"] = {n: sys_seconds(p) - sys0[n] for n, p in pids.items()}
             metrics = (bed.status(CLIENT.name) or {}).get("metrics", {})
+            upstream = (bed.status(CONNECTOR.name) or {}).get("metrics", {})
         except BaseException:
             for name in (CLIENT.name, CONNECTOR.name):
                 print(f"--- {name} log (tail)\n{bed.log(name)[-3000:]}", file=sys.stderr)
@@ -179,11 +188,15 @@ def main() -> int:
     keys = ("registration_resolves", "registration_requests", "dns_mapped_in_resolution",
             "dns_coalesced",
             "dns_servfail_connector", "dns_servfail_register", "dns_servfail_ack_timeout")
-    cpu = rows[1][1]["cpu_s"]
-    print(f"\nCPU seconds of the daemons during the conn25d burst: client "
-          f"{cpu[CLIENT.name]:.2f}, connector {cpu[CONNECTOR.name]:.2f}")
+    cpu, kernel = rows[1][1]["cpu_s"], rows[1][1]["sys_s"]
+    print(f"\nCPU seconds of the daemons during the conn25d burst (of which in the kernel): "
+          f"client {cpu[CLIENT.name]:.2f} ({kernel[CLIENT.name]:.2f}), "
+          f"connector {cpu[CONNECTOR.name]:.2f} ({kernel[CONNECTOR.name]:.2f})")
     print("client counters after the run: "
           + ", ".join(f"{k} {metrics.get(k, 0)}" for k in keys))
+    print("connector counters after the run: " + ", ".join(
+        f"{k} {v}" for k, v in sorted(upstream.items())
+        if v and (k.startswith("dns_forwarder") or "resolution" in k or "peerapi" in k)))
     if args.json:
         Path(args.json).write_text(json.dumps({label: r for label, r in rows}, indent=2) + "\n")
     ours = rows[1][1]

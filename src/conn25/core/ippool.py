@@ -26,8 +26,10 @@ class PoolError(ValueError):
 class IPPool:
     def __init__(self, ranges: IPSet | None = None) -> None:
         self._set = IPSet()
-        self._in_use: set[tuple[int, int]] = set()  # (version, int) of everything handed out
+        # (version, int) of everything handed out -> whether it lies in the current set
+        self._in_use: dict[tuple[int, int], bool] = {}
         self._in_set = 0  # how many of _in_use lie in the current set
+        self._size = 0  # of the current set
         self._range = 0  # walk position: index into _set.ranges ...
         self._offset = 0  # ... and offset within that range
         if ranges is not None:
@@ -39,7 +41,7 @@ class IPPool:
 
     @property
     def capacity(self) -> int:
-        return min(self._set.size(), MAX_CAPACITY)
+        return min(self._size, MAX_CAPACITY)
 
     @property
     def in_use(self) -> int:
@@ -56,12 +58,15 @@ class IPPool:
             return
         self._set = ranges
         self._range = self._offset = 0
-        self._in_set = sum(1 for v, i in self._in_use if self._contains(v, i))
+        self._size = ranges.size()
+        for key in self._in_use:
+            self._in_use[key] = self._contains(*key)
+        self._in_set = sum(self._in_use.values())
 
     def next(self) -> IPAddress:
         """The next free address in walk order; PoolExhausted when there is none."""
         ranges = self._set.ranges
-        if not ranges or self._in_set >= self._set.size():
+        if not ranges or self._in_set >= self._size:
             raise PoolExhausted(f"pool exhausted ({self._set or 'no ranges'})")
         while True:
             r = ranges[self._range]
@@ -72,7 +77,7 @@ class IPPool:
                 self._offset = 0
             key = (r.version, value)
             if key not in self._in_use:
-                self._in_use.add(key)
+                self._in_use[key] = True
                 self._in_set += 1
                 return make_address(r.version, value)
 
@@ -80,15 +85,14 @@ class IPPool:
         """Take ``addr`` out of circulation (restoring saved state). Idempotent."""
         key = (addr.version, int(addr))
         if key not in self._in_use:
-            self._in_use.add(key)
-            self._in_set += self._contains(*key)
+            inside = self._in_use[key] = self._contains(*key)
+            self._in_set += inside
 
     def release(self, addr: IPAddress) -> None:
         """Return ``addr``; PoolError if it is not the pool's or not in use."""
         key = (addr.version, int(addr))
         if key in self._in_use:
-            self._in_use.remove(key)
-            self._in_set -= self._contains(*key)
+            self._in_set -= self._in_use.pop(key)
         elif self._contains(*key):
             raise PoolError(f"{addr} returned to the pool but it is not in use")
         else:

@@ -123,26 +123,29 @@ class ClientResolver:
             query = parse(wire)
         except DNSMapError:
             return None
-        return self._cached(query)
+        return self._cached(query)[0]
 
-    def _cached(self, query: Query) -> bytes | None:
+    def _cached(self, query: Query) -> tuple[bytes | None, App | None]:
+        """(the cached answer or None, the query's app as far as it had to be found)."""
         hit = self.cache.get(query, self.now())
         if hit is None:
-            return self._forwarded_cached(query)
+            app = self.mapper.app_for(query)
+            return (self._forwarded_cached(query) if app is None else None), app
         reply, assignments = hit
         by_magic = self.mapper.assignments.by_magic
         if not all(a.connector is not None and by_magic(a.magic) is a for a in assignments):
             self.cache.drop(query)  # reclaimed or moving to another connector: ask again
-            return None
+            return None, self.mapper.app_for(query)
         self._counters["queries"] += 1
         self._counters["app_queries"] += 1
         self._counters["answered_cached"] += 1
-        return reply
+        return reply, None
 
     def _forwarded_cached(self, query: Query) -> bytes | None:
-        """A cached forwarded answer, for a name that is no app's only: an app name must
-        never get an unmapped answer, whoever else (a connector on this node) asked it."""
-        if query.key is None or self.mapper.app_for(query) is not None:
+        """A cached forwarded answer, for a name that is no app's only (the caller checked):
+        an app name must never get an unmapped answer, whoever else (a connector on this
+        node) asked it."""
+        if query.key is None:
             return None
         reply = self.forwarder.cache.get(query, self.forwarder.now())
         if reply is not None:
@@ -158,11 +161,10 @@ class ClientResolver:
         except DNSMapError:
             self._counters["queries"] += 1
             raise
-        cached = self._cached(query)
+        cached, app = self._cached(query)
         if cached is not None:
             return cached
         self._counters["queries"] += 1
-        app = self.mapper.app_for(query)
         if app is None:
             self._counters["forwarded"] += 1
             return await self.forwarder.forward(query)

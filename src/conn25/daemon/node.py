@@ -155,6 +155,9 @@ class Node:
             out.update({f"dns_{k}": v for k, v in self.resolver.counters().items()})
         if self.dns_server is not None:
             out.update({f"dns_server_{k}": v for k, v in self.dns_server.counters().items()})
+        forwarder = getattr(self, "forwarder", None)  # made once run() read the options
+        if forwarder is not None:
+            out.update({f"dns_forwarder_{k}": v for k, v in forwarder.counters().items()})
         out.update({f"registration_{k}": v for k, v in self.registrar.counters().items()})
         overlay = getattr(self, "overlay", None)  # made once run() bound the overlay's socket
         if overlay is not None:
