@@ -178,8 +178,9 @@ class DelayLine:
         for ns, ifname, addr, side in ((a, a_if, a_addr, "a"), (b, b_if, b_addr, "b")):
             sh("ip", "link", "add", ifname, "netns", ns.name, "type", "veth", "peer", "name",
                f"w{side}", "netns", wan.name)
-            # STP off (the default): the ports forward at once.
-            wan.run("ip", "link", "add", f"b{side}", "type", "bridge")
+            # STP off (the default): the ports forward at once. No multicast snooping: it
+            # would have the bridge send IGMP reports of its own down the line.
+            wan.run("ip", "link", "add", f"b{side}", "type", "bridge", "mcast_snooping", "0")
             for port in (f"w{side}", f"t{side}"):
                 wan.run("ip", "link", "set", port, "master", f"b{side}")
                 wan.run("ip", "link", "set", port, "up")
