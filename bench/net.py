@@ -122,15 +122,16 @@ def measure_ping(ns: Netns, target: str) -> dict[str, float]:
     return {"ping_avg_ms": statistics.fmean(rtts), "ping_p99_ms": percentile(rtts, 99)}
 
 
-def measure_new_connections(ns: Netns, domain: str) -> dict[str, float]:
-    r = ns.run(sys.executable, "-c", NEW_CONNECTIONS, domain, str(CONNECTIONS), check=False,
+def measure_new_connections(ns: Netns, domain: str,
+                            count: int = CONNECTIONS) -> dict[str, float]:
+    r = ns.run(sys.executable, "-c", NEW_CONNECTIONS, domain, str(count), check=False,
                timeout=150)
     if r.returncode != 0:
         raise RuntimeError(f"new connections to *.{domain} failed: {r.stderr.strip()}")
     got = json.loads(r.stdout)
     if got["errors"]:
         raise RuntimeError(f"new connections to *.{domain}: {len(got['errors'])} of "
-                           f"{CONNECTIONS} failed, first: {got['errors'][0]}")
+                           f"{count} failed, first: {got['errors'][0]}")
     return {"newconn_p50_ms": percentile(got["ms"], 50),
             "newconn_p99_ms": percentile(got["ms"], 99)}
 
