@@ -104,7 +104,8 @@ class WanBench(Bench):
 
     def _underlay(self) -> None:
         self.line = DelayLine(self.client, "up0", f"{CLIENT.endpoint}/24",
-                              self.middle, "dn0", f"{CONNECTOR.endpoint}/24", self.rtt_ms)
+                              self.middle, "dn0", f"{CONNECTOR.endpoint}/24", self.rtt_ms,
+                              realtime=True)
 
     def close(self) -> None:
         try:
@@ -244,7 +245,8 @@ def main() -> int:
     c = bench.counters if bench is not None else None
     line = ("delay line: no counters (it did not stop cleanly)" if c is None else
             f"delay line: {sum(c.forwarded)} frames forwarded, {sum(c.dropped)} dropped, "
-            f"written {c.late_mean_ms:.2f} ms late on average, {c.late_max_ms:.1f} ms at most")
+            f"written {c.late_mean_ms:.2f} ms late on average, {c.late_over_1ms} more than "
+            f"1 ms late, {c.late_max_ms:.1f} ms at most")
     print(f"# conn25d WAN benchmark\n\n{machine()}; {args.rtt_ms:g} ms round trip added "
           f"between client and connector; underlay ping RTT p50 {rtt:.2f} ms, p99 "
           f"{percentile(rtts, 99):.2f} ms ({len(rtts)} pings; the round trip below); "

@@ -53,6 +53,7 @@ class Counters:
     write_errors: tuple[int, int]
     late_max_ms: float  # how much later than due the latest frame was written
     late_mean_ms: float
+    late_over_1ms: int  # frames written more than 1 ms after they were due
     queue_max: int  # the most frames one direction held at once
 
 
@@ -74,7 +75,7 @@ def serve(names: tuple[str, str], one_way: float, max_packets: int, max_bytes: i
     queued_bytes = [0, 0]
     forwarded, dropped, errors = [0, 0], [0, 0], [0, 0]
     late_max = late_sum = 0.0
-    queue_max = 0
+    late_over = queue_max = 0
     # A signal (SIGTERM, SIGINT: SystemExit, KeyboardInterrupt) stops it as EOF does.
     with contextlib.suppress(SystemExit, KeyboardInterrupt):
         while True:
@@ -113,10 +114,11 @@ def serve(names: tuple[str, str], one_way: float, max_packets: int, max_bytes: i
                     forwarded[side] += 1
                     late_max = max(late_max, now - due)
                     late_sum += now - due
+                    late_over += now - due > 0.001
     total = sum(forwarded)
     return Counters((forwarded[0], forwarded[1]), (dropped[0], dropped[1]),
                     (errors[0], errors[1]), late_max * 1000,
-                    late_sum / total * 1000 if total else 0.0, queue_max)
+                    late_sum / total * 1000 if total else 0.0, late_over, queue_max)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,8 +127,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--one-way-ms", type=float, required=True)
     ap.add_argument("--max-packets", type=int, default=MAX_PACKETS)
     ap.add_argument("--max-bytes", type=int, default=MAX_BYTES)
+    ap.add_argument("--realtime", action="store_true",
+                    help="run at the lowest real-time priority (SCHED_FIFO 1)")
     ap.add_argument("taps", nargs=2)
     args = ap.parse_args(argv)
+    if args.realtime:
+        # Woken ahead of every ordinary task, so a busy machine does not make frames late;
+        # it sleeps between frames, and the kernel's real-time throttle bounds it anyway.
+        try:
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+        except OSError as e:
+            print(f"delayline: no real-time priority ({e}); frames may be late", file=sys.stderr)
 
     # SIGTERM unwinds serve() as SIGINT does, so the counters are printed either way.
     def stop(*_: object) -> None:
@@ -144,23 +155,24 @@ def main(argv: list[str] | None = None) -> int:
 class DelayLine:
     """A veth link between `a` and `b` (interface `a_if` with `a_addr`, a prefix given,
     and `b_if` with `b_addr`) through a wan namespace that delays it by `rtt_ms` / 2 each
-    way. close() removes it (and the interfaces in a and b), also after a failure."""
+    way (`realtime`: the process at a real-time priority, for a busy machine). close()
+    removes it (and the interfaces in a and b), also after a failure."""
 
     def __init__(self, a: Netns, a_if: str, a_addr: str, b: Netns, b_if: str, b_addr: str,
                  rtt_ms: float, *, max_packets: int = MAX_PACKETS,
-                 max_bytes: int = MAX_BYTES) -> None:
+                 max_bytes: int = MAX_BYTES, realtime: bool = False) -> None:
         self.rtt_ms = rtt_ms
         self.counters: Counters | None = None
         self.proc: subprocess.Popen | None = None
         self.ns = Netns("wan")
         try:
-            self._build(a, a_if, a_addr, b, b_if, b_addr, max_packets, max_bytes)
+            self._build(a, a_if, a_addr, b, b_if, b_addr, max_packets, max_bytes, realtime)
         except BaseException:
             self.close()
             raise
 
     def _build(self, a: Netns, a_if: str, a_addr: str, b: Netns, b_if: str, b_addr: str,
-               max_packets: int, max_bytes: int) -> None:
+               max_packets: int, max_bytes: int, realtime: bool) -> None:
         wan = self.ns
         # The bridges and TAPs would send router solicitations and MLD reports of their own.
         for scope in ("all", "default"):
@@ -172,7 +184,8 @@ class DelayLine:
         self.proc = wan.popen(sys.executable, "-m", "conn25.lab.delayline",
                               "--one-way-ms", str(self.rtt_ms / 2),
                               "--max-packets", str(max_packets), "--max-bytes", str(max_bytes),
-                              *TAPS, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              *(["--realtime"] if realtime else []), *TAPS,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, env=env)
         self._ready(10)
         for ns, ifname, addr, side in ((a, a_if, a_addr, "a"), (b, b_if, b_addr, "b")):
