@@ -43,7 +43,7 @@ from pathlib import Path
 from conn25.lab.delayline import Counters, DelayLine
 from conn25.lab.netns import Netns, need_root, wait_for
 from conn25.lab.testbed import DNS4, WEB4
-from net import fmt, machine, measure_new_connections, percentile
+from net import fmt, machine, measure_new_connections, measure_paths, percentile, ratio, timed
 from paths import CLIENT, CONNECTOR, LABELS, MAGIC_NET, QUAD100, Bench
 
 PATHS = ("kernel", "conn25d")
@@ -129,69 +129,55 @@ def underlay_rtt(client: Netns) -> list[float]:
 
 def measure_fresh_dns(client: Netns, key: str, domain: str, count: int) -> dict[str, float]:
     server, want = RESOLVERS[key]
-    r = client.run(sys.executable, "-c", FRESH_DNS, server, domain, str(count), want,
-                   check=False, timeout=90)
-    if r.returncode != 0:
-        raise RuntimeError(f"DNS queries for *.{domain} failed: {r.stderr.strip()}")
-    got = json.loads(r.stdout)
-    if got["errors"]:
-        raise RuntimeError(f"DNS queries for *.{domain}: {len(got['errors'])} of {count} "
-                           f"failed, first: {got['errors'][0]}")
-    return {"dns_p50_ms": percentile(got["ms"], 50), "dns_p99_ms": percentile(got["ms"], 99)}
+    return timed(client, f"DNS queries for *.{domain}", count, "dns", 90, FRESH_DNS, server,
+                 domain, str(count), want)
 
 
 def measure_path(bench: WanBench, key: str, names: int,
-                 connections: int) -> dict[str, float]:
+                 connections: int) -> dict[str, float | None]:
     with bench.path(key) as p:
-        got = measure_fresh_dns(bench.client, key, p.domain, names)
+        got: dict[str, float | None] = {**measure_fresh_dns(bench.client, key, p.domain, names)}
         got.update(measure_new_connections(bench.client, p.domain, connections))
         return got
 
 
 # -- output ------------------------------------------------------------------------------
 
-def report(results: dict[str, dict[str, float]], rtt: float) -> str:
+def report(results: dict[str, dict[str, float | None]], rtt: float) -> str:
     base = results.get(BASELINE, {})
     conn = results.get("conn25d", {})
 
-    def rtts(v: float | None) -> str:
-        return "n/a" if v is None else f"{v / rtt:.2f}"
+    def cell(key: str, figure: str, kind: str) -> str:
+        v = results.get(key, {}).get(figure)
+        return {"ms": fmt(v), "x": ratio(v, base.get(figure)), "rtt": ratio(v, rtt)}[kind]
 
-    def x(key: str, figure: str) -> str:
-        v, b = results.get(key, {}).get(figure), base.get(figure)
-        return "n/a" if v is None or not b else f"{v / b:.2f}"
-
-    out = ["### Fresh name: DNS answer (lower is better; target for (c): p50 and p99 "
-           f"<= {DNS_TARGET_RTTS} round trips)\n",
-           "| path | p50 (ms) | p50 (round trips) | p99 (ms) | p99 (round trips) |",
-           "|---|---:|---:|---:|---:|"]
-    for key in PATHS:
-        row = results.get(key, {})
-        p50, p99 = row.get("dns_p50_ms"), row.get("dns_p99_ms")
-        label = WAN_LABELS[key] + (" (baseline)" if key == BASELINE else "")
-        out.append(f"| {label} | {fmt(p50)} | {rtts(p50)} | {fmt(p99)} | {rtts(p99)} |")
-    out += ["", "### New connection: DNS + TCP connect + first byte (lower is better; target "
-            f"for (c): <= {NEWCONN_TARGET_X} x (a) at p50 and p99)\n",
-            "| path | p50 (ms) | x (a) | p50 (round trips) "
-            "| p99 (ms) | x (a) | p99 (round trips) |",
-            "|---|---:|---:|---:|---:|---:|---:|"]
-    for key in PATHS:
-        row = results.get(key, {})
-        p50, p99 = row.get("newconn_p50_ms"), row.get("newconn_p99_ms")
-        label = WAN_LABELS[key] + (" (baseline)" if key == BASELINE else "")
-        out.append(f"| {label} | {fmt(p50)} | {x(key, 'newconn_p50_ms')} | {rtts(p50)} "
-                   f"| {fmt(p99)} | {x(key, 'newconn_p99_ms')} | {rtts(p99)} |")
+    def table(title: str, figure: str, with_x: bool) -> list[str]:
+        """p50 and p99 of `figure` per path: in ms, [as a ratio to (a),] in round trips."""
+        heads = {"ms": "{q} (ms)", "x": "x (a)", "rtt": "{q} (round trips)"}
+        kinds = ("ms", "x", "rtt") if with_x else ("ms", "rtt")
+        cols = [(heads[k].format(q=q), f"{figure}_{q}_ms", k) for q in ("p50", "p99")
+                for k in kinds]
+        out = [f"### {title}\n", "| path | " + " | ".join(c[0] for c in cols) + " |",
+               "|---|" + "---:|" * len(cols)]
+        for key in PATHS:
+            label = WAN_LABELS[key] + (" (baseline)" if key == BASELINE else "")
+            out.append(f"| {label} | " + " | ".join(cell(key, f, k) for _, f, k in cols) + " |")
+        return [*out, ""]
 
     def within(figure: str, limit: float, unit: float | None) -> str:
         v = conn.get(figure)
         return "n/a" if v is None or not unit else ("met" if v <= limit * unit else "NOT met")
 
     dns, new = DNS_TARGET_RTTS, NEWCONN_TARGET_X
-    out += ["", f"targets for conn25d: fresh name's DNS answer <= {dns} round trips: "
-            f"p50 {within('dns_p50_ms', dns, rtt)}, p99 {within('dns_p99_ms', dns, rtt)}; "
-            f"new connection <= {new} x (a): "
-            f"p50 {within('newconn_p50_ms', new, base.get('newconn_p50_ms'))}, "
-            f"p99 {within('newconn_p99_ms', new, base.get('newconn_p99_ms'))}"]
+    out = table("Fresh name: DNS answer (lower is better; target for (c): p50 and p99 "
+                f"<= {dns} round trips)", "dns", False)
+    out += table("New connection: DNS + TCP connect + first byte (lower is better; target "
+                 f"for (c): <= {new} x (a) at p50 and p99)", "newconn", True)
+    out.append(f"targets for conn25d: fresh name's DNS answer <= {dns} round trips: "
+               f"p50 {within('dns_p50_ms', dns, rtt)}, p99 {within('dns_p99_ms', dns, rtt)}; "
+               f"new connection <= {new} x (a): "
+               f"p50 {within('newconn_p50_ms', new, base.get('newconn_p50_ms'))}, "
+               f"p99 {within('newconn_p99_ms', new, base.get('newconn_p99_ms'))}")
     return "\n".join(out)
 
 
@@ -218,31 +204,21 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, terminate)
 
-    results: dict[str, dict[str, float]] = {}
-    failed: list[str] = []
     rtts: list[float] = []
     workdir = Path(tempfile.mkdtemp(prefix="conn25-bench-wan-"))
     started = time.monotonic()
-    bench: WanBench | None = None
     try:
-        with WanBench(workdir, args.rtt_ms) as bench:
+        bench = WanBench(workdir, args.rtt_ms)
+        with bench:
             rtts = underlay_rtt(bench.client)
-            for key in PATHS:
-                print(f"measuring {WAN_LABELS[key]} ...", file=sys.stderr, flush=True)
-                try:
-                    results[key] = measure_path(bench, key, args.names, args.connections)
-                except Exception as e:  # one broken path must not hide the other
-                    failed.append(key)
-                    print(f"path {key} failed: {e}", file=sys.stderr)
-                    if key == "conn25d":
-                        for name in ("client", "connector"):
-                            print(f"--- conn25d log of {name}\n{bench.log(name)[-3000:]}",
-                                  file=sys.stderr)
+            results, failed = measure_paths(
+                bench, PATHS, WAN_LABELS,
+                lambda key: measure_path(bench, key, args.names, args.connections))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
     rtt = statistics.median(rtts)
-    c = bench.counters if bench is not None else None
+    c = bench.counters
     line = ("delay line: no counters (it did not stop cleanly)" if c is None else
             f"delay line: {sum(c.forwarded)} frames forwarded, {sum(c.dropped)} dropped, "
             f"written {c.late_mean_ms:.2f} ms late on average, {c.late_over_1ms} more than "

@@ -228,10 +228,14 @@ class DelayLine:
                 terminate(proc)
                 out, _ = proc.communicate(timeout=5)
             lines = out.decode(errors="replace").strip().splitlines()
-            with contextlib.suppress(ValueError, TypeError, IndexError):
+            with contextlib.suppress(ValueError, TypeError, IndexError, KeyError):
                 doc = json.loads(lines[-1])
-                self.counters = Counters(**{k: tuple(v) if isinstance(v, list) else v
-                                            for k, v in doc.items()})
+                pair = {k: (int(doc[k][0]), int(doc[k][1]))
+                        for k in ("forwarded", "dropped", "write_errors")}
+                self.counters = Counters(**pair, late_max_ms=float(doc["late_max_ms"]),
+                                         late_mean_ms=float(doc["late_mean_ms"]),
+                                         late_over_1ms=int(doc["late_over_1ms"]),
+                                         queue_max=int(doc["queue_max"]))
         self.ns.close()
         return self.counters
 
