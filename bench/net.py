@@ -33,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from conn25.lab.netns import Netns, need_root
@@ -122,17 +122,26 @@ def measure_ping(ns: Netns, target: str) -> dict[str, float]:
     return {"ping_avg_ms": statistics.fmean(rtts), "ping_p99_ms": percentile(rtts, 99)}
 
 
-def measure_new_connections(ns: Netns, domain: str) -> dict[str, float]:
-    r = ns.run(sys.executable, "-c", NEW_CONNECTIONS, domain, str(CONNECTIONS), check=False,
-               timeout=150)
+def timed(ns: Netns, what: str, count: int, figure: str, timeout: float, script: str,
+          *args: str) -> dict[str, float]:
+    """Run `script` (it prints {"ms": [...], "errors": [...]} for `count` tries) in `ns`:
+    {figure}_p50_ms and {figure}_p99_ms of its times; RuntimeError naming `what` if a try
+    failed."""
+    r = ns.run(sys.executable, "-c", script, *args, check=False, timeout=timeout)
     if r.returncode != 0:
-        raise RuntimeError(f"new connections to *.{domain} failed: {r.stderr.strip()}")
+        raise RuntimeError(f"{what} failed: {r.stderr.strip()}")
     got = json.loads(r.stdout)
     if got["errors"]:
-        raise RuntimeError(f"new connections to *.{domain}: {len(got['errors'])} of "
-                           f"{CONNECTIONS} failed, first: {got['errors'][0]}")
-    return {"newconn_p50_ms": percentile(got["ms"], 50),
-            "newconn_p99_ms": percentile(got["ms"], 99)}
+        raise RuntimeError(f"{what}: {len(got['errors'])} of {count} failed, first: "
+                           f"{got['errors'][0]}")
+    return {f"{figure}_p50_ms": percentile(got["ms"], 50),
+            f"{figure}_p99_ms": percentile(got["ms"], 99)}
+
+
+def measure_new_connections(ns: Netns, domain: str,
+                            count: int = CONNECTIONS) -> dict[str, float]:
+    return timed(ns, f"new connections to *.{domain}", count, "newconn", 150, NEW_CONNECTIONS,
+                 domain, str(count))
 
 
 def measure_tcp(ns: Netns, p: BenchPath, seconds: int, streams: int) -> dict[str, float | None]:
@@ -167,6 +176,28 @@ def measure_path(bench: Bench, key: str, seconds: int) -> dict[str, float | None
         if not all(os.path.exists(f"/proc/{pid}") for pid in p.pids):
             raise RuntimeError(f"a process of path {key} died during the run")
     return got
+
+
+def measure_paths(bench: Bench, paths: Iterable[str], labels: dict[str, str],
+                  measure: Callable[[str], dict[str, float | None]],
+                  ) -> tuple[dict[str, dict[str, float | None]], list[str]]:
+    """measure(key) for each path in turn: {key: its figures}, and the keys that failed.
+    A failure is reported on stderr (with conn25d's logs), not raised: one broken path
+    must not hide the others."""
+    got: dict[str, dict[str, float | None]] = {}
+    failed: list[str] = []
+    for key in paths:
+        print(f"measuring {labels[key]} ...", file=sys.stderr, flush=True)
+        try:
+            got[key] = measure(key)
+        except Exception as e:
+            failed.append(key)
+            print(f"path {key} failed: {e}", file=sys.stderr)
+            if key == "conn25d":
+                for name in ("client", "connector"):
+                    print(f"--- conn25d log of {name}\n{bench.log(name)[-3000:]}",
+                          file=sys.stderr)
+    return got, failed
 
 
 # -- output ------------------------------------------------------------------------------
@@ -249,28 +280,17 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, terminate)
 
-    results: Results = {f.key: {} for f in FIGURES}
-    failed: list[str] = []
     workdir = Path(tempfile.mkdtemp(prefix="conn25-bench-net-"))
     started = time.monotonic()
     try:
-        with Bench(workdir) as bench:
-            for key in paths:
-                print(f"measuring {LABELS[key]} ...", file=sys.stderr, flush=True)
-                try:
-                    got = measure_path(bench, key, args.seconds)
-                except Exception as e:  # one broken path must not hide the others
-                    failed.append(key)
-                    print(f"path {key} failed: {e}", file=sys.stderr)
-                    if key == "conn25d":
-                        for name in ("client", "connector"):
-                            print(f"--- conn25d log of {name}\n{bench.log(name)[-3000:]}",
-                                  file=sys.stderr)
-                    got = {}
-                for f in FIGURES:
-                    results[f.key][key] = got.get(f.key)
+        bench = Bench(workdir)
+        with bench:
+            got, failed = measure_paths(bench, paths, LABELS,
+                                        lambda key: measure_path(bench, key, args.seconds))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    results: Results = {f.key: {key: got.get(key, {}).get(f.key) for key in paths}
+                        for f in FIGURES}
 
     print(f"# conn25d network benchmark\n\n{machine()}; iperf3 {args.seconds} s per run, "
           f"{PINGS} pings, {CONNECTIONS} new connections per path; "
