@@ -556,7 +556,6 @@ cdef class Datapath:
             self._free_pumps()
             raise MemoryError("Datapath: cannot allocate pump buffers")
         self.bufs_tun.gso_max = PUMP_SLOT
-        pthread_mutex_init(&self.bufs_udp.udp_lock, NULL)
         for i in range(PUMP_BATCH):  # before either thread may read the socket
             self.bufs_udp.iovs[i].iov_base = self.bufs_udp.data + <Py_ssize_t>i * PUMP_SLOT
             self.bufs_udp.iovs[i].iov_len = PUMP_SLOT
@@ -564,7 +563,8 @@ cdef class Datapath:
         if vnet_hdr and co_init(&self.bufs_udp.co) < 0:
             self._free_pumps()
             raise MemoryError("Datapath: cannot allocate the coalescing buffer")
-        if pump_tun_init(self.bufs_tun, tun_fd, self.stop_fd) < 0:
+        if pump_udp_init(self.bufs_udp, self.udp_fd, self.stop_fd) < 0 \
+                or pump_tun_init(self.bufs_tun, tun_fd, self.stop_fd) < 0:
             err = errno
             self._free_pumps()
             raise OSError(err, "epoll: " + os.strerror(err))
@@ -606,7 +606,7 @@ cdef class Datapath:
             free(self.bufs_tun)
             self.bufs_tun = NULL
         if self.bufs_udp != NULL:
-            pthread_mutex_destroy(&self.bufs_udp.udp_lock)
+            pump_udp_free(self.bufs_udp)
             co_free(&self.bufs_udp.co)
             free(self.bufs_udp.data)
             free(self.bufs_udp)

@@ -43,7 +43,8 @@
 # overlay socket itself for up to SPIN_NS, taking the UDP side's lock
 # (PumpBufs.udp_lock, which the UDP -> TUN thread holds per batch) and its
 # context and buffers: the answer is delivered from there without waiting for
-# the other thread to wake. Bounded: at most 1/SPIN_SHARE of the thread's time
+# the other thread to wake, and that thread is not woken for it meanwhile (its
+# epoll interest in the socket is off during the spin). Bounded: at most 1/SPIN_SHARE of the thread's time
 # goes to it (a budget refilled as time passes), and a stream never spins (its
 # batches are not isolated). Counted: spins, spin_hits.
 #
@@ -101,7 +102,7 @@ cdef struct PumpBufs:
     size_t gso_max          # largest datagram sent with GSO (0: none); lowered on refusal
     int stop                # set by Datapath.stop() (then stop_fd is written)
     pthread_mutex_t tun_lock  # TUN side's only: held by the thread reading the TUN
-    int epfd                # TUN side's only: the TUN -> UDP thread waits here (TUN, stop fd)
+    int epfd                # the side's thread waits here (its fd: TUN or overlay socket; stop fd)
     pthread_mutex_t udp_lock  # UDP side's only: held by the thread reading the overlay socket
     int vnet                # the TUN has IFF_VNET_HDR: a virtio-net header on every packet
     CoBuf co                # UDP side's only, with vnet: the super-packet being joined
@@ -115,6 +116,8 @@ cdef inline void pump_wake(int efd) noexcept nogil:
 
 cdef int pump_tun_init(PumpBufs *b, int tun_fd, int stop_fd) noexcept nogil
 cdef void pump_tun_free(PumpBufs *b) noexcept nogil
+cdef int pump_udp_init(PumpBufs *b, int udp_fd, int stop_fd) noexcept nogil
+cdef void pump_udp_free(PumpBufs *b) noexcept nogil
 cdef int pump_enable_gro(int udp_fd) noexcept nogil
 cdef void pump_tun_to_udp(DpCore *d, DpCtx *c, PumpBufs *b, int tun_fd, int udp_fd,
                           int sock_family, int stop_fd, int event_fd,

@@ -205,15 +205,6 @@ cdef inline void _wake_if_new(DpCore *d, int event_fd, uint64_t *woken) noexcept
         pump_wake(event_fd)
 
 
-cdef inline bint _poll_in(pollfd *fds) noexcept nogil:
-    """Sleep until fds[0] is readable; False when the stop fd fired (or poll failed)."""
-    fds[0].revents = 0
-    fds[1].revents = 0
-    if poll(fds, 2, -1) < 0 and errno != EINTR:
-        return False
-    return fds[1].revents == 0
-
-
 cdef int _tun_batch(DpCore *d, DpCtx *c, PumpBufs *b, int tun_fd, int udp_fd,
                     int sock_family, bint *dry) noexcept nogil:
     """Read every packet that is ready (up to PUMP_BATCH), decide each, send the
@@ -291,37 +282,70 @@ cdef int _tun_batch(DpCore *d, DpCtx *c, PumpBufs *b, int tun_fd, int udp_fd,
     return nread
 
 
-cdef int pump_tun_init(PumpBufs *b, int tun_fd, int stop_fd) noexcept nogil:
-    """The TUN side's lock and epoll set (TUN fd, stop fd); 0, or -1 (errno set)."""
+cdef int _epoll_init(PumpBufs *b, int fd, int stop_fd) noexcept nogil:
+    """The side's epoll set: its fd and the stop fd; 0, or -1 (errno set)."""
     cdef epoll_event ev
-    pthread_mutex_init(&b.tun_lock, NULL)
     b.epfd = epoll_create1(EPOLL_CLOEXEC)
     if b.epfd < 0:
         return -1
     memset(&ev, 0, sizeof(ev))
     ev.events = EPOLLIN
-    ev.data.fd = tun_fd
-    if epoll_ctl(b.epfd, EPOLL_CTL_ADD, tun_fd, &ev) < 0:
+    ev.data.fd = fd
+    if epoll_ctl(b.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
         return -1
     ev.data.fd = stop_fd
     return epoll_ctl(b.epfd, EPOLL_CTL_ADD, stop_fd, &ev)
 
 
+cdef int pump_tun_init(PumpBufs *b, int tun_fd, int stop_fd) noexcept nogil:
+    """The TUN side's lock and epoll set (TUN fd, stop fd); 0, or -1 (errno set)."""
+    pthread_mutex_init(&b.tun_lock, NULL)
+    return _epoll_init(b, tun_fd, stop_fd)
+
+
+cdef int pump_udp_init(PumpBufs *b, int udp_fd, int stop_fd) noexcept nogil:
+    """The UDP side's lock and epoll set (overlay socket, stop fd); 0, or -1 (errno set)."""
+    pthread_mutex_init(&b.udp_lock, NULL)
+    return _epoll_init(b, udp_fd, stop_fd)
+
+
 cdef void pump_tun_free(PumpBufs *b) noexcept nogil:
     pthread_mutex_destroy(&b.tun_lock)
+    _epoll_free(b)
+
+
+cdef void pump_udp_free(PumpBufs *b) noexcept nogil:
+    pthread_mutex_destroy(&b.udp_lock)
+    _epoll_free(b)
+
+
+cdef inline void _epoll_free(PumpBufs *b) noexcept nogil:
     if b.epfd > 0:
         close(b.epfd)
     b.epfd = -1
 
 
-cdef inline void _tun_watch(PumpBufs *b, int tun_fd, uint32_t events) noexcept nogil:
-    """Whether the TUN -> UDP thread is woken by packets in the TUN (EPOLLIN) or not (0).
-    Re-enabling it while packets wait wakes it (epoll is level-triggered)."""
+cdef inline void _watch(PumpBufs *b, int fd, uint32_t events) noexcept nogil:
+    """Whether the side's thread is woken by what arrives on its fd (EPOLLIN) or not (0),
+    while the other thread reads that fd for it. Re-enabling it while something waits
+    wakes it (epoll is level-triggered)."""
     cdef epoll_event ev
     memset(&ev, 0, sizeof(ev))
     ev.events = events
-    ev.data.fd = tun_fd
-    epoll_ctl(b.epfd, EPOLL_CTL_MOD, tun_fd, &ev)
+    ev.data.fd = fd
+    epoll_ctl(b.epfd, EPOLL_CTL_MOD, fd, &ev)
+
+
+cdef inline int _wait(PumpBufs *b, int stop_fd) noexcept nogil:
+    """Sleep until the side's fd is readable: 1; 0 to try again (EINTR); -1 to stop."""
+    cdef epoll_event evs[2]
+    cdef int i, n = epoll_wait(b.epfd, evs, 2, -1)
+    if n < 0:
+        return 0 if errno == EINTR else -1
+    for i in range(n):
+        if evs[i].data.fd == stop_fd:
+            return -1
+    return 1 if n > 0 else 0
 
 
 cdef inline uint64_t _now_ns() noexcept nogil:
@@ -337,33 +361,33 @@ cdef void _spin_for_reply(DpCore *d, DpCtx *uc, PumpBufs *ub, DpCtx *c, PumpBufs
     just sent, and deliver it from this thread (see pump.pxd, "isolated")."""
     cdef int got
     c.counters[C_SPINS] += 1
+    # The answer is this thread's to deliver: the UDP -> TUN thread is not woken for it
+    # (a wake-up that would take the core the next hop's thread is about to need).
+    _watch(ub, udp_fd, 0)
     while _now_ns() < until and not c25_load_int(&b.stop):
         if pthread_mutex_trylock(&ub.udp_lock) != 0:
-            return  # the UDP -> TUN thread is at it already
+            break  # the UDP -> TUN thread is at it already
         got = _udp_batch(d, uc, ub, tun_fd, udp_fd, sock_family, c, b)
         pthread_mutex_unlock(&ub.udp_lock)
         if got > 0:
             c.counters[C_SPIN_HITS] += 1
-            return
+            break
         c25_cpu_relax()
+    _watch(ub, udp_fd, EPOLLIN)
 
 
 cdef void pump_tun_to_udp(DpCore *d, DpCtx *c, PumpBufs *b, int tun_fd, int udp_fd,
                           int sock_family, int stop_fd, int event_fd,
                           DpCtx *uc, PumpBufs *ub) noexcept nogil:
-    cdef epoll_event evs[2]
     cdef bint wait = True
-    cdef int n, i, read_now
+    cdef int ready, read_now
     cdef uint64_t woken = 0, t, last = 0, budget = SPIN_BUDGET_CAP_NS
     while not c25_load_int(&b.stop):
         if wait:
-            n = epoll_wait(b.epfd, evs, 2, -1)
-            if n < 0 and errno != EINTR:
-                break
-            for i in range(n if n > 0 else 0):
-                if evs[i].data.fd == stop_fd:
-                    return
-            if n <= 0:
+            ready = _wait(b, stop_fd)
+            if ready < 0:
+                return
+            if ready == 0:
                 continue
         pthread_mutex_lock(&b.tun_lock)
         read_now = _tun_batch(d, c, b, tun_fd, udp_fd, sock_family, &wait)
@@ -441,7 +465,7 @@ cdef int _udp_batch(DpCore *d, DpCtx *c, PumpBufs *b, int tun_fd, int udp_fd,
     # What our writes bring into the TUN, this thread reads: the TUN -> UDP
     # thread is not woken for it meanwhile (a wake-up that would also take
     # the core the next hop's thread is about to be woken on).
-    _tun_watch(tb, tun_fd, 0)
+    _watch(tb, tun_fd, 0)
     for i in range(got):
         slot = b.data + <Py_ssize_t>i * PUMP_SLOT
         n = b.msgs[i].msg_len
@@ -463,7 +487,7 @@ cdef int _udp_batch(DpCore *d, DpCtx *c, PumpBufs *b, int tun_fd, int udp_fd,
         tc.counters[C_TUN_RX_AFTER_WRITE] += _tun_batch(d, tc, tb, tun_fd, udp_fd,
                                                         sock_family, &dry)
         pthread_mutex_unlock(&tb.tun_lock)
-    _tun_watch(tb, tun_fd, EPOLLIN)
+    _watch(tb, tun_fd, EPOLLIN)
     return got
 
 
@@ -472,17 +496,16 @@ cdef void pump_udp_to_tun(DpCore *d, DpCtx *c, PumpBufs *b, int tun_fd, int udp_
                           DpCtx *tc, PumpBufs *tb) noexcept nogil:
     """The UDP -> TUN thread; tc and tb are the TUN side's context and buffers,
     used under tb.tun_lock to read the TUN right after this thread wrote to it."""
-    cdef pollfd fds[2]
-    cdef int got
+    cdef int got, ready
     cdef bint wait = True
     cdef uint64_t woken = 0
-    fds[0].fd = udp_fd
-    fds[0].events = POLLIN
-    fds[1].fd = stop_fd
-    fds[1].events = POLLIN
     while not c25_load_int(&b.stop):
-        if wait and not _poll_in(fds):
-            break
+        if wait:
+            ready = _wait(b, stop_fd)
+            if ready < 0:
+                return
+            if ready == 0:
+                continue
         pthread_mutex_lock(&b.udp_lock)
         got = _udp_batch(d, c, b, tun_fd, udp_fd, sock_family, tc, tb)
         pthread_mutex_unlock(&b.udp_lock)
