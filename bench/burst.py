@@ -33,18 +33,10 @@ from typing import Any
 from dnslib import QTYPE, DNSRecord
 
 from conn25.lab.netns import need_root, wait_for
-from conn25.lab.testbed import DEFAULT_NODES, DNS4, Testbed
-from control import cpu_seconds
-
-
-def sys_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return int(fields[12]) / os.sysconf("SC_CLK_TCK")
+from conn25.lab.testbed import DNS4, Testbed
+from control import CLIENT, CONNECTOR, client_and_connector, cpu_seconds
 
 HERE = Path(__file__).resolve()
-SPECS = {n.name: n for n in DEFAULT_NODES}
-CLIENT, CONNECTOR = SPECS["client"], SPECS["conn1"]
 CLIENT_DNS = "100.100.100.100"
 TARGET_S = 2.0
 GIVE_UP_S = 10.0
@@ -136,43 +128,35 @@ def main() -> int:
         print(f"bench/burst.py {why}", file=sys.stderr)
         return 2
     tag = f"{os.getpid()}-{int(time.time())}"
-    with tempfile.TemporaryDirectory(prefix="conn25-burst-") as tmp:
-        bed = Testbed(Path(tmp) / "testbed", (CLIENT, CONNECTOR))
-        try:
-            for name in (CONNECTOR.name, CLIENT.name):
-                bed.start(name, "--log-level", args.log_level)
+    with (tempfile.TemporaryDirectory(prefix="conn25-burst-") as tmp,
+          client_and_connector(Path(tmp), args.log_level) as bed):
 
-            def warm() -> bool:
-                r = run_burst(bed, CLIENT_DNS, [f"warm-{tag}-{time.monotonic_ns()}"
-                                                ".wild.example.com"], 0.5)
-                return r["magic"] == 1
+        def warm() -> bool:
+            r = run_burst(bed, CLIENT_DNS, [f"warm-{tag}-{time.monotonic_ns()}"
+                                            ".wild.example.com"], 0.5)
+            return r["magic"] == 1
 
-            wait_for(warm, 60, "the client's DNS server to answer an app name", step=0.5)
-            rows = []
-            pids = {n: bed.procs[n].pid for n in (CLIENT.name, CONNECTOR.name)}
-            for label, server in (("dnsmasq direct (baseline)", DNS4), ("conn25d", CLIENT_DNS)):
-                names = [f"b{i}-{label[:4]}-{tag}.wild.example.com" for i in range(args.names)]
-                cpu = {n: cpu_seconds(p) for n, p in pids.items()}
-                sys0 = {n: sys_seconds(p) for n, p in pids.items()}
-                spies = [] if not args.py_spy or server != CLIENT_DNS else [
-                    subprocess.Popen(["py-spy", "record", "--nonblocking", "--format", "raw",
-                                      "-r", "500", "-o", f"{args.py_spy}/{n}.txt", "-p", str(p)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                    for n, p in pids.items()]
-                rows.append((label, run_burst(bed, server, names, args.retry)))
-                for spy in spies:
-                    spy.send_signal(signal.SIGINT)
-                    spy.wait(timeout=30)
-                rows[-1][1]["cpu_s"] = {n: cpu_seconds(p) - cpu[n] for n, p in pids.items()}
-                rows[-1][1]["sys_s"] = {n: sys_seconds(p) - sys0[n] for n, p in pids.items()}
-            metrics = (bed.status(CLIENT.name) or {}).get("metrics", {})
-            upstream = (bed.status(CONNECTOR.name) or {}).get("metrics", {})
-        except BaseException:
-            for name in (CLIENT.name, CONNECTOR.name):
-                print(f"--- {name} log (tail)\n{bed.log(name)[-3000:]}", file=sys.stderr)
-            raise
-        finally:
-            bed.close()
+        wait_for(warm, 60, "the client's DNS server to answer an app name", step=0.5)
+        rows = []
+        pids = {n: bed.procs[n].pid for n in (CLIENT.name, CONNECTOR.name)}
+        for label, server in (("dnsmasq direct (baseline)", DNS4), ("conn25d", CLIENT_DNS)):
+            names = [f"b{i}-{label[:4]}-{tag}.wild.example.com" for i in range(args.names)]
+            cpu = {n: cpu_seconds(p) for n, p in pids.items()}
+            sys0 = {n: cpu_seconds(p, kernel_only=True) for n, p in pids.items()}
+            spies = [] if not args.py_spy or server != CLIENT_DNS else [
+                subprocess.Popen(["py-spy", "record", "--nonblocking", "--gil", "--format", "raw",
+                                  "-r", "500", "-o", f"{args.py_spy}/{n}.txt", "-p", str(p)],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                for n, p in pids.items()]
+            rows.append((label, run_burst(bed, server, names, args.retry)))
+            for spy in spies:
+                spy.send_signal(signal.SIGINT)
+                spy.wait(timeout=30)
+            rows[-1][1]["cpu_s"] = {n: cpu_seconds(p) - cpu[n] for n, p in pids.items()}
+            rows[-1][1]["sys_s"] = {n: cpu_seconds(p, kernel_only=True) - sys0[n]
+                                    for n, p in pids.items()}
+        metrics = (bed.status(CLIENT.name) or {}).get("metrics", {})
+        upstream = (bed.status(CONNECTOR.name) or {}).get("metrics", {})
     base = rows[0][1]
     print(f"# burst benchmark — {platform.machine()}, {os.cpu_count()} CPUs\n")
     print(f"## {args.names} fresh app names asked at once by one client "

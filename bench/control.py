@@ -50,7 +50,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -118,10 +118,29 @@ def proc_status(pid: int | str = "self") -> dict[str, int]:
     return out
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int, *, kernel_only: bool = False) -> float:
+    """utime + stime of a process (stime alone with ``kernel_only``), in seconds."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    ticks = int(fields[12]) + (0 if kernel_only else int(fields[11]))
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+@contextlib.contextmanager
+def client_and_connector(workdir: Path, log_level: str) -> Iterator[Testbed]:
+    """A testbed with the client and the connector running `conn25d up`; their logs'
+    tails on stderr when the block fails; everything removed after."""
+    bed = Testbed(workdir / "testbed", (CLIENT, CONNECTOR))
+    try:
+        for name in (CONNECTOR.name, CLIENT.name):
+            bed.start(name, "--log-level", log_level)  # not the testbed's debug
+        yield bed
+    except BaseException:
+        for name in (CLIENT.name, CONNECTOR.name):
+            print(f"--- {name} log (tail)\n{bed.log(name)[-3000:]}", file=sys.stderr)
+        raise
+    finally:
+        bed.close()
 
 
 # -- DNS --------------------------------------------------------------------------------------
@@ -646,19 +665,10 @@ def main() -> int:
     regs = bench_handler(args.seconds)
     with tempfile.TemporaryDirectory(prefix="conn25-control-") as tmp:
         workdir = Path(tmp)
-        bed = Testbed(workdir / "testbed", (CLIENT, CONNECTOR))
-        try:
-            for name in (CONNECTOR.name, CLIENT.name):
-                bed.start(name, "--log-level", args.log_level)  # not the testbed's debug
+        with client_and_connector(workdir, args.log_level) as bed:
             dns = dns_figures(bed, workdir, args.seconds)
             http_rows, daemon_rss = registration_figures(bed, workdir, args.seconds,
                                                          args.concurrency, args.log_level)
-        except BaseException:
-            for name in (CLIENT.name, CONNECTOR.name):
-                print(f"--- {name} log (tail)\n{bed.log(name)[-3000:]}", file=sys.stderr)
-            raise
-        finally:
-            bed.close()
     regs += http_rows
 
     print(f"# control-plane benchmark — {platform.machine()}, {os.cpu_count()} CPUs, "

@@ -105,7 +105,8 @@ class Question(NamedTuple):
     @property
     def size(self) -> int:
         """Octets of the name on the wire, uncompressed (the root label included)."""
-        return 1 + sum(1 + len(label) for label in self.labels)
+        labels = self.labels
+        return 1 + len(labels) + sum(map(len, labels))
 
     @property
     def folded(self) -> tuple[tuple[bytes, ...], int, int]:
