@@ -22,6 +22,7 @@ import socket
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 import trio
@@ -37,8 +38,6 @@ from ..fastpath import Datapath, EventKind, Role, monotonic_ms
 from . import keyfile
 from .dataplane import Dataplane, Ids
 from .dns_forwarder import Forwarder, upstreams_from_resolv_conf
-from .dns_resolver import ClientResolver
-from .dns_server import DNSServer, SourcePolicy, parse_dns_allow
 from .localapi import LocalAPI, peer_metrics
 from .overlay import Overlay
 from .peerapi_server import PEERAPI_LIMITS, PeerAPI
@@ -48,6 +47,10 @@ from .registration import Registrar
 from .status import status_document
 from .system import SystemSetup, replace_file
 from .tailnetfile import load_file
+
+if TYPE_CHECKING:  # a client's alone: imported when the node has apps to map
+    from .dns_resolver import ClientResolver
+    from .dns_server import DNSServer
 
 log = logging.getLogger("conn25d")
 
@@ -220,6 +223,9 @@ class Node:
                 await nursery.start(self.overlay.run)
                 await nursery.start(self.registrar.run)
                 if self.config.apps:
+                    from .dns_resolver import ClientResolver
+                    from .dns_server import DNSServer, SourcePolicy
+
                     self.resolver = ClientResolver(
                         DNSMapper(self.config, self.assignments, log.info), self.forwarder,
                         self.registrar.resolve, self.registrar.register,
@@ -295,8 +301,12 @@ class Node:
 
     def _dns_allow(self) -> tuple[IPNetwork, ...]:
         allow = self.options.dns_allow
+        if not allow:
+            return ()
+        from .dns_server import parse_dns_allow
+
         try:
-            return parse_dns_allow(",".join(allow)) if allow else ()
+            return parse_dns_allow(",".join(allow))
         except ValueError as e:
             raise NodeError(str(e)) from None
 

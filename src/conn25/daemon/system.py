@@ -66,9 +66,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pyroute2 import IPRoute, NetlinkError
-
 from ..core.iprange import IPAddress, IPNetwork
+from .netlink import IPRoute, NetlinkError
 from .tun import open_tun
 
 log = logging.getLogger("conn25d.system")
