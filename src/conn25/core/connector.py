@@ -25,13 +25,13 @@ objects. Each peer address has a dict ``transit (int) -> packed int`` in
 order of last registration (a re-registration moves its key to the end);
 the packed int holds the destination, the registration time's float bits
 and the id of the ``(app, peer name)`` pair. Resolution records are a dict
-``address (int) -> heap entry (int)`` per app, the heap entry packing the
-expiry and the address. :class:`Mapping` objects are made when asked for.
+``address (int) -> expiry (float)`` per app; the addresses of one answer with
+one TTL share one float object. :class:`Mapping` objects are made when asked
+for.
 """
 
 from __future__ import annotations
 
-import heapq
 import ipaddress
 import itertools
 import struct
@@ -91,12 +91,6 @@ def _float_bits(x: float) -> int:
 
 def _bits_float(b: int) -> float:
     return _F64.unpack(_U64.pack(b))[0]
-
-
-def _float_order(x: float) -> int:
-    """An unsigned 64-bit int that orders like ``x`` (not NaN)."""
-    b = _float_bits(x)
-    return b ^ 0xFFFF_FFFF_FFFF_FFFF if b >> 63 else b | 1 << 63
 
 
 def _addr_tag(a: IPAddress) -> int:
@@ -205,10 +199,8 @@ class ConnectorTable:
         # (app, peer name) pairs of the mappings, interned: a mapping keeps the id.
         self._pairs: list[tuple[str, str]] = []
         self._pair_ids: dict[tuple[str, str], int] = {}
-        # Per app: address tag -> heap entry, expiry order << 129 | address tag
-        # (the newest entry for that address; the heap may hold older ones).
-        self._resolved: dict[str, dict[int, int]] = {}
-        self._resolved_heaps: dict[str, list[int]] = {}
+        # Per app: address tag -> expiry (wall-clock seconds).
+        self._resolved: dict[str, dict[int, float]] = {}
         self._buckets: dict[str, TokenBucket] = {}
         self._set_config(cfg)
 
@@ -383,23 +375,25 @@ class ConnectorTable:
         records = self._resolved.get(app)
         if records is None:
             records = self._resolved[app] = {}
-            self._resolved_heaps[app] = []
-        heap = self._resolved_heaps[app]
+        # An answer's records mostly share a TTL: one float object for all of them.
+        expiries: dict[int, float] = {}
         for addr, ttl in addrs:
+            ttl = max(0, ttl)
+            expires = expiries.get(ttl)
+            if expires is None:
+                expires = expiries[ttl] = now + ttl
             tag = _addr_tag(addr)
-            entry = _float_order(now + max(0, ttl)) << 129 | tag
             old = records.get(tag)
-            if old is None or old < entry:  # a later expiry (same tag below it)
-                records[tag] = entry
-                heapq.heappush(heap, entry)
+            if old is None or old < expires:  # a shorter answer does not shorten it
+                records[tag] = expires
         return True
 
     def _was_resolved(self, app: str, dest: IPAddress, now: float) -> bool:
         records = self._resolved.get(app)
         if records is None or getattr(dest, "scope_id", None):
             return False  # (answers carry no IPv6 scope: a scoped address was never one)
-        entry = records.get(_addr_tag(dest))
-        return entry is not None and _float_order(now) <= entry >> 129
+        expires = records.get(_addr_tag(dest))
+        return expires is not None and now <= expires
 
     def needs_resolution(
         self, peer: config.Member, req: ConnectorTransitIPRequest, now: float
@@ -473,18 +467,17 @@ class ConnectorTable:
         due.sort(key=lambda d: (d[0], d[1]))  # stable: each peer's own order stays
         removed = [self._remove(table, transit) for _, _, transit, table in due[:limit]]
 
+        # Expired resolution records: a scan, not a heap (a heap entry per record
+        # cost more memory than the record); a few ms per 100,000 records.
         budget = limit
-        now_order = _float_order(now)
-        for app, heap in self._resolved_heaps.items():
-            records = self._resolved[app]
-            while budget > 0 and heap and heap[0] >> 129 < now_order:
-                entry = heapq.heappop(heap)
-                budget -= 1
-                # A later answer may have extended the record: then a newer heap
-                # entry stands for it.
-                tag = entry & ((1 << 129) - 1)
-                if records.get(tag) == entry:
-                    del records[tag]
+        for records in self._resolved.values():
+            if budget <= 0:
+                break
+            gone = list(itertools.islice((tag for tag, expires in records.items()
+                                          if expires < now), budget))
+            for tag in gone:
+                del records[tag]
+            budget -= len(gone)
 
         # A full bucket is the same as no bucket.
         for name in [n for n, b in self._buckets.items() if b.full(now)]:
@@ -507,7 +500,7 @@ class ConnectorTable:
         ]
         removed = [self._remove(table, transit) for table, transit in gone]
         for app in [a for a in self._resolved if a not in self._own]:
-            del self._resolved[app], self._resolved_heaps[app]
+            del self._resolved[app]
         return removed
 
     def _refusal(self, m: Mapping) -> str | None:
