@@ -678,11 +678,13 @@ def test_many_routes_survive_growth_and_deletions():
     assert tb.stats()["routes"] == 2500
 
 
-def test_map_slots_are_a_cache_line_and_fill_to_four_fifths():
-    """Memory: 64-byte slots; a map doubles only past 4/5 full, and keeps every entry."""
+def test_map_slots_are_72_bytes_and_fill_to_four_fifths():
+    """Memory: 72-byte slots (a 36-byte key, the hash, a 32-byte value that on the transit
+    map holds the control plane's time and tag); a map doubles only past 4/5 full, and
+    keeps every entry."""
     tb = Tables(seed=5)
     mem = tb.memory()
-    assert mem["slot_bytes"] == 64 and mem["transit_slots"] == 64
+    assert mem["slot_bytes"] == 72 and mem["transit_slots"] == 64
     peer = bytes([100, 64, 0, 1])
     for i in range(51):  # 51 <= 64 * 4/5
         tb.set_transit(peer, i.to_bytes(4, "big"), bytes([198, 18, 0, i]), app=i)
@@ -919,3 +921,56 @@ def test_readers_never_see_a_torn_mapping():
         r.join()
     assert errors == []
     assert tb.stats()["routes"] == 3000
+
+
+def test_a_transit_entry_keeps_the_control_planes_time_and_tag():
+    """The connector's mappings live in the transit map only: it gives back all of one."""
+    tb = Tables(seed=3)
+    peer, t1, real = bytes([100, 64, 0, 1]), bytes([169, 254, 128, 1]), bytes([203, 0, 113, 1])
+    when = 1_763_000_000.123456789
+    assert tb.transit_entry(peer, t1) is None
+    assert tb.set_transit(peer, t1, real, app=7, registered=when, tag=3) is True  # new
+    assert tb.transit_entry(peer, t1) == (real, 7, when, 3)
+    assert tb.set_transit(peer, t1, real, app=8, registered=when + 1, tag=4) is False
+    assert tb.transit_entry(peer, t1) == (real, 8, when + 1, 4)
+    assert tb.lookup_transit(peer, t1) == ("hit", real, 8)
+    assert tb.transit_entry(peer, bytes(16)) is None  # the other family: not a key
+    assert tb.transit_entry(bytes([100, 64, 0, 2]), t1) is None
+    tb.set_transit(peer, t1, real)  # the datapath's own form: time 0, tag 0
+    assert tb.transit_entry(peer, t1) == (real, 0, 0.0, 0)
+
+
+def test_transit_entries_all_or_the_expired_oldest_first():
+    tb = Tables(seed=4)
+    p4, p6 = bytes([100, 64, 0, 1]), bytes([0xFD, 0x7A]) + bytes(13) + b"\x01"
+    rows = []
+    for i, when in enumerate([50.0, 10.0, 30.0, 10.0]):
+        t, r = bytes([169, 254, 128, 10 - i]), bytes([203, 0, 113, i])
+        tb.set_transit(p4, t, r, app=1, registered=when, tag=i)
+        rows.append((p4, t, r, 1, when, i))
+    t6, r6 = bytes([0xFD, 0x7A]) + bytes(13) + b"\x09", bytes([0x20, 0x01, 0x0D, 0xB8]) + bytes(12)
+    tb.set_transit(p6, t6, r6, app=2, registered=10.0, tag=9)
+    rows.append((p6, t6, r6, 2, 10.0, 9))
+    assert sorted(tb.transit_entries()) == sorted(rows)
+    # Before 30: the three at 10.0, IPv4 first and by transit IP, then the IPv6 one.
+    assert [e[1] for e in tb.transit_entries(30.0)] == [bytes([169, 254, 128, 7]),
+                                                       bytes([169, 254, 128, 9]), t6]
+    assert [e[4] for e in tb.transit_entries(1e9, 4)] == [10.0, 10.0, 10.0, 30.0]
+    assert tb.transit_entries(10.0) == [] and tb.transit_entries(1e9, 0) == []
+    for e in rows:
+        tb.del_transit(e[0], e[1])
+    assert tb.transit_entries() == [] and tb.stats()["real_rev"] == 0
+
+
+def test_the_same_registration_again_leaves_the_reverse_map_as_it_was():
+    """A mapping re-registered unchanged (every registration is written again) must not mark
+    a shared reverse entry stale: once the other mapping goes, replies find theirs again."""
+    tb = Tables(seed=6)
+    c, real = bytes([100, 64, 0, 1]), bytes([198, 51, 100, 2])
+    t1, t2 = bytes([169, 254, 128, 1]), bytes([169, 254, 128, 2])
+    tb.set_transit(c, t1, real, 1)
+    tb.set_transit(c, t2, real, 1)
+    assert tb.lookup_return(c, real)[0] == "ambiguous"
+    tb.set_transit(c, t2, real, 1, registered=5.0)  # t2 again, same destination
+    tb.del_transit(c, t1)
+    assert tb.lookup_return(c, real) == ("hit", t2, 1)

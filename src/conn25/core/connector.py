@@ -36,6 +36,7 @@ import ipaddress
 import itertools
 import struct
 from collections.abc import Callable, Iterable, Iterator
+from typing import Protocol
 
 import msgspec
 
@@ -97,6 +98,33 @@ def _addr_tag(a: IPAddress) -> int:
     return int(a) if a.version == 4 else int(a) | _V6_TAG
 
 
+class MappingStore(Protocol):
+    """Where a :class:`ConnectorTable` keeps its mappings, one per (peer, transit).
+
+    :class:`PackedStore` by default; the daemon keeps them in the datapath's
+    transit table instead (``dataplane.ConnectorStore``), so that a connector
+    holds each mapping once.
+    """
+
+    def put(self, m: Mapping) -> bool:
+        """Store ``m``, replacing the mapping of its (peer, transit); True if there was none."""
+        ...
+
+    def get(self, peer: IPAddress, transit: IPAddress) -> Mapping | None: ...
+
+    def remove(self, peer: IPAddress, transit: IPAddress) -> Mapping | None:
+        """Remove and return the mapping of (peer, transit), if any."""
+        ...
+
+    def expired(self, before: float, limit: int) -> list[Mapping]:
+        """Up to ``limit`` mappings registered before ``before``, the oldest first."""
+        ...
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[Mapping]: ...
+
+
 class _PeerMappings:
     """One peer address's mappings: ``transit -> dest | time bits << W | pair << W + 64``.
 
@@ -118,6 +146,82 @@ class _PeerMappings:
     def oldest(self, limit: int) -> Iterator[tuple[int, int]]:
         """Up to ``limit`` (transit, value) pairs, oldest registration first."""
         return itertools.islice(self.maps.items(), limit)
+
+
+class PackedStore:
+    """Mappings in Python, packed: per peer address a dict ``transit -> one int``.
+
+    The int holds the destination, the registration time's float bits (exact)
+    and the id of the interned ``(app, peer name)`` pair.
+    """
+
+    def __init__(self) -> None:
+        self._peers: dict[IPAddress, _PeerMappings] = {}
+        self._count = 0
+        self._pairs: list[tuple[str, str]] = []
+        self._pair_ids: dict[tuple[str, str], int] = {}
+
+    def __len__(self) -> int:
+        return self._count
+
+    def put(self, m: Mapping) -> bool:
+        table = self._peers.get(m.peer)
+        if table is None:
+            table = self._peers[m.peer] = _PeerMappings(m.peer)
+        pair = (m.app, m.peer_name)
+        pair_id = self._pair_ids.get(pair)
+        if pair_id is None:
+            pair_id = self._pair_ids[pair] = len(self._pairs)
+            self._pairs.append(pair)
+        key = int(m.transit)
+        # Re-insert: the newest registration goes last.
+        new = table.maps.pop(key, None) is None
+        self._count += new
+        table.maps[key] = (
+            int(m.destination) | (_float_bits(m.registered) | pair_id << 64) << table.width
+        )
+        return new
+
+    def _mapping(self, table: _PeerMappings, transit: int, value: int) -> Mapping:
+        w = table.width
+        app, name = self._pairs[value >> (w + 64)]
+        return Mapping(
+            table.addr, table.make(transit), table.make(value & ((1 << w) - 1)), app,
+            table.registered(value), name,
+        )
+
+    def get(self, peer: IPAddress, transit: IPAddress) -> Mapping | None:
+        table = self._peers.get(peer)
+        if table is None or (value := table.maps.get(int(transit))) is None:
+            return None
+        return self._mapping(table, int(transit), value)
+
+    def remove(self, peer: IPAddress, transit: IPAddress) -> Mapping | None:
+        table = self._peers.get(peer)
+        if table is None or (value := table.maps.pop(int(transit), None)) is None:
+            return None
+        self._count -= 1
+        if not table.maps:  # a peer without mappings is gone from the state too
+            del self._peers[table.addr]
+        return self._mapping(table, int(transit), value)
+
+    def expired(self, before: float, limit: int) -> list[Mapping]:
+        # Each peer's expired run from its oldest end, then the oldest `limit` of all.
+        due: list[tuple[float, int, int, _PeerMappings, int]] = []
+        for n, table in enumerate(self._peers.values()):
+            for transit, value in table.oldest(limit):
+                registered = table.registered(value)
+                if registered >= before:
+                    break
+                due.append((registered, n, transit, table, value))
+        due.sort(key=lambda d: (d[0], d[1]))  # stable: each peer's own order stays
+        return [self._mapping(table, transit, value) for _, _, transit, table, value in due[:limit]]
+
+    def __iter__(self) -> Iterator[Mapping]:
+        """Peer by peer, oldest registration first within a peer."""
+        for table in list(self._peers.values()):
+            for transit, value in list(table.maps.items()):
+                yield self._mapping(table, transit, value)
 
 
 # The state view (`conn25d status`): text fields so that it encodes as JSON.
@@ -187,6 +291,7 @@ class ConnectorTable:
         *,
         rate: float = DEFAULT_RATE,
         burst: int = DEFAULT_BURST,
+        store: MappingStore | None = None,
     ) -> None:
         if rate <= 0 or burst < 1:
             raise ValueError(f"rate limit needs rate > 0 and burst >= 1 (got {rate}, {burst})")
@@ -194,11 +299,8 @@ class ConnectorTable:
         self._burst = burst
         self._cfg = cfg
         self._own: dict[str, config.App] = {}
-        self._peers: dict[IPAddress, _PeerMappings] = {}
-        self._count = 0
-        # (app, peer name) pairs of the mappings, interned: a mapping keeps the id.
-        self._pairs: list[tuple[str, str]] = []
-        self._pair_ids: dict[tuple[str, str], int] = {}
+        # Where the mappings are: by default here, in the daemon the datapath's table.
+        self.store: MappingStore = PackedStore() if store is None else store
         # Per app: address tag -> expiry (wall-clock seconds).
         self._resolved: dict[str, dict[int, float]] = {}
         self._buckets: dict[str, TokenBucket] = {}
@@ -225,7 +327,7 @@ class ConnectorTable:
 
     def __len__(self) -> int:
         """Number of mappings, over all peers."""
-        return self._count
+        return len(self.store)
 
     @property
     def resolutions(self) -> int:
@@ -255,7 +357,6 @@ class ConnectorTable:
         seen: set[IPAddress] = set()
         results: list[TransitIPResponse] = []
         stored: list[Mapping] = []
-        now_bits = _float_bits(now)
         for item in req.transit_ips:
             transit = item.transit
             if transit in seen:
@@ -267,7 +368,7 @@ class ConnectorTable:
                 continue
             code, message = self._check(peer, permitted, item, now)
             if code == Code.OK:
-                stored.append(self._store(peer, item, now, now_bits))
+                stored.append(self._store(peer, item, now))
             results.append(TransitIPResponse(code, message))
         return ConnectorTransitIPResponse(results), stored
 
@@ -311,42 +412,12 @@ class ConnectorTable:
             return f"destination {dest} is a node's overlay address"
         return None
 
-    def _store(
-        self, peer: config.Member, item: TransitIPRequest, now: float, now_bits: int
-    ) -> Mapping:
-        transit = item.transit
-        peer_addr = peer.address(transit.version)
+    def _store(self, peer: config.Member, item: TransitIPRequest, now: float) -> Mapping:
+        peer_addr = peer.address(item.transit.version)
         assert peer_addr is not None  # _check returned NO_PEER_FAMILY otherwise
-        table = self._peers.get(peer_addr)
-        if table is None:
-            table = self._peers[peer_addr] = _PeerMappings(peer_addr)
-        pair = (item.app, peer.name)
-        pair_id = self._pair_ids.get(pair)
-        if pair_id is None:
-            pair_id = self._pair_ids[pair] = len(self._pairs)
-            self._pairs.append(pair)
-        key = int(transit)
-        # Re-insert: the newest registration goes last.
-        if table.maps.pop(key, None) is None:
-            self._count += 1
-        table.maps[key] = (
-            int(item.destination) | (now_bits | pair_id << 64) << table.width
-        )
-        return Mapping(peer_addr, transit, item.destination, item.app, now, peer.name)
-
-    def _mapping(self, table: _PeerMappings, transit: int, value: int) -> Mapping:
-        w = table.width
-        app, name = self._pairs[value >> (w + 64)]
-        return Mapping(
-            table.addr, table.make(transit), table.make(value & ((1 << w) - 1)), app,
-            table.registered(value), name,
-        )
-
-    def _mappings(self) -> Iterator[Mapping]:
-        """Every mapping, peer by peer, oldest registration first within a peer."""
-        for table in self._peers.values():
-            for transit, value in table.maps.items():
-                yield self._mapping(table, transit, value)
+        m = Mapping(peer_addr, item.transit, item.destination, item.app, now, peer.name)
+        self.store.put(m)
+        return m
 
     def _bucket(self, peer: config.Member, now: float) -> TokenBucket:
         b = self._buckets.get(peer.name)
@@ -423,11 +494,9 @@ class ConnectorTable:
     # -- datapath queries -----------------------------------------------------
 
     def lookup(self, peer_addr: IPAddress, transit: IPAddress) -> Mapping | None:
-        table = self._peers.get(peer_addr)
-        if table is None or transit.version != peer_addr.version:
+        if transit.version != peer_addr.version:
             return None
-        value = table.maps.get(int(transit))
-        return None if value is None else self._mapping(table, int(transit), value)
+        return self.store.get(peer_addr, transit)
 
     def is_unmapped_transit(self, peer_addr: IPAddress, transit: IPAddress) -> bool:
         """A transit IP this peer has not mapped here: the datapath drops and rejects it."""
@@ -437,13 +506,6 @@ class ConnectorTable:
         return peer is not None and self._pools_of(peer).is_transit(transit)
 
     # -- maintenance ------------------------------------------------------------
-
-    def _remove(self, table: _PeerMappings, transit: int) -> Mapping:
-        m = self._mapping(table, transit, table.maps.pop(transit))
-        self._count -= 1
-        if not table.maps:
-            del self._peers[table.addr]
-        return m
 
     def sweep(self, now: float, limit: int) -> list[Mapping]:
         """Remove up to ``limit`` mappings registered over an hour ago; return them.
@@ -456,16 +518,10 @@ class ConnectorTable:
         """
         if limit < 0:
             raise ValueError(f"sweep limit must not be negative (got {limit})")
-        # Each peer's expired run from its oldest end, then the oldest `limit` of all.
-        due: list[tuple[float, int, int, _PeerMappings]] = []
-        for n, table in enumerate(self._peers.values()):
-            for transit, value in table.oldest(limit):
-                registered = table.registered(value)
-                if now - registered <= MAPPING_LIFETIME:
-                    break
-                due.append((registered, n, transit, table))
-        due.sort(key=lambda d: (d[0], d[1]))  # stable: each peer's own order stays
-        removed = [self._remove(table, transit) for _, _, transit, table in due[:limit]]
+        removed = []
+        for m in self.store.expired(now - MAPPING_LIFETIME, limit):
+            if (gone := self.store.remove(m.peer, m.transit)) is not None:
+                removed.append(gone)
 
         # Expired resolution records: a scan, not a heap (a heap entry per record
         # cost more memory than the record); a few ms per 100,000 records.
@@ -492,13 +548,8 @@ class ConnectorTable:
         pools. Rate-limit state stays.
         """
         self._set_config(cfg)
-        gone = [
-            (table, transit)
-            for table in self._peers.values()
-            for transit, value in table.maps.items()
-            if self._refusal(self._mapping(table, transit, value)) is not None
-        ]
-        removed = [self._remove(table, transit) for table, transit in gone]
+        gone = [m for m in self.store if self._refusal(m) is not None]
+        removed = [r for m in gone if (r := self.store.remove(m.peer, m.transit)) is not None]
         for app in [a for a in self._resolved if a not in self._own]:
             del self._resolved[app]
         return removed
@@ -524,7 +575,7 @@ class ConnectorTable:
         return msgspec.json.encode([
             _SavedMapping(str(m.peer), str(m.transit), str(m.destination), m.app,
                           m.registered, m.peer_name)
-            for m in self._mappings()
+            for m in self.store
         ])
 
     def restore(
@@ -560,10 +611,8 @@ class ConnectorTable:
                 report(f"dropping saved mapping peer={m.peer_name} transit={m.transit} -> "
                        f"{m.destination} app={m.app}: {why}")
                 continue
-            node = self._cfg.peer_by_address(m.peer)
-            assert node is not None  # _refusal checked it
-            item = TransitIPRequest(str(m.transit), str(m.destination), m.app)
-            out.append(self._store(node, item, m.registered, _float_bits(m.registered)))
+            self.store.put(m)
+            out.append(m)
         return out
 
     # -- state ------------------------------------------------------------------
@@ -573,7 +622,7 @@ class ConnectorTable:
         if not self.configured:
             return ConnectorState(configured=False)
         by_name: dict[str, list[Mapping]] = {}
-        for m in self._mappings():
+        for m in self.store:
             by_name.setdefault(m.peer_name, []).append(m)
         peers = [
             PeerView(

@@ -143,8 +143,8 @@ class Node:
         return time.time()
 
     def install_connector_mappings(self, mappings: Iterable[Mapping]) -> None:
+        # ConnectorTable.register put them into the datapath's transit table (its store).
         for m in mappings:
-            self.dataplane.connector_mapped(m)
             log.info("mapped app=%s peer=%s transit=%s -> %s", m.app, m.peer_name, m.transit,
                      m.destination)
         self._dirty.set()
@@ -192,9 +192,11 @@ class Node:
         state.mkdir(parents=True, exist_ok=True)
         self.assignments = Assignments(self.config.pools, on_reclaim=self._forget)
         self._restore_assignments()
-        self.connector = ConnectorTable(self.config) if opts.advertise_connector else None
         self.datapath = Datapath(client=True, connector=opts.advertise_connector)
         self.dataplane = Dataplane(self.datapath.tables, self.ids)
+        # Its mappings live in the datapath's transit table only.
+        self.connector = (ConnectorTable(self.config, store=self.dataplane.connector_store)
+                          if opts.advertise_connector else None)
         self.forwarder = Forwarder(list(opts.upstream_dns) if opts.upstream_dns is not None
                                    else upstreams_from_resolv_conf(exclude=[opts.dns_listen[0]]))
         self.registrar = Registrar(self)
@@ -404,10 +406,8 @@ class Node:
             await trio.sleep(SWEEP_INTERVAL)
             now = self.now()
             self.assignments.reclaim(now)  # each one goes through _forget
-            if self.connector is not None:
-                for m in self.connector.sweep(now, 1000):
-                    self.dataplane.connector_unmapped(m)
-                    self._dirty.set()
+            if self.connector is not None and self.connector.sweep(now, 1000):
+                self._dirty.set()  # (gone from the datapath with the table's store)
             self.datapath.sweep(monotonic_ms(), 1000)
             if self.connector is not None:
                 # A connector crash loses at most this interval's flows of this kind.
@@ -459,10 +459,8 @@ class Node:
             return
         self.tailnet, self.config = tn, cfg
         self.assignments.reconfigure(cfg.pools)
-        if self.connector is not None:
-            for m in self.connector.reconfigure(cfg):
-                self.dataplane.connector_unmapped(m)
-                self._dirty.set()
+        if self.connector is not None and self.connector.reconfigure(cfg):
+            self._dirty.set()
         self._install_tables()  # and removes the peers the file no longer has
         system.set_routes(self._routes())
         if self.resolver is not None:
@@ -510,11 +508,8 @@ class Node:
             return
         connector = self.connector
 
-        def mappings(data: bytes) -> int:
-            restored = connector.restore(data, self.now(), log.warning)
-            for m in restored:
-                self.dataplane.connector_mapped(m)
-            return len(restored)
+        def mappings(data: bytes) -> int:  # into the datapath too: the table's store
+            return len(connector.restore(data, self.now(), log.warning))
 
         def flows(data: bytes) -> int:
             n = self.datapath.restore_flows(data, monotonic_ms())
