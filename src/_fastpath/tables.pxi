@@ -817,6 +817,43 @@ cdef class Tables:
             return None
         return (cv_addr_out(v.addr, fam), v.u32, v.when, v.tag)
 
+    def transit_chunk(self, start: int, count: int) -> tuple:
+        """(entries, next): up to `count` transit entries, as transit_entries gives
+        them, from slot `start` on, in slot order, and the slot to go on from (-1:
+        none left). For walking every mapping a chunk at a time: the walk sees each
+        entry once if nothing writes the map in between (the control plane is its
+        only writer)."""
+        cdef TablesC *t = self.tables
+        cdef TbMap *m = &t.transit
+        if count < 1 or start < 0:
+            raise ValueError(f"transit_chunk: start {start!r} >= 0, count {count!r} >= 1")
+        cdef uint32_t cap = count if count < 4096 else 4096
+        cdef TbSlot *buf = <TbSlot *>malloc(cap * sizeof(TbSlot))
+        if buf == NULL:
+            raise MemoryError("Tables.transit_chunk")
+        cdef uint32_t n = 0
+        cdef uint64_t i = start
+        cdef bint done
+        with nogil:
+            pthread_mutex_lock(&t.lock)
+            while i <= m.mask and n < cap:
+                if m.slots[i].hash:
+                    memcpy(&buf[n], &m.slots[i], sizeof(TbSlot))
+                    n += 1
+                i += 1
+            done = i > m.mask
+            pthread_mutex_unlock(&t.lock)
+        try:
+            out = []
+            for j in range(n):
+                fam = buf[j].key.family
+                out.append((cv_addr_out(buf[j].key.a, fam), cv_addr_out(buf[j].key.b, fam),
+                            cv_addr_out(buf[j].val.addr, fam), buf[j].val.u32,
+                            buf[j].val.when, buf[j].val.tag))
+            return out, (-1 if done else i)
+        finally:
+            free(buf)
+
     def transit_entries(self, double before=INFINITY, limit: int = -1) -> list:
         """The transit map's entries as (peer_addr, transit, real, app, registered,
         tag), packed addresses: those registered before `before`, the oldest

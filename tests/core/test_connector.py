@@ -621,6 +621,29 @@ def test_snapshot_and_restore_keep_mappings_and_their_age(table):
     assert sorted(str(m.transit) for m in swept) == sorted([str(T4[0]), str(T6[0])])
 
 
+def test_a_snapshot_of_many_mappings_is_written_in_pieces_and_reads_back_whole():
+    """More mappings than one chunk of rows: the pieces make one JSON array, the rows
+    of every mapping once, and a restore gives back exactly the table."""
+    t = new_table(node_config(), rate=1e9, burst=10**9)
+    n = 2500
+    dests = [ip("198.18.0.0") + i for i in range(n)]
+    t.note_resolution("GitHub", "github.com", [(d, 3600) for d in dests], 0.0)
+    transits = [ip("169.254.128.0") + i for i in range(n)]
+    for start in range(0, n, 500):
+        t.handle_request(LAPTOP, req(*(item(transits[i], dests[i])
+                                       for i in range(start, start + 500))), float(start))
+    pieces = list(t.snapshot_chunks())
+    assert len(pieces) > 3 and max(map(len, pieces)) < len(b"".join(pieces)) / 2
+    data = t.snapshot()
+    assert data == b"".join(pieces)
+    rows = msgspec.json.decode(data)
+    assert len(rows) == n and len({(r[0], r[1]) for r in rows}) == n
+    fresh = new_table(node_config())
+    assert len(fresh.restore(data, 100.0, print)) == n
+    assert msgspec.to_builtins(fresh.state()) == msgspec.to_builtins(t.state())
+    assert new_table(node_config()).snapshot() == b"[]"
+
+
 def test_restore_drops_what_the_configuration_no_longer_allows(table):
     table.handle_request(LAPTOP, req(item(T4[0], D4[0])), 0.0)
     table.handle_request(PHONE, req(item(T4[0], D4[0], "GitLab")), 0.0)

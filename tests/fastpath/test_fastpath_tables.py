@@ -974,3 +974,22 @@ def test_the_same_registration_again_leaves_the_reverse_map_as_it_was():
     tb.set_transit(c, t2, real, 1, registered=5.0)  # t2 again, same destination
     tb.del_transit(c, t1)
     assert tb.lookup_return(c, real) == ("hit", t2, 1)
+
+
+def test_transit_chunks_walk_every_entry_once():
+    tb = Tables(seed=8)
+    peer = bytes([100, 64, 0, 1])
+    for i in range(300):
+        tb.set_transit(peer, bytes([169, 254]) + i.to_bytes(2, "big"),
+                       bytes([203, 0, 113, i % 256]), app=1, registered=float(i), tag=2)
+    seen, start, chunks = [], 0, 0
+    while start >= 0:
+        rows, start = tb.transit_chunk(start, 64)
+        assert len(rows) <= 64
+        seen += rows
+        chunks += 1
+    assert chunks >= 5 and sorted(seen) == sorted(tb.transit_entries())
+    assert len({r[1] for r in seen}) == 300
+    assert Tables().transit_chunk(0, 10) == ([], -1)
+    with pytest.raises(ValueError):
+        tb.transit_chunk(0, 0)

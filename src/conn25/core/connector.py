@@ -219,10 +219,12 @@ class PackedStore:
 
     def __iter__(self) -> Iterator[Mapping]:
         """Peer by peer, oldest registration first within a peer."""
-        for table in list(self._peers.values()):
-            for transit, value in list(table.maps.items()):
+        for table in self._peers.values():
+            for transit, value in table.maps.items():
                 yield self._mapping(table, transit, value)
 
+
+_SNAPSHOT_CHUNK = 1024  # rows encoded at a time
 
 # The state view (`conn25d status`): text fields so that it encodes as JSON.
 
@@ -572,11 +574,24 @@ class ConnectorTable:
 
     def snapshot(self) -> bytes:
         """Every mapping as JSON, for :meth:`restore` after a restart."""
-        return msgspec.json.encode([
-            _SavedMapping(str(m.peer), str(m.transit), str(m.destination), m.app,
-                          m.registered, m.peer_name)
-            for m in self.store
-        ])
+        return b"".join(self.snapshot_chunks())
+
+    def snapshot_chunks(self) -> Iterator[bytes]:
+        """:meth:`snapshot` in pieces, a chunk of rows at a time: the node writes one
+        after every burst of registrations, and 100,000 rows as objects, or their
+        JSON in one piece, would be tens of MiB at once."""
+        yield b"["
+        rows: list[_SavedMapping] = []
+        first = True
+        for m in self.store:
+            rows.append(_SavedMapping(str(m.peer), str(m.transit), str(m.destination), m.app,
+                                      m.registered, m.peer_name))
+            if len(rows) == _SNAPSHOT_CHUNK:
+                yield (b"" if first else b",") + msgspec.json.encode(rows)[1:-1]
+                rows, first = [], False
+        if rows:
+            yield (b"" if first else b",") + msgspec.json.encode(rows)[1:-1]
+        yield b"]"
 
     def restore(
         self, data: bytes, now: float, report: Callable[[str], object]

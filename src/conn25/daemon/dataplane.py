@@ -99,8 +99,14 @@ class ConnectorStore(MappingStore):
         return int(self._tables.stats()["transit"])
 
     def __iter__(self) -> Iterator[Mapping]:
-        for p, t, r, _, when, tag in self._tables.transit_entries():
-            yield self._mapping(p, t, r, when, tag)
+        # A chunk at a time: 100,000 mappings as objects at once would be tens of MiB.
+        # (Nothing writes the table while a caller walks it: the control plane is
+        # its only writer, and walks to the end before it changes anything.)
+        start = 0
+        while start >= 0:
+            rows, start = self._tables.transit_chunk(start, 1024)
+            for p, t, r, _, when, tag in rows:
+                yield self._mapping(p, t, r, when, tag)
 
 
 class Dataplane:

@@ -537,9 +537,10 @@ class Node:
         """Assignments and, on a connector, its mappings, to the state dir."""
         if not hasattr(self, "assignments"):
             return
-        files = [(ASSIGNMENTS_FILE, self.assignments.snapshot)]
-        if self.connector is not None:
-            files.append((CONNECTOR_FILE, self.connector.snapshot))
+        files: list[tuple[str, Callable[[], bytes | Iterable[bytes]]]] = [
+            (ASSIGNMENTS_FILE, self.assignments.snapshot)]
+        if self.connector is not None:  # in pieces: it may hold 100,000 mappings
+            files.append((CONNECTOR_FILE, self.connector.snapshot_chunks))
         for name, snapshot in files:
             path = self.options.state_path / name
             try:

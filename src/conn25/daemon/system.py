@@ -145,11 +145,16 @@ def _undone_on_failure(undo: Callable[[], None]) -> Iterator[None]:
         raise
 
 
-def replace_file(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file, so that a crash
-    leaves either the old content or the new one, never half of it."""
+def replace_file(path: Path, data: bytes | Iterable[bytes]) -> None:
+    """Write ``data`` (or its pieces, in order) to ``path`` through a temporary file,
+    so that a crash leaves either the old content or the new one, never half of it."""
     tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(data)
+    with open(tmp, "wb") as f:
+        if isinstance(data, bytes):
+            f.write(data)
+        else:
+            for piece in data:
+                f.write(piece)
     tmp.replace(path)
 
 
