@@ -4,6 +4,8 @@ import ipaddress
 
 import msgspec
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from conn25.core import config, peerapi
 from conn25.core.config import App, Member, NodeConfig, Tailnet
@@ -13,6 +15,7 @@ from conn25.core.connector import (
     Mapping,
     MappingStore,
     PackedStore,
+    Resolutions,
 )
 from conn25.core.peerapi import Code, ConnectorTransitIPRequest, NotConfigured, TransitIPRequest
 from nodekeys import public_key
@@ -352,6 +355,46 @@ def test_resolution_records_of_v4_and_v6_do_not_mix():
     assert t.resolutions == 1
     assert codes(t.handle_request(LAPTOP, req(item(T6[0], v6)), 1.0)) == [Code.OTHER]
     assert codes(t.handle_request(LAPTOP, req(item(T4[0], v4)), 1.0)) == [Code.OK]
+
+
+class SmallResolutions(Resolutions):
+    MERGE_AT = 3  # merges into the arrays after every few new addresses
+
+
+ADDRS = [ip("203.0.113.7"), ip("::cb00:7107"), ip("198.18.0.1"), ip("2001:db8::1"),
+         ip("2001:db8::2"), ip("2001:db8:0:0:1::1"), ip("255.255.255.255"), ip("0.0.0.1"),
+         ip("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"), ip("::")]
+
+
+def test_compact_resolution_records_behave_as_a_dict():
+    """Records kept in sorted arrays and a small dict of new ones: each address has the
+    latest expiry noted for it, before and after merges, IPv4 and IPv6 apart."""
+    r, model = SmallResolutions(), {}
+    for n in range(60):
+        addr, expires = ADDRS[n * 7 % len(ADDRS)], float(n * 13 % 17)
+        r.note(addr, expires)
+        model[addr] = max(model.get(addr, expires), expires)
+        assert len(r) == len(model)
+        assert all(r.expiry(a) == model.get(a) for a in ADDRS)
+    assert len(r._recent) < SmallResolutions.MERGE_AT and len(r._k4) + len(r._hi) > 0
+    assert r.expiry(ip("203.0.113.8")) is None and r.expiry(ip("2001:db8::3")) is None
+
+
+@given(st.lists(st.tuples(st.sampled_from(ADDRS), st.floats(0, 100), st.booleans(),
+                          st.integers(0, 4)), max_size=60))
+def test_compact_resolution_records_sweep_only_expired_ones_within_the_budget(ops):
+    r, model = SmallResolutions(), {}
+    for addr, value, sweep, budget in ops:
+        if sweep:
+            expired = {a for a, e in model.items() if e < value}
+            assert r.sweep(value, budget) == min(budget, len(expired))
+            model = {a: e for a, e in model.items()
+                     if a not in expired or r.expiry(a) is not None}
+            assert len(model) == len(r)
+        else:
+            r.note(addr, value)
+            model[addr] = max(model.get(addr, value), value)
+        assert all(r.expiry(a) == model.get(a) for a in ADDRS)
 
 
 def test_a_shorter_answer_does_not_shorten_a_resolution():

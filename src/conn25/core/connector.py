@@ -24,17 +24,20 @@ Memory: a connector may hold 100,000 mappings, so they are not kept as
 objects. Each peer address has a dict ``transit (int) -> packed int`` in
 order of last registration (a re-registration moves its key to the end);
 the packed int holds the destination, the registration time's float bits
-and the id of the ``(app, peer name)`` pair. Resolution records are a dict
-``address (int) -> expiry (float)`` per app; the addresses of one answer with
-one TTL share one float object. :class:`Mapping` objects are made when asked
-for.
+and the id of the ``(app, peer name)`` pair (the daemon keeps them in the
+datapath's transit table instead). Resolution records are sorted arrays of
+addresses and expiries per app (:class:`Resolutions`). :class:`Mapping`
+objects are made when asked for.
 """
 
 from __future__ import annotations
 
+import bisect
+import heapq
 import ipaddress
 import itertools
 import struct
+from array import array
 from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
 
@@ -84,6 +87,7 @@ class Mapping(msgspec.Struct, frozen=True):
 _F64 = struct.Struct("<d")
 _U64 = struct.Struct("<Q")
 _V6_TAG = 1 << 128  # resolution keys: IPv6 addresses above every IPv4 one
+_U64_MAX = 0xFFFF_FFFF_FFFF_FFFF
 
 
 def _float_bits(x: float) -> int:
@@ -123,6 +127,114 @@ class MappingStore(Protocol):
     def __len__(self) -> int: ...
 
     def __iter__(self) -> Iterator[Mapping]: ...
+
+
+class Resolutions:
+    """One app's resolution records, address -> expiry (wall-clock seconds), compact.
+
+    Most records live in sorted arrays per family (IPv4: the address in 4 bytes;
+    IPv6: its two 64-bit halves), each with its expiry in 8: 12 and 24 bytes a
+    record, where a dict costs about 100. New addresses wait in a small dict and
+    are merged into the arrays ``MERGE_AT`` at a time.
+    """
+
+    MERGE_AT = 4096
+
+    __slots__ = ("_e4", "_e6", "_hi", "_k4", "_lo", "_recent")
+
+    def __init__(self) -> None:
+        self._k4 = array("I")
+        self._e4 = array("d")
+        self._hi = array("Q")
+        self._lo = array("Q")
+        self._e6 = array("d")
+        self._recent: dict[int, float] = {}  # tag (_addr_tag) -> expiry; in no array
+
+    def __len__(self) -> int:
+        return len(self._recent) + len(self._k4) + len(self._hi)
+
+    def _index(self, tag: int) -> int:
+        """Where the address of ``tag`` is in its family's arrays, or -1."""
+        if tag < _V6_TAG:
+            i = bisect.bisect_left(self._k4, tag)
+            return i if i < len(self._k4) and self._k4[i] == tag else -1
+        hi, lo = (tag >> 64) & _U64_MAX, tag & _U64_MAX
+        a = bisect.bisect_left(self._hi, hi)
+        b = bisect.bisect_right(self._hi, hi, a)
+        i = bisect.bisect_left(self._lo, lo, a, b)
+        return i if i < b and self._lo[i] == lo else -1
+
+    def expiry(self, addr: IPAddress) -> float | None:
+        tag = _addr_tag(addr)
+        expires = self._recent.get(tag)
+        if expires is not None:
+            return expires
+        i = self._index(tag)
+        if i < 0:
+            return None
+        return (self._e4 if tag < _V6_TAG else self._e6)[i]
+
+    def note(self, addr: IPAddress, expires: float) -> None:
+        """``addr`` resolved until ``expires``; a record that lasts longer stays as it is."""
+        tag = _addr_tag(addr)
+        i = self._index(tag)
+        if i >= 0:
+            exps = self._e4 if tag < _V6_TAG else self._e6
+            if exps[i] < expires:
+                exps[i] = expires
+            return
+        old = self._recent.get(tag)
+        if old is None or old < expires:
+            self._recent[tag] = expires
+        if len(self._recent) >= self.MERGE_AT:
+            self._merge()
+
+    def _merge(self) -> None:
+        recent = sorted(self._recent.items())  # (its keys are in no array: a plain merge)
+        self._recent = {}
+        v4 = [(k, e) for k, e in recent if k < _V6_TAG]
+        v6 = [((k >> 64) & _U64_MAX, k & _U64_MAX, e) for k, e in recent if k >= _V6_TAG]
+        # New arrays of their final size at once: grown an item at a time, their
+        # outgrown buffers would stay behind in the heap.
+        if v4:
+            n = len(self._k4) + len(v4)
+            k4, e4 = array("I", bytes(4 * n)), array("d", bytes(8 * n))
+            for j, (k, e) in enumerate(heapq.merge(zip(self._k4, self._e4, strict=True), v4)):
+                k4[j], e4[j] = k, e
+            self._k4, self._e4 = k4, e4
+        if v6:
+            n = len(self._hi) + len(v6)
+            hi6, lo6, e6 = (array(code, bytes(8 * n)) for code in "QQd")
+            rows = heapq.merge(zip(self._hi, self._lo, self._e6, strict=True), v6)
+            for j, (hi, lo, e) in enumerate(rows):
+                hi6[j], lo6[j], e6[j] = hi, lo, e
+            self._hi, self._lo, self._e6 = hi6, lo6, e6
+
+    def sweep(self, now: float, budget: int) -> int:
+        """Drop up to ``budget`` records that expired before ``now``; how many went.
+        A scan of the arrays: a few ms per 100,000 records."""
+        gone = list(itertools.islice((t for t, e in self._recent.items() if e < now), budget))
+        for tag in gone:
+            del self._recent[tag]
+        n = len(gone)
+        if n < budget:
+            drop = set(itertools.islice((i for i, e in enumerate(self._e4) if e < now),
+                                        budget - n))
+            if drop:
+                keep = [i for i in range(len(self._k4)) if i not in drop]
+                self._k4 = array("I", [self._k4[i] for i in keep])
+                self._e4 = array("d", [self._e4[i] for i in keep])
+                n += len(drop)
+        if n < budget:
+            drop = set(itertools.islice((i for i, e in enumerate(self._e6) if e < now),
+                                        budget - n))
+            if drop:
+                keep = [i for i in range(len(self._hi)) if i not in drop]
+                self._hi = array("Q", [self._hi[i] for i in keep])
+                self._lo = array("Q", [self._lo[i] for i in keep])
+                self._e6 = array("d", [self._e6[i] for i in keep])
+                n += len(drop)
+        return n
 
 
 class _PeerMappings:
@@ -303,8 +415,7 @@ class ConnectorTable:
         self._own: dict[str, config.App] = {}
         # Where the mappings are: by default here, in the daemon the datapath's table.
         self.store: MappingStore = PackedStore() if store is None else store
-        # Per app: address tag -> expiry (wall-clock seconds).
-        self._resolved: dict[str, dict[int, float]] = {}
+        self._resolved: dict[str, Resolutions] = {}  # per app
         self._buckets: dict[str, TokenBucket] = {}
         self._set_config(cfg)
 
@@ -447,25 +558,16 @@ class ConnectorTable:
             return False
         records = self._resolved.get(app)
         if records is None:
-            records = self._resolved[app] = {}
-        # An answer's records mostly share a TTL: one float object for all of them.
-        expiries: dict[int, float] = {}
+            records = self._resolved[app] = Resolutions()
         for addr, ttl in addrs:
-            ttl = max(0, ttl)
-            expires = expiries.get(ttl)
-            if expires is None:
-                expires = expiries[ttl] = now + ttl
-            tag = _addr_tag(addr)
-            old = records.get(tag)
-            if old is None or old < expires:  # a shorter answer does not shorten it
-                records[tag] = expires
+            records.note(addr, now + max(0, ttl))  # a shorter answer does not shorten it
         return True
 
     def _was_resolved(self, app: str, dest: IPAddress, now: float) -> bool:
         records = self._resolved.get(app)
         if records is None or getattr(dest, "scope_id", None):
             return False  # (answers carry no IPv6 scope: a scoped address was never one)
-        expires = records.get(_addr_tag(dest))
+        expires = records.expiry(dest)
         return expires is not None and now <= expires
 
     def needs_resolution(
@@ -526,16 +628,12 @@ class ConnectorTable:
                 removed.append(gone)
 
         # Expired resolution records: a scan, not a heap (a heap entry per record
-        # cost more memory than the record); a few ms per 100,000 records.
+        # would cost more memory than the record).
         budget = limit
         for records in self._resolved.values():
             if budget <= 0:
                 break
-            gone = list(itertools.islice((tag for tag, expires in records.items()
-                                          if expires < now), budget))
-            for tag in gone:
-                del records[tag]
-            budget -= len(gone)
+            budget -= records.sweep(now, budget)
 
         # A full bucket is the same as no bucket.
         for name in [n for n, b in self._buckets.items() if b.full(now)]:
