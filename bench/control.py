@@ -475,9 +475,10 @@ def print_memory(m: dict[str, Any], daemon: dict[str, int] | None) -> None:
     print(f"\nTotal {total:.1f} MiB (peak {mib(m['flows']['VmHWM']):.1f}): {verdict} the "
           f"64 MiB target. Flow verdicts: {m['verdicts']}. The datapath's transit and "
           f"reverse maps have {m['transit_table_bytes'] / 2**20:.1f} MiB of slots "
-          f"({m['transit_table_bytes'] / m['mapping_count']:.0f} B/mapping). "
-          f"malloc_trim(0) at the end gives {mib(m['flows']['VmRSS'] - m['trimmed']['VmRSS']):.1f} "
-          "MiB back to the system: memory freed but kept by glibc.")
+          f"({m['transit_table_bytes'] / m['mapping_count']:.0f} B/mapping). Each row is "
+          "taken as the node's sweep task leaves it every 5 s (release_freed_memory: "
+          "malloc_trim); the registrations write a snapshot of every mapping every 2,000, as "
+          "the node's persist task does.")
     print(f"Connector FlowTable({ft['capacity']:,}): {ft['entry_bytes']} B per flow entry, "
           f"{ft['event_bytes']} B per event record (a ring of {ft['ring_size']:,}), "
           f"{ft['buckets']:,} hash buckets of 4 B; {ft['entries_used']:,} entries ever used. "

@@ -26,7 +26,6 @@ import conn25.daemon.node  # noqa: E402, F401
 
 NODE_MODULES = set(sys.modules)
 
-import ctypes  # noqa: E402
 import gc  # noqa: E402
 import ipaddress  # noqa: E402
 import json  # noqa: E402
@@ -48,7 +47,7 @@ from conn25.daemon import keyfile  # noqa: E402
 from conn25.daemon.dataplane import Dataplane, Ids  # noqa: E402
 from conn25.daemon.overlay import Overlay  # noqa: E402
 from conn25.daemon.refusals import RefusalLog  # noqa: E402
-from conn25.daemon.system import replace_file  # noqa: E402
+from conn25.daemon.system import release_freed_memory, replace_file  # noqa: E402
 from conn25.daemon.tailnetfile import load_file  # noqa: E402
 from conn25.fastpath import Datapath, internet_checksum, monotonic_ms  # noqa: E402
 
@@ -87,6 +86,13 @@ def _first_range(ipset: Any, n: int) -> int:
     return r.first
 
 
+def settle() -> None:
+    """What the node's sweep task does every 5 s (Node._sweep ends with
+    release_freed_memory): each figure is the node's a few seconds after the step."""
+    gc.collect()
+    release_freed_memory()
+
+
 def memory_figures(tailnet_path: str, hostname: str, key_path: str) -> dict[str, Any]:
     """RSS of a connector node's state, empty and with 100k mappings + 100k flows."""
     state = Path(key_path).parent  # a state dir of the bench's own
@@ -123,7 +129,7 @@ def memory_figures(tailnet_path: str, hostname: str, key_path: str) -> dict[str,
                            receive_key=key_in, initiator=False, created_ms=monotonic_ms(),
                            as_next=False)
         sessions[pid] = Keypair(key_in, key_out, 100 + pid, pid, 0.0, True)
-    gc.collect()
+    settle()
     out["empty"] = proc_status()
 
     # Each peer maps half its items per family; both peers reach the same destinations.
@@ -147,7 +153,7 @@ def memory_figures(tailnet_path: str, hostname: str, key_path: str) -> dict[str,
     for start in range(0, 2 * per_family, BATCH):  # as answers come: one per query
         table.note_resolution(app, domain, [(ipaddress.ip_address(dest(i)), 3600)
                                             for i in range(start, start + BATCH)], now)
-    gc.collect()
+    settle()
     out["resolutions"] = proc_status()
     out["resolution_count"] = table.resolutions
 
@@ -168,7 +174,7 @@ def memory_figures(tailnet_path: str, hostname: str, key_path: str) -> dict[str,
             if requests % SNAPSHOT_EVERY == 0:  # as Node._save_assignments writes it
                 replace_file(state / "connector.json", table.snapshot_chunks())
     del req, resp, new
-    gc.collect()
+    settle()
     out["mappings"] = proc_status()
     out["mapping_count"] = len(table)
     mem = dp.tables.memory()
@@ -191,13 +197,11 @@ def memory_figures(tailnet_path: str, hostname: str, key_path: str) -> dict[str,
                 if n % 1000 == 0:
                     dp.read_events()  # the daemon drains its events as they come
     dp.read_events()
-    gc.collect()
+    settle()
     out["flows"] = proc_status()
     out["flow_count"] = dp.connector_flows.stats()["flows"]
     out["flowtable"] = dp.connector_flows.memory()
     out["verdicts"] = dict(verdicts)
-    ctypes.CDLL(None).malloc_trim(0)  # what of that RSS is freed memory glibc kept
-    out["trimmed"] = proc_status()
     sock.close()
     return out
 

@@ -45,7 +45,7 @@ from .peerapi_server import REFUSAL_REASONS as PEERAPI_REFUSAL_REASONS
 from .refusals import RefusalLog
 from .registration import Registrar
 from .status import status_document
-from .system import SystemSetup, replace_file
+from .system import SystemSetup, release_freed_memory, replace_file
 from .tailnetfile import load_file
 
 if TYPE_CHECKING:  # a client's alone: imported when the node has apps to map
@@ -413,6 +413,7 @@ class Node:
                 # A connector crash loses at most this interval's flows of this kind.
                 # In a thread, the file write included: the event loop must not wait on a disk.
                 await trio.to_thread.run_sync(self._save_flows)
+            release_freed_memory()  # what this interval's bursts freed, back to the system
 
     def _forget(self, a: Assignment) -> None:
         """A reclaimed assignment: its magic IP is unassigned again from now on."""
