@@ -156,7 +156,7 @@ def test_one_new_flow_displaces_two():
     b_fwd, b_rev = insert(ft, 2, now=0)
     c_fwd, _ = insert(ft, 3, now=0)
     ft.drain_events()
-    ft.insert(a_fwd, ("dst", transit(5)), b_rev, ("src", magic(5)), 7, transit(5), 1)
+    ft.insert(a_fwd, ("dst", transit(2)), b_rev, ("src", magic(1)), 7, transit(2), 1)
     assert len(ft) == 2
     assert ft.lookup(a_rev, 2) is None and ft.lookup(b_fwd, 2) is None
     assert ft.lookup(c_fwd, 2) is not None  # bystander untouched
@@ -169,7 +169,7 @@ def test_a_flow_reusing_a_key_in_the_other_direction_collides():
     """Keys collide whatever direction they had in the old flow."""
     ft = FlowTable(10, IDLE)
     a_fwd, a_rev = insert(ft, 1, now=0)
-    ft.insert(a_rev, ("dst", transit(4)), (TCP, CLIENT, 2, CLIENT, 3), ("src", CLIENT), 7,
+    ft.insert(a_rev, ("dst", transit(4)), (TCP, transit(4), 2, CLIENT, 3), ("src", CLIENT), 7,
               transit(4), 1)
     assert ft.lookup(a_fwd, 2) is None
     assert ft.lookup(a_rev, 2).direction == "fwd"
@@ -343,7 +343,7 @@ def test_drain_copes_with_more_events_than_one_chunk():
 def test_entries_are_used_as_needed_and_removed_ones_first():
     """Memory: an empty table touches no entry; a freed entry is reused before a fresh one."""
     ft = FlowTable(100_000, IDLE)
-    assert ft.memory()["entries_used"] == 0 and ft.memory()["entry_bytes"] <= 208
+    assert ft.memory()["entries_used"] == 0 and ft.memory()["entry_bytes"] == 160
     keys = [insert(ft, i, now=0, sport=1000 + i)[0] for i in range(3)]
     assert ft.memory()["entries_used"] == 3
     assert ft.delete(keys[1])
@@ -407,6 +407,9 @@ def test_bad_keys_raise_valueerror(key):
 @pytest.mark.parametrize(
     "args",
     [
+        {"fwd_action": ("dst", transit(2))},  # an address of neither key
+        {"rev_action": ("src", magic(2))},
+        {"transit": transit(2)},
         {"fwd_action": ("dnat", transit(1))},
         {"fwd_action": ("dst", transit(1)[:3])},
         {"fwd_action": ("dst", b"\x00" * 16)},  # family differs from the flow's
@@ -495,8 +498,8 @@ class Model:
         return n
 
 
-def fid_of(transit_ip: bytes) -> int:
-    return int.from_bytes(transit_ip, "big")
+def fid_of(event_or_match) -> int:
+    return event_or_match.peer  # each flow of the machine has its own peer number
 
 
 class FlowTableMachine(RuleBasedStateMachine):
@@ -512,7 +515,7 @@ class FlowTableMachine(RuleBasedStateMachine):
         self.removed: Counter[int] = Counter()
 
     def check_events(self) -> None:
-        got = [(e.kind, e.reason, fid_of(e.transit)) for e in self.ft.drain_events()]
+        got = [(e.kind, e.reason, fid_of(e)) for e in self.ft.drain_events()]
         assert got == self.model.events
         for kind, _, fid in got:
             (self.created if kind == "created" else self.removed)[fid] += 1
@@ -525,8 +528,9 @@ class FlowTableMachine(RuleBasedStateMachine):
         self.now += dt
         fid = self.next_fid
         self.next_fid += 1
-        t = fid.to_bytes(4, "big")
-        self.ft.insert(fwd, ("dst", t), rev, ("src", magic(1)), 1, t, self.now)
+        # A translation: the reply comes from the new destination, its SNAT puts back the
+        # old one; the transit IP is the new destination.
+        self.ft.insert(fwd, ("dst", rev[1]), rev, ("src", fwd[3]), fid, rev[1], self.now)
         self.model.insert(fid, fwd, rev, self.now)
         self.check_events()
 
@@ -541,7 +545,7 @@ class FlowTableMachine(RuleBasedStateMachine):
             assert got is None
         else:
             assert got is not None
-            assert (fid_of(got.transit), got.direction) == want
+            assert (fid_of(got), got.direction) == want
             assert got.rewrite == ("dst" if want[1] == "fwd" else "src")
         self.check_events()
 
