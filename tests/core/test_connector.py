@@ -376,7 +376,7 @@ def test_compact_resolution_records_behave_as_a_dict():
         model[addr] = max(model.get(addr, expires), expires)
         assert len(r) == len(model)
         assert all(r.expiry(a) == model.get(a) for a in ADDRS)
-    assert len(r._recent) < SmallResolutions.MERGE_AT and len(r._k4) + len(r._hi) > 0
+    assert len(r._recent) < SmallResolutions.MERGE_AT and len(r._v4[0]) + len(r._v6[0]) > 0
     assert r.expiry(ip("203.0.113.8")) is None and r.expiry(ip("2001:db8::3")) is None
 
 

@@ -140,29 +140,29 @@ class Resolutions:
 
     MERGE_AT = 4096
 
-    __slots__ = ("_e4", "_e6", "_hi", "_k4", "_lo", "_recent")
+    __slots__ = ("_recent", "_v4", "_v6")
 
     def __init__(self) -> None:
-        self._k4 = array("I")
-        self._e4 = array("d")
-        self._hi = array("Q")
-        self._lo = array("Q")
-        self._e6 = array("d")
+        # Columns: the address's (one or two), then the expiry.
+        self._v4 = [array("I"), array("d")]
+        self._v6 = [array("Q"), array("Q"), array("d")]
         self._recent: dict[int, float] = {}  # tag (_addr_tag) -> expiry; in no array
 
     def __len__(self) -> int:
-        return len(self._recent) + len(self._k4) + len(self._hi)
+        return len(self._recent) + len(self._v4[0]) + len(self._v6[0])
 
     def _index(self, tag: int) -> int:
         """Where the address of ``tag`` is in its family's arrays, or -1."""
         if tag < _V6_TAG:
-            i = bisect.bisect_left(self._k4, tag)
-            return i if i < len(self._k4) and self._k4[i] == tag else -1
+            k4 = self._v4[0]
+            i = bisect.bisect_left(k4, tag)
+            return i if i < len(k4) and k4[i] == tag else -1
+        hi_col, lo_col = self._v6[0], self._v6[1]
         hi, lo = (tag >> 64) & _U64_MAX, tag & _U64_MAX
-        a = bisect.bisect_left(self._hi, hi)
-        b = bisect.bisect_right(self._hi, hi, a)
-        i = bisect.bisect_left(self._lo, lo, a, b)
-        return i if i < b and self._lo[i] == lo else -1
+        a = bisect.bisect_left(hi_col, hi)
+        b = bisect.bisect_right(hi_col, hi, a)
+        i = bisect.bisect_left(lo_col, lo, a, b)
+        return i if i < b and lo_col[i] == lo else -1
 
     def expiry(self, addr: IPAddress) -> float | None:
         tag = _addr_tag(addr)
@@ -170,16 +170,14 @@ class Resolutions:
         if expires is not None:
             return expires
         i = self._index(tag)
-        if i < 0:
-            return None
-        return (self._e4 if tag < _V6_TAG else self._e6)[i]
+        return None if i < 0 else (self._v4 if tag < _V6_TAG else self._v6)[-1][i]
 
     def note(self, addr: IPAddress, expires: float) -> None:
         """``addr`` resolved until ``expires``; a record that lasts longer stays as it is."""
         tag = _addr_tag(addr)
         i = self._index(tag)
         if i >= 0:
-            exps = self._e4 if tag < _V6_TAG else self._e6
+            exps = (self._v4 if tag < _V6_TAG else self._v6)[-1]
             if exps[i] < expires:
                 exps[i] = expires
             return
@@ -194,21 +192,8 @@ class Resolutions:
         self._recent = {}
         v4 = [(k, e) for k, e in recent if k < _V6_TAG]
         v6 = [((k >> 64) & _U64_MAX, k & _U64_MAX, e) for k, e in recent if k >= _V6_TAG]
-        # New arrays of their final size at once: grown an item at a time, their
-        # outgrown buffers would stay behind in the heap.
-        if v4:
-            n = len(self._k4) + len(v4)
-            k4, e4 = array("I", bytes(4 * n)), array("d", bytes(8 * n))
-            for j, (k, e) in enumerate(heapq.merge(zip(self._k4, self._e4, strict=True), v4)):
-                k4[j], e4[j] = k, e
-            self._k4, self._e4 = k4, e4
-        if v6:
-            n = len(self._hi) + len(v6)
-            hi6, lo6, e6 = (array(code, bytes(8 * n)) for code in "QQd")
-            rows = heapq.merge(zip(self._hi, self._lo, self._e6, strict=True), v6)
-            for j, (hi, lo, e) in enumerate(rows):
-                hi6[j], lo6[j], e6[j] = hi, lo, e
-            self._hi, self._lo, self._e6 = hi6, lo6, e6
+        self._v4 = _merged(self._v4, v4)
+        self._v6 = _merged(self._v6, v6)
 
     def sweep(self, now: float, budget: int) -> int:
         """Drop up to ``budget`` records that expired before ``now``; how many went.
@@ -217,24 +202,29 @@ class Resolutions:
         for tag in gone:
             del self._recent[tag]
         n = len(gone)
-        if n < budget:
-            drop = set(itertools.islice((i for i, e in enumerate(self._e4) if e < now),
-                                        budget - n))
+        for family in ("_v4", "_v6"):
+            cols = getattr(self, family)
+            drop = set(itertools.islice((i for i, e in enumerate(cols[-1]) if e < now),
+                                        max(0, budget - n)))
             if drop:
-                keep = [i for i in range(len(self._k4)) if i not in drop]
-                self._k4 = array("I", [self._k4[i] for i in keep])
-                self._e4 = array("d", [self._e4[i] for i in keep])
-                n += len(drop)
-        if n < budget:
-            drop = set(itertools.islice((i for i, e in enumerate(self._e6) if e < now),
-                                        budget - n))
-            if drop:
-                keep = [i for i in range(len(self._hi)) if i not in drop]
-                self._hi = array("Q", [self._hi[i] for i in keep])
-                self._lo = array("Q", [self._lo[i] for i in keep])
-                self._e6 = array("d", [self._e6[i] for i in keep])
+                setattr(self, family, [array(c.typecode, (x for i, x in enumerate(c)
+                                                          if i not in drop)) for c in cols])
                 n += len(drop)
         return n
+
+
+def _merged(cols: list[array], rows: list[tuple]) -> list[array]:
+    """Columns with the sorted ``rows`` (one value per column, none of them there yet)
+    merged in, as new arrays of their final size at once: grown an item at a time,
+    their outgrown buffers would stay behind in the heap."""
+    if not rows:
+        return cols
+    n = len(cols[0]) + len(rows)
+    out = [array(c.typecode, bytes(c.itemsize * n)) for c in cols]
+    for j, row in enumerate(heapq.merge(zip(*cols, strict=True), rows)):
+        for col, x in zip(out, row, strict=True):
+            col[j] = x
+    return out
 
 
 class _PeerMappings:
