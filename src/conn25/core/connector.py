@@ -39,7 +39,7 @@ import itertools
 import struct
 from array import array
 from collections.abc import Callable, Iterable, Iterator
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgspec
 
@@ -144,8 +144,8 @@ class Resolutions:
 
     def __init__(self) -> None:
         # Columns: the address's (one or two), then the expiry.
-        self._v4 = [array("I"), array("d")]
-        self._v6 = [array("Q"), array("Q"), array("d")]
+        self._v4: list[array[Any]] = [array("I"), array("d")]
+        self._v6: list[array[Any]] = [array("Q"), array("Q"), array("d")]
         self._recent: dict[int, float] = {}  # tag (_addr_tag) -> expiry; in no array
 
     def __len__(self) -> int:
@@ -213,7 +213,7 @@ class Resolutions:
         return n
 
 
-def _merged(cols: list[array], rows: list[tuple]) -> list[array]:
+def _merged(cols: list[array[Any]], rows: list[tuple[Any, ...]]) -> list[array[Any]]:
     """Columns with the sorted ``rows`` (one value per column, none of them there yet)
     merged in, as new arrays of their final size at once: grown an item at a time,
     their outgrown buffers would stay behind in the heap."""

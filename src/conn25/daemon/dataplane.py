@@ -72,8 +72,8 @@ class ConnectorStore(MappingStore):
         return self._tables.set_transit(m.peer, m.transit, m.destination, self._ids.app(m.app),
                                         m.registered, tag)
 
-    def _mapping(self, peer: object, transit: object, real: bytes, registered: float,
-                 tag: int) -> Mapping:
+    def _mapping(self, peer: IPAddress | bytes, transit: IPAddress | bytes, real: bytes,
+                 registered: float, tag: int) -> Mapping:
         app, name = self._pairs[tag] if tag < len(self._pairs) else ("", "")
         return Mapping(ipaddress.ip_address(peer), ipaddress.ip_address(transit),
                        ipaddress.ip_address(real), app, registered, name)
