@@ -18,12 +18,12 @@ Every figure is shown against a baseline measured in the same run:
   lifted (the connector restarted with the limit's defaults patched at
   start-up: conn25d has no option for it) and once as shipped, which shows
   what the limit (connector.DEFAULT_RATE / DEFAULT_BURST) caps.
-* Memory. A fresh process holds a connector node's tables: a ConnectorTable
-  and a Datapath(client=True, connector=True) as `conn25d up
-  --advertise-connector` builds them, filled with 100,000 mappings (two
-  peers) and 100,000 flows created by Datapath.process_datagram, against the
-  same process with empty tables. Also the C allocation of a 100,000-flow
-  FlowTable (glibc mallinfo2): bytes per flow entry and per event record.
+* Memory (bench/memory.py, a fresh process). It imports what `conn25d up`
+  imports and builds a connector node's state as `conn25d up
+  --advertise-connector` does (configuration, ConnectorTable,
+  Datapath(client=True, connector=True), its tables, the overlay's peers),
+  fills it with 100,000 mappings (two peers) and 100,000 flows created by
+  Datapath.process_datagram, against the same process with empty tables.
 
     python bench/control.py [--json OUT] [--seconds 5] [--log-level info]
                                                         (as root; needs dnsperf)
@@ -36,15 +36,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import gc
 import ipaddress
 import json
 import os
 import platform
 import resource
 import shutil
-import struct
 import subprocess
 import sys
 import tempfile
@@ -56,11 +53,17 @@ from typing import Any
 
 from conn25.core import dnsname, peerapi
 from conn25.core.config import NodeConfig
-from conn25.core.connector import DEFAULT_BURST, DEFAULT_RATE, RATE_LIMITED_MESSAGE, ConnectorTable
-from conn25.core.iprange import make_address
+from conn25.core.connector import (
+    DEFAULT_BURST,
+    DEFAULT_RATE,
+    RATE_LIMITED_MESSAGE,
+    ConnectorTable,
+    MappingStore,
+)
 from conn25.core.peerapi import TRANSIT_IP_PATH, ConnectorTransitIPRequest, TransitIPRequest
 from conn25.core.policy import node_config
 from conn25.core.tailnet import load as load_tailnet
+from conn25.daemon import keyfile
 from conn25.lab.netns import Netns, need_root, wait_for
 from conn25.lab.testbed import DEFAULT_NODES, DNS4, WEB4, NodeSpec, Testbed, tailnet_file
 
@@ -252,6 +255,7 @@ def print_dns(rows: list[dict[str, Any]], seconds: float) -> None:
 
 def bench_handler(seconds: float) -> list[dict[str, Any]]:
     """Items/s of ConnectorTable.handle_request, and of the peer API's work without sockets."""
+    from conn25.daemon.dataplane import Dataplane, Ids
     from conn25.fastpath import Datapath
 
     cfg = connector_config()
@@ -262,8 +266,8 @@ def bench_handler(seconds: float) -> list[dict[str, Any]]:
     raw = [peerapi.encode(r) for r in reqs]
     out = []
 
-    def fresh() -> ConnectorTable:
-        table = ConnectorTable(cfg, rate=1e12, burst=1 << 40)
+    def fresh(store: MappingStore | None = None) -> ConnectorTable:
+        table = ConnectorTable(cfg, rate=1e12, burst=1 << 40, store=store)
         table.note_resolution(app, dnsname.normalize(APP_NAME),
                               [(ipaddress.ip_address(WEB4), 3600)], time.time())
         return table
@@ -277,8 +281,8 @@ def bench_handler(seconds: float) -> list[dict[str, Any]]:
     out.append(("ConnectorTable.handle_request, in process, no limit (baseline)",
                 "handler_in_process", timed(handler, seconds)))
 
-    table = fresh()
     dp = Datapath(client=True, connector=True)
+    table = fresh(Dataplane(dp.tables, Ids()).connector_store)  # as the node: mappings in C
 
     def peerapi_work(i: int) -> int:
         # What PeerAPI._transit_ip does between the HTTP layer and the response.
@@ -294,9 +298,7 @@ def bench_handler(seconds: float) -> list[dict[str, Any]]:
             return resp
 
         status, _ = peerapi.transit_ip_http("POST", body, register)
-        assert status == 200
-        for m in stored:
-            dp.tables.set_transit(m.peer, m.transit, m.destination, 1)
+        assert status == 200  # (register put the mappings into the datapath's table)
         return len(stored)
 
     out.append(("peer API work without sockets (decode, check, register, datapath, encode)",
@@ -444,139 +446,15 @@ def print_registrations(rows: list[dict[str, Any]], seconds: float, concurrency:
 # -- memory --------------------------------------------------------------------------------------
 
 
-def ipv4_udp(src: str, dst: str, sport: int, dport: int) -> bytes:
-    from conn25.fastpath import internet_checksum
-
-    payload = b"conn25-b"
-    udp = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload  # no UDP checksum
-    head = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0x4000, 64, 17, 0,
-                                 ipaddress.IPv4Address(src).packed,
-                                 ipaddress.IPv4Address(dst).packed))
-    head[10:12] = internet_checksum(bytes(head)).to_bytes(2, "big")
-    return bytes(head) + udp
-
-
-def memory_figures() -> dict[str, Any]:
-    """In a fresh process: RSS of a connector node's tables, empty and with 100k + 100k."""
-    import conn25.daemon.node  # noqa: F401  (the daemon's imports: trio, pyroute2, h11, ...)
-    from conn25.core.wireguard import transport
-    from conn25.core.wireguard.handshake import Keypair
-    from conn25.fastpath import Datapath, monotonic_ms
-
-    gc.collect()
-    out: dict[str, Any] = {"interpreter": proc_status()}
-
-    cfg = connector_config(DEFAULT_NODES)
-    app = app_name(cfg)
-    table = ConnectorTable(cfg, rate=1e12, burst=1 << 40)  # the limit is not what is measured
-    dp = Datapath(client=True, connector=True)  # as the daemon's Node builds a connector's
-    dp.tables.set_local(list(cfg.node.addresses))
-    # Two peers (alice's client, bob's peer), so that 100,000 mappings fit their transit
-    # pools (32k v4 + 64k v6 each).
-    peers = [n for n in cfg.tailnet.nodes if n.name != cfg.node.name and cfg.may_use_apps(n)]
-    assert len(peers) == 2, [p.name for p in peers]
-    # Each peer has a session (fixed keys, as a handshake would leave them); the bench plays
-    # the peers with the reference transport, so the flows' datagrams are sealed ones.
-    sessions: dict[int, Keypair] = {}
-    for pid, p in enumerate(peers, 1):
-        host, port = p.endpoint or (None, 0)
-        dp.tables.set_peer(pid, None if host is None else ipaddress.ip_address(host), port,
-                           list(p.addresses))
-        key_out, key_in = bytes([pid]) * 32, bytes([100 + pid]) * 32
-        dp.install_keypair(pid, local_index=pid, remote_index=100 + pid, send_key=key_out,
-                           receive_key=key_in, initiator=False, created_ms=monotonic_ms(),
-                           as_next=False)
-        sessions[pid] = Keypair(key_in, key_out, 100 + pid, pid, 0.0, True)
-    pools = cfg.pools
-    dp.tables.set_transit_ranges(list(pools.v4_transit) + list(pools.v6_transit))
-    gc.collect()
-    out["empty"] = proc_status()
-
-    # Each peer maps half its items per family; both peers reach the same destinations.
-    # Addresses are made as they are used, so that the bench's own lists stay out of RSS.
-    per_family = ITEMS // len(peers) // 2
-    v4t, v6t = _first_range(pools.v4_transit, per_family), _first_range(pools.v6_transit,
-                                                                         per_family)
-    d4, d6 = int(ipaddress.ip_address("198.18.0.0")), int(ipaddress.ip_address("2001:db8:200::"))
-
-    def transit(i: int) -> str:
-        return str(make_address(4, v4t + i) if i < per_family
-                   else make_address(6, v6t + i - per_family))
-
-    def dest(i: int) -> str:
-        return str(make_address(4, d4 + i) if i < per_family
-                   else make_address(6, d6 + i - per_family))
-
-    now = time.time()
-    domain = dnsname.normalize(APP_NAME)
-    for start in range(0, 2 * per_family, BATCH):  # as answers come: one per query
-        table.note_resolution(app, domain, [(ipaddress.ip_address(dest(i)), 3600)
-                                            for i in range(start, start + BATCH)], now)
-    gc.collect()
-    out["resolutions"] = proc_status()
-    out["resolution_count"] = table.resolutions
-
-    # As the peer API does: one request at a time, whose stored mappings (the
-    # Mapping objects register returns) go to the datapath and are dropped. Here the
-    # datapath's share is installed in a second pass, so that each gets its own row.
-    for p in peers:
-        for start in range(0, 2 * per_family, BATCH):
-            req = ConnectorTransitIPRequest([TransitIPRequest(transit(i), dest(i), app, APP_NAME)
-                                             for i in range(start, start + BATCH)])
-            resp, new = table.register(p, req, now)
-            assert all(r.code == peerapi.Code.OK for r in resp.transit_ips), resp
-            assert len(new) == BATCH
-    del req, resp, new
-    gc.collect()
-    out["mappings"] = proc_status()
-    out["mapping_count"] = len(table)
-
-    for p in peers:
-        for i in range(2 * per_family):
-            t = ipaddress.ip_address(transit(i))
-            dp.tables.set_transit(p.address(t.version), t, ipaddress.ip_address(dest(i)), 1)
-    mem = dp.tables.memory()
-    out["transit_table_bytes"] = mem["transit_slots"] * mem["slot_bytes"]
-    gc.collect()
-    out["datapath_mappings"] = proc_status()
-
-    # 100,000 distinct 5-tuples: each peer, each of its v4 mappings, two source ports.
-    verdicts: Counter[str] = Counter()
-    now_ms = monotonic_ms()
-    n = 0
-    for pid, p in enumerate(peers, 1):
-        # Where it sends from does not matter (roaming); a documentation address if it has none.
-        src, sender = str(p.address(4)), p.endpoint or ("192.0.2.200", 41641)
-        for sport in range(40000, 40000 + ITEMS // len(peers) // per_family):
-            for i in range(per_family):
-                dgram = transport.seal(sessions[pid], n, transport.pad(
-                    ipv4_udp(src, transit(i), sport, 443)))
-                verdicts[dp.process_datagram(dgram, sender, now_ms)[0]] += 1
-                n += 1
-                if n % 1000 == 0:
-                    dp.read_events()  # the daemon drains its events as they come
-    dp.read_events()
-    gc.collect()
-    out["flows"] = proc_status()
-    out["flow_count"] = dp.connector_flows.stats()["flows"]
-    out["flowtable"] = dp.connector_flows.memory()
-    out["verdicts"] = dict(verdicts)
-    ctypes.CDLL(None).malloc_trim(0)  # what of that RSS is freed memory glibc kept
-    out["trimmed"] = proc_status()
-    return out
-
-
-def _first_range(ipset: Any, n: int) -> int:
-    """The first address (int) of the set's first range, which must hold `n` addresses."""
-    r = next(iter(ipset))
-    if r.last - r.first + 1 < n:
-        raise ValueError(f"the pool's first range {r} holds fewer than {n} addresses")
-    return r.first
-
-
 def run_memory() -> dict[str, Any]:
-    r = subprocess.run([sys.executable, str(HERE), "--_memory"], capture_output=True, text=True,
-                       timeout=600)
+    """bench/memory.py in a fresh process, as the testbed's connector conn1 (all nodes)."""
+    with tempfile.TemporaryDirectory(prefix="conn25-memory-") as tmp:
+        tailnet, key = Path(tmp) / "tailnet.hujson", Path(tmp) / "private.key"
+        tailnet.write_text(tailnet_file(DEFAULT_NODES))
+        keyfile.create(key, CONNECTOR.private_key)
+        r = subprocess.run([sys.executable, str(HERE.parent / "memory.py"), str(tailnet),
+                            CONNECTOR.name, str(key)], capture_output=True, text=True,
+                           timeout=600)
     if r.returncode != 0:
         raise RuntimeError(f"memory benchmark failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout)
@@ -589,15 +467,15 @@ def print_memory(m: dict[str, Any], daemon: dict[str, int] | None) -> None:
     print("| state | VmRSS MiB | RssAnon MiB | x empty node | step MiB | per item |")
     print("|---|---:|---:|---:|---:|---:|")
     steps = [
-        ("interpreter + conn25d's modules (conn25.daemon.node imported)", "interpreter", None),
-        ("empty connector node (baseline): config, ConnectorTable, Datapath(client, "
-         "connector) with its preallocated flow tables, 2 peers", "empty", None),
+        (f"interpreter + the {m['node_modules']} modules `conn25d up` imports", "interpreter",
+         None),
+        ("empty connector node (baseline): config, key, ConnectorTable, Datapath(client, "
+         "connector) with its tables, overlay peers (2 peers may use the app)", "empty", None),
         (f"+ {m['resolution_count']:,} resolution records (destinations the app resolved to)",
          "resolutions", m["resolution_count"]),
-        (f"+ {m['mapping_count']:,} mappings in the ConnectorTable", "mappings",
+        (f"+ {m['mapping_count']:,} mappings registered as the peer API does "
+         "(ConnectorTable.register, then the datapath's transit table)", "mappings",
          m["mapping_count"]),
-        (f"+ the same {m['mapping_count']:,} in the datapath's transit table",
-         "datapath_mappings", m["mapping_count"]),
         (f"+ {m['flow_count']:,} flows (process_datagram, events drained)", "flows",
          m["flow_count"]),
     ]
@@ -614,17 +492,20 @@ def print_memory(m: dict[str, Any], daemon: dict[str, int] | None) -> None:
     verdict = "meets" if total < 64 else "misses"
     ft = m["flowtable"]
     print(f"\nTotal {total:.1f} MiB (peak {mib(m['flows']['VmHWM']):.1f}): {verdict} the "
-          f"64 MiB target. Flow verdicts: {m['verdicts']}. The datapath's transit table has "
-          f"{m['transit_table_bytes'] / 2**20:.1f} MiB of slots "
-          f"({m['transit_table_bytes'] / m['mapping_count']:.0f} B/mapping). "
-          f"malloc_trim(0) at the end gives {mib(m['flows']['VmRSS'] - m['trimmed']['VmRSS']):.1f} "
-          "MiB back to the system: memory freed but kept by glibc.")
+          f"64 MiB target. Flow verdicts: {m['verdicts']}. The datapath's transit and "
+          f"reverse maps have {m['transit_table_bytes'] / 2**20:.1f} MiB of slots "
+          f"({m['transit_table_bytes'] / m['mapping_count']:.0f} B/mapping). Each row is "
+          "taken as the node's sweep task leaves it every 5 s (release_freed_memory: "
+          "malloc_trim); the registrations write a snapshot of every mapping every 2,000, as "
+          "the node's persist task does.")
     print(f"Connector FlowTable({ft['capacity']:,}): {ft['entry_bytes']} B per flow entry, "
           f"{ft['event_bytes']} B per event record (a ring of {ft['ring_size']:,}), "
           f"{ft['buckets']:,} hash buckets of 4 B; {ft['entries_used']:,} entries ever used. "
           "Entries and ring come zeroed from mmap and only the pages used become resident, so "
           "an empty node holds the buckets only; the ring restarts at its start whenever a "
           "drain empties it, so a control plane that keeps up touches only its first pages.")
+    print("Modules the bench process loaded beyond those of `conn25d up`: "
+          f"{', '.join(m['bench_modules']) or 'none'}.")
     if daemon:
         print("Real `conn25d up --advertise-connector` in the testbed, VmRSS: "
               + ", ".join(f"{k.replace('_', ' ')} {mib(v):.1f} MiB" for k, v in daemon.items())
@@ -650,8 +531,8 @@ def main() -> int:
     if args._post_load:
         print(json.dumps(post_load(float(args._post_load[0]), int(args._post_load[1]))))
         return 0
-    if args._memory:
-        print(json.dumps(memory_figures()))
+    if args._memory:  # the memory section alone (no root needed)
+        print_memory(run_memory(), None)
         return 0
     if (why := need_root()) is not None:
         print(f"bench/control.py {why}", file=sys.stderr)
@@ -690,7 +571,7 @@ def main() -> int:
             "registrations_per_s": {r["key"]: r["ok_per_s"] for r in regs},
             "memory_mib": {"interpreter": mib(memory["interpreter"]["VmRSS"]),
                            "empty_node": mib(memory["empty"]["VmRSS"]),
-                           "mappings_100k": mib(memory["datapath_mappings"]["VmRSS"]),
+                           "mappings_100k": mib(memory["mappings"]["VmRSS"]),
                            "mappings_100k_flows_100k": mib(memory["flows"]["VmRSS"]),
                            **{f"daemon_{k}": mib(v) for k, v in daemon_rss.items()}},
         }

@@ -31,7 +31,7 @@ cdef uint32_t _fs_copy_chunk(FlowTableC *t, uint32_t start, SavedFlow *out,
         out[n].app = e.app
         memcpy(out[n].client, e.key[FT_DIR_FWD].src, 16)
         memcpy(out[n].transit, e.key[FT_DIR_FWD].dst, 16)
-        memcpy(out[n].real, e.act[FT_DIR_FWD].addr, 16)
+        memcpy(out[n].real, _ft_addr(e, e.addr_of[FT_DIR_FWD]), 16)
         n += 1
     scanned[0] = end
     pthread_mutex_unlock(&t.lock)

@@ -13,6 +13,12 @@
 # intrusive doubly linked LRU list, and a free list. Nothing is allocated per
 # packet or per flow.
 #
+# A flow is a translation: each action puts an address that one of the two
+# keys holds (a DNAT's new destination is where the reply comes from; the
+# reply's SNAT puts back the original destination), and so does the transit
+# IP. An entry keeps which one, not a copy (160 bytes a flow instead of 208);
+# ft_insert refuses a flow whose action or transit IP is none of them.
+#
 # Memory: the entry array and the event ring come zeroed straight from mmap
 # (c25_zalloc) and nothing walks them up front, so their pages become
 # resident only as flows and events first use them, and go back to the
@@ -49,6 +55,12 @@ cdef enum:
 cdef enum:
     FT_DIR_FWD = 0              # FlowHit.dir: the forward key matched
     FT_DIR_REV = 1              # ... the reverse key matched
+
+cdef enum:                      # FlowEntry.addr_of: key (direction) * 2 + (0 src, 1 dst)
+    FT_ADDR_FWD_SRC = 0
+    FT_ADDR_FWD_DST = 1
+    FT_ADDR_REV_SRC = 2
+    FT_ADDR_REV_DST = 3
 
 cdef enum:
     FT_EV_CREATED = 1           # FlowEventRec.kind
@@ -92,10 +104,8 @@ cdef struct FlowEventRec:
     uint8_t kind                # FT_EV_*
     uint8_t reason              # FT_R_*
 
-cdef struct FlowEntry:
+cdef struct FlowEntry:          # 160 bytes
     FlowKey key[2]              # [FT_DIR_FWD], [FT_DIR_REV]; normalised (zero padding)
-    FlowAction act[2]
-    uint8_t transit[16]
     uint64_t created
     uint64_t last_used
     uint64_t packets[2]
@@ -105,6 +115,9 @@ cdef struct FlowEntry:
     int32_t hnext[2]            # hash chain link per key (slot numbers, -1 ends)
     int32_t prev                # LRU: towards the head (more recent), -1 at the head
     int32_t next                # LRU: towards the tail; free list link when removed
+    uint8_t rewrite[2]          # the action per direction: FT_REWRITE_SRC or _DST
+    uint8_t addr_of[3]          # the address the action of each direction puts, and the
+                                # transit IP: which of the keys' four addresses (FT_ADDR_*)
 
 cdef struct FlowTableC:
     pthread_mutex_t lock

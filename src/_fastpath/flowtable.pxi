@@ -45,6 +45,28 @@ cdef inline void _ft_key_norm(const FlowKey *k, FlowKey *out) noexcept nogil:
     out.proto = k.proto
 
 
+cdef inline int _ft_addr_index(const FlowKey *kf, const FlowKey *kr,
+                               const uint8_t *addr) noexcept nogil:
+    """Which of the normalised keys' addresses `addr` is (FT_ADDR_*), or -1."""
+    cdef int n = 4 if kf.family == 4 else 16
+    if memcmp(addr, kr.src, n) == 0:
+        return FT_ADDR_REV_SRC
+    if memcmp(addr, kf.dst, n) == 0:
+        return FT_ADDR_FWD_DST
+    if memcmp(addr, kf.src, n) == 0:
+        return FT_ADDR_FWD_SRC
+    if memcmp(addr, kr.dst, n) == 0:
+        return FT_ADDR_REV_DST
+    return -1
+
+
+cdef inline const uint8_t *_ft_addr(const FlowEntry *e, uint8_t which) noexcept nogil:
+    cdef const FlowKey *k = &e.key[which >> 1]
+    if which & 1:
+        return &k.dst[0]
+    return &k.src[0]
+
+
 # ---- internals (lock held) ------------------------------------------------
 
 cdef inline int32_t _ft_find(FlowTableC *t, const FlowKey *k) noexcept nogil:
@@ -106,7 +128,7 @@ cdef inline void _ft_emit(FlowTableC *t, FlowEntry *e, uint8_t kind, uint8_t rea
     t.ring_len += 1
     t.emitted += 1
     memcpy(&r.key, &e.key[FT_DIR_FWD], sizeof(FlowKey))
-    memcpy(r.transit, e.transit, 16)
+    memcpy(r.transit, _ft_addr(e, e.addr_of[2]), 16)
     r.created = e.created
     r.last_used = e.last_used
     r.packets = e.packets[0] + e.packets[1]
@@ -214,8 +236,10 @@ cdef bint ft_lookup(FlowTableC *t, const FlowKey *key, uint64_t now, uint32_t nb
     if t.lru_head != i:
         _ft_lru_unlink(t, i)
         _ft_lru_push(t, i)
-    memcpy(&out.act, &e.act[d], sizeof(FlowAction))
-    memcpy(out.transit, e.transit, 16)
+    memset(&out.act, 0, sizeof(FlowAction))
+    out.act.rewrite = e.rewrite[d]
+    memcpy(out.act.addr, _ft_addr(e, e.addr_of[d]), 16)
+    memcpy(out.transit, _ft_addr(e, e.addr_of[2]), 16)
     out.peer = e.peer
     out.app = e.app
     out.dir = <uint8_t>d
@@ -231,13 +255,19 @@ cdef int ft_insert(FlowTableC *t, const FlowKey *fwd, const FlowAction *fwd_act,
     """Install a flow. Any flow holding `fwd` or `rev` (in either of its
     directions) is removed first (reason collision: up to two flows); then, if
     the table is full, the least recently used flow (reason lru). Emits one
-    created event. Returns the flow's index, or -1 if the two keys are equal or
-    their families differ (nothing changed). `transit` is 16 bytes."""
+    created event. Returns the flow's index, -1 if the two keys are equal or
+    their families differ, or -2 if an action's address or the transit IP is
+    none of the keys' addresses (nothing changed). `transit` is 16 bytes."""
     cdef FlowKey kf, kr
     _ft_key_norm(fwd, &kf)
     _ft_key_norm(rev, &kr)
     if _ft_key_eq(&kf, &kr) or kf.family != kr.family:
         return -1
+    cdef int a_fwd = _ft_addr_index(&kf, &kr, fwd_act.addr)
+    cdef int a_rev = _ft_addr_index(&kf, &kr, rev_act.addr)
+    cdef int a_tr = _ft_addr_index(&kf, &kr, transit)
+    if a_fwd < 0 or a_rev < 0 or a_tr < 0:
+        return -2
     pthread_mutex_lock(&t.lock)
     now = _ft_tick(t, now)
     cdef int32_t s = _ft_find(t, &kf)
@@ -258,9 +288,11 @@ cdef int ft_insert(FlowTableC *t, const FlowKey *fwd, const FlowAction *fwd_act,
     cdef FlowEntry *e = &t.flows[i]
     memcpy(&e.key[FT_DIR_FWD], &kf, sizeof(FlowKey))
     memcpy(&e.key[FT_DIR_REV], &kr, sizeof(FlowKey))
-    memcpy(&e.act[FT_DIR_FWD], fwd_act, sizeof(FlowAction))
-    memcpy(&e.act[FT_DIR_REV], rev_act, sizeof(FlowAction))
-    memcpy(e.transit, transit, 16)
+    e.rewrite[FT_DIR_FWD] = fwd_act.rewrite
+    e.rewrite[FT_DIR_REV] = rev_act.rewrite
+    e.addr_of[FT_DIR_FWD] = <uint8_t>a_fwd
+    e.addr_of[FT_DIR_REV] = <uint8_t>a_rev
+    e.addr_of[2] = <uint8_t>a_tr
     e.peer = peer
     e.app = app
     e.created = now
@@ -469,6 +501,8 @@ cdef class FlowTable:
         cdef int i
         with nogil:
             i = ft_insert(self.table, &kf, &af, &kr, &ar, p, tr, a, t_now)
+        if i == -2:
+            raise ValueError("a flow's actions and transit IP must be addresses of its keys")
         if i < 0:
             raise ValueError("forward and reverse keys must differ")
         return i

@@ -18,8 +18,11 @@
 # - magic / transit ranges: tell "ours but unmapped" from "not our traffic".
 #
 # Storage is C only: open addressing with linear probing and backward-shift
-# deletion (no tombstones), keyed by a fixed 40-byte TbKey, in 64-byte slots
-# (one cache line), grown by doubling when more than 4/5 full. A probe
+# deletion (no tombstones), keyed by a fixed 36-byte TbKey, in 72-byte slots,
+# grown by doubling when more than 4/5 full. The connector's mappings are kept
+# here only: a transit entry also holds what the control plane needs of it
+# (registration time, a number for its app and peer), which the control plane
+# reads back (tb_transit_entry, Tables.transit_entries, expired_transit). A probe
 # compares the stored hash before the key. Slot arrays come zeroed from mmap
 # (c25_zalloc) and go back to the system when a map grows or is freed. One
 # pthread mutex guards all tables of a Tables object, so
@@ -61,20 +64,22 @@ cdef enum:
 
 
 cdef struct TbKey:
-    uint8_t a[16]
+    uint8_t a[16]               # the peers and indices maps: the uint32 id in the first 4 bytes
     uint8_t b[16]
-    uint32_t n
     uint8_t family
-    uint8_t _pad[3]             # zero: keys are hashed and compared as 40 bytes
+    uint8_t _pad[3]             # zero: keys are compared as 36 bytes
 
 cdef struct TbVal:
     uint8_t addr[16]            # peers map: the TbPeer record (owned) instead, see _tb_val_ptr
     uint32_t u32
+    uint32_t tag                # transit map: the control plane's number for the mapping's
+                                # (app, peer name)
+    double when                 # transit map: its last registration (wall-clock seconds)
 
-cdef struct TbSlot:             # 64 bytes
+cdef struct TbSlot:             # 72 bytes
     TbKey key
-    TbVal val
     uint32_t hash               # _tb_hash(key) | TB_USED, or 0: empty
+    TbVal val
 
 cdef struct TbMap:
     TbSlot *slots
@@ -133,7 +138,10 @@ cdef int tb_set_route(TablesC *t, uint8_t family, const uint8_t *dst, uint32_t p
 cdef int tb_set_magic(TablesC *t, uint8_t family, const uint8_t *magic,
                       const uint8_t *transit) noexcept nogil
 cdef int tb_set_transit(TablesC *t, uint8_t family, const uint8_t *peer_addr,
-                        const uint8_t *transit, const uint8_t *real, uint32_t app) noexcept nogil
+                        const uint8_t *transit, const uint8_t *real, uint32_t app,
+                        uint32_t tag, double when) noexcept nogil
+cdef bint tb_transit_entry(TablesC *t, uint8_t family, const uint8_t *peer_addr,
+                           const uint8_t *transit, TbVal *out) noexcept nogil
 cdef int tb_set_local(TablesC *t, const uint8_t *families, const uint8_t (*addrs)[16],
                       uint32_t n) noexcept nogil
 cdef bint tb_del(TablesC *t, int which, uint8_t family, const uint8_t *a,

@@ -1,7 +1,8 @@
 # The mapping tables; what they hold and their types are in tables.pxd.
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
-from libc.stdlib cimport calloc, free, malloc
+from libc.math cimport INFINITY
+from libc.stdlib cimport calloc, free, malloc, qsort
 from libc.string cimport memcmp, memcpy, memset
 
 from includes.pthread cimport (
@@ -16,18 +17,22 @@ from includes.pthread cimport (
 
 cdef inline void _tb_key(TbKey *k, uint8_t family, const uint8_t *a, const uint8_t *b,
                          uint32_t n) noexcept nogil:
+    """A key of one or two addresses, or (a == NULL) of the id `n`."""
     cdef int alen = 4 if family == 4 else 16
     memset(k, 0, sizeof(TbKey))
     k.family = family
-    k.n = n
     if a != NULL:
         memcpy(k.a, a, alen)
+    else:
+        memcpy(k.a, &n, 4)
     if b != NULL:
         memcpy(k.b, b, alen)
 
 
 cdef inline uint32_t _tb_hash(const TbKey *k, uint64_t seed) noexcept nogil:
-    return <uint32_t>c25_hash_words(<const uint8_t *>k, 5, seed) | TB_USED
+    # The two addresses; the family only through the seed (keys that differ
+    # in it alone share a probe run, and compare unequal).
+    return <uint32_t>c25_hash_words(<const uint8_t *>k, 4, seed ^ k.family) | TB_USED
 
 
 cdef inline void *_tb_val_ptr(const TbVal *v) noexcept nogil:
@@ -465,7 +470,11 @@ cdef int tb_set_magic(TablesC *t, uint8_t family, const uint8_t *magic,
 
 
 cdef int tb_set_transit(TablesC *t, uint8_t family, const uint8_t *peer_addr,
-                        const uint8_t *transit, const uint8_t *real, uint32_t app) noexcept nogil:
+                        const uint8_t *transit, const uint8_t *real, uint32_t app,
+                        uint32_t tag, double when) noexcept nogil:
+    """Connector: map (peer_addr, transit) -> real, app, with the control
+    plane's tag and time. 0 if the key is new, 1 if it replaced a mapping,
+    -1 if out of memory (nothing changed)."""
     cdef TbKey k
     cdef TbVal v, old
     cdef int r = -1
@@ -475,14 +484,32 @@ cdef int tb_set_transit(TablesC *t, uint8_t family, const uint8_t *peer_addr,
     memset(&v, 0, sizeof(TbVal))
     memcpy(v.addr, real, 4 if family == 4 else 16)
     v.u32 = app
+    v.tag = tag
+    v.when = when
     pthread_mutex_lock(&t.lock)
     if _tb_reserve(&t.transit, 1) == 0 and _tb_reserve(&t.real_rev, 1) == 0:
-        if _tb_put(&t.transit, &k, &v, t.seed, &old) == 1:
-            _tb_rev_drop(t, family, peer_addr, old.addr, tr16)
-        _tb_rev_add(t, family, peer_addr, real, tr16)
-        r = 0
+        r = _tb_put(&t.transit, &k, &v, t.seed, &old)
+        # A re-registration to the same real address leaves real_rev as it is
+        # (dropping and adding it again would mark a shared entry stale).
+        if r == 0 or memcmp(old.addr, v.addr, 16) != 0:
+            if r == 1:
+                _tb_rev_drop(t, family, peer_addr, old.addr, tr16)
+            _tb_rev_add(t, family, peer_addr, real, tr16)
     pthread_mutex_unlock(&t.lock)
     return r
+
+
+cdef bint tb_transit_entry(TablesC *t, uint8_t family, const uint8_t *peer_addr,
+                           const uint8_t *transit, TbVal *out) noexcept nogil:
+    """Connector: the transit entry of (peer_addr, transit), all of it, if any."""
+    cdef TbKey k
+    _tb_key(&k, family, peer_addr, transit, 0)
+    pthread_mutex_lock(&t.lock)
+    cdef TbSlot *s = _tb_find(&t.transit, &k, t.seed)
+    if s != NULL:
+        memcpy(out, &s.val, sizeof(TbVal))
+    pthread_mutex_unlock(&t.lock)
+    return s != NULL
 
 
 cdef int tb_set_local(TablesC *t, const uint8_t *families, const uint8_t (*addrs)[16],
@@ -600,6 +627,17 @@ cdef TbPeer *tb_del_peer(TablesC *t, uint32_t peer) noexcept nogil:
         _tb_del_routes_to(t, peer)
     pthread_mutex_unlock(&t.lock)
     return rec
+
+
+cdef int _tb_slot_older(const void *x, const void *y) noexcept nogil:
+    """qsort order of transit slots: registration time, then the key's bytes."""
+    cdef const TbSlot *a = <const TbSlot *>x
+    cdef const TbSlot *b = <const TbSlot *>y
+    if a.val.when != b.val.when:
+        return -1 if a.val.when < b.val.when else 1
+    if a.key.family != b.key.family:
+        return -1 if a.key.family < b.key.family else 1
+    return memcmp(a.key.a, b.key.a, 32)
 
 
 # ---- Python boundary (control plane and tests) -------------------------------
@@ -742,8 +780,10 @@ cdef class Tables:
     # connector transit IPs
 
     def set_transit(self, peer_addr: object, transit: object, real: object,
-                    app: int = 0) -> None:
-        """Map (peer overlay address, transit IP) -> (real IP, app id)."""
+                    app: int = 0, registered: float = 0.0, tag: int = 0) -> bool:
+        """Map (peer overlay address, transit IP) -> (real IP, app id); the entry
+        also keeps the control plane's `registered` time and `tag` for it.
+        Whether (peer overlay address, transit IP) was not mapped before."""
         cdef uint8_t pa[16]
         cdef uint8_t tr[16]
         cdef uint8_t rl[16]
@@ -753,11 +793,109 @@ cdef class Tables:
             raise ValueError("set_transit: peer address, transit and real are of "
                              "different address families")
         cdef uint32_t a = cv_u32_in(app, "app")
+        cdef uint32_t g = cv_u32_in(tag, "tag")
+        cdef double when = registered
         cdef int r
         with nogil:
-            r = tb_set_transit(self.tables, fam, pa, tr, rl, a)
+            r = tb_set_transit(self.tables, fam, pa, tr, rl, a, g, when)
         if r < 0:
             raise MemoryError("Tables.set_transit")
+        return r == 0
+
+    def transit_entry(self, peer_addr: object, transit: object) -> tuple | None:
+        """(real, app, registered, tag) of the mapping of (peer_addr, transit), or None."""
+        cdef uint8_t pa[16]
+        cdef uint8_t tr[16]
+        cdef uint8_t fam = cv_addr_in(peer_addr, pa, "peer address")
+        if cv_addr_in(transit, tr, "transit") != fam:
+            return None  # a key of one family only
+        cdef TbVal v
+        cdef bint found
+        with nogil:
+            found = tb_transit_entry(self.tables, fam, pa, tr, &v)
+        if not found:
+            return None
+        return (cv_addr_out(v.addr, fam), v.u32, v.when, v.tag)
+
+    def transit_chunk(self, start: int, count: int) -> tuple:
+        """(entries, next): up to `count` transit entries, as transit_entries gives
+        them, from slot `start` on, in slot order, and the slot to go on from (-1:
+        none left). For walking every mapping a chunk at a time: the walk sees each
+        entry once if nothing writes the map in between (the control plane is its
+        only writer)."""
+        cdef TablesC *t = self.tables
+        cdef TbMap *m = &t.transit
+        if count < 1 or start < 0:
+            raise ValueError(f"transit_chunk: start {start!r} >= 0, count {count!r} >= 1")
+        cdef uint32_t cap = count if count < 4096 else 4096
+        cdef TbSlot *buf = <TbSlot *>malloc(cap * sizeof(TbSlot))
+        if buf == NULL:
+            raise MemoryError("Tables.transit_chunk")
+        cdef uint32_t n = 0
+        cdef uint64_t i = start
+        cdef bint done
+        with nogil:
+            pthread_mutex_lock(&t.lock)
+            while i <= m.mask and n < cap:
+                if m.slots[i].hash:
+                    memcpy(&buf[n], &m.slots[i], sizeof(TbSlot))
+                    n += 1
+                i += 1
+            done = i > m.mask
+            pthread_mutex_unlock(&t.lock)
+        try:
+            out = []
+            for j in range(n):
+                fam = buf[j].key.family
+                out.append((cv_addr_out(buf[j].key.a, fam), cv_addr_out(buf[j].key.b, fam),
+                            cv_addr_out(buf[j].val.addr, fam), buf[j].val.u32,
+                            buf[j].val.when, buf[j].val.tag))
+            return out, (-1 if done else i)
+        finally:
+            free(buf)
+
+    def transit_entries(self, double before=INFINITY, limit: int = -1) -> list:
+        """The transit map's entries as (peer_addr, transit, real, app, registered,
+        tag), packed addresses: those registered before `before`, the oldest
+        first (then by family, peer address and transit IP), at most `limit`
+        of them (-1: all). One copy under the lock, the rest without it."""
+        cdef TablesC *t = self.tables
+        cdef TbMap *m = &t.transit
+        cdef TbSlot *buf = NULL
+        cdef uint32_t n = 0, i, size = 0, need = 0
+        cdef bint done = False
+        while not done:  # a buffer as large as the map, then the copy (it may grow between)
+            with nogil:
+                pthread_mutex_lock(&t.lock)
+                if m.count <= size:
+                    for i in range(m.mask + 1):
+                        if m.slots[i].hash and m.slots[i].val.when < before:
+                            memcpy(&buf[n], &m.slots[i], sizeof(TbSlot))
+                            n += 1
+                    done = True
+                else:
+                    need = m.count
+                pthread_mutex_unlock(&t.lock)
+            if not done:
+                free(buf)
+                buf = <TbSlot *>malloc(need * sizeof(TbSlot))
+                if buf == NULL:
+                    raise MemoryError("Tables.transit_entries")
+                size = need
+        try:
+            if before != INFINITY or limit >= 0:
+                qsort(buf, n, sizeof(TbSlot), _tb_slot_older)
+            if 0 <= limit < n:
+                n = limit
+            out = []
+            for i in range(n):
+                fam = buf[i].key.family
+                out.append((cv_addr_out(buf[i].key.a, fam), cv_addr_out(buf[i].key.b, fam),
+                            cv_addr_out(buf[i].val.addr, fam), buf[i].val.u32,
+                            buf[i].val.when, buf[i].val.tag))
+            return out
+        finally:
+            free(buf)
 
     def del_transit(self, peer_addr: object, transit: object) -> bool:
         cdef uint8_t pa[16]

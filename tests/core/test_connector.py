@@ -4,10 +4,19 @@ import ipaddress
 
 import msgspec
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from conn25.core import config, peerapi
 from conn25.core.config import App, Member, NodeConfig, Tailnet
-from conn25.core.connector import MAPPING_LIFETIME, ConnectorTable, Mapping
+from conn25.core.connector import (
+    MAPPING_LIFETIME,
+    ConnectorTable,
+    Mapping,
+    MappingStore,
+    PackedStore,
+    Resolutions,
+)
 from conn25.core.peerapi import Code, ConnectorTransitIPRequest, NotConfigured, TransitIPRequest
 from nodekeys import public_key
 
@@ -38,6 +47,16 @@ T4 = [ip(f"169.254.128.{i}") for i in range(1, 20)]
 T6 = [ip(f"fd7a:115c:a1e0:ab13::{i}") for i in range(1, 20)]
 D4 = [ip(f"203.0.113.{i}") for i in range(1, 20)]
 D6 = [ip(f"2001:db8::{i}") for i in range(1, 20)]
+
+
+def make_store() -> MappingStore:
+    """The store every table here gets (tests/daemon/test_connector_on_datapath.py runs
+    these tests again with the daemon's, the datapath's transit table)."""
+    return PackedStore()
+
+
+def new_table(cfg: NodeConfig, **kw) -> ConnectorTable:
+    return ConnectorTable(cfg, store=make_store(), **kw)
 
 
 def node_config(
@@ -71,7 +90,7 @@ def codes(resp: peerapi.ConnectorTransitIPResponse) -> list[int]:
 
 @pytest.fixture
 def table() -> ConnectorTable:
-    t = ConnectorTable(node_config())
+    t = new_table(node_config())
     # Everything the tests map to was "served" by this connector at t=0.
     t.note_resolution("GitHub", "github.com", [(d, 3600) for d in D4 + D6], 0.0)
     t.note_resolution("GitLab", "gitlab.com", [(D4[0], 3600)], 0.0)
@@ -214,7 +233,7 @@ def test_empty_request_gets_empty_response(table):
 )
 def test_not_configured_refuses_with_503(cfg):
     """A node that serves no app answers 503 and stores nothing."""
-    t = ConnectorTable(cfg)
+    t = new_table(cfg)
     assert not t.configured
     with pytest.raises(NotConfigured):
         t.handle_request(LAPTOP, req(item(T4[0], D4[0])), 1.0)
@@ -267,7 +286,20 @@ def test_sweep_prunes_empty_peer_tables(table):
     assert [p.name for p in table.state().peers] == ["laptop", "phone"]
     table.sweep(MAPPING_LIFETIME + 1, 10)
     assert [p.name for p in table.state().peers] == ["phone"]
-    assert table._peers.keys() == {PHONE.address(4)}
+
+
+def test_packed_store_drops_a_peer_with_its_last_mapping():
+    """Memory: no empty per-peer dicts are left behind."""
+    t = ConnectorTable(node_config())
+    t.note_resolution("GitHub", "github.com", [(D4[0], 3600)], 0.0)
+    t.handle_request(LAPTOP, req(item(T4[0], D4[0])), 0.0)
+    t.handle_request(PHONE, req(item(T4[0], D4[0])), 2000.0)
+    assert isinstance(t.store, PackedStore)
+    assert t.store._peers.keys() == {LAPTOP.address(4), PHONE.address(4)}
+    t.sweep(MAPPING_LIFETIME + 1, 10)
+    assert t.store._peers.keys() == {PHONE.address(4)}
+    t.sweep(MAPPING_LIFETIME + 2001, 10)
+    assert t.store._peers == {}
 
 
 def test_sweep_goes_by_registration_time_across_peers(table):
@@ -282,9 +314,9 @@ def test_sweep_goes_by_registration_time_across_peers(table):
     assert swept == [("laptop", T4[1], 10.0), ("phone", T4[0], 20.0), ("laptop", T4[2], 30.0)]
     swept = [(m.peer_name, m.transit, m.registered) for m in table.sweep(later, 2)]
     assert swept == [("laptop", T6[0], 30.0), ("phone", T4[1], 40.0)]
-    assert table._peers.keys() == {LAPTOP.address(4)}  # phone's table went with its last
+    assert [p.name for p in table.state().peers] == ["laptop"]  # phone went with its last
     assert [m.transit for m in table.sweep(later, 5)] == [T4[0]]
-    assert len(table) == 0 and table._peers == {}
+    assert len(table) == 0 and table.state().peers == []
 
 
 def test_sweep_stops_at_the_first_mapping_still_alive(table):
@@ -316,7 +348,7 @@ def test_stored_mappings_keep_every_field_exactly(table):
 
 def test_resolution_records_of_v4_and_v6_do_not_mix():
     """An IPv6 address whose integer is an IPv4 one's is another record."""
-    t = ConnectorTable(node_config())
+    t = new_table(node_config())
     v4, v6 = ip("203.0.113.7"), ip("::cb00:7107")
     assert int(v4) == int(v6)
     t.note_resolution("GitHub", "github.com", [(v4, 60)], 0.0)
@@ -325,8 +357,48 @@ def test_resolution_records_of_v4_and_v6_do_not_mix():
     assert codes(t.handle_request(LAPTOP, req(item(T4[0], v4)), 1.0)) == [Code.OK]
 
 
+class SmallResolutions(Resolutions):
+    MERGE_AT = 3  # merges into the arrays after every few new addresses
+
+
+ADDRS = [ip("203.0.113.7"), ip("::cb00:7107"), ip("198.18.0.1"), ip("2001:db8::1"),
+         ip("2001:db8::2"), ip("2001:db8:0:0:1::1"), ip("255.255.255.255"), ip("0.0.0.1"),
+         ip("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"), ip("::")]
+
+
+def test_compact_resolution_records_behave_as_a_dict():
+    """Records kept in sorted arrays and a small dict of new ones: each address has the
+    latest expiry noted for it, before and after merges, IPv4 and IPv6 apart."""
+    r, model = SmallResolutions(), {}
+    for n in range(60):
+        addr, expires = ADDRS[n * 7 % len(ADDRS)], float(n * 13 % 17)
+        r.note(addr, expires)
+        model[addr] = max(model.get(addr, expires), expires)
+        assert len(r) == len(model)
+        assert all(r.expiry(a) == model.get(a) for a in ADDRS)
+    assert len(r._recent) < SmallResolutions.MERGE_AT and len(r._v4[0]) + len(r._v6[0]) > 0
+    assert r.expiry(ip("203.0.113.8")) is None and r.expiry(ip("2001:db8::3")) is None
+
+
+@given(st.lists(st.tuples(st.sampled_from(ADDRS), st.floats(0, 100), st.booleans(),
+                          st.integers(0, 4)), max_size=60))
+def test_compact_resolution_records_sweep_only_expired_ones_within_the_budget(ops):
+    r, model = SmallResolutions(), {}
+    for addr, value, sweep, budget in ops:
+        if sweep:
+            expired = {a for a, e in model.items() if e < value}
+            assert r.sweep(value, budget) == min(budget, len(expired))
+            model = {a: e for a, e in model.items()
+                     if a not in expired or r.expiry(a) is not None}
+            assert len(model) == len(r)
+        else:
+            r.note(addr, value)
+            model[addr] = max(model.get(addr, value), value)
+        assert all(r.expiry(a) == model.get(a) for a in ADDRS)
+
+
 def test_a_shorter_answer_does_not_shorten_a_resolution():
-    t = ConnectorTable(node_config())
+    t = new_table(node_config())
     t.note_resolution("GitHub", "github.com", [(D4[0], 100)], 0.0)
     t.note_resolution("GitHub", "github.com", [(D4[0], 10)], 5.0)  # ends at 15: earlier
     t.sweep(50.0, 10)
@@ -342,7 +414,7 @@ def test_sweep_rejects_negative_limit(table):
 
 def test_sweep_expires_resolution_records():
     """Records go once their TTL has passed, a bounded number per sweep."""
-    t = ConnectorTable(node_config())
+    t = new_table(node_config())
     t.note_resolution("GitHub", "github.com", [(D4[0], 10), (D4[1], 10), (D4[2], 100)], 0.0)
     t.note_resolution("GitHub", "api.github.com", [(D4[0], 50)], 5.0)  # extends D4[0]
     assert t.resolutions == 3
@@ -361,7 +433,7 @@ def test_sweep_expires_resolution_records():
 
 def test_destination_not_resolved_here_gets_code_1():
     """No open relay; the reason names the destination and the app."""
-    t = ConnectorTable(node_config())
+    t = new_table(node_config())
     resp = t.handle_request(LAPTOP, req(item(T4[0], D4[0])), 1.0)
     assert codes(resp) == [Code.OTHER]
     assert "203.0.113.1" in resp.transit_ips[0].message
@@ -372,7 +444,7 @@ def test_destination_not_resolved_here_gets_code_1():
 def test_resolution_counts_only_for_its_app_and_its_ttl():
     """A destination that the app's domain does not resolve to from the connector, or a transit IP
     outside the transit pools: code 1 with the reason. Per-peer rate limit."""
-    t = ConnectorTable(node_config())
+    t = new_table(node_config())
     assert t.note_resolution("GitLab", "gitlab.com.", [(D4[0], 60)], 0.0)
     assert codes(t.handle_request(LAPTOP, req(item(T4[0], D4[0], "GitHub")), 1.0)) == [Code.OTHER]
     assert codes(t.handle_request(LAPTOP, req(item(T4[0], D4[0], "GitLab")), 1.0)) == [Code.OK]
@@ -388,7 +460,7 @@ def test_resolution_counts_only_for_its_app_and_its_ttl():
 
 def test_any_domain_of_the_app_vouches_for_the_destination():
     """The item's domain must be the app's; the answer may come from another of its names."""
-    t = ConnectorTable(node_config())
+    t = new_table(node_config())
     t.note_resolution("GitHub", "github.com", [(D4[0], 60)], 0.0)
     resp = t.handle_request(
         LAPTOP,
@@ -406,7 +478,7 @@ def test_any_domain_of_the_app_vouches_for_the_destination():
 
 def test_note_resolution_refuses_foreign_domains_and_apps():
     """A client cannot get an arbitrary name resolved into the allowed set."""
-    t = ConnectorTable(node_config())
+    t = new_table(node_config())
     assert not t.note_resolution("GitHub", "evil.example.", [(D4[0], 60)], 0.0)
     assert not t.note_resolution("Other", "example.com", [(D4[0], 60)], 0.0)  # not served here
     assert not t.note_resolution("NoSuch", "github.com", [(D4[0], 60)], 0.0)
@@ -416,7 +488,7 @@ def test_note_resolution_refuses_foreign_domains_and_apps():
 
 def test_needs_resolution_lists_unknown_destinations_with_a_domain():
     """The daemon resolves these pairs freshly before handling the request."""
-    t = ConnectorTable(node_config())
+    t = new_table(node_config())
     t.note_resolution("GitHub", "github.com", [(D4[0], 60)], 0.0)
     r = req(
         item(T4[0], D4[0], domain="github.com"),  # already known
@@ -437,7 +509,7 @@ def test_needs_resolution_lists_unknown_destinations_with_a_domain():
 
 
 def test_needs_resolution_is_bounded_by_the_rate_limit():
-    t = ConnectorTable(node_config(), rate=1.0, burst=2)
+    t = new_table(node_config(), rate=1.0, burst=2)
     r = req(*(item(T4[i], D4[i], domain=f"h{i}.github.com") for i in range(5)))
     assert len(t.needs_resolution(LAPTOP, r, 0.0)) == 2
 
@@ -461,7 +533,7 @@ def test_transit_is_checked_against_the_clients_pools_not_ours():
                          v4_transit=IPSet.of([IPRange.parse("169.254.10.0/24")]))
     tailnet = Tailnet(nodes=TAILNET.nodes, tag_owners=TAILNET.tag_owners,
                       node_attrs=(NodeAttr(target=("laptop",), pools=laptop_pools),))
-    t = ConnectorTable(node_config(tailnet=tailnet))
+    t = new_table(node_config(tailnet=tailnet))
     t.note_resolution("GitHub", "github.com", [(D4[0], 3600)], 0.0)
     ours_only, theirs = T4[0], ip("169.254.10.1")
     resp = t.handle_request(LAPTOP, req(item(ours_only, D4[0]), item(theirs, D4[0])), 1.0)
@@ -487,7 +559,7 @@ def test_transit_is_checked_against_the_clients_pools_not_ours():
 )
 def test_destinations_that_point_back_inside_are_refused(dest, why):
     """Even when DNS answered them."""
-    t = ConnectorTable(node_config())
+    t = new_table(node_config())
     d = ip(dest)
     t.note_resolution("GitHub", "github.com", [(d, 60)], 0.0)
     transit = T4[0] if d.version == 4 else T6[0]
@@ -498,7 +570,7 @@ def test_destinations_that_point_back_inside_are_refused(dest, why):
 
 def test_rate_limit_per_peer():
     """Items beyond the burst get code 1 "rate limited"; tokens come back at the rate."""
-    t = ConnectorTable(node_config(), rate=2.0, burst=3)
+    t = new_table(node_config(), rate=2.0, burst=3)
     t.note_resolution("GitHub", "github.com", [(d, 3600) for d in D4], 0.0)
     resp = t.handle_request(LAPTOP, req(*(item(T4[i], D4[i]) for i in range(5))), 0.0)
     assert codes(resp) == [Code.OK] * 3 + [Code.OTHER] * 2
@@ -515,9 +587,9 @@ def test_rate_limit_per_peer():
 
 def test_rate_limit_arguments_are_checked():
     with pytest.raises(ValueError, match="rate limit"):
-        ConnectorTable(node_config(), rate=0.0)
+        new_table(node_config(), rate=0.0)
     with pytest.raises(ValueError, match="rate limit"):
-        ConnectorTable(node_config(), burst=0)
+        new_table(node_config(), burst=0)
 
 
 # -- datapath queries, reconfiguration --------------------------------------------
@@ -530,7 +602,7 @@ def test_unmapped_transit_in_the_pools_is_rejected(table):
     assert table.is_unmapped_transit(PHONE.address(4), T4[0])
     assert table.is_unmapped_transit(LAPTOP.address(4), T4[1])
     assert not table.is_unmapped_transit(LAPTOP.address(4), ip("198.51.100.1"))
-    assert not ConnectorTable(node_config(advertise=False)).is_unmapped_transit(
+    assert not new_table(node_config(advertise=False)).is_unmapped_transit(
         LAPTOP.address(4), T4[1]
     )
 
@@ -576,7 +648,7 @@ def test_snapshot_and_restore_keep_mappings_and_their_age(table):
     table.handle_request(LAPTOP, req(item(T4[0], D4[0]), item(T6[0], D6[0])), 10.0)
     table.handle_request(PHONE, req(item(T4[0], D4[0], "GitLab")), 20.0)
     table.handle_request(LAPTOP, req(item(T4[1], D4[2])), 30.0)
-    fresh = ConnectorTable(node_config())  # no resolution records: restored ones need none
+    fresh = new_table(node_config())  # no resolution records: restored ones need none
     lines: list[str] = []
     restored = fresh.restore(table.snapshot(), 40.0, lines.append)
     assert lines == [] and len(fresh) == len(table) == 4
@@ -592,12 +664,35 @@ def test_snapshot_and_restore_keep_mappings_and_their_age(table):
     assert sorted(str(m.transit) for m in swept) == sorted([str(T4[0]), str(T6[0])])
 
 
+def test_a_snapshot_of_many_mappings_is_written_in_pieces_and_reads_back_whole():
+    """More mappings than one chunk of rows: the pieces make one JSON array, the rows
+    of every mapping once, and a restore gives back exactly the table."""
+    t = new_table(node_config(), rate=1e9, burst=10**9)
+    n = 2500
+    dests = [ip("198.18.0.0") + i for i in range(n)]
+    t.note_resolution("GitHub", "github.com", [(d, 3600) for d in dests], 0.0)
+    transits = [ip("169.254.128.0") + i for i in range(n)]
+    for start in range(0, n, 500):
+        t.handle_request(LAPTOP, req(*(item(transits[i], dests[i])
+                                       for i in range(start, start + 500))), float(start))
+    pieces = list(t.snapshot_chunks())
+    assert len(pieces) > 3 and max(map(len, pieces)) < len(b"".join(pieces)) / 2
+    data = t.snapshot()
+    assert data == b"".join(pieces)
+    rows = msgspec.json.decode(data)
+    assert len(rows) == n and len({(r[0], r[1]) for r in rows}) == n
+    fresh = new_table(node_config())
+    assert len(fresh.restore(data, 100.0, print)) == n
+    assert msgspec.to_builtins(fresh.state()) == msgspec.to_builtins(t.state())
+    assert new_table(node_config()).snapshot() == b"[]"
+
+
 def test_restore_drops_what_the_configuration_no_longer_allows(table):
     table.handle_request(LAPTOP, req(item(T4[0], D4[0])), 0.0)
     table.handle_request(PHONE, req(item(T4[0], D4[0], "GitLab")), 0.0)
     table.handle_request(PHONE, req(item(T4[1], D4[1])), 0.0)
     lines: list[str] = []
-    fresh = ConnectorTable(node_config(denied=frozenset({"laptop"}), apps=(GITHUB,)))
+    fresh = new_table(node_config(denied=frozenset({"laptop"}), apps=(GITHUB,)))
     restored = fresh.restore(table.snapshot(), 1.0, lines.append)
     assert [(m.peer_name, m.app) for m in restored] == [("phone", "GitHub")]
     assert len(lines) == 2
@@ -607,7 +702,7 @@ def test_restore_drops_what_the_configuration_no_longer_allows(table):
 
 def test_restore_leaves_expired_mappings_out_and_refuses_garbage(table):
     table.handle_request(LAPTOP, req(item(T4[0], D4[0])), 0.0)
-    fresh = ConnectorTable(node_config())
+    fresh = new_table(node_config())
     assert fresh.restore(table.snapshot(), MAPPING_LIFETIME + 1, print) == []
     for bad in (b"{", b'[["100.64.0.1", "x", "203.0.113.1", "GitHub", 0, "laptop"]]', b"{}"):
         with pytest.raises(ValueError, match="bad connector snapshot"):
@@ -660,5 +755,5 @@ def test_state_lists_peers_apps_and_mappings_sorted(table):
 
 def test_state_when_not_configured_is_just_that():
     """{configured: false}."""
-    t = ConnectorTable(node_config(advertise=False))
+    t = new_table(node_config(advertise=False))
     assert msgspec.json.decode(msgspec.json.encode(t.state())) == {"configured": False}

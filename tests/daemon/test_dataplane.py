@@ -72,14 +72,50 @@ def test_a_client_assignment_registered_then_forgotten():
     assert tables.lookup_magic(a.magic) == ("not_ours", None)
 
 
-def test_a_connector_mapping_installed_then_removed():
+def test_a_connector_mapping_stored_then_removed():
+    """The ConnectorTable's store is the datapath's transit table: what is put is
+    what the datapath translates with, and what is read back is the Mapping."""
     dp, tables = plane()
-    m = Mapping(ip("100.64.0.1"), TRANSIT, ip("203.0.113.10"), "GitHub", 0.0, "laptop")
-    dp.connector_mapped(m)
+    store = dp.connector_store
+    t = 1_763_000_000.123456789  # kept to the last bit
+    m = Mapping(ip("100.64.0.1"), TRANSIT, ip("203.0.113.10"), "GitHub", t, "laptop")
+    assert store.put(m) is True
     assert tables.lookup_transit(m.peer, TRANSIT) == ("hit", m.destination.packed,
                                                       dp.ids.app("GitHub"))
-    dp.connector_unmapped(m)
+    assert store.get(m.peer, TRANSIT) == m and len(store) == 1
+    moved = Mapping(m.peer, TRANSIT, ip("203.0.113.11"), "GitLab", t + 1, "laptop")
+    assert store.put(moved) is False  # replaced: still one
+    assert store.get(m.peer, TRANSIT) == moved and len(store) == 1
+    assert tables.lookup_transit(m.peer, TRANSIT)[2] == dp.ids.app("GitLab")
+    assert store.get(ip("100.64.0.9"), TRANSIT) is None
+    assert store.get(m.peer, ip("fd7a:115c:a1e0:ab13::1")) is None  # other family: no key
+    assert store.remove(m.peer, TRANSIT) == moved
+    assert store.remove(m.peer, TRANSIT) is None
     assert tables.lookup_transit(m.peer, TRANSIT) == ("not_ours", None, None)
+    assert len(store) == 0 and list(store) == []
+
+
+def test_the_connector_store_lists_every_mapping_and_the_expired_oldest_first():
+    dp, _ = plane()
+    store = dp.connector_store
+    v4, v6 = ip("100.64.0.1"), ip("fd7a:115c:a1e0::1")
+    rows = [Mapping(v4, ip(f"169.254.128.{i}"), ip(f"203.0.113.{i}"), "GitHub", 30.0 - i,
+                    "laptop") for i in range(1, 5)]
+    rows.append(Mapping(v6, ip("fd7a:115c:a1e0:ab13::1"), ip("2001:db8::1"), "GitLab", 26.0,
+                        "phone"))
+    rows.append(Mapping(v4, ip("169.254.128.9"), ip("203.0.113.9"), "GitHub", 26.0, "laptop"))
+    for m in rows:
+        store.put(m)
+    assert sorted(store, key=lambda m: m.transit.packed) == sorted(
+        rows, key=lambda m: m.transit.packed)
+    # Registered before 27: 26.0 (two: IPv4 before IPv6, then by transit), 26.0, 26.0.
+    assert [(m.transit, m.registered) for m in store.expired(27.0, 10)] == [
+        (ip("169.254.128.4"), 26.0), (ip("169.254.128.9"), 26.0),
+        (ip("fd7a:115c:a1e0:ab13::1"), 26.0)]
+    assert [m.transit for m in store.expired(28.5, 2)] == [ip("169.254.128.4"),
+                                                           ip("169.254.128.9")]
+    assert store.expired(0.0, 10) == [] and store.expired(100.0, 0) == []
+    assert len(store.expired(100.0, 100)) == len(rows) == len(store)
 
 
 class Recording:

@@ -22,7 +22,13 @@ import pytest
 from scapy.layers.inet import IP, UDP
 from scapy.layers.inet6 import IPv6
 
-from conn25.daemon.system import RT_PROTO, SystemSetup, SystemSetupError, nft_table_name
+from conn25.daemon.system import (
+    RT_PROTO,
+    SystemSetup,
+    SystemSetupError,
+    nft_table_name,
+    replace_file,
+)
 from conn25.lab.netns import Netns, link, wait_for
 
 TUN = "conn25"
@@ -232,6 +238,16 @@ def test_table_name_is_per_tun_and_a_valid_nft_identifier():
 
 
 # -- root, in a namespace of the test's own ------------------------------------
+
+
+def test_replace_file_writes_bytes_or_pieces_whole(tmp_path):
+    """A state file is written through a temporary file, from one piece or many."""
+    path = tmp_path / "state.json"
+    replace_file(path, b"[1]")
+    assert path.read_bytes() == b"[1]"
+    replace_file(path, iter([b"[", b"1,", b"2", b"]"]))
+    assert path.read_bytes() == b"[1,2]"
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
 
 
 @pytest.mark.root

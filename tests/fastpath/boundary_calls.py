@@ -34,8 +34,25 @@ def reclaim(dp: Datapath, magic: IPAddress, transit: IPAddress) -> bool:
 
 
 def map_transit(dp: Datapath, peer: IPAddress, transit: IPAddress, real: IPAddress,
-                app: int) -> None:
-    dp.tables.set_transit(peer, transit, real, app)
+                app: int, registered: float, tag: int) -> bool:
+    return dp.tables.set_transit(peer, transit, real, app, registered, tag)
+
+
+def read_mappings(dp: Datapath, peer: IPAddress, transit: IPAddress,
+                  before: float) -> list[tuple[bytes, bytes, float, int]]:
+    """What dataplane.ConnectorStore reads back of the connector's mappings."""
+    out: list[tuple[bytes, bytes, float, int]] = []
+    entry = dp.tables.transit_entry(peer, transit)
+    if entry is not None:
+        real, _, registered, tag = entry
+        out.append((transit.packed, real, registered, tag))
+    for _, t, r, _, when, tag in dp.tables.transit_entries(before, 1000):
+        out.append((t, r, when, tag))
+    start = 0
+    while start >= 0:
+        rows, start = dp.tables.transit_chunk(start, 1024)
+        out.extend((t, r, when, tag) for _, t, r, _, when, tag in rows)
+    return out
 
 
 def unmap(dp: Datapath, peer: IPAddress, transit: IPAddress, peer_id: int) -> None:

@@ -1,7 +1,7 @@
 """The compiled transport crypto (aead.pxd) against the pure-Python reference of
 conn25.core.wireguard: sealing and opening as transport.seal/unseal and noise.aead_encrypt
-do them (and as libsodium, through PyNaCl, an implementation other than the OpenSSL that both
-`cryptography` and the extension use), the replay window as transport.ReplayWindow.
+do them (with libsodium, through PyNaCl, an implementation other than the extension's
+OpenSSL), the replay window as transport.ReplayWindow.
 CONN25_FUZZ_EXAMPLES raises the number of random cases, as for the fuzz targets."""
 
 from __future__ import annotations

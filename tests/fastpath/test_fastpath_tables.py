@@ -156,7 +156,7 @@ def test_one_new_flow_displaces_two():
     b_fwd, b_rev = insert(ft, 2, now=0)
     c_fwd, _ = insert(ft, 3, now=0)
     ft.drain_events()
-    ft.insert(a_fwd, ("dst", transit(5)), b_rev, ("src", magic(5)), 7, transit(5), 1)
+    ft.insert(a_fwd, ("dst", transit(2)), b_rev, ("src", magic(1)), 7, transit(2), 1)
     assert len(ft) == 2
     assert ft.lookup(a_rev, 2) is None and ft.lookup(b_fwd, 2) is None
     assert ft.lookup(c_fwd, 2) is not None  # bystander untouched
@@ -169,7 +169,7 @@ def test_a_flow_reusing_a_key_in_the_other_direction_collides():
     """Keys collide whatever direction they had in the old flow."""
     ft = FlowTable(10, IDLE)
     a_fwd, a_rev = insert(ft, 1, now=0)
-    ft.insert(a_rev, ("dst", transit(4)), (TCP, CLIENT, 2, CLIENT, 3), ("src", CLIENT), 7,
+    ft.insert(a_rev, ("dst", transit(4)), (TCP, transit(4), 2, CLIENT, 3), ("src", CLIENT), 7,
               transit(4), 1)
     assert ft.lookup(a_fwd, 2) is None
     assert ft.lookup(a_rev, 2).direction == "fwd"
@@ -343,7 +343,7 @@ def test_drain_copes_with_more_events_than_one_chunk():
 def test_entries_are_used_as_needed_and_removed_ones_first():
     """Memory: an empty table touches no entry; a freed entry is reused before a fresh one."""
     ft = FlowTable(100_000, IDLE)
-    assert ft.memory()["entries_used"] == 0 and ft.memory()["entry_bytes"] <= 208
+    assert ft.memory()["entries_used"] == 0 and ft.memory()["entry_bytes"] == 160
     keys = [insert(ft, i, now=0, sport=1000 + i)[0] for i in range(3)]
     assert ft.memory()["entries_used"] == 3
     assert ft.delete(keys[1])
@@ -407,6 +407,9 @@ def test_bad_keys_raise_valueerror(key):
 @pytest.mark.parametrize(
     "args",
     [
+        {"fwd_action": ("dst", transit(2))},  # an address of neither key
+        {"rev_action": ("src", magic(2))},
+        {"transit": transit(2)},
         {"fwd_action": ("dnat", transit(1))},
         {"fwd_action": ("dst", transit(1)[:3])},
         {"fwd_action": ("dst", b"\x00" * 16)},  # family differs from the flow's
@@ -495,8 +498,8 @@ class Model:
         return n
 
 
-def fid_of(transit_ip: bytes) -> int:
-    return int.from_bytes(transit_ip, "big")
+def fid_of(event_or_match) -> int:
+    return event_or_match.peer  # each flow of the machine has its own peer number
 
 
 class FlowTableMachine(RuleBasedStateMachine):
@@ -512,7 +515,7 @@ class FlowTableMachine(RuleBasedStateMachine):
         self.removed: Counter[int] = Counter()
 
     def check_events(self) -> None:
-        got = [(e.kind, e.reason, fid_of(e.transit)) for e in self.ft.drain_events()]
+        got = [(e.kind, e.reason, fid_of(e)) for e in self.ft.drain_events()]
         assert got == self.model.events
         for kind, _, fid in got:
             (self.created if kind == "created" else self.removed)[fid] += 1
@@ -525,8 +528,9 @@ class FlowTableMachine(RuleBasedStateMachine):
         self.now += dt
         fid = self.next_fid
         self.next_fid += 1
-        t = fid.to_bytes(4, "big")
-        self.ft.insert(fwd, ("dst", t), rev, ("src", magic(1)), 1, t, self.now)
+        # A translation: the reply comes from the new destination, its SNAT puts back the
+        # old one; the transit IP is the new destination.
+        self.ft.insert(fwd, ("dst", rev[1]), rev, ("src", fwd[3]), fid, rev[1], self.now)
         self.model.insert(fid, fwd, rev, self.now)
         self.check_events()
 
@@ -541,7 +545,7 @@ class FlowTableMachine(RuleBasedStateMachine):
             assert got is None
         else:
             assert got is not None
-            assert (fid_of(got.transit), got.direction) == want
+            assert (fid_of(got), got.direction) == want
             assert got.rewrite == ("dst" if want[1] == "fwd" else "src")
         self.check_events()
 
@@ -678,11 +682,13 @@ def test_many_routes_survive_growth_and_deletions():
     assert tb.stats()["routes"] == 2500
 
 
-def test_map_slots_are_a_cache_line_and_fill_to_four_fifths():
-    """Memory: 64-byte slots; a map doubles only past 4/5 full, and keeps every entry."""
+def test_map_slots_are_72_bytes_and_fill_to_four_fifths():
+    """Memory: 72-byte slots (a 36-byte key, the hash, a 32-byte value that on the transit
+    map holds the control plane's time and tag); a map doubles only past 4/5 full, and
+    keeps every entry."""
     tb = Tables(seed=5)
     mem = tb.memory()
-    assert mem["slot_bytes"] == 64 and mem["transit_slots"] == 64
+    assert mem["slot_bytes"] == 72 and mem["transit_slots"] == 64
     peer = bytes([100, 64, 0, 1])
     for i in range(51):  # 51 <= 64 * 4/5
         tb.set_transit(peer, i.to_bytes(4, "big"), bytes([198, 18, 0, i]), app=i)
@@ -919,3 +925,75 @@ def test_readers_never_see_a_torn_mapping():
         r.join()
     assert errors == []
     assert tb.stats()["routes"] == 3000
+
+
+def test_a_transit_entry_keeps_the_control_planes_time_and_tag():
+    """The connector's mappings live in the transit map only: it gives back all of one."""
+    tb = Tables(seed=3)
+    peer, t1, real = bytes([100, 64, 0, 1]), bytes([169, 254, 128, 1]), bytes([203, 0, 113, 1])
+    when = 1_763_000_000.123456789
+    assert tb.transit_entry(peer, t1) is None
+    assert tb.set_transit(peer, t1, real, app=7, registered=when, tag=3) is True  # new
+    assert tb.transit_entry(peer, t1) == (real, 7, when, 3)
+    assert tb.set_transit(peer, t1, real, app=8, registered=when + 1, tag=4) is False
+    assert tb.transit_entry(peer, t1) == (real, 8, when + 1, 4)
+    assert tb.lookup_transit(peer, t1) == ("hit", real, 8)
+    assert tb.transit_entry(peer, bytes(16)) is None  # the other family: not a key
+    assert tb.transit_entry(bytes([100, 64, 0, 2]), t1) is None
+    tb.set_transit(peer, t1, real)  # the datapath's own form: time 0, tag 0
+    assert tb.transit_entry(peer, t1) == (real, 0, 0.0, 0)
+
+
+def test_transit_entries_all_or_the_expired_oldest_first():
+    tb = Tables(seed=4)
+    p4, p6 = bytes([100, 64, 0, 1]), bytes([0xFD, 0x7A]) + bytes(13) + b"\x01"
+    rows = []
+    for i, when in enumerate([50.0, 10.0, 30.0, 10.0]):
+        t, r = bytes([169, 254, 128, 10 - i]), bytes([203, 0, 113, i])
+        tb.set_transit(p4, t, r, app=1, registered=when, tag=i)
+        rows.append((p4, t, r, 1, when, i))
+    t6, r6 = bytes([0xFD, 0x7A]) + bytes(13) + b"\x09", bytes([0x20, 0x01, 0x0D, 0xB8]) + bytes(12)
+    tb.set_transit(p6, t6, r6, app=2, registered=10.0, tag=9)
+    rows.append((p6, t6, r6, 2, 10.0, 9))
+    assert sorted(tb.transit_entries()) == sorted(rows)
+    # Before 30: the three at 10.0, IPv4 first and by transit IP, then the IPv6 one.
+    assert [e[1] for e in tb.transit_entries(30.0)] == [bytes([169, 254, 128, 7]),
+                                                       bytes([169, 254, 128, 9]), t6]
+    assert [e[4] for e in tb.transit_entries(1e9, 4)] == [10.0, 10.0, 10.0, 30.0]
+    assert tb.transit_entries(10.0) == [] and tb.transit_entries(1e9, 0) == []
+    for e in rows:
+        tb.del_transit(e[0], e[1])
+    assert tb.transit_entries() == [] and tb.stats()["real_rev"] == 0
+
+
+def test_the_same_registration_again_leaves_the_reverse_map_as_it_was():
+    """A mapping re-registered unchanged (every registration is written again) must not mark
+    a shared reverse entry stale: once the other mapping goes, replies find theirs again."""
+    tb = Tables(seed=6)
+    c, real = bytes([100, 64, 0, 1]), bytes([198, 51, 100, 2])
+    t1, t2 = bytes([169, 254, 128, 1]), bytes([169, 254, 128, 2])
+    tb.set_transit(c, t1, real, 1)
+    tb.set_transit(c, t2, real, 1)
+    assert tb.lookup_return(c, real)[0] == "ambiguous"
+    tb.set_transit(c, t2, real, 1, registered=5.0)  # t2 again, same destination
+    tb.del_transit(c, t1)
+    assert tb.lookup_return(c, real) == ("hit", t2, 1)
+
+
+def test_transit_chunks_walk_every_entry_once():
+    tb = Tables(seed=8)
+    peer = bytes([100, 64, 0, 1])
+    for i in range(300):
+        tb.set_transit(peer, bytes([169, 254]) + i.to_bytes(2, "big"),
+                       bytes([203, 0, 113, i % 256]), app=1, registered=float(i), tag=2)
+    seen, start, chunks = [], 0, 0
+    while start >= 0:
+        rows, start = tb.transit_chunk(start, 64)
+        assert len(rows) <= 64
+        seen += rows
+        chunks += 1
+    assert chunks >= 5 and sorted(seen) == sorted(tb.transit_entries())
+    assert len({r[1] for r in seen}) == 300
+    assert Tables().transit_chunk(0, 10) == ([], -1)
+    with pytest.raises(ValueError):
+        tb.transit_chunk(0, 0)

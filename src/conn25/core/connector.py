@@ -24,18 +24,22 @@ Memory: a connector may hold 100,000 mappings, so they are not kept as
 objects. Each peer address has a dict ``transit (int) -> packed int`` in
 order of last registration (a re-registration moves its key to the end);
 the packed int holds the destination, the registration time's float bits
-and the id of the ``(app, peer name)`` pair. Resolution records are a dict
-``address (int) -> heap entry (int)`` per app, the heap entry packing the
-expiry and the address. :class:`Mapping` objects are made when asked for.
+and the id of the ``(app, peer name)`` pair (the daemon keeps them in the
+datapath's transit table instead). Resolution records are sorted arrays of
+addresses and expiries per app (:class:`Resolutions`). :class:`Mapping`
+objects are made when asked for.
 """
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import ipaddress
 import itertools
 import struct
+from array import array
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Protocol
 
 import msgspec
 
@@ -85,6 +89,7 @@ class Mapping(msgspec.Struct, frozen=True):
 _F64 = struct.Struct("<d")
 _U64 = struct.Struct("<Q")
 _V6_TAG = 1 << 128  # resolution keys: IPv6 addresses above every IPv4 one
+_U64_MAX = 0xFFFF_FFFF_FFFF_FFFF
 
 
 def _float_bits(x: float) -> int:
@@ -95,14 +100,133 @@ def _bits_float(b: int) -> float:
     return _F64.unpack(_U64.pack(b))[0]
 
 
-def _float_order(x: float) -> int:
-    """An unsigned 64-bit int that orders like ``x`` (not NaN)."""
-    b = _float_bits(x)
-    return b ^ 0xFFFF_FFFF_FFFF_FFFF if b >> 63 else b | 1 << 63
-
-
 def _addr_tag(a: IPAddress) -> int:
     return int(a) if a.version == 4 else int(a) | _V6_TAG
+
+
+class MappingStore(Protocol):
+    """Where a :class:`ConnectorTable` keeps its mappings, one per (peer, transit).
+
+    :class:`PackedStore` by default; the daemon keeps them in the datapath's
+    transit table instead (``dataplane.ConnectorStore``), so that a connector
+    holds each mapping once.
+    """
+
+    def put(self, m: Mapping) -> bool:
+        """Store ``m``, replacing the mapping of its (peer, transit); True if there was none."""
+        ...
+
+    def get(self, peer: IPAddress, transit: IPAddress) -> Mapping | None: ...
+
+    def remove(self, peer: IPAddress, transit: IPAddress) -> Mapping | None:
+        """Remove and return the mapping of (peer, transit), if any."""
+        ...
+
+    def expired(self, before: float, limit: int) -> list[Mapping]:
+        """Up to ``limit`` mappings registered before ``before``, the oldest first."""
+        ...
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[Mapping]: ...
+
+
+class Resolutions:
+    """One app's resolution records, address -> expiry (wall-clock seconds), compact.
+
+    Most records live in sorted arrays per family (IPv4: the address in 4 bytes;
+    IPv6: its two 64-bit halves), each with its expiry in 8: 12 and 24 bytes a
+    record, where a dict costs about 100. New addresses wait in a small dict and
+    are merged into the arrays ``MERGE_AT`` at a time.
+    """
+
+    MERGE_AT = 4096
+
+    __slots__ = ("_recent", "_v4", "_v6")
+
+    def __init__(self) -> None:
+        # Columns: the address's (one or two), then the expiry.
+        self._v4: list[array[Any]] = [array("I"), array("d")]
+        self._v6: list[array[Any]] = [array("Q"), array("Q"), array("d")]
+        self._recent: dict[int, float] = {}  # tag (_addr_tag) -> expiry; in no array
+
+    def __len__(self) -> int:
+        return len(self._recent) + len(self._v4[0]) + len(self._v6[0])
+
+    def _index(self, tag: int) -> int:
+        """Where the address of ``tag`` is in its family's arrays, or -1."""
+        if tag < _V6_TAG:
+            k4 = self._v4[0]
+            i = bisect.bisect_left(k4, tag)
+            return i if i < len(k4) and k4[i] == tag else -1
+        hi_col, lo_col = self._v6[0], self._v6[1]
+        hi, lo = (tag >> 64) & _U64_MAX, tag & _U64_MAX
+        a = bisect.bisect_left(hi_col, hi)
+        b = bisect.bisect_right(hi_col, hi, a)
+        i = bisect.bisect_left(lo_col, lo, a, b)
+        return i if i < b and lo_col[i] == lo else -1
+
+    def expiry(self, addr: IPAddress) -> float | None:
+        tag = _addr_tag(addr)
+        expires = self._recent.get(tag)
+        if expires is not None:
+            return expires
+        i = self._index(tag)
+        return None if i < 0 else (self._v4 if tag < _V6_TAG else self._v6)[-1][i]
+
+    def note(self, addr: IPAddress, expires: float) -> None:
+        """``addr`` resolved until ``expires``; a record that lasts longer stays as it is."""
+        tag = _addr_tag(addr)
+        i = self._index(tag)
+        if i >= 0:
+            exps = (self._v4 if tag < _V6_TAG else self._v6)[-1]
+            if exps[i] < expires:
+                exps[i] = expires
+            return
+        old = self._recent.get(tag)
+        if old is None or old < expires:
+            self._recent[tag] = expires
+        if len(self._recent) >= self.MERGE_AT:
+            self._merge()
+
+    def _merge(self) -> None:
+        recent = sorted(self._recent.items())  # (its keys are in no array: a plain merge)
+        self._recent = {}
+        v4 = [(k, e) for k, e in recent if k < _V6_TAG]
+        v6 = [((k >> 64) & _U64_MAX, k & _U64_MAX, e) for k, e in recent if k >= _V6_TAG]
+        self._v4 = _merged(self._v4, v4)
+        self._v6 = _merged(self._v6, v6)
+
+    def sweep(self, now: float, budget: int) -> int:
+        """Drop up to ``budget`` records that expired before ``now``; how many went.
+        A scan of the arrays: a few ms per 100,000 records."""
+        gone = list(itertools.islice((t for t, e in self._recent.items() if e < now), budget))
+        for tag in gone:
+            del self._recent[tag]
+        n = len(gone)
+        for family in ("_v4", "_v6"):
+            cols = getattr(self, family)
+            drop = set(itertools.islice((i for i, e in enumerate(cols[-1]) if e < now),
+                                        max(0, budget - n)))
+            if drop:
+                setattr(self, family, [array(c.typecode, (x for i, x in enumerate(c)
+                                                          if i not in drop)) for c in cols])
+                n += len(drop)
+        return n
+
+
+def _merged(cols: list[array[Any]], rows: list[tuple[Any, ...]]) -> list[array[Any]]:
+    """Columns with the sorted ``rows`` (one value per column, none of them there yet)
+    merged in, as new arrays of their final size at once: grown an item at a time,
+    their outgrown buffers would stay behind in the heap."""
+    if not rows:
+        return cols
+    n = len(cols[0]) + len(rows)
+    out = [array(c.typecode, bytes(c.itemsize * n)) for c in cols]
+    for j, row in enumerate(heapq.merge(zip(*cols, strict=True), rows)):
+        for col, x in zip(out, row, strict=True):
+            col[j] = x
+    return out
 
 
 class _PeerMappings:
@@ -127,6 +251,84 @@ class _PeerMappings:
         """Up to ``limit`` (transit, value) pairs, oldest registration first."""
         return itertools.islice(self.maps.items(), limit)
 
+
+class PackedStore:
+    """Mappings in Python, packed: per peer address a dict ``transit -> one int``.
+
+    The int holds the destination, the registration time's float bits (exact)
+    and the id of the interned ``(app, peer name)`` pair.
+    """
+
+    def __init__(self) -> None:
+        self._peers: dict[IPAddress, _PeerMappings] = {}
+        self._count = 0
+        self._pairs: list[tuple[str, str]] = []
+        self._pair_ids: dict[tuple[str, str], int] = {}
+
+    def __len__(self) -> int:
+        return self._count
+
+    def put(self, m: Mapping) -> bool:
+        table = self._peers.get(m.peer)
+        if table is None:
+            table = self._peers[m.peer] = _PeerMappings(m.peer)
+        pair = (m.app, m.peer_name)
+        pair_id = self._pair_ids.get(pair)
+        if pair_id is None:
+            pair_id = self._pair_ids[pair] = len(self._pairs)
+            self._pairs.append(pair)
+        key = int(m.transit)
+        # Re-insert: the newest registration goes last.
+        new = table.maps.pop(key, None) is None
+        self._count += new
+        table.maps[key] = (
+            int(m.destination) | (_float_bits(m.registered) | pair_id << 64) << table.width
+        )
+        return new
+
+    def _mapping(self, table: _PeerMappings, transit: int, value: int) -> Mapping:
+        w = table.width
+        app, name = self._pairs[value >> (w + 64)]
+        return Mapping(
+            table.addr, table.make(transit), table.make(value & ((1 << w) - 1)), app,
+            table.registered(value), name,
+        )
+
+    def get(self, peer: IPAddress, transit: IPAddress) -> Mapping | None:
+        table = self._peers.get(peer)
+        if table is None or (value := table.maps.get(int(transit))) is None:
+            return None
+        return self._mapping(table, int(transit), value)
+
+    def remove(self, peer: IPAddress, transit: IPAddress) -> Mapping | None:
+        table = self._peers.get(peer)
+        if table is None or (value := table.maps.pop(int(transit), None)) is None:
+            return None
+        self._count -= 1
+        if not table.maps:  # a peer without mappings is gone from the state too
+            del self._peers[table.addr]
+        return self._mapping(table, int(transit), value)
+
+    def expired(self, before: float, limit: int) -> list[Mapping]:
+        # Each peer's expired run from its oldest end, then the oldest `limit` of all.
+        due: list[tuple[float, int, int, _PeerMappings, int]] = []
+        for n, table in enumerate(self._peers.values()):
+            for transit, value in table.oldest(limit):
+                registered = table.registered(value)
+                if registered >= before:
+                    break
+                due.append((registered, n, transit, table, value))
+        due.sort(key=lambda d: (d[0], d[1]))  # stable: each peer's own order stays
+        return [self._mapping(table, transit, value) for _, _, transit, table, value in due[:limit]]
+
+    def __iter__(self) -> Iterator[Mapping]:
+        """Peer by peer, oldest registration first within a peer."""
+        for table in self._peers.values():
+            for transit, value in table.maps.items():
+                yield self._mapping(table, transit, value)
+
+
+_SNAPSHOT_CHUNK = 1024  # rows encoded at a time
 
 # The state view (`conn25d status`): text fields so that it encodes as JSON.
 
@@ -195,6 +397,7 @@ class ConnectorTable:
         *,
         rate: float = DEFAULT_RATE,
         burst: int = DEFAULT_BURST,
+        store: MappingStore | None = None,
     ) -> None:
         if rate <= 0 or burst < 1:
             raise ValueError(f"rate limit needs rate > 0 and burst >= 1 (got {rate}, {burst})")
@@ -202,15 +405,9 @@ class ConnectorTable:
         self._burst = burst
         self._cfg = cfg
         self._own: dict[str, config.App] = {}
-        self._peers: dict[IPAddress, _PeerMappings] = {}
-        self._count = 0
-        # (app, peer name) pairs of the mappings, interned: a mapping keeps the id.
-        self._pairs: list[tuple[str, str]] = []
-        self._pair_ids: dict[tuple[str, str], int] = {}
-        # Per app: address tag -> heap entry, expiry order << 129 | address tag
-        # (the newest entry for that address; the heap may hold older ones).
-        self._resolved: dict[str, dict[int, int]] = {}
-        self._resolved_heaps: dict[str, list[int]] = {}
+        # Where the mappings are: by default here, in the daemon the datapath's table.
+        self.store: MappingStore = PackedStore() if store is None else store
+        self._resolved: dict[str, Resolutions] = {}  # per app
         self._buckets: dict[str, TokenBucket] = {}
         self._set_config(cfg)
 
@@ -235,7 +432,7 @@ class ConnectorTable:
 
     def __len__(self) -> int:
         """Number of mappings, over all peers."""
-        return self._count
+        return len(self.store)
 
     @property
     def resolutions(self) -> int:
@@ -265,7 +462,6 @@ class ConnectorTable:
         seen: set[IPAddress] = set()
         results: list[TransitIPResponse] = []
         stored: list[Mapping] = []
-        now_bits = _float_bits(now)
         for item in req.transit_ips:
             transit = item.transit
             if transit in seen:
@@ -277,7 +473,7 @@ class ConnectorTable:
                 continue
             code, message = self._check(peer, permitted, item, now)
             if code == Code.OK:
-                stored.append(self._store(peer, item, now, now_bits))
+                stored.append(self._store(peer, item, now))
             results.append(TransitIPResponse(code, message))
         return ConnectorTransitIPResponse(results), stored
 
@@ -321,42 +517,12 @@ class ConnectorTable:
             return f"destination {dest} is a node's overlay address"
         return None
 
-    def _store(
-        self, peer: config.Member, item: TransitIPRequest, now: float, now_bits: int
-    ) -> Mapping:
-        transit = item.transit
-        peer_addr = peer.address(transit.version)
+    def _store(self, peer: config.Member, item: TransitIPRequest, now: float) -> Mapping:
+        peer_addr = peer.address(item.transit.version)
         assert peer_addr is not None  # _check returned NO_PEER_FAMILY otherwise
-        table = self._peers.get(peer_addr)
-        if table is None:
-            table = self._peers[peer_addr] = _PeerMappings(peer_addr)
-        pair = (item.app, peer.name)
-        pair_id = self._pair_ids.get(pair)
-        if pair_id is None:
-            pair_id = self._pair_ids[pair] = len(self._pairs)
-            self._pairs.append(pair)
-        key = int(transit)
-        # Re-insert: the newest registration goes last.
-        if table.maps.pop(key, None) is None:
-            self._count += 1
-        table.maps[key] = (
-            int(item.destination) | (now_bits | pair_id << 64) << table.width
-        )
-        return Mapping(peer_addr, transit, item.destination, item.app, now, peer.name)
-
-    def _mapping(self, table: _PeerMappings, transit: int, value: int) -> Mapping:
-        w = table.width
-        app, name = self._pairs[value >> (w + 64)]
-        return Mapping(
-            table.addr, table.make(transit), table.make(value & ((1 << w) - 1)), app,
-            table.registered(value), name,
-        )
-
-    def _mappings(self) -> Iterator[Mapping]:
-        """Every mapping, peer by peer, oldest registration first within a peer."""
-        for table in self._peers.values():
-            for transit, value in table.maps.items():
-                yield self._mapping(table, transit, value)
+        m = Mapping(peer_addr, item.transit, item.destination, item.app, now, peer.name)
+        self.store.put(m)
+        return m
 
     def _bucket(self, peer: config.Member, now: float) -> TokenBucket:
         b = self._buckets.get(peer.name)
@@ -384,24 +550,17 @@ class ConnectorTable:
             return False
         records = self._resolved.get(app)
         if records is None:
-            records = self._resolved[app] = {}
-            self._resolved_heaps[app] = []
-        heap = self._resolved_heaps[app]
+            records = self._resolved[app] = Resolutions()
         for addr, ttl in addrs:
-            tag = _addr_tag(addr)
-            entry = _float_order(now + max(0, ttl)) << 129 | tag
-            old = records.get(tag)
-            if old is None or old < entry:  # a later expiry (same tag below it)
-                records[tag] = entry
-                heapq.heappush(heap, entry)
+            records.note(addr, now + max(0, ttl))  # a shorter answer does not shorten it
         return True
 
     def _was_resolved(self, app: str, dest: IPAddress, now: float) -> bool:
         records = self._resolved.get(app)
         if records is None or getattr(dest, "scope_id", None):
             return False  # (answers carry no IPv6 scope: a scoped address was never one)
-        entry = records.get(_addr_tag(dest))
-        return entry is not None and _float_order(now) <= entry >> 129
+        expires = records.expiry(dest)
+        return expires is not None and now <= expires
 
     def needs_resolution(
         self, peer: config.Member, req: ConnectorTransitIPRequest, now: float
@@ -431,11 +590,9 @@ class ConnectorTable:
     # -- datapath queries -----------------------------------------------------
 
     def lookup(self, peer_addr: IPAddress, transit: IPAddress) -> Mapping | None:
-        table = self._peers.get(peer_addr)
-        if table is None or transit.version != peer_addr.version:
+        if transit.version != peer_addr.version:
             return None
-        value = table.maps.get(int(transit))
-        return None if value is None else self._mapping(table, int(transit), value)
+        return self.store.get(peer_addr, transit)
 
     def is_unmapped_transit(self, peer_addr: IPAddress, transit: IPAddress) -> bool:
         """A transit IP this peer has not mapped here: the datapath drops and rejects it."""
@@ -445,13 +602,6 @@ class ConnectorTable:
         return peer is not None and self._pools_of(peer).is_transit(transit)
 
     # -- maintenance ------------------------------------------------------------
-
-    def _remove(self, table: _PeerMappings, transit: int) -> Mapping:
-        m = self._mapping(table, transit, table.maps.pop(transit))
-        self._count -= 1
-        if not table.maps:
-            del self._peers[table.addr]
-        return m
 
     def sweep(self, now: float, limit: int) -> list[Mapping]:
         """Remove up to ``limit`` mappings registered over an hour ago; return them.
@@ -464,29 +614,18 @@ class ConnectorTable:
         """
         if limit < 0:
             raise ValueError(f"sweep limit must not be negative (got {limit})")
-        # Each peer's expired run from its oldest end, then the oldest `limit` of all.
-        due: list[tuple[float, int, int, _PeerMappings]] = []
-        for n, table in enumerate(self._peers.values()):
-            for transit, value in table.oldest(limit):
-                registered = table.registered(value)
-                if now - registered <= MAPPING_LIFETIME:
-                    break
-                due.append((registered, n, transit, table))
-        due.sort(key=lambda d: (d[0], d[1]))  # stable: each peer's own order stays
-        removed = [self._remove(table, transit) for _, _, transit, table in due[:limit]]
+        removed = []
+        for m in self.store.expired(now - MAPPING_LIFETIME, limit):
+            if (gone := self.store.remove(m.peer, m.transit)) is not None:
+                removed.append(gone)
 
+        # Expired resolution records: a scan, not a heap (a heap entry per record
+        # would cost more memory than the record).
         budget = limit
-        now_order = _float_order(now)
-        for app, heap in self._resolved_heaps.items():
-            records = self._resolved[app]
-            while budget > 0 and heap and heap[0] >> 129 < now_order:
-                entry = heapq.heappop(heap)
-                budget -= 1
-                # A later answer may have extended the record: then a newer heap
-                # entry stands for it.
-                tag = entry & ((1 << 129) - 1)
-                if records.get(tag) == entry:
-                    del records[tag]
+        for records in self._resolved.values():
+            if budget <= 0:
+                break
+            budget -= records.sweep(now, budget)
 
         # A full bucket is the same as no bucket.
         for name in [n for n, b in self._buckets.items() if b.full(now)]:
@@ -501,15 +640,10 @@ class ConnectorTable:
         pools. Rate-limit state stays.
         """
         self._set_config(cfg)
-        gone = [
-            (table, transit)
-            for table in self._peers.values()
-            for transit, value in table.maps.items()
-            if self._refusal(self._mapping(table, transit, value)) is not None
-        ]
-        removed = [self._remove(table, transit) for table, transit in gone]
+        gone = [m for m in self.store if self._refusal(m) is not None]
+        removed = [r for m in gone if (r := self.store.remove(m.peer, m.transit)) is not None]
         for app in [a for a in self._resolved if a not in self._own]:
-            del self._resolved[app], self._resolved_heaps[app]
+            del self._resolved[app]
         return removed
 
     def _refusal(self, m: Mapping) -> str | None:
@@ -530,11 +664,24 @@ class ConnectorTable:
 
     def snapshot(self) -> bytes:
         """Every mapping as JSON, for :meth:`restore` after a restart."""
-        return msgspec.json.encode([
-            _SavedMapping(str(m.peer), str(m.transit), str(m.destination), m.app,
-                          m.registered, m.peer_name)
-            for m in self._mappings()
-        ])
+        return b"".join(self.snapshot_chunks())
+
+    def snapshot_chunks(self) -> Iterator[bytes]:
+        """:meth:`snapshot` in pieces, a chunk of rows at a time: the node writes one
+        after every burst of registrations, and 100,000 rows as objects, or their
+        JSON in one piece, would be tens of MiB at once."""
+        yield b"["
+        rows: list[_SavedMapping] = []
+        first = True
+        for m in self.store:
+            rows.append(_SavedMapping(str(m.peer), str(m.transit), str(m.destination), m.app,
+                                      m.registered, m.peer_name))
+            if len(rows) == _SNAPSHOT_CHUNK:
+                yield (b"" if first else b",") + msgspec.json.encode(rows)[1:-1]
+                rows, first = [], False
+        if rows:
+            yield (b"" if first else b",") + msgspec.json.encode(rows)[1:-1]
+        yield b"]"
 
     def restore(
         self, data: bytes, now: float, report: Callable[[str], object]
@@ -569,10 +716,8 @@ class ConnectorTable:
                 report(f"dropping saved mapping peer={m.peer_name} transit={m.transit} -> "
                        f"{m.destination} app={m.app}: {why}")
                 continue
-            node = self._cfg.peer_by_address(m.peer)
-            assert node is not None  # _refusal checked it
-            item = TransitIPRequest(str(m.transit), str(m.destination), m.app)
-            out.append(self._store(node, item, m.registered, _float_bits(m.registered)))
+            self.store.put(m)
+            out.append(m)
         return out
 
     # -- state ------------------------------------------------------------------
@@ -582,7 +727,7 @@ class ConnectorTable:
         if not self.configured:
             return ConnectorState(configured=False)
         by_name: dict[str, list[Mapping]] = {}
-        for m in self._mappings():
+        for m in self.store:
             by_name.setdefault(m.peer_name, []).append(m)
         peers = [
             PeerView(

@@ -5,24 +5,27 @@ configuration's own addresses, peers and ranges; a client assignment
 registered with a connector, or forgotten; a connector mapping installed, or
 removed. Each knows which entries it touches and in which order, so that
 order is written once (a route before the magic entry that leads to it).
-:class:`Ids` numbers nodes and apps for the datapath.
+:class:`Ids` numbers nodes and apps for the datapath. On a connector the
+datapath's transit table is also where the control plane keeps its mappings
+(:class:`ConnectorStore`, the ConnectorTable's store): each is held once.
 
-This module decides nothing (the core and the node do) and reads nothing back
-from the datapath; it touches only ``conn25.fastpath.Tables``.
+This module decides nothing (the core and the node do); it touches only
+``conn25.fastpath.Tables``, and reads back only the connector's mappings.
 """
 
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterator
 
 from ..core import policy
 from ..core.assignments import Assignment
 from ..core.config import NodeConfig
-from ..core.connector import Mapping
-from ..core.iprange import IPRange
+from ..core.connector import Mapping, MappingStore
+from ..core.iprange import IPAddress, IPRange
 from ..fastpath import Tables
 
-__all__ = ["Dataplane", "Ids"]
+__all__ = ["ConnectorStore", "Dataplane", "Ids"]
 
 
 class Ids:
@@ -46,6 +49,66 @@ class Ids:
         return self._apps.setdefault(name, len(self._apps) + 1)
 
 
+class ConnectorStore(MappingStore):
+    """A ConnectorTable's mappings in the datapath's transit table and nowhere else.
+
+    An entry there holds what a :class:`Mapping` needs besides its key: the
+    destination, the app (the datapath's app id), the registration time and a
+    tag naming the ``(app, peer name)`` pair, interned here.
+    """
+
+    def __init__(self, tables: Tables, ids: Ids) -> None:
+        self._tables = tables
+        self._ids = ids
+        self._pairs: list[tuple[str, str]] = [("", "")]  # tag 0: not written through here
+        self._tags: dict[tuple[str, str], int] = {}
+
+    def put(self, m: Mapping) -> bool:
+        pair = (m.app, m.peer_name)
+        tag = self._tags.get(pair)
+        if tag is None:
+            tag = self._tags[pair] = len(self._pairs)
+            self._pairs.append(pair)
+        return self._tables.set_transit(m.peer, m.transit, m.destination, self._ids.app(m.app),
+                                        m.registered, tag)
+
+    def _mapping(self, peer: IPAddress | bytes, transit: IPAddress | bytes, real: bytes,
+                 registered: float, tag: int) -> Mapping:
+        app, name = self._pairs[tag] if tag < len(self._pairs) else ("", "")
+        return Mapping(ipaddress.ip_address(peer), ipaddress.ip_address(transit),
+                       ipaddress.ip_address(real), app, registered, name)
+
+    def get(self, peer: IPAddress, transit: IPAddress) -> Mapping | None:
+        entry = self._tables.transit_entry(peer, transit)
+        if entry is None:
+            return None
+        real, _, registered, tag = entry
+        return self._mapping(peer, transit, real, registered, tag)
+
+    def remove(self, peer: IPAddress, transit: IPAddress) -> Mapping | None:
+        m = self.get(peer, transit)
+        if m is not None:
+            self._tables.del_transit(peer, transit)
+        return m
+
+    def expired(self, before: float, limit: int) -> list[Mapping]:
+        return [self._mapping(p, t, r, when, tag)
+                for p, t, r, _, when, tag in self._tables.transit_entries(before, limit)]
+
+    def __len__(self) -> int:
+        return int(self._tables.stats()["transit"])
+
+    def __iter__(self) -> Iterator[Mapping]:
+        # A chunk at a time: 100,000 mappings as objects at once would be tens of MiB.
+        # (Nothing writes the table while a caller walks it: the control plane is
+        # its only writer, and walks to the end before it changes anything.)
+        start = 0
+        while start >= 0:
+            rows, start = self._tables.transit_chunk(start, 1024)
+            for p, t, r, _, when, tag in rows:
+                yield self._mapping(p, t, r, when, tag)
+
+
 class Dataplane:
     """The datapath's tables as the control plane changes them."""
 
@@ -53,6 +116,7 @@ class Dataplane:
         self._tables = tables
         self.ids = ids
         self._peers: set[str] = set()  # the peers installed by the last install_config
+        self.connector_store = ConnectorStore(tables, ids)
 
     def install_config(self, cfg: NodeConfig) -> None:
         """Own addresses, peers and ranges of ``cfg``; peers it no longer has are removed.
@@ -90,10 +154,3 @@ class Dataplane:
         """``a`` was reclaimed: its magic IP is unassigned again from now on."""
         self._tables.del_magic(a.magic)
         self._tables.del_route(a.transit)
-
-    def connector_mapped(self, m: Mapping) -> None:
-        """An accepted (peer, transit) -> destination mapping of this connector."""
-        self._tables.set_transit(m.peer, m.transit, m.destination, self.ids.app(m.app))
-
-    def connector_unmapped(self, m: Mapping) -> None:
-        self._tables.del_transit(m.peer, m.transit)

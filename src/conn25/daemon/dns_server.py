@@ -74,7 +74,7 @@ def kernel_says_local(addr: IPAddress) -> bool:
     The kernel's own answer covers every address of every interface, 127/8
     included, and addresses added later, with nothing to keep in sync.
     """
-    from pyroute2 import IPRoute  # netlink; imported here so the module loads without it
+    from .netlink import IPRoute  # netlink; imported here so the module loads without it
 
     global _ipr
     if _ipr is None:

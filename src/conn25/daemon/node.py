@@ -22,6 +22,7 @@ import socket
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 import trio
@@ -37,8 +38,6 @@ from ..fastpath import Datapath, EventKind, Role, monotonic_ms
 from . import keyfile
 from .dataplane import Dataplane, Ids
 from .dns_forwarder import Forwarder, upstreams_from_resolv_conf
-from .dns_resolver import ClientResolver
-from .dns_server import DNSServer, SourcePolicy, parse_dns_allow
 from .localapi import LocalAPI, peer_metrics
 from .overlay import Overlay
 from .peerapi_server import PEERAPI_LIMITS, PeerAPI
@@ -46,8 +45,12 @@ from .peerapi_server import REFUSAL_REASONS as PEERAPI_REFUSAL_REASONS
 from .refusals import RefusalLog
 from .registration import Registrar
 from .status import status_document
-from .system import SystemSetup, replace_file
+from .system import SystemSetup, release_freed_memory, replace_file
 from .tailnetfile import load_file
+
+if TYPE_CHECKING:  # a client's alone: imported when the node has apps to map
+    from .dns_resolver import ClientResolver
+    from .dns_server import DNSServer
 
 log = logging.getLogger("conn25d")
 
@@ -140,8 +143,8 @@ class Node:
         return time.time()
 
     def install_connector_mappings(self, mappings: Iterable[Mapping]) -> None:
+        # ConnectorTable.register put them into the datapath's transit table (its store).
         for m in mappings:
-            self.dataplane.connector_mapped(m)
             log.info("mapped app=%s peer=%s transit=%s -> %s", m.app, m.peer_name, m.transit,
                      m.destination)
         self._dirty.set()
@@ -192,9 +195,11 @@ class Node:
         state.mkdir(parents=True, exist_ok=True)
         self.assignments = Assignments(self.config.pools, on_reclaim=self._forget)
         self._restore_assignments()
-        self.connector = ConnectorTable(self.config) if opts.advertise_connector else None
         self.datapath = Datapath(client=True, connector=opts.advertise_connector)
         self.dataplane = Dataplane(self.datapath.tables, self.ids)
+        # Its mappings live in the datapath's transit table only.
+        self.connector = (ConnectorTable(self.config, store=self.dataplane.connector_store)
+                          if opts.advertise_connector else None)
         self.forwarder = Forwarder(list(opts.upstream_dns) if opts.upstream_dns is not None
                                    else upstreams_from_resolv_conf(exclude=[opts.dns_listen[0]]))
         self.registrar = Registrar(self)
@@ -223,6 +228,9 @@ class Node:
                 await nursery.start(self.overlay.run)
                 await nursery.start(self.registrar.run)
                 if self.config.apps:
+                    from .dns_resolver import ClientResolver
+                    from .dns_server import DNSServer, SourcePolicy
+
                     self.resolver = ClientResolver(
                         DNSMapper(self.config, self.assignments, log.info), self.forwarder,
                         self.registrar.resolve, self.registrar.register,
@@ -299,8 +307,12 @@ class Node:
 
     def _dns_allow(self) -> tuple[IPNetwork, ...]:
         allow = self.options.dns_allow
+        if not allow:
+            return ()
+        from .dns_server import parse_dns_allow
+
         try:
-            return parse_dns_allow(",".join(allow)) if allow else ()
+            return parse_dns_allow(",".join(allow))
         except ValueError as e:
             raise NodeError(str(e)) from None
 
@@ -398,15 +410,14 @@ class Node:
             await trio.sleep(SWEEP_INTERVAL)
             now = self.now()
             self.assignments.reclaim(now)  # each one goes through _forget
-            if self.connector is not None:
-                for m in self.connector.sweep(now, 1000):
-                    self.dataplane.connector_unmapped(m)
-                    self._dirty.set()
+            if self.connector is not None and self.connector.sweep(now, 1000):
+                self._dirty.set()  # (gone from the datapath with the table's store)
             self.datapath.sweep(monotonic_ms(), 1000)
             if self.connector is not None:
                 # A connector crash loses at most this interval's flows of this kind.
                 # In a thread, the file write included: the event loop must not wait on a disk.
                 await trio.to_thread.run_sync(self._save_flows)
+            release_freed_memory()  # what this interval's bursts freed, back to the system
 
     def _forget(self, a: Assignment) -> None:
         """A reclaimed assignment: its magic IP is unassigned again from now on."""
@@ -453,10 +464,8 @@ class Node:
             return
         self.tailnet, self.config = tn, cfg
         self.assignments.reconfigure(cfg.pools)
-        if self.connector is not None:
-            for m in self.connector.reconfigure(cfg):
-                self.dataplane.connector_unmapped(m)
-                self._dirty.set()
+        if self.connector is not None and self.connector.reconfigure(cfg):
+            self._dirty.set()
         self._install_tables()  # and removes the peers the file no longer has
         system.set_routes(self._routes())
         if self.resolver is not None:
@@ -504,11 +513,8 @@ class Node:
             return
         connector = self.connector
 
-        def mappings(data: bytes) -> int:
-            restored = connector.restore(data, self.now(), log.warning)
-            for m in restored:
-                self.dataplane.connector_mapped(m)
-            return len(restored)
+        def mappings(data: bytes) -> int:  # into the datapath too: the table's store
+            return len(connector.restore(data, self.now(), log.warning))
 
         def flows(data: bytes) -> int:
             n = self.datapath.restore_flows(data, monotonic_ms())
@@ -536,9 +542,10 @@ class Node:
         """Assignments and, on a connector, its mappings, to the state dir."""
         if not hasattr(self, "assignments"):
             return
-        files = [(ASSIGNMENTS_FILE, self.assignments.snapshot)]
-        if self.connector is not None:
-            files.append((CONNECTOR_FILE, self.connector.snapshot))
+        files: list[tuple[str, Callable[[], bytes | Iterable[bytes]]]] = [
+            (ASSIGNMENTS_FILE, self.assignments.snapshot)]
+        if self.connector is not None:  # in pieces: it may hold 100,000 mappings
+            files.append((CONNECTOR_FILE, self.connector.snapshot_chunks))
         for name, snapshot in files:
             path = self.options.state_path / name
             try:

@@ -11,7 +11,10 @@ import base64
 import binascii
 import secrets
 
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+# PyNaCl (libsodium), the library the handshake's other primitives come from: loading
+# `cryptography` too would cost a node about 9 MiB of memory for X25519 alone.
+from nacl.bindings import crypto_scalarmult, crypto_scalarmult_base
+from nacl.exceptions import RuntimeError as NaclRuntimeError
 
 KEY_LEN = 32
 KEY_LEN_BASE64 = 44  # 32 bytes in padded base64: 43 characters and one "="
@@ -36,7 +39,7 @@ def public_from_private(private: bytes) -> bytes:
     itself, so an unclamped key gives the same public key as in ``wg pubkey``."""
     if len(private) != KEY_LEN:
         raise ValueError(f"a private key is {KEY_LEN} bytes, got {len(private)}")
-    return X25519PrivateKey.from_private_bytes(private).public_key().public_bytes_raw()
+    return crypto_scalarmult_base(private)
 
 
 def encode(key: bytes) -> str:
@@ -87,9 +90,10 @@ def decode_file(data: bytes) -> bytes:
 def dh(private: bytes, public: bytes) -> bytes:
     """X25519(private, public). An all-zero result (a low-order public key) is refused, as
     WireGuard refuses it: it would make the shared secret known to anyone."""
+    if len(private) != KEY_LEN or len(public) != KEY_LEN:
+        raise ValueError(f"X25519 keys are {KEY_LEN} bytes")
     try:
-        shared = X25519PrivateKey.from_private_bytes(private).exchange(
-            X25519PublicKey.from_public_bytes(public))
-    except ValueError:
+        # libsodium clamps the scalar and fails on a low-order point (all-zero result).
+        return crypto_scalarmult(private, public)
+    except NaclRuntimeError:
         raise ValueError("X25519 gave the all-zero shared secret") from None
-    return shared

@@ -1,6 +1,6 @@
 """The primitives of Noise_IKpsk2_25519_ChaChaPoly_BLAKE2s as WireGuard instantiates them,
-each from a real library: BLAKE2s and HMAC from hashlib/hmac, ChaCha20-Poly1305 from
-`cryptography`, XChaCha20-Poly1305 (cookies) from PyNaCl, X25519 in `keys`.
+each from a real library: BLAKE2s and HMAC from hashlib/hmac, ChaCha20-Poly1305 and
+XChaCha20-Poly1305 (cookies) from PyNaCl (libsodium), X25519 in `keys` (PyNaCl too).
 """
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import hashlib
 import hmac
 import struct
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from nacl.bindings import (
+    crypto_aead_chacha20poly1305_ietf_decrypt,
+    crypto_aead_chacha20poly1305_ietf_encrypt,
     crypto_aead_xchacha20poly1305_ietf_decrypt,
     crypto_aead_xchacha20poly1305_ietf_encrypt,
 )
@@ -60,13 +60,13 @@ def _nonce(counter: int) -> bytes:
 
 
 def aead_encrypt(key: bytes, counter: int, plaintext: bytes, ad: bytes) -> bytes:
-    return ChaCha20Poly1305(key).encrypt(_nonce(counter), plaintext, ad)
+    return crypto_aead_chacha20poly1305_ietf_encrypt(plaintext, ad, _nonce(counter), key)
 
 
 def aead_decrypt(key: bytes, counter: int, ciphertext: bytes, ad: bytes) -> bytes:
     try:
-        return ChaCha20Poly1305(key).decrypt(_nonce(counter), ciphertext, ad)
-    except InvalidTag:
+        return crypto_aead_chacha20poly1305_ietf_decrypt(ciphertext, ad, _nonce(counter), key)
+    except CryptoError:
         raise DecryptError("authentication failed") from None
 
 
