@@ -350,3 +350,15 @@ def test_an_offer_for_a_pair_that_is_assigned_already_is_not_used():
     assert again is a and not created and a.transit != offer
     store.release_transits([offer])
     assert store.pool_usage()["v4Transit"]["inUse"] == 1
+
+
+def test_by_domain_lists_a_names_assignments_and_forgets_reclaimed_ones():
+    store = Assignments(pools())
+    a, _ = store.reserve("GitHub", "github.com.", ip("203.0.113.10"), 60, T0)
+    b, _ = store.reserve("GitHub", "github.com.", ip("2001:db8::10"), 60, T0)
+    store.reserve("GitHub", "api.github.com.", ip("203.0.113.10"), 600, T0)
+    assert sorted(map(str, (x.real for x in store.by_domain("github.com.")))) == [
+        "2001:db8::10", "203.0.113.10"]
+    assert store.by_domain("nothing.example.") == []
+    assert {x.magic for x in store.reclaim(T0 + 61)} == {a.magic, b.magic}
+    assert store.by_domain("github.com.") == [] and len(store.by_domain("api.github.com.")) == 1

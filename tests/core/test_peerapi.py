@@ -268,3 +268,22 @@ def test_acknowledged_takes_only_ok_results_for_our_offers_each_once():
         ipaddress.ip_address("203.0.113.1"): ipaddress.ip_address("169.254.128.1"),
         ipaddress.ip_address("203.0.113.7"): ipaddress.ip_address("169.254.128.3"),
     }
+
+
+def test_an_address_the_client_assigned_already_is_mapped_onto_that_transit_ip_again():
+    """So that a peer's address never gets a second transit IP the client does not know
+    (its replies would be sent to that one after a connector restart)."""
+    req = peerapi.offered_mappings(
+        "GitHub", "github.com.", addrs("203.0.113.1", "203.0.113.2"),
+        addrs("169.254.128.5", "169.254.128.6"),
+        {ipaddress.ip_address("203.0.113.2"): ipaddress.ip_address("169.254.128.9")})
+    assert [(i.transit_ip, i.destination_ip) for i in req.transit_ips] == [
+        ("169.254.128.5", "203.0.113.1"), ("169.254.128.9", "203.0.113.2")]
+
+
+def test_a_transit_ip_both_offered_and_assigned_is_refused():
+    body = json.dumps({"queries": [{
+        "app": "GitHub", "query": "", "transitIPs": ["169.254.128.1"],
+        "assigned": [{"transitIP": "169.254.128.1", "destinationIP": "203.0.113.1"}]}]})
+    with pytest.raises(BadRequest, match="more than once"):
+        peerapi.decode_resolve_request(body.encode())

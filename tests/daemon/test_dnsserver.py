@@ -782,7 +782,7 @@ def make_mapper(v4_magic="100.80.0.0-100.80.0.255", v4_transit="169.254.128.0-16
 def answers_only(resolve):
     """A resolve_at_connector made of one that answers with DNS bytes and maps no offer."""
 
-    async def with_offers(app, wire, offers):
+    async def with_offers(app, wire, offers, assigned):
         return "connector-1", ResolveAnswer(answer=await resolve(app, wire))
 
     return with_offers
@@ -804,17 +804,20 @@ class Connector:
         self.refuse: set[str] = set()  # destinations whose mapping is refused
         self.resolved = []
         self.offered = []
+        self.assigned = []
         self.registered = []
         self.ack_now = trio.Event()
 
-    async def resolve(self, app, wire, offers=()):
+    async def resolve(self, app, wire, offers=(), assigned=None):
         self.resolved.append((app.name, DNSRecord.parse(wire).q.qname))
         self.offered.append(list(offers))
+        self.assigned.append(dict(assigned or {}))
         answer = await self.forwarder.forward(wire)
         if not self.maps_offers:
             return "connector-1", ResolveAnswer(answer=answer)
         domain, _, addrs = answer_addresses(answer)
-        req = peerapi.offered_mappings(app.name, domain, [a for a, _ in addrs], offers)
+        req = peerapi.offered_mappings(app.name, domain, [a for a, _ in addrs], offers,
+                                       assigned)
         return "connector-1", ResolveAnswer(answer=answer, transit_ips=[
             MappedTransitIP(i.transit_ip, i.destination_ip,
                             Code.OTHER if i.destination_ip in self.refuse else Code.OK)
@@ -1055,7 +1058,11 @@ def test_a_repeated_name_reuses_its_assignment_and_returns_the_offers(dnsmasq):
     again = run(res.answer, query("app.test"))
     assert addresses(first) == addresses(again) == ["100.80.0.0"]
     assert len(conn.resolved) == 2 and conn.registered == [] and transit_in_use(store, 4) == 1
-    assert store.by_magic(ip("100.80.0.0")).transit == conn.offered[0][0]
+    a = store.by_magic(ip("100.80.0.0"))
+    assert a.transit == conn.offered[0][0]
+    # The second asks with the address's transit IP, which the connector maps again (so
+    # the peer's address never gets a second transit IP) and no offer is used.
+    assert conn.assigned == [{}, {a.real: a.transit}]
 
 
 @pytest.mark.parametrize("result", ["not offered", "other family", "twice", "garbage"])
@@ -1065,7 +1072,7 @@ def test_a_connector_result_for_what_we_did_not_offer_is_not_taken(dnsmasq, resu
     mapper, store = make_mapper()
     conn = Connector(store, dnsmasq)
 
-    async def hostile(app, wire, offers):
+    async def hostile(app, wire, offers, assigned):
         answer = await conn.forwarder.forward(wire)
         transit = {"not offered": "169.254.128.250", "other family": "fd7a:115c:a1e0:ab13::9",
                    "twice": str(offers[0]), "garbage": "not an address"}[result]
@@ -1091,7 +1098,7 @@ def test_offers_go_back_to_the_pool_when_the_connector_fails(dnsmasq):
     mapper, store = make_mapper()
     conn = Connector(store, dnsmasq)
 
-    async def fails(app, wire, offers):
+    async def fails(app, wire, offers, assigned):
         assert len(offers) == DEFAULT_OFFERS and transit_in_use(store, 4) == DEFAULT_OFFERS
         raise OSError("connection refused")
 
@@ -1117,9 +1124,9 @@ def test_the_same_app_question_again_while_it_is_answered_waits_for_that_answer(
     gate = trio.Event()
     resolve = conn.resolve
 
-    async def slow(app, wire, offers):
+    async def slow(app, wire, offers, assigned):
         await gate.wait()
-        return await resolve(app, wire, offers)
+        return await resolve(app, wire, offers, assigned)
 
     res.resolve_at_connector = slow
 

@@ -428,6 +428,16 @@ def test_resolve_maps_no_more_addresses_than_offered_and_only_of_their_family():
     assert str(node.installed[-1][0].peer) == "fd7a:115c:a1e0::1"
 
 
+def test_an_address_the_client_assigned_already_keeps_its_transit_ip():
+    node = FakeNode()
+    q = ResolveQuery("GitHub", dns_query("github.com"), [T4B],
+                     [peerapi.AssignedTransitIP(T4, REAL4)])
+    [answer] = resolve_all(node, [q])
+    assert [(r.transit_ip, r.destination_ip, r.code) for r in answer.transit_ips] == [
+        (T4, REAL4, Code.OK)]
+    assert [str(m.transit) for batch in node.installed for m in batch] == [T4]
+
+
 def test_resolve_without_offers_only_answers():
     node = FakeNode()
     assert resolve(node, offers=()) == ([REAL4], [])

@@ -75,6 +75,7 @@ class Assignments:
         self._by_magic: dict[IPAddress, Assignment] = {}
         self._by_transit: dict[IPAddress, Assignment] = {}
         self._by_domain_real: dict[tuple[str, IPAddress], Assignment] = {}
+        self._by_domain: dict[str, dict[IPAddress, Assignment]] = {}  # by real address
         # Expiry order: a heap with lazy deletion; an entry is live only while
         # its expiry equals the assignment's current one.
         self._heap: list[tuple[float, int, IPAddress]] = []
@@ -104,6 +105,10 @@ class Assignments:
 
     def by_domain_real(self, domain: str, real: IPAddress) -> Assignment | None:
         return self._by_domain_real.get((domain, real))
+
+    def by_domain(self, domain: str) -> list[Assignment]:
+        """The assignments of ``domain`` (a normalised FQDN), one per real address."""
+        return list(self._by_domain.get(domain, {}).values())
 
     def by_connector(self, connector: str) -> list[Assignment]:
         return [a for a in self._by_transit.values() if a.connector == connector]
@@ -187,6 +192,7 @@ class Assignments:
         self._by_magic[a.magic] = a
         self._by_transit[a.transit] = a
         self._by_domain_real[(a.domain, a.real)] = a
+        self._by_domain.setdefault(a.domain, {})[a.real] = a
         self._push(a)
         self._stale.add(a.magic)
 
@@ -353,6 +359,10 @@ class Assignments:
         del self._by_magic[a.magic]
         del self._by_transit[a.transit]
         del self._by_domain_real[(a.domain, a.real)]
+        same = self._by_domain[a.domain]
+        del same[a.real]
+        if not same:
+            del self._by_domain[a.domain]
         self._stale.add(a.magic)
         self._magic[a.magic.version].release(a.magic)
         self._transit[a.transit.version].release(a.transit)

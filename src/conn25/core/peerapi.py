@@ -14,7 +14,7 @@ adapter.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TypeVar
 
 import msgspec
@@ -105,7 +105,18 @@ class ConnectorTransitIPResponse(msgspec.Struct):
     transit_ips: list[TransitIPResponse] = msgspec.field(name="transitIPs", default_factory=list)
 
 
-class ResolveQuery(msgspec.Struct):
+class AssignedTransitIP(msgspec.Struct):
+    """A transit IP the client gave an address of the queried name already."""
+
+    transit_ip: str = msgspec.field(name="transitIP")
+    destination_ip: str = msgspec.field(name="destinationIP")
+
+    def __post_init__(self) -> None:
+        self.transit_ip = str(parse_address(self.transit_ip))
+        self.destination_ip = str(parse_address(self.destination_ip))
+
+
+class ResolveQuery(msgspec.Struct, omit_defaults=True):
     """A DNS query for ``app`` and the transit IPs the connector may map its answer onto.
 
     The connector resolves ``query`` (DNS wire format), maps each address of
@@ -118,18 +129,29 @@ class ResolveQuery(msgspec.Struct):
     app: str
     query: bytes  # base64 in JSON
     transit_ips: list[str] = msgspec.field(name="transitIPs", default_factory=list)
+    # The name's addresses that have a transit IP already: an answer that still holds
+    # one is mapped onto that transit IP again (refreshed), not onto an offer, so that
+    # no address of the peer's gets a second transit IP it would not know of.
+    assigned: list[AssignedTransitIP] = []
 
     def __post_init__(self) -> None:
-        if len(self.transit_ips) > MAX_OFFERS:
-            raise ValueError(f"{len(self.transit_ips)} transit IPs offered, at most "
-                             f"{MAX_OFFERS} may be")
+        if len(self.transit_ips) + len(self.assigned) > MAX_OFFERS:
+            raise ValueError(f"{len(self.transit_ips) + len(self.assigned)} transit IPs "
+                             f"offered or assigned, at most {MAX_OFFERS} may be")
         self.transit_ips = [str(parse_address(t)) for t in self.transit_ips]
-        if len(set(self.transit_ips)) != len(self.transit_ips):
-            raise ValueError("a transit IP is offered more than once")
+        named = self.transit_ips + [a.transit_ip for a in self.assigned]
+        if len(set(named)) != len(named):
+            raise ValueError("a transit IP is offered or assigned more than once")
 
     @property
     def offers(self) -> list[IPAddress]:
         return [parse_address(t) for t in self.transit_ips]
+
+    @property
+    def assigned_by_address(self) -> dict[IPAddress, IPAddress]:
+        """real address -> its transit IP, from ``assigned``."""
+        return {parse_address(a.destination_ip): parse_address(a.transit_ip)
+                for a in self.assigned}
 
 
 class ResolveRequest(msgspec.Struct):
@@ -180,6 +202,7 @@ Message = (
     | ConnectorTransitIPRequest
     | TransitIPResponse
     | ConnectorTransitIPResponse
+    | AssignedTransitIP
     | ResolveQuery
     | ResolveRequest
     | ResolveAnswer
@@ -238,16 +261,22 @@ def decode_resolve_response(body: bytes) -> ResolveResponse:
 
 
 def offered_mappings(app: str, domain: str, addresses: Sequence[IPAddress],
-                     offers: Sequence[IPAddress]) -> ConnectorTransitIPRequest:
+                     offers: Sequence[IPAddress],
+                     assigned: Mapping[IPAddress, IPAddress] | None = None,
+                     ) -> ConnectorTransitIPRequest:
     """The registration a connector makes of its answer: each address, in answer order,
-    onto the next unused offer of its family; addresses beyond the offers stay unmapped
-    (the client registers those itself)."""
+    onto the transit IP the client ``assigned`` it already (real -> transit), else onto
+    the next unused offer of its family; addresses beyond the offers stay unmapped (the
+    client registers those itself)."""
+    assigned = assigned or {}
     spare = {4: [o for o in offers if o.version == 4], 6: [o for o in offers if o.version == 6]}
     items = []
     for addr in addresses:
-        left = spare[addr.version]
-        if left:
-            items.append(TransitIPRequest(str(left.pop(0)), str(addr), app, domain))
+        transit = assigned.get(addr)
+        if transit is None and spare[addr.version]:
+            transit = spare[addr.version].pop(0)
+        if transit is not None:
+            items.append(TransitIPRequest(str(transit), str(addr), app, domain))
     return ConnectorTransitIPRequest(items)
 
 
@@ -258,8 +287,9 @@ def mapped_results(req: ConnectorTransitIPRequest,
             for item, r in zip(req.transit_ips, resp.transit_ips, strict=True)]
 
 
-def acknowledged(resp: ResolveAnswer, offers: Sequence[IPAddress]) -> dict[IPAddress, IPAddress]:
-    """real address -> transit IP, for each mapping the connector made of one of ``offers``.
+def acknowledged(resp: ResolveAnswer, offers: Iterable[IPAddress]) -> dict[IPAddress, IPAddress]:
+    """real address -> transit IP, for each mapping the connector made of one of ``offers``
+    (the transit IPs offered and those assigned already).
 
     A connector's answer is input like any other: results for transit IPs we
     did not offer, of mixed families, or naming an offer or an address twice

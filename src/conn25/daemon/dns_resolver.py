@@ -16,20 +16,21 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass, field
 from typing import Protocol
 
 import trio
 from dnslib import QTYPE
 
+from ..core import dnsname
 from ..core.assignments import Assignment
 from ..core.config import App, NodeConfig
 from ..core.dnscache import AnswerCache
 from ..core.dnsmap import DNSMapper
 from ..core.dnsquery import DNSMapError, Query, answers, parse, servfail_to, with_id
 from ..core.iprange import IPAddress
-from ..core.peerapi import ResolveAnswer, acknowledged
+from ..core.peerapi import MAX_OFFERS, ResolveAnswer, acknowledged
 from .dns_forwarder import Forwarder
 from .inflight import Coalescer
 
@@ -55,8 +56,9 @@ class Resolve(Protocol):
     """A connector's answer to a query, its addresses mapped onto our offers where it
     could: (the connector's name, its answer)."""
 
-    def __call__(self, app: App, query: bytes,
-                 offers: Sequence[IPAddress]) -> Awaitable[tuple[str, ResolveAnswer]]: ...
+    def __call__(self, app: App, query: bytes, offers: Sequence[IPAddress],
+                 assigned: Mapping[IPAddress, IPAddress]
+                 ) -> Awaitable[tuple[str, ResolveAnswer]]: ...
 
 
 class _Registration:
@@ -184,7 +186,8 @@ class ClientResolver:
         what = self._describe(query, app)
         offers = self._offers(query)
         try:
-            return await self._resolve_and_map(query, wire, app, what, offers)
+            return await self._resolve_and_map(query, wire, app, what, offers,
+                                               self._assigned(query, len(offers)))
         finally:
             # Those no new assignment took (the connector's mapping of them, if any,
             # is replaced when the transit IP is registered for something else).
@@ -197,11 +200,27 @@ class ClientResolver:
             return []
         return self.mapper.assignments.take_transits(version, self.offers)
 
+    def _assigned(self, query: Query, offered: int) -> dict[IPAddress, IPAddress]:
+        """real -> transit of the name's assignments of the question's family: the
+        connector maps an address that is still in the answer onto its transit IP again."""
+        q = query.questions[0]
+        version = _FAMILY.get(q.qtype)
+        if version is None:
+            return {}
+        try:
+            domain = dnsname.from_labels(q.labels)
+        except ValueError:
+            return {}
+        held = [a for a in self.mapper.assignments.by_domain(domain) if a.real.version == version]
+        return {a.real: a.transit for a in held[:MAX_OFFERS - offered]}
+
     async def _resolve_and_map(self, query: Query, wire: bytes, app: App, what: str,
-                               offers: list[IPAddress]) -> bytes:
+                               offers: list[IPAddress],
+                               assigned: dict[IPAddress, IPAddress]) -> bytes:
         try:
             with trio.fail_after(self.resolve_timeout):
-                connector, resolution = await self.resolve_at_connector(app, wire, offers)
+                connector, resolution = await self.resolve_at_connector(app, wire, offers,
+                                                                        assigned)
                 resp = resolution.answer
         except trio.TooSlowError:
             return self._servfail(query, "servfail_connector",
@@ -216,12 +235,13 @@ class ClientResolver:
             return self._servfail(query, "servfail_connector",
                                   f"{what}: the connector's answer is not for this question")
         # The answer as checked (our id in it), with its head: the mapper reads it no more.
-        mapped = acknowledged(resolution, offers)
+        mapped = acknowledged(resolution, [*offers, *assigned.values()])
         result = self.mapper.map_response(rhead.wire, self.now(), rhead, mapped)
         self._counters["assignments_new"] += len(result.new)
-        taken = set(mapped.values())
-        for a in result.new:
-            if a.transit in taken:  # no await since map_response: nobody saw it unmapped
+        for a in result.assignments:
+            # New, or not registered anywhere yet: the connector has it now. No await
+            # since map_response, so nobody saw a new one unmapped.
+            if a.connector is None and mapped.get(a.real) == a.transit:
                 self.mapped(a, connector)
                 self._counters["mapped_in_resolution"] += 1
         # Made, or their expiry refreshed: worth persisting.

@@ -320,9 +320,11 @@ class PeerAPI:
             return peerapi.ResolveAnswer(resolved.status, resolved.reason)
         domain, answer, addresses = resolved
         connector = self._node.connector
-        if domain is None or not addresses or not q.transit_ips or connector is None:
+        if domain is None or not addresses or not (q.transit_ips or q.assigned) \
+                or connector is None:
             return peerapi.ResolveAnswer(answer=answer)
-        mappings = peerapi.offered_mappings(q.app, domain, addresses, q.offers)
+        mappings = peerapi.offered_mappings(q.app, domain, addresses, q.offers,
+                                            q.assigned_by_address)
         resp, stored = connector.register(peer, mappings, self._node.now())
         self._note_refused_items(peer, mappings, resp)
         if stored:

@@ -18,7 +18,7 @@ times come from ``node.now()``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any, Protocol
 
 import trio
@@ -255,12 +255,14 @@ class Registrar:
 
     # -- resolving at a connector ----------------------------------------------------------
 
-    async def resolve(self, app: App, query: bytes,
-                      offers: Sequence[IPAddress] = ()) -> tuple[str, peerapi.ResolveAnswer]:
+    async def resolve(self, app: App, query: bytes, offers: Sequence[IPAddress] = (),
+                      assigned: Mapping[IPAddress, IPAddress] | None = None,
+                      ) -> tuple[str, peerapi.ResolveAnswer]:
         """A connector for ``app``'s answer to the wire ``query``: (its name, its answer).
 
         The connector maps the answer's addresses onto ``offers`` (transit IPs
-        of ours) in the same exchange; see :func:`conn25.core.peerapi.acknowledged`
+        of ours), or onto the transit IP ``assigned`` an address already (real ->
+        transit), in the same exchange; see :func:`conn25.core.peerapi.acknowledged`
         for what the caller may take from it. Queries for one connector that
         wait at the same time share exchanges (:class:`~conn25.daemon.batcher.Batcher`).
         Tries the candidates in order of preference, moving on after a
@@ -268,7 +270,8 @@ class Registrar:
         when none answered.
         """
         self.core.count("resolves")
-        item = peerapi.ResolveQuery(app.name, query, [str(o) for o in offers])
+        item = peerapi.ResolveQuery(app.name, query, [str(o) for o in offers], [
+            peerapi.AssignedTransitIP(str(t), str(r)) for r, t in (assigned or {}).items()])
         errors: list[str] = []
         for i, conn in enumerate(self.core.resolve_order(app, self._config)):
             if i:
