@@ -63,6 +63,7 @@ _MAX_LOGGED_REASONS = 1024
 SOCKETS_PER_UPSTREAM = 8
 QUERIES_PER_SOCKET = 256
 SOCKET_LIFETIME = 30.0  # seconds
+_DRAIN = 64  # datagrams a socket's reader takes at once
 
 # Counters, all present from the start (zero) so that metrics keep a stable shape.
 FORWARDER_COUNTERS = (
@@ -175,6 +176,7 @@ class _UdpSocket:
         except OSError:
             raw.close()
             raise
+        self._raw = raw
         self.sock = trio.socket.from_stdlib_socket(raw)
         self.born = trio.current_time()
         self.retired = False
@@ -245,9 +247,23 @@ class _UdpSocket:
                         self._broken(e)
                 if data is not None:
                     self._deliver(data)
+                    self._drain()
         finally:
             self._reading = False
             self._reader = None
+
+    def _drain(self) -> None:
+        """What else has arrived, read without a wait (and a task switch) per datagram;
+        at most _DRAIN, so that a flood does not keep the reader from yielding."""
+        for _ in range(_DRAIN):
+            try:
+                data = self._raw.recv(MAX_MESSAGE)
+            except BlockingIOError:
+                return
+            except OSError as e:
+                self._broken(e)
+                return
+            self._deliver(data)
 
     def _deliver(self, data: bytes) -> None:
         ident = int.from_bytes(data[:2], "big") if len(data) >= 2 else -1
@@ -286,13 +302,14 @@ class _UdpSocket:
 
 
 class _UdpPool:
-    """The UDP sockets to one upstream: at most ``size``, each retired after ``queries``
-    queries or ``lifetime`` seconds."""
+    """The UDP sockets to one upstream: at most ``size`` taking queries, each retired after
+    ``queries`` queries or ``lifetime`` seconds."""
 
     def __init__(self, upstream: Upstream, counters: Counter[str], size: int, queries: int,
                  lifetime: float) -> None:
         self.upstream = upstream
-        self.sockets: list[_UdpSocket] = []
+        self.live: list[_UdpSocket] = []
+        self.retired: list[_UdpSocket] = []  # until their last query is done; for close()
         self._counters = counters
         self._size = size
         self._queries = queries
@@ -302,22 +319,28 @@ class _UdpPool:
         """The socket for the next query: an idle one, else a new one while there are
         fewer than ``size``, else the least busy (more ports in use, more to guess)."""
         now = trio.current_time()
-        for s in self.sockets:
-            if len(s.used) >= self._queries or now - s.born >= self._lifetime:
+        spent = [s for s in self.live
+                 if len(s.used) >= self._queries or now - s.born >= self._lifetime or s.retired]
+        if spent:
+            for s in spent:
                 s.retire()
-        # Retired ones stay listed until closed (their last query done), for close().
-        self.sockets = [s for s in self.sockets if not s.closed]
-        live = [s for s in self.sockets if not s.retired]
-        best = min(live, key=lambda s: len(s.pending), default=None)
-        if best is None or (best.pending and len(live) < self._size):
+                self.live.remove(s)
+            self.retired = [s for s in (*self.retired, *spent) if not s.closed]
+        best = min(self.live, key=_load, default=None)
+        if best is None or (best.pending and len(self.live) < self._size):
             best = _UdpSocket(self.upstream, self._counters)
-            self.sockets.append(best)
+            self.live.append(best)
         return best
 
     def close(self) -> None:
-        for s in self.sockets:
+        for s in (*self.live, *self.retired):
             s.close()
-        self.sockets.clear()
+        self.live.clear()
+        self.retired.clear()
+
+
+def _load(s: _UdpSocket) -> int:
+    return len(s.pending)
 
 
 class Forwarder:
