@@ -8,6 +8,7 @@ that misbehave (truncation, wrong ids, silence).
 
 import errno
 import ipaddress
+import itertools
 import logging
 import os
 import shutil
@@ -166,10 +167,12 @@ async def ask_udp(addr, wire, timeout=2.0):
 
 
 @asynccontextmanager
-async def fake_upstream(on_udp=None, on_tcp=None):
+async def fake_upstream(on_udp=None, on_tcp=None, peers=None):
     """A loopback upstream: ``on_udp(query) -> [datagrams]``, ``on_tcp(query) -> reply``.
 
     Without ``on_udp`` it receives and never answers; without ``on_tcp`` no TCP.
+    Into ``peers``, when given, the (ip, port) each UDP query came from, before
+    ``on_udp`` sees it; a datagram ``on_udp`` gives as (datagram, peer) goes there.
     """
     # TCP listens on the UDP socket's port number, which a TCP socket of some other test or
     # process may already hold: then take another UDP port rather than fail.
@@ -193,8 +196,11 @@ async def fake_upstream(on_udp=None, on_tcp=None):
         while True:
             data, peer = await sock.recvfrom(65535)
             seen.append(("udp", data))
+            if peers is not None:
+                peers.append(peer)
             for out in (on_udp(data) if on_udp else []):
-                await sock.sendto(out, peer)
+                out, to = out if isinstance(out, tuple) else (out, peer)
+                await sock.sendto(out, to)
 
     async def serve_tcp(stream):
         async with stream:
@@ -523,6 +529,175 @@ def test_answers_are_cached_for_their_ttl_counted_down():
     assert [r.header.id for r in recs] == [1, 2, 3, 4]
     assert [r.a.ttl for r in recs] == [60, 35, 60, 60]
     assert upstream_queries == 3 and counters["cache_hits"] == 1
+
+
+def answer_by_name(data):
+    """A fake upstream's answer: 192.0.2.N for the name nN.test."""
+    name = str(DNSRecord.parse(data).q.qname)
+    return reply(data, *a_records(name, [f"192.0.2.{int(name[1:].split('.')[0])}"]))
+
+
+def open_fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_upstream_sockets_are_reused_and_retired_after_their_query_limit():
+    """Sequential queries share a socket (one source port) until its query limit."""
+    async def main():
+        ports = {}
+        for limit in (256, 4):
+            peers = []
+            async with fake_upstream(lambda q: [answer_by_name(q)], peers=peers) as (addr, _):
+                fwd = Forwarder([addr], queries_per_socket=limit)
+                outs = [await fwd.forward(query(f"n{i}.test")) for i in range(10)]
+                fwd.close()
+            assert [addresses(o) for o in outs] == [[f"192.0.2.{i}"] for i in range(10)]
+            ports[limit] = [port for _, port in peers]
+        return ports
+
+    ports = run(main)
+    assert len(set(ports[256])) == 1
+    by_four = ports[4]  # 4, 4 and 2 queries, each socket on a port of its own
+    assert [len(set(by_four[i:i + 4])) for i in (0, 4, 8)] == [1, 1, 1]
+    assert len(set(by_four)) > 1
+
+
+def test_upstream_sockets_are_retired_after_their_lifetime():
+    clock = trio.testing.MockClock()
+
+    async def main():
+        peers = []
+        async with fake_upstream(lambda q: [answer_by_name(q)], peers=peers) as (addr, _):
+            fwd = Forwarder([addr], socket_lifetime=30)
+            await fwd.forward(query("n1.test"))
+            clock.jump(29)
+            await fwd.forward(query("n2.test"))
+            clock.jump(2)
+            await fwd.forward(query("n3.test"))
+            fwd.close()
+        return [port for _, port in peers]
+
+    first, second, third = trio.run(main, clock=clock)
+    assert first == second != third
+
+
+def test_ids_sent_upstream_are_random_and_the_client_gets_its_own_back():
+    """Over UDP and TCP the upstream sees ids of the forwarder's, not the client's."""
+    def on_udp(data):
+        if str(DNSRecord.parse(data).q.qname) == "big.test.":
+            return [reply(data, tc=True)]
+        return [answer_by_name(data)]
+
+    async def main():
+        async with fake_upstream(on_udp, on_tcp=lambda q: reply(
+                q, *a_records("big.test", BIG))) as (addr, seen):
+            fwd = Forwarder([addr])
+            outs = [await fwd.forward(query(f"n{i}.test", qid=0x1234)) for i in range(20)]
+            big = await fwd.forward(query("big.test", qid=0x1234))
+            fwd.close()
+        return outs, big, seen
+
+    outs, big, seen = run(main)
+    assert all(DNSRecord.parse(o).header.id == 0x1234 for o in [*outs, big])
+    assert [addresses(o) for o in outs] == [[f"192.0.2.{i}"] for i in range(20)]
+    assert sorted(addresses(big)) == sorted(BIG)
+    ids = [int.from_bytes(data[:2], "big") for kind, data in seen if kind == "udp"][:20]
+    assert 0x1234 not in ids and len(set(ids)) == 20  # unique on their socket
+    assert len({b - a for a, b in itertools.pairwise(ids)}) > 1  # not a counter
+    assert [kind for kind, _ in seen[-2:]] == ["udp", "tcp"]
+    assert int.from_bytes(seen[-1][1][:2], "big") != 0x1234
+
+
+def test_an_answer_with_the_clients_id_or_another_question_is_not_accepted():
+    """Only our id and the question asked make an answer: else SERVFAIL after the timeout."""
+    def on_udp(data):
+        return [reply(data, *a_records("x.test", ["192.0.2.66"]), qid=0x1234),
+                reply(data, *a_records("evil.test", ["192.0.2.66"]), name="evil.test")]
+
+    async def main():
+        async with fake_upstream(on_udp) as (addr, _):
+            fwd = Forwarder([addr], timeout=0.3)
+            out = await fwd.forward(query("x.test", qid=0x1234))
+            fwd.close()
+            return out, fwd.counters()
+
+    out, counters = run(main)
+    rec = DNSRecord.parse(out)
+    assert rec.header.rcode == RCODE.SERVFAIL and rec.header.id == 0x1234 and not rec.rr
+    assert counters["upstream_mismatched"] == 2 and counters["upstream_timeouts"] == 1
+
+
+@pytest.mark.parametrize("sockets", [1, 8])
+def test_concurrent_queries_with_the_same_client_id_each_get_their_own_answer(sockets):
+    """Answered in reverse order, on shared sockets: each answer still finds its query."""
+    held, peers = [], []
+
+    def on_udp(data):
+        held.append((data, peers[-1]))
+        return [(answer_by_name(d), p) for d, p in reversed(held)] if len(held) == 20 else []
+
+    async def main():
+        async with fake_upstream(on_udp, peers=peers) as (addr, _):
+            fwd = Forwarder([addr], sockets_per_upstream=sockets)
+            outs = {}
+
+            async def ask(i):
+                outs[i] = await fwd.forward(query(f"n{i}.test", qid=7))
+
+            with trio.fail_after(5):
+                async with trio.open_nursery() as nursery:
+                    for i in range(20):
+                        nursery.start_soon(ask, i)
+            fwd.close()
+            return outs, fwd.counters()
+
+    outs, counters = run(main)
+    for i, out in outs.items():
+        assert DNSRecord.parse(out).header.id == 7 and addresses(out) == [f"192.0.2.{i}"]
+    assert len(outs) == 20 and counters["upstream_mismatched"] == 0
+    assert len(set(peers)) == sockets
+
+
+def test_a_closed_port_fails_every_query_sharing_its_socket_at_once(dnsmasq):
+    async def main():
+        fwd = Forwarder([closed_port(), dnsmasq], timeout=5, sockets_per_upstream=1)
+        outs = {}
+
+        async def ask(name):
+            outs[name] = await fwd.forward(query(name))
+
+        t0 = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            for name in ("plain.test", "nx.test"):
+                nursery.start_soon(ask, name)
+        fwd.close()
+        return [outs["plain.test"], outs["nx.test"]], trio.current_time() - t0, fwd.counters()
+
+    outs, elapsed, counters = run(main)
+    assert [DNSRecord.parse(o).header.rcode for o in outs] == [RCODE.NOERROR, RCODE.NXDOMAIN]
+    assert elapsed < 2 and counters["upstream_errors"] == 2
+
+
+def test_closing_the_forwarder_closes_every_socket_and_fails_what_is_in_flight():
+    async def main():
+        async with fake_upstream(lambda q: [answer_by_name(q)]) as (addr, _), \
+                fake_upstream() as (silent, _):
+            before = open_fds()
+            fwd = Forwarder([silent, addr], timeout=5)
+            async with trio.open_nursery() as nursery:
+                for i in range(5):
+                    nursery.start_soon(fwd.forward, query(f"n{i}.test"))
+                await trio.testing.wait_all_tasks_blocked()
+                held = open_fds() - before  # five on the silent one, none on addr yet
+                t0 = trio.current_time()
+                fwd.close()  # the five fail over to addr, which has no socket any more
+            elapsed = trio.current_time() - t0
+            after = open_fds() - before
+            return held, elapsed, after, fwd.counters()
+
+    held, elapsed, after, counters = run(main)
+    assert held == 5 and after == 0 and elapsed < 1
+    assert counters["upstream_errors"] == 10 and counters["upstream_servfail"] == 5
 
 
 def test_forwarder_refuses_what_is_not_a_query():

@@ -275,21 +275,33 @@ def test_reload_rejects_a_bad_file_and_applies_a_good_one(bed):
 
 
 def test_embedded_node_serves_and_leaves_nothing_behind(bed, tmp_path):
-    """11: a node inside another trio program's nursery."""
+    """11: a node inside another trio program's nursery; no socket of it stays open either
+    (its forwarder keeps upstream sockets between queries)."""
     script = textwrap.dedent(f"""
-        import trio
+        import os, socket, trio
         from conn25.daemon.node import Node, NodeOptions
         from conn25.daemon.system import leftovers
+        def sockets():
+            fds = os.listdir("/proc/self/fd")
+            return sum(os.readlink(f"/proc/self/fd/{{fd}}").startswith("socket:") for fd in fds
+                       if os.path.lexists(f"/proc/self/fd/{{fd}}"))
         async def main():
+            silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # an upstream
+            silent.bind(("127.0.0.1", 0))
+            before = sockets()
             node = Node(NodeOptions(tailnet={str(bed.tailnet_path)!r}, hostname="peer",
                                     state_dir={str(tmp_path)!r},
                                     private_key={str(bed.private_key_path("peer"))!r},
-                                    upstream_dns=(("198.51.100.53", 53),)))
+                                    upstream_dns=(silent.getsockname(),)))
             async with trio.open_nursery() as nursery:
                 await nursery.start(node.run)
                 assert leftovers("conn25"), "nothing set up?"
+                with trio.move_on_after(0.2):  # x.test A, on a socket the forwarder keeps
+                    await node.forwarder.forward(
+                        bytes.fromhex("123401000001000000000000017804746573740000010001"))
                 nursery.cancel_scope.cancel()
             assert leftovers("conn25") == [], leftovers("conn25")
+            assert sockets() == before, (sockets(), before)
             print("ok")
         trio.run(main)
     """)

@@ -256,6 +256,7 @@ class Node:
                 task_status.started(self)
         finally:
             with trio.CancelScope(shield=True):
+                self.forwarder.close()  # its upstream sockets: an embedded node leaves none
                 self.datapath.stop()
                 if flows_restored:
                     self._save_flows()
