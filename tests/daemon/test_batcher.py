@@ -116,3 +116,40 @@ def test_a_cancelled_waiter_is_not_sent_and_a_cancelled_sender_still_delivers_th
     run(main)
     assert server.sent == [[0], [2]]
     assert got == {0: 0, 2: 20}
+
+
+def test_queued_items_fill_every_free_exchange_and_wake_only_when_their_turn_or_result_comes():
+    """Items go out at once while an exchange is free; the rest wait and share full
+    batches. An exchange that ends wakes its own items and the next waiting senders only
+    (a burst of thousands of waiters must not all wake for every exchange)."""
+    server = Server()
+    server.gate = trio.Event()
+    batcher = Batcher(server.send, max_batch=4, max_inflight=3)
+    woken = {"n": 0}
+    real_wait = trio.Event.wait
+
+    async def counting_wait(self):
+        await real_wait(self)
+        woken["n"] += 1
+
+    sizes: list[int] = []
+
+    async def main():
+        nonlocal sizes
+        trio.Event.wait = counting_wait  # type: ignore[method-assign]
+        try:
+            async with trio.open_nursery() as nursery:
+                for i in range(40):
+                    nursery.start_soon(batcher.submit, i)
+                await trio.testing.wait_all_tasks_blocked()
+                sizes = [len(b) for b in server.sent]
+                server.gate.set()  # before any assertion: the exchanges are shielded
+        finally:
+            trio.Event.wait = real_wait  # type: ignore[method-assign]
+
+    run(main)
+    assert sizes == [1, 1, 1]  # the first three went at once, alone; 37 wait
+    assert [len(b) for b in server.sent[3:]] == [4] * 9 + [1]
+    assert sorted(i for b in server.sent for i in b) == list(range(40))
+    # Each item wakes about once for its result and at most once for its turn to send.
+    assert woken["n"] <= 2 * 40

@@ -27,7 +27,7 @@ _R = TypeVar("_R")
 
 
 class _Slot(Generic[_I, _R]):
-    __slots__ = ("error", "item", "queued", "result", "settled")
+    __slots__ = ("error", "item", "queued", "result", "settled", "wake")
 
     def __init__(self, item: _I) -> None:
         self.item = item
@@ -35,6 +35,9 @@ class _Slot(Generic[_I, _R]):
         self.error: BaseException | None = None
         self.queued = True  # not taken into an exchange yet
         self.settled = False
+        # Set when the item is settled, or when its submitter is to send the next batch:
+        # one event per item, so an exchange that ends wakes only those it concerns.
+        self.wake = trio.Event()
 
 
 class Batcher(Generic[_I, _R]):
@@ -47,7 +50,6 @@ class Batcher(Generic[_I, _R]):
         self.max_inflight = max_inflight
         self._queue: list[_Slot[_I, _R]] = []
         self._inflight = 0
-        self._changed = trio.Event()  # set when an exchange ends
         self.counters = {"items": 0, "exchanges": 0}
 
     async def submit(self, item: _I) -> _R:
@@ -60,14 +62,21 @@ class Batcher(Generic[_I, _R]):
                 if slot.queued and self._inflight < self.max_inflight:
                     await self._exchange()
                 else:
-                    await self._changed.wait()
+                    slot.wake = trio.Event()
+                    await slot.wake.wait()
         finally:
             if slot.queued:
                 self._queue.remove(slot)  # cancelled while it waited: nobody needs it sent
+                self._next_turn()
         if slot.error is not None:
             raise slot.error
         assert slot.result is not None  # settled without an error
         return slot.result
+
+    def _next_turn(self) -> None:
+        """Wake the first waiting item's submitter to send the next batch, if one may go."""
+        if self._queue and self._inflight < self.max_inflight:
+            self._queue[0].wake.set()
 
     async def _exchange(self) -> None:
         batch, self._queue = self._queue[:self.max_batch], self._queue[self.max_batch:]
@@ -75,6 +84,7 @@ class Batcher(Generic[_I, _R]):
             s.queued = False
         self._inflight += 1
         self.counters["exchanges"] += 1
+        self._next_turn()  # more may go at once: the next waiting submitter sends them
         try:
             with trio.CancelScope(shield=True):
                 try:
@@ -88,8 +98,8 @@ class Batcher(Generic[_I, _R]):
                     for s, r in zip(batch, results, strict=True):
                         s.result = r
         finally:
+            self._inflight -= 1
             for s in batch:
                 s.settled = True
-            self._inflight -= 1
-            changed, self._changed = self._changed, trio.Event()
-            changed.set()
+                s.wake.set()
+            self._next_turn()
