@@ -7,6 +7,7 @@ that overlap checks, membership and pool walks are cheap and exact.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
@@ -19,6 +20,7 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+@functools.lru_cache(maxsize=1024)  # a peer API item's addresses are read several times over
 def parse_address(text: str) -> IPAddress:
     """Parse one IPv4 or IPv6 address; ValueError names the bad text."""
     try:

@@ -232,6 +232,8 @@ class RegistrarMachine:
         self._reject_at: dict[IPAddress, float] = {}
         self._counters = dict.fromkeys(COUNTERS, 0)
         self._out: list[Action] = []
+        self._candidates_of: NodeConfig | None = None
+        self._candidates_by_app: dict[str, list[Member]] = {}
 
     # -- the outbox ------------------------------------------------------------------------
 
@@ -532,9 +534,16 @@ class RegistrarMachine:
         own = {a.version for a in config.node.addresses}
         return str(next((a for a in peer.addresses if a.version in own), peer.addresses[0]))
 
-    @staticmethod
-    def _candidates(app: App, config: NodeConfig) -> list[Member]:
-        return [n for n in config.connector_candidates(app) if n.addresses]
+    def _candidates(self, app: App, config: NodeConfig) -> list[Member]:
+        # Asked for every resolution: kept per app for as long as the configuration is
+        # this one (a reload makes a new NodeConfig).
+        if self._candidates_of is not config:
+            self._candidates_of, self._candidates_by_app = config, {}
+        got = self._candidates_by_app.get(app.name)
+        if got is None:
+            got = self._candidates_by_app[app.name] = [
+                n for n in config.connector_candidates(app) if n.addresses]
+        return got
 
     # -- internals -----------------------------------------------------------------------------
 
