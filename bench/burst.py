@@ -117,7 +117,8 @@ def main() -> int:
     ap.add_argument("--json", metavar="OUT", help="also write the figures here")
     ap.add_argument("--log-level", default="info", help="the daemons' --log-level")
     ap.add_argument("--py-spy", metavar="DIR",
-                    help="profile both daemons during the conn25d burst (py-spy, raw stacks)")
+                    help="profile both daemons during the conn25d burst (needs py-spy on PATH; "
+                    "raw stacks of the GIL holder)")
     ap.add_argument("--_burst", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._burst:

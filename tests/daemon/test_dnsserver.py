@@ -744,6 +744,36 @@ def test_server_answers_over_udp_with_the_query_id():
     assert counters["udp_queries"] == 1
 
 
+def test_server_takes_a_burst_of_two_thousand_queries_sent_at_once_without_losing_one():
+    """A browser starting up asks thousands of names at once: its datagrams must fit in
+    the server's receive buffer and all be answered (none dropped for being busy)."""
+    gate = trio.Event()
+
+    async def slow_answer(wire):
+        await gate.wait()  # nothing is answered until every query was sent
+        return await big_answer(wire)
+
+    async def main():
+        async with serving(slow_answer) as (server, addr):
+            sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            with sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+                await sock.connect(addr)
+                for i in range(2000):
+                    await sock.send(query(f"n{i}.test", qid=i))
+                with trio.fail_after(10):
+                    while server.counters()["udp_queries"] < 2000:
+                        await trio.sleep(0.01)
+                    gate.set()
+                    ids = set()
+                    while len(ids) < 2000:
+                        ids.add(DNSRecord.parse(await sock.recv(4096)).header.id)
+            return ids, server.counters()
+
+    ids, counters = run(main)
+    assert ids == set(range(2000)) and counters["dropped_busy"] == 0
+
+
 def test_server_truncates_large_udp_answers_so_the_client_retries_over_tcp():
     async def main():
         async with serving() as (server, addr):
