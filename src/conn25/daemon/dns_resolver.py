@@ -217,17 +217,19 @@ class ClientResolver:
     async def _resolve_and_map(self, query: Query, wire: bytes, app: App, what: str,
                                offers: list[IPAddress],
                                assigned: dict[IPAddress, IPAddress]) -> bytes:
+        resolved: tuple[str, ResolveAnswer] | None = None
         try:
-            with trio.fail_after(self.resolve_timeout):
-                connector, resolution = await self.resolve_at_connector(app, wire, offers,
-                                                                        assigned)
-                resp = resolution.answer
-        except trio.TooSlowError:
-            return self._servfail(query, "servfail_connector",
-                                  f"{what}: no answer from a connector in {self.resolve_timeout}s")
+            # A plain scope, not fail_after's generator around one: every fresh name pays it.
+            with trio.CancelScope(relative_deadline=self.resolve_timeout):
+                resolved = await self.resolve_at_connector(app, wire, offers, assigned)
         except Exception as e:
             return self._servfail(query, "servfail_connector",
                                   f"{what}: connector resolution failed: {type(e).__name__}: {e}")
+        if resolved is None:
+            return self._servfail(query, "servfail_connector",
+                                  f"{what}: no answer from a connector in {self.resolve_timeout}s")
+        connector, resolution = resolved
+        resp = resolution.answer
         # The connector echoes our query; DoH-style channels may zero the id, so only
         # the question must match (a different name would be mapped for the wrong query).
         rhead = answers(query, with_id(resp, wire)) if len(resp) >= 12 else None
