@@ -5,7 +5,6 @@ in for NEEDS_CSUM), not with the datapath's own code."""
 
 from __future__ import annotations
 
-import socket
 import struct
 
 import pytest
@@ -13,7 +12,7 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.packet import Raw
 
-from conn25._fastpath import _test_coalesce
+from coalesced import coalesced_writes
 
 A, B = "100.64.0.1", "198.51.100.10"
 A6, B6 = "fd7a:115c:a1e0::1", "2001:db8::10"
@@ -23,22 +22,7 @@ OPTS = [("NOP", None), ("NOP", None), ("Timestamp", (1000, 2000))]
 
 def written(packets: list[bytes]) -> list[tuple[tuple[int, ...], bytes]]:
     """What the coalescing writes for `packets`: (virtio-net header fields, packet) each."""
-    rd, wr = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-    try:
-        wr.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
-        rd.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        _test_coalesce(packets, wr.fileno())
-        rd.setblocking(False)
-        out = []
-        while True:
-            try:
-                msg = rd.recv(70000)
-            except BlockingIOError:
-                return out
-            out.append((struct.unpack("<BBHHHH", msg[:10]), msg[10:]))
-    finally:
-        rd.close()
-        wr.close()
+    return [(struct.unpack("<BBHHHH", msg[:10]), msg[10:]) for msg in coalesced_writes(packets)]
 
 
 def seg(seq: int, payload: bytes, *, v6: bool = False, flags: str = "A", sport: int = 4000,

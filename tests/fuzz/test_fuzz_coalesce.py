@@ -10,37 +10,17 @@ joins segments that follow each other in one flow. CONN25_FUZZ_EXAMPLES sets the
 from __future__ import annotations
 
 import os
-import socket
 import struct
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import IP, TCP, UDP
 
-from conn25._fastpath import _test_coalesce
+from coalesced import coalesced_writes
 
 FUZZ = settings(max_examples=int(os.environ.get("CONN25_FUZZ_EXAMPLES", "1000")),
                 deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SRC, DST = "100.64.0.1", "198.51.100.10"
-
-
-def written(packets: list[bytes]) -> list[bytes]:
-    rd, wr = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-    try:
-        for s in (rd, wr):
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
-        _test_coalesce(packets, wr.fileno())
-        rd.setblocking(False)
-        out = []
-        while True:
-            try:
-                out.append(rd.recv(1 << 17))
-            except BlockingIOError:
-                return out
-    finally:
-        rd.close()
-        wr.close()
 
 
 def split(msg: bytes) -> list[bytes]:
@@ -101,6 +81,6 @@ other = st.one_of(
 @given(st.lists(st.one_of(segment, other, in_order.map(tuple)), max_size=12))
 def test_what_is_written_is_what_came_in_in_order(items):
     packets = [p for item in items for p in (item if isinstance(item, tuple) else [item])]
-    out = [piece for msg in written(packets) for piece in split(msg)]
+    out = [piece for msg in coalesced_writes(packets) for piece in split(msg)]
     assert [essence(p) for p in out] == [essence(p) for p in packets]
     assert all(len(p) <= 65535 for p in out)
