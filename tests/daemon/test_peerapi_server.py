@@ -29,7 +29,7 @@ from conn25.core.peerapi import (
 )
 from conn25.daemon import http
 from conn25.daemon.http import Request
-from conn25.daemon.peerapi_server import PEERAPI_LIMITS, PeerAPI
+from conn25.daemon.peerapi_server import PEERAPI_LIMITS, RESOLVE_CONCURRENCY, PeerAPI
 from nodekeys import public_key
 
 
@@ -506,6 +506,26 @@ def test_each_query_of_a_request_is_answered_on_its_own_and_in_order():
     assert [[(r.transit_ip, r.destination_ip) for r in a.transit_ips] for a in answers] == [
         [(T4, REAL4)], [], [], [], [(T6, REAL6)]]
     assert sorted(node.forwarder.queries) == [("github.com.", "A"), ("github.com.", "AAAA")]
+
+
+def test_a_request_of_many_queries_holds_few_upstream_queries_at_once():
+    """A hostile peer's 64-query requests must not take the forwarder's whole budget."""
+    node = FakeNode()
+    most = [0, 0]  # now, most
+    forward = node.forwarder.forward
+
+    async def counted(query: bytes) -> bytes:
+        most[0] += 1
+        most[1] = max(most[1], most[0])
+        await trio.sleep(0.01)
+        most[0] -= 1
+        return await forward(query)
+
+    node.forwarder.forward = counted  # type: ignore[method-assign]
+    answers = resolve_all(node, [ResolveQuery("GitHub", dns_query(f"n{i}.github.com"))
+                                 for i in range(MAX_QUERIES)])
+    assert [a.status for a in answers] == [200] * MAX_QUERIES
+    assert most[1] == RESOLVE_CONCURRENCY
 
 
 def test_resolve_is_post_only_and_for_permitted_peers_only():

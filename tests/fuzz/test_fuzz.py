@@ -611,15 +611,28 @@ VALID_BODY = json.dumps({"transitIPs": [
 ]}).encode()
 VALID_RESPONSE = b'{"transitIPs":[{"code":0,"message":""},{"code":1,"message":"no"}]}'
 VALID_HEALTH = b'{"advertisesConnector":true,"apps":["GitHub"],"node":"gh-1"}'
+VALID_RESOLVE = json.dumps({"queries": [
+    {"app": "GitHub", "query": "EjQBAAABAAAAAAAAA2FwaQZnaXRodWIDY29tAAABAAE=",
+     "transitIPs": ["169.254.128.1", "fd7a:115c:a1e0:ab13::1"],
+     "assigned": [{"transitIP": "169.254.128.2", "destinationIP": "203.0.113.1"}]},
+    {"app": "GitHub", "query": ""},
+]}).encode()
+VALID_RESOLVED = json.dumps({"answers": [
+    {"answer": "EjQ=", "transitIPs": [{"transitIP": "169.254.128.1",
+                                       "destinationIP": "203.0.113.1"}]},
+    {"status": 404, "message": "no"},
+]}).encode()
 
 DECODERS: list[tuple[Callable[[bytes], object], type, bytes]] = [
     (peerapi.decode_transit_request, peerapi.ConnectorTransitIPRequest, VALID_BODY),
     (peerapi.decode_transit_response, peerapi.ConnectorTransitIPResponse, VALID_RESPONSE),
     (peerapi.decode_health, peerapi.HealthResponse, VALID_HEALTH),
+    (peerapi.decode_resolve_request, peerapi.ResolveRequest, VALID_RESOLVE),
+    (peerapi.decode_resolve_response, peerapi.ResolveResponse, VALID_RESOLVED),
 ]
 JSON_KEYS = st.text(max_size=5) | st.sampled_from([
     "transitIPs", "transitIP", "destinationIP", "app", "domain", "code", "message", "apps", "node",
-    "advertisesConnector"])
+    "advertisesConnector", "queries", "query", "assigned", "answers", "answer", "status"])
 
 
 def _json_containers(inner: st.SearchStrategy) -> st.SearchStrategy:
@@ -646,6 +659,14 @@ def _check_decode(decode: Callable[[bytes], object], kind: type, body: bytes) ->
         for item in value.transit_ips:  # canonical text: the typed views must work
             assert item.transit.version in (4, 6) and item.destination.version in (4, 6)
         assert peerapi.decode_transit_request(peerapi.encode(value)) == value
+    if isinstance(value, peerapi.ResolveRequest):
+        for q in value.queries:  # what the connector reads of an item must work
+            offered = q.offers + list(q.assigned_by_address.values())
+            assert len(set(offered)) == len(offered) <= peerapi.MAX_OFFERS
+        assert peerapi.decode_resolve_request(peerapi.encode(value)) == value
+    if isinstance(value, peerapi.ResolveResponse):  # a client takes only what it offered
+        for answer in value.answers:
+            assert not peerapi.acknowledged(answer, [])
 
 
 @FUZZ
@@ -682,11 +703,12 @@ def test_peerapi_decoders_on_mutated_json(
         except (TypeError, ValueError, UnicodeEncodeError):
             continue
         _check_decode(decode, kind, body)
-    if isinstance(doc.get("transitIPs"), list) and doc["transitIPs"]:
-        item = dict(doc["transitIPs"][0])
+    items = doc.get("transitIPs") or doc.get("queries") or doc.get("answers")
+    if isinstance(items, list) and items:
+        item = dict(items[0])
         item[next(iter(item))] = splice
         try:
-            body = msgspec.json.encode({"transitIPs": [item]})
+            body = msgspec.json.encode({key: [item]})
         except (TypeError, ValueError, UnicodeEncodeError):
             return
         _check_decode(decode, kind, body)

@@ -58,7 +58,7 @@ from .refusals import RefusalLog
 log = logging.getLogger("conn25.core.peerapi")
 
 DNS_MESSAGE = "application/dns-message"
-# Fresh resolutions one registration may run at once (each waits on upstream DNS).
+# Upstream resolutions one registration or resolve request may run at once.
 RESOLVE_CONCURRENCY = 8
 NOT_CONNECTOR_MESSAGE = "this node is not a connector for any app"
 # What the peer API allows each peer (overlay source address) on its own, so that
@@ -303,9 +303,13 @@ class PeerAPI:
         except BadRequest as e:
             return self._error(req, peer, e.status, str(e).strip())
         answers: list[peerapi.ResolveAnswer] = [peerapi.ResolveAnswer()] * len(body.queries)
+        # A peer's request holds at most this many of the forwarder's upstream queries, so
+        # a peer on all its connections cannot take every one of them from the others.
+        limiter = trio.CapacityLimiter(RESOLVE_CONCURRENCY)
 
         async def one(i: int, q: peerapi.ResolveQuery) -> None:
-            answers[i] = await self._resolve_and_map(req, peer, q)
+            async with limiter:
+                answers[i] = await self._resolve_and_map(req, peer, q)
 
         async with trio.open_nursery() as nursery:
             for i, q in enumerate(body.queries):
