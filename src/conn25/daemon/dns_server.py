@@ -325,14 +325,12 @@ class DNSServer:
         if reply is None or len(reply) > UDP_LIMIT:
             return False
         self._counters["udp_queries"] += 1
+        assert self._raw_udp is not None
         try:
-            assert self._raw_udp is not None
-            self._raw_udp.sendto(reply, client)  # no checkpoint while the buffer has room
-        except BlockingIOError:
             try:
+                self._raw_udp.sendto(reply, client)  # no checkpoint while the buffer has room
+            except BlockingIOError:
                 await sock.sendto(reply, client)
-            except OSError as e:
-                log.debug("DNS server: cannot answer %s over UDP: %s", client, e)
         except OSError as e:
             log.debug("DNS server: cannot answer %s over UDP: %s", client, e)
         return True
