@@ -184,35 +184,30 @@ class ClientResolver:
 
     async def _answer_app(self, query: Query, wire: bytes, app: App) -> bytes:
         what = self._describe(query, app)
-        offers = self._offers(query)
+        offers, assigned = self._offers(query)
         try:
-            return await self._resolve_and_map(query, wire, app, what, offers,
-                                               self._assigned(query, len(offers)))
+            return await self._resolve_and_map(query, wire, app, what, offers, assigned)
         finally:
             # Those no new assignment took (the connector's mapping of them, if any,
             # is replaced when the transit IP is registered for something else).
             self.mapper.assignments.release_transits(offers)
 
-    def _offers(self, query: Query) -> list[IPAddress]:
-        """Transit IPs a connector may map this question's answer onto (see ResolveRequest)."""
-        version = _FAMILY.get(query.questions[0].qtype)
-        if version is None or not self.offers:
-            return []
-        return self.mapper.assignments.take_transits(version, self.offers)
-
-    def _assigned(self, query: Query, offered: int) -> dict[IPAddress, IPAddress]:
-        """real -> transit of the name's assignments of the question's family: the
-        connector maps an address that is still in the answer onto its transit IP again."""
+    def _offers(self, query: Query) -> tuple[list[IPAddress], dict[IPAddress, IPAddress]]:
+        """What a connector may map this question's answer onto (see ResolveQuery): transit
+        IPs taken from the pool, and real -> transit of the name's assignments of the
+        question's family, which the connector maps again if the answer still holds them."""
         q = query.questions[0]
         version = _FAMILY.get(q.qtype)
         if version is None:
-            return {}
+            return [], {}
+        store = self.mapper.assignments
+        offers = store.take_transits(version, self.offers) if self.offers else []
         try:
             domain = dnsname.from_labels(q.labels)
         except ValueError:
-            return {}
-        held = [a for a in self.mapper.assignments.by_domain(domain) if a.real.version == version]
-        return {a.real: a.transit for a in held[:MAX_OFFERS - offered]}
+            return offers, {}
+        held = [a for a in store.by_domain(domain) if a.real.version == version]
+        return offers, {a.real: a.transit for a in held[:MAX_OFFERS - len(offers)]}
 
     async def _resolve_and_map(self, query: Query, wire: bytes, app: App, what: str,
                                offers: list[IPAddress],
