@@ -20,6 +20,7 @@ run. wireguard-go is measured only when it and `wg` are installed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -42,6 +43,11 @@ from pump import iperf
 
 # 1,000 pings: the average of 200 moved by ±10 % between runs on this VM.
 PINGS, PING_INTERVAL = 1000, 0.01
+# conn25d's ping is compared with wireguard-go's, whose average moved between 0.46 and 0.99 ms
+# over one day's runs as the machine's load changed; so with both paths measured, their
+# pings alternate in rounds, both paths up, and each sees the same moments of the machine.
+PING_ROUNDS = 10
+INTERLEAVED = ("conn25d", "wireguard_go")
 CONNECTIONS = 200
 BASELINE, REFERENCE = "kernel", "wireguard_go"
 
@@ -112,14 +118,36 @@ def cpu_seconds(pids: tuple[int, ...]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def measure_ping(ns: Netns, target: str) -> dict[str, float]:
-    r = ns.run("ping", "-n", "-c", str(PINGS), "-i", str(PING_INTERVAL),
-               "-W", "1", "-w", str(int(PINGS * PING_INTERVAL) + 20), target, check=False,
-               timeout=PINGS * PING_INTERVAL + 30)
+def ping_rtts(ns: Netns, target: str, count: int) -> list[float]:
+    """The round trip times (ms) of `count` pings from `ns`; RuntimeError when more than a
+    tenth went unanswered."""
+    r = ns.run("ping", "-n", "-c", str(count), "-i", str(PING_INTERVAL),
+               "-W", "1", "-w", str(int(count * PING_INTERVAL) + 20), target, check=False,
+               timeout=count * PING_INTERVAL + 30)
     rtts = [float(t) for t in re.findall(r"time=([\d.]+) ms", r.stdout)]
-    if len(rtts) < PINGS * 0.9:
-        raise RuntimeError(f"ping {target}: {len(rtts)} of {PINGS} answered\n{r.stderr}")
+    if len(rtts) < count * 0.9:
+        raise RuntimeError(f"ping {target}: {len(rtts)} of {count} answered\n{r.stderr}")
+    return rtts
+
+
+def ping_figures(rtts: list[float]) -> dict[str, float]:
     return {"ping_avg_ms": statistics.fmean(rtts), "ping_p99_ms": percentile(rtts, 99)}
+
+
+def measure_ping(ns: Netns, target: str) -> dict[str, float]:
+    return ping_figures(ping_rtts(ns, target, PINGS))
+
+
+def measure_pings_interleaved(bench: Bench, keys: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    """PINGS pings per path, in PING_ROUNDS rounds that alternate between the paths (in turn
+    first), with all of them up at once."""
+    with contextlib.ExitStack() as up:
+        targets = {key: up.enter_context(bench.path(key)).target for key in keys}
+        rtts: dict[str, list[float]] = {key: [] for key in keys}
+        for n in range(PING_ROUNDS):
+            for key in keys if n % 2 == 0 else reversed(keys):
+                rtts[key] += ping_rtts(bench.client, targets[key], PINGS // PING_ROUNDS)
+    return {key: ping_figures(got) for key, got in rtts.items()}
 
 
 def timed(ns: Netns, what: str, count: int, figure: str, timeout: float, script: str,
@@ -160,12 +188,15 @@ def measure_udp(ns: Netns, p: BenchPath, seconds: int) -> dict[str, float]:
     return {"udp64_kpps": (s["packets"] - s["lost_packets"]) / s["seconds"] / 1e3}
 
 
-def measure_path(bench: Bench, key: str, seconds: int) -> dict[str, float | None]:
-    got: dict[str, float | None] = {}
+def measure_path(bench: Bench, key: str, seconds: int,
+                 pinged: dict[str, float] | None = None) -> dict[str, float | None]:
+    """The path's figures; its ping figures are `pinged` when they were measured already
+    (interleaved with another path's)."""
+    got: dict[str, float | None] = dict(pinged or {})
     with bench.path(key) as p:
         # Latency first, on the idle path; then the loads.
         steps: list[Callable[[], dict]] = [
-            lambda: measure_ping(bench.client, p.target),
+            lambda: pinged or measure_ping(bench.client, p.target),
             lambda: measure_new_connections(bench.client, p.domain),
             lambda: measure_tcp(bench.client, p, seconds, 1),
             lambda: measure_tcp(bench.client, p, seconds, 4),
@@ -281,19 +312,31 @@ def main() -> int:
     signal.signal(signal.SIGTERM, terminate)
 
     workdir = Path(tempfile.mkdtemp(prefix="conn25-bench-net-"))
+    pinged: dict[str, dict[str, float]] = {}
     started = time.monotonic()
     try:
         bench = Bench(workdir)
         with bench:
-            got, failed = measure_paths(bench, paths, LABELS,
-                                        lambda key: measure_path(bench, key, args.seconds))
+            if all(key in paths for key in INTERLEAVED):
+                print("measuring ping, interleaved: "
+                      + ", ".join(LABELS[key] for key in INTERLEAVED) + " ...",
+                      file=sys.stderr, flush=True)
+                try:
+                    pinged = measure_pings_interleaved(bench, INTERLEAVED)
+                except Exception as e:  # the paths' own runs measure ping then, one by one
+                    print(f"interleaved ping failed: {e}", file=sys.stderr)
+            got, failed = measure_paths(
+                bench, paths, LABELS,
+                lambda key: measure_path(bench, key, args.seconds, pinged.get(key)))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     results: Results = {f.key: {key: got.get(key, {}).get(f.key) for key in paths}
                         for f in FIGURES}
 
+    interleaved = (f"the pings of {' and '.join(LABELS[k] for k in pinged)} alternate in "
+                   f"{PING_ROUNDS} rounds with both paths up; " if pinged else "")
     print(f"# conn25d network benchmark\n\n{machine()}; iperf3 {args.seconds} s per run, "
-          f"{PINGS} pings, {CONNECTIONS} new connections per path; "
+          f"{PINGS} pings, {CONNECTIONS} new connections per path; {interleaved}"
           f"{time.monotonic() - started:.0f} s in all. x (a): ratio to path (a), the "
           f"baseline{'; x (d): ratio to wireguard-go' if REFERENCE in paths else ''}.\n")
     print(tables(results, paths))
