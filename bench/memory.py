@@ -178,7 +178,7 @@ def memory_figures(tailnet_path: str, hostname: str, key_path: str) -> dict[str,
     out["mappings"] = proc_status()
     out["mapping_count"] = len(table)
     mem = dp.tables.memory()
-    out["transit_table_bytes"] = (mem["transit_slots"] + mem["real_rev_slots"]) * mem["slot_bytes"]
+    out["transit_table_bytes"] = mem["transit_bytes"] + mem["real_rev_bytes"]
 
     # 100,000 distinct 5-tuples: each peer, each of its v4 mappings, two source ports.
     verdicts: Counter[str] = Counter()

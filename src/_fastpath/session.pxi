@@ -105,17 +105,16 @@ cdef int ss_recv_begin(TablesC *t, uint32_t index, uint64_t counter, uint64_t no
                        SsRecv *out) noexcept nogil:
     """The key and peer of receiver index `index`, if `counter` may be fresh."""
     cdef TbKey k
-    cdef TbSlot *slot
+    cdef TbRef slot
     cdef TbPeer *rec
     cdef SsKeypair *kp
     cdef int r = SS_RX_UNKNOWN_INDEX
     _tb_key(&k, 0, NULL, NULL, index)
     pthread_mutex_lock(&t.lock)
-    slot = _tb_find(&t.indices, &k, t.seed)
-    rec = tb_peer_locked(t, slot.val.u32) if slot != NULL else NULL
+    rec = tb_peer_locked(t, slot.u32[0]) if _tb_find(&t.indices, &k, t.seed, &slot) else NULL
     kp = _ss_keypair(rec, index)
     if kp != NULL:
-        out.peer = slot.val.u32
+        out.peer = slot.u32[0]
         if not _ss_live(kp, now):
             rec.wg.drops[SS_D_EXPIRED] += 1
             r = SS_RX_EXPIRED
@@ -250,7 +249,7 @@ cdef int ss_install(TablesC *t, uint32_t peer, const SsKeypair *kp, bint as_next
     if rec == NULL:
         pthread_mutex_unlock(&t.lock)
         return -2
-    if _tb_reserve(&t.indices, 1) < 0:
+    if _tb_reserve(&t.indices, 0, 1) < 0:
         pthread_mutex_unlock(&t.lock)
         return -1
     s = &rec.wg

@@ -18,14 +18,19 @@
 # - magic / transit ranges: tell "ours but unmapped" from "not our traffic".
 #
 # Storage is C only: open addressing with linear probing and backward-shift
-# deletion (no tombstones), keyed by a fixed 36-byte TbKey, in 72-byte slots,
-# grown by doubling when more than 4/5 full. The connector's mappings are kept
-# here only: a transit entry also holds what the control plane needs of it
-# (registration time, a number for its app and peer), which the control plane
-# reads back (tb_transit_entry, Tables.transit_entries, expired_transit). A probe
-# compares the stored hash before the key. Slot arrays come zeroed from mmap
-# (c25_zalloc) and go back to the system when a map grows or is freed. One
-# pthread mutex guards all tables of a Tables object, so
+# deletion (no tombstones), grown by doubling when more than 4/5 full. Each map
+# is two of them: IPv4 keys in 32-byte slots (TbSlot4: the 4-byte addresses
+# alone), IPv6 keys and ids in 72-byte ones (TbSlot6), so the IPv4 mappings a
+# connector holds by the hundred thousand cost less than half of what one
+# slot size for both families would. Callers build and read the wide forms
+# (TbKey, TbVal); a found entry is a TbRef to its fields in place. The
+# connector's mappings are kept here only: a transit entry also holds what the
+# control plane needs of it (registration time, a number for its app and
+# peer), which the control plane reads back (tb_transit_entry,
+# Tables.transit_entries, expired_transit). A probe compares the stored hash
+# before the key. Slot arrays come zeroed from mmap (c25_zalloc) and go back to
+# the system when a map grows or is freed. One pthread mutex guards all tables
+# of a Tables object, so
 # an update that touches several maps (a peer and its routes) is atomic, and
 # every lookup copies its result out under the lock: no packet sees half of
 # an old and half of a new mapping. Lookups never allocate.
@@ -59,32 +64,64 @@ cdef enum:
     TB_REV_COUNT = 0x7FFFFFFF
 
 cdef enum:
-    TB_USED = 0x80000000        # TbSlot.hash of a used slot has it; 0 is an empty slot
+    TB_USED = 0x80000000        # the hash of a used slot has it; 0 is an empty slot
                                 # (above every mask, so it never changes a home slot)
 
 
-cdef struct TbKey:
+cdef struct TbKey:              # the wide form of a key, as callers build it
     uint8_t a[16]               # the peers and indices maps: the uint32 id in the first 4 bytes
-    uint8_t b[16]
-    uint8_t family
-    uint8_t _pad[3]             # zero: keys are compared as 36 bytes
+    uint8_t b[16]               # (follows a: the two are one 32-byte key of TbSlot6)
+    uint8_t family              # 4: stored in a TbSlot4; 6, or 0 for an id: a TbSlot6
+    uint8_t _pad[3]
 
-cdef struct TbVal:
+cdef struct TbVal:              # the wide form of a value, copied in and out
     uint8_t addr[16]            # peers map: the TbPeer record (owned) instead, see _tb_val_ptr
     uint32_t u32
     uint32_t tag                # transit map: the control plane's number for the mapping's
                                 # (app, peer name)
     double when                 # transit map: its last registration (wall-clock seconds)
 
-cdef struct TbSlot:             # 72 bytes
-    TbKey key
-    uint32_t hash               # _tb_hash(key) | TB_USED, or 0: empty
-    TbVal val
+cdef struct TbSlot4:            # 32 bytes: an entry whose key is of IPv4 addresses
+    double when
+    uint32_t hash               # _tb_hash | TB_USED, or 0: empty
+    uint8_t key[8]              # TbKey.a[:4], TbKey.b[:4]
+    uint8_t addr[4]
+    uint32_t u32
+    uint32_t tag
 
-cdef struct TbMap:
-    TbSlot *slots
+cdef struct TbSlot6:            # 72 bytes: an IPv6 key, or an id
+    double when
+    uint32_t hash
+    uint8_t key[32]             # TbKey.a, TbKey.b
+    uint8_t addr[16]
+    uint32_t u32
+    uint32_t tag
+
+cdef struct TbHalf4:
+    TbSlot4 *slots
     uint32_t mask               # slot count - 1 (a power of two)
     uint32_t count
+
+cdef struct TbHalf6:
+    TbSlot6 *slots
+    uint32_t mask
+    uint32_t count
+
+cdef struct TbMap:
+    TbHalf4 h4
+    TbHalf6 h6
+
+cdef struct TbEntry:            # an entry in the wide forms, as copied out for Python
+    TbKey key
+    TbVal val
+
+cdef struct TbRef:              # a found entry's fields, in place (valid until the map changes)
+    uint8_t *addr               # alen bytes
+    uint32_t *u32
+    uint32_t *tag
+    double *when
+    uint32_t index              # its slot in its half
+    uint8_t alen                # 4: in the TbSlot4 half; 16: in the TbSlot6 half
 
 cdef struct TbRange:
     uint8_t first[16]

@@ -1,6 +1,6 @@
 # The mapping tables; what they hold and their types are in tables.pxd.
 
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.math cimport INFINITY
 from libc.stdlib cimport calloc, free, malloc, qsort
 from libc.string cimport memcmp, memcpy, memset
@@ -14,6 +14,12 @@ from includes.pthread cimport (
 
 
 # ---- open-addressing map (lock held) ----------------------------------------
+
+# One half of a map: the same code for both slot sizes.
+ctypedef fused TbHalf:
+    TbHalf4
+    TbHalf6
+
 
 cdef inline void _tb_key(TbKey *k, uint8_t family, const uint8_t *a, const uint8_t *b,
                          uint32_t n) noexcept nogil:
@@ -29,10 +35,19 @@ cdef inline void _tb_key(TbKey *k, uint8_t family, const uint8_t *a, const uint8
         memcpy(k.b, b, alen)
 
 
-cdef inline uint32_t _tb_hash(const TbKey *k, uint64_t seed) noexcept nogil:
-    # The two addresses; the family only through the seed (keys that differ
-    # in it alone share a probe run, and compare unequal).
-    return <uint32_t>c25_hash_words(<const uint8_t *>k, 4, seed ^ k.family) | TB_USED
+cdef inline const uint8_t *_tb_packed(const TbKey *k, uint8_t *key4) noexcept nogil:
+    """The key's bytes as its half stores them (key4: room for an IPv4 key's 8)."""
+    if k.family != 4:
+        return k.a  # a and b are one 32-byte run
+    memcpy(key4, k.a, 4)
+    memcpy(key4 + 4, k.b, 4)
+    return key4
+
+
+cdef inline uint32_t _tb_hash(const uint8_t *key, uint8_t family, uint64_t seed) noexcept nogil:
+    # The packed key's bytes; the family through the seed (a map keeps IPv6
+    # keys and ids, family 0, apart anyway: it never holds both).
+    return <uint32_t>c25_hash_words(key, 1 if family == 4 else 4, seed ^ family) | TB_USED
 
 
 cdef inline void *_tb_val_ptr(const TbVal *v) noexcept nogil:
@@ -45,106 +60,235 @@ cdef inline void _tb_val_set_ptr(TbVal *v, void *p) noexcept nogil:
     memcpy(v.addr, &p, sizeof(void *))
 
 
-cdef int _tb_map_init(TbMap *m, uint32_t nslots) noexcept nogil:
-    m.slots = <TbSlot *>c25_zalloc(nslots * sizeof(TbSlot))
-    if m.slots == NULL:
+cdef int _th_init(TbHalf *h, uint32_t nslots) noexcept nogil:
+    cdef void *p = c25_zalloc(nslots * sizeof(h.slots[0]))
+    if p == NULL:
         return -1
-    m.mask = nslots - 1
-    m.count = 0
+    if TbHalf is TbHalf4:
+        h.slots = <TbSlot4 *>p
+    else:
+        h.slots = <TbSlot6 *>p
+    h.mask = nslots - 1
+    h.count = 0
     return 0
 
 
-cdef inline void _tb_map_free(TbMap *m) noexcept nogil:
-    c25_zfree(m.slots, (<size_t>m.mask + 1) * sizeof(TbSlot))
-    m.slots = NULL
+cdef inline void _th_free(TbHalf *h) noexcept nogil:
+    c25_zfree(h.slots, (<size_t>h.mask + 1) * sizeof(h.slots[0]))
+    h.slots = NULL
 
 
-cdef TbSlot *_tb_find(TbMap *m, const TbKey *k, uint64_t seed) noexcept nogil:
-    cdef uint32_t h = _tb_hash(k, seed)
-    cdef uint32_t i = h & m.mask
-    while m.slots[i].hash:
-        if m.slots[i].hash == h and memcmp(&m.slots[i].key, k, sizeof(TbKey)) == 0:
-            return &m.slots[i]
-        i = (i + 1) & m.mask
-    return NULL
+cdef int64_t _th_find(TbHalf *h, const uint8_t *key, uint32_t hash) noexcept nogil:
+    """The slot of `key`, or -1."""
+    cdef uint32_t i = hash & h.mask
+    while h.slots[i].hash:
+        if h.slots[i].hash == hash and memcmp(h.slots[i].key, key,
+                                              sizeof(h.slots[i].key)) == 0:
+            return i
+        i = (i + 1) & h.mask
+    return -1
 
 
-cdef void _tb_place(TbMap *m, const TbSlot *s) noexcept nogil:
-    """Put a slot known to be absent into its probe position."""
-    cdef uint32_t i = s.hash & m.mask
-    while m.slots[i].hash:
-        i = (i + 1) & m.mask
-    memcpy(&m.slots[i], s, sizeof(TbSlot))
-    m.count += 1
+cdef uint32_t _th_place(TbHalf *h, uint32_t hash) noexcept nogil:
+    """The free slot a new entry of `hash` goes to (counted as used; the caller
+    fills it)."""
+    cdef uint32_t i = hash & h.mask
+    while h.slots[i].hash:
+        i = (i + 1) & h.mask
+    h.slots[i].hash = hash
+    h.count += 1
+    return i
 
 
-cdef int _tb_reserve(TbMap *m, uint32_t extra) noexcept nogil:
+cdef int _th_reserve(TbHalf *h, uint32_t extra) noexcept nogil:
     """Make room for `extra` more entries (load stays <= 4/5); -1 if out of memory."""
-    cdef uint64_t want = <uint64_t>m.count + extra
-    cdef uint32_t nslots = m.mask + 1
+    cdef uint64_t want = <uint64_t>h.count + extra
+    cdef uint32_t nslots = h.mask + 1
     if want * 5 <= <uint64_t>nslots * 4:
         return 0
     while want * 5 > <uint64_t>nslots * 4:
         if nslots >= TB_MAX_SLOTS:
             return -1
         nslots <<= 1
-    cdef TbMap grown
-    if _tb_map_init(&grown, nslots) < 0:
+    cdef TbHalf grown
+    if _th_init(&grown, nslots) < 0:
         return -1
     cdef uint32_t i
-    for i in range(m.mask + 1):
-        if m.slots[i].hash:
-            _tb_place(&grown, &m.slots[i])
-    _tb_map_free(m)
-    m.slots = grown.slots
-    m.mask = grown.mask
+    for i in range(h.mask + 1):
+        if h.slots[i].hash:
+            grown.slots[_th_place(&grown, h.slots[i].hash)] = h.slots[i]
+    _th_free(h)
+    h.slots = grown.slots
+    h.mask = grown.mask
     return 0
+
+
+cdef void _th_erase_at(TbHalf *h, uint32_t i) noexcept nogil:
+    # Backward-shift deletion: pull later members of the probe run into the
+    # hole unless that would move them before their home slot.
+    cdef uint32_t j = i
+    cdef uint32_t home
+    while True:
+        j = (j + 1) & h.mask
+        if not h.slots[j].hash:
+            break
+        home = h.slots[j].hash & h.mask
+        if (j > i and (home <= i or home > j)) or (j < i and home <= i and home > j):
+            h.slots[i] = h.slots[j]
+            i = j
+    h.slots[i].hash = 0
+    h.count -= 1
+
+
+cdef inline void _th_ref(TbHalf *h, uint32_t i, TbRef *r) noexcept nogil:
+    r.addr = h.slots[i].addr
+    r.u32 = &h.slots[i].u32
+    r.tag = &h.slots[i].tag
+    r.when = &h.slots[i].when
+    r.index = i
+    r.alen = sizeof(h.slots[i].addr)
+
+
+cdef void _th_erase_where_u32(TbHalf *h, uint32_t value) noexcept nogil:
+    """Erase every entry whose u32 is `value`."""
+    cdef uint32_t i
+    for i in range(h.mask + 1):
+        # An erase may shift a later entry into slot i: look at it again.
+        while h.slots[i].hash and h.slots[i].u32 == value:
+            _th_erase_at(h, i)
+
+
+cdef inline void _th_entry(TbHalf *h, uint32_t i, uint8_t family, TbEntry *e) noexcept nogil:
+    """Slot i as a whole entry of `family` (the half's keys are all of one)."""
+    cdef TbRef r
+    cdef size_t alen = sizeof(h.slots[i].key) // 2
+    memset(&e.key, 0, sizeof(TbKey))
+    e.key.family = family
+    memcpy(e.key.a, h.slots[i].key, alen)
+    memcpy(e.key.b, h.slots[i].key + alen, alen)
+    _th_ref(h, i, &r)
+    _tb_ref_get(&r, &e.val)
+
+
+cdef uint32_t _th_chunk(TbHalf *h, uint8_t family, uint64_t *i, uint32_t n, uint32_t cap,
+                        TbEntry *buf) noexcept nogil:
+    """Copy entries from slot *i on into buf[n:cap]; *i moves past them. The new n."""
+    while i[0] <= h.mask and n < cap:
+        if h.slots[i[0]].hash:
+            _th_entry(h, <uint32_t>i[0], family, &buf[n])
+            n += 1
+        i[0] += 1
+    return n
+
+
+cdef uint32_t _th_before(TbHalf *h, uint8_t family, double before, uint32_t n,
+                         TbEntry *buf) noexcept nogil:
+    """Copy the entries registered before `before` into buf[n:]; the new n."""
+    cdef uint32_t i
+    for i in range(h.mask + 1):
+        if h.slots[i].hash and h.slots[i].when < before:
+            _th_entry(h, i, family, &buf[n])
+            n += 1
+    return n
+
+
+cdef inline void _tb_ref_get(const TbRef *r, TbVal *v) noexcept nogil:
+    memset(v, 0, sizeof(TbVal))
+    memcpy(v.addr, r.addr, r.alen)
+    v.u32 = r.u32[0]
+    v.tag = r.tag[0]
+    v.when = r.when[0]
+
+
+cdef inline void _tb_ref_set(const TbRef *r, const TbVal *v) noexcept nogil:
+    memcpy(r.addr, v.addr, r.alen)
+    r.u32[0] = v.u32
+    r.tag[0] = v.tag
+    r.when[0] = v.when
+
+
+cdef int _tb_map_init(TbMap *m, uint32_t nslots) noexcept nogil:
+    if _th_init(&m.h4, nslots) < 0:
+        return -1
+    if _th_init(&m.h6, nslots) < 0:
+        _th_free(&m.h4)
+        return -1
+    return 0
+
+
+cdef inline void _tb_map_free(TbMap *m) noexcept nogil:
+    _th_free(&m.h4)
+    _th_free(&m.h6)
+
+
+cdef inline uint32_t _tb_count(const TbMap *m) noexcept nogil:
+    return m.h4.count + m.h6.count
+
+
+cdef bint _tb_find(TbMap *m, const TbKey *k, uint64_t seed, TbRef *r) noexcept nogil:
+    """Whether `k` is in the map; its entry's fields in *r if so."""
+    cdef uint8_t key4[8]
+    cdef const uint8_t *key = _tb_packed(k, key4)
+    cdef uint32_t h = _tb_hash(key, k.family, seed)
+    cdef int64_t i
+    if k.family == 4:
+        i = _th_find(&m.h4, key, h)
+        if i >= 0:
+            _th_ref(&m.h4, <uint32_t>i, r)
+    else:
+        i = _th_find(&m.h6, key, h)
+        if i >= 0:
+            _th_ref(&m.h6, <uint32_t>i, r)
+    return i >= 0
+
+
+cdef int _tb_reserve(TbMap *m, uint8_t family, uint32_t extra) noexcept nogil:
+    """Make room for `extra` more keys of `family`; -1 if out of memory."""
+    return _th_reserve(&m.h4, extra) if family == 4 else _th_reserve(&m.h6, extra)
+
+
+cdef inline void _tb_erase(TbMap *m, const TbRef *r) noexcept nogil:
+    if r.alen == 4:
+        _th_erase_at(&m.h4, r.index)
+    else:
+        _th_erase_at(&m.h6, r.index)
 
 
 cdef int _tb_put(TbMap *m, const TbKey *k, const TbVal *v, uint64_t seed,
                  TbVal *old) noexcept nogil:
     """Insert or replace; 1 if it replaced (previous value in *old), 0 if new,
     -1 if out of memory (nothing changed)."""
-    cdef TbSlot *s = _tb_find(m, k, seed)
-    if s != NULL:
+    cdef TbRef r
+    if _tb_find(m, k, seed, &r):
         if old != NULL:
-            memcpy(old, &s.val, sizeof(TbVal))
-        memcpy(&s.val, v, sizeof(TbVal))
+            _tb_ref_get(&r, old)
+        _tb_ref_set(&r, v)
         return 1
-    if _tb_reserve(m, 1) < 0:
+    if _tb_reserve(m, k.family, 1) < 0:
         return -1
-    cdef TbSlot fresh
-    memcpy(&fresh.key, k, sizeof(TbKey))
-    memcpy(&fresh.val, v, sizeof(TbVal))
-    fresh.hash = _tb_hash(k, seed)
-    _tb_place(m, &fresh)
+    cdef uint8_t key4[8]
+    cdef const uint8_t *key = _tb_packed(k, key4)
+    cdef uint32_t h = _tb_hash(key, k.family, seed)
+    cdef uint32_t i
+    if k.family == 4:
+        i = _th_place(&m.h4, h)
+        memcpy(m.h4.slots[i].key, key, 8)
+        _th_ref(&m.h4, i, &r)
+    else:
+        i = _th_place(&m.h6, h)
+        memcpy(m.h6.slots[i].key, key, 32)
+        _th_ref(&m.h6, i, &r)
+    _tb_ref_set(&r, v)
     return 0
 
 
-cdef void _tb_erase_at(TbMap *m, uint32_t i) noexcept nogil:
-    # Backward-shift deletion: pull later members of the probe run into the
-    # hole unless that would move them before their home slot.
-    cdef uint32_t j = i
-    cdef uint32_t home
-    while True:
-        j = (j + 1) & m.mask
-        if not m.slots[j].hash:
-            break
-        home = m.slots[j].hash & m.mask
-        if (j > i and (home <= i or home > j)) or (j < i and home <= i and home > j):
-            memcpy(&m.slots[i], &m.slots[j], sizeof(TbSlot))
-            i = j
-    m.slots[i].hash = 0
-    m.count -= 1
-
-
 cdef bint _tb_del(TbMap *m, const TbKey *k, uint64_t seed, TbVal *old) noexcept nogil:
-    cdef TbSlot *s = _tb_find(m, k, seed)
-    if s == NULL:
+    cdef TbRef r
+    if not _tb_find(m, k, seed, &r):
         return False
     if old != NULL:
-        memcpy(old, &s.val, sizeof(TbVal))
-    _tb_erase_at(m, <uint32_t>(s - m.slots))
+        _tb_ref_get(&r, old)
+    _tb_erase(m, &r)
     return True
 
 
@@ -162,21 +306,17 @@ cdef bint _tb_in_ranges(const TbRange *r, uint32_t n, uint8_t family,
 cdef bint _tb_route_locked(TablesC *t, uint8_t family, const uint8_t *addr,
                            uint32_t *peer) noexcept nogil:
     cdef TbKey k
+    cdef TbRef r
     _tb_key(&k, family, addr, NULL, 0)
-    cdef TbSlot *s = _tb_find(&t.routes, &k, t.seed)
-    if s == NULL:
+    if not _tb_find(&t.routes, &k, t.seed, &r):
         return False
-    peer[0] = s.val.u32
+    peer[0] = r.u32[0]
     return True
 
 
 cdef void _tb_del_routes_to(TablesC *t, uint32_t peer) noexcept nogil:
-    cdef TbMap *m = &t.routes
-    cdef uint32_t i
-    for i in range(m.mask + 1):
-        # An erase may shift a later entry into slot i: look at it again.
-        while m.slots[i].hash and m.slots[i].val.u32 == peer:
-            _tb_erase_at(m, i)
+    _th_erase_where_u32(&t.routes.h4, peer)
+    _th_erase_where_u32(&t.routes.h6, peer)
 
 
 cdef void _tb_free_maps(TablesC *t) noexcept nogil:
@@ -198,12 +338,12 @@ cdef bint _tb_local_locked(TablesC *t, uint8_t family, const uint8_t *addr) noex
     return False
 
 
-cdef inline void _tb_rev_set(TablesC *t, TbSlot *s, uint32_t value) noexcept nogil:
+cdef inline void _tb_rev_set(TablesC *t, const TbRef *r, uint32_t value) noexcept nogil:
     """Set a real_rev entry's count word, keeping the count of ambiguous entries
     (anything but exactly one known transit IP), which saving flows asks first."""
-    t.rev_ambiguous -= s.val.u32 != 1
+    t.rev_ambiguous -= r.u32[0] != 1
     t.rev_ambiguous += value != 1
-    s.val.u32 = value
+    r.u32[0] = value
 
 
 cdef void _tb_rev_add(TablesC *t, uint8_t family, const uint8_t *peer_addr,
@@ -211,13 +351,13 @@ cdef void _tb_rev_add(TablesC *t, uint8_t family, const uint8_t *peer_addr,
     """real_rev: one more transit IP of peer_addr maps to `real` (room reserved)."""
     cdef TbKey k
     cdef TbVal v
+    cdef TbRef r
     _tb_key(&k, family, peer_addr, real, 0)
-    cdef TbSlot *s = _tb_find(&t.real_rev, &k, t.seed)
-    if s != NULL:
+    if _tb_find(&t.real_rev, &k, t.seed, &r):
         # The newest transit IP is remembered; with two or more the entry is
         # ambiguous anyway, and it stays so until the count is back to one.
-        _tb_rev_set(t, s, (s.val.u32 & TB_REV_COUNT) + 1)
-        memcpy(s.val.addr, transit, 16)
+        _tb_rev_set(t, &r, (r.u32[0] & TB_REV_COUNT) + 1)
+        memcpy(r.addr, transit, r.alen)
         return
     memset(&v, 0, sizeof(TbVal))
     memcpy(v.addr, transit, 16)
@@ -229,19 +369,19 @@ cdef void _tb_rev_drop(TablesC *t, uint8_t family, const uint8_t *peer_addr,
                        const uint8_t *real, const uint8_t *transit) noexcept nogil:
     """real_rev: the mapping (peer_addr, transit) -> real is gone."""
     cdef TbKey k
+    cdef TbRef r
     _tb_key(&k, family, peer_addr, real, 0)
-    cdef TbSlot *s = _tb_find(&t.real_rev, &k, t.seed)
-    if s == NULL:
+    if not _tb_find(&t.real_rev, &k, t.seed, &r):
         return
-    cdef uint32_t n = s.val.u32 & TB_REV_COUNT
+    cdef uint32_t n = r.u32[0] & TB_REV_COUNT
     if n <= 1:
-        _tb_rev_set(t, s, 1)  # no longer counted as ambiguous
-        _tb_erase_at(&t.real_rev, <uint32_t>(s - t.real_rev.slots))
+        _tb_rev_set(t, &r, 1)  # no longer counted as ambiguous
+        _tb_erase(&t.real_rev, &r)
         return
     # Which transit IP remains is not known without a scan of the transit
     # map: the entry says "stale" and return packets are not matched by it.
-    cdef uint32_t stale = TB_REV_STALE if memcmp(s.val.addr, transit, 16) == 0 else 0
-    _tb_rev_set(t, s, (n - 1) | (s.val.u32 & TB_REV_STALE) | stale)
+    cdef uint32_t stale = TB_REV_STALE if memcmp(r.addr, transit, r.alen) == 0 else 0
+    _tb_rev_set(t, &r, (n - 1) | (r.u32[0] & TB_REV_STALE) | stale)
 
 
 # ---- C API ------------------------------------------------------------------
@@ -269,10 +409,14 @@ cdef void tb_free(TablesC *t) noexcept nogil:
     if t == NULL:
         return
     cdef uint32_t i
-    for i in range(t.peers.mask + 1):
-        if t.peers.slots[i].hash:
-            ss_free_staged(&(<TbPeer *>_tb_val_ptr(&t.peers.slots[i].val)).wg.staged)
-            free(_tb_val_ptr(&t.peers.slots[i].val))
+    cdef TbRef r
+    cdef TbVal v
+    for i in range(t.peers.h6.mask + 1):  # ids are in the wide half
+        if t.peers.h6.slots[i].hash:
+            _th_ref(&t.peers.h6, i, &r)
+            _tb_ref_get(&r, &v)
+            ss_free_staged(&(<TbPeer *>_tb_val_ptr(&v)).wg.staged)
+            free(_tb_val_ptr(&v))
     pthread_mutex_destroy(&t.lock)
     _tb_free_maps(t)
     free(t.magic_ranges)
@@ -298,10 +442,10 @@ cdef int tb_magic(TablesC *t, uint8_t family, const uint8_t *addr,
     cdef TbKey k
     _tb_key(&k, family, addr, NULL, 0)
     cdef int r = TB_NOT_OURS
+    cdef TbRef e
     pthread_mutex_lock(&t.lock)
-    cdef TbSlot *s = _tb_find(&t.magic, &k, t.seed)
-    if s != NULL:
-        memcpy(transit_out, s.val.addr, 16)
+    if _tb_find(&t.magic, &k, t.seed, &e):
+        c25_addr16(transit_out, e.addr, family)
         r = TB_HIT
     elif _tb_in_ranges(t.magic_ranges, t.n_magic_ranges, family, addr):
         r = TB_UNMAPPED
@@ -317,11 +461,11 @@ cdef int tb_transit(TablesC *t, uint8_t family, const uint8_t *peer_addr,
     cdef TbKey k
     _tb_key(&k, family, peer_addr, transit, 0)
     cdef int r = TB_NOT_OURS
+    cdef TbRef e
     pthread_mutex_lock(&t.lock)
-    cdef TbSlot *s = _tb_find(&t.transit, &k, t.seed)
-    if s != NULL:
-        memcpy(real_out, s.val.addr, 16)
-        app_out[0] = s.val.u32
+    if _tb_find(&t.transit, &k, t.seed, &e):
+        c25_addr16(real_out, e.addr, family)
+        app_out[0] = e.u32[0]
         r = TB_HIT
     elif _tb_in_ranges(t.transit_ranges, t.n_transit_ranges, family, transit):
         r = TB_UNMAPPED
@@ -355,13 +499,14 @@ cdef bint tb_magic_for_transit(TablesC *t, uint8_t family, const uint8_t *transi
                                uint8_t *magic_out) noexcept nogil:
     """Client: the magic IP whose transit IP is `transit` (16 bytes out)."""
     cdef TbKey k
+    cdef TbRef e
     _tb_key(&k, family, transit, NULL, 0)
     pthread_mutex_lock(&t.lock)
-    cdef TbSlot *s = _tb_find(&t.magic_rev, &k, t.seed)
-    if s != NULL:
-        memcpy(magic_out, s.val.addr, 16)
+    cdef bint found = _tb_find(&t.magic_rev, &k, t.seed, &e)
+    if found:
+        c25_addr16(magic_out, e.addr, family)
     pthread_mutex_unlock(&t.lock)
-    return s != NULL
+    return found
 
 
 cdef bint tb_any_ambiguous(TablesC *t) noexcept nogil:
@@ -381,20 +526,19 @@ cdef int tb_return_transit(TablesC *t, uint8_t family, const uint8_t *peer_addr,
     (transit_out, 16 bytes; app_out), TB_AMBIGUOUS (several, or not known
     which) or TB_NOT_OURS."""
     cdef TbKey k
-    cdef TbSlot *s
+    cdef TbRef e
     cdef int r = TB_NOT_OURS
     _tb_key(&k, family, peer_addr, real, 0)
     pthread_mutex_lock(&t.lock)
-    s = _tb_find(&t.real_rev, &k, t.seed)
-    if s != NULL:
-        if s.val.u32 != 1:
+    if _tb_find(&t.real_rev, &k, t.seed, &e):
+        if e.u32[0] != 1:
             r = TB_AMBIGUOUS
         else:
-            memcpy(transit_out, s.val.addr, 16)
+            c25_addr16(transit_out, e.addr, family)
             _tb_key(&k, family, peer_addr, transit_out, 0)
-            s = _tb_find(&t.transit, &k, t.seed)
-            if s != NULL and memcmp(s.val.addr, real, 4 if family == 4 else 16) == 0:
-                app_out[0] = s.val.u32
+            if (_tb_find(&t.transit, &k, t.seed, &e)
+                    and memcmp(e.addr, real, e.alen) == 0):
+                app_out[0] = e.u32[0]
                 r = TB_HIT
             else:  # cannot happen while the maps are kept in step; fail closed
                 r = TB_AMBIGUOUS
@@ -405,9 +549,13 @@ cdef int tb_return_transit(TablesC *t, uint8_t family, const uint8_t *peer_addr,
 cdef TbPeer *tb_peer_locked(TablesC *t, uint32_t peer) noexcept nogil:
     """The record of `peer` (NULL if none); the caller holds t.lock."""
     cdef TbKey k
+    cdef TbRef r
+    cdef TbVal v
     _tb_key(&k, 0, NULL, NULL, peer)
-    cdef TbSlot *s = _tb_find(&t.peers, &k, t.seed)
-    return NULL if s == NULL else <TbPeer *>_tb_val_ptr(&s.val)
+    if not _tb_find(&t.peers, &k, t.seed, &r):
+        return NULL
+    _tb_ref_get(&r, &v)
+    return <TbPeer *>_tb_val_ptr(&v)
 
 
 cdef bint tb_source_ok(TablesC *t, uint32_t peer, uint8_t family,
@@ -441,24 +589,23 @@ cdef void _tb_magic_rev_drop(TablesC *t, uint8_t family, const uint8_t *magic,
                              const uint8_t *transit) noexcept nogil:
     """magic_rev: forget transit -> magic, if it still names this magic IP."""
     cdef TbKey k
+    cdef TbRef r
     _tb_key(&k, family, transit, NULL, 0)
-    cdef TbSlot *s = _tb_find(&t.magic_rev, &k, t.seed)
-    if s != NULL and memcmp(s.val.addr, magic, 4 if family == 4 else 16) == 0:
-        _tb_erase_at(&t.magic_rev, <uint32_t>(s - t.magic_rev.slots))
+    if _tb_find(&t.magic_rev, &k, t.seed, &r) and memcmp(r.addr, magic, r.alen) == 0:
+        _tb_erase(&t.magic_rev, &r)
 
 
 cdef int tb_set_magic(TablesC *t, uint8_t family, const uint8_t *magic,
                       const uint8_t *transit) noexcept nogil:
     cdef TbKey k, kr
     cdef TbVal v, old
-    cdef TbSlot *s
     cdef int r = -1
     _tb_key(&k, family, magic, NULL, 0)
     _tb_key(&kr, family, transit, NULL, 0)
     memset(&v, 0, sizeof(TbVal))
     memcpy(v.addr, transit, 4 if family == 4 else 16)
     pthread_mutex_lock(&t.lock)
-    if _tb_reserve(&t.magic, 1) == 0 and _tb_reserve(&t.magic_rev, 1) == 0:
+    if _tb_reserve(&t.magic, family, 1) == 0 and _tb_reserve(&t.magic_rev, family, 1) == 0:
         if _tb_put(&t.magic, &k, &v, t.seed, &old) == 1:
             _tb_magic_rev_drop(t, family, magic, old.addr)
         memset(&v, 0, sizeof(TbVal))
@@ -487,7 +634,8 @@ cdef int tb_set_transit(TablesC *t, uint8_t family, const uint8_t *peer_addr,
     v.tag = tag
     v.when = when
     pthread_mutex_lock(&t.lock)
-    if _tb_reserve(&t.transit, 1) == 0 and _tb_reserve(&t.real_rev, 1) == 0:
+    if (_tb_reserve(&t.transit, family, 1) == 0
+            and _tb_reserve(&t.real_rev, family, 1) == 0):
         r = _tb_put(&t.transit, &k, &v, t.seed, &old)
         # A re-registration to the same real address leaves real_rev as it is
         # (dropping and adding it again would mark a shared entry stale).
@@ -503,13 +651,14 @@ cdef bint tb_transit_entry(TablesC *t, uint8_t family, const uint8_t *peer_addr,
                            const uint8_t *transit, TbVal *out) noexcept nogil:
     """Connector: the transit entry of (peer_addr, transit), all of it, if any."""
     cdef TbKey k
+    cdef TbRef r
     _tb_key(&k, family, peer_addr, transit, 0)
     pthread_mutex_lock(&t.lock)
-    cdef TbSlot *s = _tb_find(&t.transit, &k, t.seed)
-    if s != NULL:
-        memcpy(out, &s.val, sizeof(TbVal))
+    cdef bint found = _tb_find(&t.transit, &k, t.seed, &r)
+    if found:
+        _tb_ref_get(&r, out)
     pthread_mutex_unlock(&t.lock)
-    return s != NULL
+    return found
 
 
 cdef int tb_set_local(TablesC *t, const uint8_t *families, const uint8_t (*addrs)[16],
@@ -578,25 +727,25 @@ cdef int tb_set_peer(TablesC *t, uint32_t peer, TbPeer *rec, TbPeer **old) noexc
     Returns 0, or -1 if out of memory; on failure nothing changed."""
     cdef TbKey kp, kr
     cdef TbVal v
-    cdef TbSlot *s
+    cdef TbRef r
     cdef TbPeer *prev = NULL
     cdef uint32_t i
     old[0] = NULL
     _tb_key(&kp, 0, NULL, NULL, peer)
     pthread_mutex_lock(&t.lock)
-    if _tb_reserve(&t.peers, 1) < 0 or _tb_reserve(&t.routes, rec.n_overlay) < 0:
+    if (_tb_reserve(&t.peers, 0, 1) < 0 or _tb_reserve(&t.routes, 4, rec.n_overlay) < 0
+            or _tb_reserve(&t.routes, 6, rec.n_overlay) < 0):
         pthread_mutex_unlock(&t.lock)
         return -1
     # From here on nothing allocates, so the update cannot fail half-way.
-    s = _tb_find(&t.peers, &kp, t.seed)
-    if s != NULL:
-        prev = <TbPeer *>_tb_val_ptr(&s.val)
+    if _tb_find(&t.peers, &kp, t.seed, &r):
+        _tb_ref_get(&r, &v)
+        prev = <TbPeer *>_tb_val_ptr(&v)
         ss_carry(&rec.wg, &prev.wg)
         for i in range(prev.n_overlay):
             _tb_key(&kr, prev.ov_family[i], prev.ov_addr[i], NULL, 0)
-            s = _tb_find(&t.routes, &kr, t.seed)
-            if s != NULL and s.val.u32 == peer:
-                _tb_erase_at(&t.routes, <uint32_t>(s - t.routes.slots))
+            if _tb_find(&t.routes, &kr, t.seed, &r) and r.u32[0] == peer:
+                _tb_erase(&t.routes, &r)
     else:
         memcpy(&rec.wg.ep, &rec.wg.configured, sizeof(TbEndpoint))
     memset(&v, 0, sizeof(TbVal))
@@ -629,10 +778,10 @@ cdef TbPeer *tb_del_peer(TablesC *t, uint32_t peer) noexcept nogil:
     return rec
 
 
-cdef int _tb_slot_older(const void *x, const void *y) noexcept nogil:
-    """qsort order of transit slots: registration time, then the key's bytes."""
-    cdef const TbSlot *a = <const TbSlot *>x
-    cdef const TbSlot *b = <const TbSlot *>y
+cdef int _tb_entry_older(const void *x, const void *y) noexcept nogil:
+    """qsort order of transit entries: registration time, then the key's bytes."""
+    cdef const TbEntry *a = <const TbEntry *>x
+    cdef const TbEntry *b = <const TbEntry *>y
     if a.val.when != b.val.when:
         return -1 if a.val.when < b.val.when else 1
     if a.key.family != b.key.family:
@@ -641,6 +790,13 @@ cdef int _tb_slot_older(const void *x, const void *y) noexcept nogil:
 
 
 # ---- Python boundary (control plane and tests) -------------------------------
+
+cdef tuple _tb_entry_out(const TbEntry *e):
+    """A transit entry as Python sees it: (peer_addr, transit, real, app, registered, tag)."""
+    cdef uint8_t fam = e.key.family
+    return (cv_addr_out(e.key.a, fam), cv_addr_out(e.key.b, fam), cv_addr_out(e.val.addr, fam),
+            e.val.u32, e.val.when, e.val.tag)
+
 
 cdef int _tb_range_in(object r, TbRange *out) except -1:
     """A range as (first, last) packed addresses, or anything with `version`,
@@ -828,29 +984,25 @@ cdef class Tables:
         if count < 1 or start < 0:
             raise ValueError(f"transit_chunk: start {start!r} >= 0, count {count!r} >= 1")
         cdef uint32_t cap = count if count < 4096 else 4096
-        cdef TbSlot *buf = <TbSlot *>malloc(cap * sizeof(TbSlot))
+        cdef TbEntry *buf = <TbEntry *>malloc(cap * sizeof(TbEntry))
         if buf == NULL:
             raise MemoryError("Tables.transit_chunk")
         cdef uint32_t n = 0
-        cdef uint64_t i = start
+        cdef uint64_t i = start, j, n4
         cdef bint done
-        with nogil:
+        with nogil:  # slot numbers run through the IPv4 half, then the IPv6 one
             pthread_mutex_lock(&t.lock)
-            while i <= m.mask and n < cap:
-                if m.slots[i].hash:
-                    memcpy(&buf[n], &m.slots[i], sizeof(TbSlot))
-                    n += 1
-                i += 1
-            done = i > m.mask
+            n4 = <uint64_t>m.h4.mask + 1
+            if i < n4:
+                n = _th_chunk(&m.h4, 4, &i, n, cap, buf)
+            if i >= n4:
+                j = i - n4
+                n = _th_chunk(&m.h6, 6, &j, n, cap, buf)
+                i = n4 + j
+            done = i >= n4 + m.h6.mask + 1
             pthread_mutex_unlock(&t.lock)
         try:
-            out = []
-            for j in range(n):
-                fam = buf[j].key.family
-                out.append((cv_addr_out(buf[j].key.a, fam), cv_addr_out(buf[j].key.b, fam),
-                            cv_addr_out(buf[j].val.addr, fam), buf[j].val.u32,
-                            buf[j].val.when, buf[j].val.tag))
-            return out, (-1 if done else i)
+            return [_tb_entry_out(&buf[k]) for k in range(n)], (-1 if done else i)
         finally:
             free(buf)
 
@@ -861,39 +1013,31 @@ cdef class Tables:
         of them (-1: all). One copy under the lock, the rest without it."""
         cdef TablesC *t = self.tables
         cdef TbMap *m = &t.transit
-        cdef TbSlot *buf = NULL
+        cdef TbEntry *buf = NULL
         cdef uint32_t n = 0, i, size = 0, need = 0
         cdef bint done = False
         while not done:  # a buffer as large as the map, then the copy (it may grow between)
             with nogil:
                 pthread_mutex_lock(&t.lock)
-                if m.count <= size:
-                    for i in range(m.mask + 1):
-                        if m.slots[i].hash and m.slots[i].val.when < before:
-                            memcpy(&buf[n], &m.slots[i], sizeof(TbSlot))
-                            n += 1
+                if _tb_count(m) <= size:
+                    n = _th_before(&m.h4, 4, before, 0, buf)
+                    n = _th_before(&m.h6, 6, before, n, buf)
                     done = True
                 else:
-                    need = m.count
+                    need = _tb_count(m)
                 pthread_mutex_unlock(&t.lock)
             if not done:
                 free(buf)
-                buf = <TbSlot *>malloc(need * sizeof(TbSlot))
+                buf = <TbEntry *>malloc(need * sizeof(TbEntry))
                 if buf == NULL:
                     raise MemoryError("Tables.transit_entries")
                 size = need
         try:
             if before != INFINITY or limit >= 0:
-                qsort(buf, n, sizeof(TbSlot), _tb_slot_older)
+                qsort(buf, n, sizeof(TbEntry), _tb_entry_older)
             if 0 <= limit < n:
                 n = limit
-            out = []
-            for i in range(n):
-                fam = buf[i].key.family
-                out.append((cv_addr_out(buf[i].key.a, fam), cv_addr_out(buf[i].key.b, fam),
-                            cv_addr_out(buf[i].val.addr, fam), buf[i].val.u32,
-                            buf[i].val.when, buf[i].val.tag))
-            return out
+            return [_tb_entry_out(&buf[i]) for i in range(n)]
         finally:
             free(buf)
 
@@ -1081,15 +1225,15 @@ cdef class Tables:
         cdef uint32_t c[10]
         with nogil:
             pthread_mutex_lock(&t.lock)
-            c[0] = t.routes.count
-            c[1] = t.magic.count
-            c[2] = t.transit.count
-            c[3] = t.peers.count
-            c[4] = t.indices.count
+            c[0] = _tb_count(&t.routes)
+            c[1] = _tb_count(&t.magic)
+            c[2] = _tb_count(&t.transit)
+            c[3] = _tb_count(&t.peers)
+            c[4] = _tb_count(&t.indices)
             c[5] = t.n_magic_ranges
             c[6] = t.n_transit_ranges
-            c[7] = t.magic_rev.count
-            c[8] = t.real_rev.count
+            c[7] = _tb_count(&t.magic_rev)
+            c[8] = _tb_count(&t.real_rev)
             c[9] = t.n_local
             pthread_mutex_unlock(&t.lock)
         return {"routes": c[0], "magic": c[1], "transit": c[2], "peers": c[3],
@@ -1097,20 +1241,25 @@ cdef class Tables:
                 "magic_rev": c[7], "real_rev": c[8], "local": c[9]}
 
     def memory(self) -> dict:
-        """Slots allocated per map, and the bytes of one slot (the C memory is
-        about their product; a slot array's pages are resident once touched)."""
+        """Per map: its slots in each half ({4: IPv4 keys, 6: IPv6 keys and ids}) and
+        the bytes of its slot arrays; and the bytes of one slot per half (a slot
+        array's pages are resident once touched)."""
         cdef TablesC *t = self.tables
-        cdef uint32_t c[7]
+        cdef TbMap *maps[7]
+        cdef uint32_t c4[7]
+        cdef uint32_t c6[7]
+        cdef int i
+        maps[:] = [&t.routes, &t.magic, &t.transit, &t.peers, &t.indices, &t.magic_rev,
+                   &t.real_rev]
         with nogil:
             pthread_mutex_lock(&t.lock)
-            c[0] = t.routes.mask + 1
-            c[1] = t.magic.mask + 1
-            c[2] = t.transit.mask + 1
-            c[3] = t.peers.mask + 1
-            c[4] = t.indices.mask + 1
-            c[5] = t.magic_rev.mask + 1
-            c[6] = t.real_rev.mask + 1
+            for i in range(7):
+                c4[i] = maps[i].h4.mask + 1
+                c6[i] = maps[i].h6.mask + 1
             pthread_mutex_unlock(&t.lock)
-        return {"slot_bytes": sizeof(TbSlot), "routes_slots": c[0], "magic_slots": c[1],
-                "transit_slots": c[2], "peers_slots": c[3], "indices_slots": c[4],
-                "magic_rev_slots": c[5], "real_rev_slots": c[6]}
+        out: dict = {"slot_bytes": {4: sizeof(TbSlot4), 6: sizeof(TbSlot6)}}
+        for i, name in enumerate(("routes", "magic", "transit", "peers", "indices",
+                                  "magic_rev", "real_rev")):
+            out[f"{name}_slots"] = {4: c4[i], 6: c6[i]}
+            out[f"{name}_bytes"] = c4[i] * sizeof(TbSlot4) + c6[i] * sizeof(TbSlot6)
+        return out

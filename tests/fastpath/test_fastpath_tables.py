@@ -682,22 +682,31 @@ def test_many_routes_survive_growth_and_deletions():
     assert tb.stats()["routes"] == 2500
 
 
-def test_map_slots_are_72_bytes_and_fill_to_four_fifths():
-    """Memory: 72-byte slots (a 36-byte key, the hash, a 32-byte value that on the transit
-    map holds the control plane's time and tag); a map doubles only past 4/5 full, and
-    keeps every entry."""
+def test_ipv4_keys_take_32_byte_slots_and_a_map_fills_to_four_fifths():
+    """Memory: an IPv4 entry takes a 32-byte slot (8 bytes of key, the hash, a 4-byte
+    address and, on the transit map, the control plane's time and tag), an IPv6 one a
+    72-byte slot; each half of a map doubles only past 4/5 full, and keeps every entry."""
     tb = Tables(seed=5)
     mem = tb.memory()
-    assert mem["slot_bytes"] == 72 and mem["transit_slots"] == 64
+    assert mem["slot_bytes"] == {4: 32, 6: 72}
+    assert mem["transit_slots"] == {4: 64, 6: 64}
+    assert mem["transit_bytes"] == 64 * 32 + 64 * 72
     peer = bytes([100, 64, 0, 1])
     for i in range(51):  # 51 <= 64 * 4/5
         tb.set_transit(peer, i.to_bytes(4, "big"), bytes([198, 18, 0, i]), app=i)
-    assert tb.memory()["transit_slots"] == 64
+    assert tb.memory()["transit_slots"] == {4: 64, 6: 64}
     tb.set_transit(peer, (51).to_bytes(4, "big"), bytes([198, 18, 0, 51]), app=51)
-    assert tb.memory()["transit_slots"] == 128
+    assert tb.memory()["transit_slots"] == {4: 128, 6: 64}
+    peer6 = bytes.fromhex("fd7a115ca1e000000000000000000001")
+    for i in range(52):
+        tb.set_transit(peer6, bytes(15) + bytes([i]), bytes.fromhex("20010db8") + bytes(11)
+                       + bytes([i]), app=100 + i)
+    assert tb.memory()["transit_slots"] == {4: 128, 6: 128}
     for i in range(52):
         assert tb.lookup_transit(peer, i.to_bytes(4, "big")) == ("hit", bytes([198, 18, 0, i]), i)
-    assert tb.stats()["transit"] == 52
+        assert tb.lookup_transit(peer6, bytes(15) + bytes([i])) == (
+            "hit", bytes.fromhex("20010db8") + bytes(11) + bytes([i]), 100 + i)
+    assert tb.stats()["transit"] == 104
 
 
 def test_a_full_map_of_peers_keeps_their_records():
@@ -705,7 +714,7 @@ def test_a_full_map_of_peers_keeps_their_records():
     tb = Tables(seed=1)
     for p in range(1, 40):  # past two doublings of the 16-slot peers map
         tb.set_peer(p, bytes([192, 0, 2, p]), 41641, [bytes([100, 64, 1, p])])
-    assert tb.memory()["peers_slots"] == 64
+    assert tb.memory()["peers_slots"] == {4: 16, 6: 64}  # ids are in the wide half
     for p in range(1, 40):
         assert tb.lookup_peer(p) == (bytes([192, 0, 2, p]), 41641, [bytes([100, 64, 1, p])])
         assert tb.lookup_route(bytes([100, 64, 1, p])) == p
