@@ -143,6 +143,13 @@ def test_install_files_puts_everything_in_place(tmp_path):
     assert (root / "usr/local/share/man/man8/conn25d.8").read_text().startswith(".TH CONN25D")
     assert (root / "etc/conn25d").is_dir()
     assert {oct(p.stat().st_mode & 0o777) for p in root.rglob("*") if p.is_file()} == {"0o644"}
+    # bash-completion's loader finds it there (/usr/local/share is in its default search).
+    r = subprocess.run(
+        ["bash", "--norc", "--noprofile", "-c", "source /usr/share/bash-completion/bash_completion"
+         "; _completion_loader conn25d; complete -p conn25d"],
+        capture_output=True, text=True, timeout=30,
+        env={"PATH": "/usr/bin:/bin", "XDG_DATA_DIRS": f"{root}/usr/local/share:/usr/share"})
+    assert r.stdout.strip() == "complete -o bashdefault -F _shtab_conn25d conn25d", r.stderr
 
 
 # -- completion ------------------------------------------------------------------------
