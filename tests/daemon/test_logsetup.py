@@ -35,6 +35,9 @@ def test_journal_lines_carry_the_priority_and_no_timestamp():
     assert f.format(record(logging.ERROR, "e")).startswith("<3>")
     assert f.format(record(logging.CRITICAL, "c")).startswith("<2>")
     assert f.format(record(logging.DEBUG, "d")).startswith("<7>")
+    # Every line is an entry of its own: a rejected file's list of errors stays an error.
+    assert f.format(record(logging.ERROR, "rejected:\na: bad\nb: bad")) == \
+        "<3>conn25d ERROR rejected:\n<3>a: bad\n<3>b: bad"
 
 
 def test_other_lines_carry_a_timestamp():

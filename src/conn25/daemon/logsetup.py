@@ -38,7 +38,8 @@ class JournalFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         priority = next((p for level, p in _PRIORITY if record.levelno >= level), 7)
-        return f"<{priority}>{super().format(record)}"
+        # The journal makes an entry of every line: each carries the priority.
+        return "\n".join(f"<{priority}>{line}" for line in super().format(record).split("\n"))
 
 
 def configure(level: str, stream: TextIO | None = None,
