@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Install conn25d and everything it needs on a Debian (or Ubuntu) machine, as root:
 # the system packages, a virtual environment in $CONN25D_PREFIX (default /opt/conn25d)
-# holding the package with its compiled Cython datapath, and the `conn25d` command in
-# /usr/local/bin. Run it again at any time: it only adds what is missing.
+# holding the package with its compiled Cython datapath, the `conn25d` command in
+# /usr/local/bin, the systemd unit conn25d@.service (not enabled), bash completion and
+# the man page conn25d(8). Run it again at any time: it only adds what is missing.
 #
 #   ./install.sh          the daemon and its runtime tools
 #   ./install.sh --dev    also the test and benchmark tools (pytest, hypothesis, scapy, ruff, mypy,
-#                         wireguard-go, wg, dnsperf, libsodium)
+#                         wireguard-go, wg, dnsperf, libsodium, systemd-analyze, man)
 set -euo pipefail
 
-usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; }
 dev=0
 for arg in "$@"; do
   case "$arg" in
@@ -27,14 +28,17 @@ python=${PYTHON:-python3}
 # dnsmasq-base: the binary without a system service; iperf3, curl, iputils-ping for
 # the end-to-end tests and the benchmarks; nftables and iproute2 for the connector;
 # libssl-dev: OpenSSL's headers and libcrypto to link against, which the Cython
-# datapath uses for WireGuard's per-packet encryption (ChaCha20-Poly1305).
+# datapath uses for WireGuard's per-packet encryption (ChaCha20-Poly1305);
+# bash-completion loads conn25d's completion in interactive shells.
 packages=(python3 python3-venv python3-dev gcc libssl-dev iproute2 nftables dnsmasq-base
-          iperf3 curl iputils-ping procps ca-certificates)
+          iperf3 curl iputils-ping procps ca-certificates bash-completion)
 # --dev: wireguard-go and wg, the userspace-tunnel reference of bench/net.py (without
 # --no-install-recommends, wireguard-tools would pull in a kernel image); dnsperf, the
 # DNS load generator of bench/control.py; libsodium-dev, the other library that
-# bench/aead_cost.c measures the per-packet encryption of.
-[ "$dev" = 1 ] && packages+=(wireguard-go wireguard-tools dnsperf libsodium-dev)
+# bench/aead_cost.c measures the per-packet encryption of; systemd for systemd-analyze,
+# which checks the unit; man-db and groff-base render the man page in the tests.
+[ "$dev" = 1 ] && packages+=(wireguard-go wireguard-tools dnsperf libsodium-dev systemd man-db
+                             groff-base)
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
@@ -43,9 +47,11 @@ if [ ! -x "$prefix/bin/python" ]; then
   "$python" -m venv "$prefix"
 fi
 "$prefix/bin/python" -m pip install -q --upgrade pip
-extra=""
-[ "$dev" = 1 ] && extra="[test]"
+# docs: the libraries that generate the completion and the man page.
+extra="[docs]"
+[ "$dev" = 1 ] && extra="[docs,test]"
 # Not editable: this builds the wheel, Cython extension included, exactly as users get it.
 "$prefix/bin/python" -m pip install -q "$here$extra"
 ln -sf "$prefix/bin/conn25d" /usr/local/bin/conn25d
+"$here/packaging/install-files" "$prefix/bin/python"
 echo "conn25d installed in $prefix ($("$prefix/bin/conn25d" --version 2>/dev/null || echo '?'))"

@@ -130,16 +130,13 @@ def cmd_up(args: argparse.Namespace) -> int:
     the tailnet file; a bad file is logged and the running configuration stays. The
     node's private key is made on the first start; until the tailnet file holds its
     public key, up exits 1 saying which key to put where."""
-    import logging
-
     import trio
 
+    from . import logsetup
     from .node import NodeError, NodeOptions, serve
     from .system import SystemSetupError
 
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.getLogger("pyroute2").setLevel(logging.WARNING)  # its debug is per netlink message
+    logsetup.configure(args.log_level)  # without timestamps of its own into the journal
     tags = None
     if args.advertise_tags is not None:
         tags = tuple(t.strip() for t in args.advertise_tags.split(",") if t.strip())

@@ -8,7 +8,8 @@ Embeddable::
         ...
         nursery.cancel_scope.cancel()   # tears everything down, leaves nothing behind
 
-``conn25d up`` is this plus signal handling.
+``conn25d up`` is :func:`serve`: this plus signal handling and, under systemd, the
+service manager's notifications.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import socket
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import msgspec
 import trio
@@ -44,6 +45,7 @@ from .peerapi_server import PEERAPI_LIMITS, PeerAPI
 from .peerapi_server import REFUSAL_REASONS as PEERAPI_REFUSAL_REASONS
 from .refusals import RefusalLog
 from .registration import Registrar
+from .sdnotify import Notifier
 from .status import status_document
 from .system import SystemSetup, release_freed_memory, replace_file
 from .tailnetfile import load_file
@@ -132,6 +134,7 @@ class Node:
         self.ids = Ids()
         self._dirty = trio.Event()
         self._reload_requested = trio.Event()
+        self._reload_done = trio.Event()  # set once the pending request has been handled
         self._file_stamp: tuple[float, int] | None = None
         self._saved_flows = b""
         self.counters: dict[str, int] = {"reloads": 0, "reload_errors": 0, "reclaimed": 0}
@@ -184,6 +187,12 @@ class Node:
     def request_reload(self) -> None:
         """Re-read the tailnet file soon (SIGHUP)."""
         self._reload_requested.set()
+
+    async def reload(self) -> None:
+        """Re-read the tailnet file; returns once it has been applied or rejected."""
+        done = self._reload_done
+        self._reload_requested.set()
+        await done.wait()
 
     # -- life cycle --------------------------------------------------------------
 
@@ -440,8 +449,11 @@ class Node:
             with trio.move_on_after(RELOAD_POLL):
                 await self._reload_requested.wait()
             if self._reload_requested.is_set() or self._stamp() != self._file_stamp:
+                # Requests made from here on wait for the next round.
                 self._reload_requested = trio.Event()
+                done, self._reload_done = self._reload_done, trio.Event()
                 self._reload(system)
+                done.set()
 
     def _reload(self, system: SystemSetup) -> None:
         """Apply a changed tailnet file; a bad one is logged and the old configuration stays."""
@@ -555,20 +567,56 @@ class Node:
                 log.error("cannot save %s: %s", path, e)
 
 
-async def serve(options: NodeOptions,
-                *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
-    """Run a node until SIGINT or SIGTERM (SIGHUP re-reads the tailnet file)."""
+class ServiceManager(Protocol):
+    """What :func:`serve` tells the service manager (``sdnotify.Notifier``)."""
+
+    watchdog_interval: float | None  # seconds between two watchdog() calls; None: none
+
+    def ready(self, status: str | None = None) -> bool: ...
+    def reloading(self) -> bool: ...
+    def stopping(self) -> bool: ...
+    def watchdog(self) -> bool: ...
+
+
+async def serve(options: NodeOptions, *, manager: ServiceManager | None = None,
+                task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run a node until SIGINT or SIGTERM (SIGHUP re-reads the tailnet file), telling
+    ``manager`` (default: systemd's, when ``$NOTIFY_SOCKET`` names one) when it serves,
+    reloads and stops, and pinging its watchdog while the event loop runs."""
     import signal
 
+    manager = Notifier.from_environ() if manager is None else manager
     node = Node(options)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
-            await nursery.start(node.run)
+            await nursery.start(node.run)  # returns once TUN, DNS and the APIs serve
+            manager.ready(_ready_status(node))
+            if manager.watchdog_interval is not None:
+                nursery.start_soon(_ping_watchdog, manager, manager.watchdog_interval)
             task_status.started(node)
             async for signum in signals:
                 if signum == signal.SIGHUP:
-                    node.request_reload()
+                    manager.reloading()
+                    await node.reload()
+                    manager.ready(_ready_status(node))
                     continue
+                manager.stopping()
                 log.info("%s: shutting down", signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
                 break
+
+
+def _ready_status(node: Node) -> str:
+    """One line for ``systemctl status``."""
+    cfg = node.config
+    return (f"serving {cfg.node.name} on {node.options.tun_name}: peers {len(cfg.peers)}, "
+            f"apps {len(cfg.apps)}, reloads {node.counters['reloads']}, "
+            f"rejected reloads {node.counters['reload_errors']}")
+
+
+async def _ping_watchdog(manager: ServiceManager, interval: float) -> None:
+    # A ping only from the running event loop: a loop that hangs stops them, and the
+    # service manager restarts the node.
+    while True:
+        manager.watchdog()
+        await trio.sleep(interval)

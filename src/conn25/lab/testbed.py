@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -284,7 +285,9 @@ class Testbed:
             keyfile.create(path, self.specs[name].private_key)
         return path
 
-    def start(self, name: str, *extra: str, wait: bool = True) -> subprocess.Popen:
+    def start(self, name: str, *extra: str, wait: bool = True,
+              env: dict[str, str] | None = None) -> subprocess.Popen:
+        """Run `conn25d up` for node `name` (`env`: variables to add to its environment)."""
         spec = self.specs[name]
         self.key_file(name)
         args = [sys.executable, "-m", "conn25", "up", "--tailnet", str(self.tailnet_path),
@@ -293,7 +296,8 @@ class Testbed:
         if spec.connector:
             args.append("--advertise-connector")
         log = open(self.workdir / f"{name}.log", "a")  # noqa: SIM115 (kept by the process)
-        proc = self.ns[name].popen(*args, stdout=log, stderr=subprocess.STDOUT)
+        proc = self.ns[name].popen(*args, stdout=log, stderr=subprocess.STDOUT,
+                                   env=None if env is None else {**os.environ, **env})
         self.procs[name] = proc
         if wait:
             sock = self.state_dir(name) / "conn25d.sock"
