@@ -6,8 +6,9 @@ from libc.string cimport memcmp, memcpy, memset
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from posix.unistd cimport close, read, write
 
-from includes.atomic cimport c25_cpu_relax, c25_load_int
+from includes.atomic cimport c25_load_int
 from includes.linux cimport (
+    sched_yield,
     EPOLL_CLOEXEC,
     EPOLL_CTL_ADD,
     EPOLL_CTL_MOD,
@@ -372,7 +373,9 @@ cdef void _spin_for_reply(DpCore *d, DpCtx *uc, PumpBufs *ub, DpCtx *c, PumpBufs
         if got > 0:
             c.counters[C_SPIN_HITS] += 1
             break
-        c25_cpu_relax()
+        # Not a bare pause: a thread that became runnable on this core (the
+        # peer's, when the other core is busy) runs now instead of after the spin.
+        sched_yield()
     _watch(ub, udp_fd, EPOLLIN)
 
 

@@ -13,10 +13,7 @@ cdef extern from *:
     { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
     static inline void c25_store_int(int *p, int v)
     { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
-    static inline void c25_cpu_relax(void)
-    { __builtin_ia32_pause(); }
     """
     uint64_t c25_load_u64(const uint64_t *p) nogil
     int c25_load_int(const int *p) nogil
     void c25_store_int(int *p, int v) nogil
-    void c25_cpu_relax() nogil

@@ -1,4 +1,4 @@
-# How the pumps sleep and wake: poll, epoll and eventfd (Linux).
+# How the pumps sleep and wake: poll, epoll, eventfd and sched_yield (Linux).
 
 from libc.stdint cimport uint32_t, uint64_t
 
@@ -26,3 +26,6 @@ cdef extern from "<sys/epoll.h>" nogil:
 cdef extern from "<sys/eventfd.h>" nogil:
     int eventfd(unsigned int initval, int flags)
     enum: EFD_NONBLOCK, EFD_CLOEXEC
+
+cdef extern from "<sched.h>" nogil:
+    int sched_yield()
