@@ -149,6 +149,12 @@ def _undone_on_failure(undo: Callable[[], None]) -> Iterator[None]:
 def replace_file(path: Path, data: bytes | Iterable[bytes]) -> None:
     """Write ``data`` (or its pieces, in order) to ``path`` through a temporary file,
     so that a crash leaves either the old content or the new one, never half of it."""
+    write_temporary(path, data).replace(path)
+
+
+def write_temporary(path: Path, data: bytes | Iterable[bytes]) -> Path:
+    """The first half of :func:`replace_file`: ``data`` in the temporary file that
+    renaming over ``path`` completes. Returns that file."""
     tmp = path.with_suffix(".tmp")
     with open(tmp, "wb") as f:
         if isinstance(data, bytes):
@@ -156,7 +162,7 @@ def replace_file(path: Path, data: bytes | Iterable[bytes]) -> None:
         else:
             for piece in data:
                 f.write(piece)
-    tmp.replace(path)
+    return tmp
 
 
 def release_freed_memory() -> None:
