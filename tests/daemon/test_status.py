@@ -71,6 +71,9 @@ class StatusNode(FakeNode):
         super().__init__(cfg)
         self.overlay = FakeOverlay()
 
+    def dns_status(self) -> dict:
+        return {"mode": "resolv.conf", "path": "/etc/resolv.conf", "server": "100.100.100.100"}
+
 
 def client_node(apps: tuple[App, ...] = (WIDE, ALPHA)) -> StatusNode:
     node = StatusNode(client_config(apps=apps))

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import __version__
-from ..core import tailnet
+from ..core import dnsconfig, tailnet
 from ..core.wireguard import keys as wgkeys
 from .tailnetfile import load_file
 
@@ -124,6 +124,15 @@ def _dns_allow(text: str) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _boolean(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("true", "yes", "on", "1"):
+        return True
+    if value in ("false", "no", "off", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     """Run this node of the tailnet in the foreground until SIGINT or SIGTERM, then
     remove everything it set up and exit 0. SIGHUP (or a change of the file) re-reads
@@ -146,6 +155,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         state_dir=args.state_dir, tun_name=args.tun_name, mtu=args.mtu,
         dns_listen=args.dns_listen, upstream_dns=args.upstream_dns,
         dns_allow=args.dns_allow, private_key=args.private_key,
+        accept_dns=args.accept_dns, resolv_conf=args.resolv_conf,
     )
     if (status := _check_private_key(options)) is not None:
         return status
@@ -212,6 +222,13 @@ def _add_up(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
                    metavar="ADDR", help="DNS server address (default 100.100.100.100:53)")
     p.add_argument("--upstream-dns", type=_address_list, metavar="ADDR[,ADDR]",
                    help="resolvers for non-app names (default: /etc/resolv.conf's)")
+    p.add_argument("--accept-dns", type=_boolean, nargs="?", const=True, default=None,
+                   metavar="BOOL",
+                   help="point the system's DNS at the DNS server while the node runs, and "
+                   "put it back on exit (default: on when the node sees apps; "
+                   "--accept-dns=false leaves the system's DNS alone)")
+    p.add_argument("--resolv-conf", default=dnsconfig.RESOLV_CONF, metavar="FILE",
+                   help=argparse.SUPPRESS)  # another file for --accept-dns (tests)
     p.add_argument("--dns-allow", type=_dns_allow, default=(), metavar="CIDR[,CIDR]",
                    help="networks besides this host whose DNS queries the DNS server answers "
                    "(default: none; never other nodes unless named here)")

@@ -86,21 +86,26 @@ def parse_upstreams(text: str) -> list[Upstream]:
 
 
 def upstreams_from_resolv_conf(
-    path: str = "/etc/resolv.conf", exclude: Iterable[str] = ()
+    path: str = "/etc/resolv.conf", exclude: Iterable[str] = (), data: bytes | None = None
 ) -> list[Upstream]:
     """The ``nameserver`` addresses of a resolv.conf as [(ip, 53)], in file order.
 
     Addresses in ``exclude`` (the DNS server's own listen address: asking
     ourselves would loop) are left out, as are duplicates and lines that do
     not hold an IP address. A missing file gives no upstreams: then
-    non-app queries get SERVFAIL with a logged reason.
+    non-app queries get SERVFAIL with a logged reason. With ``data``, that is
+    the file's content (``path`` only names it in messages): the original that
+    ``--accept-dns`` replaced.
     """
     skip = {parse_address(a) for a in exclude}
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            lines = f.readlines()
-    except FileNotFoundError:
-        return []
+    if data is not None:
+        lines = data.decode("utf-8", "replace").splitlines()
+    else:
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                lines = f.readlines()
+        except FileNotFoundError:
+            return []
     out: list[Upstream] = []
     seen: set[IPAddress] = set()
     for number, line in enumerate(lines, 1):

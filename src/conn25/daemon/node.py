@@ -23,12 +23,12 @@ import socket
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import msgspec
 import trio
 
-from ..core import policy
+from ..core import dnsconfig, policy
 from ..core import tailnet as tailnet_mod
 from ..core.assignments import Assignment, Assignments
 from ..core.config import DEFAULT_PORT, NodeConfig, Tailnet
@@ -37,8 +37,9 @@ from ..core.dnsmap import DNSMapper
 from ..core.iprange import IPAddress, IPNetwork
 from ..fastpath import Datapath, EventKind, Role, monotonic_ms
 from . import keyfile
+from .accept_dns import RESOLV_CONF, AcceptDNS
 from .dataplane import Dataplane, Ids
-from .dns_forwarder import Forwarder, upstreams_from_resolv_conf
+from .dns_forwarder import Forwarder
 from .localapi import LocalAPI, peer_metrics
 from .overlay import Overlay
 from .peerapi_server import PEERAPI_LIMITS, PeerAPI
@@ -47,7 +48,8 @@ from .refusals import RefusalLog
 from .registration import Registrar
 from .sdnotify import Notifier
 from .status import status_document
-from .system import SystemSetup, release_freed_memory, replace_file, write_temporary
+from .system import (SystemSetup, SystemSetupError, release_freed_memory, replace_file,
+                     write_temporary)
 from .tailnetfile import load_file
 
 if TYPE_CHECKING:  # a client's alone: imported when the node has apps to map
@@ -102,6 +104,10 @@ class NodeOptions(msgspec.Struct, kw_only=True):
     dns_allow: tuple[str, ...] = ()  # CIDRs besides this host whose DNS queries are answered
     peerapi_port: int = PEERAPI_PORT
     private_key: str | None = None  # the WireGuard private key file; default STATE_DIR/private.key
+    # Point the system's DNS at the node's DNS server while it runs (None: when the node
+    # sees apps, as `conn25d up` does). Off by default for an embedding program.
+    accept_dns: bool | None = False
+    resolv_conf: str = RESOLV_CONF  # the file --accept-dns manages (and reads upstreams from)
 
     @property
     def state_path(self) -> Path:
@@ -134,6 +140,7 @@ class Node:
         self.registrar: Registrar
         self.resolver: ClientResolver | None = None
         self.dns_server: DNSServer | None = None
+        self.dns_config: AcceptDNS
         self.ids = Ids()
         self._dirty = trio.Event()
         self._reload_requested = trio.Event()
@@ -187,6 +194,9 @@ class Node:
         out["assignments"] = len(self.assignments)
         return out
 
+    def dns_status(self) -> dict[str, Any]:
+        return self.dns_config.status()
+
     def request_reload(self) -> None:
         """Re-read the tailnet file soon (SIGHUP)."""
         self._reload_requested.set()
@@ -212,8 +222,11 @@ class Node:
         # Its mappings live in the datapath's transit table only.
         self.connector = (ConnectorTable(self.config, store=self.dataplane.connector_store)
                           if opts.advertise_connector else None)
+        self.dns_config = AcceptDNS(path=opts.resolv_conf, state_dir=state, link=opts.tun_name,
+                                    listen=opts.dns_listen)
+        upstreams = self._prepare_dns()
         self.forwarder = Forwarder(list(opts.upstream_dns) if opts.upstream_dns is not None
-                                   else upstreams_from_resolv_conf(exclude=[opts.dns_listen[0]]))
+                                   else upstreams)
         self.registrar = Registrar(self)
         system = SystemSetup(tun_name=opts.tun_name, mtu=opts.mtu, state_dir=state)
         sock: socket.socket | None = None
@@ -253,6 +266,7 @@ class Node:
                         opts.dns_listen, self.resolver.answer, cached=self.resolver.cached,
                         sources=SourcePolicy(dns_allow), refusals=self.refusals)
                     await nursery.start(self.dns_server.run)
+                    self.dns_config.apply(dnsconfig.app_domains(self.config.apps))
                 local = LocalAPI(lambda: status_document(self), self._exported_metrics,
                                  gauges=GAUGES,
                                  labelled=lambda: peer_metrics(self.overlay.peers()))
@@ -268,6 +282,10 @@ class Node:
                 task_status.started(self)
         finally:
             with trio.CancelScope(shield=True):
+                try:  # first: the system's resolver goes back to its own path at once
+                    self.dns_config.close()
+                except SystemSetupError as e:
+                    log.error("%s", e)
                 self.forwarder.close()  # its upstream sockets: an embedded node leaves none
                 self.datapath.stop()
                 if flows_restored:
@@ -302,6 +320,21 @@ class Node:
         if opts.advertise_connector and not self.config.own_apps:
             log.warning("node %s advertises as a connector but carries no app's connector tag",
                         opts.hostname)
+
+    def _prepare_dns(self) -> list[tuple[str, int]]:
+        """Recover what a crashed run left of --accept-dns, decide this run's mode and
+        return the upstreams of the original resolver configuration."""
+        want = self.options.accept_dns
+        if want is None:
+            want = bool(self.config.apps)
+        elif want and not self.config.apps:
+            log.warning("--accept-dns: node %s sees no app, so it runs no DNS server; "
+                        "leaving the system's DNS alone", self.options.hostname)
+            want = False
+        try:
+            return self.dns_config.prepare(want)
+        except dnsconfig.DNSConfigError as e:
+            raise NodeError(f"--accept-dns: {e}") from None
 
     def _stamp(self) -> tuple[float, int] | None:
         try:
@@ -500,6 +533,7 @@ class Node:
         system.set_routes(self._routes())
         if self.resolver is not None:
             self.resolver.reconfigure(cfg)
+        self.dns_config.update(dnsconfig.app_domains(cfg.apps))
         self.counters["reloads"] += 1
         log.info("tailnet file %s reloaded", opts.tailnet)
 

@@ -19,6 +19,8 @@ otherwise::
      "connector": {"configured", "apps", "peers": [{"name", "apps",
                    "mappings": [{"transit", "destination", "app", "expires"}]}]},
      "connectorHealth": {NAME: {"reachable", "advertisesConnector", "apps", ...}},
+     "dns": {"mode": "off"|"resolv.conf"|"systemd-resolved", "path": FILE (resolv.conf),
+             "server": IP (what the system's DNS points at, unless off)},
      "datapath": {COUNTER: INT}, "metrics": {COUNTER: INT}}
 
 where ADDRESS is ``{"magic", "transit", "real", "app", "domain", "expiry",
@@ -109,6 +111,10 @@ class StatusSource(Protocol):
     def now(self) -> float: ...
 
     def metrics(self) -> dict[str, int]: ...
+
+    def dns_status(self) -> dict[str, Any]:
+        """How the system's DNS reaches the node (--accept-dns)."""
+        ...
 
 
 def domain_order(domain: str) -> tuple[str, ...]:
@@ -209,6 +215,7 @@ def status_document(node: StatusSource) -> dict[str, Any]:
         "connector": msgspec.to_builtins(connector.state()) if connector is not None
         else {"configured": False},
         "connectorHealth": node.registrar.health(),
+        "dns": node.dns_status(),
         "datapath": dict(node.datapath.counters()),
         "metrics": dict(node.metrics()),
     }
@@ -302,6 +309,15 @@ def _counters(title: str, counters: dict[str, Any]) -> list[str]:
     return [title, *(f"  {k.ljust(width)}  {v}" for k, v in sorted(counters.items()))]
 
 
+def _dns_line(dns: dict[str, Any]) -> str:
+    mode = dns.get("mode", "off")
+    if mode == "resolv.conf":
+        return f"dns: {dns.get('path')} points at {dns.get('server')} (--accept-dns)"
+    if mode == "systemd-resolved":
+        return f"dns: systemd-resolved sends app names to {dns.get('server')} (--accept-dns)"
+    return "dns: the system's DNS is left alone (--accept-dns=false)"
+
+
 def render_table(doc: dict[str, Any]) -> str:
     """``doc`` (from :func:`status_document`) as readable text for a terminal."""
     now = float(doc.get("now", 0.0))
@@ -310,7 +326,7 @@ def render_table(doc: dict[str, Any]) -> str:
                *_peers(doc, now)]
         return "\n".join(out).rstrip("\n") + "\n"
     role = "client and connector" if doc.get("advertiseConnector") else "client"
-    out = [f"node {doc.get('node', '?')} ({role})", ""]
+    out = [f"node {doc.get('node', '?')} ({role})", _dns_line(doc.get("dns", {})), ""]
     client = doc.get("client", {})
     for app in client.get("apps", []):
         health = {True: "healthy", False: "down", None: "unknown"}
