@@ -82,6 +82,8 @@ class BenchPath:
 class Bench(Testbed):
     """The three namespaces, dnsmasq, the web server and iperf3 on the server."""
 
+    node_dns = False  # each path sets the client's resolver itself (_resolver)
+
     def __init__(self, workdir: Path) -> None:
         self._wg: list[tuple[subprocess.Popen, str]] = []
         super().__init__(workdir, (CLIENT, CONNECTOR))

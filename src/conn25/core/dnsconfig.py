@@ -27,7 +27,7 @@ from collections.abc import Iterable
 
 import msgspec
 
-from .config import App
+from .config import App, NodeConfig
 
 RESOLV_CONF = "/etc/resolv.conf"
 
@@ -229,5 +229,12 @@ names come from there, never from its stub (which would send app names back to u
 RESOLVED_STUBS = ("127.0.0.53", "127.0.0.54")
 
 
-def app_domains(apps: Iterable[App]) -> list[str]:
-    return [d for app in apps for d in app.domains]
+def mapped_apps(cfg: NodeConfig) -> list[App]:
+    """The apps whose names the node answers with magic IPs: not those it serves itself
+    as a connector. A node with none (a pure connector) leaves the DNS alone."""
+    return [a for a in cfg.apps if not cfg.serves(a)]
+
+
+def app_domains(cfg: NodeConfig) -> list[str]:
+    """The domains the system must send to the node."""
+    return [d for app in mapped_apps(cfg) for d in app.domains]

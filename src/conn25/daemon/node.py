@@ -266,7 +266,7 @@ class Node:
                         opts.dns_listen, self.resolver.answer, cached=self.resolver.cached,
                         sources=SourcePolicy(dns_allow), refusals=self.refusals)
                     await nursery.start(self.dns_server.run)
-                    self.dns_config.apply(dnsconfig.app_domains(self.config.apps))
+                    self.dns_config.apply(dnsconfig.app_domains(self.config))
                 local = LocalAPI(lambda: status_document(self), self._exported_metrics,
                                  gauges=GAUGES,
                                  labelled=lambda: peer_metrics(self.overlay.peers()))
@@ -325,11 +325,12 @@ class Node:
         """Recover what a crashed run left of --accept-dns, decide this run's mode and
         return the upstreams of the original resolver configuration."""
         want = self.options.accept_dns
+        sees_apps = bool(dnsconfig.mapped_apps(self.config))
         if want is None:
-            want = bool(self.config.apps)
-        elif want and not self.config.apps:
-            log.warning("--accept-dns: node %s sees no app, so it runs no DNS server; "
-                        "leaving the system's DNS alone", self.options.hostname)
+            want = sees_apps
+        elif want and not sees_apps:
+            log.warning("--accept-dns: node %s is a client of no app; leaving the system's "
+                        "DNS alone", self.options.hostname)
             want = False
         try:
             return self.dns_config.prepare(want)
@@ -533,7 +534,7 @@ class Node:
         system.set_routes(self._routes())
         if self.resolver is not None:
             self.resolver.reconfigure(cfg)
-        self.dns_config.update(dnsconfig.app_domains(cfg.apps))
+        self.dns_config.update(dnsconfig.app_domains(cfg))
         self.counters["reloads"] += 1
         log.info("tailnet file %s reloaded", opts.tailnet)
 

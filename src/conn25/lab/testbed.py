@@ -7,7 +7,12 @@
     one ns per node: a veth to inet (203.0.113.4i+2/30, 2001:db8:i::2/64, default
              route via inet), its underlay endpoint 192.0.2.i on lo, conn25d, and
              a key pair of its own (the private key where `up` looks by default,
-             STATE_DIR/private.key, mode 0600, under the testbed's workdir).
+             STATE_DIR/private.key, mode 0600, under the testbed's workdir). Its
+             resolver configuration, /etc/netns/NS/resolv.conf (which `ip netns exec`
+             bind-mounts over /etc/resolv.conf), names inet's dnsmasq, as a host's
+             would; a node that sees apps points it at itself while it runs
+             (`up --accept-dns`, given that file with --resolv-conf so no node can
+             reach the host's own).
     a node behind a NAT (NodeSpec(behind_nat=True), in no default testbed): the veth to
              inet and the addresses above go to a "nat" namespace in front of it, which
              masquerades (nftables) what the node sends from its LAN (192.0.2.128+4i+2/30,
@@ -177,8 +182,15 @@ def tailnet_file(nodes: tuple[NodeSpec, ...]) -> str:
     return "// written by conn25.lab.testbed\n" + json.dumps(doc, indent=2) + "\n"
 
 
+ORIGINAL_RESOLV_CONF = f"# the test internet's resolver\nnameserver {DNS4}\n"
+
+
 class Testbed:
     __test__ = False  # not a pytest test class
+    # The nodes manage their namespace's resolv.conf (--accept-dns). False: it says
+    # "nameserver 100.100.100.100" throughout and nodes run with --accept-dns=false.
+    node_dns = True
+
     def __init__(self, workdir: Path, nodes: tuple[NodeSpec, ...] = DEFAULT_NODES) -> None:
         self.workdir = Path(workdir)
         self.specs = {n.name: n for n in nodes}
@@ -226,7 +238,8 @@ class Testbed:
             etc = Path("/etc/netns") / ns.name
             etc.mkdir(parents=True, exist_ok=True)
             self._etc.append(etc)
-            (etc / "resolv.conf").write_text("nameserver 100.100.100.100\n")
+            (etc / "resolv.conf").write_text(ORIGINAL_RESOLV_CONF if self.node_dns
+                                             else "nameserver 100.100.100.100\n")
         self._start_servers()
 
     @staticmethod
@@ -271,6 +284,10 @@ class Testbed:
 
     # -- nodes ------------------------------------------------------------------
 
+    def resolv_conf(self, name: str) -> Path:
+        """Node `name`'s resolver configuration (/etc/resolv.conf in its namespace)."""
+        return Path("/etc/netns") / self.ns[name].name / "resolv.conf"
+
     def state_dir(self, name: str) -> Path:
         return self.workdir / "state" / name
 
@@ -292,7 +309,7 @@ class Testbed:
         self.key_file(name)
         args = [sys.executable, "-m", "conn25", "up", "--tailnet", str(self.tailnet_path),
                 "--hostname", name, "--state-dir", str(self.state_dir(name)),
-                "--upstream-dns", DNS4, "--log-level", "debug", *extra]
+                "--log-level", "debug", *self._dns_args(name), *extra]
         if spec.connector:
             args.append("--advertise-connector")
         log = open(self.workdir / f"{name}.log", "a")  # noqa: SIM115 (kept by the process)
@@ -308,6 +325,12 @@ class Testbed:
                                    + self.log(name)[-3000:])
             assert sock.exists()
         return proc
+
+    def _dns_args(self, name: str) -> list[str]:
+        resolv = self.resolv_conf(name)
+        if self.node_dns and resolv.exists():
+            return ["--resolv-conf", str(resolv)]  # upstreams: the file's, DNS4
+        return ["--accept-dns=false", "--upstream-dns", DNS4]
 
     def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
         """Stop a node's conn25d (by PID); its exit status."""
