@@ -7,10 +7,11 @@
 #
 #   ./install.sh          the daemon and its runtime tools
 #   ./install.sh --dev    also the test and benchmark tools (pytest, hypothesis, scapy, ruff, mypy,
-#                         wireguard-go, wg, dnsperf, libsodium, systemd-analyze, man)
+#                         wireguard-go, wg, dnsperf, libsodium, systemd-analyze, man, an unpacked
+#                         systemd-resolved)
 set -euo pipefail
 
-usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; }
 dev=0
 for arg in "$@"; do
   case "$arg" in
@@ -37,8 +38,10 @@ packages=(python3 python3-venv python3-dev gcc libssl-dev iproute2 nftables dnsm
 # DNS load generator of bench/control.py; libsodium-dev, the other library that
 # bench/aead_cost.c measures the per-packet encryption of; systemd for systemd-analyze,
 # which checks the unit; man-db and groff-base render the man page in the tests.
+# systemd is also the private library of systemd-resolved (unpacked below, never started:
+# PID 1 stays what it is), which runs with dbus-daemon in the --accept-dns test.
 [ "$dev" = 1 ] && packages+=(wireguard-go wireguard-tools dnsperf libsodium-dev systemd man-db
-                             groff-base)
+                             groff-base dbus-daemon)
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
@@ -52,6 +55,25 @@ extra="[docs]"
 [ "$dev" = 1 ] && extra="[docs,test]"
 # Not editable: this builds the wheel, Cython extension included, exactly as users get it.
 "$prefix/bin/python" -m pip install -q "$here$extra"
+# --dev: systemd-resolved of the installed systemd's version, unpacked into
+# $prefix/lib/systemd-resolved, not installed: its package would turn this machine's
+# /etc/resolv.conf into a symlink to its stub. conn25.lab.resolved runs it in a
+# mount namespace of a test's own.
+resolved_dir="$prefix/lib/systemd-resolved"
+if [ "$dev" = 1 ]; then
+  version=$(dpkg-query -W -f='${Version}' systemd)
+  if [ "$(cat "$resolved_dir/VERSION" 2>/dev/null)" != "$version" ]; then
+    tmp=$(mktemp -d)
+    chmod 755 "$tmp"  # apt's download user writes there
+    (cd "$tmp" && apt-get download -qq "systemd-resolved=$version")
+    rm -rf "$resolved_dir"
+    mkdir -p "$resolved_dir"
+    dpkg-deb -x "$tmp"/systemd-resolved_*.deb "$resolved_dir"
+    echo "$version" > "$resolved_dir/VERSION"
+    rm -rf "$tmp"
+  fi
+fi
+
 ln -sf "$prefix/bin/conn25d" /usr/local/bin/conn25d
 "$here/packaging/install-files" "$prefix/bin/python"
 echo "conn25d installed in $prefix ($("$prefix/bin/conn25d" --version 2>/dev/null || echo '?'))"

@@ -20,6 +20,7 @@ import pytest
 from scapy.layers.inet import IP, UDP
 
 from conn25.lab.netns import wait_for
+from conn25.lab.resolved import unavailable as resolved_unavailable
 from conn25.lab.testbed import DEFAULT_NODES, ORIGINAL_RESOLV_CONF, WEB4, WEB6, Testbed
 from conn25.lab.wgmember import WgMember, speaking_for
 
@@ -321,6 +322,73 @@ def test_accept_dns_points_the_system_at_the_node_and_puts_it_back(bed):
 def test_a_connector_leaves_the_system_s_dns_alone(bed):
     """--accept-dns is on only for a node that sees apps."""
     assert bed.resolv_conf("conn1").read_bytes() == ORIGINAL_RESOLV_CONF.encode()
+
+
+RESOLVED_CHECKS = textwrap.dedent("""
+    import json, subprocess, sys
+    from conn25.lab.netns import terminate, wait_for
+    up, state, log = json.loads(sys.argv[1]), sys.argv[2], open(sys.argv[3], "w")
+    def sh(*args):
+        return subprocess.run(args, capture_output=True, text=True, timeout=20).stdout
+    def status():
+        r = subprocess.run([sys.executable, "-m", "conn25", "status", "--json", "--state-dir",
+                            state], capture_output=True, text=True, timeout=15)
+        return json.loads(r.stdout) if r.returncode == 0 else None
+    out = {"resolv_conf": open("/etc/resolv.conf").read()}
+    node = subprocess.Popen(up, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: node.poll() is not None or status() is not None, 20, "conn25d")
+        out["dns"] = status()["dns"]
+        out["link"] = sh("resolvectl", "domain", "conn25") + sh("resolvectl", "dns", "conn25")
+        out["app"] = sh("getent", "hosts", "example.com")
+        before = status()["metrics"]
+        out["other"] = sh("getent", "hosts", "direct.example.net")
+        after = status()["metrics"]
+        out["forwarded"] = after["dns_forwarder_upstream_queries"] - before[
+            "dns_forwarder_upstream_queries"]
+        node.send_signal(1)  # SIGHUP: the domains are set again
+        wait_for(lambda: status()["metrics"]["reloads"] > after["reloads"], 10, "a reload")
+        out["reloaded"] = sh("resolvectl", "domain", "conn25")
+    finally:
+        out["rc"] = terminate(node, 15, 15)
+    out["after"] = sh("resolvectl", "--no-pager", "status")
+    out["resolv_conf_after"] = open("/etc/resolv.conf").read()
+    print(json.dumps(out))
+""")
+
+
+@pytest.mark.skipif(resolved_unavailable() is not None, reason=str(resolved_unavailable()))
+def test_accept_dns_with_a_real_systemd_resolved(bed, tmp_path):
+    """Where systemd-resolved owns /etc/resolv.conf (its stub), up --accept-dns gives the
+    TUN link the DNS server and the app domains as routing-only domains: `getent hosts`
+    answers an app name with a magic IP, other names go resolved's own way (not one
+    reaches conn25d), the domains are set again on SIGHUP and nothing stays on exit.
+    A real resolved, with a D-Bus of its own, in a mount namespace of the peer's
+    network namespace (conn25.lab.resolved)."""
+    assert bed.stop("peer") == 0
+    try:
+        up = [sys.executable, "-m", "conn25", "up", "--tailnet", str(bed.tailnet_path),
+              "--hostname", "peer", "--state-dir", str(bed.state_dir("peer")),
+              "--log-level", "debug"]
+        r = bed.run("peer", "unshare", "--mount", "--propagation", "private", sys.executable,
+                    "-m", "conn25.lab.resolved", "198.51.100.53", "--", sys.executable, "-c",
+                    RESOLVED_CHECKS, json.dumps(up), str(bed.state_dir("peer")),
+                    str(tmp_path / "peer.log"), timeout=120)
+        log = (tmp_path / "peer.log").read_text() if (tmp_path / "peer.log").exists() else ""
+        assert r.returncode == 0, r.stderr + log
+        out = json.loads(r.stdout.splitlines()[-1])
+        assert "managed by man:systemd-resolved" in out["resolv_conf"]
+        assert out["dns"] == {"mode": "systemd-resolved", "server": "100.100.100.100"}, log
+        assert "~example.com" in out["link"] and "100.100.100.100" in out["link"]
+        address = ipaddress.ip_address(out["app"].split()[0])
+        assert any(address in ipaddress.ip_network(n) for n in (
+            "100.80.0.0/16", "fd7a:115c:a1e0:ab12::/64")), out["app"]
+        assert out["other"].split()[0] in (WEB4, WEB6) and out["forwarded"] == 0
+        assert "~example.com" in out["reloaded"]
+        assert out["rc"] == 0, log
+        assert "conn25" not in out["after"] and out["resolv_conf_after"] == out["resolv_conf"]
+    finally:
+        bed.start("peer")
 
 
 def test_embedded_node_serves_and_leaves_nothing_behind(bed, tmp_path):

@@ -221,7 +221,8 @@ def _add_up(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     p.add_argument("--dns-listen", type=_address_option(53), default=("100.100.100.100", 53),
                    metavar="ADDR", help="DNS server address (default 100.100.100.100:53)")
     p.add_argument("--upstream-dns", type=_address_list, metavar="ADDR[,ADDR]",
-                   help="resolvers for non-app names (default: /etc/resolv.conf's)")
+                   help="resolvers for non-app names (default: the system's, from "
+                   "/etc/resolv.conf as it was before --accept-dns)")
     p.add_argument("--accept-dns", type=_boolean, nargs="?", const=True, default=None,
                    metavar="BOOL",
                    help="point the system's DNS at the DNS server while the node runs, and "
