@@ -72,8 +72,9 @@ def main(argv: list[str]) -> int:
     if sep != "--" or not command:
         print("usage: python -m conn25.lab.resolved DNS -- COMMAND...", file=sys.stderr)
         return 2
-    # Only inside a mount namespace of its own: /run and /etc/resolv.conf are replaced.
-    if os.stat("/proc/self/ns/mnt").st_ino == os.stat("/proc/1/ns/mnt").st_ino:
+    # Only inside a mount namespace of its own (not its caller's): /run and
+    # /etc/resolv.conf are replaced.
+    if os.stat("/proc/self/ns/mnt").st_ino == os.stat(f"/proc/{os.getppid()}/ns/mnt").st_ino:
         print("conn25.lab.resolved: run me under unshare --mount", file=sys.stderr)
         return 2
     _sh("mount", "--make-rprivate", "/")
