@@ -341,6 +341,21 @@ def test_the_table_has_a_line_per_peer_like_wg_show():
     assert lines.index("pools") < header < lines.index("datapath")
 
 
+@pytest.mark.parametrize(("dns", "line"), [
+    ({"mode": "resolv.conf", "path": "/etc/resolv.conf", "server": "100.100.100.100"},
+     "dns: /etc/resolv.conf points at 100.100.100.100 (--accept-dns)"),
+    ({"mode": "systemd-resolved", "server": "100.100.100.100"},
+     "dns: systemd-resolved sends app names to 100.100.100.100 (--accept-dns)"),
+    ({"mode": "off"}, "dns: the system's DNS is left alone (--accept-dns=false)"),
+])
+def test_the_dns_mode_is_in_the_document_and_under_the_node_line(dns, line):
+    node = client_node()
+    node.dns_status = lambda: dns  # type: ignore[method-assign]
+    doc = status_document(node)
+    assert doc["dns"] == dns
+    assert render_table(doc).splitlines()[1] == line
+
+
 def test_a_node_without_peers_says_so():
     text = render_table(status_document(client_node()))
     assert "peers (this node's public key: " in text and "  no peers" in text

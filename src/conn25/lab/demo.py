@@ -46,7 +46,8 @@ def run_demo() -> int:
                  f"egress {conn.link4}")
             bed.start(conn.name)
             bed.start(client.name)
-            _say("  both nodes are up (conn25d up)\n")
+            _say("  both nodes are up (conn25d up); the client's resolv.conf now points at its "
+                 "conn25d (--accept-dns), until it stops\n")
 
             r = bed.run(client.name, sys.executable, "-c",
                         "import socket; print(socket.gethostbyname('example.com'))")
