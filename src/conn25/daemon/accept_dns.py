@@ -18,7 +18,8 @@ from typing import Any
 
 from ..core import dnsconfig
 from ..core.dnsconfig import Mode
-from .dns_forwarder import Upstream, upstreams_from_resolv_conf
+from .dns_forwarder import upstreams_from_resolv_conf
+from .dns_transport import Upstream
 from .resolvconf import ResolvConf, read_state
 from .resolved import Resolved, resolved_running
 from .system import SystemSetupError

@@ -87,7 +87,7 @@ def main(argv: list[str]) -> int:
         f"[Resolve]\nDNS={dns}\nLLMNR=no\nMulticastDNS=no\nDNSSEC=no\nCache=no\n")
     (run / "dbus/conn25lab.conf").write_text(BUS_CONFIG)
     procs: list[int] = []
-    resolved: subprocess.Popen | None = None
+    resolved: subprocess.Popen[bytes] | None = None
     try:
         r = subprocess.run(["dbus-daemon", "--config-file=/run/dbus/conn25lab.conf", "--fork",
                             "--nopidfile", "--print-pid"], capture_output=True, text=True,
