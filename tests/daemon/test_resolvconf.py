@@ -184,10 +184,19 @@ def test_an_unreadable_backup_is_a_clear_error(tmp_path, resolv):
 
 
 BIND_MOUNTED = textwrap.dedent("""
-    import subprocess, sys
+    import os, subprocess, sys
     from conn25.core import dnsconfig
     from conn25.daemon.accept_dns import AcceptDNS
-    source, target, state = sys.argv[1:4]
+    source, target, state, end, directory = sys.argv[1:6]
+    if directory == "read-only":  # as systemd's ProtectSystem=strict makes /etc
+        parent = os.path.dirname(target)
+        subprocess.run(["mount", "--bind", parent, parent], check=True)
+        subprocess.run(["mount", "-o", "remount,bind,ro", parent], check=True)
+        try:
+            open(os.path.join(parent, "probe"), "w")
+            raise AssertionError("the directory is writable")
+        except OSError as e:
+            assert e.errno == 30, e  # EROFS: no temporary file there
     subprocess.run(["mount", "--bind", source, target], check=True)
     dns = AcceptDNS(path=target, state_dir=state, link="conn25",
                     listen=("100.100.100.100", 53))
@@ -195,7 +204,7 @@ BIND_MOUNTED = textwrap.dedent("""
     dns.apply([])
     # Written in place: the bind mount's source holds our file.
     assert dnsconfig.is_ours(open(source, "rb").read())
-    if sys.argv[4] == "crash":
+    if end == "crash":
         sys.exit(0)
     dns.close()
 """)
@@ -203,11 +212,15 @@ BIND_MOUNTED = textwrap.dedent("""
 
 @pytest.mark.root
 @pytest.mark.skipif(need_root() is not None, reason=str(need_root()))
-@pytest.mark.parametrize("end", ["exit", "crash"])
-def test_a_bind_mounted_file_is_written_in_place_and_restored(tmp_path, end):
-    """rename() over a bind mount's target fails with EBUSY: written in place instead.
-    The mount lives in a mount namespace of this test's own (unshare)."""
-    source, target = tmp_path / "netns-resolv.conf", tmp_path / "resolv.conf"
+@pytest.mark.parametrize(("end", "directory"), [
+    ("exit", "writable"), ("crash", "writable"), ("exit", "read-only")])
+def test_a_bind_mounted_file_is_written_in_place_and_restored(tmp_path, end, directory):
+    """rename() over a bind mount's target fails with EBUSY (ip netns exec's binding), a
+    temporary file in a read-only /etc with EROFS (a systemd service's writable binding
+    of resolv.conf): written in place instead. The mounts live in a mount namespace of
+    this test's own (unshare)."""
+    (tmp_path / "etc").mkdir()
+    source, target = tmp_path / "netns-resolv.conf", tmp_path / "etc" / "resolv.conf"
     source.write_bytes(ORIGINAL)
     target.write_bytes(b"nameserver 192.0.2.200\n")  # what the mount covers
     state = tmp_path / "state"
@@ -217,7 +230,8 @@ def test_a_bind_mounted_file_is_written_in_place_and_restored(tmp_path, end):
                               capture_output=True, text=True, timeout=30,
                               env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
 
-    r = run(sys.executable, "-c", BIND_MOUNTED, str(source), str(target), str(state), end)
+    r = run(sys.executable, "-c", BIND_MOUNTED, str(source), str(target), str(state), end,
+            directory)
     assert r.returncode == 0, r.stderr
     assert "('192.0.2.53', 53)" in r.stdout
     if end == "crash":

@@ -73,8 +73,8 @@ def test_the_unit_pins_what_the_daemon_relies_on():
         assert s[key] == ["yes"], key
     assert s["SystemCallFilter"] == ["@system-service"]
     assert s["ProtectSystem"] == ["strict"]
-    # A connector's forwarding sysctls, and the TUN device.
-    assert s["ReadWritePaths"] == ["/proc/sys/net"]
+    # A connector's forwarding sysctls, a client's resolv.conf (--accept-dns), the TUN.
+    assert s["ReadWritePaths"] == ["/proc/sys/net -/etc/resolv.conf"]
     assert s["DeviceAllow"] == ["/dev/net/tun rw"]
     assert s["EnvironmentFile"] == ["-/etc/conn25d/%i.env"]
     assert s["Environment"] == ["CONN25D_TAILNET=/etc/conn25d/tailnet.hujson"]

@@ -229,7 +229,8 @@ def _add_up(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
                    "put it back on exit (default: on when the node sees apps; "
                    "--accept-dns=false leaves the system's DNS alone)")
     p.add_argument("--resolv-conf", default=dnsconfig.RESOLV_CONF, metavar="FILE",
-                   help=argparse.SUPPRESS)  # another file for --accept-dns (tests)
+                   help="the resolver configuration --accept-dns manages and the default "
+                   "upstreams come from (default /etc/resolv.conf)")
     p.add_argument("--dns-allow", type=_dns_allow, default=(), metavar="CIDR[,CIDR]",
                    help="networks besides this host whose DNS queries the DNS server answers "
                    "(default: none; never other nodes unless named here)")

@@ -9,9 +9,10 @@ resolvers are the original's, never our own file's.
 Writes go through a temporary file in the same directory and a rename, so a
 reader sees the old file or the new one. A file that is the target of a bind
 mount cannot be renamed over (EBUSY): ``ip netns exec`` bind-mounts
-``/etc/netns/NAME/resolv.conf`` over ``/etc/resolv.conf``, and containers bind
-theirs; such a file is written in place (a reader may then see it half
-written for an instant).
+``/etc/netns/NAME/resolv.conf`` over ``/etc/resolv.conf``, containers bind
+theirs, and a systemd service with ``ProtectSystem=strict`` gets a writable
+bind of it in a read-only ``/etc`` (EROFS for the temporary file). Such a file
+is written in place (a reader may then see it half written for an instant).
 
 The decisions (whose file it is, what we write, whether a file found at start
 is ours) are :mod:`conn25.core.dnsconfig`'s.
@@ -62,9 +63,17 @@ def write_file(path: str, data: bytes, mode: int = 0o644, uid: int = 0, gid: int
     """``path`` holds ``data`` as a regular file (a symlink there is replaced, not
     followed), with ``mode`` and owner; a bind-mount target is written in place."""
     tmp = _temp_name(path)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)  # a crash's
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)  # a crash's
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        # A read-only directory around a writable bind mount of the file (a systemd
+        # service's ReadWritePaths=/etc/resolv.conf): in place, if it is a file.
+        if e.errno != errno.EROFS or not stat.S_ISREG(os.lstat(path).st_mode):
+            raise
+        _write_in_place(path, data)
+        return
     try:
         try:
             os.write(fd, data)
@@ -121,7 +130,8 @@ def _fail(what: str, e: OSError) -> SystemSetupError:
     reason = e.strerror or str(e)
     hint = ""
     if e.errno in (errno.EPERM, errno.EACCES, errno.EROFS):
-        hint = (" (is it immutable, chattr +i, or on a read-only file system? "
+        hint = (" (is it immutable, chattr +i, or on a read-only file system, as a "
+                "systemd service's /etc is unless ReadWritePaths= names it? "
                 "--accept-dns=false leaves it alone)")
     return SystemSetupError(f"{what} failed: {reason}{hint}")
 
