@@ -35,12 +35,35 @@ def test_a_file_no_manager_owns_is_written_directly(state):
 
 @pytest.mark.parametrize("target", [
     "../run/systemd/resolve/stub-resolv.conf", "/run/systemd/resolve/stub-resolv.conf",
-    "/run/systemd/resolve/resolv.conf", "/var/run/systemd/resolve/stub-resolv.conf",
+    "/var/run/systemd/resolve/stub-resolv.conf",
     "/usr/lib/systemd/resolv.conf", "../lib/systemd/resolv.conf",
 ])
-def test_resolved_s_symlink_means_resolved_mode_when_it_runs(target):
+def test_resolved_s_stub_means_resolved_mode_when_it_runs(target):
     assert dnsconfig.owner(PATH, link(target)) == "systemd-resolved"
+    assert dnsconfig.through_resolved(PATH, link(target))
     assert choose(link(target), resolved=True) is Mode.RESOLVED
+
+
+def test_resolved_s_list_of_upstreams_bypasses_it_so_the_link_is_replaced():
+    """/etc/resolv.conf -> /run/systemd/resolve/resolv.conf: programs ask the upstreams
+    themselves, resolved's per-link routing does not apply; resolved never writes
+    /etc/resolv.conf, so a file of ours in the link's place fights no one."""
+    uplink = link("../run/systemd/resolve/resolv.conf",
+                  b"# This is /run/systemd/resolve/resolv.conf managed by "
+                  b"man:systemd-resolved(8).\nnameserver 192.0.2.53\n")
+    assert not dnsconfig.through_resolved(PATH, uplink)
+    assert choose(uplink, resolved=True) is Mode.DIRECT
+    assert choose(uplink, resolved=False) is Mode.DIRECT
+
+
+@pytest.mark.parametrize(("data", "through"), [
+    (b"nameserver 127.0.0.53\noptions edns0 trust-ad\n", True),
+    (b"nameserver 127.0.0.53\nnameserver 127.0.0.54\n", True),
+    (b"nameserver 127.0.0.53\nnameserver 192.0.2.53\n", False),
+    (b"# no server\n", False),
+])
+def test_a_file_through_resolved_is_one_that_names_its_stub_alone(data, through):
+    assert dnsconfig.through_resolved(PATH, FileState(kind="file", data=data)) is through
 
 
 def test_resolved_s_header_on_a_copied_file_counts_too():
@@ -138,6 +161,8 @@ def test_resolvectl_commands_set_the_link_up_for_app_names_only():
     assert dnsconfig.resolvectl_domains("t", ["*.b.example."]) == [
         "resolvectl", "domain", "t", "~b.example"]
     assert dnsconfig.resolvectl_revert("t") == ["resolvectl", "revert", "t"]
+    # No app left (a reload): "" clears the domains; without it resolvectl only lists them.
+    assert dnsconfig.resolvectl_domains("t", []) == ["resolvectl", "domain", "t", ""]
 
 
 def test_a_symlink_target_is_read_relative_to_the_file_and_var_run_is_run():

@@ -125,6 +125,22 @@ def owner(path: str, state: FileState) -> str | None:
     return None
 
 
+# Files whose resolver is resolved's stub (127.0.0.53): its own, and the static one it ships.
+_STUB_FILES = ("/run/systemd/resolve/stub-resolv.conf", "/usr/lib/systemd/resolv.conf",
+               "/lib/systemd/resolv.conf")
+
+
+def through_resolved(path: str, state: FileState) -> bool:
+    """The system's resolver asks resolved's stub, which routes names per link: a symlink
+    to a stub file, or a file whose nameservers are resolved's stubs alone. (A symlink to
+    /run/systemd/resolve/resolv.conf, resolved's list of its upstreams, bypasses it.)"""
+    if state.kind == "symlink" and state.link is not None:
+        return link_target(path, state.link) in _STUB_FILES
+    servers = [line.split()[1] for line in (state.data or b"").decode("utf-8", "replace")
+               .splitlines() if line.split()[:1] == ["nameserver"] and len(line.split()) > 1]
+    return bool(servers) and all(s in RESOLVED_STUBS for s in servers)
+
+
 def choose_mode(path: str, state: FileState, listen: str, port: int = 53, *,
                 resolved_running: bool) -> Mode:
     """How to take over the DNS, given what is at ``path``; DNSConfigError when we must
@@ -132,6 +148,8 @@ def choose_mode(path: str, state: FileState, listen: str, port: int = 53, *,
     who = owner(path, state)
     what = f"{path} (a symlink to {state.link})" if state.kind == "symlink" else path
     off = "or run conn25d up --accept-dns=false and point the system's DNS at it yourself"
+    if who == _RESOLVED and not through_resolved(path, state):
+        who = None  # resolved never writes /etc/resolv.conf itself: ours replaces it
     if who is None:
         if port != 53:
             raise DNSConfigError(
@@ -215,8 +233,9 @@ def resolvectl_setup(link: str, listen: str, port: int, domains: Iterable[str],
 
 def resolvectl_domains(link: str, domains: Iterable[str],
                        resolvectl: str = "resolvectl") -> list[str]:
-    """The command that sets the link's routing domains (again, on reload)."""
-    return [resolvectl, "domain", link, *routing_domains(domains)]
+    """The command that sets the link's routing domains (again, on reload); "" clears
+    them (without an argument, resolvectl would only show them)."""
+    return [resolvectl, "domain", link, *(routing_domains(domains) or [""])]
 
 
 def resolvectl_revert(link: str, resolvectl: str = "resolvectl") -> list[str]:

@@ -55,7 +55,7 @@ class AcceptDNS:
             state = read_state(self.path)
         except OSError as e:
             raise SystemSetupError(f"reading {self.path} failed: {e.strerror or e}") from None
-        resolved = (dnsconfig.owner(self.path, state) == "systemd-resolved"
+        resolved = (dnsconfig.through_resolved(self.path, state)
                     and self._is_resolved_running(self._resolvectl))
         self.mode = dnsconfig.choose_mode(self.path, state, listen, self.listen[1],
                                           resolved_running=resolved)
