@@ -133,10 +133,23 @@ def test_our_file_names_us_and_keeps_search_domains_and_options():
 
 
 def test_at_exit_or_after_a_crash_only_our_own_file_is_replaced_by_the_original():
-    ours = FileState(kind="file", data=dnsconfig.our_file(PLAIN.data, LISTEN, "/s"))
-    assert dnsconfig.recovery(ours) is Recovery.RESTORE
-    for theirs in (PLAIN, dnsconfig.MISSING, link("/run/systemd/resolve/stub-resolv.conf")):
-        assert dnsconfig.recovery(theirs) is Recovery.FORGET
+    written = dnsconfig.our_file(PLAIN.data, LISTEN, "/s")
+    backup = dnsconfig.Backup(path=PATH, original=PLAIN, written=written)
+    ours = FileState(kind="file", data=written)
+    assert dnsconfig.recovery(ours, backup) is Recovery.RESTORE
+    theirs = FileState(kind="file", data=b"nameserver 192.0.2.77\n")  # a DHCP client's
+    for other in (theirs, dnsconfig.MISSING, link("/run/systemd/resolve/stub-resolv.conf")):
+        assert dnsconfig.recovery(other, backup) is Recovery.FORGET
+
+
+@pytest.mark.parametrize("cut", [0, 1, 10])
+def test_a_write_in_place_cut_short_by_a_crash_is_put_back(cut):
+    """Ours or the original, truncated: what a crash leaves of a bind mount's rewrite."""
+    written = dnsconfig.our_file(PLAIN.data, LISTEN, "/s")
+    backup = dnsconfig.Backup(path=PATH, original=PLAIN, written=written)
+    assert PLAIN.data is not None
+    for text in (written[:cut], PLAIN.data[:cut]):
+        assert dnsconfig.recovery(FileState(kind="file", data=text), backup) is Recovery.RESTORE
 
 
 @pytest.mark.parametrize(("domains", "routing"), [

@@ -195,11 +195,17 @@ class Recovery(enum.Enum):
     FORGET = "forget"  # someone replaced our file since: theirs stays, the backup goes
 
 
-def recovery(current: FileState) -> Recovery:
+def recovery(current: FileState, backup: Backup) -> Recovery:
     """What to do with the backup, at exit or at the start after a crash: a file someone
-    wrote over ours since is theirs and stays."""
-    return Recovery.RESTORE if current.kind == "file" and is_ours(current.data) \
-        else Recovery.FORGET
+    wrote over ours since is theirs and stays. A write in place (a bind-mounted file)
+    that a crash cut short leaves the start of ours, or of the original: put back too."""
+    data = current.data
+    if current.kind != "file" or data is None:
+        return Recovery.FORGET
+    if is_ours(data) or backup.written.startswith(data) or (
+            backup.original.data or b"").startswith(data):
+        return Recovery.RESTORE
+    return Recovery.FORGET
 
 
 def routing_domains(domains: Iterable[str]) -> list[str]:

@@ -200,7 +200,7 @@ class ResolvConf:
         path = backup.path
         try:
             current = read_state(path)
-            if dnsconfig.recovery(current) is Recovery.RESTORE:
+            if dnsconfig.recovery(current, backup) is Recovery.RESTORE:
                 put_back(path, backup.original)
                 log.info("DNS: %s restored", path)
             else:
