@@ -64,8 +64,8 @@ if [ "$dev" = 1 ]; then
   version=$(dpkg-query -W -f='${Version}' systemd)
   if [ "$(cat "$resolved_dir/VERSION" 2>/dev/null)" != "$version" ]; then
     tmp=$(mktemp -d)
-    chmod 755 "$tmp"  # apt's download user writes there
-    (cd "$tmp" && apt-get download -qq "systemd-resolved=$version")
+    # As root: apt's own download user may not write into a directory of root's.
+    (cd "$tmp" && apt-get download -qq -o APT::Sandbox::User=root "systemd-resolved=$version")
     rm -rf "$resolved_dir"
     mkdir -p "$resolved_dir"
     dpkg-deb -x "$tmp"/systemd-resolved_*.deb "$resolved_dir"
