@@ -16,9 +16,12 @@ import pytest
 from conn25.core import dnsconfig
 from conn25.core.dnsconfig import DNSConfigError, Mode
 from conn25.daemon.accept_dns import AcceptDNS
+from conn25.daemon.node import Node, NodeOptions
 from conn25.daemon.resolvconf import BACKUP_FILE, ResolvConf, read_state
 from conn25.daemon.system import SystemSetupError
 from conn25.lab.netns import need_root
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "tailnet.hujson"
 
 LISTEN = ("100.100.100.100", 53)
 ORIGINAL = (b"# written by hand\nnameserver 192.0.2.53\nnameserver 2001:db8::53\n"
@@ -138,6 +141,25 @@ def test_a_file_someone_else_wrote_meanwhile_stays(tmp_path, resolv):
     dns.close()
     assert resolv.read_bytes() == b"nameserver 192.0.2.77\n"
     assert not (tmp_path / "state" / BACKUP_FILE).exists()
+
+
+@pytest.mark.parametrize(("hostname", "connector", "flag", "mode"), [
+    ("laptop", False, None, Mode.DIRECT),  # a client: on by default
+    ("laptop", False, True, Mode.DIRECT),
+    ("laptop", False, False, Mode.OFF),
+    ("gh-connector-1", True, None, Mode.OFF),  # a pure connector: off by default
+    ("gh-connector-1", True, True, Mode.OFF),  # ...and when asked (it serves no DNS): warned
+    ("gh-connector-1", False, None, Mode.DIRECT),  # tagged, not advertising: a client
+])
+def test_which_node_takes_the_dns(tmp_path, resolv, caplog, hostname, connector, flag, mode):
+    node = Node(NodeOptions(tailnet=str(EXAMPLE), hostname=hostname,
+                            advertise_connector=connector, accept_dns=flag,
+                            resolv_conf=str(resolv), state_dir=str(tmp_path / "state")))
+    node._load_config()
+    assert node._prepare_dns() == [("192.0.2.53", 53), ("2001:db8::53", 53)]
+    assert node.dns_config.mode is mode
+    assert ("is a client of no app" in caplog.text) == (connector and flag is True)
+    assert resolv.read_bytes() == ORIGINAL  # nothing written before the DNS server serves
 
 
 def test_a_managed_file_is_refused_and_left_alone(tmp_path, resolv):

@@ -222,8 +222,6 @@ class Node:
         # Its mappings live in the datapath's transit table only.
         self.connector = (ConnectorTable(self.config, store=self.dataplane.connector_store)
                           if opts.advertise_connector else None)
-        self.dns_config = AcceptDNS(path=opts.resolv_conf, state_dir=state, link=opts.tun_name,
-                                    listen=opts.dns_listen)
         upstreams = self._prepare_dns()
         self.forwarder = Forwarder(list(opts.upstream_dns) if opts.upstream_dns is not None
                                    else upstreams)
@@ -324,7 +322,10 @@ class Node:
     def _prepare_dns(self) -> list[tuple[str, int]]:
         """Recover what a crashed run left of --accept-dns, decide this run's mode and
         return the upstreams of the original resolver configuration."""
-        want = self.options.accept_dns
+        opts = self.options
+        self.dns_config = AcceptDNS(path=opts.resolv_conf, state_dir=opts.state_path,
+                                    link=opts.tun_name, listen=opts.dns_listen)
+        want = opts.accept_dns
         sees_apps = bool(dnsconfig.mapped_apps(self.config))
         if want is None:
             want = sees_apps
