@@ -440,3 +440,6 @@ def test_nothing_remains_after_every_node_stops(bed):
         r = bed.run(name, sys.executable, "-c",
                     "from conn25.daemon.system import leftovers; print(leftovers('conn25'))")
         assert r.stdout.strip() == "[]", (name, r.stdout, r.stderr)
+        # Every resolver configuration as the testbed wrote it (--accept-dns undone).
+        assert bed.resolv_conf(name).read_text() == ORIGINAL_RESOLV_CONF, name
+        assert not list(bed.state_dir(name).glob("resolv.conf*")), name
