@@ -48,8 +48,13 @@ from .refusals import RefusalLog
 from .registration import Registrar
 from .sdnotify import Notifier
 from .status import status_document
-from .system import (SystemSetup, SystemSetupError, release_freed_memory, replace_file,
-                     write_temporary)
+from .system import (
+    SystemSetup,
+    SystemSetupError,
+    release_freed_memory,
+    replace_file,
+    write_temporary,
+)
 from .tailnetfile import load_file
 
 if TYPE_CHECKING:  # a client's alone: imported when the node has apps to map
