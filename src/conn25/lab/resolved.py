@@ -68,8 +68,8 @@ def _sh(*args: str) -> None:
 
 
 def main(argv: list[str]) -> int:
-    dns, sep, *command = argv
-    if sep != "--" or not command:
+    dns, sep, command = argv[0] if argv else "", argv[1:2], argv[2:]
+    if sep != ["--"] or not command:
         print("usage: python -m conn25.lab.resolved DNS -- COMMAND...", file=sys.stderr)
         return 2
     # Only inside a mount namespace of its own (not its caller's): /run and
