@@ -3,7 +3,8 @@
 Rooms: ``core/`` (the sans-IO core, no root), ``fastpath/`` (the compiled
 datapath: in memory without root, its pumps on real TUN devices with root),
 ``daemon/`` (the trio shell: in process, and end to end in network
-namespaces with root), ``fuzz/`` (bounded fuzz targets of every parser).
+namespaces with root), ``fuzz/`` (bounded fuzz targets of every parser),
+``packaging/`` (the wheel of packaging/build-wheels; the demo from it with root).
 
 Tests marked ``root`` need root, network namespaces and /dev/net/tun; where
 the machine has not got them they are skipped, saying why. This directory is
