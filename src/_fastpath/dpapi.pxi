@@ -70,6 +70,8 @@ _COUNTER_NAMES = (  # in the order of the C_* counters (datapath.pxd)
     "flows_from_return", "drop_replay", "drop_auth", "drop_expired", "drop_no_endpoint",
     "staged", "handshakes_received", "handshakes_dropped", "crypto_errors",
     "tun_tx_coalesced", "tun_super_packets", "spins", "spin_hits",
+    "tun_rx_super_packets", "tun_rx_segments", "drop_offload_header", "drop_offload_packet",
+    "drop_offload_unsupported",
 )
 _PEER_DROPS = ("replay", "auth", "expired", "spoofed", "no_endpoint", "staged_overflow")
 
