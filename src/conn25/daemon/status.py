@@ -19,10 +19,12 @@ otherwise::
      "connector": {"configured", "apps", "peers": [{"name", "apps",
                    "mappings": [{"transit", "destination", "app", "expires"}]}]},
      "connectorHealth": {NAME: {"reachable", "advertisesConnector", "apps", ...}},
-     "datapath": {COUNTER: INT}, "metrics": {COUNTER: INT}}
+     "tunOffload": MODE, "datapath": {COUNTER: INT}, "metrics": {COUNTER: INT}}
 
-where ADDRESS is ``{"magic", "transit", "real", "app", "domain", "expiry",
-"activeFlows", "connector"}``, KEY is a WireGuard public key in its base64
+where MODE is the TUN's offload mode ("off", "tso", "tso+uso": which
+super-packets the kernel hands the datapath to split), ADDRESS is ``{"magic",
+"transit", "real", "app", "domain", "expiry", "activeFlows", "connector"}``,
+KEY is a WireGuard public key in its base64
 text form, and PEER is the overlay's view of one WireGuard peer, like a peer
 of ``wg show``::
 
@@ -95,6 +97,7 @@ class StatusSource(Protocol):
     config: NodeConfig
     assignments: Assignments
     connector: ConnectorTable | None
+    tun_offload: str
 
     # Read-only (properties), so the node's richer Registrar and Datapath fit these.
     @property
@@ -209,6 +212,7 @@ def status_document(node: StatusSource) -> dict[str, Any]:
         "connector": msgspec.to_builtins(connector.state()) if connector is not None
         else {"configured": False},
         "connectorHealth": node.registrar.health(),
+        "tunOffload": node.tun_offload,
         "datapath": dict(node.datapath.counters()),
         "metrics": dict(node.metrics()),
     }
@@ -349,7 +353,8 @@ def render_table(doc: dict[str, Any]) -> str:
             out.append("  no mappings")
         out.append("")
     out += _peers(doc, now)
-    out += _counters("datapath", doc.get("datapath", {}))
+    out += _counters(f"datapath (TUN offload: {doc.get('tunOffload', 'off')})",
+                     doc.get("datapath", {}))
     metrics = doc.get("metrics", {})
     if metrics:
         out += ["", *_counters("control plane", metrics)]
