@@ -7,7 +7,12 @@ IP) and over the plain veth between the namespaces (the baseline: the kernel
 alone), and shown as a ratio. Bounded: every iperf3 run lasts --seconds; the
 ping figure is --pings pings 10 ms apart (RTT average and p99).
 
-    python bench/pump.py [--seconds 5] [--pings 300] [--figures tcp,udp,ping]   (as root)
+    python bench/pump.py [--seconds 5] [--pings 300] [--figures tcp,udp,ping]
+                         [--tun plain|vnet|offload]   (as root)
+
+--tun: how the nodes open their TUN devices: plain (the default: no virtio-net header),
+vnet (the header, writes joined into super-packets: what conn25d does) or offload (vnet
+and TSO/USO super-packets on reads, split by the datapath: conn25d --tun-offload).
 """
 
 from __future__ import annotations
@@ -65,6 +70,9 @@ def main() -> int:
     ap.add_argument("--pings", type=int, default=300, help="pings for the RTT figures")
     ap.add_argument("--figures", default="tcp,udp,ping",
                     help="which figures, comma-separated: tcp, udp, ping")
+    ap.add_argument("--tun", choices=("plain", "vnet", "offload"), default="plain",
+                    help="the nodes' TUN devices: no virtio-net header, the header (as "
+                    "conn25d), or the header and TUN offloads (conn25d --tun-offload)")
     args = ap.parse_args()
     figures = set(args.figures.split(","))
     if figures - {"tcp", "udp", "ping"}:
@@ -73,7 +81,7 @@ def main() -> int:
         print(f"bench/pump.py {why}", file=sys.stderr)
         return 2
     rows = []
-    with pump_topology() as (client, connector, c, k):
+    with pump_topology(args.tun) as (client, connector, c, k):
         # Bound to the server address, so UDP replies leave from it on both paths.
         connector.popen("iperf3", "-s", "-B", REAL, stdout=subprocess.DEVNULL,
                         stderr=subprocess.DEVNULL)
@@ -102,9 +110,11 @@ def main() -> int:
                     s = end["sum"]
                     got[path] = s["packets"] * (1 - s["lost_percent"] / 100) / s["seconds"] / 1e3
             rows.append((name, got["conn25"], got["kernel"], got["conn25"] / got["kernel"]))
-        cstats = stop_node(c)["counters"]
-        kstats = stop_node(k)["counters"]
-    print(f"# pump benchmark — {platform.machine()}, iperf3 {args.seconds:g} s per figure\n")
+        cend, kend = stop_node(c), stop_node(k)
+        cstats, kstats = cend["counters"], kend["counters"]
+    print(f"# pump benchmark — {platform.machine()}, iperf3 {args.seconds:g} s per figure, "
+          f"TUN {args.tun} (offload: client {cend.get('offload', 'off')}, connector "
+          f"{kend.get('offload', 'off')})\n")
     print("| figure | conn25 pumps | kernel veth (baseline) | ratio |")
     print("|---|---:|---:|---:|")
     for name, ours, base, ratio in rows:
@@ -118,6 +128,10 @@ def main() -> int:
     after = [s.get("tun_rx_after_write") for s in (cstats, kstats)]
     print(f"TUN packets read after a write (of all TUN reads): client {after[0]} of "
           f"{cstats['tun_rx']}, connector {after[1]} of {kstats['tun_rx']}")
+    split = [(s.get("tun_rx_super_packets", 0), s.get("tun_rx_segments", 0))
+             for s in (cstats, kstats)]
+    print(f"super-packets read and split (segments): client {split[0][0]} ({split[0][1]}), "
+          f"connector {split[1][0]} ({split[1][1]})")
     return 0
 
 

@@ -4,6 +4,7 @@
 # packet. The def wrappers (checksum.pxi) exist for Python callers and tests.
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memcpy
 
 
 cdef inline uint32_t cs_sum16(const uint8_t *p, Py_ssize_t n, uint32_t acc) noexcept nogil:
@@ -22,6 +23,31 @@ cdef inline uint32_t cs_sum16(const uint8_t *p, Py_ssize_t n, uint32_t acc) noex
     while s >> 16:
         s = (s & 0xFFFF) + (s >> 16)
     return <uint32_t>s
+
+
+cdef inline uint32_t cs_sum_wide(const uint8_t *p, Py_ssize_t n, uint32_t acc) noexcept nogil:
+    """cs_sum16, eight bytes a step: for whole segments (the TUN offload split).
+
+    The ones' complement sum does not depend on byte order (RFC 1071), so
+    native 64-bit words are added with end-around carry, folded to 16 bits
+    and swapped to network order on a little-endian host; the tail (under 8
+    bytes, at an even offset) goes through cs_sum16.
+    """
+    cdef uint64_t s = 0, w, t
+    cdef uint16_t probe = 1
+    cdef Py_ssize_t i = 0
+    while i + 8 <= n:
+        memcpy(&w, p + i, 8)
+        t = s + w
+        s = t + <uint64_t>(t < w)  # t < w: it wrapped; t + 1 cannot wrap again
+        i += 8
+    s = (s & 0xFFFFFFFFULL) + (s >> 32)
+    s = (s & 0xFFFFFFFFULL) + (s >> 32)
+    s = (s & 0xFFFF) + (s >> 16)
+    s = (s & 0xFFFF) + (s >> 16)
+    if (<uint8_t *>&probe)[0] == 1:
+        s = ((s & 0xFF) << 8) | (s >> 8)
+    return cs_sum16(p + i, n - i, <uint32_t>s + acc)
 
 
 cdef inline uint16_t cs_fold(uint32_t s) noexcept nogil:

@@ -92,6 +92,12 @@ cdef enum:  # counters, one array per side, TUN and UDP (summed when read)
     C_TUN_SUPER_PACKETS     # super-packets written (coalesce.pxd)
     C_SPINS                 # isolated packets after which the overlay socket was polled
     C_SPIN_HITS             # ... and the answer came within the spin
+    C_TUN_RX_SUPER          # TSO/USO super-packets read from the TUN (segment.pxd; in tun_rx)
+    C_TUN_RX_SEGMENTS       # packets they were split into
+    C_DROP_OFFLOAD_HEADER   # a virtio-net header we cannot honour (unknown type or flag,
+                            # gso_size 0, checksum fields that do not fit the packet)
+    C_DROP_OFFLOAD_PACKET   # a super-packet that does not fit its GSO type or its lengths
+    C_DROP_OFFLOAD_UNSUPPORTED  # a super-packet we do not split (IPv6 extension headers)
     C_NCOUNTERS
 
 

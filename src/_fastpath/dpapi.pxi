@@ -70,6 +70,8 @@ _COUNTER_NAMES = (  # in the order of the C_* counters (datapath.pxd)
     "flows_from_return", "drop_replay", "drop_auth", "drop_expired", "drop_no_endpoint",
     "staged", "handshakes_received", "handshakes_dropped", "crypto_errors",
     "tun_tx_coalesced", "tun_super_packets", "spins", "spin_hits",
+    "tun_rx_super_packets", "tun_rx_segments", "drop_offload_header", "drop_offload_packet",
+    "drop_offload_unsupported",
 )
 _PEER_DROPS = ("replay", "auth", "expired", "spoofed", "no_endpoint", "staged_overflow")
 
@@ -518,9 +520,12 @@ cdef class Datapath:
         datagram dropped there is a retransmission. UDP_GRO is turned on
         on the socket (where the kernel has it), so the pumps must be its
         only reader. The caller keeps ownership of both (and closes them
-        after stop()). `vnet_hdr`: the TUN was opened with IFF_VNET_HDR (and no
-        offloads): packets read carry a virtio-net header, and consecutive TCP
-        segments of a flow are written as one GSO super-packet (coalesce.pxd).
+        after stop()). `vnet_hdr`: the TUN was opened with IFF_VNET_HDR: packets
+        read carry a virtio-net header, and consecutive TCP segments of a flow
+        are written as one GSO super-packet (coalesce.pxd). With TUN offloads
+        on as well (TUNSETOFFLOAD, conn25.daemon.tun.set_offload), what is read
+        may be a TSO/USO super-packet, which is translated once and split, or a
+        packet with a partial checksum, which is completed (segment.pxd).
         `_tun_thread=False` is for tests: only the UDP -> TUN
         thread runs, which reads the TUN only right after its own writes;
         `_udp_thread=False` too: only the TUN -> UDP thread runs, which reads the
@@ -560,9 +565,11 @@ cdef class Datapath:
             self.bufs_udp.iovs[i].iov_base = self.bufs_udp.data + <Py_ssize_t>i * PUMP_SLOT
             self.bufs_udp.iovs[i].iov_len = PUMP_SLOT
         self.bufs_tun.vnet = self.bufs_udp.vnet = 1 if vnet_hdr else 0
-        if vnet_hdr and co_init(&self.bufs_udp.co) < 0:
+        if vnet_hdr:
+            self.bufs_tun.segs = <uint8_t *>calloc(1, PUMP_SEG_AREA)
+        if vnet_hdr and (co_init(&self.bufs_udp.co) < 0 or self.bufs_tun.segs == NULL):
             self._free_pumps()
-            raise MemoryError("Datapath: cannot allocate the coalescing buffer")
+            raise MemoryError("Datapath: cannot allocate the coalescing and segment buffers")
         if pump_udp_init(self.bufs_udp, self.udp_fd, self.stop_fd) < 0 \
                 or pump_tun_init(self.bufs_tun, tun_fd, self.stop_fd) < 0:
             err = errno
@@ -602,6 +609,7 @@ cdef class Datapath:
     cdef void _free_pumps(self) noexcept:
         if self.bufs_tun != NULL:
             pump_tun_free(self.bufs_tun)
+            free(self.bufs_tun.segs)
             free(self.bufs_tun.data)
             free(self.bufs_tun)
             self.bufs_tun = NULL

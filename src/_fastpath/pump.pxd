@@ -52,10 +52,17 @@
 # so the WireGuard header is written in front of a TUN packet without a copy
 # (with IFF_VNET_HDR, the virtio-net header is read into that room too),
 # and a GSO message is a list of slots (one iovec each), not a copy either.
-# Slots are large enough for a 64 KiB packet: TUN offloads on reads (TSO
-# super-packets from the kernel) can come without a change to the Python API;
-# they would add a segmentation step here. Writes into the TUN are already
-# joined into super-packets when the TUN has IFF_VNET_HDR (coalesce.pxd).
+# Slots are large enough for a 64 KiB packet, so a TSO/USO super-packet
+# (TUN offloads on, see segment.pxd) is read like any other. It is decided
+# once with dp_from_tun (one flow lookup, its addresses and ports rewritten
+# once), then split: each segment is written into the TUN side's segment
+# area (PumpBufs.segs, WG_HDR of room in front, the tag's behind), sealed
+# there, and joins the send batch like a packet from a slot; the segments of
+# one super-packet are equal-sized but the last, so they go as one UDP GSO
+# message (two when there are more than GSO_MAX_SEGS). When the area, the
+# iovecs or the messages run out mid-batch, what is batched so far is sent
+# and the batch goes on. Writes into the TUN are already joined into
+# super-packets when the TUN has IFF_VNET_HDR (coalesce.pxd).
 #
 # GSO and GRO change nothing on the wire: every datagram is still one
 # WireGuard message holding one packet; a peer whose socket has no UDP_GRO gets them one by
@@ -75,6 +82,8 @@ from includes.socket cimport iovec, mmsghdr, sockaddr_in6
 cdef enum:
     PUMP_BATCH = 64
     PUMP_SLOT = 65536 + 64
+    PUMP_IOVS = 512         # datagrams per send batch (slots, and segments in the area)
+    PUMP_SEG_AREA = 512 * 1024  # TUN side, with IFF_VNET_HDR: where super-packets are split
     GSO_MAX_SEGS = 64       # UDP_MAX_SEGMENTS of older kernels
     GSO_MAX_BYTES = 65000   # under the largest UDP payload (65507 on IPv4)
     PUMP_CTRL = 4           # 8-byte words of control buffer per message (one int cmsg)
@@ -96,7 +105,7 @@ cdef struct SockAddr:       # big enough for either family
 cdef struct PumpBufs:
     uint8_t *data           # PUMP_BATCH * PUMP_SLOT bytes
     mmsghdr msgs[<int>PUMP_BATCH]
-    iovec iovs[<int>PUMP_BATCH]
+    iovec iovs[<int>PUMP_IOVS]
     SockAddr addrs[<int>PUMP_BATCH]
     uint64_t ctrl[<int>PUMP_BATCH][<int>PUMP_CTRL]  # cmsg space (UDP_SEGMENT / UDP_GRO)
     size_t gso_max          # largest datagram sent with GSO (0: none); lowered on refusal
@@ -106,6 +115,18 @@ cdef struct PumpBufs:
     pthread_mutex_t udp_lock  # UDP side's only: held by the thread reading the overlay socket
     int vnet                # the TUN has IFF_VNET_HDR: a virtio-net header on every packet
     CoBuf co                # UDP side's only, with vnet: the super-packet being joined
+    uint8_t *segs           # TUN side's only, with vnet: PUMP_SEG_AREA bytes for segments
+
+
+cdef struct TxRun:          # the send batch _tun_batch is building
+    unsigned int nmsg       # messages (b.msgs) so far
+    unsigned int npkt       # datagrams (b.iovs) so far
+    unsigned int nseg       # datagrams in the last message
+    size_t seg              # the last message's datagram size
+    size_t total            # ... and its bytes
+    Py_ssize_t area         # bytes of b.segs in use
+    uint32_t peer           # the last message's peer
+    bint grow               # whether the last message may take the next datagram
 
 
 cdef inline void pump_wake(int efd) noexcept nogil:

@@ -206,23 +206,102 @@ cdef inline void _wake_if_new(DpCore *d, int event_fd, uint64_t *woken) noexcept
         pump_wake(event_fd)
 
 
+cdef inline void _run_send(DpCtx *c, PumpBufs *b, TxRun *run, int udp_fd) noexcept nogil:
+    """Send what the batch holds so far and start it afresh (its buffers are free again)."""
+    if run.nmsg:
+        _flush(c, b, udp_fd, run.nmsg)
+    memset(run, 0, sizeof(TxRun))
+
+
+cdef inline void _run_add(DpCtx *c, PumpBufs *b, TxRun *run, uint8_t *dg, size_t dlen,
+                          const TbEndpoint *ep, int sock_family, int udp_fd) noexcept nogil:
+    """Add a sealed datagram for peer c.peer to the batch: to the last message as
+    one more GSO segment when it may, else as a new message."""
+    cdef socklen_t alen
+    cdef msghdr *h
+    cdef bint joins = (run.grow and run.peer == c.peer and dlen <= run.seg
+                       and run.nseg < GSO_MAX_SEGS and run.total + dlen <= GSO_MAX_BYTES)
+    if run.npkt == PUMP_IOVS or (not joins and run.nmsg == PUMP_BATCH):
+        _run_send(c, b, run, udp_fd)
+        joins = False
+    b.iovs[run.npkt].iov_base = dg
+    b.iovs[run.npkt].iov_len = dlen
+    if joins:
+        b.msgs[run.nmsg - 1].msg_hdr.msg_iovlen += 1
+        run.nseg += 1
+        run.total += dlen
+        run.grow = dlen == run.seg  # a shorter datagram ends a GSO message
+    else:
+        alen = _sockaddr_out(&b.addrs[run.nmsg], sock_family, ep)
+        if alen == 0:
+            c.counters[C_DROP_NO_ROUTE] += 1
+            return
+        h = &b.msgs[run.nmsg].msg_hdr
+        h.msg_name = &b.addrs[run.nmsg]
+        h.msg_namelen = alen
+        h.msg_iov = &b.iovs[run.npkt]
+        h.msg_iovlen = 1
+        run.nmsg += 1
+        run.peer = c.peer
+        run.seg = dlen
+        run.nseg = 1
+        run.total = dlen
+        run.grow = dlen <= b.gso_max
+    run.npkt += 1
+
+
+cdef void _split_send(DpCore *d, DpCtx *c, PumpBufs *b, TxRun *run, SgState *sg,
+                      int udp_fd, int sock_family, uint64_t now) noexcept nogil:
+    """Split a super-packet already decided for peer c.peer (segment.pxd): each
+    segment is written into the segment area, sealed there and batched."""
+    cdef Py_ssize_t stride = (WG_HDR + wire_padded(sg_max_segment(sg)) + AEAD_TAG + 63) & ~63
+    cdef Py_ssize_t m
+    cdef size_t dlen
+    cdef uint8_t *dg
+    cdef TbEndpoint ep
+    c.counters[C_TUN_RX_SUPER] += 1
+    while True:
+        # Room for the segment and its message first: _run_add then never sends
+        # (and frees the area) while a segment in it waits to be batched.
+        if run.area + stride > PUMP_SEG_AREA or run.npkt == PUMP_IOVS \
+                or run.nmsg == PUMP_BATCH:
+            _run_send(c, b, run, udp_fd)
+        dg = b.segs + run.area
+        m = sg_next(sg, dg + WG_HDR)
+        if m == 0:
+            return
+        c.counters[C_TUN_RX_SEGMENTS] += 1
+        dlen = <size_t>dp_seal(d, c, dg, m, now, &ep)
+        if dlen == 0:
+            continue
+        run.area += stride
+        _run_add(c, b, run, dg, dlen, &ep, sock_family, udp_fd)
+
+
+cdef inline bint _offload_ok(DpCtx *c, int rc) noexcept nogil:
+    """Whether sg_parse let a packet through; counts the drop when not."""
+    if rc >= 0:
+        return True
+    c.counters[C_DROP_OFFLOAD_HEADER if rc == SG_E_HEADER else
+               C_DROP_OFFLOAD_PACKET if rc == SG_E_PACKET else C_DROP_OFFLOAD_UNSUPPORTED] += 1
+    return False
+
+
 cdef int _tun_batch(DpCore *d, DpCtx *c, PumpBufs *b, int tun_fd, int udp_fd,
                     int sock_family, bint *dry) noexcept nogil:
     """Read every packet that is ready (up to PUMP_BATCH), decide each, send the
     batch. The caller holds b.tun_lock. Returns how many packets were read;
     *dry tells whether the TUN ran dry (EAGAIN; or an error, which poll reports)."""
-    cdef unsigned int nmsg = 0, npkt = 0, nseg = 0
     cdef Py_ssize_t r
-    cdef size_t dlen, seg = 0, total = 0
+    cdef size_t dlen
     cdef uint8_t *slot
-    cdef int verdict, i, nread = 0
+    cdef int verdict, i, nread = 0, sg_rc = SG_PLAIN
     cdef TbEndpoint ep
-    cdef socklen_t alen = 0
-    cdef uint32_t msg_peer = 0
-    cdef bint grow = False  # whether the last message may take the next datagram
+    cdef TxRun run
+    cdef SgState sg
     cdef uint64_t now = _now_ms()
-    cdef msghdr *h
     cdef int vnet = VNET_HDR if b.vnet else 0
+    memset(&run, 0, sizeof(TxRun))
     dry[0] = False
     for i in range(PUMP_BATCH):
         slot = b.data + <Py_ssize_t>i * PUMP_SLOT
@@ -235,9 +314,12 @@ cdef int _tun_batch(DpCore *d, DpCtx *c, PumpBufs *b, int tun_fd, int udp_fd,
             break
         if vnet:
             r -= vnet
-            # No offloads were asked for: a GSO packet or one short of its header is not ours.
-            if r <= 0 or slot[WG_HDR - vnet + 1] != 0:
+            if r <= 0:
                 c.counters[C_DROP_UNSUPPORTED] += 1
+                continue
+            # A super-packet to split, or a plain packet (its partial checksum completed).
+            sg_rc = sg_parse(slot + WG_HDR - vnet, slot + WG_HDR, r, &sg)
+            if not _offload_ok(c, sg_rc):
                 continue
         nread += 1
         c.counters[C_TUN_RX] += 1
@@ -249,37 +331,16 @@ cdef int _tun_batch(DpCore *d, DpCtx *c, PumpBufs *b, int tun_fd, int udp_fd,
             continue
         if verdict != DP_TO_PEER:
             continue
+        if sg_rc == SG_SPLIT:
+            # Translated once above (lengths and offsets unchanged): now split.
+            _split_send(d, c, b, &run, &sg, udp_fd, sock_family, now)
+            continue
         # Sealed in place: the header goes into the slot's headroom.
         dlen = <size_t>dp_seal(d, c, slot, r, now, &ep)
         if dlen == 0:
             continue
-        b.iovs[npkt].iov_base = slot
-        b.iovs[npkt].iov_len = dlen
-        if (grow and msg_peer == c.peer and dlen <= seg and nseg < GSO_MAX_SEGS
-                and total + dlen <= GSO_MAX_BYTES):
-            b.msgs[nmsg - 1].msg_hdr.msg_iovlen += 1
-            nseg += 1
-            total += dlen
-            grow = dlen == seg  # a shorter datagram ends a GSO message
-        else:
-            alen = _sockaddr_out(&b.addrs[nmsg], sock_family, &ep)
-            if alen == 0:
-                c.counters[C_DROP_NO_ROUTE] += 1
-                continue
-            h = &b.msgs[nmsg].msg_hdr
-            h.msg_name = &b.addrs[nmsg]
-            h.msg_namelen = alen
-            h.msg_iov = &b.iovs[npkt]
-            h.msg_iovlen = 1
-            nmsg += 1
-            msg_peer = c.peer
-            seg = dlen
-            nseg = 1
-            total = dlen
-            grow = dlen <= b.gso_max
-        npkt += 1
-    if nmsg:
-        _flush(c, b, udp_fd, nmsg)
+        _run_add(c, b, &run, slot, dlen, &ep, sock_family, udp_fd)
+    _run_send(c, b, &run, udp_fd)
     return nread
 
 

@@ -269,3 +269,44 @@ def _test_coalesce(packets: list, int fd) -> None:
         co_flush(&b, fd, counters)
     finally:
         co_free(&b)
+
+
+_SG_REASONS = {SG_E_HEADER: "header", SG_E_PACKET: "packet", SG_E_UNSUPPORTED: "unsupported"}
+
+
+def _test_segment(const uint8_t[::1] vnet_hdr not None, packet, translate=None) -> list | str:
+    """What the TUN -> UDP pump makes of `packet` read behind the virtio-net header
+    `vnet_hdr` (segment.pxd): the segments of a super-packet, or [the packet] with its
+    partial checksum completed; or why it is dropped ('header', 'packet', 'unsupported').
+    `translate` = ('src'|'dst', address): NAT the super-packet once in between, as the
+    pump's dp_from_tun does (parse status other than ok: a ValueError)."""
+    cdef SgState s
+    cdef Parsed pk
+    cdef bytearray buf = bytearray(packet)
+    cdef Py_ssize_t n = len(buf), m
+    cdef uint8_t *p
+    cdef bytearray out
+    cdef uint8_t *o
+    cdef int rc
+    if vnet_hdr.shape[0] != VNET_HDR:
+        raise ValueError(f"a virtio-net header is {VNET_HDR} bytes, got {vnet_hdr.shape[0]}")
+    buf += b"\0"  # an address even for an empty packet
+    p = buf
+    rc = sg_parse(&vnet_hdr[0], p, n, &s)
+    if rc < 0:
+        return _SG_REASONS[rc]
+    if translate is not None:
+        which, addr = translate
+        if pk_parse(p, n, &pk) != PARSE_OK:
+            raise ValueError("the packet does not parse: nothing to translate")
+        nat_apply(p, &pk, _which_arg(which), cv_addr_of(addr, pk.key.family, "translate"))
+    if rc == SG_PLAIN:
+        return [bytes(buf[:n])]
+    segs = []
+    out = bytearray(sg_max_segment(&s))
+    o = out
+    while True:
+        m = sg_next(&s, o)
+        if m == 0:
+            return segs
+        segs.append(bytes(out[:m]))

@@ -6,9 +6,11 @@
 # Prefixes: c25_ shared types (types.pxd), cs_ checksums, pk_ parsing, nat_
 # NAT and fragment tracking, icmp_ ICMP replies, ft_ the flow table, tb_ the
 # mapping tables, ss_ WireGuard sessions, aead_/rw_ transport crypto and
-# replay windows, wire_ the overlay's WireGuard messages, co_ software GRO into the TUN, dp_ the per-packet
-# decisions, fs_ saved flows, pump_ the pump threads, cv_ Python-argument
-# converters. A name with a leading underscore is private to its file.
+# replay windows, wire_ the overlay's WireGuard messages, co_ software GRO
+# into the TUN, sg_ TSO/USO super-packets from the TUN split, dp_ the
+# per-packet decisions, fs_ saved flows, pump_ the pump threads, cv_
+# Python-argument converters. A name with a leading underscore is private to
+# its file.
 #
 # Order: a file's types come after those it uses.
 
@@ -24,6 +26,7 @@ include "session.pxd"
 include "tables.pxd"
 include "wire.pxd"
 include "coalesce.pxd"
+include "segment.pxd"
 include "datapath.pxd"
 include "flowsave.pxd"
 include "pump.pxd"

@@ -70,6 +70,7 @@ class StatusNode(FakeNode):
     def __init__(self, cfg: NodeConfig | None = None) -> None:
         super().__init__(cfg)
         self.overlay = FakeOverlay()
+        self.tun_offload = "off"
 
     def dns_status(self) -> dict:
         return {"mode": "resolv.conf", "path": "/etc/resolv.conf", "server": "100.100.100.100"}
@@ -209,6 +210,15 @@ def test_counters_of_the_datapath_and_the_control_plane_are_included():
     assert doc["now"] == T0
 
 
+def test_the_tun_offload_mode_is_shown():
+    node = client_node()
+    assert status_document(node)["tunOffload"] == "off"
+    node.tun_offload = "tso+uso"
+    doc = status_document(node)
+    assert doc["tunOffload"] == "tso+uso"
+    assert "datapath (TUN offload: tso+uso)" in render_table(doc).splitlines()
+
+
 def test_the_document_encodes_as_json():
     node = client_node()
     node.reserve("github.com.", "2001:db8::1", flows=1)
@@ -338,7 +348,7 @@ def test_the_table_has_a_line_per_peer_like_wg_show():
     assert c2.endswith(" 0 B received, 0 B sent")  # no drops, not handshaking
     assert "(none)" in phone
     # Between the connector/pools sections and the counters.
-    assert lines.index("pools") < header < lines.index("datapath")
+    assert lines.index("pools") < header < lines.index("datapath (TUN offload: off)")
 
 
 @pytest.mark.parametrize(("dns", "line"), [

@@ -5,7 +5,8 @@ socket, installs the tables and each peer's WireGuard keypair (the test made
 both ends: tests/wgsessions.py) from a JSON description (argv[1]),
 starts the pumps, prints "ready", and runs until stdin closes, printing its
 counters as JSON for each "counters" line it reads meanwhile (a test waits
-on them rather than sleeping); then prints its counters and events as JSON
+on them rather than sleeping); then prints its counters, events and TUN
+offload mode as JSON
 and exits, removing nothing but what dies with it (the TUN device goes with
 its fd).
 """
@@ -18,13 +19,18 @@ import sys
 from pyroute2 import IPRoute
 
 from conn25.core.iprange import IPRange
-from conn25.daemon.tun import open_tun
+from conn25.daemon.tun import OFFLOAD_OFF, open_tun, set_offload
 from conn25.fastpath import Datapath, monotonic_ms
 
 
 def main() -> None:
     cfg = json.loads(sys.argv[1])
-    fd, name = open_tun(cfg["tun"])
+    # "vnet_hdr": virtio-net headers (coalesced writes), as the daemon opens its TUN;
+    # "tun_offload": TSO/USO super-packets on reads too (the daemon's --tun-offload).
+    offload = cfg.get("tun_offload", False)
+    vnet = cfg.get("vnet_hdr", False) or offload
+    fd, name = open_tun(cfg["tun"], vnet_hdr=vnet)
+    mode = set_offload(fd) if offload else OFFLOAD_OFF
     with IPRoute() as ipr:
         idx = ipr.link_lookup(ifname=name)[0]
         for a in cfg["addresses"]:
@@ -57,14 +63,15 @@ def main() -> None:
     dp.tables.set_transit_ranges([IPRange.parse(r) for r in cfg.get("transit_ranges", [])])
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind((cfg["listen"], cfg["port"]))
-    dp.start(fd, sock)
+    dp.start(fd, sock, vnet_hdr=vnet)
     print("ready", flush=True)
     for line in sys.stdin:
         if line.strip() == "counters":
             print(json.dumps(dp.counters()), flush=True)
     dp.stop()
     events = [(e.kind.value, e.role.value) for e in dp.read_events()]
-    print(json.dumps({"counters": dp.counters(), "events": events}), flush=True)
+    print(json.dumps({"counters": dp.counters(), "events": events, "offload": mode}),
+          flush=True)
 
 
 if __name__ == "__main__":

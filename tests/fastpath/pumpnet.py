@@ -66,8 +66,16 @@ def stop_node(p: subprocess.Popen) -> dict:
 
 
 @contextlib.contextmanager
-def pump_topology() -> Iterator[tuple[Netns, Netns, subprocess.Popen, subprocess.Popen]]:
-    """(client ns, connector ns, client node, connector node); all removed on exit."""
+def pump_topology(tun: str = "plain") -> Iterator[tuple[Netns, Netns, subprocess.Popen,
+                                                       subprocess.Popen]]:
+    """(client ns, connector ns, client node, connector node); all removed on exit.
+
+    `tun`: "plain" (no virtio-net header), "vnet" (the header, and writes coalesced into
+    super-packets: what the daemon does) or "offload" ("vnet" and TSO/USO super-packets
+    on reads, the daemon's --tun-offload)."""
+    if tun not in ("plain", "vnet", "offload"):
+        raise ValueError(f"tun must be plain, vnet or offload, got {tun!r}")
+    mode = {"vnet_hdr": tun != "plain", "tun_offload": tun == "offload"}
     client, connector = Netns("client"), Netns("conn")
     client_kp, connector_kp = wgsessions.pair()
     try:
@@ -78,7 +86,7 @@ def pump_topology() -> Iterator[tuple[Netns, Netns, subprocess.Popen, subprocess
             "client": True, "listen": "192.0.2.1", "port": 41641,
             "peers": [{"id": 2, "endpoint": "192.0.2.2", "port": 41641, "overlay": ["100.64.0.2"],
                        "keypair": wgsessions.node_keypair(client_kp)}],
-            "magic": [[MAGIC, TRANSIT, 2]], "magic_ranges": ["100.80.0.0/16"],
+            "magic": [[MAGIC, TRANSIT, 2]], "magic_ranges": ["100.80.0.0/16"], **mode,
         })
         k = start_node(connector, {
             "tun": "c25", "addresses": ["100.64.0.2"], "routes": ["100.64.0.1/32"],
@@ -86,6 +94,7 @@ def pump_topology() -> Iterator[tuple[Netns, Netns, subprocess.Popen, subprocess
             "peers": [{"id": 1, "endpoint": "192.0.2.1", "port": 41641, "overlay": ["100.64.0.1"],
                        "keypair": wgsessions.node_keypair(connector_kp)}],
             "transit": [["100.64.0.1", TRANSIT, REAL]], "transit_ranges": ["169.254.128.0/17"],
+            **mode,
         })
         yield client, connector, c, k
     finally:

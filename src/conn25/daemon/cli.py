@@ -153,6 +153,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         tailnet=args.tailnet, hostname=args.hostname,
         advertise_connector=args.advertise_connector, advertise_tags=tags,
         state_dir=args.state_dir, tun_name=args.tun_name, mtu=args.mtu,
+        tun_offload=args.tun_offload,
         dns_listen=args.dns_listen, upstream_dns=args.upstream_dns,
         dns_allow=args.dns_allow, private_key=args.private_key,
         accept_dns=args.accept_dns, resolv_conf=args.resolv_conf,
@@ -218,6 +219,9 @@ def _add_up(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     p.add_argument("--tun-name", default="conn25", metavar="IFNAME",
                    help="the TUN device (default conn25)")
     p.add_argument("--mtu", type=int, default=1420, help="MTU of the TUN device (default 1420)")
+    p.add_argument("--tun-offload", action="store_true",
+                   help="let the kernel hand the TUN TCP/UDP super-packets (TSO, USO), split "
+                   "by the datapath; falls back to none where the kernel refuses (default off)")
     p.add_argument("--dns-listen", type=_address_option(53), default=("100.100.100.100", 53),
                    metavar="ADDR", help="DNS server address (default 100.100.100.100:53)")
     p.add_argument("--upstream-dns", type=_address_list, metavar="ADDR[,ADDR]",

@@ -104,6 +104,7 @@ class NodeOptions(msgspec.Struct, kw_only=True):
     state_dir: str | None = None  # default STATE_ROOT/HOSTNAME
     tun_name: str = "conn25"
     mtu: int = 1420
+    tun_offload: bool = False  # TSO/USO super-packets read from the TUN (SystemSetup)
     dns_listen: tuple[str, int] = ("100.100.100.100", 53)
     upstream_dns: tuple[tuple[str, int], ...] | None = None  # default: from /etc/resolv.conf
     dns_allow: tuple[str, ...] = ()  # CIDRs besides this host whose DNS queries are answered
@@ -141,6 +142,7 @@ class Node:
         self.datapath: Datapath
         self.dataplane: Dataplane  # every write to the datapath's tables goes through it
         self.overlay: Overlay  # the WireGuard handshakes and timers
+        self.tun_offload = "off"  # what the kernel accepted (tun.set_offload), once open
         self.forwarder: Forwarder
         self.registrar: Registrar
         self.resolver: ClientResolver | None = None
@@ -231,13 +233,15 @@ class Node:
         self.forwarder = Forwarder(list(opts.upstream_dns) if opts.upstream_dns is not None
                                    else upstreams)
         self.registrar = Registrar(self)
-        system = SystemSetup(tun_name=opts.tun_name, mtu=opts.mtu, state_dir=state)
+        system = SystemSetup(tun_name=opts.tun_name, mtu=opts.mtu, state_dir=state,
+                             tun_offload=opts.tun_offload)
         sock: socket.socket | None = None
         flows_restored = False  # until then, saving would overwrite the saved flows
         try:
             node = self.config.node
             tun_fd = system.open(list(node.addresses), self._routes(),
                                  local_addresses=self._local_addresses())
+            self.tun_offload = system.offload
             if opts.advertise_connector:
                 system.enable_connector()
                 for blocker in system.forward_blockers():

@@ -21,10 +21,12 @@ otherwise::
      "connectorHealth": {NAME: {"reachable", "advertisesConnector", "apps", ...}},
      "dns": {"mode": "off"|"resolv.conf"|"systemd-resolved", "path": FILE (resolv.conf),
              "server": IP (what the system's DNS points at, unless off)},
-     "datapath": {COUNTER: INT}, "metrics": {COUNTER: INT}}
+     "tunOffload": MODE, "datapath": {COUNTER: INT}, "metrics": {COUNTER: INT}}
 
-where ADDRESS is ``{"magic", "transit", "real", "app", "domain", "expiry",
-"activeFlows", "connector"}``, KEY is a WireGuard public key in its base64
+where MODE is the TUN's offload mode ("off", "tso", "tso+uso": which
+super-packets the kernel hands the datapath to split), ADDRESS is ``{"magic",
+"transit", "real", "app", "domain", "expiry", "activeFlows", "connector"}``,
+KEY is a WireGuard public key in its base64
 text form, and PEER is the overlay's view of one WireGuard peer, like a peer
 of ``wg show``::
 
@@ -97,6 +99,7 @@ class StatusSource(Protocol):
     config: NodeConfig
     assignments: Assignments
     connector: ConnectorTable | None
+    tun_offload: str
 
     # Read-only (properties), so the node's richer Registrar and Datapath fit these.
     @property
@@ -216,6 +219,7 @@ def status_document(node: StatusSource) -> dict[str, Any]:
         else {"configured": False},
         "connectorHealth": node.registrar.health(),
         "dns": node.dns_status(),
+        "tunOffload": node.tun_offload,
         "datapath": dict(node.datapath.counters()),
         "metrics": dict(node.metrics()),
     }
@@ -365,7 +369,8 @@ def render_table(doc: dict[str, Any]) -> str:
             out.append("  no mappings")
         out.append("")
     out += _peers(doc, now)
-    out += _counters("datapath", doc.get("datapath", {}))
+    out += _counters(f"datapath (TUN offload: {doc.get('tunOffload', 'off')})",
+                     doc.get("datapath", {}))
     metrics = doc.get("metrics", {})
     if metrics:
         out += ["", *_counters("control plane", metrics)]

@@ -69,7 +69,7 @@ from typing import Any, TypeVar
 
 from ..core.iprange import IPAddress, IPNetwork
 from .netlink import IPRoute, NetlinkError
-from .tun import open_tun
+from .tun import OFFLOAD_OFF, open_tun, set_offload
 
 log = logging.getLogger("conn25d.system")
 _T = TypeVar("_T")
@@ -278,11 +278,18 @@ class SystemSetup:
 
     def __init__(self, tun_name: str = "conn25", mtu: int = 1420, *, nft: str = "nft",
                  state_dir: str | os.PathLike[str] | None = None,
-                 masq_mark: int = MASQ_MARK, vnet_hdr: bool = True) -> None:
+                 masq_mark: int = MASQ_MARK, vnet_hdr: bool = True,
+                 tun_offload: bool = False) -> None:
         self.tun_name = _check_tun_name(tun_name)
         # The TUN's packets carry a virtio-net header, so the datapath can write
         # super-packets (Datapath.start(vnet_hdr=True) must match).
         self.vnet_hdr = vnet_hdr
+        if tun_offload and not vnet_hdr:
+            raise ValueError("TUN offloads need the virtio-net header (vnet_hdr)")
+        # TSO/USO super-packets on reads, which the datapath splits; `offload` is
+        # the mode the kernel accepted (tun.OFFLOAD_MODES), "off" until open().
+        self.tun_offload = tun_offload
+        self.offload = OFFLOAD_OFF
         if not isinstance(mtu, int) or not 576 <= mtu <= 65535:
             raise ValueError(f"bad MTU {mtu!r} (576-65535)")
         if not isinstance(masq_mark, int) or masq_mark <= 0 or masq_mark.bit_count() != 1 \
@@ -321,6 +328,9 @@ class SystemSetup:
             _remove_table(self.nft, self.table, "leftover ")
             with _step(f"creating TUN device {self.tun_name}"):
                 self.fd, _ = open_tun(self.tun_name, vnet_hdr=self.vnet_hdr)
+            if self.tun_offload:
+                with _step(f"turning on offloads of TUN device {self.tun_name}"):
+                    self.offload = set_offload(self.fd)
             with IPRoute() as ipr, _step(f"setting up TUN device {self.tun_name}"):
                 idxs = ipr.link_lookup(ifname=self.tun_name)
                 if not idxs:
@@ -329,8 +339,8 @@ class SystemSetup:
                 self._configure_link(ipr, addrs)
                 for net in nets:
                     self._add_route(ipr, net)
-        log.info("TUN %s up: mtu %d, addresses %s, %d routes", self.tun_name, self.mtu,
-                 " ".join(map(str, addrs)), len(nets))
+        log.info("TUN %s up: mtu %d, offload %s, addresses %s, %d routes", self.tun_name,
+                 self.mtu, self.offload, " ".join(map(str, addrs)), len(nets))
         return self.fd
 
     def _configure_link(self, ipr: IPRoute, addrs: list[IPAddress]) -> None:

@@ -3,7 +3,8 @@
     inet ns: the "internet" — a router between the nodes, dnsmasq on 198.51.100.53,
              a web server on 198.51.100.10 / 2001:db8:100::10 that answers with the
              address it sees the request from (/bytes/N: N zero bytes, /pattern/N: N
-             bytes of PAGE_PATTERN repeated), iperf3.
+             bytes of PAGE_PATTERN repeated; POST /digest: the length and SHA-256 of
+             the body), iperf3.
     one ns per node: a veth to inet (203.0.113.4i+2/30, 2001:db8:i::2/64, default
              route via inet), its underlay endpoint 192.0.2.i on lo, conn25d, and
              a key pair of its own (the private key where `up` looks by default,
@@ -53,9 +54,23 @@ FLUSH_CONNTRACK = ("from pyroute2 import NFCTSocket\n"
                    "with NFCTSocket() as s:\n    s.flush()\n")
 
 WEB_SERVER = r"""
-import http.server, socket, sys, time
+import hashlib, http.server, socket, sys, time
 PATTERN = @PAGE_PATTERN@
 class H(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):  # /digest: the body's length and SHA-256, "N HEX"
+        n = int(self.headers.get("Content-Length", 0))
+        h, left = hashlib.sha256(), n
+        while left > 0:
+            chunk = self.rfile.read(min(left, 1 << 20))
+            if not chunk:
+                break
+            h.update(chunk)
+            left -= len(chunk)
+        body = f"{n - left} {h.hexdigest()}\n".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
     def do_GET(self):
         if self.path.startswith("/pattern/"):  # /pattern/N: N bytes of PATTERN, repeated
             n = int(self.path[9:])
@@ -185,15 +200,27 @@ def tailnet_file(nodes: tuple[NodeSpec, ...]) -> str:
 ORIGINAL_RESOLV_CONF = f"# the test internet's resolver\nnameserver {DNS4}\n"
 
 
+def tun_offload_default() -> bool:
+    """Whether testbed nodes run with --tun-offload: CONN25_TUN_OFFLOAD=1 in the
+    environment (so the end-to-end suite can run with the TUN offloads on)."""
+    value = os.environ.get("CONN25_TUN_OFFLOAD", "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"CONN25_TUN_OFFLOAD must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
 class Testbed:
     __test__ = False  # not a pytest test class
     # The nodes manage their namespace's resolv.conf (--accept-dns). False: it says
     # "nameserver 100.100.100.100" throughout and nodes run with --accept-dns=false.
     node_dns = True
 
-    def __init__(self, workdir: Path, nodes: tuple[NodeSpec, ...] = DEFAULT_NODES) -> None:
+    def __init__(self, workdir: Path, nodes: tuple[NodeSpec, ...] = DEFAULT_NODES, *,
+                 tun_offload: bool | None = None) -> None:
         self.workdir = Path(workdir)
         self.specs = {n.name: n for n in nodes}
+        # Every node's `up` gets --tun-offload (None: tun_offload_default()).
+        self.tun_offload = tun_offload_default() if tun_offload is None else tun_offload
         self.ns: dict[str, Netns] = {}
         self.procs: dict[str, subprocess.Popen] = {}
         self._etc: list[Path] = []
@@ -312,6 +339,8 @@ class Testbed:
                 "--log-level", "debug", *self._dns_args(name), *extra]
         if spec.connector:
             args.append("--advertise-connector")
+        if self.tun_offload:
+            args.append("--tun-offload")
         log = open(self.workdir / f"{name}.log", "a")  # noqa: SIM115 (kept by the process)
         proc = self.ns[name].popen(*args, stdout=log, stderr=subprocess.STDOUT,
                                    env=None if env is None else {**os.environ, **env})
