@@ -54,10 +54,13 @@ NAT_TABLE = "c25bench_nat"
 
 # n<i>.<domain> resolves, through the path's DNS, to the path's target (dnsmasq wildcards);
 # only the conn25d path's domain is an app domain (the tailnet's *.example.com).
+# conn25d_offload's names are apps' too, but not conn25d's: each path's first names are fresh.
 DOMAINS = {"kernel": "direct.example.net", "kernel_nat": "nat.example.net",
-           "conn25d": "app.example.com", "wireguard_go": "wg.example.net"}
+           "conn25d": "app.example.com", "wireguard_go": "wg.example.net",
+           "conn25d_offload": "app2.example.com"}
 LABELS = {"kernel": "(a) kernel routing", "kernel_nat": "(b) kernel NAT (nftables)",
-          "conn25d": "(c) conn25d", "wireguard_go": "(d) wireguard-go"}
+          "conn25d": "(c) conn25d", "wireguard_go": "(d) wireguard-go",
+          "conn25d_offload": "(e) conn25d --tun-offload"}
 PATHS = tuple(LABELS)
 
 
@@ -166,7 +169,8 @@ class Bench(Testbed):
     def path(self, key: str) -> Iterator[BenchPath]:
         """Set up path `key`, yield it, and take it down again (also on failure)."""
         setup = {"kernel": self._kernel, "kernel_nat": self._kernel_nat,
-                 "conn25d": self._conn25d, "wireguard_go": self._wireguard}[key]
+                 "conn25d": self._conn25d, "wireguard_go": self._wireguard,
+                 "conn25d_offload": lambda: self._conn25d("conn25d_offload")}[key]
         with setup() as p:
             yield p
 
@@ -211,17 +215,19 @@ table ip {NAT_TABLE} {{
             self._forwarding(False)
 
     @contextlib.contextmanager
-    def _conn25d(self) -> Iterator[BenchPath]:
+    def _conn25d(self, key: str = "conn25d") -> Iterator[BenchPath]:
         self._resolver(QUAD100)
+        flags = ("--tun-offload",) if key == "conn25d_offload" else ()
         try:
             # The default log level, as a user runs it (Testbed.start's debug is overridden).
-            procs = [self.start(n.name, "--log-level", "info") for n in (CONNECTOR, CLIENT)]
+            procs = [self.start(n.name, "--log-level", "info", *flags)
+                     for n in (CONNECTOR, CLIENT)]
             # The first answer may wait for the client's first health check of the connector.
-            magic = wait_for(lambda: self._try_resolve(f"iperf.{DOMAINS['conn25d']}"), 20,
+            magic = wait_for(lambda: self._try_resolve(f"iperf.{DOMAINS[key]}"), 20,
                              "the client's conn25d to answer for an app name")
             if ipaddress.ip_address(magic) not in MAGIC_NET:
                 raise RuntimeError(f"app name resolved to {magic}, not a magic IP")
-            yield BenchPath("conn25d", str(magic), DOMAINS["conn25d"], tuple(p.pid for p in procs))
+            yield BenchPath(key, str(magic), DOMAINS[key], tuple(p.pid for p in procs))
         finally:
             for name in (CLIENT.name, CONNECTOR.name):
                 if name in self.procs and (rc := self.stop(name)) != 0:
