@@ -23,7 +23,7 @@ import socket
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 import trio
@@ -53,7 +53,6 @@ from .system import (
     SystemSetupError,
     release_freed_memory,
     replace_file,
-    write_temporary,
 )
 from .tailnetfile import load_file
 
@@ -62,7 +61,6 @@ if TYPE_CHECKING:  # a client's alone: imported when the node has apps to map
     from .dns_server import DNSServer
 
 log = logging.getLogger("conn25d")
-_T = TypeVar("_T")
 
 PERSIST_DEBOUNCE = 0.2  # seconds from a change to the state files' write, at least
 
@@ -490,20 +488,12 @@ class Node:
             await self._dirty.wait()
             await trio.sleep(pause)  # debounce: one write for a burst of changes
             self._dirty = trio.Event()
-            # The snapshots are written here, where nothing changes under them; the
-            # renames (a journal commit each: 0.7 ms on an idle ext4, several under
-            # load) go to a thread, so DNS answers and peer API requests do not wait
-            # behind them. A snapshot holds the loop in proportion to the mappings
-            # (100,000 on a connector: a good part of a second), so the pause before
-            # the next grows with it: saving takes at most a tenth of the loop.
+            # A snapshot holds the loop in proportion to what it saves (100,000 mappings
+            # on a connector: a good part of a second), so the pause before the next one
+            # grows with it: saving takes at most a tenth of the loop.
             started = trio.current_time()
-            written = self._snapshots(write_temporary)
+            self._save_assignments()
             pause = max(PERSIST_DEBOUNCE, 9 * (trio.current_time() - started))
-            for tmp, path in written:
-                try:
-                    await trio.to_thread.run_sync(tmp.replace, path)
-                except OSError as e:
-                    log.error("cannot save %s: %s", path, e)
 
     async def _watch_config(self, system: SystemSetup) -> None:
         while True:
@@ -615,26 +605,18 @@ class Node:
 
     def _save_assignments(self) -> None:
         """Assignments and, on a connector, its mappings, to the state dir."""
-        self._snapshots(replace_file)
-
-    def _snapshots(self, write: Callable[[Path, bytes | Iterable[bytes]], _T]
-                   ) -> list[tuple[_T, Path]]:
-        """``write(path, snapshot)`` for each state file: the assignments and, on a
-        connector, its mappings; what each gave, with its path (a failure is logged)."""
         if not hasattr(self, "assignments"):
-            return []
+            return
         files: list[tuple[str, Callable[[], bytes | Iterable[bytes]]]] = [
             (ASSIGNMENTS_FILE, self.assignments.snapshot)]
         if self.connector is not None:  # in pieces: it may hold 100,000 mappings
             files.append((CONNECTOR_FILE, self.connector.snapshot_chunks))
-        done: list[tuple[_T, Path]] = []
         for name, snapshot in files:
             path = self.options.state_path / name
             try:
-                done.append((write(path, snapshot()), path))
+                replace_file(path, snapshot())
             except OSError as e:
                 log.error("cannot save %s: %s", path, e)
-        return done
 
 
 class ServiceManager(Protocol):

@@ -149,12 +149,6 @@ def _undone_on_failure(undo: Callable[[], None]) -> Iterator[None]:
 def replace_file(path: Path, data: bytes | Iterable[bytes]) -> None:
     """Write ``data`` (or its pieces, in order) to ``path`` through a temporary file,
     so that a crash leaves either the old content or the new one, never half of it."""
-    write_temporary(path, data).replace(path)
-
-
-def write_temporary(path: Path, data: bytes | Iterable[bytes]) -> Path:
-    """The first half of :func:`replace_file`: ``data`` in the temporary file that
-    renaming over ``path`` completes. Returns that file."""
     tmp = path.with_suffix(".tmp")
     with open(tmp, "wb") as f:
         if isinstance(data, bytes):
@@ -162,7 +156,7 @@ def write_temporary(path: Path, data: bytes | Iterable[bytes]) -> Path:
         else:
             for piece in data:
                 f.write(piece)
-    return tmp
+    tmp.replace(path)
 
 
 def release_freed_memory() -> None:
