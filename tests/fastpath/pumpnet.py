@@ -1,5 +1,6 @@
 """What the pump tests and the pump benchmark share: two bare datapath nodes
-(tests/fastpath_node.py) in namespaces, and small socket helpers.
+(tests/fastpath_node.py) in namespaces, a datapath on sockets that stand in
+for its TUN and its peer (SocketRig), and small socket helpers.
 
 client ns (192.0.2.1) ==veth== connector ns (192.0.2.2; "server" 203.0.113.10 on its lo)
 The client maps MAGIC -> TRANSIT with the connector, which maps it to REAL.
@@ -16,10 +17,13 @@ import select
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pytest
+
 import wgsessions
+from conn25.fastpath import Datapath
 from conn25.lab.netns import Netns, link
 
 NODE = str(Path(__file__).with_name("fastpath_node.py"))
@@ -35,6 +39,40 @@ def recv(sock: socket.socket, timeout: float = 5.0) -> bytes:
     ready, _, _ = select.select([sock], [], [], timeout)
     assert ready, "nothing arrived within the deadline"
     return sock.recv(70000)
+
+
+class SocketRig:
+    """A datapath whose TUN is one end of a datagram socketpair (the test holds the
+    other, `kernel`, in the local stack's place) and whose overlay socket and peer (the
+    test plays the peer's end of the session on it) are on loopback. `close` stops
+    the datapath and closes every socket, for a fixture's finalizer."""
+
+    def __init__(self, dp: Datapath) -> None:
+        self.kernel, self.tun = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.overlay = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.overlay.bind(("127.0.0.1", 0))
+        self.peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.peer.bind(("127.0.0.1", 0))
+        self.dp = dp
+
+    def close(self) -> None:
+        self.dp.stop()
+        for s in (self.kernel, self.tun, self.overlay, self.peer):
+            s.close()
+
+
+def rig_fixture(make: Callable[[], SocketRig]) -> Callable[[], Iterator[SocketRig]]:
+    """A pytest fixture giving each test a fresh ``make()``, closed after it."""
+
+    @pytest.fixture
+    def rig() -> Iterator[SocketRig]:
+        r = make()
+        try:
+            yield r
+        finally:
+            r.close()
+
+    return rig
 
 
 def start_node(ns: Netns, cfg: dict) -> subprocess.Popen:

@@ -15,8 +15,7 @@ import socket
 import struct
 import time
 
-import pytest
-from pumpnet import ip
+from pumpnet import SocketRig, ip, rig_fixture
 from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import IPv6, IPv6ExtHdrHopByHop
 
@@ -75,19 +74,14 @@ def segments(payload: bytes, mss: int, *, v6: bool, seq: int, ip_id: int,
     return out
 
 
-class Rig:
+class Rig(SocketRig):
     """A client datapath on a TUN stand-in with virtio-net headers; MAGIC -> TRANSIT at
     peer 2, whose end of the session the test plays on a loopback socket."""
 
     def __init__(self) -> None:
-        self.app, self.tun = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.overlay = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.overlay.bind(("127.0.0.1", 0))
-        self.peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.peer.bind(("127.0.0.1", 0))
-        for s in (self.app, self.tun, self.peer):
+        super().__init__(Datapath(client=True))
+        for s in (self.kernel, self.tun, self.peer):
             force_buffers(s)
-        self.dp = Datapath(client=True)
         t = self.dp.tables
         t.set_local([ip(CLIENT), ip(CLIENT6)])
         t.set_peer(2, ip("127.0.0.1"), self.peer.getsockname()[1],
@@ -114,19 +108,8 @@ class Rig:
             out.append(self.remote.open(self.peer.recv(70000)))
         return out
 
-    def close(self) -> None:
-        self.dp.stop()
-        for s in (self.app, self.tun, self.overlay, self.peer):
-            s.close()
 
-
-@pytest.fixture
-def rig():
-    r = Rig()
-    try:
-        yield r
-    finally:
-        r.close()
+rig = rig_fixture(Rig)
 
 
 def wait_counters(dp: Datapath, **want: int) -> dict:
@@ -147,7 +130,7 @@ def test_super_packets_are_split_translated_and_sent_as_gso_runs_past_a_full_are
     for k in range(n):
         payload = bytes((k + i) % 251 for i in range(size))
         seq, ip_id = 1000 + k * size, 7 + k * 43
-        rig.app.send(as_read(tcp(payload, v6=False, seq=seq, ip_id=ip_id, flags="PA"), mss))
+        rig.kernel.send(as_read(tcp(payload, v6=False, seq=seq, ip_id=ip_id, flags="PA"), mss))
         want += segments(payload, mss, v6=False, seq=seq, ip_id=ip_id)
     rig.start()
     assert rig.received(len(want)) == want
@@ -165,7 +148,7 @@ def test_small_segments_fill_the_send_batch_and_take_several_gso_messages(rig):
     for k in range(n):
         payload = bytes((k * 3 + i) % 251 for i in range(size))
         seq = 2**32 - 5000 + k * size  # wraps
-        rig.app.send(as_read(tcp(payload, v6=True, seq=seq % 2**32, flags="PA"), mss))
+        rig.kernel.send(as_read(tcp(payload, v6=True, seq=seq % 2**32, flags="PA"), mss))
         want += segments(payload, mss, v6=True, seq=seq, ip_id=0)
     rig.start()
     assert rig.received(len(want)) == want
@@ -185,7 +168,7 @@ def test_bad_super_packets_are_dropped_by_reason_and_partial_checksums_completed
     partial = bytearray(as_read(small, 0))
     partial[1] = 0  # gso_type none
     for msg in (bad_type, bad_len, ext6, bytes(partial)):
-        rig.app.send(msg)
+        rig.kernel.send(msg)
     rig.start()
     [got] = rig.received(1)
     assert got == tcp(b"z" * 300, v6=False, seq=9, flags="PA", sport=40001, dst=TRANSIT)

@@ -14,8 +14,7 @@ connector; the peer (the client) sends echo requests to a transit IP.
 import select
 import socket
 
-import pytest
-from pumpnet import ip, recv
+from pumpnet import SocketRig, ip, recv, rig_fixture
 from scapy.layers.inet import ICMP, IP
 
 import wgsessions
@@ -36,15 +35,10 @@ def reply(seq: int) -> bytes:
     return bytes(IP(src=REAL, dst=CLIENT) / ICMP(type=0, id=ECHO_ID, seq=seq) / b"ping")
 
 
-class Rig:
+class Rig(SocketRig):
     def __init__(self) -> None:
-        self.kernel, self.tun = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.overlay = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.overlay.bind(("127.0.0.1", 0))
-        self.peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # plays the client
-        self.peer.bind(("127.0.0.1", 0))
-        self.peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        self.dp = Datapath(client=False, connector=True)
+        super().__init__(Datapath(client=False, connector=True))
+        self.peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)  # plays the client
         t = self.dp.tables
         t.set_local([ip("100.64.0.2")])
         t.set_peer(1, ip("127.0.0.1"), self.peer.getsockname()[1], [ip(CLIENT)])
@@ -56,19 +50,8 @@ class Rig:
         """`packet` (b"": a keepalive) from the client, sealed under its session."""
         self.peer.sendto(self.remote.seal(packet), self.overlay.getsockname())
 
-    def close(self) -> None:
-        self.dp.stop()
-        for s in (self.kernel, self.tun, self.overlay, self.peer):
-            s.close()
 
-
-@pytest.fixture
-def rig():
-    r = Rig()
-    try:
-        yield r
-    finally:
-        r.close()
+rig = rig_fixture(Rig)
 
 
 def assert_reply(remote: wgsessions.Remote, dg: bytes, seq: int) -> None:
