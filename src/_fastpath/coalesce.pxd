@@ -45,6 +45,16 @@ cdef struct CoBuf:
     uint8_t closed                  # nothing more may be appended (PSH, a short segment)
 
 
+# The virtio-net header's fields are little-endian.
+cdef inline uint16_t vnet_rd16(const uint8_t *p) noexcept nogil:
+    return <uint16_t>(p[0] | (<uint16_t>p[1] << 8))
+
+
+cdef inline void vnet_wr16(uint8_t *p, uint16_t v) noexcept nogil:
+    p[0] = <uint8_t>v
+    p[1] = <uint8_t>(v >> 8)
+
+
 cdef int co_init(CoBuf *b) noexcept nogil
 cdef void co_free(CoBuf *b) noexcept nogil
 cdef bint co_push(CoBuf *b, int tun_fd, uint64_t *counters, const uint8_t *p,

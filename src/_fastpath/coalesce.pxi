@@ -6,15 +6,6 @@ from libc.string cimport memcmp, memcpy, memset
 from posix.unistd cimport write
 
 
-cdef inline uint32_t _co_rd32(const uint8_t *p) noexcept nogil:
-    return (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | p[3]
-
-
-cdef inline void _co_le16(uint8_t *p, uint16_t v) noexcept nogil:
-    p[0] = <uint8_t>v
-    p[1] = <uint8_t>(v >> 8)
-
-
 cdef int co_init(CoBuf *b) noexcept nogil:
     memset(b, 0, sizeof(CoBuf))
     b.buf = <uint8_t *>malloc(VNET_HDR + 65536)
@@ -99,7 +90,7 @@ cdef inline bint _co_joins(CoBuf *b, const uint8_t *p, int family, uint16_t l3, 
     elif memcmp(p, q, 4) != 0 or p[7] != q[7] or memcmp(p + 8, q + 8, 32) != 0:
         return False
     # Ports, the sequence number where the last segment ended, ack, window, options.
-    return (memcmp(t, u, 4) == 0 and _co_rd32(t + 4) == b.next_seq
+    return (memcmp(t, u, 4) == 0 and pk_rd32(t + 4) == b.next_seq
             and memcmp(t + 8, u + 8, 4) == 0 and memcmp(t + 14, u + 14, 2) == 0
             and memcmp(t + 20, u + 20, l4 - 20) == 0)
 
@@ -137,7 +128,7 @@ cdef bint co_push(CoBuf *b, int tun_fd, uint64_t *counters, const uint8_t *p,
     b.l3len = l3
     b.l4len = l4
     b.mss = <uint16_t>payload
-    b.next_seq = _co_rd32(p + l3 + 4) + <uint32_t>payload
+    b.next_seq = pk_rd32(p + l3 + 4) + <uint32_t>payload
     b.closed = False
     return True
 
@@ -170,10 +161,10 @@ cdef void co_flush(CoBuf *b, int tun_fd, uint64_t *counters) noexcept nogil:
         pk_wr16(q + b.l3len + 16, cs_fold(s))
         h[0] = VNET_F_NEEDS_CSUM
         h[1] = VNET_GSO_TCPV4 if b.family == 4 else VNET_GSO_TCPV6
-        _co_le16(h + 2, b.l3len + b.l4len)
-        _co_le16(h + 4, b.mss)
-        _co_le16(h + 6, b.l3len)
-        _co_le16(h + 8, 16)
+        vnet_wr16(h + 2, b.l3len + b.l4len)
+        vnet_wr16(h + 4, b.mss)
+        vnet_wr16(h + 6, b.l3len)
+        vnet_wr16(h + 8, 16)
     if _co_write(tun_fd, counters, h, VNET_HDR + b.len):
         counters[C_TUN_TX] += b.nseg
         if b.nseg > 1:

@@ -110,6 +110,11 @@ cdef inline void pk_wr16(uint8_t *p, uint16_t v) noexcept nogil:
     p[1] = <uint8_t>(v & 0xFF)
 
 
+cdef inline void pk_wr32(uint8_t *p, uint32_t v) noexcept nogil:
+    pk_wr16(p, <uint16_t>(v >> 16))
+    pk_wr16(p + 2, <uint16_t>v)
+
+
 cdef int pk_parse(const uint8_t *p, Py_ssize_t n, Parsed *out) noexcept nogil
 cdef void pk_error_flow_key(const Parsed *pk, FlowKey *out) noexcept nogil
 

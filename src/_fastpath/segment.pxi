@@ -5,20 +5,9 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t
 from libc.string cimport memcpy
 
 
-cdef inline uint16_t _sg_le16(const uint8_t *p) noexcept nogil:
-    return <uint16_t>(p[0] | (<uint16_t>p[1] << 8))
-
-
-cdef inline void _sg_wr32(uint8_t *p, uint32_t v) noexcept nogil:
-    p[0] = <uint8_t>(v >> 24)
-    p[1] = <uint8_t>(v >> 16)
-    p[2] = <uint8_t>(v >> 8)
-    p[3] = <uint8_t>v
-
-
 cdef int _sg_complete(const uint8_t *vh, uint8_t *p, Py_ssize_t n) noexcept nogil:
     """Complete the partial checksum of a packet that is not GSO, in place."""
-    cdef Py_ssize_t start = _sg_le16(vh + 6), at = start + _sg_le16(vh + 8)
+    cdef Py_ssize_t start = vnet_rd16(vh + 6), at = start + vnet_rd16(vh + 8)
     cdef uint16_t c
     if start >= n or at + 2 > n:
         return SG_E_HEADER
@@ -34,7 +23,7 @@ cdef int sg_parse(const uint8_t *vh, uint8_t *p, Py_ssize_t n, SgState *s) noexc
     SG_SPLIT (s is set up for sg_next), or SG_E_* (drop it)."""
     cdef uint8_t flags = vh[0]
     cdef uint8_t gtype = vh[1] & ~VNET_GSO_ECN
-    cdef uint16_t gso_size = _sg_le16(vh + 4)
+    cdef uint16_t gso_size = vnet_rd16(vh + 4)
     cdef bint partial = (flags & VNET_F_NEEDS_CSUM) != 0
     cdef Py_ssize_t l3, l4
     cdef uint8_t proto, want
@@ -87,7 +76,7 @@ cdef int sg_parse(const uint8_t *vh, uint8_t *p, Py_ssize_t n, SgState *s) noexc
             return SG_E_PACKET
     if l3 + l4 >= n:  # no payload to split (or headers longer than the packet)
         return SG_E_PACKET
-    if partial and (_sg_le16(vh + 6) != l3 or _sg_le16(vh + 8) != (16 if want == IPP_TCP else 6)):
+    if partial and (vnet_rd16(vh + 6) != l3 or vnet_rd16(vh + 8) != (16 if want == IPP_TCP else 6)):
         return SG_E_HEADER
     s.p = p
     s.n = n
@@ -132,7 +121,7 @@ cdef Py_ssize_t sg_next(SgState *s, uint8_t *out) noexcept nogil:
     pseudo += s.proto + <uint32_t>l4len
     t = out + s.l3len
     if s.proto == IPP_TCP:
-        _sg_wr32(t + 4, s.seq + <uint32_t>(s.off - s.hlen))
+        pk_wr32(t + 4, s.seq + <uint32_t>(s.off - s.hlen))
         if not last:
             t[13] &= ~0x09  # FIN, PSH: the last segment's
         if s.index:

@@ -56,6 +56,13 @@ cdef inline void *_tb_val_ptr(const TbVal *v) noexcept nogil:
     return p
 
 
+cdef inline TbPeer *_tb_ref_peer(const TbRef *r) noexcept nogil:
+    """The record a peers-map entry holds, read in place (see _tb_val_ptr)."""
+    cdef void *p
+    memcpy(&p, r.addr, sizeof(void *))
+    return <TbPeer *>p
+
+
 cdef inline void _tb_val_set_ptr(TbVal *v, void *p) noexcept nogil:
     memcpy(v.addr, &p, sizeof(void *))
 
@@ -225,13 +232,11 @@ cdef inline uint32_t _tb_count(const TbMap *m) noexcept nogil:
     return m.h4.count + m.h6.count
 
 
-cdef bint _tb_find(TbMap *m, const TbKey *k, uint64_t seed, TbRef *r) noexcept nogil:
-    """Whether `k` is in the map; its entry's fields in *r if so."""
-    cdef uint8_t key4[8]
-    cdef const uint8_t *key = _tb_packed(k, key4)
-    cdef uint32_t h = _tb_hash(key, k.family, seed)
+cdef bint _tb_find_packed(TbMap *m, uint8_t family, const uint8_t *key, uint32_t h,
+                          TbRef *r) noexcept nogil:
+    """_tb_find for a key already packed (_tb_packed) and hashed."""
     cdef int64_t i
-    if k.family == 4:
+    if family == 4:
         i = _th_find(&m.h4, key, h)
         if i >= 0:
             _th_ref(&m.h4, <uint32_t>i, r)
@@ -240,6 +245,13 @@ cdef bint _tb_find(TbMap *m, const TbKey *k, uint64_t seed, TbRef *r) noexcept n
         if i >= 0:
             _th_ref(&m.h6, <uint32_t>i, r)
     return i >= 0
+
+
+cdef inline bint _tb_find(TbMap *m, const TbKey *k, uint64_t seed, TbRef *r) noexcept nogil:
+    """Whether `k` is in the map; its entry's fields in *r if so."""
+    cdef uint8_t key4[8]
+    cdef const uint8_t *key = _tb_packed(k, key4)
+    return _tb_find_packed(m, k.family, key, _tb_hash(key, k.family, seed), r)
 
 
 cdef int _tb_reserve(TbMap *m, uint8_t family, uint32_t extra) noexcept nogil:
@@ -259,17 +271,17 @@ cdef int _tb_put(TbMap *m, const TbKey *k, const TbVal *v, uint64_t seed,
     """Insert or replace; 1 if it replaced (previous value in *old), 0 if new,
     -1 if out of memory (nothing changed)."""
     cdef TbRef r
-    if _tb_find(m, k, seed, &r):
+    cdef uint8_t key4[8]
+    cdef const uint8_t *key = _tb_packed(k, key4)
+    cdef uint32_t h = _tb_hash(key, k.family, seed)
+    cdef uint32_t i
+    if _tb_find_packed(m, k.family, key, h, &r):
         if old != NULL:
             _tb_ref_get(&r, old)
         _tb_ref_set(&r, v)
         return 1
     if _tb_reserve(m, k.family, 1) < 0:
         return -1
-    cdef uint8_t key4[8]
-    cdef const uint8_t *key = _tb_packed(k, key4)
-    cdef uint32_t h = _tb_hash(key, k.family, seed)
-    cdef uint32_t i
     if k.family == 4:
         i = _th_place(&m.h4, h)
         memcpy(m.h4.slots[i].key, key, 8)
@@ -410,13 +422,13 @@ cdef void tb_free(TablesC *t) noexcept nogil:
         return
     cdef uint32_t i
     cdef TbRef r
-    cdef TbVal v
+    cdef TbPeer *rec
     for i in range(t.peers.h6.mask + 1):  # ids are in the wide half
         if t.peers.h6.slots[i].hash:
             _th_ref(&t.peers.h6, i, &r)
-            _tb_ref_get(&r, &v)
-            ss_free_staged(&(<TbPeer *>_tb_val_ptr(&v)).wg.staged)
-            free(_tb_val_ptr(&v))
+            rec = _tb_ref_peer(&r)
+            ss_free_staged(&rec.wg.staged)
+            free(rec)
     pthread_mutex_destroy(&t.lock)
     _tb_free_maps(t)
     free(t.magic_ranges)
@@ -550,12 +562,8 @@ cdef TbPeer *tb_peer_locked(TablesC *t, uint32_t peer) noexcept nogil:
     """The record of `peer` (NULL if none); the caller holds t.lock."""
     cdef TbKey k
     cdef TbRef r
-    cdef TbVal v
     _tb_key(&k, 0, NULL, NULL, peer)
-    if not _tb_find(&t.peers, &k, t.seed, &r):
-        return NULL
-    _tb_ref_get(&r, &v)
-    return <TbPeer *>_tb_val_ptr(&v)
+    return _tb_ref_peer(&r) if _tb_find(&t.peers, &k, t.seed, &r) else NULL
 
 
 cdef bint tb_source_ok(TablesC *t, uint32_t peer, uint8_t family,
@@ -739,8 +747,7 @@ cdef int tb_set_peer(TablesC *t, uint32_t peer, TbPeer *rec, TbPeer **old) noexc
         return -1
     # From here on nothing allocates, so the update cannot fail half-way.
     if _tb_find(&t.peers, &kp, t.seed, &r):
-        _tb_ref_get(&r, &v)
-        prev = <TbPeer *>_tb_val_ptr(&v)
+        prev = _tb_ref_peer(&r)
         ss_carry(&rec.wg, &prev.wg)
         for i in range(prev.n_overlay):
             _tb_key(&kr, prev.ov_family[i], prev.ov_addr[i], NULL, 0)

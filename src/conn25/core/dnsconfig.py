@@ -130,14 +130,24 @@ _STUB_FILES = ("/run/systemd/resolve/stub-resolv.conf", "/usr/lib/systemd/resolv
                "/lib/systemd/resolv.conf")
 
 
+def nameservers(data: bytes) -> list[tuple[int, str]]:
+    """The ``nameserver`` lines of resolv.conf text ``data``: (line number, the
+    address as written), in file order."""
+    out: list[tuple[int, str]] = []
+    for number, line in enumerate(data.decode("utf-8", "replace").splitlines(), 1):
+        fields = line.split()
+        if len(fields) >= 2 and fields[0] == "nameserver":
+            out.append((number, fields[1]))
+    return out
+
+
 def through_resolved(path: str, state: FileState) -> bool:
     """The system's resolver asks resolved's stub, which routes names per link: a symlink
     to a stub file, or a file whose nameservers are resolved's stubs alone. (A symlink to
     /run/systemd/resolve/resolv.conf, resolved's list of its upstreams, bypasses it.)"""
     if state.kind == "symlink" and state.link is not None:
         return link_target(path, state.link) in _STUB_FILES
-    servers = [line.split()[1] for line in (state.data or b"").decode("utf-8", "replace")
-               .splitlines() if line.split()[:1] == ["nameserver"] and len(line.split()) > 1]
+    servers = [s for _, s in nameservers(state.data or b"")]
     return bool(servers) and all(s in RESOLVED_STUBS for s in servers)
 
 

@@ -34,6 +34,7 @@ import trio
 from dnslib import RCODE
 
 from ..core.dnscache import ForwardCache
+from ..core.dnsconfig import nameservers
 from ..core.dnsquery import (
     MAX_MESSAGE,
     DNSMapError,
@@ -98,25 +99,20 @@ def upstreams_from_resolv_conf(
     ``--accept-dns`` replaced.
     """
     skip = {parse_address(a) for a in exclude}
-    if data is not None:
-        lines = data.decode("utf-8", "replace").splitlines()
-    else:
+    if data is None:
         try:
-            with open(path, encoding="utf-8", errors="replace") as f:
-                lines = f.readlines()
+            with open(path, "rb") as f:
+                data = f.read()
         except FileNotFoundError:
             return []
     out: list[Upstream] = []
     seen: set[IPAddress] = set()
-    for number, line in enumerate(lines, 1):
-        fields = line.split()
-        if len(fields) < 2 or fields[0] != "nameserver":
-            continue
+    for number, text in nameservers(data):
         try:
-            addr = ipaddress.ip_address(fields[1])
+            addr = ipaddress.ip_address(text)
         except ValueError:
             log.warning("%s:%d: nameserver %r is not an IP address, ignored", path, number,
-                        fields[1])
+                        text)
             continue
         # A scoped (link-local) address keeps its %zone for connect(); compare without it.
         bare = ipaddress.ip_address(str(addr).partition("%")[0])
