@@ -1,6 +1,7 @@
 """The node's changes to the system: the TUN device and its addresses, MTU and
-routes (pyroute2), and on a connector IP forwarding (/proc/sys) plus an
-nftables table of its own (``nft -f -``).
+routes (pyroute2, in a short-lived helper process: ``netlink_helper``), and on
+a connector IP forwarding (/proc/sys) plus an nftables table of its own
+(``nft -f -``).
 
 Everything made here is undone by :meth:`SystemSetup.close`; a failed
 :meth:`SystemSetup.open` undoes its own partial work before raising.
@@ -68,7 +69,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..core.iprange import IPAddress, IPNetwork
-from .netlink import IPRoute, NetlinkError
+from .netlink_helper import Netlink, NetlinkError
 from .tun import OFFLOAD_OFF, open_tun, set_offload
 
 log = logging.getLogger("conn25d.system")
@@ -317,15 +318,15 @@ class SystemSetup:
         if self.mtu < IPV6_MIN_MTU and any(a.version == 6 for a in [*addrs, *nets]):
             raise ValueError(f"MTU {self.mtu} is below IPv6's minimum {IPV6_MIN_MTU}")
         self._opened = True
-        with _undone_on_failure(self.close):
-            self._remove_stale_device()
+        with _undone_on_failure(self.close), Netlink() as ipr:
+            self._remove_stale_device(ipr)
             _remove_table(self.nft, self.table, "leftover ")
             with _step(f"creating TUN device {self.tun_name}"):
                 self.fd, _ = open_tun(self.tun_name, vnet_hdr=self.vnet_hdr)
             if self.tun_offload:
                 with _step(f"turning on offloads of TUN device {self.tun_name}"):
                     self.offload = set_offload(self.fd)
-            with IPRoute() as ipr, _step(f"setting up TUN device {self.tun_name}"):
+            with _step(f"setting up TUN device {self.tun_name}"):
                 idxs = ipr.link_lookup(ifname=self.tun_name)
                 if not idxs:
                     raise OSError(f"device {self.tun_name} vanished after creation")
@@ -337,7 +338,7 @@ class SystemSetup:
                  self.mtu, self.offload, " ".join(map(str, addrs)), len(nets))
         return self.fd
 
-    def _configure_link(self, ipr: IPRoute, addrs: list[IPAddress]) -> None:
+    def _configure_link(self, ipr: Netlink, addrs: list[IPAddress]) -> None:
         idx, name = self.index, self.tun_name
         if any(a.version == 6 for a in addrs):
             # No link-local address of its own: the TUN carries only overlay traffic.
@@ -356,7 +357,7 @@ class SystemSetup:
                 ipr.addr("add", index=idx, address=str(a), prefixlen=a.max_prefixlen,
                          **({"flags": IFA_F_NODAD} if a.version == 6 else {}))
 
-    def _add_route(self, ipr: IPRoute, net: IPNetwork) -> None:
+    def _add_route(self, ipr: Netlink, net: IPNetwork) -> None:
         with _step(f"adding route {net} via {self.tun_name}",
                    {errno.EEXIST: "a route to it exists already, through another device?"}):
             ipr.route("add", dst=str(net), oif=self.index, proto=RT_PROTO, table=MAIN_TABLE)
@@ -364,7 +365,11 @@ class SystemSetup:
     def routes(self) -> list[IPNetwork]:
         """Our routes through the TUN as the kernel has them now."""
         self._need_open()
-        with IPRoute() as ipr, _step(f"listing routes of {self.tun_name}"):
+        with Netlink() as ipr:
+            return self._routes(ipr)
+
+    def _routes(self, ipr: Netlink) -> list[IPNetwork]:
+        with _step(f"listing routes of {self.tun_name}"):
             return sorted((_route_key(r) for r in ipr.route("dump", proto=RT_PROTO)
                            if r.get_attr("RTA_OIF") == self.index
                            and r.get_attr("RTA_TABLE") == MAIN_TABLE),
@@ -376,9 +381,9 @@ class SystemSetup:
         removed again and the old set stays."""
         self._need_open()
         want = set(self._networks(routes))
-        have = set(self.routes())
-        added: list[IPNetwork] = []
-        with IPRoute() as ipr:
+        with Netlink() as ipr:
+            have = set(self._routes(ipr))
+            added: list[IPNetwork] = []
             try:
                 for net in sorted(want - have, key=lambda n: (n.version, n)):
                     self._add_route(ipr, net)
@@ -392,7 +397,7 @@ class SystemSetup:
         if want != have:
             log.info("routes via %s: +%d -%d", self.tun_name, len(want - have), len(have - want))
 
-    def _del_route(self, ipr: IPRoute, net: IPNetwork) -> None:
+    def _del_route(self, ipr: Netlink, net: IPNetwork) -> None:
         try:
             ipr.route("del", dst=str(net), oif=self.index, proto=RT_PROTO, table=MAIN_TABLE)
         except NetlinkError as e:
@@ -400,11 +405,11 @@ class SystemSetup:
                 raise SystemSetupError(
                     f"removing route {net} via {self.tun_name} failed: {_reason(e)}") from e
 
-    def _remove_stale_device(self) -> None:
+    def _remove_stale_device(self, ipr: Netlink) -> None:
         """Remove a persistent TUN of our name that no process holds; refuse
         anything else of that name."""
         name = self.tun_name
-        with IPRoute() as ipr, _step(f"checking for an existing device {name}"):
+        with _step(f"checking for an existing device {name}"):
             idxs = ipr.link_lookup(ifname=name)
             if not idxs:
                 return
@@ -425,7 +430,7 @@ class SystemSetup:
                     f"TUN device {name} is in use by another process "
                     "(is another conn25d running with the same TUN name?)")
             log.info("removing leftover persistent TUN device %s", name)
-        with IPRoute() as ipr, _step(f"removing leftover TUN device {name}"):
+        with _step(f"removing leftover TUN device {name}"):
             ipr.link("del", index=link["index"])
 
     # -- connector: forwarding and masquerade ----------------------------------
@@ -521,7 +526,7 @@ class SystemSetup:
             self.fd = None
         if self.index is not None:
             try:
-                with IPRoute() as ipr, _step(f"removing TUN device {self.tun_name}"):
+                with Netlink() as ipr, _step(f"removing TUN device {self.tun_name}"):
                     # Only our device: same index and name (the name may be reused).
                     if self.index in ipr.link_lookup(ifname=self.tun_name):
                         ipr.link("del", index=self.index)
@@ -570,7 +575,7 @@ def leftovers(tun_name: str, *, nft: str = "nft") -> list[str]:
     routes or rules with our protocol number, our nftables table."""
     _check_tun_name(tun_name)
     found: list[str] = []
-    with IPRoute() as ipr:
+    with Netlink() as ipr:
         for idx in ipr.link_lookup(ifname=tun_name):
             found.append(f"network device {tun_name} (index {idx})")
         for r in ipr.route("dump", proto=RT_PROTO):
