@@ -16,7 +16,7 @@
 # A flow is a translation: each action puts an address that one of the two
 # keys holds (a DNAT's new destination is where the reply comes from; the
 # reply's SNAT puts back the original destination), and so does the transit
-# IP. An entry keeps which one, not a copy (160 bytes a flow instead of 208);
+# IP. An entry keeps which one, not a copy (144 bytes a flow instead of 192);
 # ft_insert refuses a flow whose action or transit IP is none of them.
 #
 # Memory: the entry array and the event ring come zeroed straight from mmap
@@ -104,12 +104,12 @@ cdef struct FlowEventRec:
     uint8_t kind                # FT_EV_*
     uint8_t reason              # FT_R_*
 
-cdef struct FlowEntry:          # 160 bytes
+cdef struct FlowEntry:          # 144 bytes
     FlowKey key[2]              # [FT_DIR_FWD], [FT_DIR_REV]; normalised (zero padding)
     uint64_t created
     uint64_t last_used
-    uint64_t packets[2]
-    uint64_t bytes[2]
+    uint64_t packets            # both directions: all that the events and status show
+    uint64_t bytes
     uint32_t peer
     uint32_t app
     int32_t hnext[2]            # hash chain link per key (slot numbers, -1 ends)

@@ -131,8 +131,8 @@ cdef inline void _ft_emit(FlowTableC *t, FlowEntry *e, uint8_t kind, uint8_t rea
     memcpy(r.transit, _ft_addr(e, e.addr_of[2]), 16)
     r.created = e.created
     r.last_used = e.last_used
-    r.packets = e.packets[0] + e.packets[1]
-    r.bytes = e.bytes[0] + e.bytes[1]
+    r.packets = e.packets
+    r.bytes = e.bytes
     r.peer = e.peer
     r.app = e.app
     r.kind = kind
@@ -231,8 +231,8 @@ cdef bint ft_lookup(FlowTableC *t, const FlowKey *key, uint64_t now, uint32_t nb
         pthread_mutex_unlock(&t.lock)
         return False
     e.last_used = now
-    e.packets[d] += 1
-    e.bytes[d] += nbytes
+    e.packets += 1
+    e.bytes += nbytes
     if t.lru_head != i:
         _ft_lru_unlink(t, i)
         _ft_lru_push(t, i)
@@ -297,10 +297,8 @@ cdef int ft_insert(FlowTableC *t, const FlowKey *fwd, const FlowAction *fwd_act,
     e.app = app
     e.created = now
     e.last_used = now
-    e.packets[0] = 0
-    e.packets[1] = 0
-    e.bytes[0] = 0
-    e.bytes[1] = 0
+    e.packets = 0
+    e.bytes = 0
     _ft_link_key(t, i * 2)
     _ft_link_key(t, i * 2 + 1)
     _ft_lru_push(t, i)

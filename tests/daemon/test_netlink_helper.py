@@ -69,7 +69,7 @@ def test_a_dead_child_is_an_error_that_names_it() -> None:
         nl.link_lookup(ifname="lo")
         assert nl.pid is not None
         os.kill(nl.pid, 9)
-        with pytest.raises(OSError, match="netlink helper .* ended: exit status -9"):
+        with pytest.raises(OSError, match=r"netlink helper .* ended: exit status -9"):
             nl.link_lookup(ifname="lo")
         assert nl.link_lookup(ifname="lo")  # the next call starts a new child
 
