@@ -53,7 +53,7 @@ def nodes() -> tuple[Datapath, Datapath]:
     connector.tables.set_local([ip(CONNECTOR)])
     connector.tables.set_peer(1, ip(CLIENT_EP[0]), CLIENT_EP[1], [ip(CLIENT)])
     connector.tables.set_transit_ranges([IPRange.parse("169.254.128.0/17")])
-    connector.tables.set_transit(ip(CLIENT), ip(TRANSIT), ip(REAL), 1)
+    connector.tables.set_transit(CLIENT_PEER, ip(TRANSIT), ip(REAL), 1)
     # A loopback session with the client (bench_loop "overlay": the node receives what it
     # sealed). Keys are fixed: the cost does not depend on them.
     key = bytes(range(32))

@@ -163,8 +163,11 @@ cdef int dp_from_tun(DpCore *d, DpCtx *c, uint8_t *p, Py_ssize_t n, uint64_t now
         if d.connector_flows != NULL and _new_flow_ok(&pk):
             # The reply of a connection that the kernel masqueraded for a
             # flow this node no longer has.
-            r = tb_return_transit(d.tables, pk.key.family, pk.key.dst, pk.key.src, transit, &app)
-            if r == TB_HIT and tb_route(d.tables, pk.key.family, pk.key.dst, &c.peer):
+            r = TB_NOT_OURS
+            if tb_route(d.tables, pk.key.family, pk.key.dst, &c.peer):
+                r = tb_return_transit(d.tables, pk.key.family, c.peer, pk.key.src, transit,
+                                      &app)
+            if r == TB_HIT:
                 if _flow_from_return(c, d.connector_flows, p, &pk, transit, transit, c.peer,
                                      app, now):
                     return DP_TO_PEER
@@ -222,7 +225,7 @@ cdef int dp_from_overlay(DpCore *d, DpCtx *c, uint8_t *p, Py_ssize_t n, uint32_t
     if _apply_fragment(c, p, pk, now):
         return DP_TO_TUN
     if d.connector_flows != NULL:
-        r = tb_transit(d.tables, pk.key.family, pk.key.src, pk.key.dst, real, &app)
+        r = tb_transit(d.tables, pk.key.family, peer, pk.key.dst, real, &app)
         if r == TB_HIT:
             if not _new_flow_ok(pk):
                 c.counters[C_DROP_NOT_TRANSLATABLE] += 1

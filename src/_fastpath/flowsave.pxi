@@ -51,7 +51,7 @@ cdef uint32_t fs_export(DpCore *d, SavedFlow *out, uint32_t cap) noexcept nogil:
     while n < cap:
         got = _fs_copy_chunk(t, pos, chunk, &next_pos)
         for i in range(got):
-            if (tb_return_transit(d.tables, chunk[i].family, chunk[i].client, chunk[i].real,
+            if (tb_return_transit(d.tables, chunk[i].family, chunk[i].peer, chunk[i].real,
                                   tr, &app) == TB_HIT
                     and memcmp(tr, chunk[i].transit, 16) == 0):
                 continue  # its return packets re-create it
@@ -75,7 +75,7 @@ cdef bint fs_restore_one(DpCore *d, const SavedFlow *f, uint64_t now) noexcept n
         return False
     if f.proto != 6 and f.proto != 17 and f.proto != 1 and f.proto != 58:
         return False
-    if (tb_transit(d.tables, f.family, f.client, f.transit, real, &app) != TB_HIT
+    if (tb_transit(d.tables, f.family, f.peer, f.transit, real, &app) != TB_HIT
             or memcmp(real, f.real, 16) != 0 or app != f.app
             or not tb_route(d.tables, f.family, f.client, &peer) or peer != f.peer):
         return False

@@ -6,8 +6,11 @@
 #              that peer; the analogue of WireGuard's allowed IPs.
 # - magic:     (family, magic IP)         -> transit IP            (client)
 # - magic_rev: (family, transit IP)       -> magic IP              (client)
-# - transit:   (family, peer overlay, T)  -> real IP + app id      (connector)
-# - real_rev:  (family, peer overlay, R)  -> T + how many T map to R (connector)
+# - transit:   (family, T, peer id)       -> real IP + app id      (connector)
+# - real_rev:  (family, R, peer id)       -> T + how many T map to R (connector)
+#   A connector's mappings are keyed by the peer (its id), which the
+#   datapath knows from the session a packet came in, not by the peer's
+#   overlay address: an IPv6 key is then 20 bytes instead of 32.
 #   The two reverse maps let a return packet re-create its flow after a
 #   restart (the side that restarted lost its flow table, not its mappings);
 #   each is kept in step with its forward map under the same lock.
@@ -20,7 +23,7 @@
 # Storage is C only: open addressing with linear probing and backward-shift
 # deletion (no tombstones), grown by doubling when more than 4/5 full. Each map
 # is two of them: IPv4 keys in 32-byte slots (TbSlot4: the 4-byte addresses
-# alone), IPv6 keys and ids in 72-byte ones (TbSlot6), so the IPv4 mappings a
+# alone), IPv6 keys and ids in 56-byte ones (TbSlot6), so the IPv4 mappings a
 # connector holds by the hundred thousand cost less than half of what one
 # slot size for both families would. Callers build and read the wide forms
 # (TbKey, TbVal); a found entry is a TbRef to its fields in place. The
@@ -52,7 +55,6 @@ cdef enum:
 cdef enum:  # tb_del: which map
     TB_MAP_ROUTES = 0
     TB_MAP_MAGIC = 1
-    TB_MAP_TRANSIT = 2
 
 cdef enum:
     TB_MAX_OVERLAY = 8          # overlay addresses per peer
@@ -69,8 +71,10 @@ cdef enum:
 
 
 cdef struct TbKey:              # the wide form of a key, as callers build it
-    uint8_t a[16]               # the peers and indices maps: the uint32 id in the first 4 bytes
-    uint8_t b[16]               # (follows a: the two are one 32-byte key of TbSlot6)
+    uint8_t a[16]               # an address; the peers and indices maps: the uint32 id in
+                                # the first 4 bytes
+    uint8_t b[16]               # transit and real_rev: the uint32 peer id in the first 4 bytes
+                                # (follows a: a and b[:4] are the 20-byte key of TbSlot6)
     uint8_t family              # 4: stored in a TbSlot4; 6, or 0 for an id: a TbSlot6
     uint8_t _pad[3]
 
@@ -89,10 +93,10 @@ cdef struct TbSlot4:            # 32 bytes: an entry whose key is of IPv4 addres
     uint32_t u32
     uint32_t tag
 
-cdef struct TbSlot6:            # 72 bytes: an IPv6 key, or an id
+cdef struct TbSlot6:            # 56 bytes: an IPv6 key, or an id
     double when
     uint32_t hash
-    uint8_t key[32]             # TbKey.a, TbKey.b
+    uint8_t key[20]             # TbKey.a, TbKey.b[:4]
     uint8_t addr[16]
     uint32_t u32
     uint32_t tag
@@ -158,14 +162,14 @@ cdef void tb_free(TablesC *t) noexcept nogil
 cdef bint tb_route(TablesC *t, uint8_t family, const uint8_t *dst, uint32_t *peer) noexcept nogil
 cdef int tb_magic(TablesC *t, uint8_t family, const uint8_t *addr,
                   uint8_t *transit_out) noexcept nogil
-cdef int tb_transit(TablesC *t, uint8_t family, const uint8_t *peer_addr,
+cdef int tb_transit(TablesC *t, uint8_t family, uint32_t peer,
                     const uint8_t *transit, uint8_t *real_out, uint32_t *app_out) noexcept nogil
 cdef bint tb_is_local(TablesC *t, uint8_t family, const uint8_t *addr) noexcept nogil
 cdef bint tb_local_of(TablesC *t, uint8_t family, uint8_t *out) noexcept nogil
 cdef bint tb_any_ambiguous(TablesC *t) noexcept nogil
 cdef bint tb_magic_for_transit(TablesC *t, uint8_t family, const uint8_t *transit,
                                uint8_t *magic_out) noexcept nogil
-cdef int tb_return_transit(TablesC *t, uint8_t family, const uint8_t *peer_addr,
+cdef int tb_return_transit(TablesC *t, uint8_t family, uint32_t peer,
                            const uint8_t *real, uint8_t *transit_out,
                            uint32_t *app_out) noexcept nogil
 cdef TbPeer *tb_peer_locked(TablesC *t, uint32_t peer) noexcept nogil
@@ -174,15 +178,16 @@ cdef bint tb_source_ok(TablesC *t, uint32_t peer, uint8_t family,
 cdef int tb_set_route(TablesC *t, uint8_t family, const uint8_t *dst, uint32_t peer) noexcept nogil
 cdef int tb_set_magic(TablesC *t, uint8_t family, const uint8_t *magic,
                       const uint8_t *transit) noexcept nogil
-cdef int tb_set_transit(TablesC *t, uint8_t family, const uint8_t *peer_addr,
+cdef int tb_set_transit(TablesC *t, uint8_t family, uint32_t peer,
                         const uint8_t *transit, const uint8_t *real, uint32_t app,
                         uint32_t tag, double when) noexcept nogil
-cdef bint tb_transit_entry(TablesC *t, uint8_t family, const uint8_t *peer_addr,
+cdef bint tb_transit_entry(TablesC *t, uint8_t family, uint32_t peer,
                            const uint8_t *transit, TbVal *out) noexcept nogil
 cdef int tb_set_local(TablesC *t, const uint8_t *families, const uint8_t (*addrs)[16],
                       uint32_t n) noexcept nogil
-cdef bint tb_del(TablesC *t, int which, uint8_t family, const uint8_t *a,
-                 const uint8_t *b) noexcept nogil
+cdef bint tb_del(TablesC *t, int which, uint8_t family, const uint8_t *a) noexcept nogil
+cdef bint tb_del_transit(TablesC *t, uint8_t family, uint32_t peer,
+                         const uint8_t *transit) noexcept nogil
 cdef TbRange *tb_swap_ranges(TablesC *t, bint transit, TbRange *ranges, uint32_t n,
                              uint32_t *old_n) noexcept nogil
 cdef int tb_set_peer(TablesC *t, uint32_t peer, TbPeer *rec, TbPeer **old) noexcept nogil

@@ -35,10 +35,19 @@ cdef inline void _tb_key(TbKey *k, uint8_t family, const uint8_t *a, const uint8
         memcpy(k.b, b, alen)
 
 
+cdef inline void _tb_key_peer(TbKey *k, uint8_t family, const uint8_t *addr,
+                              uint32_t peer) noexcept nogil:
+    """A transit or real_rev key: an address of one of peer `peer`'s mappings."""
+    memset(k, 0, sizeof(TbKey))
+    k.family = family
+    memcpy(k.a, addr, 4 if family == 4 else 16)
+    memcpy(k.b, &peer, 4)
+
+
 cdef inline const uint8_t *_tb_packed(const TbKey *k, uint8_t *key4) noexcept nogil:
     """The key's bytes as its half stores them (key4: room for an IPv4 key's 8)."""
     if k.family != 4:
-        return k.a  # a and b are one 32-byte run
+        return k.a  # a and b[:4] are one 20-byte run
     memcpy(key4, k.a, 4)
     memcpy(key4 + 4, k.b, 4)
     return key4
@@ -46,8 +55,13 @@ cdef inline const uint8_t *_tb_packed(const TbKey *k, uint8_t *key4) noexcept no
 
 cdef inline uint32_t _tb_hash(const uint8_t *key, uint8_t family, uint64_t seed) noexcept nogil:
     # The packed key's bytes; the family through the seed (a map keeps IPv6
-    # keys and ids, family 0, apart anyway: it never holds both).
-    return <uint32_t>c25_hash_words(key, 1 if family == 4 else 4, seed ^ family) | TB_USED
+    # keys and ids, family 0, apart anyway: it never holds both). A 20-byte
+    # key: two words, and its last 4 bytes through the seed too.
+    cdef uint32_t tail
+    if family == 4:
+        return <uint32_t>c25_hash_words(key, 1, seed ^ 4) | TB_USED
+    memcpy(&tail, key + 16, 4)
+    return <uint32_t>c25_hash_words(key, 2, seed ^ family ^ (<uint64_t>tail << 8)) | TB_USED
 
 
 cdef inline void *_tb_val_ptr(const TbVal *v) noexcept nogil:
@@ -168,11 +182,11 @@ cdef void _th_erase_where_u32(TbHalf *h, uint32_t value) noexcept nogil:
 cdef inline void _th_entry(TbHalf *h, uint32_t i, uint8_t family, TbEntry *e) noexcept nogil:
     """Slot i as a whole entry of `family` (the half's keys are all of one)."""
     cdef TbRef r
-    cdef size_t alen = sizeof(h.slots[i].key) // 2
+    cdef size_t alen = sizeof(h.slots[i].key) - 4  # the address; then 4 bytes of b
     memset(&e.key, 0, sizeof(TbKey))
     e.key.family = family
     memcpy(e.key.a, h.slots[i].key, alen)
-    memcpy(e.key.b, h.slots[i].key + alen, alen)
+    memcpy(e.key.b, h.slots[i].key + alen, 4)
     _th_ref(h, i, &r)
     _tb_ref_get(&r, &e.val)
 
@@ -288,7 +302,7 @@ cdef int _tb_put(TbMap *m, const TbKey *k, const TbVal *v, uint64_t seed,
         _th_ref(&m.h4, i, &r)
     else:
         i = _th_place(&m.h6, h)
-        memcpy(m.h6.slots[i].key, key, 32)
+        memcpy(m.h6.slots[i].key, key, 20)
         _th_ref(&m.h6, i, &r)
     _tb_ref_set(&r, v)
     return 0
@@ -358,13 +372,13 @@ cdef inline void _tb_rev_set(TablesC *t, const TbRef *r, uint32_t value) noexcep
     r.u32[0] = value
 
 
-cdef void _tb_rev_add(TablesC *t, uint8_t family, const uint8_t *peer_addr,
+cdef void _tb_rev_add(TablesC *t, uint8_t family, uint32_t peer,
                       const uint8_t *real, const uint8_t *transit) noexcept nogil:
-    """real_rev: one more transit IP of peer_addr maps to `real` (room reserved)."""
+    """real_rev: one more transit IP of `peer` maps to `real` (room reserved)."""
     cdef TbKey k
     cdef TbVal v
     cdef TbRef r
-    _tb_key(&k, family, peer_addr, real, 0)
+    _tb_key_peer(&k, family, real, peer)
     if _tb_find(&t.real_rev, &k, t.seed, &r):
         # The newest transit IP is remembered; with two or more the entry is
         # ambiguous anyway, and it stays so until the count is back to one.
@@ -377,12 +391,12 @@ cdef void _tb_rev_add(TablesC *t, uint8_t family, const uint8_t *peer_addr,
     _tb_put(&t.real_rev, &k, &v, t.seed, NULL)
 
 
-cdef void _tb_rev_drop(TablesC *t, uint8_t family, const uint8_t *peer_addr,
+cdef void _tb_rev_drop(TablesC *t, uint8_t family, uint32_t peer,
                        const uint8_t *real, const uint8_t *transit) noexcept nogil:
-    """real_rev: the mapping (peer_addr, transit) -> real is gone."""
+    """real_rev: the mapping (peer, transit) -> real is gone."""
     cdef TbKey k
     cdef TbRef r
-    _tb_key(&k, family, peer_addr, real, 0)
+    _tb_key_peer(&k, family, real, peer)
     if not _tb_find(&t.real_rev, &k, t.seed, &r):
         return
     cdef uint32_t n = r.u32[0] & TB_REV_COUNT
@@ -465,13 +479,13 @@ cdef int tb_magic(TablesC *t, uint8_t family, const uint8_t *addr,
     return r
 
 
-cdef int tb_transit(TablesC *t, uint8_t family, const uint8_t *peer_addr,
+cdef int tb_transit(TablesC *t, uint8_t family, uint32_t peer,
                     const uint8_t *transit, uint8_t *real_out, uint32_t *app_out) noexcept nogil:
-    """Connector: for a packet from overlay address `peer_addr` to `transit`:
+    """Connector: for a packet from peer `peer` to `transit`:
     TB_HIT (real IP to real_out, 16 bytes; app id to app_out), TB_UNMAPPED (a
     transit IP not mapped for this peer: reject) or TB_NOT_OURS."""
     cdef TbKey k
-    _tb_key(&k, family, peer_addr, transit, 0)
+    _tb_key_peer(&k, family, transit, peer)
     cdef int r = TB_NOT_OURS
     cdef TbRef e
     pthread_mutex_lock(&t.lock)
@@ -530,24 +544,23 @@ cdef bint tb_any_ambiguous(TablesC *t) noexcept nogil:
     return r
 
 
-cdef int tb_return_transit(TablesC *t, uint8_t family, const uint8_t *peer_addr,
+cdef int tb_return_transit(TablesC *t, uint8_t family, uint32_t peer,
                            const uint8_t *real, uint8_t *transit_out,
                            uint32_t *app_out) noexcept nogil:
-    """Connector: for a return packet from `real` to overlay address
-    `peer_addr`, the one transit IP of that peer mapped to `real`: TB_HIT
-    (transit_out, 16 bytes; app_out), TB_AMBIGUOUS (several, or not known
-    which) or TB_NOT_OURS."""
+    """Connector: for a return packet from `real` to peer `peer`, the one
+    transit IP of that peer mapped to `real`: TB_HIT (transit_out, 16 bytes;
+    app_out), TB_AMBIGUOUS (several, or not known which) or TB_NOT_OURS."""
     cdef TbKey k
     cdef TbRef e
     cdef int r = TB_NOT_OURS
-    _tb_key(&k, family, peer_addr, real, 0)
+    _tb_key_peer(&k, family, real, peer)
     pthread_mutex_lock(&t.lock)
     if _tb_find(&t.real_rev, &k, t.seed, &e):
         if e.u32[0] != 1:
             r = TB_AMBIGUOUS
         else:
             c25_addr16(transit_out, e.addr, family)
-            _tb_key(&k, family, peer_addr, transit_out, 0)
+            _tb_key_peer(&k, family, transit_out, peer)
             if (_tb_find(&t.transit, &k, t.seed, &e)
                     and memcmp(e.addr, real, e.alen) == 0):
                 app_out[0] = e.u32[0]
@@ -624,10 +637,10 @@ cdef int tb_set_magic(TablesC *t, uint8_t family, const uint8_t *magic,
     return r
 
 
-cdef int tb_set_transit(TablesC *t, uint8_t family, const uint8_t *peer_addr,
+cdef int tb_set_transit(TablesC *t, uint8_t family, uint32_t peer,
                         const uint8_t *transit, const uint8_t *real, uint32_t app,
                         uint32_t tag, double when) noexcept nogil:
-    """Connector: map (peer_addr, transit) -> real, app, with the control
+    """Connector: map (peer, transit) -> real, app, with the control
     plane's tag and time. 0 if the key is new, 1 if it replaced a mapping,
     -1 if out of memory (nothing changed)."""
     cdef TbKey k
@@ -635,7 +648,7 @@ cdef int tb_set_transit(TablesC *t, uint8_t family, const uint8_t *peer_addr,
     cdef int r = -1
     cdef uint8_t tr16[16]
     c25_addr16(tr16, transit, family)
-    _tb_key(&k, family, peer_addr, transit, 0)
+    _tb_key_peer(&k, family, transit, peer)
     memset(&v, 0, sizeof(TbVal))
     memcpy(v.addr, real, 4 if family == 4 else 16)
     v.u32 = app
@@ -649,18 +662,18 @@ cdef int tb_set_transit(TablesC *t, uint8_t family, const uint8_t *peer_addr,
         # (dropping and adding it again would mark a shared entry stale).
         if r == 0 or memcmp(old.addr, v.addr, 16) != 0:
             if r == 1:
-                _tb_rev_drop(t, family, peer_addr, old.addr, tr16)
-            _tb_rev_add(t, family, peer_addr, real, tr16)
+                _tb_rev_drop(t, family, peer, old.addr, tr16)
+            _tb_rev_add(t, family, peer, real, tr16)
     pthread_mutex_unlock(&t.lock)
     return r
 
 
-cdef bint tb_transit_entry(TablesC *t, uint8_t family, const uint8_t *peer_addr,
+cdef bint tb_transit_entry(TablesC *t, uint8_t family, uint32_t peer,
                            const uint8_t *transit, TbVal *out) noexcept nogil:
-    """Connector: the transit entry of (peer_addr, transit), all of it, if any."""
+    """Connector: the transit entry of (peer, transit), all of it, if any."""
     cdef TbKey k
     cdef TbRef r
-    _tb_key(&k, family, peer_addr, transit, 0)
+    _tb_key_peer(&k, family, transit, peer)
     pthread_mutex_lock(&t.lock)
     cdef bint found = _tb_find(&t.transit, &k, t.seed, &r)
     if found:
@@ -682,23 +695,33 @@ cdef int tb_set_local(TablesC *t, const uint8_t *families, const uint8_t (*addrs
     return 0
 
 
-cdef bint tb_del(TablesC *t, int which, uint8_t family, const uint8_t *a,
-                 const uint8_t *b) noexcept nogil:
-    """Remove a route (a=dst), magic (a=magic) or transit (a=peer overlay,
-    b=transit) entry, `which` being TB_MAP_*; whether it existed."""
+cdef bint tb_del(TablesC *t, int which, uint8_t family, const uint8_t *a) noexcept nogil:
+    """Remove a route (a=dst) or magic (a=magic) entry, `which` being TB_MAP_*;
+    whether it existed."""
     cdef TbKey k
     cdef TbVal old
-    cdef uint8_t b16[16]
-    _tb_key(&k, family, a, b, 0)
+    _tb_key(&k, family, a, NULL, 0)
     pthread_mutex_lock(&t.lock)
-    cdef TbMap *m = &t.routes if which == TB_MAP_ROUTES else (
-        &t.magic if which == TB_MAP_MAGIC else &t.transit)
+    cdef TbMap *m = &t.routes if which == TB_MAP_ROUTES else &t.magic
     cdef bint found = _tb_del(m, &k, t.seed, &old)
     if found and which == TB_MAP_MAGIC:
         _tb_magic_rev_drop(t, family, a, old.addr)
-    elif found and which == TB_MAP_TRANSIT:
-        c25_addr16(b16, b, family)
-        _tb_rev_drop(t, family, a, old.addr, b16)
+    pthread_mutex_unlock(&t.lock)
+    return found
+
+
+cdef bint tb_del_transit(TablesC *t, uint8_t family, uint32_t peer,
+                         const uint8_t *transit) noexcept nogil:
+    """Connector: remove the mapping of (peer, transit); whether it existed."""
+    cdef TbKey k
+    cdef TbVal old
+    cdef uint8_t tr16[16]
+    c25_addr16(tr16, transit, family)
+    _tb_key_peer(&k, family, transit, peer)
+    pthread_mutex_lock(&t.lock)
+    cdef bint found = _tb_del(&t.transit, &k, t.seed, &old)
+    if found:
+        _tb_rev_drop(t, family, peer, old.addr, tr16)
     pthread_mutex_unlock(&t.lock)
     return found
 
@@ -793,15 +816,17 @@ cdef int _tb_entry_older(const void *x, const void *y) noexcept nogil:
         return -1 if a.val.when < b.val.when else 1
     if a.key.family != b.key.family:
         return -1 if a.key.family < b.key.family else 1
-    return memcmp(a.key.a, b.key.a, 32)
+    return memcmp(a.key.a, b.key.a, 20)
 
 
 # ---- Python boundary (control plane and tests) -------------------------------
 
 cdef tuple _tb_entry_out(const TbEntry *e):
-    """A transit entry as Python sees it: (peer_addr, transit, real, app, registered, tag)."""
+    """A transit entry as Python sees it: (peer, transit, real, app, registered, tag)."""
     cdef uint8_t fam = e.key.family
-    return (cv_addr_out(e.key.a, fam), cv_addr_out(e.key.b, fam), cv_addr_out(e.val.addr, fam),
+    cdef uint32_t peer
+    memcpy(&peer, e.key.b, 4)
+    return (peer, cv_addr_out(e.key.a, fam), cv_addr_out(e.val.addr, fam),
             e.val.u32, e.val.when, e.val.tag)
 
 
@@ -879,7 +904,7 @@ cdef class Tables:
         cdef uint8_t fam = cv_addr_in(dst, a, "route dst")
         cdef bint found
         with nogil:
-            found = tb_del(self.tables, TB_MAP_ROUTES, fam, a, NULL)
+            found = tb_del(self.tables, TB_MAP_ROUTES, fam, a)
         return found
 
     def lookup_route(self, dst: object) -> int | None:
@@ -912,7 +937,7 @@ cdef class Tables:
         cdef uint8_t fam = cv_addr_in(magic, m, "magic")
         cdef bint found
         with nogil:
-            found = tb_del(self.tables, TB_MAP_MAGIC, fam, m, NULL)
+            found = tb_del(self.tables, TB_MAP_MAGIC, fam, m)
         return found
 
     def lookup_magic(self, addr: object) -> tuple:
@@ -942,40 +967,36 @@ cdef class Tables:
 
     # connector transit IPs
 
-    def set_transit(self, peer_addr: object, transit: object, real: object,
+    def set_transit(self, peer: int, transit: object, real: object,
                     app: int = 0, registered: float = 0.0, tag: int = 0) -> bool:
-        """Map (peer overlay address, transit IP) -> (real IP, app id); the entry
-        also keeps the control plane's `registered` time and `tag` for it.
-        Whether (peer overlay address, transit IP) was not mapped before."""
-        cdef uint8_t pa[16]
+        """Map (peer id, transit IP) -> (real IP, app id); the entry also keeps
+        the control plane's `registered` time and `tag` for it. Whether (peer,
+        transit IP) was not mapped before."""
+        cdef uint32_t pid = cv_u32_in(peer, "peer")
         cdef uint8_t tr[16]
         cdef uint8_t rl[16]
-        cdef uint8_t fam = cv_addr_in(peer_addr, pa, "peer address")
-        if (cv_addr_in(transit, tr, "transit") != fam
-                or cv_addr_in(real, rl, "real") != fam):
-            raise ValueError("set_transit: peer address, transit and real are of "
-                             "different address families")
+        cdef uint8_t fam = cv_addr_in(transit, tr, "transit")
+        if cv_addr_in(real, rl, "real") != fam:
+            raise ValueError("set_transit: transit and real are of different address families")
         cdef uint32_t a = cv_u32_in(app, "app")
         cdef uint32_t g = cv_u32_in(tag, "tag")
         cdef double when = registered
         cdef int r
         with nogil:
-            r = tb_set_transit(self.tables, fam, pa, tr, rl, a, g, when)
+            r = tb_set_transit(self.tables, fam, pid, tr, rl, a, g, when)
         if r < 0:
             raise MemoryError("Tables.set_transit")
         return r == 0
 
-    def transit_entry(self, peer_addr: object, transit: object) -> tuple | None:
-        """(real, app, registered, tag) of the mapping of (peer_addr, transit), or None."""
-        cdef uint8_t pa[16]
+    def transit_entry(self, peer: int, transit: object) -> tuple | None:
+        """(real, app, registered, tag) of the mapping of (peer id, transit), or None."""
+        cdef uint32_t pid = cv_u32_in(peer, "peer")
         cdef uint8_t tr[16]
-        cdef uint8_t fam = cv_addr_in(peer_addr, pa, "peer address")
-        if cv_addr_in(transit, tr, "transit") != fam:
-            return None  # a key of one family only
+        cdef uint8_t fam = cv_addr_in(transit, tr, "transit")
         cdef TbVal v
         cdef bint found
         with nogil:
-            found = tb_transit_entry(self.tables, fam, pa, tr, &v)
+            found = tb_transit_entry(self.tables, fam, pid, tr, &v)
         if not found:
             return None
         return (cv_addr_out(v.addr, fam), v.u32, v.when, v.tag)
@@ -1014,9 +1035,9 @@ cdef class Tables:
             free(buf)
 
     def transit_entries(self, double before=INFINITY, limit: int = -1) -> list:
-        """The transit map's entries as (peer_addr, transit, real, app, registered,
+        """The transit map's entries as (peer id, transit, real, app, registered,
         tag), packed addresses: those registered before `before`, the oldest
-        first (then by family, peer address and transit IP), at most `limit`
+        first (then by family, transit IP and peer), at most `limit`
         of them (-1: all). One copy under the lock, the rest without it."""
         cdef TablesC *t = self.tables
         cdef TbMap *m = &t.transit
@@ -1048,48 +1069,42 @@ cdef class Tables:
         finally:
             free(buf)
 
-    def del_transit(self, peer_addr: object, transit: object) -> bool:
-        cdef uint8_t pa[16]
+    def del_transit(self, peer: int, transit: object) -> bool:
+        cdef uint32_t pid = cv_u32_in(peer, "peer")
         cdef uint8_t tr[16]
-        cdef uint8_t fam = cv_addr_in(peer_addr, pa, "peer address")
-        if cv_addr_in(transit, tr, "transit") != fam:
-            raise ValueError("del_transit: peer address and transit are of different families")
+        cdef uint8_t fam = cv_addr_in(transit, tr, "transit")
         cdef bint found
         with nogil:
-            found = tb_del(self.tables, TB_MAP_TRANSIT, fam, pa, tr)
+            found = tb_del_transit(self.tables, fam, pid, tr)
         return found
 
-    def lookup_transit(self, peer_addr: object, transit: object) -> tuple:
-        """('hit', real, app) | ('unmapped', None, None) inside a transit range
-        | ('not_ours', None, None)."""
-        cdef uint8_t pa[16]
+    def lookup_transit(self, peer: int, transit: object) -> tuple:
+        """For a packet from peer `peer` to `transit`: ('hit', real, app) |
+        ('unmapped', None, None) inside a transit range | ('not_ours', None, None)."""
+        cdef uint32_t pid = cv_u32_in(peer, "peer")
         cdef uint8_t tr[16]
         cdef uint8_t rl[16]
-        cdef uint8_t fam = cv_addr_in(peer_addr, pa, "peer address")
-        if cv_addr_in(transit, tr, "transit") != fam:
-            raise ValueError("lookup_transit: peer address and transit are of different families")
+        cdef uint8_t fam = cv_addr_in(transit, tr, "transit")
         cdef uint32_t a
         cdef int r
         with nogil:
-            r = tb_transit(self.tables, fam, pa, tr, rl, &a)
+            r = tb_transit(self.tables, fam, pid, tr, rl, &a)
         if r == TB_HIT:
             return ("hit", cv_addr_out(rl, fam), a)
         return (_TB_TRANSIT_STATUS[r], None, None)
 
-    def lookup_return(self, peer_addr: object, real: object) -> tuple:
-        """For a return packet from `real` to `peer_addr`: ('hit', transit, app)
+    def lookup_return(self, peer: int, real: object) -> tuple:
+        """For a return packet from `real` to peer `peer`: ('hit', transit, app)
         when exactly one of that peer's transit IPs maps to `real`,
         ('ambiguous', None, None) when several do, else ('not_ours', None, None)."""
-        cdef uint8_t pa[16]
+        cdef uint32_t pid = cv_u32_in(peer, "peer")
         cdef uint8_t rl[16]
         cdef uint8_t tr[16]
-        cdef uint8_t fam = cv_addr_in(peer_addr, pa, "peer address")
-        if cv_addr_in(real, rl, "real") != fam:
-            raise ValueError("lookup_return: peer address and real are of different families")
+        cdef uint8_t fam = cv_addr_in(real, rl, "real")
         cdef uint32_t a
         cdef int r
         with nogil:
-            r = tb_return_transit(self.tables, fam, pa, rl, tr, &a)
+            r = tb_return_transit(self.tables, fam, pid, rl, tr, &a)
         if r == TB_HIT:
             return ("hit", cv_addr_out(tr, fam), a)
         return ("ambiguous" if r == TB_AMBIGUOUS else "not_ours", None, None)

@@ -19,7 +19,7 @@ objects; every update is atomic per entry)::
     dp.tables.set_route(addr, peer_id) / del_route(addr)      # e.g. a transit IP -> its connector
     dp.tables.set_magic(magic, transit) / del_magic(magic)    # client
     dp.tables.set_magic_ranges([IPRange, ...])                # client: "magic without assignment"
-    dp.tables.set_transit(peer_addr, transit, real, app_id) / del_transit(peer_addr, transit)
+    dp.tables.set_transit(peer_id, transit, real, app_id) / del_transit(peer_id, transit)
     dp.tables.set_transit_ranges([IPRange, ...])              # connector: "unmapped -> reject"
 
 WireGuard sessions (the handshake runs in the control plane; the datapath

@@ -42,14 +42,14 @@ def test_a_config_installs_own_addresses_peers_and_the_client_ranges():
     assert tables.lookup_peer(dp.ids.peer("laptop")) is None  # not its own peer
     assert tables.lookup_magic(MAGIC) == ("unassigned", None)
     # Not a connector: transit IPs are none of its business.
-    assert tables.lookup_transit(ip("100.64.0.2"), TRANSIT) == ("not_ours", None, None)
+    assert tables.lookup_transit(dp.ids.peer("conn-1"), TRANSIT) == ("not_ours", None, None)
 
 
 def test_a_connector_also_gets_every_node_s_transit_ranges():
     dp, tables = plane()
     dp.install_config(node_config(TAILNET, "conn-1", advertise_connector=True))
     assert TRANSIT in DEFAULT_POOLS.v4_transit
-    assert tables.lookup_transit(ip("100.64.0.1"), TRANSIT) == ("unmapped", None, None)
+    assert tables.lookup_transit(dp.ids.peer("laptop"), TRANSIT) == ("unmapped", None, None)
 
 
 def test_installing_again_removes_the_peers_the_file_no_longer_has():
@@ -74,24 +74,26 @@ def test_a_client_assignment_registered_then_forgotten():
 
 def test_a_connector_mapping_stored_then_removed():
     """The ConnectorTable's store is the datapath's transit table: what is put is
-    what the datapath translates with, and what is read back is the Mapping."""
+    what the datapath translates with (keyed by the peer's id, as the datapath knows
+    the peer of a packet), and what is read back is the Mapping."""
     dp, tables = plane()
     store = dp.connector_store
     t = 1_763_000_000.123456789  # kept to the last bit
     m = Mapping(ip("100.64.0.1"), TRANSIT, ip("203.0.113.10"), "GitHub", t, "laptop")
     assert store.put(m) is True
-    assert tables.lookup_transit(m.peer, TRANSIT) == ("hit", m.destination.packed,
+    laptop = dp.ids.peer("laptop")
+    assert tables.lookup_transit(laptop, TRANSIT) == ("hit", m.destination.packed,
                                                       dp.ids.app("GitHub"))
     assert store.get(m.peer, TRANSIT) == m and len(store) == 1
     moved = Mapping(m.peer, TRANSIT, ip("203.0.113.11"), "GitLab", t + 1, "laptop")
     assert store.put(moved) is False  # replaced: still one
     assert store.get(m.peer, TRANSIT) == moved and len(store) == 1
-    assert tables.lookup_transit(m.peer, TRANSIT)[2] == dp.ids.app("GitLab")
+    assert tables.lookup_transit(laptop, TRANSIT)[2] == dp.ids.app("GitLab")
     assert store.get(ip("100.64.0.9"), TRANSIT) is None
     assert store.get(m.peer, ip("fd7a:115c:a1e0:ab13::1")) is None  # other family: no key
     assert store.remove(m.peer, TRANSIT) == moved
     assert store.remove(m.peer, TRANSIT) is None
-    assert tables.lookup_transit(m.peer, TRANSIT) == ("not_ours", None, None)
+    assert tables.lookup_transit(laptop, TRANSIT) == ("not_ours", None, None)
     assert len(store) == 0 and list(store) == []
 
 

@@ -33,12 +33,12 @@ def reclaim(dp: Datapath, magic: IPAddress, transit: IPAddress) -> bool:
     return dp.tables.del_magic(magic) and dp.tables.del_route(transit)
 
 
-def map_transit(dp: Datapath, peer: IPAddress, transit: IPAddress, real: IPAddress,
+def map_transit(dp: Datapath, peer: int, transit: IPAddress, real: IPAddress,
                 app: int, registered: float, tag: int) -> bool:
     return dp.tables.set_transit(peer, transit, real, app, registered, tag)
 
 
-def read_mappings(dp: Datapath, peer: IPAddress, transit: IPAddress,
+def read_mappings(dp: Datapath, peer: int, transit: IPAddress,
                   before: float) -> list[tuple[bytes, bytes, float, int]]:
     """What dataplane.ConnectorStore reads back of the connector's mappings."""
     out: list[tuple[bytes, bytes, float, int]] = []
@@ -55,8 +55,8 @@ def read_mappings(dp: Datapath, peer: IPAddress, transit: IPAddress,
     return out
 
 
-def unmap(dp: Datapath, peer: IPAddress, transit: IPAddress, peer_id: int) -> None:
-    dp.tables.del_transit(peer, transit)
+def unmap(dp: Datapath, peer_id: int, transit: IPAddress) -> None:
+    dp.tables.del_transit(peer_id, transit)
     dp.tables.del_peer(peer_id)
 
 

@@ -58,8 +58,8 @@ def main() -> None:
         dp.tables.set_magic(ipaddress.ip_address(magic), ipaddress.ip_address(transit))
         dp.tables.set_route(ipaddress.ip_address(transit), peer)
     dp.tables.set_magic_ranges([IPRange.parse(r) for r in cfg.get("magic_ranges", [])])
-    for peer_addr, transit, real in cfg.get("transit", []):
-        dp.tables.set_transit(*(ipaddress.ip_address(a) for a in (peer_addr, transit, real)))
+    for peer_id, transit, real in cfg.get("transit", []):
+        dp.tables.set_transit(peer_id, ipaddress.ip_address(transit), ipaddress.ip_address(real))
     dp.tables.set_transit_ranges([IPRange.parse(r) for r in cfg.get("transit_ranges", [])])
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind((cfg["listen"], cfg["port"]))

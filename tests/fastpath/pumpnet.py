@@ -131,7 +131,7 @@ def pump_topology(tun: str = "plain") -> Iterator[tuple[Netns, Netns, subprocess
             "connector": True, "listen": "192.0.2.2", "port": 41641,
             "peers": [{"id": 1, "endpoint": "192.0.2.1", "port": 41641, "overlay": ["100.64.0.1"],
                        "keypair": wgsessions.node_keypair(connector_kp)}],
-            "transit": [["100.64.0.1", TRANSIT, REAL]], "transit_ranges": ["169.254.128.0/17"],
+            "transit": [[1, TRANSIT, REAL]], "transit_ranges": ["169.254.128.0/17"],
             **mode,
         })
         yield client, connector, c, k

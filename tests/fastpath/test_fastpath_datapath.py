@@ -63,8 +63,8 @@ def connector():
     dp.tables.set_peer(CLIENT_PEER, packed(CLIENT_EP[0]), CLIENT_EP[1],
                        [packed(CLIENT), packed(CLIENT6)])
     dp.tables.set_transit_ranges([IRange("169.254.128.0/17"), IRange("fd7a:115c:a1e0:ab13::/64")])
-    dp.tables.set_transit(packed(CLIENT), packed(TRANSIT), packed(REAL), 3)
-    dp.tables.set_transit(packed(CLIENT6), packed(TRANSIT6), packed(REAL6), 3)
+    dp.tables.set_transit(CLIENT_PEER, packed(TRANSIT), packed(REAL), 3)
+    dp.tables.set_transit(CLIENT_PEER, packed(TRANSIT6), packed(REAL6), 3)
     wgsessions.install(dp, CLIENT_PEER, OURS, NOW)
     return dp
 
@@ -412,13 +412,13 @@ def test_connector_recreates_a_flow_from_a_return_packet(connector):
 def test_connector_does_not_guess_between_two_transit_ips(connector):
     """Two transit IPs of one client map to R: a return packet cannot say which; dropped."""
     other = "169.254.128.6"
-    connector.tables.set_transit(packed(CLIENT), packed(other), packed(REAL), 3)
+    connector.tables.set_transit(CLIENT_PEER, packed(other), packed(REAL), 3)
     reply = IP(src=REAL, dst=CLIENT) / TCP(sport=443, dport=40000, flags="A")
     assert connector.process_from_tun(bytes(reply), NOW)[0] == "drop"
     assert connector.counters()["drop_return_ambiguous"] == 1
     # with one of them gone, the other is the answer again
-    connector.tables.del_transit(packed(CLIENT), packed(TRANSIT))
-    assert connector.tables.lookup_return(packed(CLIENT), packed(REAL)) == (
+    connector.tables.del_transit(CLIENT_PEER, packed(TRANSIT))
+    assert connector.tables.lookup_return(CLIENT_PEER, packed(REAL)) == (
         "hit", packed(other), 3)
     verdict, out, _ = connector.process_from_tun(bytes(reply), NOW)
     assert verdict == "peer" and IP(out).src == other
@@ -434,7 +434,7 @@ def test_reverse_maps_follow_their_forward_maps():
     assert (t.magic_for_transit(t1), t.magic_for_transit(t2)) == (None, m)
     t.del_magic(m)
     assert t.magic_for_transit(t2) is None
-    c, r1, r2 = packed(CLIENT), packed("198.51.100.1"), packed("198.51.100.2")
+    c, r1, r2 = CLIENT_PEER, packed("198.51.100.1"), packed("198.51.100.2")
     t.set_transit(c, t1, r1, 1)
     assert t.lookup_return(c, r1) == ("hit", t1, 1)
     t.set_transit(c, t1, r2, 1)  # T re-registered to another destination
@@ -455,8 +455,8 @@ def test_flows_a_return_packet_cannot_recreate_are_saved_and_restored(connector)
     """Two transit IPs of the client to one real address: the flows through them are
     saved; a restarted connector restores them while their mappings stand."""
     other = "169.254.128.6"
-    connector.tables.set_transit(packed(CLIENT), packed(other), packed(REAL), 3)
-    connector.tables.set_transit(packed(CLIENT), packed("169.254.128.7"), packed("203.0.113.77"), 3)
+    connector.tables.set_transit(CLIENT_PEER, packed(other), packed(REAL), 3)
+    connector.tables.set_transit(CLIENT_PEER, packed("169.254.128.7"), packed("203.0.113.77"), 3)
     for transit, sport in ((TRANSIT, 40000), (other, 40001), ("169.254.128.7", 40002)):
         pkt = IP(src=CLIENT, dst=transit) / TCP(sport=sport, dport=443, flags="S")
         assert connector.process_datagram(dg(pkt), CLIENT_EP, NOW)[0] == "tun"
@@ -468,11 +468,11 @@ def test_flows_a_return_packet_cannot_recreate_are_saved_and_restored(connector)
         dp = Datapath(client=False, connector=True)
         dp.tables.set_local([packed(CONNECTOR)])
         dp.tables.set_peer(CLIENT_PEER, packed(CLIENT_EP[0]), CLIENT_EP[1], [packed(CLIENT)])
-        dp.tables.set_transit(packed(CLIENT), packed(TRANSIT), packed(REAL), 3)
+        dp.tables.set_transit(CLIENT_PEER, packed(TRANSIT), packed(REAL), 3)
         return dp
 
     dp = fresh()
-    dp.tables.set_transit(packed(CLIENT), packed(other), packed(REAL), 3)
+    dp.tables.set_transit(CLIENT_PEER, packed(other), packed(REAL), 3)
     assert dp.restore_flows(saved, NOW) == 2
     for sport, transit in ((40000, TRANSIT), (40001, other)):
         reply = IP(src=REAL, dst=CLIENT) / TCP(sport=443, dport=sport, flags="SA")
@@ -481,7 +481,7 @@ def test_flows_a_return_packet_cannot_recreate_are_saved_and_restored(connector)
         assert bytes(IP(out)) == rebuilt(IP(out))
     # a mapping that changed meanwhile takes its flow with it
     dp = fresh()
-    dp.tables.set_transit(packed(CLIENT), packed(other), packed("203.0.113.78"), 3)
+    dp.tables.set_transit(CLIENT_PEER, packed(other), packed("203.0.113.78"), 3)
     assert dp.restore_flows(saved, NOW) == 1
     for bad in (b"", b"junk", saved[:-1], b"C25F\x02\x00\x00\x00"):
         with pytest.raises(ValueError, match="saved-flows"):
@@ -497,8 +497,8 @@ def test_ambiguity_is_counted_as_mappings_come_and_go(connector):
     assert connector.process_datagram(dg(pkt), CLIENT_EP, NOW)[0] == "tun"
     assert connector.save_flows() == b""  # one flow, unambiguous: nothing to scan or save
     other = packed("169.254.128.6")
-    connector.tables.set_transit(packed(CLIENT), other, packed(REAL), 3)
+    connector.tables.set_transit(CLIENT_PEER, other, packed(REAL), 3)
     assert len(connector.save_flows()) == 8 + 64  # now its return cannot name it
     # the older one goes: the newer one is known to remain, so the pair is plain again
-    connector.tables.del_transit(packed(CLIENT), packed(TRANSIT))
+    connector.tables.del_transit(CLIENT_PEER, packed(TRANSIT))
     assert connector.save_flows() == b""

@@ -42,7 +42,7 @@ class Rig(SocketRig):
         t = self.dp.tables
         t.set_local([ip("100.64.0.2")])
         t.set_peer(1, ip("127.0.0.1"), self.peer.getsockname()[1], [ip(CLIENT)])
-        t.set_transit(ip(CLIENT), ip(TRANSIT), ip(REAL))
+        t.set_transit(1, ip(TRANSIT), ip(REAL))
         t.set_transit_ranges([IPRange.parse("169.254.128.0/17")])
         self.remote = wgsessions.connect(self.dp, 1, monotonic_ms())
 

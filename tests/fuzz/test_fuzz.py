@@ -246,7 +246,7 @@ def make_datapath() -> Datapath:
         a = ADDR[v]
         t.set_magic(a["magic"], a["transit_a"])
         t.set_route(a["transit_a"], CONN_PEER)
-        t.set_transit(a["client"], a["transit_b"], a["real"], 3)
+        t.set_transit(CLIENT_PEER, a["transit_b"], a["real"], 3)
     set_local = getattr(t, "set_local", None)  # the node's own addresses, where supported
     if set_local is not None:
         set_local([ADDR[4]["self"], ADDR[6]["self"]])

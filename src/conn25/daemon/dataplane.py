@@ -54,7 +54,10 @@ class ConnectorStore(MappingStore):
 
     An entry there holds what a :class:`Mapping` needs besides its key: the
     destination, the app (the datapath's app id), the registration time and a
-    tag naming the ``(app, peer name)`` pair, interned here.
+    tag naming the ``(app, peer name)`` pair, interned here. The datapath keys
+    a mapping by the peer's id (it knows the peer of a packet from its
+    session); the overlay address a mapping was made for is kept here, per
+    peer and family.
     """
 
     def __init__(self, tables: Tables, ids: Ids) -> None:
@@ -62,6 +65,8 @@ class ConnectorStore(MappingStore):
         self._ids = ids
         self._pairs: list[tuple[str, str]] = [("", "")]  # tag 0: not written through here
         self._tags: dict[tuple[str, str], int] = {}
+        self._peer_ids: dict[IPAddress, int] = {}
+        self._addresses: dict[tuple[int, int], IPAddress] = {}  # (peer id, family) -> address
 
     def put(self, m: Mapping) -> bool:
         pair = (m.app, m.peer_name)
@@ -69,26 +74,33 @@ class ConnectorStore(MappingStore):
         if tag is None:
             tag = self._tags[pair] = len(self._pairs)
             self._pairs.append(pair)
-        return self._tables.set_transit(m.peer, m.transit, m.destination, self._ids.app(m.app),
+        pid = self._ids.peer(m.peer_name)
+        self._peer_ids[m.peer] = pid
+        self._addresses[pid, m.peer.version] = m.peer
+        return self._tables.set_transit(pid, m.transit, m.destination, self._ids.app(m.app),
                                         m.registered, tag)
 
-    def _mapping(self, peer: IPAddress | bytes, transit: IPAddress | bytes, real: bytes,
+    def _mapping(self, pid: int, transit: IPAddress | bytes, real: bytes,
                  registered: float, tag: int) -> Mapping:
         app, name = self._pairs[tag] if tag < len(self._pairs) else ("", "")
-        return Mapping(ipaddress.ip_address(peer), ipaddress.ip_address(transit),
-                       ipaddress.ip_address(real), app, registered, name)
+        t = ipaddress.ip_address(transit)
+        return Mapping(self._addresses[pid, t.version], t, ipaddress.ip_address(real), app,
+                       registered, name)
 
     def get(self, peer: IPAddress, transit: IPAddress) -> Mapping | None:
-        entry = self._tables.transit_entry(peer, transit)
+        pid = self._peer_ids.get(peer)
+        if pid is None or self._addresses.get((pid, transit.version)) != peer:
+            return None  # no mapping was ever made for this address
+        entry = self._tables.transit_entry(pid, transit)
         if entry is None:
             return None
         real, _, registered, tag = entry
-        return self._mapping(peer, transit, real, registered, tag)
+        return self._mapping(pid, transit, real, registered, tag)
 
     def remove(self, peer: IPAddress, transit: IPAddress) -> Mapping | None:
         m = self.get(peer, transit)
         if m is not None:
-            self._tables.del_transit(peer, transit)
+            self._tables.del_transit(self._peer_ids[peer], transit)
         return m
 
     def expired(self, before: float, limit: int) -> list[Mapping]:
