@@ -412,7 +412,7 @@ class Node:
                 self.dataplane.client_registered(a, a.connector)
 
     async def _serve_peerapi(self, host: str, *,
-                             task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+                             task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         from .http import serve_tcp
 
         api = PeerAPI(self, self.refusals)
