@@ -86,8 +86,8 @@ def session(dp: Datapath, peer_id: int, keys: tuple[bytes, bytes], now: int) -> 
             datagram, (host, port) = sealed
             out.append(f"{len(datagram)} bytes to {host}:{port}")
     messages, waiting = dp.read_handshakes()
-    out.extend(f"{len(m)} bytes from {host}:{port} ({waiting} waiting)"
-               for m, (host, port) in messages)
+    out.extend(f"{len(m)} bytes from {sender[0]}:{sender[1]} ({waiting} waiting)"
+               for m, sender in messages if sender is not None)
     state = dp.peer_state(peer_id)
     if state is not None:
         out.append(f"endpoint {state['endpoint']}")
