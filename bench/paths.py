@@ -59,8 +59,8 @@ DOMAINS = {"kernel": "direct.example.net", "kernel_nat": "nat.example.net",
            "conn25d": "app.example.com", "wireguard_go": "wg.example.net",
            "conn25d_offload": "app2.example.com"}
 LABELS = {"kernel": "(a) kernel routing", "kernel_nat": "(b) kernel NAT (nftables)",
-          "conn25d": "(c) conn25d", "wireguard_go": "(d) wireguard-go",
-          "conn25d_offload": "(e) conn25d --tun-offload"}
+          "conn25d": "(c) conn25d --tun-offload=false", "wireguard_go": "(d) wireguard-go",
+          "conn25d_offload": "(e) conn25d (TUN offloads on, the default)"}
 PATHS = tuple(LABELS)
 
 
@@ -217,7 +217,8 @@ table ip {NAT_TABLE} {{
     @contextlib.contextmanager
     def _conn25d(self, key: str = "conn25d") -> Iterator[BenchPath]:
         self._resolver(QUAD100)
-        flags = ("--tun-offload",) if key == "conn25d_offload" else ()
+        # (c) reads packet by packet, (e) with the TUN offloads (the default).
+        flags = ("--tun-offload=" + ("true" if key == "conn25d_offload" else "false"),)
         try:
             # The default log level, as a user runs it (Testbed.start's debug is overridden).
             procs = [self.start(n.name, "--log-level", "info", *flags)

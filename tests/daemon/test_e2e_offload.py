@@ -1,9 +1,11 @@
-"""conn25d end to end with TUN offloads on (--tun-offload), in namespaces this module
-creates: a client and a connector; the client's kernel hands its TUN TCP super-packets,
-which the datapath splits. A 16 MiB upload and download through the connector arrive
-whole (length and SHA-256 checked at the other end), and the client's counters show that
-super-packets were read and split. (CONN25_TUN_OFFLOAD=1 runs every end-to-end test with
-the offloads on; this module turns them on whatever the environment says.)
+"""conn25d end to end with TUN offloads on (the default) and forced off
+(--tun-offload=false), in namespaces this module creates: a client and a connector.
+With them on, the client's kernel hands its TUN TCP super-packets, which the datapath
+splits; with them off, it reads packet by packet. Either way a 16 MiB upload and
+download through the connector arrive whole (length and SHA-256 checked at the other
+end), and the client's counters show whether super-packets were read and split.
+(CONN25_TUN_OFFLOAD=0 runs every other end-to-end test with the offloads off; this
+module runs both modes whatever the environment says.)
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ pytestmark = pytest.mark.root
 SIZE = 16 << 20
 
 
-@pytest.fixture(scope="module")
-def bed(tmp_path_factory):
+@pytest.fixture(scope="module", params=[True, False], ids=["offload-on", "offload-off"])
+def bed(request, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("testbed")
-    tb = Testbed(workdir, tun_offload=True)
+    tb = Testbed(workdir, tun_offload=request.param)
     with tb:
         for name in ("conn1", "client"):
             tb.start(name)
@@ -50,13 +52,17 @@ def test_a_large_upload_and_download_arrive_whole_through_split_super_packets(be
     assert (tmp_path / "page").read_bytes() == pattern_page(SIZE)
 
     doc = bed.status("client")
-    assert doc["tunOffload"] in ("tso", "tso+uso")
     dp = doc["datapath"]
+    assert dp["drop_offload_header"] == dp["drop_offload_packet"] == 0
+    assert bed.status("conn1")["tunOffload"] == doc["tunOffload"]
+    if not bed.tun_offload:
+        assert doc["tunOffload"] == "off"
+        assert dp["tun_rx_super_packets"] == dp["tun_rx_segments"] == 0
+        return
+    assert doc["tunOffload"] in ("tso", "tso+uso")
     # The upload left the client's stack as super-packets, split by the datapath.
     assert dp["tun_rx_super_packets"] > 0
     assert dp["tun_rx_segments"] >= SIZE // 1420
-    assert dp["drop_offload_header"] == dp["drop_offload_packet"] == 0
-    assert bed.status("conn1")["tunOffload"] == doc["tunOffload"]
 
 
 def test_ipv6_super_packets_are_split_too(bed, tmp_path):
@@ -66,5 +72,5 @@ def test_ipv6_super_packets_are_split_too(bed, tmp_path):
     assert upload(bed, tmp_path / "upload6.bin", "-6") == [str(len(body)),
                                                           hashlib.sha256(body).hexdigest()]
     dp = bed.status("client")["datapath"]
-    assert dp["tun_rx_super_packets"] > before
+    assert (dp["tun_rx_super_packets"] > before) == bed.tun_offload
     assert dp["drop_offload_header"] == dp["drop_offload_packet"] == 0

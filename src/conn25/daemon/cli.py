@@ -219,9 +219,11 @@ def _add_up(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     p.add_argument("--tun-name", default="conn25", metavar="IFNAME",
                    help="the TUN device (default conn25)")
     p.add_argument("--mtu", type=int, default=1420, help="MTU of the TUN device (default 1420)")
-    p.add_argument("--tun-offload", action="store_true",
+    p.add_argument("--tun-offload", type=_boolean, nargs="?", const=True, default=True,
+                   metavar="BOOL",
                    help="let the kernel hand the TUN TCP/UDP super-packets (TSO, USO), split "
-                   "by the datapath; falls back to none where the kernel refuses (default off)")
+                   "by the datapath; falls back to fewer, then none, where the kernel refuses "
+                   "(default on; --tun-offload=false reads packet by packet)")
     p.add_argument("--dns-listen", type=_address_option(53), default=("100.100.100.100", 53),
                    metavar="ADDR", help="DNS server address (default 100.100.100.100:53)")
     p.add_argument("--upstream-dns", type=_address_list, metavar="ADDR[,ADDR]",

@@ -52,12 +52,12 @@ def open_tun(name: str, vnet_hdr: bool = False) -> tuple[int, str]:
     return fd, actual
 
 
-def set_offload(fd: int) -> str:
+def set_offload(fd: int, modes: tuple[tuple[str, int], ...] = OFFLOAD_MODES) -> str:
     """Let the kernel hand the TUN (opened with ``vnet_hdr``) TSO super-packets and
     partial checksums, and USO ones where it has them (Linux 6.2+): the best mode of
-    OFFLOAD_MODES the kernel accepts, or "off" (none asked for) when it accepts none.
+    ``modes`` the kernel accepts, or "off" (none asked for) when it accepts none.
     The datapath splits what it reads (segment.pxd)."""
-    for mode, flags in OFFLOAD_MODES:
+    for mode, flags in modes:
         try:
             fcntl.ioctl(fd, TUNSETOFFLOAD, flags)
             return mode

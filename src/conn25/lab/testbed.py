@@ -201,9 +201,9 @@ ORIGINAL_RESOLV_CONF = f"# the test internet's resolver\nnameserver {DNS4}\n"
 
 
 def tun_offload_default() -> bool:
-    """Whether testbed nodes run with --tun-offload: CONN25_TUN_OFFLOAD=1 in the
-    environment (so the end-to-end suite can run with the TUN offloads on)."""
-    value = os.environ.get("CONN25_TUN_OFFLOAD", "0")
+    """Whether testbed nodes run with the TUN offloads (the daemon's default):
+    CONN25_TUN_OFFLOAD=0 in the environment runs the end-to-end suite with them off."""
+    value = os.environ.get("CONN25_TUN_OFFLOAD", "1")
     if value not in ("0", "1"):
         raise ValueError(f"CONN25_TUN_OFFLOAD must be 0 or 1, got {value!r}")
     return value == "1"
@@ -219,7 +219,7 @@ class Testbed:
                  tun_offload: bool | None = None) -> None:
         self.workdir = Path(workdir)
         self.specs = {n.name: n for n in nodes}
-        # Every node's `up` gets --tun-offload (None: tun_offload_default()).
+        # Whether nodes run with the TUN offloads (None: tun_offload_default()).
         self.tun_offload = tun_offload_default() if tun_offload is None else tun_offload
         self.ns: dict[str, Netns] = {}
         self.procs: dict[str, subprocess.Popen] = {}
@@ -339,8 +339,8 @@ class Testbed:
                 "--log-level", "debug", *self._dns_args(name), *extra]
         if spec.connector:
             args.append("--advertise-connector")
-        if self.tun_offload:
-            args.append("--tun-offload")
+        if not self.tun_offload:
+            args.append("--tun-offload=false")
         log = open(self.workdir / f"{name}.log", "a")  # noqa: SIM115 (kept by the process)
         proc = self.ns[name].popen(*args, stdout=log, stderr=subprocess.STDOUT,
                                    env=None if env is None else {**os.environ, **env})
