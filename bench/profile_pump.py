@@ -7,7 +7,8 @@ and reads /proc for how busy each core and each pump thread was. Writes
 perf.data to --out and prints the busy figures; inspect the profile with
 `perf report -i OUT --no-children --sort comm,dso,sym`.
 
-    python bench/profile_pump.py [--seconds 10] [--udp] [--out /tmp/pump.perf]   (as root)
+    python bench/profile_pump.py [--seconds 10] [--udp] [--tun offload] [--out /tmp/pump.perf]
+                                                                                 (as root)
 """
 
 from __future__ import annotations
@@ -68,13 +69,16 @@ def main() -> int:
     ap.add_argument("--seconds", type=int, default=10, help="length of the iperf3 run")
     ap.add_argument("--udp", action="store_true", help="64-byte UDP instead of one TCP stream")
     ap.add_argument("--out", default="/tmp/pump.perf", help="where perf.data goes")
+    ap.add_argument("--tun", choices=("plain", "vnet", "offload"), default="offload",
+                    help="the TUN's mode (pumpnet.pump_topology): offload is the daemon's "
+                    "default (default offload)")
     ap.add_argument("--count", action="store_true",
                     help="count the pumps' syscalls (perf stat) instead of sampling")
     args = ap.parse_args()
     if (why := need_root()) is not None:
         print(f"bench/profile_pump.py {why}", file=sys.stderr)
         return 2
-    with pump_topology() as (client, connector, c, k):
+    with pump_topology(args.tun) as (client, connector, c, k):
         connector.popen("iperf3", "-s", "-B", REAL, stdout=subprocess.DEVNULL,
                         stderr=subprocess.DEVNULL)
         wait_for(lambda: "5201" in connector.run("ss", "-Hltn", "sport = :5201").stdout,
