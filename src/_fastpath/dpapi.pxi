@@ -91,6 +91,25 @@ cdef bytes _key_in(object key, str what):
     return key
 
 
+cdef DpCtx *_ctx_new() noexcept:
+    """One pump thread's context (NULL: out of memory)."""
+    cdef DpCtx *c = <DpCtx *>calloc(1, sizeof(DpCtx))
+    if c == NULL:
+        return NULL
+    c.aead = aead_new()
+    if c.aead == NULL:
+        free(c)
+        return NULL
+    nat_frag_init(&c.frags, 30_000)
+    return c
+
+
+cdef void _ctx_free(DpCtx *c) noexcept:
+    if c != NULL:
+        aead_free(c.aead)
+        free(c)
+
+
 cdef int _endpoint_in(object sender, TbEndpoint *out) except -1:
     """A datagram's sender (ip, port), the ip packed, an ipaddress object or a string."""
     addr, port = sender
@@ -116,20 +135,24 @@ cdef class Datapath:
     """
 
     cdef DpCore core
-    cdef DpCtx *ctx_tun
+    cdef DpCtx *ctx_tun       # queue 0's (process_*, bench_loop)
     cdef DpCtx *ctx_udp
+    # Per queue; allocated up to the most queues ever started and kept until the
+    # Datapath goes (counters() sums them all).
+    cdef DpCtx *qctx_tun[<int>PUMP_MAX_QUEUES]
+    cdef DpCtx *qctx_udp[<int>PUMP_MAX_QUEUES]
+    cdef int nctx
+    cdef int nq               # queues of the last start() (1 before any)
     cdef AeadCtx *aead_ctl    # the control plane's (seal()), used with the GIL held
     cdef uint64_t ctl_counters[<int>C_NCOUNTERS]  # what seal() counted (GIL held)
-    cdef PumpBufs *bufs_tun
-    cdef PumpBufs *bufs_udp
+    cdef PumpBufs *qbufs_tun[<int>PUMP_MAX_QUEUES]
+    cdef PumpBufs *qbufs_udp[<int>PUMP_MAX_QUEUES]
+    cdef PumpSet pset
     cdef readonly Tables tables
     cdef readonly FlowTable client_flows
     cdef readonly FlowTable connector_flows
     cdef int efd
     cdef int stop_fd
-    cdef int tun_fd
-    cdef int udp_fd
-    cdef int sock_family
     cdef object threads
 
     def __cinit__(self, *, client: bool = True, connector: bool = False,
@@ -143,24 +166,27 @@ cdef class Datapath:
         self.connector_flows = FlowTable(connector_flows, idle_timeout_ms) if connector else None
         memset(&self.core, 0, sizeof(DpCore))
         memset(self.ctl_counters, 0, sizeof(self.ctl_counters))
+        memset(&self.pset, 0, sizeof(PumpSet))
+        memset(self.qctx_tun, 0, sizeof(self.qctx_tun))
+        memset(self.qctx_udp, 0, sizeof(self.qctx_udp))
+        memset(self.qbufs_tun, 0, sizeof(self.qbufs_tun))
+        memset(self.qbufs_udp, 0, sizeof(self.qbufs_udp))
+        self.nctx = 0
+        self.nq = 1
         pthread_mutex_init(&self.core.ev_lock, NULL)
         self.core.tables = self.tables.tables
         self.core.client_flows = self.client_flows.table if client else NULL
         self.core.connector_flows = self.connector_flows.table if connector else NULL
         self.core.events = <DpEvent *>calloc(DP_EV_CAP, sizeof(DpEvent))
         self.core.hs = <HsMsg *>calloc(DP_HS_CAP, sizeof(HsMsg))
-        self.ctx_tun = <DpCtx *>calloc(1, sizeof(DpCtx))
-        self.ctx_udp = <DpCtx *>calloc(1, sizeof(DpCtx))
-        if self.core.events == NULL or self.core.hs == NULL or self.ctx_tun == NULL \
-                or self.ctx_udp == NULL:
+        if self.core.events == NULL or self.core.hs == NULL:
             raise MemoryError("Datapath: cannot allocate")
-        self.ctx_tun.aead = aead_new()
-        self.ctx_udp.aead = aead_new()
         self.aead_ctl = aead_new()
-        if self.ctx_tun.aead == NULL or self.ctx_udp.aead == NULL or self.aead_ctl == NULL:
+        if self.aead_ctl == NULL:
             raise MemoryError("Datapath: cannot allocate cipher contexts")
-        nat_frag_init(&self.ctx_tun.frags, 30_000)
-        nat_frag_init(&self.ctx_udp.frags, 30_000)
+        self._contexts(1)
+        self.ctx_tun = self.qctx_tun[0]
+        self.ctx_udp = self.qctx_udp[0]
         self.efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
         if self.efd < 0:
             raise OSError(errno, "eventfd: " + os.strerror(errno))
@@ -172,16 +198,23 @@ cdef class Datapath:
             self.stop()
         free(self.core.events)
         free(self.core.hs)
-        if self.ctx_tun != NULL:
-            aead_free(self.ctx_tun.aead)
-        if self.ctx_udp != NULL:
-            aead_free(self.ctx_udp.aead)
+        for i in range(PUMP_MAX_QUEUES):
+            _ctx_free(self.qctx_tun[i])
+            _ctx_free(self.qctx_udp[i])
         aead_free(self.aead_ctl)
-        free(self.ctx_tun)
-        free(self.ctx_udp)
         if self.efd >= 0:
             close(self.efd)
         pthread_mutex_destroy(&self.core.ev_lock)
+
+    cdef int _contexts(self, int n) except -1:
+        """Contexts for queues 0..n-1 (those of earlier starts are kept)."""
+        while self.nctx < n:
+            self.qctx_tun[self.nctx] = _ctx_new()
+            self.qctx_udp[self.nctx] = _ctx_new()
+            if self.qctx_tun[self.nctx] == NULL or self.qctx_udp[self.nctx] == NULL:
+                raise MemoryError("Datapath: cannot allocate the pumps' contexts")
+            self.nctx += 1
+        return 0
 
     @property
     def event_fd(self) -> int:
@@ -474,10 +507,12 @@ cdef class Datapath:
     def counters(self) -> dict:
         """Per-reason packet counters of both pumps, summed (racy reads of
         monotonic counters: good for monitoring, not for exact accounting)."""
+        cdef int k
         d = {}
         for i in range(C_NCOUNTERS):
-            d[_COUNTER_NAMES[i]] = (self.ctx_tun.counters[i] + self.ctx_udp.counters[i]
-                                    + self.ctl_counters[i])
+            d[_COUNTER_NAMES[i]] = self.ctl_counters[i]
+            for k in range(self.nctx):
+                d[_COUNTER_NAMES[i]] += self.qctx_tun[k].counters[i] + self.qctx_udp[k].counters[i]
         d["events_dropped"] += self.core.ev_dropped
         for role, table in (("client", self.client_flows), ("connector", self.connector_flows)):
             if table is not None:
@@ -485,6 +520,25 @@ cdef class Datapath:
                 d[role + "_flows"] = st["flows"]
                 d["events_dropped"] += st["events_dropped"]
         return d
+
+    def queue_counters(self) -> list:
+        """Per queue of the last start() (one before any), what its pumps moved:
+        tun_rx (packets read from its TUN queue, super-packets counted once),
+        udp_tx (datagrams sent by its TUN -> UDP side), udp_rx (datagrams received
+        on its socket) and tun_tx (packets its UDP -> TUN side wrote, into
+        whichever queue their flow goes to). Racy reads, as counters()."""
+        cdef int k
+        out = []
+        for k in range(self.nq):
+            t, u = self.qctx_tun[k], self.qctx_udp[k]
+            out.append({"tun_rx": t.counters[C_TUN_RX], "udp_tx": t.counters[C_UDP_TX],
+                        "udp_rx": u.counters[C_UDP_RX], "tun_tx": u.counters[C_TUN_TX]})
+        return out
+
+    @property
+    def queues(self) -> int:
+        """How many queues (pump pairs) the last start() ran (1 before any)."""
+        return self.nq
 
     def save_flows(self) -> bytes:
         """The connector flows that a return packet could not re-create after a
@@ -509,17 +563,23 @@ cdef class Datapath:
 
     # -- pumps ----------------------------------------------------------------
 
-    def start(self, tun_fd: int, udp_sock: socket.socket, *, sockbuf: int = 4 << 20,
-              vnet_hdr: bool = False, _tun_thread: bool = True,
+    def start(self, tun_fds: int | typing.Sequence[int],
+              udp_socks: socket.socket | typing.Sequence[socket.socket], *,
+              sockbuf: int = 4 << 20, vnet_hdr: bool = False, _tun_thread: bool = True,
               _udp_thread: bool = True) -> None:
-        """Start both pump threads on a TUN fd (IFF_TUN|IFF_NO_PI) and a bound UDP socket.
+        """Start the pump threads on TUN fds (IFF_TUN|IFF_NO_PI) and bound UDP sockets:
+        one pair of threads per queue, queue k on tun_fds[k] and udp_socks[k] (an int
+        and a socket: one queue).
 
-        Both are made non-blocking, and the socket's buffers are raised to
+        Several queues are the queues of one multi-queue TUN (IFF_MULTI_QUEUE) and
+        as many sockets bound to one address with SO_REUSEPORT, of one family
+        (pump.pxd, "Queues", says how the work spreads). All are made non-blocking,
+        and each socket's buffers are raised to
         `sockbuf` bytes (beyond net.core.[rw]mem_max when running as root):
         bursts of a fast TCP stream overflow the default ones, and every
         datagram dropped there is a retransmission. UDP_GRO is turned on
-        on the socket (where the kernel has it), so the pumps must be its
-        only reader. The caller keeps ownership of both (and closes them
+        on the sockets (where the kernel has it), so the pumps must be their
+        only reader. The caller keeps ownership of all (and closes them
         after stop()). `vnet_hdr`: the TUN was opened with IFF_VNET_HDR: packets
         read carry a virtio-net header, and consecutive TCP segments of a flow
         are written as one GSO super-packet (coalesce.pxd). With TUN offloads
@@ -527,79 +587,121 @@ cdef class Datapath:
         may be a TSO/USO super-packet, which is translated once and split, or a
         packet with a partial checksum, which is completed (segment.pxd).
         `_tun_thread=False` is for tests: only the UDP -> TUN
-        thread runs, which reads the TUN only right after its own writes;
-        `_udp_thread=False` too: only the TUN -> UDP thread runs, which reads the
-        overlay socket only while it waits for the answer to an isolated packet.
+        threads run, which read the TUN only right after their own writes;
+        `_udp_thread=False` too: only the TUN -> UDP threads run, which read the
+        overlay sockets only while they wait for the answer to an isolated packet.
         """
+        cdef int k, n
+        cdef PumpQueue *q
         if self.threads:
             raise RuntimeError("Datapath is already running")
-        if udp_sock.family not in (socket.AF_INET, socket.AF_INET6) or \
-                udp_sock.type != socket.SOCK_DGRAM:
-            raise ValueError("the overlay socket must be a UDP socket (AF_INET or AF_INET6)")
-        os.set_blocking(tun_fd, False)
-        udp_sock.setblocking(False)
-        if sockbuf:
-            for force, plain in ((33, socket.SO_RCVBUF), (32, socket.SO_SNDBUF)):
-                try:
-                    udp_sock.setsockopt(socket.SOL_SOCKET, force, sockbuf)  # SO_*BUFFORCE
-                except PermissionError:
-                    udp_sock.setsockopt(socket.SOL_SOCKET, plain, sockbuf)
-        self.tun_fd = tun_fd
-        self.udp_fd = udp_sock.fileno()
-        self.sock_family = udp_sock.family
+        fds = [tun_fds] if isinstance(tun_fds, int) else list(tun_fds)
+        socks = [udp_socks] if isinstance(udp_socks, socket.socket) else list(udp_socks)
+        n = len(fds)
+        if not 1 <= n <= PUMP_MAX_QUEUES:
+            raise ValueError(f"{n} TUN queues: from 1 to {PUMP_MAX_QUEUES}")
+        if len(socks) != n:
+            raise ValueError(f"{len(socks)} overlay sockets for {n} TUN queues: one per queue")
+        for sock in socks:
+            if sock.family not in (socket.AF_INET, socket.AF_INET6) or \
+                    sock.type != socket.SOCK_DGRAM:
+                raise ValueError("the overlay socket must be a UDP socket (AF_INET or AF_INET6)")
+        if n > 1 and len({(sk.family, sk.getsockname()) for sk in socks}) != 1:
+            raise ValueError("the overlay sockets of several queues must share one family, "
+                             "address and port (SO_REUSEPORT)")
+        self._contexts(n)
+        for fd in fds:
+            os.set_blocking(fd, False)
+        for sock in socks:
+            sock.setblocking(False)
+            if sockbuf:
+                for force, plain in ((33, socket.SO_RCVBUF), (32, socket.SO_SNDBUF)):
+                    try:
+                        sock.setsockopt(socket.SOL_SOCKET, force, sockbuf)  # SO_*BUFFORCE
+                    except PermissionError:
+                        sock.setsockopt(socket.SOL_SOCKET, plain, sockbuf)
+        memset(&self.pset, 0, sizeof(PumpSet))
+        self.pset.d = &self.core
+        self.pset.n = n
+        self.pset.sock_family = socks[0].family
+        self.pset.event_fd = self.efd
         self.stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
         if self.stop_fd < 0:
             raise OSError(errno, "eventfd: " + os.strerror(errno))
-        self.bufs_tun = <PumpBufs *>calloc(1, sizeof(PumpBufs))
-        self.bufs_udp = <PumpBufs *>calloc(1, sizeof(PumpBufs))
-        if self.bufs_tun != NULL:
-            self.bufs_tun.data = <uint8_t *>calloc(PUMP_BATCH, PUMP_SLOT)
-        if self.bufs_udp != NULL:
-            self.bufs_udp.data = <uint8_t *>calloc(PUMP_BATCH, PUMP_SLOT)
-        if self.bufs_tun == NULL or self.bufs_udp == NULL or self.bufs_tun.data == NULL \
-                or self.bufs_udp.data == NULL:
-            self._free_pumps()
-            raise MemoryError("Datapath: cannot allocate pump buffers")
-        self.bufs_tun.gso_max = PUMP_SLOT
-        for i in range(PUMP_BATCH):  # before either thread may read the socket
-            self.bufs_udp.iovs[i].iov_base = self.bufs_udp.data + <Py_ssize_t>i * PUMP_SLOT
-            self.bufs_udp.iovs[i].iov_len = PUMP_SLOT
-        self.bufs_tun.vnet = self.bufs_udp.vnet = 1 if vnet_hdr else 0
-        if vnet_hdr:
-            self.bufs_tun.segs = <uint8_t *>calloc(1, PUMP_SEG_AREA)
-        if vnet_hdr and (co_init(&self.bufs_udp.co) < 0 or self.bufs_tun.segs == NULL):
-            self._free_pumps()
-            raise MemoryError("Datapath: cannot allocate the coalescing and segment buffers")
-        if pump_udp_init(self.bufs_udp, self.udp_fd, self.stop_fd) < 0 \
-                or pump_tun_init(self.bufs_tun, tun_fd, self.stop_fd) < 0:
-            err = errno
-            self._free_pumps()
-            raise OSError(err, "epoll: " + os.strerror(err))
-        pump_enable_gro(self.udp_fd)  # an old kernel without UDP_GRO: datagrams one by one
-        self.threads = [
-            threading.Thread(target=self._run, args=(0,), name="conn25-tun-to-udp", daemon=True),
-            threading.Thread(target=self._run, args=(1,), name="conn25-udp-to-tun", daemon=True),
-        ][0 if _tun_thread else 1:2 if _udp_thread else 1]
+        self.pset.stop_fd = self.stop_fd
+        for k in range(n):
+            q = &self.pset.q[k]
+            q.tun_fd = fds[k]
+            q.udp_fd = socks[k].fileno()
+            q.tc = self.qctx_tun[k]
+            q.uc = self.qctx_udp[k]
+            self._new_bufs(k, vnet_hdr)
+        self.nq = n
+        for k in range(n):
+            pump_enable_gro(self.pset.q[k].udp_fd)  # an old kernel: datagrams one by one
+        threads = []
+        for k in range(n):
+            tail = f"-{k}" if k else ""
+            if _tun_thread:
+                threads.append(threading.Thread(target=self._run, args=(0, k), daemon=True,
+                                                name="conn25-tun-to-udp" + tail))
+            if _udp_thread:
+                threads.append(threading.Thread(target=self._run, args=(1, k), daemon=True,
+                                                name="conn25-udp-to-tun" + tail))
+        self.threads = threads
         for t in self.threads:
             t.start()
 
-    def _run(self, int which) -> None:
+    cdef int _new_bufs(self, int k, bint vnet_hdr) except -1:
+        """Queue k's buffers, locks and epoll sets (freed by _free_pumps on failure)."""
+        cdef PumpQueue *q = &self.pset.q[k]
+        cdef PumpBufs *tb = <PumpBufs *>calloc(1, sizeof(PumpBufs))
+        cdef PumpBufs *ub = <PumpBufs *>calloc(1, sizeof(PumpBufs))
+        cdef int i
+        self.qbufs_tun[k] = q.tb = tb
+        self.qbufs_udp[k] = q.ub = ub
+        if tb != NULL:
+            tb.epfd = -1
+            tb.data = <uint8_t *>calloc(PUMP_BATCH, PUMP_SLOT)
+        if ub != NULL:
+            ub.epfd = -1
+            ub.data = <uint8_t *>calloc(PUMP_BATCH, PUMP_SLOT)
+        if tb == NULL or ub == NULL or tb.data == NULL or ub.data == NULL:
+            self._free_pumps()
+            raise MemoryError("Datapath: cannot allocate pump buffers")
+        tb.gso_max = PUMP_SLOT
+        for i in range(PUMP_BATCH):  # before any thread may read the socket
+            ub.iovs[i].iov_base = ub.data + <Py_ssize_t>i * PUMP_SLOT
+            ub.iovs[i].iov_len = PUMP_SLOT
+        tb.vnet = ub.vnet = 1 if vnet_hdr else 0
+        ub.co_fd = q.tun_fd
+        if vnet_hdr:
+            tb.segs = <uint8_t *>calloc(1, PUMP_SEG_AREA)
+        if vnet_hdr and (co_init(&ub.co) < 0 or tb.segs == NULL):
+            self._free_pumps()
+            raise MemoryError("Datapath: cannot allocate the coalescing and segment buffers")
+        if pump_udp_init(ub, q.udp_fd, self.stop_fd) < 0 \
+                or pump_tun_init(tb, q.tun_fd, self.stop_fd) < 0:
+            err = errno
+            self._free_pumps()
+            raise OSError(err, "epoll: " + os.strerror(err))
+        return 0
+
+    def _run(self, int which, int k) -> None:
         with nogil:
             if which == 0:
-                pump_tun_to_udp(&self.core, self.ctx_tun, self.bufs_tun, self.tun_fd,
-                                self.udp_fd, self.sock_family, self.stop_fd, self.efd,
-                                self.ctx_udp, self.bufs_udp)
+                pump_tun_to_udp(&self.pset, k)
             else:
-                pump_udp_to_tun(&self.core, self.ctx_udp, self.bufs_udp, self.tun_fd,
-                                self.udp_fd, self.sock_family, self.stop_fd, self.efd,
-                                self.ctx_tun, self.bufs_tun)
+                pump_udp_to_tun(&self.pset, k)
 
     def stop(self) -> None:
-        """Stop and join both pumps (idempotent)."""
+        """Stop and join every pump (idempotent)."""
+        cdef int k
         if not self.threads:
             return
-        c25_store_int(&self.bufs_tun.stop, 1)
-        c25_store_int(&self.bufs_udp.stop, 1)
+        for k in range(self.pset.n):
+            c25_store_int(&self.qbufs_tun[k].stop, 1)
+            c25_store_int(&self.qbufs_udp[k].stop, 1)
         pump_wake(self.stop_fd)
         for t in self.threads:
             t.join()
@@ -607,18 +709,21 @@ cdef class Datapath:
         self._free_pumps()
 
     cdef void _free_pumps(self) noexcept:
-        if self.bufs_tun != NULL:
-            pump_tun_free(self.bufs_tun)
-            free(self.bufs_tun.segs)
-            free(self.bufs_tun.data)
-            free(self.bufs_tun)
-            self.bufs_tun = NULL
-        if self.bufs_udp != NULL:
-            pump_udp_free(self.bufs_udp)
-            co_free(&self.bufs_udp.co)
-            free(self.bufs_udp.data)
-            free(self.bufs_udp)
-            self.bufs_udp = NULL
+        cdef int k
+        for k in range(PUMP_MAX_QUEUES):
+            if self.qbufs_tun[k] != NULL:
+                pump_tun_free(self.qbufs_tun[k])
+                free(self.qbufs_tun[k].segs)
+                free(self.qbufs_tun[k].data)
+                free(self.qbufs_tun[k])
+                self.qbufs_tun[k] = NULL
+            if self.qbufs_udp[k] != NULL:
+                pump_udp_free(self.qbufs_udp[k])
+                co_free(&self.qbufs_udp[k].co)
+                free(self.qbufs_udp[k].data)
+                free(self.qbufs_udp[k])
+                self.qbufs_udp[k] = NULL
+        self.pset.n = 0
         if self.stop_fd >= 0:
             close(self.stop_fd)
             self.stop_fd = -1

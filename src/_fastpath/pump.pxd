@@ -1,5 +1,6 @@
-# The pumps (prefix pump_): two threads that move packets between the TUN device and the
-# overlay's UDP socket, with the GIL released for their whole loop.
+# The pumps (prefix pump_): threads that move packets between the TUN device and the
+# overlay's UDP socket, with the GIL released for their whole loop: one pair per
+# queue (a TUN queue fd and an overlay socket, "Queues" below), two with one queue.
 #
 #   TUN -> UDP: read every packet that is ready (up to PUMP_BATCH), decide
 #               each with dp_from_tun, seal it in place into a WireGuard
@@ -70,6 +71,36 @@
 # offload on the route's device, or a segment over the path MTU) has its
 # packets sent one by one, and GSO stops for that segment size and up.
 #
+# Queues. With a multi-queue TUN (IFF_MULTI_QUEUE) every queue k has its own
+# fd, its own overlay socket (the N sockets share one address and port with
+# SO_REUSEPORT) and its own pair of threads, with its own contexts and buffers
+# (PumpQueue): everything said above of "the TUN side" and "the UDP side" holds
+# per queue, under that queue's tun_lock / udp_lock. How work spreads:
+#   - TUN -> UDP: the kernel picks a flow's queue by its flow hash, or, once
+#     it has seen the flow's packets written into a queue, that queue (tun.c's
+#     flow table); so each flow is read by one thread, in order.
+#   - UDP -> TUN: the kernel picks the socket by the datagram's 4-tuple, so all
+#     of one peer's datagrams land on one socket and one thread (a peer's
+#     packets stay in order; one peer's receive side does not spread). That
+#     thread writes each packet into the queue pump_queue_of names by its inner
+#     flow, so the kernel learns that queue for the flow, and the flow's answers
+#     are read there: the flows of one peer spread over the TUN -> UDP threads.
+#     Its coalescing buffer (CoBuf) is flushed when the next packet goes to
+#     another queue (co_fd); after a batch it reads, as above, each queue it
+#     wrote into, under that queue's tun_lock (trylock).
+#   - The spin for an isolated packet's answer polls every queue's socket (the
+#     answer lands on the one its peer hashes to), each under its udp_lock
+#     (trylock).
+# What the threads of different queues share is shared already by the two of
+# one queue, and locked where it lives: the tables and flow tables (their
+# lock), WireGuard sessions (the tables' lock: a send counter is reserved under
+# it, so no nonce is used twice, and replay windows are marked under it), the
+# event rings (DpCore.ev_lock, the flow tables' locks). Counters live in each
+# queue's contexts and are summed when read. Per-context state that is not
+# shared: fragment tracking (all fragments of a datagram have one flow hash, so
+# one queue; one peer, one socket), the reject memo (a transit IP may be
+# rejected once per UDP thread per REJECT_GAP_MS), the cipher contexts.
+#
 # The datagrams' header and types are the wire format's (wire.pxd).
 
 from libc.stdint cimport uint8_t, uint64_t
@@ -87,6 +118,7 @@ cdef enum:
     GSO_MAX_SEGS = 64       # UDP_MAX_SEGMENTS of older kernels
     GSO_MAX_BYTES = 65000   # under the largest UDP payload (65507 on IPv4)
     PUMP_CTRL = 4           # 8-byte words of control buffer per message (one int cmsg)
+    PUMP_MAX_QUEUES = 16    # TUN queues (pump pairs) at most
     # Isolated packets (see the top): a batch of at most SPIN_PACKETS read after
     # SPIN_QUIET_NS of quiet makes the TUN -> UDP thread poll the overlay socket for
     # the answer for up to SPIN_NS, within a budget of 1/SPIN_SHARE of its time
@@ -115,6 +147,7 @@ cdef struct PumpBufs:
     pthread_mutex_t udp_lock  # UDP side's only: held by the thread reading the overlay socket
     int vnet                # the TUN has IFF_VNET_HDR: a virtio-net header on every packet
     CoBuf co                # UDP side's only, with vnet: the super-packet being joined
+    int co_fd               # ... and the TUN queue fd it goes to
     uint8_t *segs           # TUN side's only, with vnet: PUMP_SEG_AREA bytes for segments
 
 
@@ -129,6 +162,24 @@ cdef struct TxRun:          # the send batch _tun_batch is building
     bint grow               # whether the last message may take the next datagram
 
 
+cdef struct PumpQueue:      # one queue's pair: TUN side (tc, tb) and UDP side (uc, ub)
+    DpCtx *tc
+    PumpBufs *tb
+    DpCtx *uc
+    PumpBufs *ub
+    int tun_fd
+    int udp_fd
+
+
+cdef struct PumpSet:        # every queue, and what all the threads share
+    DpCore *d
+    PumpQueue q[<int>PUMP_MAX_QUEUES]
+    int n
+    int sock_family
+    int stop_fd
+    int event_fd
+
+
 cdef inline void pump_wake(int efd) noexcept nogil:
     """Make an eventfd readable."""
     cdef uint64_t one = 1
@@ -140,9 +191,6 @@ cdef void pump_tun_free(PumpBufs *b) noexcept nogil
 cdef int pump_udp_init(PumpBufs *b, int udp_fd, int stop_fd) noexcept nogil
 cdef void pump_udp_free(PumpBufs *b) noexcept nogil
 cdef int pump_enable_gro(int udp_fd) noexcept nogil
-cdef void pump_tun_to_udp(DpCore *d, DpCtx *c, PumpBufs *b, int tun_fd, int udp_fd,
-                          int sock_family, int stop_fd, int event_fd,
-                          DpCtx *uc, PumpBufs *ub) noexcept nogil
-cdef void pump_udp_to_tun(DpCore *d, DpCtx *c, PumpBufs *b, int tun_fd, int udp_fd,
-                          int sock_family, int stop_fd, int event_fd,
-                          DpCtx *tc, PumpBufs *tb) noexcept nogil
+cdef int pump_queue_of(const uint8_t *p, Py_ssize_t n, int nq) noexcept nogil
+cdef void pump_tun_to_udp(PumpSet *s, int k) noexcept nogil
+cdef void pump_udp_to_tun(PumpSet *s, int k) noexcept nogil

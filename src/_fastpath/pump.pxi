@@ -416,52 +416,63 @@ cdef inline uint64_t _now_ns() noexcept nogil:
     return <uint64_t>ts.tv_sec * 1000000000 + <uint64_t>ts.tv_nsec
 
 
-cdef void _spin_for_reply(DpCore *d, DpCtx *uc, PumpBufs *ub, DpCtx *c, PumpBufs *b,
-                          int tun_fd, int udp_fd, int sock_family,
-                          uint64_t until) noexcept nogil:
-    """Poll the overlay socket until `until` (ns) for the answer to what was
-    just sent, and deliver it from this thread (see pump.pxd, "isolated")."""
-    cdef int got
+cdef void _spin_for_reply(PumpSet *s, int k, uint64_t until) noexcept nogil:
+    """Poll the overlay sockets until `until` (ns) for the answer to what queue k
+    just sent, and deliver it from this thread (see pump.pxd, "isolated"; every
+    queue's socket: the answer lands on the one its peer hashes to)."""
+    cdef DpCtx *c = s.q[k].tc
+    cdef PumpQueue *q
+    cdef int j, got, busy
     c.counters[C_SPINS] += 1
-    # The answer is this thread's to deliver: the UDP -> TUN thread is not woken for it
-    # (a wake-up that would take the core the next hop's thread is about to need).
-    _watch(ub, udp_fd, 0)
-    while _now_ns() < until and not c25_load_int(&b.stop):
-        if pthread_mutex_trylock(&ub.udp_lock) != 0:
-            break  # the UDP -> TUN thread is at it already
-        got = _udp_batch(d, uc, ub, tun_fd, udp_fd, sock_family, c, b)
-        pthread_mutex_unlock(&ub.udp_lock)
-        if got > 0:
+    # The answer is this thread's to deliver: the UDP -> TUN threads are not woken for
+    # it (a wake-up that would take the core the next hop's thread is about to need).
+    for j in range(s.n):
+        _watch(s.q[j].ub, s.q[j].udp_fd, 0)
+    while _now_ns() < until and not c25_load_int(&s.q[k].tb.stop):
+        got = busy = 0
+        for j in range(s.n):
+            q = &s.q[j]
+            if pthread_mutex_trylock(&q.ub.udp_lock) != 0:
+                busy += 1  # that socket's UDP -> TUN thread is at it already
+                continue
+            if _udp_batch(s, j) > 0:
+                got = 1
+            pthread_mutex_unlock(&q.ub.udp_lock)
+        if got:
             c.counters[C_SPIN_HITS] += 1
+            break
+        if busy == s.n:
             break
         # Not a bare pause: a thread that became runnable on this core (the
         # peer's, when the other core is busy) runs now instead of after the spin.
         sched_yield()
-    _watch(ub, udp_fd, EPOLLIN)
+    for j in range(s.n):
+        _watch(s.q[j].ub, s.q[j].udp_fd, EPOLLIN)
 
 
-cdef void pump_tun_to_udp(DpCore *d, DpCtx *c, PumpBufs *b, int tun_fd, int udp_fd,
-                          int sock_family, int stop_fd, int event_fd,
-                          DpCtx *uc, PumpBufs *ub) noexcept nogil:
+cdef void pump_tun_to_udp(PumpSet *s, int k) noexcept nogil:
+    """Queue k's TUN -> UDP thread."""
+    cdef DpCtx *c = s.q[k].tc
+    cdef PumpBufs *b = s.q[k].tb
     cdef bint wait = True
     cdef int ready, read_now
     cdef uint64_t woken = 0, t, last = 0, budget = SPIN_BUDGET_CAP_NS
     while not c25_load_int(&b.stop):
         if wait:
-            ready = _wait(b, stop_fd)
+            ready = _wait(b, s.stop_fd)
             if ready < 0:
                 return
             if ready == 0:
                 continue
         pthread_mutex_lock(&b.tun_lock)
-        read_now = _tun_batch(d, c, b, tun_fd, udp_fd, sock_family, &wait)
+        read_now = _tun_batch(s.d, c, b, s.q[k].tun_fd, s.q[k].udp_fd, s.sock_family, &wait)
         pthread_mutex_unlock(&b.tun_lock)
-        _wake_if_new(d, event_fd, &woken)
+        _wake_if_new(s.d, s.event_fd, &woken)
         t = _now_ns()
         budget = min(<uint64_t>SPIN_BUDGET_CAP_NS, budget + (t - last) // SPIN_SHARE)
         if (0 < read_now <= SPIN_PACKETS and t - last > <uint64_t>SPIN_QUIET_NS
                 and budget >= <uint64_t>SPIN_NS):
-            _spin_for_reply(d, uc, ub, c, b, tun_fd, udp_fd, sock_family, t + SPIN_NS)
+            _spin_for_reply(s, k, t + SPIN_NS)
             budget -= min(budget, _now_ns() - t)
         last = t
 
@@ -478,17 +489,68 @@ cdef inline int _gro_size(msghdr *h) noexcept nogil:
     return 0
 
 
-cdef inline void _deliver(DpCore *d, DpCtx *c, PumpBufs *b, uint8_t *dg, Py_ssize_t n,
-                          const TbEndpoint *sender, int tun_fd, int udp_fd, int sock_family,
-                          uint64_t now, InboundMemo *memo) noexcept nogil:
+cdef int pump_queue_of(const uint8_t *p, Py_ssize_t n, int nq) noexcept nogil:
+    """The TUN queue (0..nq-1) a packet from the overlay is written into: a hash of
+    its addresses, protocol and, unless it is a fragment, TCP/UDP ports, so every
+    packet of a flow (every fragment of a datagram) goes into the same one."""
+    cdef uint32_t h = 0, w
+    cdef Py_ssize_t i, l3, alen
+    cdef uint8_t proto
+    cdef bint ports = False
+    if nq <= 1 or n < 20:
+        return 0
+    if p[0] >> 4 == 4:
+        l3 = (p[0] & 0x0F) * 4
+        proto = p[9]
+        i = 12
+        alen = 8
+        ports = (p[6] & 0x3F) == 0 and p[7] == 0  # neither MF nor an offset
+    elif p[0] >> 4 == 6 and n >= 40:
+        l3 = 40
+        proto = p[6]  # extension headers: hashed on the addresses alone
+        i = 8
+        alen = 32
+        ports = True
+    else:
+        return 0
+    while alen > 0:
+        memcpy(&w, p + i, 4)
+        h = (h ^ w) * <uint32_t>0x9E3779B1
+        i += 4
+        alen -= 4
+    if ports and (proto == 6 or proto == 17) and n >= l3 + 4:
+        memcpy(&w, p + l3, 4)
+        h = (h ^ w) * <uint32_t>0x9E3779B1
+    h = (h ^ proto ^ (h >> 16)) * <uint32_t>0x85EBCA6B
+    return <int>(((<uint64_t>(h ^ (h >> 13))) * <uint64_t>nq) >> 32)
+
+
+cdef inline void _deliver(PumpSet *s, DpCtx *c, PumpBufs *b, uint8_t *dg, Py_ssize_t n,
+                          const TbEndpoint *sender, int udp_fd, uint64_t now,
+                          InboundMemo *memo, uint32_t *written) noexcept nogil:
+    """Open and decide one datagram; its packet goes into the TUN queue of its flow
+    (pump_queue_of), which joins `written` (that queue's thread is not woken for
+    what the write brings: this thread reads it after the batch)."""
     cdef uint32_t peer
-    cdef int verdict = dp_datagram(d, c, dg, n, sender, now, &peer, memo)
-    if verdict == DP_TO_TUN and b.vnet:
-        co_push(&b.co, tun_fd, c.counters, dg + WG_HDR, c.inner_len)
-    elif verdict == DP_TO_TUN:
-        co_write_plain(tun_fd, c.counters, dg + WG_HDR, c.inner_len, False)
+    cdef uint8_t *p
+    cdef int k, fd
+    cdef int verdict = dp_datagram(s.d, c, dg, n, sender, now, &peer, memo)
+    if verdict == DP_TO_TUN:
+        p = dg + WG_HDR
+        k = pump_queue_of(p, c.inner_len, s.n)
+        fd = s.q[k].tun_fd
+        if not (written[0] >> k) & 1:
+            written[0] |= (<uint32_t>1) << k
+            _watch(s.q[k].tb, fd, 0)
+        if b.vnet:
+            if b.co.len and b.co_fd != fd:
+                co_flush(&b.co, b.co_fd, c.counters)
+            b.co_fd = fd
+            co_push(&b.co, fd, c.counters, p, c.inner_len)
+        else:
+            co_write_plain(fd, c.counters, p, c.inner_len, False)
     elif verdict == DP_REJECT:
-        _send_reject(d, c, udp_fd, sock_family, now)
+        _send_reject(s.d, c, udp_fd, s.sock_family, now)
 
 
 cdef int pump_enable_gro(int udp_fd) noexcept nogil:
@@ -497,13 +559,17 @@ cdef int pump_enable_gro(int udp_fd) noexcept nogil:
     return setsockopt(udp_fd, SOL_UDP, UDP_GRO, &one, sizeof(int))
 
 
-cdef int _udp_batch(DpCore *d, DpCtx *c, PumpBufs *b, int tun_fd, int udp_fd,
-                    int sock_family, DpCtx *tc, PumpBufs *tb) noexcept nogil:
-    """Receive what is ready (up to PUMP_BATCH messages) and deliver it; then read
-    what the local stack answered into the TUN meanwhile. The caller holds
-    b.udp_lock. Returns how many messages recvmmsg gave (<= 0: none)."""
-    cdef int got, i, seg
-    cdef uint64_t tun_tx
+cdef int _udp_batch(PumpSet *s, int j) noexcept nogil:
+    """Receive what is ready on queue j's socket (up to PUMP_BATCH messages) and
+    deliver it; then read what the local stack answered into the TUN queues written
+    to meanwhile. The caller holds queue j's udp_lock. Returns how many messages
+    recvmmsg gave (<= 0: none)."""
+    cdef DpCtx *c = s.q[j].uc
+    cdef PumpBufs *b = s.q[j].ub
+    cdef int udp_fd = s.q[j].udp_fd
+    cdef PumpQueue *q
+    cdef int got, i, k, seg
+    cdef uint32_t written = 0
     cdef bint dry
     cdef Py_ssize_t n, off
     cdef uint8_t *slot
@@ -525,54 +591,56 @@ cdef int _udp_batch(DpCore *d, DpCtx *c, PumpBufs *b, int tun_fd, int udp_fd,
         return got
     now = _now_ms()
     memo.result = -1
-    tun_tx = c.counters[C_TUN_TX]
     # What our writes bring into the TUN, this thread reads: the TUN -> UDP
-    # thread is not woken for it meanwhile (a wake-up that would also take
-    # the core the next hop's thread is about to be woken on).
-    _watch(tb, tun_fd, 0)
+    # thread of the queue written to is not woken for it meanwhile (a wake-up
+    # that would also take the core the next hop's thread is about to be woken on).
     for i in range(got):
         slot = b.data + <Py_ssize_t>i * PUMP_SLOT
         n = b.msgs[i].msg_len
         seg = _gro_size(&b.msgs[i].msg_hdr)
         sender.family = _sockaddr_in(&b.addrs[i], sender.addr, &sender.port)
         if seg <= 0 or seg >= n:
-            _deliver(d, c, b, slot, n, &sender, tun_fd, udp_fd, sock_family, now, &memo)
+            _deliver(s, c, b, slot, n, &sender, udp_fd, now, &memo, &written)
             continue
         c.counters[C_UDP_RX_GRO] += (n + seg - 1) // seg
         off = 0
         while off < n:
-            _deliver(d, c, b, slot + off, min(<Py_ssize_t>seg, n - off), &sender,
-                     tun_fd, udp_fd, sock_family, now, &memo)
+            _deliver(s, c, b, slot + off, min(<Py_ssize_t>seg, n - off), &sender,
+                     udp_fd, now, &memo, &written)
             off += seg
     if b.vnet:
-        co_flush(&b.co, tun_fd, c.counters)
-    # What the local stack answered inside those writes is in the TUN now.
-    if c.counters[C_TUN_TX] != tun_tx and pthread_mutex_trylock(&tb.tun_lock) == 0:
-        tc.counters[C_TUN_RX_AFTER_WRITE] += _tun_batch(d, tc, tb, tun_fd, udp_fd,
-                                                        sock_family, &dry)
-        pthread_mutex_unlock(&tb.tun_lock)
-    _watch(tb, tun_fd, EPOLLIN)
+        co_flush(&b.co, b.co_fd, c.counters)
+    # What the local stack answered inside those writes is in the TUN now, in the
+    # queues written to; each is read with its own context, buffers and socket.
+    for k in range(s.n):
+        if not (written >> k) & 1:
+            continue
+        q = &s.q[k]
+        if pthread_mutex_trylock(&q.tb.tun_lock) == 0:
+            q.tc.counters[C_TUN_RX_AFTER_WRITE] += _tun_batch(s.d, q.tc, q.tb, q.tun_fd,
+                                                              q.udp_fd, s.sock_family, &dry)
+            pthread_mutex_unlock(&q.tb.tun_lock)
+        _watch(q.tb, q.tun_fd, EPOLLIN)
     return got
 
 
-cdef void pump_udp_to_tun(DpCore *d, DpCtx *c, PumpBufs *b, int tun_fd, int udp_fd,
-                          int sock_family, int stop_fd, int event_fd,
-                          DpCtx *tc, PumpBufs *tb) noexcept nogil:
-    """The UDP -> TUN thread; tc and tb are the TUN side's context and buffers,
-    used under tb.tun_lock to read the TUN right after this thread wrote to it."""
+cdef void pump_udp_to_tun(PumpSet *s, int k) noexcept nogil:
+    """Queue k's UDP -> TUN thread; it reads the TUN queues it wrote to right after
+    its writes, with their TUN side's context and buffers, under their tun_lock."""
+    cdef PumpBufs *b = s.q[k].ub
     cdef int got, ready
     cdef bint wait = True
     cdef uint64_t woken = 0
     while not c25_load_int(&b.stop):
         if wait:
-            ready = _wait(b, stop_fd)
+            ready = _wait(b, s.stop_fd)
             if ready < 0:
                 return
             if ready == 0:
                 continue
         pthread_mutex_lock(&b.udp_lock)
-        got = _udp_batch(d, c, b, tun_fd, udp_fd, sock_family, tc, tb)
+        got = _udp_batch(s, k)
         pthread_mutex_unlock(&b.udp_lock)
         # A short batch means the socket ran dry: poll before the next one.
         wait = got < PUMP_BATCH
-        _wake_if_new(d, event_fd, &woken)
+        _wake_if_new(s.d, s.event_fd, &woken)
