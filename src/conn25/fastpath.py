@@ -34,9 +34,13 @@ endpoint it learned by roaming, and packets staged while there is no session)::
     dp.read_handshakes() -> ([(message, (ip, port))], waiting)  # types 1-3, for the core
     dp.peer_state(peer_id) -> {"endpoint", "rx_bytes", "drops", "sessions", ...}
 
-Run the pumps (two threads, GIL released; the caller owns the fds)::
+Run the pumps (two threads per queue, GIL released; the caller owns the fds)::
 
     dp.start(tun_fd, udp_socket) ... dp.stop()
+    dp.start([tun_fd, ...], [udp_socket, ...])  # a multi-queue TUN (IFF_MULTI_QUEUE): one fd
+                                                # and one socket per queue, the sockets bound
+                                                # to one address with SO_REUSEPORT
+    dp.queues, dp.queue_counters() -> [{"tun_rx", "udp_tx", "udp_rx", "tun_tx"}, ...]
 
 Read what happened (wait until ``dp.event_fd`` is readable)::
 

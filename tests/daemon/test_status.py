@@ -71,6 +71,7 @@ class StatusNode(FakeNode):
         super().__init__(cfg)
         self.overlay = FakeOverlay()
         self.tun_offload = "off"
+        self.tun_queues = 1
 
     def dns_status(self) -> dict:
         return {"mode": "resolv.conf", "path": "/etc/resolv.conf", "server": "100.100.100.100"}

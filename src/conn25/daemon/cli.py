@@ -17,6 +17,7 @@ from .. import __version__
 from ..core import dnsconfig, tailnet
 from ..core.wireguard import keys as wgkeys
 from .tailnetfile import load_file
+from .tun import MAX_QUEUES, check_queues
 
 if TYPE_CHECKING:
     from .node import NodeOptions
@@ -124,6 +125,14 @@ def _dns_allow(text: str) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _tun_queues(text: str) -> int:
+    try:
+        return check_queues(int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of TUN queues (1-{MAX_QUEUES})") from None
+
+
 def _boolean(text: str) -> bool:
     value = text.strip().lower()
     if value in ("true", "yes", "on", "1"):
@@ -153,7 +162,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         tailnet=args.tailnet, hostname=args.hostname,
         advertise_connector=args.advertise_connector, advertise_tags=tags,
         state_dir=args.state_dir, tun_name=args.tun_name, mtu=args.mtu,
-        tun_offload=args.tun_offload,
+        tun_offload=args.tun_offload, tun_queues=args.tun_queues,
         dns_listen=args.dns_listen, upstream_dns=args.upstream_dns,
         dns_allow=args.dns_allow, private_key=args.private_key,
         accept_dns=args.accept_dns, resolv_conf=args.resolv_conf,
@@ -224,6 +233,9 @@ def _add_up(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
                    help="let the kernel hand the TUN TCP/UDP super-packets (TSO, USO), split "
                    "by the datapath; falls back to fewer, then none, where the kernel refuses "
                    "(default on; --tun-offload=false reads packet by packet)")
+    p.add_argument("--tun-queues", type=_tun_queues, default=1, metavar="N",
+                   help=f"queues of the TUN device (1-{MAX_QUEUES}), each with its own pair of "
+                   "pump threads and overlay socket, so more cores carry more flows (default 1)")
     p.add_argument("--dns-listen", type=_address_option(53), default=("100.100.100.100", 53),
                    metavar="ADDR", help="DNS server address (default 100.100.100.100:53)")
     p.add_argument("--upstream-dns", type=_address_list, metavar="ADDR[,ADDR]",

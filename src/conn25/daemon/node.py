@@ -103,6 +103,7 @@ class NodeOptions(msgspec.Struct, kw_only=True):
     tun_name: str = "conn25"
     mtu: int = 1420
     tun_offload: bool = True  # TSO/USO super-packets read from the TUN (SystemSetup)
+    tun_queues: int = 1  # TUN queues, one pump pair and one overlay socket each
     dns_listen: tuple[str, int] = ("100.100.100.100", 53)
     upstream_dns: tuple[tuple[str, int], ...] | None = None  # default: from /etc/resolv.conf
     dns_allow: tuple[str, ...] = ()  # CIDRs besides this host whose DNS queries are answered
@@ -141,6 +142,7 @@ class Node:
         self.dataplane: Dataplane  # every write to the datapath's tables goes through it
         self.overlay: Overlay  # the WireGuard handshakes and timers
         self.tun_offload = "off"  # what the kernel accepted (tun.set_offload), once open
+        self.tun_queues = options.tun_queues
         self.forwarder: Forwarder
         self.registrar: Registrar
         self.resolver: ClientResolver | None = None
@@ -232,26 +234,27 @@ class Node:
                                    else upstreams)
         self.registrar = Registrar(self)
         system = SystemSetup(tun_name=opts.tun_name, mtu=opts.mtu, state_dir=state,
-                             tun_offload=opts.tun_offload)
-        sock: socket.socket | None = None
+                             tun_offload=opts.tun_offload, tun_queues=opts.tun_queues)
+        socks: list[socket.socket] = []
         flows_restored = False  # until then, saving would overwrite the saved flows
         try:
             node = self.config.node
-            tun_fd = system.open(list(node.addresses), self._routes(),
-                                 local_addresses=self._local_addresses())
+            system.open(list(node.addresses), self._routes(),
+                        local_addresses=self._local_addresses())
             self.tun_offload = system.offload
             if opts.advertise_connector:
                 system.enable_connector()
                 for blocker in system.forward_blockers():
                     log.warning("forwarded traffic may be dropped by %s: allow traffic from %s",
                                 blocker, opts.tun_name)
-            sock = self._bind_underlay()
-            self.overlay = Overlay(self.datapath, sock, self._private_key(), self.ids.peer,
+            socks = self._bind_underlay(opts.tun_queues)
+            # The control plane sends its handshakes from the first; the pumps read all.
+            self.overlay = Overlay(self.datapath, socks[0], self._private_key(), self.ids.peer,
                                    self.refusals)
             self._install_tables()
             self._restore_connector()
             flows_restored = True
-            self.datapath.start(tun_fd, sock, vnet_hdr=system.vnet_hdr)
+            self.datapath.start(system.fds, socks, vnet_hdr=system.vnet_hdr)
             async with trio.open_nursery() as nursery:
                 for addr in node.addresses:
                     await nursery.start(self._serve_peerapi, str(addr))
@@ -295,7 +298,7 @@ class Node:
                 self.datapath.stop()
                 if flows_restored:
                     self._save_flows()
-                if sock is not None:
+                for sock in socks:
                     sock.close()
                 system.close()  # closes the TUN fd too
                 self._save_assignments()
@@ -374,22 +377,31 @@ class Node:
     def _local_addresses(self) -> list[IPAddress]:
         return [ipaddress.ip_address(self.options.dns_listen[0])] if self.config.apps else []
 
-    def _bind_underlay(self) -> socket.socket:
+    def _bind_underlay(self, count: int = 1) -> list[socket.socket]:
         # Without an endpoint of its own (behind a NAT) the node listens on every address,
-        # both families, and reaches its peers from there.
+        # both families, and reaches its peers from there. Several sockets (one per TUN
+        # queue) share the address with SO_REUSEPORT; the kernel gives each peer's
+        # datagrams to one of them, by their addresses and ports.
         host, port = self.config.node.endpoint or ("::", DEFAULT_PORT)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_DGRAM)
+        socks: list[socket.socket] = []
         try:
-            if self.config.node.endpoint is None:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            sock.bind((host, port))
+            for _ in range(count):
+                sock = socket.socket(family, socket.SOCK_DGRAM)
+                socks.append(sock)
+                if self.config.node.endpoint is None:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                if count > 1:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                sock.bind((host, port))
+                port = sock.getsockname()[1]  # the first one's, when the port is 0
         except OSError as e:
-            sock.close()
+            for sock in socks:
+                sock.close()
             hint = " (is another conn25d running?)" if e.errno == errno.EADDRINUSE else ""
             raise NodeError(f"cannot bind the underlay endpoint {host}:{port}: "
                             f"{e.strerror}{hint}") from None
-        return sock
+        return socks
 
     def _private_key(self) -> bytes:
         """This node's WireGuard private key (created when missing); NodeError when the

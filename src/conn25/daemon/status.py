@@ -21,10 +21,14 @@ otherwise::
      "connectorHealth": {NAME: {"reachable", "advertisesConnector", "apps", ...}},
      "dns": {"mode": "off"|"resolv.conf"|"systemd-resolved", "path": FILE (resolv.conf),
              "server": IP (what the system's DNS points at, unless off)},
-     "tunOffload": MODE, "datapath": {COUNTER: INT}, "metrics": {COUNTER: INT}}
+     "tunOffload": MODE, "tunQueues": INT, "datapath": {COUNTER: INT},
+     "datapathQueues": [{"tun_rx", "udp_tx", "udp_rx", "tun_tx"}, ...],
+     "metrics": {COUNTER: INT}}
 
 where MODE is the TUN's offload mode ("off", "tso", "tso+uso": which
-super-packets the kernel hands the datapath to split), ADDRESS is ``{"magic",
+super-packets the kernel hands the datapath to split), tunQueues the TUN's queues
+(one pair of pump threads each) and datapathQueues what each queue's pumps moved
+(Datapath.queue_counters), ADDRESS is ``{"magic",
 "transit", "real", "app", "domain", "expiry", "activeFlows", "connector"}``,
 KEY is a WireGuard public key in its base64
 text form, and PEER is the overlay's view of one WireGuard peer, like a peer
@@ -54,7 +58,7 @@ has assignments after a reload removed it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import msgspec
@@ -82,6 +86,8 @@ class Counted(Protocol):
 
     def counters(self) -> Mapping[str, int]: ...
 
+    def queue_counters(self) -> Sequence[Mapping[str, int]]: ...
+
 
 class OverlayPeers(Protocol):
     """What status shows of the WireGuard overlay: this node's public key and its peers
@@ -100,6 +106,7 @@ class StatusSource(Protocol):
     assignments: Assignments
     connector: ConnectorTable | None
     tun_offload: str
+    tun_queues: int
 
     # Read-only (properties), so the node's richer Registrar and Datapath fit these.
     @property
@@ -220,7 +227,9 @@ def status_document(node: StatusSource) -> dict[str, Any]:
         "connectorHealth": node.registrar.health(),
         "dns": node.dns_status(),
         "tunOffload": node.tun_offload,
+        "tunQueues": node.tun_queues,
         "datapath": dict(node.datapath.counters()),
+        "datapathQueues": [dict(q) for q in node.datapath.queue_counters()],
         "metrics": dict(node.metrics()),
     }
 
@@ -369,8 +378,15 @@ def render_table(doc: dict[str, Any]) -> str:
             out.append("  no mappings")
         out.append("")
     out += _peers(doc, now)
-    out += _counters(f"datapath (TUN offload: {doc.get('tunOffload', 'off')})",
+    queues = doc.get("tunQueues", 1)
+    out += _counters(f"datapath (TUN offload: {doc.get('tunOffload', 'off')}"
+                     + (f", {queues} queues)" if queues > 1 else ")"),
                      doc.get("datapath", {}))
+    if queues > 1:
+        out += ["", *_table(["QUEUE", "TUN RX", "UDP TX", "UDP RX", "TUN TX"],
+                            [[str(k), *(str(q.get(c, 0)) for c in
+                                        ("tun_rx", "udp_tx", "udp_rx", "tun_tx"))]
+                             for k, q in enumerate(doc.get("datapathQueues", []))])]
     metrics = doc.get("metrics", {})
     if metrics:
         out += ["", *_counters("control plane", metrics)]

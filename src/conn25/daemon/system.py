@@ -70,7 +70,7 @@ from typing import Any, TypeVar
 
 from ..core.iprange import IPAddress, IPNetwork
 from .netlink_helper import Netlink, NetlinkError
-from .tun import OFFLOAD_OFF, open_tun, set_offload
+from .tun import OFFLOAD_OFF, check_queues, open_tun_queues, set_offload
 
 log = logging.getLogger("conn25d.system")
 _T = TypeVar("_T")
@@ -266,16 +266,18 @@ table inet {table} {{
 class SystemSetup:
     """The TUN device of one node and everything around it.
 
-    ``open`` returns the TUN fd for the datapath; stop the pumps before
-    ``close``, which closes that fd. ``close`` is idempotent and also undoes a
-    partial ``open``/``enable_connector``.
+    ``open`` returns the TUN fd for the datapath (the first queue's; ``fds``
+    holds one per queue); stop the pumps before ``close``, which closes them.
+    ``close`` is idempotent and also undoes a partial ``open``/``enable_connector``.
     """
 
     def __init__(self, tun_name: str = "conn25", mtu: int = 1420, *, nft: str = "nft",
                  state_dir: str | os.PathLike[str] | None = None,
                  masq_mark: int = MASQ_MARK, vnet_hdr: bool = True,
-                 tun_offload: bool = False) -> None:
+                 tun_offload: bool = False, tun_queues: int = 1) -> None:
         self.tun_name = _check_tun_name(tun_name)
+        # Queues of a multi-queue TUN: one fd each (fds), one pump pair each.
+        self.tun_queues = check_queues(tun_queues)
         # The TUN's packets carry a virtio-net header, so the datapath can write
         # super-packets (Datapath.start(vnet_hdr=True) must match).
         self.vnet_hdr = vnet_hdr
@@ -296,7 +298,8 @@ class SystemSetup:
         self.table = nft_table_name(tun_name)
         self._state_file = (Path(state_dir) / f"sysctl-{tun_name}.json"
                             if state_dir is not None else None)
-        self.fd: int | None = None
+        self.fd: int | None = None  # the first queue's
+        self.fds: list[int] = []
         self.index: int | None = None
         self._opened = False
         self._nft_touched = False
@@ -322,10 +325,13 @@ class SystemSetup:
             self._remove_stale_device(ipr)
             _remove_table(self.nft, self.table, "leftover ")
             with _step(f"creating TUN device {self.tun_name}"):
-                self.fd, _ = open_tun(self.tun_name, vnet_hdr=self.vnet_hdr)
+                self.fds, _ = open_tun_queues(self.tun_name, self.tun_queues,
+                                              vnet_hdr=self.vnet_hdr)
+                self.fd = self.fds[0]
             if self.tun_offload:
                 with _step(f"turning on offloads of TUN device {self.tun_name}"):
-                    self.offload = set_offload(self.fd)
+                    for fd in self.fds:
+                        self.offload = set_offload(fd)
             with _step(f"setting up TUN device {self.tun_name}"):
                 idxs = ipr.link_lookup(ifname=self.tun_name)
                 if not idxs:
@@ -520,10 +526,11 @@ class SystemSetup:
             self._disable_connector()
         except SystemSetupError as e:
             errors.append(str(e))
-        if self.fd is not None:
+        for fd in self.fds:
             with contextlib.suppress(OSError):
-                os.close(self.fd)  # a non-persistent TUN goes away with its last fd
-            self.fd = None
+                os.close(fd)  # a non-persistent TUN goes away with its last fd
+        self.fds = []
+        self.fd = None
         if self.index is not None:
             try:
                 with Netlink() as ipr, _step(f"removing TUN device {self.tun_name}"):
