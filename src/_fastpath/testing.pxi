@@ -310,3 +310,10 @@ def _test_segment(const uint8_t[::1] vnet_hdr not None, packet, translate=None) 
         if m == 0:
             return segs
         segs.append(bytes(out[:m]))
+
+
+def _test_queue_of(packet, int queues) -> int:
+    """The TUN queue (of `queues`) the UDP -> TUN pump writes `packet` into (pump.pxd,
+    "Queues")."""
+    cdef bytes b = bytes(packet) + b"\0"  # an address even for an empty packet
+    return pump_queue_of(<const uint8_t *>b, len(b) - 1, queues)
