@@ -220,6 +220,21 @@ def test_the_tun_offload_mode_is_shown():
     assert "datapath (TUN offload: tso+uso)" in render_table(doc).splitlines()
 
 
+def test_the_tun_queues_and_what_each_moved_are_shown():
+    node = client_node()
+    doc = status_document(node)
+    assert doc["tunQueues"] == 1 and doc["datapathQueues"] == node.datapath.queue_counters()
+    assert "QUEUE" not in render_table(doc)
+    node.tun_queues = 2
+    doc = status_document(node) | {"datapathQueues": [
+        {"tun_rx": 5, "udp_tx": 6, "udp_rx": 7, "tun_tx": 8},
+        {"tun_rx": 9, "udp_tx": 10, "udp_rx": 11, "tun_tx": 12}]}
+    lines = render_table(doc).splitlines()
+    assert "datapath (TUN offload: off, 2 queues)" in lines
+    rows = [line.split() for line in lines[lines.index("  QUEUE  TUN RX  UDP TX  UDP RX  TUN TX"):]]
+    assert rows[1:3] == [["0", "5", "6", "7", "8"], ["1", "9", "10", "11", "12"]]
+
+
 def test_the_document_encodes_as_json():
     node = client_node()
     node.reserve("github.com.", "2001:db8::1", flows=1)

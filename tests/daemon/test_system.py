@@ -10,6 +10,7 @@ checks the result with ``ip -j``, ``nft -j`` and /proc/sys in that namespace.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import select
@@ -17,6 +18,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from scapy.layers.inet import IP, UDP
@@ -67,6 +69,8 @@ for line in sys.stdin:
             value = s.forward_blockers()
         elif op == "close":
             value = s.close()
+        elif op == "offload":
+            value = s.offload
         elif op == "leftovers":
             value = leftovers(cmd["tun"])
         elif op == "echo":
@@ -222,6 +226,12 @@ def test_bad_open_arguments_fail_before_touching_the_system():
     assert s.fd is None and s.index is None
 
 
+@pytest.mark.parametrize("queues", [0, 17, "2", True, 2.0])
+def test_bad_number_of_tun_queues_is_rejected(queues):
+    with pytest.raises(ValueError, match="bad number of TUN queues"):
+        SystemSetup(tun_queues=queues)
+
+
 def test_route_changes_need_an_open_device_and_close_is_a_no_op_before_open():
     s = SystemSetup()
     with pytest.raises(SystemSetupError, match="not open"):
@@ -274,6 +284,30 @@ def test_open_sets_mtu_link_addresses_and_routes_and_close_removes_all(ns):
     assert_nothing_left(ns)
     d.call("close")  # idempotent
     assert d.call("leftovers", tun=TUN) == []
+
+
+def tun_queue_fds(pid: int) -> int:
+    """How many fds of process `pid` are queues of our TUN (fdinfo's iff line)."""
+    found = 0
+    for info in Path(f"/proc/{pid}/fdinfo").iterdir():
+        with contextlib.suppress(OSError):
+            found += f"iff:\t{TUN}\n" in info.read_text()
+    return found
+
+
+@pytest.mark.root
+def test_open_makes_a_multi_queue_tun_with_offloads_and_close_removes_it(ns):
+    """--tun-queues 2: one device, multi-queue, one fd per queue in the opening process,
+    offloads on; closing removes the device."""
+    d = Driver(ns, tun_queues=2, tun_offload=True)
+    open_default(d)
+    [dev] = ip_json(ns, "-d", "link", "show", "dev", TUN)
+    assert dev["linkinfo"]["info_data"].get("multi_queue") is True
+    assert tun_queue_fds(d.proc.pid) == 2
+    assert d.call("offload") != "off"
+    d.call("close")
+    assert tun_queue_fds(d.proc.pid) == 0
+    assert_nothing_left(ns)
 
 
 @pytest.fixture
