@@ -224,7 +224,7 @@ def measure_paths(bench: Bench, paths: Iterable[str], labels: dict[str, str],
         except Exception as e:
             failed.append(key)
             print(f"path {key} failed: {e}", file=sys.stderr)
-            if key == "conn25d":
+            if key.startswith("conn25d"):
                 for name in ("client", "connector"):
                     print(f"--- conn25d log of {name}\n{bench.log(name)[-3000:]}",
                           file=sys.stderr)

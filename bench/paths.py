@@ -14,6 +14,8 @@ by `Bench.path`, adds what it needs, so only one path exists at a time:
     conn25d       `conn25d up` on the client and, as connector, on the middle; names
                   resolve through the client's conn25d to magic IPs
     wireguard_go  a wireguard-go tunnel client <-> middle, kernel routing beyond
+    conn25d_offload, conn25d_queues   conn25d with --tun-offload, and with --tun-queues 2
+                  as well (two queues, two pump pairs per node)
 
 Only documentation and reserved addresses; the namespaces reach nothing but each other. Built on
 conn25.lab.testbed.Testbed (its start/stop/status/close), with this topology instead of
@@ -54,13 +56,19 @@ NAT_TABLE = "c25bench_nat"
 
 # n<i>.<domain> resolves, through the path's DNS, to the path's target (dnsmasq wildcards);
 # only the conn25d path's domain is an app domain (the tailnet's *.example.com).
-# conn25d_offload's names are apps' too, but not conn25d's: each path's first names are fresh.
+# conn25d_offload's and conn25d_queues' names are apps' too, but not conn25d's: each path's
+# first names are fresh.
 DOMAINS = {"kernel": "direct.example.net", "kernel_nat": "nat.example.net",
            "conn25d": "app.example.com", "wireguard_go": "wg.example.net",
-           "conn25d_offload": "app2.example.com"}
+           "conn25d_offload": "app2.example.com", "conn25d_queues": "app3.example.com"}
 LABELS = {"kernel": "(a) kernel routing", "kernel_nat": "(b) kernel NAT (nftables)",
           "conn25d": "(c) conn25d --tun-offload=false", "wireguard_go": "(d) wireguard-go",
-          "conn25d_offload": "(e) conn25d (TUN offloads on, the default)"}
+          "conn25d_offload": "(e) conn25d (TUN offloads on, the default)",
+          "conn25d_queues": "(f) conn25d --tun-queues 2 (TUN offloads on)"}
+# conn25d's flags on both nodes, per conn25d path: (c) reads packet by packet, (e) with the
+# TUN offloads (the default), (f) with them on two TUN queues.
+CONN25D_FLAGS = {"conn25d": ("--tun-offload=false",), "conn25d_offload": ("--tun-offload=true",),
+                 "conn25d_queues": ("--tun-offload=true", "--tun-queues", "2")}
 PATHS = tuple(LABELS)
 
 
@@ -170,7 +178,8 @@ class Bench(Testbed):
         """Set up path `key`, yield it, and take it down again (also on failure)."""
         setup = {"kernel": self._kernel, "kernel_nat": self._kernel_nat,
                  "conn25d": self._conn25d, "wireguard_go": self._wireguard,
-                 "conn25d_offload": lambda: self._conn25d("conn25d_offload")}[key]
+                 "conn25d_offload": lambda: self._conn25d("conn25d_offload"),
+                 "conn25d_queues": lambda: self._conn25d("conn25d_queues")}[key]
         with setup() as p:
             yield p
 
@@ -217,8 +226,7 @@ table ip {NAT_TABLE} {{
     @contextlib.contextmanager
     def _conn25d(self, key: str = "conn25d") -> Iterator[BenchPath]:
         self._resolver(QUAD100)
-        # (c) reads packet by packet, (e) with the TUN offloads (the default).
-        flags = ("--tun-offload=" + ("true" if key == "conn25d_offload" else "false"),)
+        flags = CONN25D_FLAGS[key]
         try:
             # The default log level, as a user runs it (Testbed.start's debug is overridden).
             procs = [self.start(n.name, "--log-level", "info", *flags)
