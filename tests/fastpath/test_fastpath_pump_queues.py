@@ -10,6 +10,7 @@ kernel reads the flow's answers there; joined super-packets never mix queues.
 
 from __future__ import annotations
 
+import random
 import select
 import socket
 import threading
@@ -18,7 +19,7 @@ from collections import defaultdict
 
 import pytest
 from pumpnet import ip
-from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet import ICMP, IP, TCP, UDP, fragment
 
 import wgsessions
 from conn25._fastpath import _test_queue_of
@@ -320,3 +321,29 @@ def test_an_isolated_packet_on_either_queue_finds_its_answer_on_any_socket(crig,
         assert time.monotonic() < deadline, "no spin hit"
         select.select([], [], [], 0.005)
     assert crig.dp.queue_counters()[queue]["tun_rx"] == 1
+
+
+def test_the_queue_of_a_packet_follows_its_flow():
+    """pump_queue_of: the queue depends on addresses, protocol and ports only (not the
+    payload, TTL or IPv4 ID); every fragment of a datagram has the first one's queue, as
+    the kernel's flow hash gives them one too; flows that differ only in a port spread;
+    any bytes give a queue in range."""
+    def udp(sport: int, payload: bytes = b"x", **kw) -> bytes:
+        return bytes(IP(src=CONNECTOR, dst=CLIENT, **kw) / UDP(sport=sport, dport=53)
+                     / payload)
+
+    assert _test_queue_of(udp(1000), 1) == 0
+    for queues in (2, 3, 16):
+        same = {_test_queue_of(udp(1000, b"y" * n, ttl=9 + n, id=n), queues)
+                for n in range(20)}
+        assert len(same) == 1
+        spread = {_test_queue_of(udp(sport), queues) for sport in range(1000, 1200)}
+        assert spread == set(range(queues))
+    whole = IP(src=CONNECTOR, dst=CLIENT, id=77) / UDP(sport=1, dport=2) / (b"z" * 3000)
+    frags = [bytes(f) for f in fragment(whole, fragsize=1000)]
+    assert len(frags) == 4
+    assert len({_test_queue_of(f, 16) for f in frags}) == 1
+    rand = random.Random(5)
+    for n in range(0, 80):
+        blob = bytes(rand.getrandbits(8) for _ in range(n))
+        assert 0 <= _test_queue_of(blob, 5) < 5
