@@ -218,3 +218,30 @@ def test_a_restarted_conn25d_starts_a_handshake_when_wireguard_go_sends_under_th
     assert r.returncode == 0, r.stdout + r.stderr
     assert metric(bed, "alpha", "wireguard_handshakes_for_unknown_session") >= 1
     assert metric(bed, "alpha", "wireguard_initiations") >= 1
+
+
+def test_two_tun_queues_interoperate_with_wireguard_go(bed, wireguard):
+    """alpha on two TUN queues (two pump pairs, two sockets sharing its port): pings both
+    ways and eight parallel TCP streams to wireguard-go arrive, with nothing dropped."""
+    wireguard()
+    bed.stop("alpha")
+    bed.start("alpha", "--tun-queues", "2")
+    alpha, me = member(bed, "alpha"), member(bed, "wgpeer")
+    ping(bed, "alpha", str(me.address(4)))
+    ping(bed, "wgpeer", str(alpha.address(4)))
+    server = bed.ns["wgpeer"].popen("iperf3", "-s", "-1", "-B", str(me.address(4)),
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: server.poll() is not None or
+                 f"{me.address(4)}:5201 " in bed.run("wgpeer", "ss", "-Hltn").stdout, 10,
+                 "the iperf3 server in wgpeer")
+        r = bed.run("alpha", "iperf3", "-c", str(me.address(4)), "-t", "2", "-P", "8", "-J",
+                    timeout=40)
+        assert r.returncode == 0, r.stderr + r.stdout[-2000:]
+        assert json.loads(r.stdout)["end"]["sum_received"]["bytes"] > 0
+    finally:
+        terminate(server)
+    doc = bed.status("alpha")
+    assert doc is not None and doc["tunQueues"] == 2
+    assert sum(q["tun_rx"] for q in doc["datapathQueues"]) == doc["datapath"]["tun_rx"] > 0
+    assert not any(bed.peer_status("alpha", "wgpeer")["drops"].values())
