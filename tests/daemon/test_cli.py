@@ -103,6 +103,13 @@ def test_usage_errors_exit_2(argv, capsys):
     assert "usage: conn25d" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("queues", ["0", "17", "two", "1.5"])
+def test_up_refuses_a_bad_number_of_tun_queues_before_starting(queues, capsys):
+    assert main(["up", "--tailnet", "x", "--hostname", "y", "--tun-queues", queues]) == 2
+    err = capsys.readouterr().err
+    assert f"--tun-queues: {queues!r} is not a number of TUN queues (1-16)" in err
+
+
 @pytest.mark.skipif(shutil.which("conn25d") is None, reason="conn25d script not installed")
 def test_installed_script_checks_the_example():
     result = subprocess.run(["conn25d", "check", "examples/tailnet.hujson"], cwd=ROOT,
