@@ -70,9 +70,13 @@ def main() -> int:
     ap.add_argument("--pings", type=int, default=300, help="pings for the RTT figures")
     ap.add_argument("--figures", default="tcp,udp,ping",
                     help="which figures, comma-separated: tcp, udp, ping")
-    ap.add_argument("--tun", choices=("plain", "vnet", "offload"), default="plain",
-                    help="the nodes' TUN devices: no virtio-net header, the header (as "
-                    "conn25d), or the header and TUN offloads (conn25d --tun-offload)")
+    ap.add_argument("--tun", choices=("plain", "vnet", "offload"), default="offload",
+                    help="the nodes' TUN devices: no virtio-net header, the header (conn25d "
+                    "--tun-offload=false), or the header and TUN offloads (conn25d's default; "
+                    "the default here too)")
+    ap.add_argument("--sockbuf", type=int, default=4096, metavar="KIB",
+                    help="the overlay sockets' send and receive buffers (default 4096 KiB, "
+                    "as conn25d)")
     args = ap.parse_args()
     figures = set(args.figures.split(","))
     if figures - {"tcp", "udp", "ping"}:
@@ -81,7 +85,7 @@ def main() -> int:
         print(f"bench/pump.py {why}", file=sys.stderr)
         return 2
     rows = []
-    with pump_topology(args.tun) as (client, connector, c, k):
+    with pump_topology(args.tun, args.sockbuf << 10) as (client, connector, c, k):
         # Bound to the server address, so UDP replies leave from it on both paths.
         connector.popen("iperf3", "-s", "-B", REAL, stdout=subprocess.DEVNULL,
                         stderr=subprocess.DEVNULL)

@@ -63,7 +63,7 @@ def main() -> None:
     dp.tables.set_transit_ranges([IPRange.parse(r) for r in cfg.get("transit_ranges", [])])
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind((cfg["listen"], cfg["port"]))
-    dp.start(fd, sock, vnet_hdr=vnet)
+    dp.start(fd, sock, vnet_hdr=vnet, sockbuf=cfg.get("sockbuf", 4 << 20))
     print("ready", flush=True)
     for line in sys.stdin:
         if line.strip() == "counters":

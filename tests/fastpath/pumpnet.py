@@ -104,16 +104,17 @@ def stop_node(p: subprocess.Popen) -> dict:
 
 
 @contextlib.contextmanager
-def pump_topology(tun: str = "plain") -> Iterator[tuple[Netns, Netns, subprocess.Popen,
-                                                       subprocess.Popen]]:
+def pump_topology(tun: str = "plain", sockbuf: int = 4 << 20) -> Iterator[
+        tuple[Netns, Netns, subprocess.Popen, subprocess.Popen]]:
     """(client ns, connector ns, client node, connector node); all removed on exit.
 
     `tun`: "plain" (no virtio-net header), "vnet" (the header, and writes coalesced into
     super-packets: what the daemon does) or "offload" ("vnet" and TSO/USO super-packets
-    on reads, the daemon's --tun-offload)."""
+    on reads, the daemon's --tun-offload). `sockbuf`: the overlay sockets' buffers
+    (Datapath.start's sockbuf)."""
     if tun not in ("plain", "vnet", "offload"):
         raise ValueError(f"tun must be plain, vnet or offload, got {tun!r}")
-    mode = {"vnet_hdr": tun != "plain", "tun_offload": tun == "offload"}
+    mode = {"vnet_hdr": tun != "plain", "tun_offload": tun == "offload", "sockbuf": sockbuf}
     client, connector = Netns("client"), Netns("conn")
     client_kp, connector_kp = wgsessions.pair()
     try:
