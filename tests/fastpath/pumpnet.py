@@ -34,6 +34,15 @@ def ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return ipaddress.ip_address(text)
 
 
+def force_buffers(s: socket.socket, size: int = 16 << 20) -> None:
+    """Room for everything a test queues: nothing may be lost on the way."""
+    for force, plain in ((33, socket.SO_RCVBUF), (32, socket.SO_SNDBUF)):
+        try:
+            s.setsockopt(socket.SOL_SOCKET, force, size)  # SO_*BUFFORCE
+        except PermissionError:
+            s.setsockopt(socket.SOL_SOCKET, plain, size)
+
+
 def recv(sock: socket.socket, timeout: float = 5.0) -> bytes:
     """One datagram from ``sock``, failing the test if none comes within ``timeout``."""
     ready, _, _ = select.select([sock], [], [], timeout)

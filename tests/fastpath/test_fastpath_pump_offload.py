@@ -11,11 +11,10 @@ and the cases where the segment area or the send batch fills up mid-batch are re
 from __future__ import annotations
 
 import select
-import socket
 import struct
 import time
 
-from pumpnet import SocketRig, ip, rig_fixture
+from pumpnet import SocketRig, force_buffers, ip, rig_fixture
 from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import IPv6, IPv6ExtHdrHopByHop
 
@@ -27,16 +26,7 @@ CLIENT, CONNECTOR, MAGIC, TRANSIT = "100.64.0.1", "100.64.0.2", "100.80.0.5", "1
 CLIENT6, CONNECTOR6 = "fd7a:115c:a1e0::1", "fd7a:115c:a1e0::2"
 MAGIC6, TRANSIT6 = "fd7a:115c:a1e0:ab12::5", "fd7a:115c:a1e0:ab13::5"
 NEEDS_CSUM, TCPV4, TCPV6 = 1, 1, 4
-BIG = 16 << 20
 
-
-def force_buffers(s: socket.socket) -> None:
-    """Room for everything a test queues: nothing may be lost on the way."""
-    for force, plain in ((33, socket.SO_RCVBUF), (32, socket.SO_SNDBUF)):
-        try:
-            s.setsockopt(socket.SOL_SOCKET, force, BIG)  # SO_*BUFFORCE
-        except PermissionError:
-            s.setsockopt(socket.SOL_SOCKET, plain, BIG)
 
 
 def tcp(payload: bytes, *, v6: bool, seq: int, flags: str = "A", ip_id: int = 1,

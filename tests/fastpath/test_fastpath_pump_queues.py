@@ -18,7 +18,7 @@ import time
 from collections import defaultdict
 
 import pytest
-from pumpnet import ip
+from pumpnet import force_buffers, ip
 from scapy.layers.inet import ICMP, IP, TCP, UDP, fragment
 
 import wgsessions
@@ -28,15 +28,7 @@ from conn25.fastpath import Datapath, monotonic_ms
 
 CLIENT, CONNECTOR, MAGIC, TRANSIT = "100.64.0.1", "100.64.0.2", "100.80.0.5", "169.254.128.5"
 VNET_HDR, GSO_TCPV4 = 10, 1
-BIG = 16 << 20
 
-
-def force_buffers(s: socket.socket) -> None:
-    for force, plain in ((33, socket.SO_RCVBUF), (32, socket.SO_SNDBUF)):
-        try:
-            s.setsockopt(socket.SOL_SOCKET, force, BIG)  # SO_*BUFFORCE
-        except PermissionError:
-            s.setsockopt(socket.SOL_SOCKET, plain, BIG)
 
 
 def reuseport_sockets(count: int) -> list[socket.socket]:
