@@ -252,26 +252,24 @@ def answer_addresses(response: bytes | DNSRecord) -> tuple[str, int, list[tuple[
     return domain, q.qtype, _addresses(q.qname, q.qtype, answers)
 
 
-def query_question(wire: bytes) -> DNSQuestion:
+def query_question(wire: bytes) -> dnsquery.Question:
     """The only question of the query ``wire``, read as the mapper reads questions.
 
     Any byte may be in its labels (match it with ``NodeConfig.apps_for_name``
-    on ``qname.label``). DNSMapError when the message cannot be read, is a
+    on ``labels``). DNSMapError when the message cannot be read, is a
     response, or has other than one class-IN question.
     """
-    try:
-        _, header, questions, complete = _read_head(wire)
-    except Exception as e:
-        raise DNSMapError(f"unreadable DNS message: {e}") from None
-    if header.qr:
+    query = dnsquery.parse(wire)  # DNSMapError when not even the header can be read
+    if query.qr:
         raise DNSMapError("the message is a response, not a query")
-    if not complete:
+    # Unreadable as for _read_head: a name longer than MAX_NAME too.
+    if not query.complete or any(q.size > MAX_NAME for q in query.questions):
         raise DNSMapError("unreadable DNS question")
-    if len(questions) != 1:
-        raise DNSMapError(f"DNS message has {len(questions)} questions, expected one")
-    if questions[0].qclass != CLASS_IN:
-        raise DNSMapError(f"DNS question is of class {questions[0].qclass}, expected IN")
-    return questions[0]
+    if len(query.questions) != 1:
+        raise DNSMapError(f"DNS message has {len(query.questions)} questions, expected one")
+    if query.questions[0].qclass != CLASS_IN:
+        raise DNSMapError(f"DNS question is of class {query.questions[0].qclass}, expected IN")
+    return query.questions[0]
 
 
 def servfail(wire: bytes) -> bytes:

@@ -33,6 +33,7 @@ from ..core.iprange import IPAddress
 from ..core.peerapi import MAX_OFFERS, ResolveAnswer, acknowledged
 from .dns_forwarder import Forwarder
 from .inflight import Coalescer
+from .loglater import LaterLog
 
 __all__ = ["DEFAULT_OFFERS", "RESOLVER_COUNTERS", "ClientResolver", "Resolve"]
 
@@ -71,6 +72,19 @@ class _Registration:
         self.ok = False
 
 
+class _Answered:
+    """An answer's assignments as its log line lists them, made when the line is."""
+
+    __slots__ = ("assignments",)
+
+    def __init__(self, assignments: list[Assignment]) -> None:
+        self.assignments = assignments
+
+    def __str__(self) -> str:
+        return ", ".join(f"{a.magic} (real {a.real}, transit {a.transit})"
+                         for a in self.assignments) or "with no address"
+
+
 @dataclass(eq=False, repr=False)  # equal only to itself, as before
 class ClientResolver:
     """The client's ``answer``: non-app queries go upstream unchanged; app queries are
@@ -103,6 +117,8 @@ class ClientResolver:
     resolve_timeout: float = 5.0
     offers: int = DEFAULT_OFFERS
     assignments_changed: Callable[[], None] | None = None
+    # Where the line about each mapped answer goes: after the answer (the node runs it).
+    later: LaterLog = field(default_factory=LaterLog)
     cache: AnswerCache = field(init=False, default_factory=AnswerCache)
     # The same question again while it is answered (a stub resolver's retry) waits for it.
     _inflight: Coalescer = field(init=False, default_factory=Coalescer)
@@ -252,9 +268,8 @@ class ClientResolver:
         if result.ours and not result.servfail:
             self._counters["answered_mapped"] += 1
             self.cache.put(query, result.wire, result.assignments, self.now())
-            log.info("%s: answered %s", what, ", ".join(
-                f"{a.magic} (real {a.real}, transit {a.transit})" for a in result.assignments
-            ) or "with no address")
+            self.later.log(log, logging.INFO, "%s: answered %s", what,
+                           _Answered(result.assignments))
         return with_id(result.wire, wire)
 
     async def _registered(self, assignments: list[Assignment], what: str) -> bool:

@@ -689,8 +689,17 @@ class ClientPool:
         if turn is None:
             turn = self._turns[key] = trio.Semaphore(self.max_per_host)
         with trio.fail_after(timeout):
-            async with turn:
+            try:
+                # A free turn without a checkpoint: waiting on the Semaphore would cost a
+                # pass of the scheduler before the request leaves, which a fresh name's
+                # DNS answer waits for (the exchange's socket calls checkpoint anyway).
+                turn.acquire_nowait()
+            except trio.WouldBlock:
+                await turn.acquire()
+            try:
                 return await self._request(key, args)
+            finally:
+                turn.release()
 
     async def _request(self, key: tuple[str, int],
                        args: tuple[str, str, str, bytes, str, int, str]) -> tuple[int, bytes]:
