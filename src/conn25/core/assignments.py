@@ -183,14 +183,13 @@ class Assignments:
 
     def insert(self, a: Assignment) -> None:
         """Add ``a``; AssignmentError if any of its keys is taken (even by an expired one)."""
-        # The messages made only when one is taken: every fresh name comes through here.
-        for taken, what in (
-            (a.magic in self._by_magic, lambda: f"magic IP {a.magic}"),
-            (a.transit in self._by_transit, lambda: f"transit IP {a.transit}"),
-            ((a.domain, a.real) in self._by_domain_real, lambda: f"({a.domain}, {a.real})"),
-        ):
-            if taken:
-                raise AssignmentError(f"{what()} is already assigned")
+        # The message made only when one is taken: every fresh name comes through here.
+        if a.magic in self._by_magic:
+            raise AssignmentError(f"magic IP {a.magic} is already assigned")
+        if a.transit in self._by_transit:
+            raise AssignmentError(f"transit IP {a.transit} is already assigned")
+        if (a.domain, a.real) in self._by_domain_real:
+            raise AssignmentError(f"({a.domain}, {a.real}) is already assigned")
         self._by_magic[a.magic] = a
         self._by_transit[a.transit] = a
         self._by_domain_real[(a.domain, a.real)] = a

@@ -72,6 +72,22 @@ class _Registration:
         self.ok = False
 
 
+class _Described:
+    """A query as its log lines name it ("dns: NAME TYPE (app APP)"), made when a line is:
+    most fresh names need it only in the line logged after their answer."""
+
+    __slots__ = ("app", "query")
+
+    def __init__(self, query: Query, app: App) -> None:
+        self.query = query
+        self.app = app
+
+    def __str__(self) -> str:
+        name, qtype, _ = self.query.questions[0].folded
+        domain = ".".join(p.decode("ascii", "replace") for p in name) + "."
+        return f"dns: {domain} {QTYPE.get(qtype)} (app {self.app.name})"
+
+
 class _Answered:
     """An answer's assignments as its log line lists them, made when the line is."""
 
@@ -225,7 +241,7 @@ class ClientResolver:
         held = [a for a in store.by_domain(domain) if a.real.version == version]
         return offers, {a.real: a.transit for a in held[:MAX_OFFERS - len(offers)]}
 
-    async def _resolve_and_map(self, query: Query, wire: bytes, app: App, what: str,
+    async def _resolve_and_map(self, query: Query, wire: bytes, app: App, what: _Described,
                                offers: list[IPAddress],
                                assigned: dict[IPAddress, IPAddress]) -> bytes:
         resolved: tuple[str, ResolveAnswer] | None = None
@@ -272,7 +288,7 @@ class ClientResolver:
                            _Answered(result.assignments))
         return with_id(result.wire, wire)
 
-    async def _registered(self, assignments: list[Assignment], what: str) -> bool:
+    async def _registered(self, assignments: list[Assignment], what: _Described) -> bool:
         """Register those not registered yet and wait for them and those in flight."""
         mine = [a for a in assignments if a.connector is None and a.transit not in self._pending]
         theirs = {id(r): r for a in assignments
@@ -300,7 +316,7 @@ class ClientResolver:
             return False
         return True
 
-    async def _register(self, assignments: list[Assignment], what: str) -> bool:
+    async def _register(self, assignments: list[Assignment], what: _Described) -> bool:
         registration = _Registration()
         for a in assignments:
             self._pending[a.transit] = registration
@@ -323,8 +339,6 @@ class ClientResolver:
         return servfail_to(query)
 
     @staticmethod
-    def _describe(query: Query, app: App) -> str:
-        name, qtype, _ = query.questions[0].folded
-        domain = ".".join(p.decode("ascii", "replace") for p in name) + "."
-        return f"dns: {domain} {QTYPE.get(qtype)} (app {app.name})"
+    def _describe(query: Query, app: App) -> _Described:
+        return _Described(query, app)
 

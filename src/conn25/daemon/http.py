@@ -490,18 +490,20 @@ class _Connection:
         return Response.text(status, reason, [("Connection", "close")])
 
     async def _call(self, req: Request) -> Response:
-        what = f"{_where(self.peer)} {req.method} {req.path}"
-        with trio.move_on_after(self.limits.handler_timeout):
+        def what() -> str:  # for the errors only: every request would pay for it
+            return f"{_where(self.peer)} {req.method} {req.path}"
+
+        with trio.CancelScope(relative_deadline=self.limits.handler_timeout):
             try:
                 resp = await self.handler(req)
             except Exception:
-                log.error("http: %s: handler failed", what, exc_info=True)
+                log.error("http: %s: handler failed", what(), exc_info=True)
                 return Response.text(500, "internal error")
             if not isinstance(resp, Response):
-                log.error("http: %s: handler returned %r, not a Response", what, resp)
+                log.error("http: %s: handler returned %r, not a Response", what(), resp)
                 return Response.text(500, "internal error")
             return resp
-        log.error("http: %s: handler took over %s s", what, self.limits.handler_timeout)
+        log.error("http: %s: handler took over %s s", what(), self.limits.handler_timeout)
         return Response.text(503, "request took too long")
 
     async def _send(self, resp: Response, *, head: bool) -> bool:
