@@ -134,11 +134,16 @@ class ConnectorStore(MappingStore):
         # mapping after each burst of registrations, in the event loop.
         start = 0
         pairs = self._pairs
+        peers: dict[tuple[int, int], str] = {}  # (peer id, family) -> its address's text
         while start >= 0:
             rows, start = self._tables.transit_chunk(start, 1024)
-            for p, t, r, _, when, tag in rows:
+            for pid, t, r, _, when, tag in rows:
                 app, name = pairs[tag] if tag < len(pairs) else ("", "")
-                yield _text(p), _text(t), _text(r), app, when, name
+                key = (pid, 4 if len(t) == 4 else 6)
+                peer = peers.get(key)
+                if peer is None:
+                    peer = peers[key] = str(self._addresses[key])
+                yield peer, _text(t), _text(r), app, when, name
 
 
 class Dataplane:
