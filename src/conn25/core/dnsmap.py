@@ -41,6 +41,9 @@ from collections.abc import Callable, Iterable, Mapping
 
 import msgspec
 from dnslib import AAAA, CLASS, HTTPS, QTYPE, RR, A, DNSHeader, DNSQuestion, DNSRecord
+from dnslib.bimap import BimapError
+from dnslib.buffer import BufferError
+from dnslib.dns import RD, RDMAP, DNSError
 from dnslib.label import DNSBuffer, DNSLabel
 
 from . import dnsname, dnsquery
@@ -316,15 +319,13 @@ def _parse_records(buf: DNSBuffer, count: int, wanted: frozenset[int], section: 
     """The next ``count`` records, parsing only the types in ``wanted``."""
     out = []
     for i in range(count):
-        start = buf.offset
-        buf.decode_name()
-        rtype, _, _, rdlength = buf.unpack("!HHIH")
+        rname = buf.decode_name()
+        rtype, rclass, ttl, rdlength = buf.unpack("!HHIH")
         end = buf.offset + rdlength
         if end > len(buf.data):
             raise DNSMapError(f"{section} record {i}: RDLENGTH {rdlength} runs past the message")
         if rtype in wanted:
-            buf.offset = start
-            rr = RR.parse(buf)
+            rr = _record(buf, rname, rtype, rclass, ttl, rdlength)
             if buf.offset != end:
                 raise DNSMapError(
                     f"{section} record {i} ({_type_name(rtype)} {rr.rname}): "
@@ -333,6 +334,20 @@ def _parse_records(buf: DNSBuffer, count: int, wanted: frozenset[int], section: 
             out.append(rr)
         buf.offset = end
     return out
+
+
+def _record(buf: DNSBuffer, rname: DNSLabel, rtype: int, rclass: int, ttl: int,
+            rdlength: int) -> RR:
+    """What ``RR.parse`` makes of a record whose name and fixed fields were read already
+    (its data next in ``buf``), without reading the name a second time. The types asked
+    for are never OPT, the one type ``RR.parse`` reads differently."""
+    try:
+        if not rdlength:
+            raise DNSError("Error: Empty RR")
+        rdata = RDMAP.get(QTYPE.get(rtype), RD).parse(buf, rdlength)
+        return RR(rname, rtype, rclass, ttl, rdata)
+    except (BufferError, BimapError) as e:
+        raise DNSError(f"Error unpacking RR [offset={buf.offset}]: {e}") from None
 
 
 def _key(label: DNSLabel) -> tuple[bytes, ...]:
