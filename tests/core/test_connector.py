@@ -16,6 +16,7 @@ from conn25.core.connector import (
     MappingStore,
     PackedStore,
     Resolutions,
+    saved_row,
 )
 from conn25.core.peerapi import Code, ConnectorTransitIPRequest, NotConfigured, TransitIPRequest
 from nodekeys import public_key
@@ -662,6 +663,17 @@ def test_snapshot_and_restore_keep_mappings_and_their_age(table):
     # the saved registration time still rules expiry: the first ones go first
     swept = fresh.sweep(10.0 + MAPPING_LIFETIME + 1, 100)
     assert sorted(str(m.transit) for m in swept) == sorted([str(T4[0]), str(T6[0])])
+
+
+def test_a_snapshot_saves_each_mapping_as_the_mapping_reads(table):
+    """The store's rows for a snapshot (text, without a Mapping each) are its mappings':
+    two peers, both families, in the store's order."""
+    table.handle_request(LAPTOP, req(item(T4[0], D4[0]), item(T6[0], D6[0])), 10.0)
+    table.handle_request(PHONE, req(item(T4[0], D4[0], "GitLab")), 20.0)
+    rows = list(table.store.saved_rows())
+    assert rows == [saved_row(m) for m in table.store] and len(rows) == 3
+    assert ("laptop", str(T6[0]), str(D6[0]), 10.0) in {(r[5], r[1], r[2], r[4]) for r in rows}
+    assert msgspec.json.decode(table.snapshot()) == [list(r) for r in rows]
 
 
 def test_a_snapshot_of_many_mappings_is_written_in_pieces_and_reads_back_whole():

@@ -84,6 +84,7 @@ class Assignments:
         # formatting IP addresses costs µs each, and the node persists after every burst.
         self._rows: dict[IPAddress, bytes] = {}
         self._stale: set[IPAddress] = set()  # by magic IP: rows to encode or drop
+        self._snapshotted = False
         self._pools = pools
         self.reconfigure(pools)
 
@@ -182,13 +183,13 @@ class Assignments:
 
     def insert(self, a: Assignment) -> None:
         """Add ``a``; AssignmentError if any of its keys is taken (even by an expired one)."""
-        for taken, what in (
-            (a.magic in self._by_magic, f"magic IP {a.magic}"),
-            (a.transit in self._by_transit, f"transit IP {a.transit}"),
-            ((a.domain, a.real) in self._by_domain_real, f"({a.domain}, {a.real})"),
-        ):
-            if taken:
-                raise AssignmentError(f"{what} is already assigned")
+        # The message made only when one is taken: every fresh name comes through here.
+        if a.magic in self._by_magic:
+            raise AssignmentError(f"magic IP {a.magic} is already assigned")
+        if a.transit in self._by_transit:
+            raise AssignmentError(f"transit IP {a.transit} is already assigned")
+        if (a.domain, a.real) in self._by_domain_real:
+            raise AssignmentError(f"({a.domain}, {a.real}) is already assigned")
         self._by_magic[a.magic] = a
         self._by_transit[a.transit] = a
         self._by_domain_real[(a.domain, a.real)] = a
@@ -260,7 +261,14 @@ class Assignments:
                     str(a.magic), str(a.transit), str(a.real), a.app, a.domain, a.expiry,
                     a.connector))
         self._stale.clear()
+        self._snapshotted = True
         return b"[" + b",".join(self._rows.values()) + b"]"
+
+    @property
+    def snapshot_changed(self) -> bool:
+        """Whether :meth:`snapshot` may give other bytes than the last time (True before
+        the first): a node that assigns nothing (a connector) need not write it again."""
+        return not self._snapshotted or bool(self._stale)
 
     def restore(
         self,

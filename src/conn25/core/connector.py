@@ -130,6 +130,19 @@ class MappingStore(Protocol):
 
     def __iter__(self) -> Iterator[Mapping]: ...
 
+    def saved_rows(self) -> Iterator[SavedRow]:
+        """Every mapping as a snapshot saves it, in iteration order, addresses as text:
+        a snapshot costs no Mapping (and no address objects) per row."""
+        ...
+
+
+# (peer, transit, destination, app, registered, peer name): a mapping as a snapshot saves it.
+SavedRow = tuple[str, str, str, str, float, str]
+
+
+def saved_row(m: Mapping) -> SavedRow:
+    return (str(m.peer), str(m.transit), str(m.destination), m.app, m.registered, m.peer_name)
+
 
 class Resolutions:
     """One app's resolution records, address -> expiry (wall-clock seconds), compact.
@@ -326,6 +339,9 @@ class PackedStore:
         for table in self._peers.values():
             for transit, value in table.maps.items():
                 yield self._mapping(table, transit, value)
+
+    def saved_rows(self) -> Iterator[SavedRow]:
+        return map(saved_row, self)
 
 
 _SNAPSHOT_CHUNK = 1024  # rows encoded at a time
@@ -673,9 +689,8 @@ class ConnectorTable:
         yield b"["
         rows: list[_SavedMapping] = []
         first = True
-        for m in self.store:
-            rows.append(_SavedMapping(str(m.peer), str(m.transit), str(m.destination), m.app,
-                                      m.registered, m.peer_name))
+        for row in self.store.saved_rows():
+            rows.append(_SavedMapping(*row))
             if len(rows) == _SNAPSHOT_CHUNK:
                 yield (b"" if first else b",") + msgspec.json.encode(rows)[1:-1]
                 rows, first = [], False

@@ -41,6 +41,9 @@ from collections.abc import Callable, Iterable, Mapping
 
 import msgspec
 from dnslib import AAAA, CLASS, HTTPS, QTYPE, RR, A, DNSHeader, DNSQuestion, DNSRecord
+from dnslib.bimap import BimapError
+from dnslib.buffer import BufferError
+from dnslib.dns import RD, RDMAP, DNSError
 from dnslib.label import DNSBuffer, DNSLabel
 
 from . import dnsname, dnsquery
@@ -252,26 +255,24 @@ def answer_addresses(response: bytes | DNSRecord) -> tuple[str, int, list[tuple[
     return domain, q.qtype, _addresses(q.qname, q.qtype, answers)
 
 
-def query_question(wire: bytes) -> DNSQuestion:
+def query_question(wire: bytes) -> dnsquery.Question:
     """The only question of the query ``wire``, read as the mapper reads questions.
 
     Any byte may be in its labels (match it with ``NodeConfig.apps_for_name``
-    on ``qname.label``). DNSMapError when the message cannot be read, is a
+    on ``labels``). DNSMapError when the message cannot be read, is a
     response, or has other than one class-IN question.
     """
-    try:
-        _, header, questions, complete = _read_head(wire)
-    except Exception as e:
-        raise DNSMapError(f"unreadable DNS message: {e}") from None
-    if header.qr:
+    query = dnsquery.parse(wire)  # DNSMapError when not even the header can be read
+    if query.qr:
         raise DNSMapError("the message is a response, not a query")
-    if not complete:
+    # Unreadable as for _read_head: a name longer than MAX_NAME too.
+    if not query.complete or any(q.size > MAX_NAME for q in query.questions):
         raise DNSMapError("unreadable DNS question")
-    if len(questions) != 1:
-        raise DNSMapError(f"DNS message has {len(questions)} questions, expected one")
-    if questions[0].qclass != CLASS_IN:
-        raise DNSMapError(f"DNS question is of class {questions[0].qclass}, expected IN")
-    return questions[0]
+    if len(query.questions) != 1:
+        raise DNSMapError(f"DNS message has {len(query.questions)} questions, expected one")
+    if query.questions[0].qclass != CLASS_IN:
+        raise DNSMapError(f"DNS question is of class {query.questions[0].qclass}, expected IN")
+    return query.questions[0]
 
 
 def servfail(wire: bytes) -> bytes:
@@ -318,15 +319,13 @@ def _parse_records(buf: DNSBuffer, count: int, wanted: frozenset[int], section: 
     """The next ``count`` records, parsing only the types in ``wanted``."""
     out = []
     for i in range(count):
-        start = buf.offset
-        buf.decode_name()
-        rtype, _, _, rdlength = buf.unpack("!HHIH")
+        rname = buf.decode_name()
+        rtype, rclass, ttl, rdlength = buf.unpack("!HHIH")
         end = buf.offset + rdlength
         if end > len(buf.data):
             raise DNSMapError(f"{section} record {i}: RDLENGTH {rdlength} runs past the message")
         if rtype in wanted:
-            buf.offset = start
-            rr = RR.parse(buf)
+            rr = _record(buf, rname, rtype, rclass, ttl, rdlength)
             if buf.offset != end:
                 raise DNSMapError(
                     f"{section} record {i} ({_type_name(rtype)} {rr.rname}): "
@@ -335,6 +334,20 @@ def _parse_records(buf: DNSBuffer, count: int, wanted: frozenset[int], section: 
             out.append(rr)
         buf.offset = end
     return out
+
+
+def _record(buf: DNSBuffer, rname: DNSLabel, rtype: int, rclass: int, ttl: int,
+            rdlength: int) -> RR:
+    """What ``RR.parse`` makes of a record whose name and fixed fields were read already
+    (its data next in ``buf``), without reading the name a second time. The types asked
+    for are never OPT, the one type ``RR.parse`` reads differently."""
+    try:
+        if not rdlength:
+            raise DNSError("Error: Empty RR")
+        rdata = RDMAP.get(QTYPE.get(rtype), RD).parse(buf, rdlength)
+        return RR(rname, rtype, rclass, ttl, rdata)
+    except (BufferError, BimapError) as e:
+        raise DNSError(f"Error unpacking RR [offset={buf.offset}]: {e}") from None
 
 
 def _key(label: DNSLabel) -> tuple[bytes, ...]:

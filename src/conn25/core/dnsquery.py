@@ -19,6 +19,7 @@ May not touch: sockets, clocks, logging, trio.
 
 from __future__ import annotations
 
+import functools
 import struct
 from typing import NamedTuple
 
@@ -170,6 +171,10 @@ class Query(NamedTuple):
 
 def parse(wire: bytes) -> Query:
     """The head of ``wire``; DNSMapError only when not even the header can be read."""
+    return _parse_recent(wire) if type(wire) is bytes else _parse(wire)
+
+
+def _parse(wire: bytes) -> Query:
     if len(wire) < HEADER:
         raise DNSMapError(f"unreadable DNS message: {len(wire)} bytes, shorter than a header")
     ident, flags, qd, an, ns = struct.unpack_from("!HHHHH", wire, 0)
@@ -194,6 +199,13 @@ def parse(wire: bytes) -> Query:
     key = bytes(wire[HEADER:offset]) if plain and complete and not compressed else None
     return Query(ident, flags, qd, tuple(questions), complete, key,
                  wire if type(wire) is bytes else bytes(wire), offset)
+
+
+# One message is read at several steps of its way (a query: the DNS server's checks, the
+# answer cache, the resolver; an answer: the forwarder's check, then the peer API's or the
+# mapper's reading): the heads of the last few, by their bytes, are kept (a Query does not
+# change).
+_parse_recent = functools.lru_cache(maxsize=8)(_parse)
 
 
 def question_key(wire: bytes) -> bytes | None:

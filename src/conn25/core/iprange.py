@@ -23,10 +23,40 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 @functools.lru_cache(maxsize=1024)  # a peer API item's addresses are read several times over
 def parse_address(text: str) -> IPAddress:
     """Parse one IPv4 or IPv6 address; ValueError names the bad text."""
+    value = _dotted_quad(text)
+    if value is not None:
+        return ipaddress.IPv4Address(value)
     try:
         return ipaddress.ip_address(text)
     except ValueError:
         raise ValueError(f"{text!r} is not an IP address") from None
+
+
+@functools.lru_cache(maxsize=1024)
+def canonical_address(text: str) -> str:
+    """The canonical text of one IPv4 or IPv6 address; ValueError names the bad text."""
+    if _dotted_quad(text) is not None:
+        return text  # canonical already: four decimal octets without leading zeros
+    return str(parse_address(text))
+
+
+def _dotted_quad(text: str) -> int | None:
+    """The value of ``text`` when it is an IPv4 address in canonical form, else None
+    (``ipaddress`` then decides): each fresh name's transit IPs are read as text on
+    both ends, and ``ipaddress`` takes several times as long for each."""
+    parts = text.split(".")
+    if len(parts) != 4:
+        return None
+    value = 0
+    for part in parts:
+        if not (0 < len(part) <= 3 and part.isascii() and part.isdigit()) \
+                or (part[0] == "0" and len(part) > 1):
+            return None
+        octet = int(part)
+        if octet > 255:
+            return None
+        value = value << 8 | octet
+    return value
 
 
 def make_address(version: int, value: int) -> IPAddress:

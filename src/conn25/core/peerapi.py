@@ -20,7 +20,7 @@ from typing import TypeVar
 import msgspec
 
 from . import dnsname
-from .iprange import IPAddress, parse_address
+from .iprange import IPAddress, canonical_address, parse_address
 
 TRANSIT_IP_PATH = "/v0/connector/transit-ip"
 RESOLVE_PATH = "/v0/connector/resolve"
@@ -74,8 +74,8 @@ class TransitIPRequest(msgspec.Struct, omit_defaults=True):
     def __post_init__(self) -> None:
         # Runs on construction and on decode; msgspec reports a ValueError
         # here with the item's path in the document.
-        self.transit_ip = str(parse_address(self.transit_ip))
-        self.destination_ip = str(parse_address(self.destination_ip))
+        self.transit_ip = canonical_address(self.transit_ip)
+        self.destination_ip = canonical_address(self.destination_ip)
         if self.domain is not None:
             self.domain = dnsname.normalize(self.domain)
 
@@ -112,8 +112,8 @@ class AssignedTransitIP(msgspec.Struct):
     destination_ip: str = msgspec.field(name="destinationIP")
 
     def __post_init__(self) -> None:
-        self.transit_ip = str(parse_address(self.transit_ip))
-        self.destination_ip = str(parse_address(self.destination_ip))
+        self.transit_ip = canonical_address(self.transit_ip)
+        self.destination_ip = canonical_address(self.destination_ip)
 
 
 class ResolveQuery(msgspec.Struct, omit_defaults=True):
@@ -138,7 +138,7 @@ class ResolveQuery(msgspec.Struct, omit_defaults=True):
         if len(self.transit_ips) + len(self.assigned) > MAX_OFFERS:
             raise ValueError(f"{len(self.transit_ips) + len(self.assigned)} transit IPs "
                              f"offered or assigned, at most {MAX_OFFERS} may be")
-        self.transit_ips = [str(parse_address(t)) for t in self.transit_ips]
+        self.transit_ips = [canonical_address(t) for t in self.transit_ips]
         named = self.transit_ips + [a.transit_ip for a in self.assigned]
         if len(set(named)) != len(named):
             raise ValueError("a transit IP is offered or assigned more than once")

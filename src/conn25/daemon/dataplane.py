@@ -16,12 +16,13 @@ This module decides nothing (the core and the node do); it touches only
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections.abc import Iterator
 
 from ..core import policy
 from ..core.assignments import Assignment
 from ..core.config import NodeConfig
-from ..core.connector import Mapping, MappingStore
+from ..core.connector import Mapping, MappingStore, SavedRow
 from ..core.iprange import IPAddress, IPRange
 from ..fastpath import Tables
 
@@ -47,6 +48,14 @@ class Ids:
 
     def app(self, name: str) -> int:
         return self._apps.setdefault(name, len(self._apps) + 1)
+
+
+def _text(packed: bytes) -> str:
+    """A packed address as ``str(ipaddress.ip_address(packed))`` gives it, in a fraction of
+    the time for IPv4 (dotted quad either way)."""
+    if len(packed) == 4:
+        return socket.inet_ntop(socket.AF_INET, packed)
+    return str(ipaddress.IPv6Address(packed))
 
 
 class ConnectorStore(MappingStore):
@@ -119,6 +128,22 @@ class ConnectorStore(MappingStore):
             rows, start = self._tables.transit_chunk(start, 1024)
             for p, t, r, _, when, tag in rows:
                 yield self._mapping(p, t, r, when, tag)
+
+    def saved_rows(self) -> Iterator[SavedRow]:
+        # Packed addresses to text without address objects: a connector saves every
+        # mapping after each burst of registrations, in the event loop.
+        start = 0
+        pairs = self._pairs
+        peers: dict[tuple[int, int], str] = {}  # (peer id, family) -> its address's text
+        while start >= 0:
+            rows, start = self._tables.transit_chunk(start, 1024)
+            for pid, t, r, _, when, tag in rows:
+                app, name = pairs[tag] if tag < len(pairs) else ("", "")
+                key = (pid, 4 if len(t) == 4 else 6)
+                peer = peers.get(key)
+                if peer is None:
+                    peer = peers[key] = str(self._addresses[key])
+                yield peer, _text(t), _text(r), app, when, name
 
 
 class Dataplane:

@@ -33,6 +33,7 @@ from ..core.iprange import IPAddress
 from ..core.peerapi import MAX_OFFERS, ResolveAnswer, acknowledged
 from .dns_forwarder import Forwarder
 from .inflight import Coalescer
+from .loglater import LaterLog
 
 __all__ = ["DEFAULT_OFFERS", "RESOLVER_COUNTERS", "ClientResolver", "Resolve"]
 
@@ -71,6 +72,35 @@ class _Registration:
         self.ok = False
 
 
+class _Described:
+    """A query as its log lines name it ("dns: NAME TYPE (app APP)"), made when a line is:
+    most fresh names need it only in the line logged after their answer."""
+
+    __slots__ = ("app", "query")
+
+    def __init__(self, query: Query, app: App) -> None:
+        self.query = query
+        self.app = app
+
+    def __str__(self) -> str:
+        name, qtype, _ = self.query.questions[0].folded
+        domain = ".".join(p.decode("ascii", "replace") for p in name) + "."
+        return f"dns: {domain} {QTYPE.get(qtype)} (app {self.app.name})"
+
+
+class _Answered:
+    """An answer's assignments as its log line lists them, made when the line is."""
+
+    __slots__ = ("assignments",)
+
+    def __init__(self, assignments: list[Assignment]) -> None:
+        self.assignments = assignments
+
+    def __str__(self) -> str:
+        return ", ".join(f"{a.magic} (real {a.real}, transit {a.transit})"
+                         for a in self.assignments) or "with no address"
+
+
 @dataclass(eq=False, repr=False)  # equal only to itself, as before
 class ClientResolver:
     """The client's ``answer``: non-app queries go upstream unchanged; app queries are
@@ -103,6 +133,8 @@ class ClientResolver:
     resolve_timeout: float = 5.0
     offers: int = DEFAULT_OFFERS
     assignments_changed: Callable[[], None] | None = None
+    # Where the line about each mapped answer goes: after the answer (the node runs it).
+    later: LaterLog = field(default_factory=LaterLog)
     cache: AnswerCache = field(init=False, default_factory=AnswerCache)
     # The same question again while it is answered (a stub resolver's retry) waits for it.
     _inflight: Coalescer = field(init=False, default_factory=Coalescer)
@@ -209,7 +241,7 @@ class ClientResolver:
         held = [a for a in store.by_domain(domain) if a.real.version == version]
         return offers, {a.real: a.transit for a in held[:MAX_OFFERS - len(offers)]}
 
-    async def _resolve_and_map(self, query: Query, wire: bytes, app: App, what: str,
+    async def _resolve_and_map(self, query: Query, wire: bytes, app: App, what: _Described,
                                offers: list[IPAddress],
                                assigned: dict[IPAddress, IPAddress]) -> bytes:
         resolved: tuple[str, ResolveAnswer] | None = None
@@ -252,12 +284,11 @@ class ClientResolver:
         if result.ours and not result.servfail:
             self._counters["answered_mapped"] += 1
             self.cache.put(query, result.wire, result.assignments, self.now())
-            log.info("%s: answered %s", what, ", ".join(
-                f"{a.magic} (real {a.real}, transit {a.transit})" for a in result.assignments
-            ) or "with no address")
+            self.later.log(log, logging.INFO, "%s: answered %s", what,
+                           _Answered(result.assignments))
         return with_id(result.wire, wire)
 
-    async def _registered(self, assignments: list[Assignment], what: str) -> bool:
+    async def _registered(self, assignments: list[Assignment], what: _Described) -> bool:
         """Register those not registered yet and wait for them and those in flight."""
         mine = [a for a in assignments if a.connector is None and a.transit not in self._pending]
         theirs = {id(r): r for a in assignments
@@ -285,7 +316,7 @@ class ClientResolver:
             return False
         return True
 
-    async def _register(self, assignments: list[Assignment], what: str) -> bool:
+    async def _register(self, assignments: list[Assignment], what: _Described) -> bool:
         registration = _Registration()
         for a in assignments:
             self._pending[a.transit] = registration
@@ -308,8 +339,6 @@ class ClientResolver:
         return servfail_to(query)
 
     @staticmethod
-    def _describe(query: Query, app: App) -> str:
-        name, qtype, _ = query.questions[0].folded
-        domain = ".".join(p.decode("ascii", "replace") for p in name) + "."
-        return f"dns: {domain} {QTYPE.get(qtype)} (app {app.name})"
+    def _describe(query: Query, app: App) -> _Described:
+        return _Described(query, app)
 

@@ -425,22 +425,29 @@ class _Connection:
         timeout = head_limit if started else limits.idle_timeout
         head: h11.Request | None = None
         body = bytearray()
-        with trio.move_on_after(timeout) as scope:
+        with trio.CancelScope(relative_deadline=timeout) as scope:
+            # The deadline due now, given to the scope only before a wait: a request that
+            # arrives in one piece (most do) costs no change of the scope's deadline.
+            due = scope.deadline
             try:
                 while True:
                     event = conn.next_event()
                     if event is h11.NEED_DATA:
+                        if scope.deadline != due:
+                            scope.deadline = due
                         data = await self._receive()
                         if data and not started:
                             # From the first byte on, the request runs on one clock: the
                             # head within header_timeout, all of it within request_timeout.
                             started = True
                             since = trio.current_time()
-                            scope.deadline = since + head_limit
+                            due = since + head_limit
                         conn.receive_data(data)
                     elif isinstance(event, h11.Request):
                         head = event
-                        scope.deadline = since + limits.request_timeout
+                        due = since + limits.request_timeout
+                        if conn.they_are_waiting_for_100_continue:
+                            scope.deadline = due  # _check_head sends 100 Continue
                         refusal = await self._check_head(event)
                         if refusal is not None:
                             return refusal
@@ -490,18 +497,20 @@ class _Connection:
         return Response.text(status, reason, [("Connection", "close")])
 
     async def _call(self, req: Request) -> Response:
-        what = f"{_where(self.peer)} {req.method} {req.path}"
-        with trio.move_on_after(self.limits.handler_timeout):
+        def what() -> str:  # for the errors only: every request would pay for it
+            return f"{_where(self.peer)} {req.method} {req.path}"
+
+        with trio.CancelScope(relative_deadline=self.limits.handler_timeout):
             try:
                 resp = await self.handler(req)
             except Exception:
-                log.error("http: %s: handler failed", what, exc_info=True)
+                log.error("http: %s: handler failed", what(), exc_info=True)
                 return Response.text(500, "internal error")
             if not isinstance(resp, Response):
-                log.error("http: %s: handler returned %r, not a Response", what, resp)
+                log.error("http: %s: handler returned %r, not a Response", what(), resp)
                 return Response.text(500, "internal error")
             return resp
-        log.error("http: %s: handler took over %s s", what, self.limits.handler_timeout)
+        log.error("http: %s: handler took over %s s", what(), self.limits.handler_timeout)
         return Response.text(503, "request took too long")
 
     async def _send(self, resp: Response, *, head: bool) -> bool:
@@ -515,7 +524,7 @@ class _Connection:
         return await self._send_bytes(data)
 
     async def _send_bytes(self, data: bytes) -> bool:
-        with trio.move_on_after(self.limits.request_timeout):
+        with trio.CancelScope(relative_deadline=self.limits.request_timeout):
             try:
                 await self.stream.send_all(data)
                 return True
@@ -689,8 +698,17 @@ class ClientPool:
         if turn is None:
             turn = self._turns[key] = trio.Semaphore(self.max_per_host)
         with trio.fail_after(timeout):
-            async with turn:
+            try:
+                # A free turn without a checkpoint: waiting on the Semaphore would cost a
+                # pass of the scheduler before the request leaves, which a fresh name's
+                # DNS answer waits for (the exchange's socket calls checkpoint anyway).
+                turn.acquire_nowait()
+            except trio.WouldBlock:
+                await turn.acquire()
+            try:
                 return await self._request(key, args)
+            finally:
+                turn.release()
 
     async def _request(self, key: tuple[str, int],
                        args: tuple[str, str, str, bytes, str, int, str]) -> tuple[int, bytes]:

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import ipaddress
 import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -41,6 +42,7 @@ from .accept_dns import RESOLV_CONF, AcceptDNS
 from .dataplane import Dataplane, Ids
 from .dns_forwarder import Forwarder
 from .localapi import LocalAPI, peer_metrics
+from .loglater import LaterLog
 from .overlay import Overlay
 from .peerapi_server import PEERAPI_LIMITS, PeerAPI
 from .peerapi_server import REFUSAL_REASONS as PEERAPI_REFUSAL_REASONS
@@ -63,6 +65,9 @@ if TYPE_CHECKING:  # a client's alone: imported when the node has apps to map
 log = logging.getLogger("conn25d")
 
 PERSIST_DEBOUNCE = 0.2  # seconds from a change to the state files' write, at least
+# Connector mappings up to this many are saved as one piece (~100 bytes each), written in
+# a worker thread; more are streamed from the table in pieces, in the event loop.
+SNAPSHOT_IN_THREAD = 4096
 
 PEERAPI_PORT = 41642
 STATE_ROOT = Path("/var/lib/conn25d")  # a node's state dir is STATE_ROOT/HOSTNAME by default
@@ -154,8 +159,10 @@ class Node:
         self._reload_done = trio.Event()  # set once the pending request has been handled
         self._file_stamp: tuple[float, int] | None = None
         self._saved_flows = b""
+        self._assignments_saved = False  # the file holds the last snapshot taken
         self.counters: dict[str, int] = {"reloads": 0, "reload_errors": 0, "reclaimed": 0}
         self.refusals = RefusalLog(logging.getLogger("conn25d.refusals"))
+        self.later_log = LaterLog()  # lines a reply need not wait for
 
     # -- what the components use ------------------------------------------------
 
@@ -164,9 +171,9 @@ class Node:
 
     def install_connector_mappings(self, mappings: Iterable[Mapping]) -> None:
         # ConnectorTable.register put them into the datapath's transit table (its store).
-        for m in mappings:
-            log.info("mapped app=%s peer=%s transit=%s -> %s", m.app, m.peer_name, m.transit,
-                     m.destination)
+        for m in mappings:  # after the peer's response went out
+            self.later_log.log(log, logging.INFO, "mapped app=%s peer=%s transit=%s -> %s",
+                               m.app, m.peer_name, m.transit, m.destination)
         self._dirty.set()
 
     def assignments_changed(self) -> None:
@@ -256,6 +263,7 @@ class Node:
             flows_restored = True
             self.datapath.start(system.fds, socks, vnet_hdr=system.vnet_hdr)
             async with trio.open_nursery() as nursery:
+                await nursery.start(self.later_log.run)
                 for addr in node.addresses:
                     await nursery.start(self._serve_peerapi, str(addr))
                 await nursery.start(self.overlay.run)
@@ -268,7 +276,7 @@ class Node:
                         DNSMapper(self.config, self.assignments, log.info), self.forwarder,
                         self.registrar.resolve, self.registrar.register,
                         self.registrar.mapped_in_resolution,
-                        assignments_changed=self.assignments_changed)
+                        assignments_changed=self.assignments_changed, later=self.later_log)
                     # Only this host and --dns-allow networks: never other nodes.
                     self.dns_server = DNSServer(
                         opts.dns_listen, self.resolver.answer, cached=self.resolver.cached,
@@ -504,7 +512,7 @@ class Node:
             # on a connector: a good part of a second), so the pause before the next one
             # grows with it: saving takes at most a tenth of the loop.
             started = trio.current_time()
-            self._save_assignments()
+            await self._save_state()
             pause = max(PERSIST_DEBOUNCE, 9 * (trio.current_time() - started))
 
     async def _watch_config(self, system: SystemSetup) -> None:
@@ -616,19 +624,43 @@ class Node:
             log.error("cannot save %s: %s", path, e)
 
     def _save_assignments(self) -> None:
-        """Assignments and, on a connector, its mappings, to the state dir."""
+        """Assignments and, on a connector, its mappings, to the state dir (at exit)."""
+        for name, data in self._snapshots(every=True):
+            self._write_state(name, data)
+
+    async def _save_state(self) -> None:
+        """:meth:`_save_assignments` from the running loop, which must not wait on a disk
+        (a file's replacement takes ~0.5 ms, which a DNS answer would wait for): a snapshot
+        made into bytes is written in a worker thread; only a large connector's, streamed
+        from its table (which must not change meanwhile), is written here."""
+        for name, data in self._snapshots(every=False):
+            if isinstance(data, bytes):
+                await trio.to_thread.run_sync(self._write_state, name, data)
+            else:
+                self._write_state(name, data)
+
+    def _snapshots(self, *, every: bool) -> Iterator[tuple[str, bytes | Iterable[bytes]]]:
+        """(file name, its content) to save; without ``every``, not the assignments when
+        they are as last saved."""
         if not hasattr(self, "assignments"):
             return
-        files: list[tuple[str, Callable[[], bytes | Iterable[bytes]]]] = [
-            (ASSIGNMENTS_FILE, self.assignments.snapshot)]
-        if self.connector is not None:  # in pieces: it may hold 100,000 mappings
-            files.append((CONNECTOR_FILE, self.connector.snapshot_chunks))
-        for name, snapshot in files:
-            path = self.options.state_path / name
-            try:
-                replace_file(path, snapshot())
-            except OSError as e:
-                log.error("cannot save %s: %s", path, e)
+        if every or self.assignments.snapshot_changed or not self._assignments_saved:
+            self._assignments_saved = False
+            yield ASSIGNMENTS_FILE, self.assignments.snapshot()
+        if self.connector is not None:
+            # In pieces when large: it may hold 100,000 mappings, tens of MiB at once.
+            yield CONNECTOR_FILE, (self.connector.snapshot() if len(self.connector)
+                                   <= SNAPSHOT_IN_THREAD else self.connector.snapshot_chunks())
+
+    def _write_state(self, name: str, data: bytes | Iterable[bytes]) -> None:
+        path = self.options.state_path / name
+        try:
+            replace_file(path, data)
+        except OSError as e:
+            log.error("cannot save %s: %s", path, e)
+            return
+        if name == ASSIGNMENTS_FILE:
+            self._assignments_saved = True
 
 
 class ServiceManager(Protocol):
@@ -654,6 +686,11 @@ async def serve(options: NodeOptions, *, manager: ServiceManager | None = None,
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(node.run)  # returns once TUN, DNS and the APIs serve
+            # What start-up made (modules, configuration, restored state: tens of
+            # thousands of objects) lives as long as the process: out of the cyclic
+            # collector's full passes, which would otherwise walk all of it every
+            # time and hold a query for as long (~10 ms).
+            gc.freeze()
             manager.ready(_ready_status(node))
             if manager.watchdog_interval is not None:
                 nursery.start_soon(_ping_watchdog, manager, manager.watchdog_interval)

@@ -32,12 +32,13 @@ from collections.abc import Iterable
 from typing import NamedTuple, Protocol
 
 import trio
-from dnslib import QTYPE, DNSRecord
+from dnslib import QTYPE, DNSLabel, DNSRecord
 
 from ..core import dnsname, peerapi
 from ..core.config import Member, NodeConfig
 from ..core.connector import ConnectorTable, Mapping
 from ..core.dnsmap import DNSMapError, answer_addresses, query_question
+from ..core.dnsquery import Question
 from ..core.iprange import IPAddress
 from ..core.peerapi import (
     DNS_QUERY_PATH,
@@ -86,6 +87,11 @@ def _item_reason(code: int) -> str:
 # The refusals the routes count (besides peerapi_http_STATUS), for metrics that
 # list them from the start.
 REFUSAL_REASONS = ("resolution_failed", *(_item_reason(c) for c in Code if c is not Code.OK))
+
+
+def _show(question: Question) -> str:
+    """The question's name for a message, as dnslib writes it (odd bytes escaped)."""
+    return str(DNSLabel(question.labels))
 
 
 class _Refusal(NamedTuple):
@@ -302,7 +308,12 @@ class PeerAPI:
             body = peerapi.decode_resolve_request(req.body)
         except BadRequest as e:
             return self._error(req, peer, e.status, str(e).strip())
-        answers: list[peerapi.ResolveAnswer] = [peerapi.ResolveAnswer()] * len(body.queries)
+        if len(body.queries) == 1:
+            # A lone fresh name (the usual request): resolved in this task, without a
+            # nursery's task start and the wake-up of its end on the answer's way.
+            answers = [await self._resolve_and_map(req, peer, body.queries[0])]
+            return Response(200, peerapi.encode(peerapi.ResolveResponse(answers)))
+        answers = [peerapi.ResolveAnswer()] * len(body.queries)
         # A peer's request holds at most this many of the forwarder's upstream queries, so
         # a peer on all its connections cannot take every one of them from the others.
         limiter = trio.CapacityLimiter(RESOLVE_CONCURRENCY)
@@ -357,15 +368,14 @@ class PeerAPI:
             return _Refusal(400, f"malformed DNS query: {e}")
         # The labels decide, as on the client: a name under the app's domain whose
         # other labels hold odd bytes is still the app's, and one label "a.b" is not two.
-        name = str(question.qname)
-        if app not in cfg.apps_for_name(question.qname.label):
-            return _Refusal(400, f"{name} is not a domain of app {app.name!r}")
+        if app not in cfg.apps_for_name(question.labels):
+            return _Refusal(400, f"{_show(question)} is not a domain of app {app.name!r}")
         try:
             answer = await self._node.forwarder.forward(query)
         except Exception as e:
-            return _Refusal(502, f"upstream DNS failed for {name}: {e}")
+            return _Refusal(502, f"upstream DNS failed for {_show(question)}: {e}")
         try:
-            domain = dnsname.from_labels(question.qname.label)
+            domain = dnsname.from_labels(question.labels)
         except ValueError:
             # No text form, so no client can register a destination under it: nothing to note.
             return None, answer, []
