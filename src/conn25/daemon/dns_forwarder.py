@@ -211,7 +211,12 @@ class _UdpSocket:
         waiter = self.pending[sent.id] = _Waiter(sent)
         try:
             try:
-                await self.sock.send(sent.wire)
+                try:
+                    # At once while the buffer has room: trio's send costs a context
+                    # manager before the datagram leaves.
+                    self._raw.send(sent.wire)
+                except BlockingIOError:
+                    await self.sock.send(sent.wire)
             except (OSError, trio.ClosedResourceError) as e:
                 # Often an error an earlier datagram earned (port unreachable): its
                 # query's, which a reader will now never see.

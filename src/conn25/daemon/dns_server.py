@@ -325,15 +325,20 @@ class DNSServer:
         if reply is None or len(reply) > UDP_LIMIT:
             return False
         self._counters["udp_queries"] += 1
-        assert self._raw_udp is not None
         try:
-            try:
-                self._raw_udp.sendto(reply, client)  # no checkpoint while the buffer has room
-            except BlockingIOError:
-                await sock.sendto(reply, client)
+            await self._sendto(sock, reply, client)
         except OSError as e:
             log.debug("DNS server: cannot answer %s over UDP: %s", client, e)
         return True
+
+    async def _sendto(self, sock: trio.socket.SocketType, reply: bytes, client: Any) -> None:
+        """Send a UDP answer: at once while the socket's buffer has room (trio's sendto
+        costs a context manager before the send and a pass of the scheduler after it)."""
+        assert self._raw_udp is not None
+        try:
+            self._raw_udp.sendto(reply, client)
+        except BlockingIOError:
+            await sock.sendto(reply, client)
 
     async def _udp_query(
         self, sock: trio.socket.SocketType, data: bytes, client: Any, token: object
@@ -347,7 +352,7 @@ class DNSServer:
                 reply = checked
             else:
                 reply = self._fit(checked, await self._answer(data))
-            await sock.sendto(reply, client)
+            await self._sendto(sock, reply, client)
         except OSError as e:
             log.debug("DNS server: cannot answer %s over UDP: %s", client, e)
         except Exception:
