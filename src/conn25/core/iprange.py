@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import re
 from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
@@ -35,7 +36,7 @@ def parse_address(text: str) -> IPAddress:
 @functools.lru_cache(maxsize=1024)
 def canonical_address(text: str) -> str:
     """The canonical text of one IPv4 or IPv6 address; ValueError names the bad text."""
-    if _dotted_quad(text) is not None:
+    if _DOTTED_QUAD.fullmatch(text) is not None:
         return text  # canonical already: four decimal octets without leading zeros
     return str(parse_address(text))
 
@@ -44,19 +45,14 @@ def _dotted_quad(text: str) -> int | None:
     """The value of ``text`` when it is an IPv4 address in canonical form, else None
     (``ipaddress`` then decides): each fresh name's transit IPs are read as text on
     both ends, and ``ipaddress`` takes several times as long for each."""
-    parts = text.split(".")
-    if len(parts) != 4:
+    if _DOTTED_QUAD.fullmatch(text) is None:
         return None
-    value = 0
-    for part in parts:
-        if not (0 < len(part) <= 3 and part.isascii() and part.isdigit()) \
-                or (part[0] == "0" and len(part) > 1):
-            return None
-        octet = int(part)
-        if octet > 255:
-            return None
-        value = value << 8 | octet
-    return value
+    return int.from_bytes(bytes(map(int, text.split("."))), "big")
+
+
+# Four decimal octets of 0-255 without leading zeros, as ``str(IPv4Address)`` writes them.
+_OCTET = "(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9][0-9]|[0-9])"
+_DOTTED_QUAD = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}")
 
 
 def make_address(version: int, value: int) -> IPAddress:
