@@ -145,3 +145,24 @@ def test_a_payload_less_ack_is_written_alone():
     ack = bytes(IP(src=A, dst=B, flags="DF") / TCP(sport=4000, dport=443, flags="A", seq=1000))
     assert written([ack, ack]) == [((0,) * 6, ack), ((0,) * 6, ack)]
     assert Raw not in IP(ack)
+
+
+def test_interleaved_flows_are_joined_only_in_their_consecutive_runs():
+    """Segments of two flows that take turns: each run of one flow's consecutive
+    segments becomes its own super-packet, in the order they came, and no byte of one
+    flow ends up in the other's (the kernel's GRO would hold both flows at once; joining
+    only consecutive runs keeps every write in arrival order)."""
+    a = [seg(1000 + i * MSS, data(MSS, i * MSS)) for i in range(4)]
+    b = [seg(5000 + i * MSS, data(MSS, 100 + i * MSS), sport=4001) for i in range(4)]
+    out = written([a[0], a[1], b[0], b[1], a[2], b[2], b[3], a[3]])
+    got = []
+    for hdr, packet in out:
+        full = IP(completed(hdr, packet)) if hdr[0] else IP(packet)
+        got.append((full[TCP].sport, full[TCP].seq, bytes(full[TCP].payload)))
+    assert got == [
+        (4000, 1000, data(2 * MSS)),
+        (4001, 5000, data(2 * MSS, 100)),
+        (4000, 1000 + 2 * MSS, data(MSS, 2 * MSS)),
+        (4001, 5000 + 2 * MSS, data(2 * MSS, 100 + 2 * MSS)),
+        (4000, 1000 + 3 * MSS, data(MSS, 3 * MSS)),
+    ]
