@@ -16,7 +16,7 @@ cdef inline bint _ss_live(const SsKeypair *kp, uint64_t now) noexcept nogil:
 cdef inline void _ss_index_put(TablesC *t, uint32_t index, uint32_t peer) noexcept nogil:
     cdef TbKey k
     cdef TbVal v
-    _tb_key(&k, 0, NULL, NULL, index)
+    _tb_key(&k, 0, NULL, index)
     memset(&v, 0, sizeof(TbVal))
     v.u32 = peer
     _tb_put(&t.indices, &k, &v, t.seed, NULL)  # space reserved by the caller
@@ -26,7 +26,7 @@ cdef inline void _ss_drop(TablesC *t, SsKeypair *kp) noexcept nogil:
     """Forget a keypair: its index leaves the map, its keys are wiped."""
     cdef TbKey k
     if kp.used:
-        _tb_key(&k, 0, NULL, NULL, kp.local_index)
+        _tb_key(&k, 0, NULL, kp.local_index)
         _tb_del(&t.indices, &k, t.seed, NULL)
     memset(kp, 0, sizeof(SsKeypair))
 
@@ -109,7 +109,7 @@ cdef int ss_recv_begin(TablesC *t, uint32_t index, uint64_t counter, uint64_t no
     cdef TbPeer *rec
     cdef SsKeypair *kp
     cdef int r = SS_RX_UNKNOWN_INDEX
-    _tb_key(&k, 0, NULL, NULL, index)
+    _tb_key(&k, 0, NULL, index)
     pthread_mutex_lock(&t.lock)
     rec = tb_peer_locked(t, slot.u32[0]) if _tb_find(&t.indices, &k, t.seed, &slot) else NULL
     kp = _ss_keypair(rec, index)

@@ -21,27 +21,17 @@ ctypedef fused TbHalf:
     TbHalf6
 
 
-cdef inline void _tb_key(TbKey *k, uint8_t family, const uint8_t *a, const uint8_t *b,
+cdef inline void _tb_key(TbKey *k, uint8_t family, const uint8_t *addr,
                          uint32_t n) noexcept nogil:
-    """A key of one or two addresses, or (a == NULL) of the id `n`."""
-    cdef int alen = 4 if family == 4 else 16
+    """A key of an address and, in b, the peer id `n` (transit and real_rev key a
+    peer's mappings so; 0 elsewhere); or (addr == NULL) of the id `n` alone."""
     memset(k, 0, sizeof(TbKey))
     k.family = family
-    if a != NULL:
-        memcpy(k.a, a, alen)
+    if addr != NULL:
+        memcpy(k.a, addr, 4 if family == 4 else 16)
+        memcpy(k.b, &n, 4)
     else:
         memcpy(k.a, &n, 4)
-    if b != NULL:
-        memcpy(k.b, b, alen)
-
-
-cdef inline void _tb_key_peer(TbKey *k, uint8_t family, const uint8_t *addr,
-                              uint32_t peer) noexcept nogil:
-    """A transit or real_rev key: an address of one of peer `peer`'s mappings."""
-    memset(k, 0, sizeof(TbKey))
-    k.family = family
-    memcpy(k.a, addr, 4 if family == 4 else 16)
-    memcpy(k.b, &peer, 4)
 
 
 cdef inline const uint8_t *_tb_packed(const TbKey *k, uint8_t *key4) noexcept nogil:
@@ -333,7 +323,7 @@ cdef bint _tb_route_locked(TablesC *t, uint8_t family, const uint8_t *addr,
                            uint32_t *peer) noexcept nogil:
     cdef TbKey k
     cdef TbRef r
-    _tb_key(&k, family, addr, NULL, 0)
+    _tb_key(&k, family, addr, 0)
     if not _tb_find(&t.routes, &k, t.seed, &r):
         return False
     peer[0] = r.u32[0]
@@ -378,7 +368,7 @@ cdef void _tb_rev_add(TablesC *t, uint8_t family, uint32_t peer,
     cdef TbKey k
     cdef TbVal v
     cdef TbRef r
-    _tb_key_peer(&k, family, real, peer)
+    _tb_key(&k, family, real, peer)
     if _tb_find(&t.real_rev, &k, t.seed, &r):
         # The newest transit IP is remembered; with two or more the entry is
         # ambiguous anyway, and it stays so until the count is back to one.
@@ -396,7 +386,7 @@ cdef void _tb_rev_drop(TablesC *t, uint8_t family, uint32_t peer,
     """real_rev: the mapping (peer, transit) -> real is gone."""
     cdef TbKey k
     cdef TbRef r
-    _tb_key_peer(&k, family, real, peer)
+    _tb_key(&k, family, real, peer)
     if not _tb_find(&t.real_rev, &k, t.seed, &r):
         return
     cdef uint32_t n = r.u32[0] & TB_REV_COUNT
@@ -466,7 +456,7 @@ cdef int tb_magic(TablesC *t, uint8_t family, const uint8_t *addr,
     (a magic IP without assignment: answer ICMP unreachable) or
     TB_NOT_OURS."""
     cdef TbKey k
-    _tb_key(&k, family, addr, NULL, 0)
+    _tb_key(&k, family, addr, 0)
     cdef int r = TB_NOT_OURS
     cdef TbRef e
     pthread_mutex_lock(&t.lock)
@@ -485,7 +475,7 @@ cdef int tb_transit(TablesC *t, uint8_t family, uint32_t peer,
     TB_HIT (real IP to real_out, 16 bytes; app id to app_out), TB_UNMAPPED (a
     transit IP not mapped for this peer: reject) or TB_NOT_OURS."""
     cdef TbKey k
-    _tb_key_peer(&k, family, transit, peer)
+    _tb_key(&k, family, transit, peer)
     cdef int r = TB_NOT_OURS
     cdef TbRef e
     pthread_mutex_lock(&t.lock)
@@ -526,7 +516,7 @@ cdef bint tb_magic_for_transit(TablesC *t, uint8_t family, const uint8_t *transi
     """Client: the magic IP whose transit IP is `transit` (16 bytes out)."""
     cdef TbKey k
     cdef TbRef e
-    _tb_key(&k, family, transit, NULL, 0)
+    _tb_key(&k, family, transit, 0)
     pthread_mutex_lock(&t.lock)
     cdef bint found = _tb_find(&t.magic_rev, &k, t.seed, &e)
     if found:
@@ -553,14 +543,14 @@ cdef int tb_return_transit(TablesC *t, uint8_t family, uint32_t peer,
     cdef TbKey k
     cdef TbRef e
     cdef int r = TB_NOT_OURS
-    _tb_key_peer(&k, family, real, peer)
+    _tb_key(&k, family, real, peer)
     pthread_mutex_lock(&t.lock)
     if _tb_find(&t.real_rev, &k, t.seed, &e):
         if e.u32[0] != 1:
             r = TB_AMBIGUOUS
         else:
             c25_addr16(transit_out, e.addr, family)
-            _tb_key_peer(&k, family, transit_out, peer)
+            _tb_key(&k, family, transit_out, peer)
             if (_tb_find(&t.transit, &k, t.seed, &e)
                     and memcmp(e.addr, real, e.alen) == 0):
                 app_out[0] = e.u32[0]
@@ -575,7 +565,7 @@ cdef TbPeer *tb_peer_locked(TablesC *t, uint32_t peer) noexcept nogil:
     """The record of `peer` (NULL if none); the caller holds t.lock."""
     cdef TbKey k
     cdef TbRef r
-    _tb_key(&k, 0, NULL, NULL, peer)
+    _tb_key(&k, 0, NULL, peer)
     return _tb_ref_peer(&r) if _tb_find(&t.peers, &k, t.seed, &r) else NULL
 
 
@@ -597,7 +587,7 @@ cdef bint tb_source_ok(TablesC *t, uint32_t peer, uint8_t family,
 cdef int tb_set_route(TablesC *t, uint8_t family, const uint8_t *dst, uint32_t peer) noexcept nogil:
     cdef TbKey k
     cdef TbVal v
-    _tb_key(&k, family, dst, NULL, 0)
+    _tb_key(&k, family, dst, 0)
     memset(&v, 0, sizeof(TbVal))
     v.u32 = peer
     pthread_mutex_lock(&t.lock)
@@ -611,7 +601,7 @@ cdef void _tb_magic_rev_drop(TablesC *t, uint8_t family, const uint8_t *magic,
     """magic_rev: forget transit -> magic, if it still names this magic IP."""
     cdef TbKey k
     cdef TbRef r
-    _tb_key(&k, family, transit, NULL, 0)
+    _tb_key(&k, family, transit, 0)
     if _tb_find(&t.magic_rev, &k, t.seed, &r) and memcmp(r.addr, magic, r.alen) == 0:
         _tb_erase(&t.magic_rev, &r)
 
@@ -621,8 +611,8 @@ cdef int tb_set_magic(TablesC *t, uint8_t family, const uint8_t *magic,
     cdef TbKey k, kr
     cdef TbVal v, old
     cdef int r = -1
-    _tb_key(&k, family, magic, NULL, 0)
-    _tb_key(&kr, family, transit, NULL, 0)
+    _tb_key(&k, family, magic, 0)
+    _tb_key(&kr, family, transit, 0)
     memset(&v, 0, sizeof(TbVal))
     memcpy(v.addr, transit, 4 if family == 4 else 16)
     pthread_mutex_lock(&t.lock)
@@ -648,7 +638,7 @@ cdef int tb_set_transit(TablesC *t, uint8_t family, uint32_t peer,
     cdef int r = -1
     cdef uint8_t tr16[16]
     c25_addr16(tr16, transit, family)
-    _tb_key_peer(&k, family, transit, peer)
+    _tb_key(&k, family, transit, peer)
     memset(&v, 0, sizeof(TbVal))
     memcpy(v.addr, real, 4 if family == 4 else 16)
     v.u32 = app
@@ -673,7 +663,7 @@ cdef bint tb_transit_entry(TablesC *t, uint8_t family, uint32_t peer,
     """Connector: the transit entry of (peer, transit), all of it, if any."""
     cdef TbKey k
     cdef TbRef r
-    _tb_key_peer(&k, family, transit, peer)
+    _tb_key(&k, family, transit, peer)
     pthread_mutex_lock(&t.lock)
     cdef bint found = _tb_find(&t.transit, &k, t.seed, &r)
     if found:
@@ -700,7 +690,7 @@ cdef bint tb_del(TablesC *t, int which, uint8_t family, const uint8_t *a) noexce
     whether it existed."""
     cdef TbKey k
     cdef TbVal old
-    _tb_key(&k, family, a, NULL, 0)
+    _tb_key(&k, family, a, 0)
     pthread_mutex_lock(&t.lock)
     cdef TbMap *m = &t.routes if which == TB_MAP_ROUTES else &t.magic
     cdef bint found = _tb_del(m, &k, t.seed, &old)
@@ -717,7 +707,7 @@ cdef bint tb_del_transit(TablesC *t, uint8_t family, uint32_t peer,
     cdef TbVal old
     cdef uint8_t tr16[16]
     c25_addr16(tr16, transit, family)
-    _tb_key_peer(&k, family, transit, peer)
+    _tb_key(&k, family, transit, peer)
     pthread_mutex_lock(&t.lock)
     cdef bint found = _tb_del(&t.transit, &k, t.seed, &old)
     if found:
@@ -762,7 +752,7 @@ cdef int tb_set_peer(TablesC *t, uint32_t peer, TbPeer *rec, TbPeer **old) noexc
     cdef TbPeer *prev = NULL
     cdef uint32_t i
     old[0] = NULL
-    _tb_key(&kp, 0, NULL, NULL, peer)
+    _tb_key(&kp, 0, NULL, peer)
     pthread_mutex_lock(&t.lock)
     if (_tb_reserve(&t.peers, 0, 1) < 0 or _tb_reserve(&t.routes, 4, rec.n_overlay) < 0
             or _tb_reserve(&t.routes, 6, rec.n_overlay) < 0):
@@ -773,7 +763,7 @@ cdef int tb_set_peer(TablesC *t, uint32_t peer, TbPeer *rec, TbPeer **old) noexc
         prev = _tb_ref_peer(&r)
         ss_carry(&rec.wg, &prev.wg)
         for i in range(prev.n_overlay):
-            _tb_key(&kr, prev.ov_family[i], prev.ov_addr[i], NULL, 0)
+            _tb_key(&kr, prev.ov_family[i], prev.ov_addr[i], 0)
             if _tb_find(&t.routes, &kr, t.seed, &r) and r.u32[0] == peer:
                 _tb_erase(&t.routes, &r)
     else:
@@ -784,7 +774,7 @@ cdef int tb_set_peer(TablesC *t, uint32_t peer, TbPeer *rec, TbPeer **old) noexc
     memset(&v, 0, sizeof(TbVal))
     v.u32 = peer
     for i in range(rec.n_overlay):
-        _tb_key(&kr, rec.ov_family[i], rec.ov_addr[i], NULL, 0)
+        _tb_key(&kr, rec.ov_family[i], rec.ov_addr[i], 0)
         _tb_put(&t.routes, &kr, &v, t.seed, NULL)
     pthread_mutex_unlock(&t.lock)
     old[0] = prev
@@ -798,7 +788,7 @@ cdef TbPeer *tb_del_peer(TablesC *t, uint32_t peer) noexcept nogil:
     cdef TbKey k
     cdef TbVal old
     cdef TbPeer *rec = NULL
-    _tb_key(&k, 0, NULL, NULL, peer)
+    _tb_key(&k, 0, NULL, peer)
     pthread_mutex_lock(&t.lock)
     if _tb_del(&t.peers, &k, t.seed, &old):
         rec = <TbPeer *>_tb_val_ptr(&old)

@@ -46,7 +46,7 @@ from ..core.dnsquery import (
 )
 from ..core.iprange import IPAddress, parse_address, parse_list
 from ..core.tailnet import parse_endpoint
-from .dns_transport import DNS_PORT, Framer, Upstream, family, show
+from .dns_transport import DNS_PORT, Framer, Upstream, family, send_datagram, show
 from .inflight import Coalescer
 
 __all__ = [
@@ -211,12 +211,7 @@ class _UdpSocket:
         waiter = self.pending[sent.id] = _Waiter(sent)
         try:
             try:
-                try:
-                    # At once while the buffer has room: trio's send costs a context
-                    # manager before the datagram leaves.
-                    self._raw.send(sent.wire)
-                except BlockingIOError:
-                    await self.sock.send(sent.wire)
+                await send_datagram(self._raw, self.sock, sent.wire)
             except (OSError, trio.ClosedResourceError) as e:
                 # Often an error an earlier datagram earned (port unreachable): its
                 # query's, which a reader will now never see.

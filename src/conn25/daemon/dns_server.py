@@ -26,7 +26,7 @@ from dnslib import DNSRecord
 
 from ..core.dnsquery import MAX_MESSAGE, UDP_LIMIT, fit_udp, parse, screen, servfail_to
 from ..core.iprange import IPAddress, IPNetwork, parse_list
-from .dns_transport import Framer, Upstream, family, show
+from .dns_transport import Framer, Upstream, family, send_datagram, show
 from .refusals import RefusalLog
 
 __all__ = [
@@ -332,13 +332,8 @@ class DNSServer:
         return True
 
     async def _sendto(self, sock: trio.socket.SocketType, reply: bytes, client: Any) -> None:
-        """Send a UDP answer: at once while the socket's buffer has room (trio's sendto
-        costs a context manager before the send and a pass of the scheduler after it)."""
         assert self._raw_udp is not None
-        try:
-            self._raw_udp.sendto(reply, client)
-        except BlockingIOError:
-            await sock.sendto(reply, client)
+        await send_datagram(self._raw_udp, sock, reply, client)
 
     async def _udp_query(
         self, sock: trio.socket.SocketType, data: bytes, client: Any, token: object

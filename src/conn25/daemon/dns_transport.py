@@ -1,5 +1,5 @@
-"""What the DNS server and the forwarder share: DNS over TCP framing, the
-socket family of an address, and how an address is shown in a log line.
+"""What the DNS server and the forwarder share: DNS over TCP framing, sending a
+datagram, the socket family of an address, and how an address is shown in a log line.
 
 May touch: trio streams (reading whole messages). Decides nothing about DNS
 content: that is :mod:`conn25.core.dnsquery`'s.
@@ -8,12 +8,13 @@ content: that is :mod:`conn25.core.dnsquery`'s.
 from __future__ import annotations
 
 import socket
+from typing import Any
 
 import trio
 
 from ..core.dnsquery import MAX_MESSAGE
 
-__all__ = ["DNS_PORT", "Framer", "Upstream", "family", "show"]
+__all__ = ["DNS_PORT", "Framer", "Upstream", "family", "send_datagram", "show"]
 
 DNS_PORT = 53
 
@@ -48,6 +49,24 @@ class Framer:
     @staticmethod
     def frame(msg: bytes) -> bytes:
         return len(msg).to_bytes(2, "big") + msg
+
+
+async def send_datagram(raw: socket.socket, sock: trio.socket.SocketType, data: bytes,
+                        to: Any = None) -> None:
+    """Send ``data`` on the UDP socket ``sock`` (to ``to``, or its connected peer): at once
+    through ``raw``, its non-blocking stdlib socket, while the buffer has room (trio's send
+    costs a context manager before the datagram leaves and a scheduler pass after it);
+    through trio when the buffer is full."""
+    try:
+        if to is None:
+            raw.send(data)
+        else:
+            raw.sendto(data, to)
+    except BlockingIOError:
+        if to is None:
+            await sock.send(data)
+        else:
+            await sock.sendto(data, to)
 
 
 def family(host: str) -> socket.AddressFamily:
