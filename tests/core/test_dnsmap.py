@@ -163,6 +163,37 @@ def test_aaaa_answers_become_v6_magic_ips(env):
     assert {a.domain for a in res.new} == {"api.github.com."}
 
 
+@settings(max_examples=200, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.from_regex(r"[a-zA-Z][a-zA-Z0-9]{0,19}", fullmatch=True), max_size=3),
+       st.sampled_from(["A", "AAAA"]), st.integers(0, 0xFFFF), st.booleans(),
+       st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=8), st.booleans())
+def test_an_answer_of_addresses_is_written_as_dnslib_writes_it(labels, qtype, flags, ad, ttls,
+                                                               via_cname):
+    """Written directly (the name once, a pointer to it in each record), byte for byte."""
+    env = Env()
+    qname = ".".join([*labels, "GitHub", "com"])
+    owner = "edge.cdn.example.net" if via_cname else qname
+    rdata = A if qtype == "A" else AAAA
+    reals = [f"198.51.100.{i + 1}" if qtype == "A" else f"2001:db8::{i + 1}"
+             for i in range(len(ttls))]
+    answers = [RR(owner, getattr(QTYPE, qtype), CLASS.IN, ttl, rdata(real))
+               for ttl, real in zip(ttls, reals, strict=True)]
+    if via_cname:
+        answers.insert(0, RR(qname, QTYPE.CNAME, CLASS.IN, 60, CNAME(owner)))
+    r = DNSRecord(DNSHeader(id=0x4242, bitmap=flags, qr=1, ad=int(ad)),
+                  q=DNSQuestion(qname, getattr(QTYPE, qtype)))
+    r.add_answer(*answers)
+    wire = r.pack()
+    res = env.map(wire)
+    assert res.ours and not res.servfail
+    want = DNSRecord(DNSHeader(id=0x4242, bitmap=struct.unpack_from("!H", wire, 2)[0] & ~0x20),
+                     q=DNSQuestion(DNSLabel(qname), getattr(QTYPE, qtype)))
+    want.add_answer(*(RR(DNSLabel(qname), getattr(QTYPE, qtype), CLASS.IN,
+                         ttl if ttl < 2**31 else 0, rdata(str(a.magic)))
+                      for a, ttl in zip(res.assignments, ttls, strict=True)))
+    assert res.wire == bytes(want.pack())
+
+
 def test_answer_order_decides_pool_order(env):
     """The first answer gets the first free magic IP."""
     wire = response("github.com", answers=zone(

@@ -113,7 +113,7 @@ def test_screen_says_what_a_server_does_with_what_arrives(data, verdict):
     if verdict in ("garbage", "response"):
         assert out is None
     elif verdict == "query":
-        assert isinstance(out, DNSRecord) and out.header.id == 0x1234
+        assert isinstance(out, Query) and out.id == 0x1234 and out.wire == data
     else:
         rcode = RCODE.NOTIMP if verdict == "notimp" else RCODE.FORMERR
         assert DNSRecord.parse(out).header.rcode == rcode and out[:2] == data[:2]
@@ -127,7 +127,7 @@ def test_screen_refuses_a_question_name_longer_than_a_name_may_be():
                 + b"\x06github\x03com\x00\x00\x01\x00\x01")
 
     verdict, out = screen(asking(51))  # 256 octets
-    assert verdict == "formerr" and DNSRecord.parse(out).header.rcode == RCODE.FORMERR
+    assert verdict == "formerr" and out[3] & 0xF == RCODE.FORMERR
     assert screen(asking(50))[0] == "query"  # 255 octets: a name
 
 
@@ -136,10 +136,46 @@ def test_fit_udp_truncates_past_512_bytes_or_the_edns_size():
     for i in range(40):
         big.add_answer(RR("www.app.test", QTYPE.A, rdata=A(f"198.51.100.{i}"), ttl=60))
     reply = big.pack()
-    plain = DNSRecord.parse(query())
+    plain = parse(query())
     assert fit_udp(plain, response()) is None
     cut = DNSRecord.parse(fit_udp(plain, reply))
     assert cut.header.tc == 1 and cut.rr == [] and cut.header.id == 0x1234
+    assert [str(q.qname) for q in cut.questions] == ["www.App.test."]
     edns = DNSRecord.parse(query())
     edns.add_ar(EDNS0(udp_len=4096))
-    assert fit_udp(edns, reply) is None
+    assert fit_udp(parse(edns.pack()), reply) is None
+    small = DNSRecord.parse(query())
+    small.add_ar(EDNS0(udp_len=600))
+    cut = DNSRecord.parse(fit_udp(parse(small.pack()), reply))
+    assert cut.header.tc == 1 and [rr.rtype for rr in cut.ar] == [QTYPE.OPT]
+
+
+# A plain query's readability is decided without dnslib; it must be dnslib's verdict.
+_LABEL = st.binary(min_size=1, max_size=63) | st.text("abcXYZ09-_", min_size=1,
+                                                        max_size=63).map(str.encode)
+
+
+@given(st.lists(_LABEL, max_size=5), st.integers(0, 0xFFFF), st.integers(0, 0xFFFF),
+       st.integers(0, 0x07FF), st.binary(max_size=6), st.integers(0, 1))
+def test_screen_takes_a_plain_query_as_dnslib_reads_it(labels, qtype, qclass, flags, tail, ar):
+    name = b"".join(bytes([len(label)]) + label for label in labels) + b"\0"
+    wire = struct.pack("!6H", 9, flags, 1, 0, 0, ar) + name + struct.pack("!HH", qtype, qclass)
+    if ar:  # an additional section (EDNS0): the other way, through dnslib
+        wire += b"\0\0\x29\x04\xd0\0\0\0\0\0\0" if tail else b""  # OPT, 1232 bytes
+    wire += tail
+    try:
+        dnslib_reads = len(DNSRecord.parse(wire).questions) == 1
+    except Exception:
+        dnslib_reads = False
+    fits = len(name) <= 255
+    verdict, out = screen(wire)
+    assert verdict == ("query" if dnslib_reads and fits else "formerr"), wire.hex()
+    if verdict == "query":
+        assert isinstance(out, Query) and out.questions[0].labels == tuple(labels)
+
+
+def test_screen_refuses_a_plain_query_whose_label_is_not_utf8_as_dnslib_does():
+    wire = query("x.app.test").replace(b"\x01x", b"\x01\xff")
+    assert parse(wire).key is not None  # plain, and read (any byte is in a label)
+    verdict, out = screen(wire)
+    assert verdict == "formerr" and out[3] & 0xF == RCODE.FORMERR

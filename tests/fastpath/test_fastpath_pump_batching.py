@@ -20,6 +20,7 @@ from scapy.layers.inet import IP, TCP
 import wgsessions
 from conn25.core.iprange import IPRange
 from conn25.fastpath import Datapath, EventKind, monotonic_ms
+from conn25.lab.netns import wait_for
 
 CLIENT, CONNECTOR, CONNECTOR2 = "100.64.0.1", "100.64.0.2", "100.64.0.3"
 MAGIC, MAGIC2, T1, T2 = "100.80.0.5", "100.80.0.6", "169.254.128.5", "169.254.128.6"
@@ -110,6 +111,8 @@ def test_a_batch_leaves_in_gso_messages_and_each_peer_gets_its_datagrams_in_orde
         pid = 2 if dst == MAGIC else 3
         assert_translated(rig.remotes[pid], recv(rig.peers[pid]), T1 if dst == MAGIC else T2,
                           seq, size)
+    # Counted once a batch is sent: the peer may have the last datagram a moment before.
+    wait_for(lambda: rig.dp.counters()["udp_tx"] >= 10, 5, "the pump to count its sends")
     c = rig.dp.counters()
     # Messages: [3 x 200 to peer 2], [1 to peer 3], [3 x 200 + 100], [2 x 200].
     assert (c["udp_tx"], c["udp_tx_gso"], c["udp_gso_refused"]) == (10, 9, 0)
@@ -133,6 +136,7 @@ def test_gso_refused_by_the_kernel_sends_the_datagrams_one_by_one(rig):
         rig.app.send(out(MAGIC, seq))
     for seq in range(6, 9):
         assert_translated(rig.remotes[2], recv(rig.peers[2]), T1, seq, 200)
+    wait_for(lambda: rig.dp.counters()["udp_tx"] >= 9, 5, "the pump to count its sends")
     c = rig.dp.counters()
     assert (c["udp_tx"], c["udp_tx_gso"], c["udp_gso_refused"]) == (9, 0, 1)
     assert c["udp_send_errors"] == 0
@@ -160,6 +164,9 @@ def test_coalesced_datagrams_from_a_peer_are_split_and_each_is_checked(rig):
             continue
         back = IP(recv(rig.app))
         assert (back.src, back.dst, back[TCP].seq) == (MAGIC, CLIENT, seq)
+    # The pump counts a batch's TUN writes once they are all made: the app may have the
+    # last packet a moment before the count.
+    wait_for(lambda: rig.dp.counters()["tun_tx"] >= 4, 5, "the pump to count its TUN writes")
     c = rig.dp.counters()
     assert (c["udp_rx"], c["udp_rx_gro"], c["drop_spoofed"], c["tun_tx"]) == (5, 5, 1, 4)
 

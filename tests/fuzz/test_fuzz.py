@@ -16,15 +16,25 @@ from collections.abc import Callable
 
 import msgspec
 from dnslib import AAAA, CLASS, CNAME, HTTPS, QTYPE, RR, TXT, A, DNSHeader, DNSQuestion, DNSRecord
+from dnslib.dns import RD, RDMAP
+from dnslib.label import DNSBuffer, DNSLabel
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 import dnswire
 import wgsessions
-from conn25.core import peerapi
+from conn25.core import dnsname, peerapi
 from conn25.core.assignments import Assignments
 from conn25.core.config import App, Member, NodeConfig, Pools, Tailnet
-from conn25.core.dnsmap import DNSMapError, DNSMapper, answer_addresses, query_question, servfail
+from conn25.core.dnsmap import (
+    MAX_CHAIN,
+    DNSMapError,
+    DNSMapper,
+    answer_addresses,
+    query_question,
+    servfail,
+)
+from conn25.core.dnsquery import parse as parse_head
 from conn25.core.iprange import IPRange, IPSet
 from conn25.fastpath import Datapath
 from nodekeys import public_key
@@ -575,6 +585,105 @@ def test_dns_answers_for_app_names_never_carry_real_addresses(
     addresses = dnswire.address_data(res.wire)
     assert all(len(a) in (4, 16) and magic(a) for a in addresses), (mutated_wire.hex(),
                                                                     res.wire.hex())
+
+
+_MAPPED_TYPES = frozenset((QTYPE.A, QTYPE.AAAA, QTYPE.CNAME, QTYPE.HTTPS))
+
+
+def dnslib_answer(wire: bytes) -> tuple[dnsname.Labels, int, list] | None:
+    """(question labels, qtype, [(address, ttl)]) of a one-question answer, its records
+    read by dnslib (every name, and the data of the types the mapper uses), the CNAME
+    chain followed; None where dnslib cannot read a record. The reference for the
+    mapper's own record reader."""
+    try:
+        head = parse_head(wire)
+        if not head.complete or len(head.questions) != 1 or head.questions[0].size > 255:
+            return None
+        buf = DNSBuffer(wire)
+        buf.offset = head.end
+        records = []
+        for _ in range(struct.unpack_from("!H", wire, 6)[0]):
+            rname = buf.decode_name()
+            rtype, rclass, ttl, rdlength = buf.unpack("!HHIH")
+            end = buf.offset + rdlength
+            if end > len(wire):
+                return None
+            if rtype in _MAPPED_TYPES:
+                if not rdlength:
+                    return None
+                rdata = RDMAP.get(QTYPE.get(rtype), RD).parse(buf, rdlength)
+                if buf.offset != end:
+                    return None
+                records.append(RR(rname, rtype, rclass, ttl, rdata))
+            buf.offset = end
+    except Exception:
+        return None
+
+    def key(label: DNSLabel) -> tuple[bytes, ...]:
+        return tuple(x.lower() for x in label.label)
+
+    q = head.questions[0]
+    cnames: dict[tuple[bytes, ...], tuple[bytes, ...]] = {}
+    for rr in records:
+        if rr.rtype == QTYPE.CNAME and rr.rclass == CLASS.IN:
+            cnames.setdefault(key(rr.rname), key(rr.rdata.label))
+    name = tuple(x.lower() for x in q.labels)
+    chain = {name}
+    while name in cnames:
+        name = cnames[name]
+        if name in chain or len(chain) > MAX_CHAIN:
+            return q.labels, q.qtype, []
+        chain.add(name)
+    out: dict = {}
+    if q.qtype in (QTYPE.A, QTYPE.AAAA):
+        for rr in records:
+            if rr.rtype == q.qtype and rr.rclass == CLASS.IN and key(rr.rname) in chain:
+                out.setdefault(ipaddress.ip_address(bytes(rr.rdata.data)),
+                               rr.ttl if rr.ttl < 2**31 else 0)
+    return q.labels, q.qtype, list(out.items())
+
+
+@FUZZ
+@given(upstream_answers(), st.lists(st.tuples(st.integers(0, 300), st.integers(0, 255)),
+                                    max_size=6), st.none() | st.integers(12, 300))
+def test_answers_are_read_and_written_as_dnslib_reads_and_writes_them(
+    answer: tuple[bytes, tuple[bytes, ...]], edits: list[tuple[int, int]], cut: int | None,
+) -> None:
+    """The connector's and the mapper's record reader finds the addresses dnslib's finds
+    (or fails where it fails), and an answer of addresses is written byte for byte as
+    dnslib writes it."""
+    buf = bytearray(answer[0])
+    for pos, value in edits:
+        if pos < len(buf):
+            buf[pos] = value
+    wire = bytes(buf[:cut])
+    ref = dnslib_answer(wire)
+    try:
+        got = answer_addresses(wire)
+    except DNSMapError:
+        got = None
+    if ref is None:
+        assert got is None, wire.hex()
+    elif got is None:  # the question is not class IN, or has no text form
+        q = parse_head(wire).questions[0]
+        try:
+            dnsname.from_labels(q.labels)
+            assert q.qclass != CLASS.IN, wire.hex()
+        except ValueError:
+            pass
+    else:
+        assert got[1:] == ref[1:], wire.hex()
+    res = dns_mapper().map_response(wire, 1_700_000_000.0)
+    if not res.ours or res.servfail or ref is None or not ref[2]:
+        return
+    head = parse_head(wire)
+    q = head.questions[0]
+    rdata = A if q.qtype == QTYPE.A else AAAA
+    want = DNSRecord(DNSHeader(id=head.id, bitmap=head.flags & ~0x20),
+                     questions=[DNSQuestion(DNSLabel(q.labels), q.qtype, q.qclass)],
+                     rr=[RR(DNSLabel(q.labels), q.qtype, CLASS.IN, ttl, rdata(str(a.magic)))
+                         for a, (_, ttl) in zip(res.assignments, ref[2], strict=True)])
+    assert res.wire == bytes(want.pack()), wire.hex()
 
 
 @FUZZ

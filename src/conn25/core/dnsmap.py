@@ -28,9 +28,13 @@ gets a new message, never the upstream one:
 Any error after the response became ours (a malformed record, an exhausted
 pool) gives SERVFAIL for the question: never a crash, never the real address.
 
-Only the record types we use are parsed (by dnslib); the others are stepped
-over by their RDLENGTH. That also makes RDLENGTH authoritative, which dnslib
-alone does not check for A and AAAA.
+Records are read here, by the rules dnslib reads them with (an owner or CNAME
+name's pointers point back, its labels are UTF-8), into light tuples: a fresh
+name's answer is read and written once per name on both ends, and dnslib's
+objects cost several times more. Only the record types we use are read; the
+others are stepped over by their RDLENGTH, which is authoritative (an A record
+holds 4 bytes, an AAAA 16). dnslib still reads the data of HTTPS and SOA
+records and writes every answer other than addresses.
 """
 
 from __future__ import annotations
@@ -38,9 +42,10 @@ from __future__ import annotations
 import ipaddress
 import struct
 from collections.abc import Callable, Iterable, Mapping
+from typing import NamedTuple
 
 import msgspec
-from dnslib import AAAA, CLASS, HTTPS, QTYPE, RR, A, DNSHeader, DNSQuestion, DNSRecord
+from dnslib import CLASS, HTTPS, QTYPE, RR, DNSHeader, DNSQuestion, DNSRecord
 from dnslib.bimap import BimapError
 from dnslib.buffer import BufferError
 from dnslib.dns import RD, RDMAP, DNSError
@@ -49,7 +54,16 @@ from dnslib.label import DNSBuffer, DNSLabel
 from . import dnsname, dnsquery
 from .assignments import Assignment, Assignments
 from .config import App, NodeConfig
-from .dnsquery import MAX_NAME, MAX_POINTERS, MAX_QUESTIONS, DNSMapError, Query, servfail_from
+from .dnsname import Labels
+from .dnsquery import (
+    MAX_NAME,
+    MAX_POINTERS,
+    MAX_QUESTIONS,
+    DNSMapError,
+    Query,
+    Question,
+    servfail_from,
+)
 from .iprange import IPAddress
 
 __all__ = [
@@ -151,9 +165,10 @@ class DNSMapper:
         a connector mapped already, for the assignments this answer creates.
         """
         try:
-            buf, header, questions, complete = _read_head(wire, head)
-        except Exception:
+            query = head if head is not None else dnsquery.parse(wire)
+        except DNSMapError:
             return MapResult(wire)  # not even a header: not ours
+        questions, complete = _readable(query)
         found = self._app(questions)
         if found is None:
             return MapResult(wire)  # no question of an app's that can be read
@@ -161,54 +176,60 @@ class DNSMapper:
         if not complete or len(questions) != 1:
             # An app's question makes it ours, whatever else the message holds. Only that
             # question is echoed: the others may be any bytes, records misread among them.
-            self._log(f"dns: SERVFAIL for {question.qname} (app {app.name}): "
-                      f"{header.q} questions, {len(questions)} readable")
-            return MapResult(servfail_from(header, [question]), app, servfail=True)
+            self._log(f"dns: SERVFAIL for {_show(question)} (app {app.name}): "
+                      f"{query.qdcount} questions, {len(questions)} readable")
+            return MapResult(_servfail(query, [question]), app, servfail=True)
         new: list[Assignment] = []
         used: list[Assignment] = []
         try:
-            answers = _parse_records(buf, header.a, _ANSWER_TYPES, "answer")
-            authority = _parse_records(buf, header.auth, _AUTHORITY_TYPES, "authority")
-            records = self._answer(app, question, answers, now, new, used, offered or {})
-            soa = [] if records else [rr for rr in authority if rr.rclass == CLASS_IN]
-            out_header = DNSHeader(id=header.id, bitmap=header.bitmap)
-            out_header.ad = 0
-            out = DNSRecord(out_header, questions=[question], rr=records, auth=soa).pack()
+            an, ns = struct.unpack_from("!HH", wire, 6)
+            records = _Records(wire, query.end)
+            answers = records.read(an, _ANSWER_TYPES, "answer")
+            authority = records.read(ns, _AUTHORITY_TYPES, "authority")
+            out = self._answer(app, query, question, answers, authority, now, new, used,
+                               offered or {})
         except Exception as e:
             self._log(
-                f"dns: SERVFAIL for {question.qname} {_type_name(question.qtype)} "
+                f"dns: SERVFAIL for {_show(question)} {_type_name(question.qtype)} "
                 f"(app {app.name}): {type(e).__name__}: {e}"
             )
-            return MapResult(servfail_from(header, [question]), app, new, used, servfail=True)
-        return MapResult(bytes(out), app, new, used)
+            return MapResult(_servfail(query, [question]), app, new, used, servfail=True)
+        return MapResult(out, app, new, used)
 
-    def _app(self, questions: list[DNSQuestion]) -> tuple[App, DNSQuestion] | None:
+    def _app(self, questions: list[Question]) -> tuple[App, Question] | None:
         """The first class-IN question that is an app's, with its app."""
         for q in questions:
-            if q.qclass == CLASS_IN and (app := self.config.mapping_app(q.qname.label)):
+            if q.qclass == CLASS_IN and (app := self.config.mapping_app(q.labels)):
                 return app, q
         return None
 
     def _answer(
         self,
         app: App,
-        question: DNSQuestion,
-        answers: list[RR],
+        query: Query,
+        question: Question,
+        answers: list[_Record],
+        authority: list[_Record],
         now: float,
         new: list[Assignment],
         used: list[Assignment],
         offered: Mapping[IPAddress, IPAddress],
-    ) -> list[RR]:
-        qname, qtype = question.qname, question.qtype
+    ) -> bytes:
+        """The message that goes out for ``question``."""
+        qtype = question.qtype
+        qkey = dnsname.labels_key(question.labels)
         if qtype == TYPE_HTTPS:
-            return [
-                RR(qname, TYPE_HTTPS, CLASS_IN, _ttl(rr.ttl), _strip_hints(rr.rdata))
-                for rr in _chain_records(qname, TYPE_HTTPS, answers)
-            ]
-        records = []
-        addresses = _addresses(qname, qtype, answers)
+            qname = DNSLabel(question.labels)
+            return _pack(query, question, [
+                RR(qname, TYPE_HTTPS, CLASS_IN, _ttl(r.ttl), _strip_hints(r.value.rdata))
+                for r in _chain_records(qkey, TYPE_HTTPS, answers)
+            ], authority)
+        addresses = _addresses(qkey, qtype, answers, query.wire)
+        if not addresses:
+            return _pack(query, question, [], authority)
         # ValueError for a name without text: SERVFAIL, never the real address.
-        domain = dnsname.from_labels(qname.label) if addresses else ""
+        domain = dnsname.from_labels(question.labels)
+        records = []
         for real, ttl in addresses:
             assignment, created = self.assignments.reserve(app.name, domain, real, ttl, now,
                                                            offered.get(real))
@@ -218,9 +239,8 @@ class DNSMapper:
             magic = assignment.magic
             if magic.version != real.version:
                 raise ValueError(f"magic IP {magic} for {real} is of the other family")
-            rdata = A(tuple(magic.packed)) if magic.version == 4 else AAAA(tuple(magic.packed))
-            records.append(RR(qname, qtype, CLASS_IN, ttl, rdata))
-        return records
+            records.append((magic, ttl))
+        return _pack_addresses(query, question, records)
 
 
 def answer_addresses(response: bytes | DNSRecord) -> tuple[str, int, list[tuple[IPAddress, int]]]:
@@ -233,26 +253,26 @@ def answer_addresses(response: bytes | DNSRecord) -> tuple[str, int, list[tuple[
     gives none. DNSMapError when the message cannot be read or has other
     than one class-IN question.
     """
-    if isinstance(response, DNSRecord):
-        questions, answers = response.questions, response.rr
-    else:
-        try:
-            buf, header, questions, complete = _read_head(response)
-            if not complete:
-                raise DNSMapError("a question cannot be read")
-            answers = _parse_records(buf, header.a, _ANSWER_TYPES, "answer")
-        except Exception as e:
-            raise DNSMapError(f"unreadable DNS message: {e}") from None
+    wire = bytes(response.pack()) if isinstance(response, DNSRecord) else response
+    try:
+        query = dnsquery.parse(wire)
+        questions, complete = _readable(query)
+        if not complete:
+            raise DNSMapError("a question cannot be read")
+        answers = _Records(wire, query.end).read(struct.unpack_from("!H", wire, 6)[0],
+                                                 _ANSWER_TYPES, "answer")
+    except Exception as e:
+        raise DNSMapError(f"unreadable DNS message: {e}") from None
     if len(questions) != 1:
         raise DNSMapError(f"DNS message has {len(questions)} questions, expected one")
     q = questions[0]
     if q.qclass != CLASS_IN:
-        raise DNSMapError(f"DNS question {q.qname} is of class {q.qclass}, expected IN")
+        raise DNSMapError(f"DNS question {_show(q)} is of class {q.qclass}, expected IN")
     try:
-        domain = dnsname.from_labels(q.qname.label)
+        domain = dnsname.from_labels(q.labels)
     except ValueError as e:
         raise DNSMapError(f"DNS question name: {e}") from None
-    return domain, q.qtype, _addresses(q.qname, q.qtype, answers)
+    return domain, q.qtype, _addresses(dnsname.labels_key(q.labels), q.qtype, answers, wire)
 
 
 def query_question(wire: bytes) -> dnsquery.Question:
@@ -265,7 +285,7 @@ def query_question(wire: bytes) -> dnsquery.Question:
     query = dnsquery.parse(wire)  # DNSMapError when not even the header can be read
     if query.qr:
         raise DNSMapError("the message is a response, not a query")
-    # Unreadable as for _read_head: a name longer than MAX_NAME too.
+    # Unreadable as for _readable: a name longer than MAX_NAME too.
     if not query.complete or any(q.size > MAX_NAME for q in query.questions):
         raise DNSMapError("unreadable DNS question")
     if len(query.questions) != 1:
@@ -282,58 +302,182 @@ def servfail(wire: bytes) -> bytes:
     answer has none. DNSMapError when not even the header can be read.
     """
     try:
-        _, header, questions, complete = _read_head(wire)
-    except Exception as e:
+        query = dnsquery.parse(wire)
+    except DNSMapError as e:
         raise DNSMapError(f"cannot answer SERVFAIL, unreadable DNS header: {e}") from None
-    return servfail_from(header, questions if complete else [])
+    questions, complete = _readable(query)
+    return _servfail(query, questions if complete else [])
 
 
 # -- internals ------------------------------------------------------------------
 
+_AD = 0x0020  # the header's "authentic data" flag
+_FIXED = struct.Struct("!HHIH")  # a record's type, class, TTL and RDLENGTH
+_ANSWER_HEAD = struct.Struct("!HHHIH")  # a name pointer, then _FIXED
 
-def _read_head(
-    wire: bytes, query: Query | None = None
-) -> tuple[DNSBuffer, DNSHeader, list[DNSQuestion], bool]:
-    """Header and the questions up to the first that cannot be read; True when all could be.
 
-    The questions are :func:`conn25.core.dnsquery.parse`'s (any byte in a
-    label, at most MAX_QUESTIONS), so that the DNS path has one question
-    reader; a name longer than MAX_NAME is unreadable here as well, as for
-    :meth:`DNSMapper.app_for`. ``query`` is that parse when the caller has it.
-    Raises only when the header cannot be read.
+def _readable(query: Query) -> tuple[list[Question], bool]:
+    """The questions up to the first that cannot be read; True when all could be.
+
+    Those of :func:`conn25.core.dnsquery.parse` (any byte in a label, at most
+    MAX_QUESTIONS), so that the DNS path has one question reader; a name longer
+    than MAX_NAME is unreadable here as well, as for :meth:`DNSMapper.app_for`.
     """
-    buf = DNSBuffer(wire)
-    header = DNSHeader.parse(buf)
-    if query is None:
-        query = dnsquery.parse(wire)
-    questions = []
+    out = []
     for q in query.questions:
         if q.size > MAX_NAME:
-            return buf, header, questions, False
-        questions.append(DNSQuestion(DNSLabel(q.labels), q.qtype, q.qclass))
-    buf.offset = query.end
-    return buf, header, questions, query.complete
+            return out, False
+        out.append(q)
+    return out, query.complete
 
 
-def _parse_records(buf: DNSBuffer, count: int, wanted: frozenset[int], section: str) -> list[RR]:
-    """The next ``count`` records, parsing only the types in ``wanted``."""
-    out = []
-    for i in range(count):
-        rname = buf.decode_name()
-        rtype, rclass, ttl, rdlength = buf.unpack("!HHIH")
-        end = buf.offset + rdlength
-        if end > len(buf.data):
-            raise DNSMapError(f"{section} record {i}: RDLENGTH {rdlength} runs past the message")
-        if rtype in wanted:
-            rr = _record(buf, rname, rtype, rclass, ttl, rdlength)
-            if buf.offset != end:
+def _show(q: Question) -> str:
+    return str(DNSLabel(q.labels))
+
+
+def _servfail(query: Query, questions: Iterable[Question]) -> bytes:
+    return servfail_from(DNSHeader(id=query.id, bitmap=query.flags),
+                         [DNSQuestion(DNSLabel(q.labels), q.qtype, q.qclass) for q in questions])
+
+
+class _Record(NamedTuple):
+    """A record as read: its owner's labels as names compare, its fixed fields, where its
+    data is in the message, and what that data says when it was read (a CNAME's target
+    as names compare; dnslib's record for HTTPS and SOA; else None)."""
+
+    key: Labels
+    rtype: int
+    rclass: int
+    ttl: int
+    start: int
+    end: int
+    value: object
+
+
+class _Records:
+    """The records of ``wire`` from ``offset`` on, section by section."""
+
+    def __init__(self, wire: bytes, offset: int) -> None:
+        self.wire = wire
+        self.offset = offset
+        self._buf: DNSBuffer | None = None  # for dnslib's readers, made once needed
+
+    def read(self, count: int, wanted: frozenset[int], section: str) -> list[_Record]:
+        """The next ``count`` records, those of the types in ``wanted``; every record's
+        name and fixed fields are read, so a malformed one of any type is an error."""
+        wire = self.wire
+        out = []
+        for i in range(count):
+            labels, pos = _record_name(wire, self.offset)
+            if pos + _FIXED.size > len(wire):
+                raise DNSMapError(f"{section} record {i}: runs past the message")
+            rtype, rclass, ttl, rdlength = _FIXED.unpack_from(wire, pos)
+            start = pos + _FIXED.size
+            end = start + rdlength
+            if end > len(wire):
                 raise DNSMapError(
-                    f"{section} record {i} ({_type_name(rtype)} {rr.rname}): "
-                    f"data does not match RDLENGTH {rdlength}"
-                )
-            out.append(rr)
-        buf.offset = end
-    return out
+                    f"{section} record {i}: RDLENGTH {rdlength} runs past the message")
+            if rtype in wanted:
+                if not rdlength:
+                    raise DNSMapError(f"{section} record {i} ({_type_name(rtype)}): no data")
+                value = self._data(labels, rtype, rclass, ttl, start, end)
+                out.append(_Record(dnsname.labels_key(labels), rtype, rclass, ttl, start, end,
+                                   value))
+            self.offset = end
+        return out
+
+    def _data(self, labels: Labels, rtype: int, rclass: int, ttl: int, start: int,
+              end: int) -> object:
+        size = _ADDRESS_SIZE.get(rtype)
+        if size is not None:
+            if end - start != size:
+                raise DNSMapError(f"{_type_name(rtype)} record of {end - start} bytes")
+            return None
+        if rtype == TYPE_CNAME:
+            target, after = _record_name(self.wire, start)
+            used = after
+        else:  # HTTPS, SOA: dnslib's
+            if self._buf is None:
+                self._buf = DNSBuffer(self.wire)
+            self._buf.offset = start
+            target = _record(self._buf, DNSLabel(labels), rtype, rclass, ttl, end - start)
+            used = self._buf.offset
+        if used != end:
+            raise DNSMapError(f"{_type_name(rtype)} record {DNSLabel(labels)}: data does not "
+                              f"match RDLENGTH {end - start}")
+        return dnsname.labels_key(target) if rtype == TYPE_CNAME else target
+
+
+_ADDRESS_SIZE = {TYPE_A: 4, TYPE_AAAA: 16}
+
+
+def _record_name(wire: bytes, offset: int) -> tuple[Labels, int]:
+    """The labels of the record name at ``offset`` and the offset after it, read as
+    dnslib's ``decode_name`` reads one: a pointer points back (a loop is an error,
+    as is more than MAX_POINTERS pointers), a length byte below 0xC0 starts a label,
+    and a label must be UTF-8. DNSMapError otherwise, and when it runs off the end."""
+    labels = []
+    end = -1
+    hops = 0
+    size = len(wire)
+    while True:
+        if offset >= size:
+            raise DNSMapError("name runs past the message")
+        length = wire[offset]
+        if length >= 0xC0:
+            after = offset + 2
+            if after > size:
+                raise DNSMapError("name runs past the message")
+            pointer = (length & 0x3F) << 8 | wire[offset + 1]
+            hops += 1
+            if pointer >= after or hops > MAX_POINTERS:
+                raise DNSMapError(f"bad compression pointer at {offset}")
+            if end < 0:
+                end = after
+            offset = pointer
+        elif length:
+            stop = offset + 1 + length
+            if stop > size:
+                raise DNSMapError("name runs past the message")
+            label = bytes(wire[offset + 1 : stop])
+            try:
+                label.decode()
+            except UnicodeDecodeError:
+                raise DNSMapError(f"label at {offset} is not UTF-8") from None
+            labels.append(label)
+            offset = stop
+        else:
+            return tuple(labels), (end if end >= 0 else offset + 1)
+
+
+def _pack(query: Query, question: Question, records: list[RR],
+          authority: list[_Record]) -> bytes:
+    """The answer to ``question`` with ``records``, by dnslib; when there are none, with
+    the class-IN SOA records of ``authority``."""
+    header = DNSHeader(id=query.id, bitmap=query.flags & ~_AD)
+    soa = [] if records else [r.value for r in authority if r.rclass == CLASS_IN]
+    q = DNSQuestion(DNSLabel(question.labels), question.qtype, question.qclass)
+    return bytes(DNSRecord(header, questions=[q], rr=records, auth=soa).pack())
+
+
+def _pack_addresses(query: Query, question: Question,
+                    records: list[tuple[IPAddress, int]]) -> bytes:
+    """The answer to ``question``: ``(address, ttl)`` records under its name, written as
+    :func:`_pack` writes them (the name once, then a pointer to it in each record)."""
+    labels = question.labels
+    out = [struct.pack("!6H", query.id, query.flags & ~_AD, 1, len(records), 0, 0),
+           *(bytes((len(label),)) + label for label in labels), b"\0",
+           struct.pack("!HH", question.qtype, question.qclass)]
+    # dnslib points to the question's name (at 12) from a name with labels only.
+    owner = 0xC00C if labels else None
+    for address, ttl in records:
+        data = address.packed
+        if owner is None:
+            out.append(b"\0" + _FIXED.pack(question.qtype, CLASS_IN, ttl, len(data)))
+        else:
+            out.append(_ANSWER_HEAD.pack(owner, question.qtype, CLASS_IN, ttl, len(data)))
+        out.append(data)
+    return b"".join(out)
 
 
 def _record(buf: DNSBuffer, rname: DNSLabel, rtype: int, rclass: int, ttl: int,
@@ -350,38 +494,32 @@ def _record(buf: DNSBuffer, rname: DNSLabel, rtype: int, rclass: int, ttl: int,
         raise DNSError(f"Error unpacking RR [offset={buf.offset}]: {e}") from None
 
 
-def _key(label: DNSLabel) -> tuple[bytes, ...]:
-    return dnsname.labels_key(label.label)
-
-
-def _chain_records(qname: DNSLabel, rtype: int, answers: Iterable[RR]) -> list[RR]:
-    """Class-IN records of ``rtype`` owned by a name on the CNAME chain from ``qname``.
+def _chain_records(qkey: Labels, rtype: int, answers: list[_Record]) -> list[_Record]:
+    """Class-IN records of ``rtype`` owned by a name on the CNAME chain from ``qkey``.
 
     Empty when the chain loops or is longer than MAX_CHAIN hops.
     """
-    answers = list(answers)
-    cnames: dict[tuple[bytes, ...], tuple[bytes, ...]] = {}
-    for rr in answers:
-        if rr.rtype == TYPE_CNAME and rr.rclass == CLASS_IN:
-            cnames.setdefault(_key(rr.rname), _key(rr.rdata.label))
-    name = _key(qname)
+    cnames: dict[Labels, Labels] = {}
+    for r in answers:
+        if r.rtype == TYPE_CNAME and r.rclass == CLASS_IN:
+            cnames.setdefault(r.key, r.value)  # type: ignore[arg-type]
+    name = qkey
     chain = {name}
     while name in cnames:
         name = cnames[name]
         if name in chain or len(chain) > MAX_CHAIN:
             return []
         chain.add(name)
-    return [rr for rr in answers
-            if rr.rtype == rtype and rr.rclass == CLASS_IN and _key(rr.rname) in chain]
+    return [r for r in answers if r.rtype == rtype and r.rclass == CLASS_IN and r.key in chain]
 
 
-def _addresses(qname: DNSLabel, qtype: int, answers: Iterable[RR]) -> list[tuple[IPAddress, int]]:
+def _addresses(qkey: Labels, qtype: int, answers: list[_Record],
+               wire: bytes) -> list[tuple[IPAddress, int]]:
     if qtype not in (TYPE_A, TYPE_AAAA):
         return []
     out: dict[IPAddress, int] = {}
-    for rr in _chain_records(qname, qtype, answers):
-        addr = ipaddress.ip_address(bytes(rr.rdata.data))
-        out.setdefault(addr, _ttl(rr.ttl))
+    for r in _chain_records(qkey, qtype, answers):
+        out.setdefault(ipaddress.ip_address(bytes(wire[r.start : r.end])), _ttl(r.ttl))
     return list(out.items())
 
 

@@ -260,17 +260,21 @@ def with_id(wire: bytes, query: bytes) -> bytes:
     return query[:2] + wire[2:]
 
 
-Screened = tuple[str, DNSRecord | bytes | None]
+Screened = tuple[str, "Query | bytes | None"]
 
 
 def screen(data: bytes) -> Screened:
     """How a DNS server takes a message that arrived, as (verdict, what to do):
 
-    * ``("query", record)``: a query with one question, to answer;
+    * ``("query", head)``: a query with one question, to answer (its :func:`parse`);
     * ``("notimp", reply)``: an opcode other than QUERY; ``("formerr", reply)``:
       unreadable, or other than one question; send the reply instead;
     * ``("garbage", None)``: shorter than a header; ``("response", None)``: QR
       set (answering a response could start a loop); drop it.
+
+    Readable means readable by dnslib, as the rest of the way reads it. A plain
+    query (one question, no other section, no compression) whose labels are
+    UTF-8 is one; anything else is put to dnslib here.
     """
     if len(data) < HEADER:
         return "garbage", None
@@ -280,27 +284,52 @@ def screen(data: bytes) -> Screened:
     head = parse(data)
     if (flags >> 11) & 0xF != 0:
         return "notimp", with_rcode(servfail_to(head), RCODE.NOTIMP)
-    try:
-        rec = DNSRecord.parse(data)
-    except Exception:  # dnslib raises several types for a malformed message
-        rec = None
+    readable = _plain(head) or _dnslib_reads(data)
     # A name longer than a name may be is no app's and no one's (the mapper lets its
     # answer pass): forwarded, an odd upstream's answer would carry real addresses under
     # an app's domain. Fail closed, before anything is asked upstream.
-    if rec is None or len(rec.questions) != 1 or any(q.size > MAX_NAME for q in head.questions):
+    if not readable or any(q.size > MAX_NAME for q in head.questions):
         return "formerr", with_rcode(servfail_to(head), RCODE.FORMERR)
-    return "query", rec
+    return "query", head
 
 
-def fit_udp(rec: DNSRecord, reply: bytes) -> bytes | None:
-    """None when a UDP client that asked ``rec`` takes ``reply`` (512 bytes, or the payload
-    size of its EDNS0 OPT record); else the truncated answer, TC set, to send instead."""
-    opt = next((rr for rr in rec.ar if rr.rtype == QTYPE.OPT), None)
+def _plain(head: Query) -> bool:
+    """Whether dnslib reads ``head``'s message as one question without being asked: a
+    plain query (see :attr:`Query.key`) with no additional section, its labels UTF-8."""
+    if head.key is None or head.wire[10:12] != b"\0\0":
+        return False
+    try:
+        for label in head.questions[0].labels:
+            label.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _dnslib_reads(data: bytes) -> bool:
+    """Whether dnslib reads ``data`` as a message with one question."""
+    try:
+        return len(DNSRecord.parse(data).questions) == 1
+    except Exception:  # dnslib raises several types for a malformed message
+        return False
+
+
+def fit_udp(query: Query, reply: bytes) -> bytes | None:
+    """None when a UDP client that asked ``query`` (as :func:`screen` passed it) takes
+    ``reply`` (512 bytes, or the payload size of its EDNS0 OPT record); else the
+    truncated answer, TC set, to send instead."""
+    if len(reply) <= UDP_LIMIT:
+        return None
+    opt = None
+    if query.wire[10:12] != b"\0\0":  # an additional section: dnslib finds the OPT
+        opt = next((rr for rr in DNSRecord.parse(query.wire).ar if rr.rtype == QTYPE.OPT),
+                   None)
     limit = UDP_LIMIT if opt is None else max(UDP_LIMIT, opt.rclass)
     if len(reply) <= limit:
         return None
     flags = struct.unpack_from("!H", reply, 2)[0] if len(reply) >= 4 else 0x8180
-    out = DNSRecord(DNSHeader(id=rec.header.id, bitmap=flags, tc=1), questions=rec.questions)
+    questions = [DNSQuestion(DNSLabel(q.labels), q.qtype, q.qclass) for q in query.questions]
+    out = DNSRecord(DNSHeader(id=query.id, bitmap=flags, tc=1), questions=questions)
     if opt is not None:
         out.add_ar(EDNS0(udp_len=EDNS_PAYLOAD))
     return bytes(out.pack())

@@ -22,9 +22,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
-from dnslib import DNSRecord
 
-from ..core.dnsquery import MAX_MESSAGE, UDP_LIMIT, fit_udp, parse, screen, servfail_to
+from ..core.dnsquery import MAX_MESSAGE, UDP_LIMIT, Query, fit_udp, parse, screen, servfail_to
 from ..core.iprange import IPAddress, IPNetwork, parse_list
 from .dns_transport import Framer, Upstream, family, send_datagram, show
 from .refusals import RefusalLog
@@ -355,9 +354,9 @@ class DNSServer:
         finally:
             self._queries.release_on_behalf_of(token)
 
-    def _fit(self, rec: DNSRecord, reply: bytes) -> bytes:
+    def _fit(self, query: Query, reply: bytes) -> bytes:
         """``reply`` if the UDP client takes it, else a truncated answer with TC set."""
-        truncated = fit_udp(rec, reply)
+        truncated = fit_udp(query, reply)
         if truncated is None:
             return reply
         self._counters["truncated"] += 1
@@ -497,7 +496,7 @@ class DNSServer:
 
     # -- both --
 
-    def _check(self, data: bytes) -> DNSRecord | bytes | None:
+    def _check(self, data: bytes) -> Query | bytes | None:
         """The parsed query to answer; an error reply (bytes) to send instead; None: drop it."""
         verdict, out = screen(data)
         if verdict != "query":
