@@ -209,7 +209,7 @@ def test_the_forwarder_cache_is_bounded_in_entries_and_bytes():
     small = ForwardCache(entries=100, max_bytes=cap)
     for i, wire in enumerate(big):
         assert small.put(parse(query(f"big{i}.test")), wire, T0)
-        assert small.bytes <= cap
+        assert small.held_bytes <= cap
     assert len(small) == 2  # two fit in the bytes; the oldest went
     assert small.get(parse(query("big3.test")), T0) is not None
     assert not ForwardCache(max_bytes=len(big[0]) - 1).put(parse(query("big0.test")), big[0], T0)

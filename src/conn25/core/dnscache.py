@@ -97,7 +97,8 @@ class _TTLStore:
         return len(self._entries)
 
     @property
-    def bytes(self) -> int:
+    def held_bytes(self) -> int:
+        """Bytes of the answers held."""
         return self._bytes
 
     def clear(self) -> None:
@@ -198,8 +199,9 @@ class ForwardCache:
         return len(self._store)
 
     @property
-    def bytes(self) -> int:
-        return self._store.bytes
+    def held_bytes(self) -> int:
+        """Bytes of the answers held."""
+        return self._store.held_bytes
 
     def clear(self) -> None:
         self._store.clear()

@@ -42,7 +42,7 @@ from __future__ import annotations
 import ipaddress
 import struct
 from collections.abc import Callable, Iterable, Mapping
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import msgspec
 from dnslib import CLASS, HTTPS, QTYPE, RR, DNSHeader, DNSQuestion, DNSRecord
@@ -221,7 +221,7 @@ class DNSMapper:
         if qtype == TYPE_HTTPS:
             qname = DNSLabel(question.labels)
             return _pack(query, question, [
-                RR(qname, TYPE_HTTPS, CLASS_IN, _ttl(r.ttl), _strip_hints(r.value.rdata))
+                RR(qname, TYPE_HTTPS, CLASS_IN, _ttl(r.ttl), _strip_hints(cast(RR, r.value).rdata))
                 for r in _chain_records(qkey, TYPE_HTTPS, answers)
             ], authority)
         addresses = _addresses(qkey, qtype, answers, query.wire)
@@ -323,7 +323,7 @@ def _readable(query: Query) -> tuple[list[Question], bool]:
     MAX_QUESTIONS), so that the DNS path has one question reader; a name longer
     than MAX_NAME is unreadable here as well, as for :meth:`DNSMapper.app_for`.
     """
-    out = []
+    out: list[Question] = []
     for q in query.questions:
         if q.size > MAX_NAME:
             return out, False
@@ -366,7 +366,7 @@ class _Records:
         """The next ``count`` records, those of the types in ``wanted``; every record's
         name and fixed fields are read, so a malformed one of any type is an error."""
         wire = self.wire
-        out = []
+        out: list[_Record] = []
         for i in range(count):
             labels, pos = _record_name(wire, self.offset)
             if pos + _FIXED.size > len(wire):

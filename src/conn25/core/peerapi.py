@@ -269,7 +269,7 @@ def offered_mappings(app: str, domain: str, addresses: Sequence[IPAddress],
     the next unused offer of its family; addresses beyond the offers stay unmapped (the
     client registers those itself)."""
     assigned = assigned or {}
-    spare = {4: [o for o in offers if o.version == 4], 6: [o for o in offers if o.version == 6]}
+    spare: dict[int, list[IPAddress]] = {v: [o for o in offers if o.version == v] for v in (4, 6)}
     items = []
     for addr in addresses:
         transit = assigned.get(addr)

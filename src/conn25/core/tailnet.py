@@ -138,7 +138,7 @@ class _Object(dict[str, Any]):
     duplicates: list[str]
 
     @classmethod
-    def from_pairs(cls, pairs: list[tuple[str, Any]]) -> _Object:
+    def from_pairs(cls, pairs: Iterable[tuple[str, Any]]) -> _Object:
         obj = cls()
         obj.duplicates = []
         for k, v in pairs:

@@ -248,6 +248,7 @@ class DNSServer:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._serve_udp, udp)
                 nursery.start_soon(self._serve_tcp, tcp)
+                assert self.address is not None  # _bind set it
                 log.info("DNS server listening on %s (UDP and TCP)", show(self.address))
                 task_status.started(self.address)
         finally:

@@ -716,7 +716,8 @@ class ClientPool:
         if reused is not None:
             self.counters["reused"] += 1
             try:
-                return await self._exchange(key, *reused, *args)
+                stream, conn = reused
+                return await self._exchange(key, stream, conn, *args)
             except _Unanswered as e:
                 self.counters["retried"] += 1
                 log.debug("http: %s on a kept-alive connection: %s; once more on a new one",
