@@ -182,8 +182,9 @@ class DNSMapper:
         new: list[Assignment] = []
         used: list[Assignment] = []
         try:
-            an, ns = struct.unpack_from("!HH", wire, 6)
-            records = _Records(wire, query.end)
+            # The head's bytes: the offsets in it are theirs (``wire``, when it came too).
+            an, ns = struct.unpack_from("!HH", query.wire, 6)
+            records = _Records(query.wire, query.end)
             answers = records.read(an, _ANSWER_TYPES, "answer")
             authority = records.read(ns, _AUTHORITY_TYPES, "authority")
             out = self._answer(app, query, question, answers, authority, now, new, used,
