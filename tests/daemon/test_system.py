@@ -58,7 +58,8 @@ for line in sys.stdin:
         elif op == "open":
             value = s.open([ipaddress.ip_address(a) for a in cmd["addresses"]],
                            [ipaddress.ip_network(n) for n in cmd["routes"]],
-                           [ipaddress.ip_address(a) for a in cmd.get("local", [])])
+                           [ipaddress.ip_address(a) for a in cmd.get("local", [])],
+                           connector=cmd.get("connector", False))
         elif op == "set_routes":
             value = s.set_routes([ipaddress.ip_network(n) for n in cmd["routes"]])
         elif op == "routes":
@@ -85,6 +86,10 @@ for line in sys.stdin:
                 p = os.read(s.fd, 65535)[len(hdr):]
                 if (p[0] >> 4 == 4 and p[9] == 17) or (p[0] >> 4 == 6 and p[6] == 17):
                     value = p.hex()
+        elif op == "inject":
+            # Write one packet into the TUN, as the datapath would.
+            os.write(s.fd, bytes(10 if s.vnet_hdr else 0) + bytes.fromhex(cmd["packet"]))
+            value = None
         elif op == "pending":
             # How many UDP packets wait in the TUN now (without waiting for more;
             # the kernel's own IPv6 neighbour discovery is not counted).
@@ -148,8 +153,10 @@ class Driver:
 
 
 def open_default(d: Driver, routes: tuple[str, ...] = (MAGIC4, MAGIC6, f"{PEER4}/32",
-                                                       f"{PEER6}/128")) -> int:
-    return d.call("open", addresses=[ADDR4, ADDR6], routes=list(routes), local=[DNS])
+                                                       f"{PEER6}/128"),
+                 connector: bool = False) -> int:
+    return d.call("open", addresses=[ADDR4, ADDR6], routes=list(routes), local=[DNS],
+                  connector=connector)
 
 
 def ip_json(ns: Netns, *args: str) -> list[dict]:
@@ -471,6 +478,71 @@ def test_restart_after_kill9_removes_leftovers_and_restores_original_sysctls(ns,
     # Restored to what was there before the crashed run, not the 1 it left behind.
     assert read(ns, FWD4) == "0"
     assert list(tmp_path.iterdir()) == []
+    assert_nothing_left(ns)
+
+
+# In the internet namespace: waits for one datagram on port 9998, says so, and answers
+# its sender once told to (a line on stdin), however long after.
+LATE_ANSWER = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 9998))
+print("ready", flush=True)
+data, peer = s.recvfrom(2048)
+print("got", flush=True)
+sys.stdin.readline()
+s.sendto(b"late", peer)
+"""
+
+
+@pytest.mark.root
+def test_a_connector_restarted_after_kill9_still_unnats_the_replies_of_its_connections(
+        ns, internet, tmp_path):
+    """The table a killed connector left stays until the restarted one replaces it: with no
+    NAT chain at all, the kernel would take a reply to a connection the killed run
+    masqueraded as its own and answer it with a reset (or a port unreachable)."""
+    late = internet.popen(sys.executable, "-c", LATE_ANSWER, SERVER4, stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True)
+    try:
+        assert select.select([late.stdout], [], [], 20)[0] and late.stdout.readline() == "ready\n"
+        crashed = Driver(ns, state_dir=str(tmp_path))
+        open_default(crashed, connector=True)
+        crashed.call("connector")
+        out = IP(src=PEER4, dst=SERVER4) / UDP(sport=40000, dport=9998) / b"first"
+        crashed.call("inject", packet=bytes(out).hex())
+        assert select.select([late.stdout], [], [], 20)[0] and late.stdout.readline() == "got\n"
+        crashed.kill9()
+        wait_for(lambda: not any(lk["ifname"] == TUN for lk in ip_json(ns, "link", "show")),
+                 10, "the TUN of the killed process to disappear")
+
+        d = Driver(ns, state_dir=str(tmp_path))
+        open_default(d, connector=True)
+        assert ("inet", "conn25d_conn25") in nft_tables(ns)  # kept, to be replaced
+        late.stdin.write("go\n")
+        late.stdin.flush()
+        # The answer to the killed run's connection comes into the new TUN, un-NATed.
+        wait_for(lambda: d.call("pending") == 1, 10, "the late answer in the TUN")
+        d.call("connector")
+        assert ("inet", "conn25d_conn25") in nft_tables(ns)
+        d.call("close")
+        assert_nothing_left(ns)
+    finally:
+        late.kill()
+        late.wait()
+
+
+@pytest.mark.root
+def test_a_connector_that_crashes_before_enabling_removes_the_table_it_kept(ns, tmp_path):
+    crashed = Driver(ns, state_dir=str(tmp_path))
+    open_default(crashed, connector=True)
+    crashed.call("connector")
+    crashed.kill9()
+    wait_for(lambda: not any(lk["ifname"] == TUN for lk in ip_json(ns, "link", "show")), 10,
+             "the TUN of the killed process to disappear")
+    d = Driver(ns, state_dir=str(tmp_path))
+    open_default(d, connector=True)
+    assert ("inet", "conn25d_conn25") in nft_tables(ns)
+    d.call("close")  # before enable_connector: the kept table goes too
     assert_nothing_left(ns)
 
 

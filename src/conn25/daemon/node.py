@@ -247,7 +247,8 @@ class Node:
         try:
             node = self.config.node
             system.open(list(node.addresses), self._routes(),
-                        local_addresses=self._local_addresses())
+                        local_addresses=self._local_addresses(),
+                        connector=opts.advertise_connector)
             self.tun_offload = system.offload
             if opts.advertise_connector:
                 system.enable_connector()

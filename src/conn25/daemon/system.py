@@ -309,11 +309,17 @@ class SystemSetup:
     # -- TUN, addresses, routes ------------------------------------------------
 
     def open(self, addresses: Iterable[IPAddress], routes: Iterable[IPNetwork],
-             local_addresses: Iterable[IPAddress] = ()) -> int:
+             local_addresses: Iterable[IPAddress] = (), *, connector: bool = False) -> int:
         """Create the TUN with the node's addresses (/32, /128), extra local
         addresses (e.g. the DNS listen address) and ``routes`` through it;
         return its fd. On failure nothing of it remains and SystemSetupError
-        says which step failed."""
+        says which step failed.
+
+        Our nftables table left by a run that crashed is removed, unless
+        ``connector`` (:meth:`enable_connector` follows): then it stays until that
+        replaces it in one transaction. Without any NAT chain the kernel would not
+        un-NAT the replies of the connections that run masqueraded, and would answer
+        the first of them with a reset, ending a download a restart should survive."""
         if self._opened:
             raise SystemSetupError(f"TUN {self.tun_name}: already open")
         addrs = self._addresses([*addresses, *local_addresses])
@@ -323,7 +329,10 @@ class SystemSetup:
         self._opened = True
         with _undone_on_failure(self.close), Netlink() as ipr:
             self._remove_stale_device(ipr)
-            _remove_table(self.nft, self.table, "leftover ")
+            if connector:
+                self._keep_leftover_table()
+            else:
+                _remove_table(self.nft, self.table, "leftover ")
             with _step(f"creating TUN device {self.tun_name}"):
                 self.fds, _ = open_tun_queues(self.tun_name, self.tun_queues,
                                               vnet_hdr=self.vnet_hdr)
@@ -440,6 +449,14 @@ class SystemSetup:
             ipr.link("del", index=link["index"])
 
     # -- connector: forwarding and masquerade ----------------------------------
+
+    def _keep_leftover_table(self) -> None:
+        """Take a crashed run's table as ours, for enable_connector to replace (and close
+        to remove, should this run end before that)."""
+        tables = _nft_tables(self.nft)
+        if tables is not None and ("inet", self.table) in tables:
+            log.info("keeping leftover nftables table inet %s until it is replaced", self.table)
+            self._nft_touched = True
 
     def enable_connector(self) -> None:
         """IP forwarding on (old values kept) and our nftables table, which
