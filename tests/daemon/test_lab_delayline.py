@@ -11,7 +11,7 @@ import signal
 import statistics
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -37,12 +37,27 @@ def ends() -> Iterator[tuple[Netns, Netns]]:
         b.close()
 
 
-def line(a: Netns, b: Netns, rtt_ms: float, **kw: int) -> DelayLine:
-    d = DelayLine(a, "up0", f"{A4}/24", b, "dn0", f"{B4}/24", rtt_ms, **kw)
-    # The first ping also waits for ARP through the line; after it, the path is warm.
-    wait_for(lambda: a.run("ping", "-n", "-c", "1", "-W", "1", B4, check=False).returncode == 0,
-             10, "a first ping through the delay line")
-    return d
+@pytest.fixture
+def line(ends: tuple[Netns, Netns]) -> Iterator[Callable[..., DelayLine]]:
+    """Makes a delay line between the ends (rtt_ms, DelayLine's keywords), warm; what
+    it made is closed after the test, also when the test failed before its own close()."""
+    a, b = ends
+    made: list[DelayLine] = []
+
+    def make(rtt_ms: float, **kw: int) -> DelayLine:
+        d = DelayLine(a, "up0", f"{A4}/24", b, "dn0", f"{B4}/24", rtt_ms, **kw)
+        made.append(d)
+        # The first ping also waits for ARP through the line; after it, the path is warm.
+        wait_for(lambda: a.run("ping", "-n", "-c", "1", "-W", "1", B4,
+                               check=False).returncode == 0,
+                 10, "a first ping through the delay line")
+        return d
+
+    try:
+        yield make
+    finally:
+        for d in made:  # close() again is harmless
+            d.close()
 
 
 def rtts(a: Netns, *args: str) -> list[float]:
@@ -59,9 +74,9 @@ def gone(pid: int) -> bool:
 
 
 @pytest.mark.parametrize("rtt_ms", [20, 50])
-def test_pings_take_the_round_trip_given_and_close_removes_everything(ends, rtt_ms):
+def test_pings_take_the_round_trip_given_and_close_removes_everything(ends, line, rtt_ms):
     a, b = ends
-    d = line(a, b, rtt_ms)
+    d = line(rtt_ms)
     pid, wan = d.pid, d.ns
     assert pid is not None and wan.exists()
     got = rtts(a, "-c", "30", "-i", "0.02", "-W", "1")
@@ -85,9 +100,9 @@ def test_pings_take_the_round_trip_given_and_close_removes_everything(ends, rtt_
                  10, f"{ifname} in {ns} to go")
 
 
-def test_a_full_queue_drops_and_counts(ends):
+def test_a_full_queue_drops_and_counts(ends, line):
     a, b = ends
-    d = line(a, b, 40, max_packets=5)
+    d = line(40, max_packets=5)
     # No ARP probe may take a place in a queue: each end knows the other for good.
     for ns, ifname, peer, peer_if, addr in ((a, "up0", b, "dn0", B4), (b, "dn0", a, "up0", A4)):
         mac = json.loads(peer.run("ip", "-j", "link", "show", peer_if).stdout)[0]["address"]
