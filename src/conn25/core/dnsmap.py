@@ -41,11 +41,11 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import NamedTuple, cast
 
 import msgspec
-from dnslib import CLASS, HTTPS, QTYPE, RR, DNSHeader, DNSQuestion, DNSRecord
+from dnslib import CLASS, HTTPS, QTYPE, RR, DNSHeader, DNSRecord
 from dnslib.bimap import BimapError
 from dnslib.buffer import BufferError
 from dnslib.dns import RD, RDMAP, DNSError
@@ -62,7 +62,7 @@ from .dnsquery import (
     DNSMapError,
     Query,
     Question,
-    servfail_from,
+    servfail_to,
 )
 from .iprange import IPAddress
 
@@ -176,9 +176,9 @@ class DNSMapper:
         if not complete or len(questions) != 1:
             # An app's question makes it ours, whatever else the message holds. Only that
             # question is echoed: the others may be any bytes, records misread among them.
-            self._log(f"dns: SERVFAIL for {_show(question)} (app {app.name}): "
+            self._log(f"dns: SERVFAIL for {question.shown} (app {app.name}): "
                       f"{query.qdcount} questions, {len(questions)} readable")
-            return MapResult(_servfail(query, [question]), app, servfail=True)
+            return MapResult(servfail_to(query, [question]), app, servfail=True)
         new: list[Assignment] = []
         used: list[Assignment] = []
         try:
@@ -191,10 +191,10 @@ class DNSMapper:
                                offered or {})
         except Exception as e:
             self._log(
-                f"dns: SERVFAIL for {_show(question)} {_type_name(question.qtype)} "
+                f"dns: SERVFAIL for {question.shown} {_type_name(question.qtype)} "
                 f"(app {app.name}): {type(e).__name__}: {e}"
             )
-            return MapResult(_servfail(query, [question]), app, new, used, servfail=True)
+            return MapResult(servfail_to(query, [question]), app, new, used, servfail=True)
         return MapResult(out, app, new, used)
 
     def _app(self, questions: list[Question]) -> tuple[App, Question] | None:
@@ -268,7 +268,7 @@ def answer_addresses(response: bytes | DNSRecord) -> tuple[str, int, list[tuple[
         raise DNSMapError(f"DNS message has {len(questions)} questions, expected one")
     q = questions[0]
     if q.qclass != CLASS_IN:
-        raise DNSMapError(f"DNS question {_show(q)} is of class {q.qclass}, expected IN")
+        raise DNSMapError(f"DNS question {q.shown} is of class {q.qclass}, expected IN")
     try:
         domain = dnsname.from_labels(q.labels)
     except ValueError as e:
@@ -307,7 +307,7 @@ def servfail(wire: bytes) -> bytes:
     except DNSMapError as e:
         raise DNSMapError(f"cannot answer SERVFAIL, unreadable DNS header: {e}") from None
     questions, complete = _readable(query)
-    return _servfail(query, questions if complete else [])
+    return servfail_to(query, questions if complete else [])
 
 
 # -- internals ------------------------------------------------------------------
@@ -330,15 +330,6 @@ def _readable(query: Query) -> tuple[list[Question], bool]:
             return out, False
         out.append(q)
     return out, query.complete
-
-
-def _show(q: Question) -> str:
-    return str(DNSLabel(q.labels))
-
-
-def _servfail(query: Query, questions: Iterable[Question]) -> bytes:
-    return servfail_from(DNSHeader(id=query.id, bitmap=query.flags),
-                         [DNSQuestion(DNSLabel(q.labels), q.qtype, q.qclass) for q in questions])
 
 
 class _Record(NamedTuple):
@@ -457,8 +448,8 @@ def _pack(query: Query, question: Question, records: list[RR],
     the class-IN SOA records of ``authority``."""
     header = DNSHeader(id=query.id, bitmap=query.flags & ~_AD)
     soa = [] if records else [r.value for r in authority if r.rclass == CLASS_IN]
-    q = DNSQuestion(DNSLabel(question.labels), question.qtype, question.qclass)
-    return bytes(DNSRecord(header, questions=[q], rr=records, auth=soa).pack())
+    return bytes(DNSRecord(header, questions=[question.dnslib()], rr=records,
+                           auth=soa).pack())
 
 
 def _pack_addresses(query: Query, question: Question,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import struct
+from collections.abc import Iterable
 from typing import NamedTuple
 
 from dnslib import EDNS0, QTYPE, RCODE, DNSHeader, DNSQuestion, DNSRecord
@@ -108,6 +109,15 @@ class Question(NamedTuple):
         """Octets of the name on the wire, uncompressed (the root label included)."""
         labels = self.labels
         return 1 + len(labels) + sum(map(len, labels))
+
+    @property
+    def shown(self) -> str:
+        """The name for a message, as dnslib writes it (odd bytes escaped)."""
+        return str(DNSLabel(self.labels))
+
+    def dnslib(self) -> DNSQuestion:
+        """The question as dnslib's record of it, to write a message with."""
+        return DNSQuestion(DNSLabel(self.labels), self.qtype, self.qclass)
 
     @property
     def folded(self) -> tuple[tuple[bytes, ...], int, int]:
@@ -225,14 +235,16 @@ def answers(query: Query, wire: bytes) -> Query | None:
     return head if query.answered_by(head) else None
 
 
-def servfail_to(query: Query) -> bytes:
-    """A SERVFAIL response to ``query``, echoing its questions when all could be read.
+def servfail_to(query: Query, questions: Iterable[Question] | None = None) -> bytes:
+    """A SERVFAIL response to ``query``, echoing ``questions`` (default: its questions
+    when all could be read).
 
     Id, opcode, RD and CD are kept.
     """
-    header = DNSHeader(id=query.id, bitmap=query.flags)
-    questions = [DNSQuestion(DNSLabel(q.labels), q.qtype, q.qclass) for q in query.questions]
-    return servfail_from(header, questions if query.complete else [])
+    if questions is None:
+        questions = query.questions if query.complete else ()
+    return servfail_from(DNSHeader(id=query.id, bitmap=query.flags),
+                         [q.dnslib() for q in questions])
 
 
 def servfail_from(header: DNSHeader, questions: list[DNSQuestion]) -> bytes:
@@ -328,7 +340,7 @@ def fit_udp(query: Query, reply: bytes) -> bytes | None:
     if len(reply) <= limit:
         return None
     flags = struct.unpack_from("!H", reply, 2)[0] if len(reply) >= 4 else 0x8180
-    questions = [DNSQuestion(DNSLabel(q.labels), q.qtype, q.qclass) for q in query.questions]
+    questions = [q.dnslib() for q in query.questions]
     out = DNSRecord(DNSHeader(id=query.id, bitmap=flags, tc=1), questions=questions)
     if opt is not None:
         out.add_ar(EDNS0(udp_len=EDNS_PAYLOAD))

@@ -32,13 +32,12 @@ from collections.abc import Iterable
 from typing import NamedTuple, Protocol
 
 import trio
-from dnslib import QTYPE, DNSLabel, DNSRecord
+from dnslib import QTYPE, DNSRecord
 
 from ..core import dnsname, peerapi
 from ..core.config import Member, NodeConfig
 from ..core.connector import ConnectorTable, Mapping
 from ..core.dnsmap import DNSMapError, answer_addresses, query_question
-from ..core.dnsquery import Question
 from ..core.iprange import IPAddress
 from ..core.peerapi import (
     DNS_QUERY_PATH,
@@ -87,11 +86,6 @@ def _item_reason(code: int) -> str:
 # The refusals the routes count (besides peerapi_http_STATUS), for metrics that
 # list them from the start.
 REFUSAL_REASONS = ("resolution_failed", *(_item_reason(c) for c in Code if c is not Code.OK))
-
-
-def _show(question: Question) -> str:
-    """The question's name for a message, as dnslib writes it (odd bytes escaped)."""
-    return str(DNSLabel(question.labels))
 
 
 class _Refusal(NamedTuple):
@@ -369,11 +363,11 @@ class PeerAPI:
         # The labels decide, as on the client: a name under the app's domain whose
         # other labels hold odd bytes is still the app's, and one label "a.b" is not two.
         if app not in cfg.apps_for_name(question.labels):
-            return _Refusal(400, f"{_show(question)} is not a domain of app {app.name!r}")
+            return _Refusal(400, f"{question.shown} is not a domain of app {app.name!r}")
         try:
             answer = await self._node.forwarder.forward(query)
         except Exception as e:
-            return _Refusal(502, f"upstream DNS failed for {_show(question)}: {e}")
+            return _Refusal(502, f"upstream DNS failed for {question.shown}: {e}")
         try:
             domain = dnsname.from_labels(question.labels)
         except ValueError:
