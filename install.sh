@@ -7,8 +7,8 @@
 #
 #   ./install.sh          the daemon and its runtime tools
 #   ./install.sh --dev    also the test and benchmark tools (pytest, hypothesis, scapy, ruff, mypy,
-#                         wireguard-go, wg, dnsperf, libsodium, systemd-analyze, man, an unpacked
-#                         systemd-resolved)
+#                         wireguard-go, wg, dnsperf, libsodium, systemd-analyze, man, strace,
+#                         an unpacked systemd-resolved)
 set -euo pipefail
 
 usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; }
@@ -37,11 +37,12 @@ packages=(python3 python3-venv python3-dev gcc libssl-dev iproute2 nftables dnsm
 # --no-install-recommends, wireguard-tools would pull in a kernel image); dnsperf, the
 # DNS load generator of bench/control.py; libsodium-dev, the other library that
 # bench/aead_cost.c measures the per-packet encryption of; systemd for systemd-analyze,
-# which checks the unit; man-db and groff-base render the man page in the tests.
+# which checks the unit; man-db and groff-base render the man page in the tests; strace
+# slows one system call of wireguard-go in a test, to hold a start-up race open.
 # systemd is also the private library of systemd-resolved (unpacked below, never started:
 # PID 1 stays what it is), which runs with dbus-daemon in the --accept-dns test.
 [ "$dev" = 1 ] && packages+=(wireguard-go wireguard-tools dnsperf libsodium-dev systemd man-db
-                             groff-base dbus-daemon)
+                             groff-base dbus-daemon strace)
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null

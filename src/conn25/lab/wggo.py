@@ -23,6 +23,8 @@ from .netns import Netns, terminate, wait_for
 # their namespace.
 SOCKETS = Path("/run/wireguard")
 _seq = itertools.count()
+# Logged once the control socket accepts connections (at LOG_LEVEL=debug or verbose).
+READY = "UAPI listener started"
 
 
 def wireguard_missing() -> str | None:
@@ -52,8 +54,11 @@ class WireguardGo:
                                  env={**os.environ, "WG_PROCESS_FOREGROUND": "1",
                                       "LOG_LEVEL": "debug"})
         try:
+            # Its own word that the control socket is up, not `wg show`: wg unlinks a
+            # socket that refuses a connection, as one does between wireguard-go's bind
+            # and listen, and wireguard-go then exits when it cannot watch the socket.
             wait_for(lambda: self.proc.poll() is not None
-                     or ns.run("wg", "show", self.ifname, check=False).returncode == 0, 10,
+                     or READY in self.log_text(), 10,
                      f"wireguard-go to create {self.ifname}")
             if self.proc.poll() is not None:
                 raise RuntimeError(f"wireguard-go {self.ifname} exited with "
