@@ -14,7 +14,8 @@
 #
 # The rotation rules are the handshake's (core/wireguard/peer.py holds the
 # reference): an initiator's new keypair becomes current at once (the old
-# current becomes previous, an unconfirmed next is dropped); a responder's
+# current becomes previous; but an unconfirmed next, left by crossing
+# handshakes, becomes previous instead, as the peer sends under it); a responder's
 # becomes next and is confirmed, becoming current, by the first datagram that
 # authenticates under it. The datapath refuses keypairs older than
 # REJECT_AFTER_TIME and asks the control plane for a handshake (an event)

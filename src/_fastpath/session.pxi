@@ -259,9 +259,15 @@ cdef int ss_install(TablesC *t, uint32_t peer, const SsKeypair *kp, bint as_next
         s.kp[SS_NEXT] = kp[0]
         s.kp[SS_NEXT].used = 1
     else:
-        _ss_drop(t, &s.kp[SS_NEXT])
         _ss_drop(t, &s.kp[SS_PREVIOUS])
-        s.kp[SS_PREVIOUS] = s.kp[SS_CURRENT]
+        if s.kp[SS_NEXT].used:
+            # Crossing handshakes: the peer sends under the one we answered, so that one
+            # stays (its index mapped) and the old current goes.
+            _ss_drop(t, &s.kp[SS_CURRENT])
+            s.kp[SS_PREVIOUS] = s.kp[SS_NEXT]
+            memset(&s.kp[SS_NEXT], 0, sizeof(SsKeypair))
+        else:
+            s.kp[SS_PREVIOUS] = s.kp[SS_CURRENT]
         s.kp[SS_CURRENT] = kp[0]
         s.kp[SS_CURRENT].used = 1
     _ss_index_put(t, kp.local_index, peer)

@@ -112,6 +112,29 @@ def test_the_initiator_rekeys_after_rekey_after_time_and_loses_nothing():
     assert p.a.receive(late, SRC_B, t).payload == b"late"
 
 
+def test_crossing_handshakes_leave_both_sides_able_to_read_each_other():
+    """Both initiate at once and each answers the other: each then sends under the session
+    of its own handshake, which the other holds only as its unconfirmed next. That one is
+    kept (as previous) when the other's own handshake completes, as wireguard-go and the
+    kernel's module keep it; dropping it lost everything until a new handshake."""
+    p = pair()
+    p.handshake(0)
+    t = 30.0
+    init_a = p.pa.begin_handshake(t, WALL0 + t)
+    init_b = p.pb.begin_handshake(t, WALL0 + t)
+    to_a = p.b.receive(init_a, SRC_A, t).reply
+    to_b = p.a.receive(init_b, SRC_B, t).reply
+    assert to_a is not None and to_b is not None
+    p.a.receive(to_a, SRC_B, t)
+    p.b.receive(to_b, SRC_A, t)
+    assert p.pa.current.keypair.send_key == p.pb.previous.keypair.receive_key
+    assert p.pb.current.keypair.send_key == p.pa.previous.keypair.receive_key
+    for sender, receiver, source in ((p.pa, p.b, SRC_A), (p.pb, p.a, SRC_B)):
+        data = sender.encrypt(b"after", t + 0.1)
+        assert data is not None
+        assert receiver.receive(data, source, t + 0.1).payload == b"after"
+
+
 def test_the_responder_does_not_rekey_on_send():
     p = pair()
     p.handshake(0)

@@ -26,6 +26,7 @@ from conn25.core.iprange import IPRange
 from conn25.core.wireguard import transport
 from conn25.core.wireguard.messages import Transport
 from conn25.fastpath import Datapath, EventKind, Role, monotonic_ms
+from conn25.lab.netns import wait_for
 
 NOW = 10_000_000
 PEER = 7
@@ -267,6 +268,27 @@ def test_a_responders_next_keypair_is_confirmed_by_its_first_datagram():
     assert kinds(dp) == []  # confirmed once
 
 
+def test_crossing_handshakes_keep_the_answered_keypair_for_the_peers_datagrams():
+    """We answered the peer's handshake (next), then our own completed (current): the peer
+    sends under the one we answered, so that one stays, as previous, and the old current
+    goes, as in wireguard-go and the kernel's module."""
+    dp = node()
+    old = wgsessions.connect(dp, PEER, NOW)
+    answered = wgsessions.connect(dp, PEER, NOW + 5, initiator=False, as_next=True,
+                                  local_index=0x99, remote_index=0x98,
+                                  key_out=bytes(range(50, 82)))
+    ours = wgsessions.connect(dp, PEER, NOW + 6, local_index=0x77, remote_index=0x76,
+                              key_out=bytes(range(150, 182)), key_in=bytes(range(200, 232)))
+    state = dp.peer_state(PEER)["sessions"]
+    assert set(state) == {"current", "previous"}
+    assert (state["current"]["local_index"], state["previous"]["local_index"]) == (0x77, 0x99)
+    assert dp.process_datagram(answered.seal(to_us()), EP, NOW + 7)[0] == "tun"
+    assert dp.process_datagram(ours.seal(to_us()), EP, NOW + 7)[0] == "tun"
+    assert dp.process_datagram(old.seal(to_us()), EP, NOW + 7)[0] == "drop"
+    dg, _ = dp.seal(PEER, b"", NOW + 8)
+    assert Transport.decode(dg).receiver == 0x76 and ours.open(dg) == b""
+
+
 def test_an_initiators_keypair_due_for_rekey_asks_for_a_handshake_once():
     dp = node()
     wgsessions.connect(dp, PEER, NOW)
@@ -506,6 +528,9 @@ def test_the_pumps_reject_an_unmapped_transit_ip_inside_the_tunnel(src, dst, tra
         [ev] = client.read_events()
         assert (ev.kind, ev.role, ev.transit, ev.peer) == (
             EventKind.REJECT, Role.CLIENT, addr.packed, 2)
+        # The reply came after the first; the second may still be in the pump.
+        wait_for(lambda: connector.counters()["unmapped_transit"] >= 2, 5,
+                 "the pump to count the second packet")
         connector.stop()
         c = connector.counters()
         assert (c["unmapped_transit"], c["rejects_sent"], c["tun_tx"]) == (2, 1, 0)

@@ -151,8 +151,11 @@ class Peer:
         self._pending = None
         self._retransmit_at = None
         # The initiator may use the new session at once; the one it replaces stays for
-        # what is still in flight, and an unconfirmed `next` is dropped.
-        self.previous, self.current, self.next = self.current, Session(keypair), None
+        # what is still in flight. An unconfirmed `next` means the peer initiated too
+        # (crossing handshakes): it sends under that one, so it is the one kept, as
+        # wireguard-go and the kernel's module keep it.
+        kept = self.next if self.next is not None else self.current
+        self.previous, self.current, self.next = kept, Session(keypair), None
         self._authenticated_received()
         # The responder confirms the session only on our first transport message: send a
         # keepalive now unless data goes first.
