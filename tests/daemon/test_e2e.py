@@ -97,15 +97,19 @@ def test_magic_ip_without_assignment_fails_at_once(bed):
     assert r.returncode == 7, (r.returncode, r.stderr)
 
 
-# One connection from the client's namespace to HOST, port 80: prints how often its SYN
-# was sent again (tcp_info's tcpi_total_retrans, read before any data, when only the SYN
-# can have gone twice), then the server's answer. Per connection, unlike the namespace's
-# counters, which also count the daemons' own connections and tail loss probes.
+# One connection from the client's namespace to HOST, port 80, from source port PORT (0:
+# the kernel's choice): prints how often its SYN was sent again (tcp_info's
+# tcpi_total_retrans, read before any data, when only the SYN can have gone twice), then
+# the server's answer. Per connection, unlike the namespace's counters, which also count
+# the daemons' own connections.
 FIRST_CONNECTION = """
 import socket, struct, sys
-host = sys.argv[1]
+host, port = sys.argv[1], int(sys.argv[2])
 addr = socket.getaddrinfo(host, 80, socket.AF_INET, socket.SOCK_STREAM)[0][4]
-s = socket.create_connection(addr, timeout=10)
+s = socket.socket()
+s.settimeout(10)
+s.bind(("", port))
+s.connect(addr)
 info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
 print(struct.unpack_from("I", info, 100)[0])
 s.sendall(b"GET / HTTP/1.0\\r\\nHost: " + host.encode() + b"\\r\\n\\r\\n")
@@ -113,9 +117,9 @@ sys.stdout.write(b"".join(iter(lambda: s.recv(65536), b"")).decode(errors="repla
 """
 
 
-def first_connection(bed: Testbed, host: str) -> tuple[int, str]:
+def first_connection(bed: Testbed, host: str, port: int = 0) -> tuple[int, str]:
     """(SYNs sent again, the address the server saw) for one connection to `host`."""
-    r = bed.run("client", sys.executable, "-c", FIRST_CONNECTION, host)
+    r = bed.run("client", sys.executable, "-c", FIRST_CONNECTION, host, str(port))
     assert r.returncode == 0, r.stderr
     retransmitted, _, answer = r.stdout.partition("\n")
     return int(retransmitted), seen_from(answer)
@@ -125,6 +129,19 @@ def test_first_connection_after_the_answer_needs_no_retransmission(bed):
     """5: the answer comes after the connector's ack, so the first SYN is not dropped."""
     for i in range(5):
         assert first_connection(bed, f"first{i}.wild.example.com") == (0, CONN1.link4)
+
+
+def test_a_source_port_reused_toward_another_name_of_the_same_server_is_not_refused(bed):
+    """Two names of one server are two transit IPs but one tuple after the connector's
+    NAT, when the client reuses its source port (its kernel may: the magic IPs differ).
+    The server holds the first connection in TIME_WAIT (it closed first) and its
+    timestamps, which the client counts from a base per destination; were the second
+    masqueraded to the same port, the server would answer its SYN with the old ACK and
+    the client would reset and send the SYN again, as half of these pairs did."""
+    for k in range(8):
+        port = 21000 + k  # below the ephemeral range: used by nothing else here
+        for name in (f"reuse{k}a.wild.example.com", f"reuse{k}b.wild.example.com"):
+            assert first_connection(bed, name, port) == (0, CONN1.link4), name
 
 
 def test_a_fresh_name_costs_one_request_to_the_connector(bed):

@@ -243,7 +243,11 @@ def _ruleset(tun: str, table: str, mark: int) -> str:
     # connections this node masqueraded, that is of flows the datapath
     # translated (the datapath re-creates a lost flow from such a reply, so
     # nothing else may reach it); out of the TUN only original-direction
-    # traffic, masqueraded, and never back into the TUN.
+    # traffic, masqueraded, and never back into the TUN. Masquerade picks a random
+    # port for every connection: a client reuses a source port toward two transit IPs
+    # of one real address, which are one tuple once translated here, and a server still
+    # holding the first in TIME_WAIT would refuse the second's SYN (its timestamps
+    # count from another base), costing the client a reset and a second SYN.
     return f"""\
 table inet {table}
 delete table inet {table}
@@ -257,7 +261,7 @@ table inet {table} {{
     }}
     chain postrouting {{
         type nat hook postrouting priority srcnat; policy accept;
-        meta mark & {mark:#x} == {mark:#x} oifname != "{tun}" masquerade
+        meta mark & {mark:#x} == {mark:#x} oifname != "{tun}" masquerade fully-random
     }}
 }}
 """
