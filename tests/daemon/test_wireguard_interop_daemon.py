@@ -245,3 +245,39 @@ def test_two_tun_queues_interoperate_with_wireguard_go(bed, wireguard):
     assert doc is not None and doc["tunQueues"] == 2
     assert sum(q["tun_rx"] for q in doc["datapathQueues"]) == doc["datapath"]["tun_rx"] > 0
     assert not any(bed.peer_status("alpha", "wgpeer")["drops"].values())
+
+
+def test_crossing_handshakes_with_wireguard_go_lose_no_packet(bed, wireguard, tmp_path):
+    """Both ends complete a handshake of their own while holding the other's as
+    unconfirmed (transport messages are held back meanwhile, so nothing confirms it).
+    wireguard-go then sends under its own keypair, which alpha answered: alpha must have
+    kept it, as wireguard-go keeps alpha's, so the first ping gets its reply."""
+    wg = wireguard()
+    alpha, me = member(bed, "alpha"), member(bed, "wgpeer")
+    assert alpha.endpoint is not None
+    port = str(alpha.endpoint[1])
+    table = "c25crossing"
+    # Transport messages (type 4, the first byte after the UDP header) to and from alpha.
+    rules = (f"table inet {table} {{\n"
+             "  chain out { type filter hook output priority 0; "
+             f"udp dport {port} @ih,0,8 4 counter drop; }}\n"
+             "  chain in { type filter hook input priority 0; "
+             f"udp sport {port} @ih,0,8 4 counter drop; }}\n"
+             "}\n")
+    (tmp_path / "hold.nft").write_text(rules)
+    bed.run("wgpeer", "nft", "-f", str(tmp_path / "hold.nft"), check=True)
+    try:
+        # wireguard-go initiates; alpha answers and holds that keypair as next.
+        bed.run("wgpeer", "ping", "-n", "-c", "1", "-W", "1", str(alpha.address(4)))
+        wait_for(lambda: wg_latest_handshake(wg) > 0, 10, "wireguard-go's handshake")
+        # alpha has no confirmed session: its packet makes it initiate, and wireguard-go
+        # answers, holding alpha's keypair as its next.
+        bed.run("alpha", "ping", "-n", "-c", "1", "-W", "1", str(me.address(4)))
+        wait_for(lambda: metric(bed, "alpha", "wireguard_handshakes_completed") == 2, 10,
+                 "alpha's own handshake")
+        assert metric(bed, "alpha", "wireguard_initiations") >= 1
+    finally:
+        bed.run("wgpeer", "nft", "delete", "table", "inet", table)
+    ping(bed, "wgpeer", str(alpha.address(4)), count=1, wait=3)
+    assert metric(bed, "alpha", "wireguard_handshakes_for_unknown_session") == 0
+    assert metric(bed, "alpha", "wireguard_handshakes_completed") == 2
