@@ -39,7 +39,7 @@ def test_a_device_whose_listen_is_slow_still_comes_up(
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     wrapper = bin_dir / "wireguard-go"
-    wrapper.write_text("#!/bin/sh\nexec strace -f -o /dev/null -e trace=listen "
+    wrapper.write_text("#!/bin/sh\nexec strace -I1 -f --seccomp-bpf -o /dev/null -e trace=listen "
                        f"-e inject=listen:delay_enter=300000 {real} \"$@\"\n")
     wrapper.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
