@@ -123,6 +123,7 @@ class Driver:
     """SystemSetup in a process of its own inside ``ns``."""
 
     def __init__(self, ns: Netns, **kw: object) -> None:
+        self.ns = ns
         self.proc = ns.popen(sys.executable, "-c", DRIVER, stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.call("new", tun_name=TUN, **kw)
@@ -148,8 +149,11 @@ class Driver:
         return reply["error"]
 
     def kill9(self) -> None:
+        """Kill it; return once its TUN went with it (the nft table and sysctls stay)."""
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(timeout=10)
+        wait_for(lambda: not any(lk["ifname"] == TUN for lk in ip_json(self.ns, "link", "show")),
+                 10, "the TUN of the killed process to disappear")
 
 
 def open_default(d: Driver, routes: tuple[str, ...] = (MAGIC4, MAGIC6, f"{PEER4}/32",
@@ -462,8 +466,6 @@ def test_restart_after_kill9_removes_leftovers_and_restores_original_sysctls(ns,
     crashed.call("connector")
     crashed.kill9()
     # The TUN went with the process; the nft table and the sysctl did not.
-    wait_for(lambda: not any(lk["ifname"] == TUN for lk in ip_json(ns, "link", "show")), 10,
-             "the TUN of the killed process to disappear")
     assert ("inet", "conn25d_conn25") in nft_tables(ns)
     assert read(ns, FWD4) == "1"
     assert list(tmp_path.iterdir()) != []
@@ -512,8 +514,6 @@ def test_a_connector_restarted_after_kill9_still_unnats_the_replies_of_its_conne
         crashed.call("inject", packet=bytes(out).hex())
         assert select.select([late.stdout], [], [], 20)[0] and late.stdout.readline() == "got\n"
         crashed.kill9()
-        wait_for(lambda: not any(lk["ifname"] == TUN for lk in ip_json(ns, "link", "show")),
-                 10, "the TUN of the killed process to disappear")
 
         d = Driver(ns, state_dir=str(tmp_path))
         open_default(d, connector=True)
@@ -537,8 +537,6 @@ def test_a_connector_that_crashes_before_enabling_removes_the_table_it_kept(ns, 
     open_default(crashed, connector=True)
     crashed.call("connector")
     crashed.kill9()
-    wait_for(lambda: not any(lk["ifname"] == TUN for lk in ip_json(ns, "link", "show")), 10,
-             "the TUN of the killed process to disappear")
     d = Driver(ns, state_dir=str(tmp_path))
     open_default(d, connector=True)
     assert ("inet", "conn25d_conn25") in nft_tables(ns)
